@@ -1,0 +1,189 @@
+"""The DataModule of all three stages: NExT-GPT-layout sources -> tokenised, collated batches.
+
+Media are decoded and tokenised in the dataloader workers; an unreadable sample is skipped
+(returned as ``None``), named in the log and counted in the batch (``num_skipped``).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.nextgpt_layout import read_source
+from nextgpt import modality as modality_registry
+from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation, get_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    key: str
+    input_ids: list[int]
+    labels: list[int]
+    media: list[tuple[str, torch.Tensor]]  # in slot order
+    slot_starts: list[int]
+    captions_out: list[tuple[str, str]]  # in signal-group order
+    truncated: bool
+
+
+class ConversationDataset(Dataset):
+    """Decodes a conversation's media and tokenises it; ``None`` when a media file is unreadable."""
+
+    def __init__(self, conversations: Sequence[Conversation], tokenizer, layout, template: str,
+                 num_media_tokens: int, max_length: int):
+        self.conversations = list(conversations)
+        self.tokenizer, self.layout, self.template = tokenizer, layout, get_template(template)
+        self.num_media_tokens, self.max_length = num_media_tokens, max_length
+        self.slot_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> Item | None:
+        conv = self.conversations[index]
+        enc = encode_conversation(
+            conv, self.tokenizer, self.layout, self.template,
+            num_media_tokens=self.num_media_tokens, max_length=self.max_length, slot_id=self.slot_id,
+        )
+        media = []
+        for _, name, i in enc.media_slots:
+            path = conv.media_in[i][1]
+            try:
+                media.append((name, modality_registry.get(name).load(path)))
+            except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
+                log.warning("skipped sample %r: %s", conv.key, e)
+                return None
+        captions = [conv.captions_out[i] for _, _, i in enc.signal_groups]
+        return Item(conv.key, enc.input_ids, enc.labels, media, [s for s, _, _ in enc.media_slots], captions, enc.truncated)
+
+
+class Collator:
+    """Right-pads a list of ``Item``s and gathers media and output captions in sequence order."""
+
+    def __init__(self, pad_id: int, num_media_tokens: int):
+        self.pad_id, self.num_media_tokens = pad_id, num_media_tokens
+
+    def __call__(self, items: Sequence[Item | None]) -> dict[str, Any] | None:
+        good = [it for it in items if it is not None]
+        if not good:
+            return None
+        length = max(len(it.input_ids) for it in good)
+        b = len(good)
+        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        media_mask = torch.zeros((b, length), dtype=torch.bool)
+        media: dict[str, list[torch.Tensor]] = {}
+        sequence: list[tuple[str, int]] = []
+        captions: dict[str, list[str]] = {}
+        for row, it in enumerate(good):
+            n = len(it.input_ids)
+            input_ids[row, :n] = torch.tensor(it.input_ids)
+            labels[row, :n] = torch.tensor(it.labels)
+            attention[row, :n] = 1
+            for start, (name, tensor) in zip(it.slot_starts, it.media):
+                media_mask[row, start : start + self.num_media_tokens] = True
+                sequence.append((name, len(media.setdefault(name, []))))
+                media[name].append(tensor)
+            for name, caption in it.captions_out:
+                captions.setdefault(name, []).append(caption)
+        return {
+            "keys": [it.key for it in good],
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "media_mask": media_mask,
+            "media": {name: torch.stack(ts) for name, ts in media.items()},
+            "media_sequence": sequence,
+            "output_captions": captions,
+            "num_skipped": len(items) - b,
+            "num_truncated": sum(it.truncated for it in good),
+        }
+
+
+class NextGPTDataModule(L.LightningDataModule):
+    """Sources in the NExT-GPT layout, read for one task (caption / generate / instruct)."""
+
+    def __init__(
+        self,
+        sources: Sequence[Mapping[str, Any]],
+        task: str,
+        model: Mapping[str, Any],
+        template: str = "vicuna_v0",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        max_length: int = 512,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        synthetic: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.sources = [dict(s) for s in sources]
+        self.task, self.model_cfg, self.template = task, model, template
+        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
+        self.val_fraction, self.seed = val_fraction, seed
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.train_set: ConversationDataset | None = None
+        self.val_set: ConversationDataset | None = None
+        self.skipped_entries: Counter = Counter()
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from datamodules.synthetic import write_synthetic
+
+            write_synthetic(Path(self.synthetic["root"]), num_per_modality=int(self.synthetic["num_per_modality"]),
+                            seed=int(self.synthetic["seed"]))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from nextgpt.model import load_tokenizer
+
+        self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
+        convs: list[Conversation] = []
+        for src in self.sources:
+            c, skipped = read_source(src["name"], src["modality"], src["root"], self.task)
+            convs += c
+            self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
+        if not convs:
+            raise ValueError(f"no usable samples in sources {[s['name'] for s in self.sources]} for task {self.task!r}")
+        order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = int(round(self.val_fraction * len(convs)))
+        make = lambda idx: ConversationDataset(  # noqa: E731
+            [convs[i] for i in idx], self.tokenizer, self.layout, self.template,
+            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length,
+        )
+        self.train_set = make(order[n_val:])
+        self.val_set = make(order[:n_val]) if n_val else None
+        log.info("data: %d train / %d val conversations (%s); skipped entries: %s", len(self.train_set),
+                 n_val, self.task, dict(self.skipped_entries) or "none")
+
+    def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=Collator(self.tokenizer.pad_token_id, dataset.num_media_tokens),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+    def output_captions(self) -> dict[str, list[str]]:
+        """Every caption the model is asked to generate: warms the alignment-target cache."""
+        out: dict[str, list[str]] = {}
+        for ds in (self.train_set, self.val_set):
+            for conv in ds.conversations if ds is not None else ():
+                for name, caption in conv.captions_out:
+                    out.setdefault(name, []).append(caption)
+        return out

@@ -1,0 +1,165 @@
+"""Readers for the NExT-GPT on-disk layout (``<root>/<name>.json``, ``_comprehension``, ``_generation``).
+
+Each reader turns JSON entries into modality-neutral ``Conversation``s for one training task:
+
+- ``caption``  (stage 1): X -> text, from ``<name>.json`` pairs
+- ``generate`` (stage 2): text -> X, from ``<name>.json`` pairs
+- ``instruct`` (stage 3): LLaVA-style conversations from ``<name>_comprehension.json`` and
+  ``<name>_generation.json``
+
+A malformed entry is skipped and counted by reason, with the file and index in the log; a
+missing JSON file is an error that names the path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from nextgpt import modality as modality_registry
+from nextgpt.modality import Modality
+from nextgpt.prompts import Conversation
+
+log = logging.getLogger(__name__)
+
+TASKS = ("caption", "generate", "instruct")
+
+CAPTION_INSTRUCTIONS = (
+    "Describe this {m} briefly.",
+    "What does this {m} show?",
+    "Give a short caption for this {m}.",
+    "Summarise the {m} in a sentence.",
+)
+GENERATE_REQUESTS = ("Generate {a} {m}: {c}", "Please make {a} {m} of {c}", "Show me {a} {m} of {c}")
+
+
+class Skip(Exception):
+    """An entry that can not be used; its message is the reason counted."""
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _pick(options: tuple[str, ...], key: str) -> str:
+    return options[zlib.crc32(key.encode()) % len(options)]
+
+
+def _text(entry: dict, field: str) -> str:
+    value = entry.get(field)
+    if value is None:
+        raise Skip(f"missing {field}")
+    if not isinstance(value, str):
+        raise Skip(f"{field} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise Skip(f"empty {field}")
+    return value.strip()
+
+
+def _key(entry: dict, mod: Modality, fallback: str) -> str:
+    for field in ("id", f"{mod.name}_id"):
+        if entry.get(field) is not None:
+            return str(entry[field])
+    return fallback
+
+
+def _media(root: Path, mod: Modality, name: str) -> str:
+    return str(root / mod.media_folder / name)
+
+
+def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+    file, caption = _text(entry, mod.name_field), _text(entry, "caption")
+    key = _key(entry, mod, Path(file).stem)
+    instruction = _pick(CAPTION_INSTRUCTIONS, key).format(m=mod.name)
+    return Conversation(key, [(f"{mod.placeholder}\n{instruction}", caption)], media_in=[(mod.name, _media(root, mod, file))])
+
+
+def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+    file, caption = _text(entry, mod.name_field), _text(entry, "caption")
+    key = _key(entry, mod, Path(file).stem)
+    request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
+    return Conversation(key, [(request, mod.placeholder)], captions_out=[(mod.name, caption)])
+
+
+def _turns(entry: dict) -> list[tuple[str, str]]:
+    conv = entry.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise Skip("missing or empty conversations")
+    turns, human = [], None
+    for msg in conv:
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            raise Skip("conversation message is not {from, value: str}")
+        role = msg.get("from")
+        if role == "human":
+            if human is not None:
+                raise Skip("two human messages in a row")
+            human = msg["value"]
+        elif role == "gpt":
+            if human is None:
+                raise Skip("gpt message without a human message before it")
+            turns.append((human, msg["value"]))
+            human = None
+        else:
+            raise Skip(f"unknown speaker {role!r}")
+    if not turns:
+        raise Skip("no complete human/gpt turn")
+    return turns
+
+
+def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+    turns = _turns(entry)
+    media_in, captions_out = [], []
+    if mod.input_field in entry:
+        media_in.append((mod.name, _media(root, mod, _text(entry, mod.input_field))))
+    if mod.output_field in entry:
+        captions_out.append((mod.name, _text(entry, mod.captions_field)))
+    n_in = sum(h.count(mod.placeholder) for h, _ in turns)
+    n_out = sum(a.count(mod.placeholder) for _, a in turns)
+    if n_in != len(media_in) or n_out != len(captions_out):
+        raise Skip(f"{n_in} input / {n_out} output placeholders but {len(media_in)} / {len(captions_out)} media")
+    file = entry.get(mod.input_field) or entry.get(mod.output_field) or f"{index}"
+    direction = "out" if captions_out else "in"  # comprehension and generation share file names
+    return Conversation(f"{Path(str(file)).stem}-{direction}", turns, media_in=media_in, captions_out=captions_out)
+
+
+Reader = Callable[[dict, Modality, Path, int], Conversation]
+TASK_FILES: dict[str, list[tuple[str, Reader]]] = {
+    "caption": [("{name}.json", _pairs_caption)],
+    "generate": [("{name}.json", _pairs_generate)],
+    "instruct": [("{name}_comprehension.json", _instruct), ("{name}_generation.json", _instruct)],
+}
+
+
+def json_files(name: str, root: str | Path, task: str) -> list[Path]:
+    if task not in TASK_FILES:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASK_FILES)}")
+    return [Path(root) / pattern.format(name=name) for pattern, _ in TASK_FILES[task]]
+
+
+def read_source(name: str, modality: str, root: str | Path, task: str) -> tuple[list[Conversation], Counter]:
+    """All usable conversations of one source for ``task``, and the skip counts by reason."""
+    mod = modality_registry.get(modality)
+    root = Path(root)
+    convs: list[Conversation] = []
+    skipped: Counter = Counter()
+    for (pattern, reader), path in zip(TASK_FILES[task], json_files(name, root, task)):
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset source {name!r} ({modality}): {path} does not exist")
+        try:
+            entries: Any = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset source {name!r}: {path} is not valid JSON: {e}") from e
+        if not isinstance(entries, list):
+            raise ValueError(f"dataset source {name!r}: {path} holds a {type(entries).__name__}, expected a list")
+        for i, entry in enumerate(entries):
+            try:
+                if not isinstance(entry, dict):
+                    raise Skip(f"entry is {type(entry).__name__}, not an object")
+                convs.append(reader(entry, mod, root, i))
+            except Skip as e:
+                skipped[str(e)] += 1
+                log.warning("skipped %s entry %d: %s", path, i, e)
+    return convs, skipped

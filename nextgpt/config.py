@@ -1,0 +1,337 @@
+"""The typed schema of a composed config, checked before any weight loads.
+
+``validate`` checks types and ranges of everything a run uses and raises one ``ConfigError``
+listing every fault as ``key=value: reason``. ``validate_paths`` then checks that what the run
+reads exists (data JSON files, backbone folders, the previous stage's bundle).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nextgpt import modality as modality_registry
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STAGES = (1, 2, 3)
+TASKS = ("caption", "generate", "instruct")
+DTYPES = ("float32", "float16", "bfloat16")
+CONDITIONINGS = ("last_hidden_state", "text_embeds")
+LOSS_TERMS = ("ce", "align")
+STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
+                  "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+                  "deepspeed_stage_3_offload", "single_device")
+STRATEGY_TARGETS = ("lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.FSDPStrategy",
+                    "lightning.pytorch.strategies.DeepSpeedStrategy", "lightning.pytorch.strategies.SingleDeviceStrategy")
+IMAGEBIND_PRESETS = ("huge", "tiny")
+
+
+class ConfigError(ValueError):
+    """A composed config that can not run. ``errors`` lists ``key=value: reason`` lines."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid config:\n  " + "\n  ".join(errors))
+
+
+# --- Hydra plumbing ------------------------------------------------------------------------
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("nextgpt.wandb_offline"):
+        # offline unless an API key is set or the user asked for online mode
+        OmegaConf.register_new_resolver(
+            "nextgpt.wandb_offline",
+            lambda: not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online"),
+        )
+
+
+_STAGE_ARG = re.compile(r"^(?P<prefix>[+~]{0,2})stage=(?P<value>\d+(?:,\d+)*)$")
+
+
+def normalize_overrides(args: Iterable[str]) -> list[str]:
+    """``stage=2`` -> ``stage='2'`` and ``stage=1,2,3`` -> ``stage='1','2','3'``.
+
+    ``stage`` is a config group whose options are named 1, 2, 3; Hydra 1.3 parses an unquoted
+    ``2`` as an int and refuses it as a group choice. Quoting keeps the user's literal command
+    working (and ``stage=4`` still fails with Hydra's "Could not find 'stage/4'").
+    """
+    out = []
+    for arg in args:
+        m = _STAGE_ARG.match(arg)
+        if m:
+            arg = f"{m['prefix']}stage=" + ",".join(f"'{v}'" for v in m["value"].split(","))
+        out.append(arg)
+    return out
+
+
+def compose(overrides: Iterable[str] = (), config_name: str = "train", *, output_dir: str | None = None) -> DictConfig:
+    """Compose a config outside a Hydra app (tests, tools), with ``hydra:`` interpolations set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=normalize_overrides(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with_output = OmegaConf.create({"hydra": {"runtime": {"output_dir": output_dir or os.getcwd(), "cwd": os.getcwd()}}})
+    cfg = OmegaConf.merge(cfg, with_output)
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra")
+    return cfg
+
+
+# --- schema --------------------------------------------------------------------------------
+@dataclass
+class _Checker:
+    cfg: Any
+    errors: list
+
+    def get(self, key: str) -> Any:
+        try:
+            return OmegaConf.select(self.cfg, key, throw_on_missing=True)
+        except Exception as e:  # an interpolation that fails to resolve
+            self.errors.append(f"{key}: {type(e).__name__}: {e}")
+            return None
+
+    def fail(self, key: str, value: Any, reason: str) -> None:
+        self.errors.append(f"{key}={value!r}: {reason}")
+
+    def int_(self, key: str, lo: int | None = None) -> int | None:
+        v = self.get(key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(key, v, "must be an integer")
+            return None
+        if lo is not None and v < lo:
+            self.fail(key, v, f"must be >= {lo}")
+        return v
+
+    def float_(self, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+               hi_open: bool = True) -> float | None:
+        v = self.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(key, v, "must be a number")
+            return None
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            self.fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            self.fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
+        return float(v)
+
+    def str_(self, key: str, choices: Iterable[str] | None = None) -> str | None:
+        v = self.get(key)
+        if not isinstance(v, str) or not v:
+            self.fail(key, v, "must be a non-empty string")
+            return None
+        if choices is not None and v not in choices:
+            self.fail(key, v, f"must be one of {list(choices)}")
+        return v
+
+    def mapping(self, key: str) -> Mapping | None:
+        v = self.get(key)
+        if not isinstance(v, (dict, DictConfig)):
+            self.fail(key, v, "must be a mapping")
+            return None
+        return v
+
+    def sequence(self, key: str, nonempty: bool = True) -> list | None:
+        v = self.get(key)
+        if not isinstance(v, (list, tuple, ListConfig)):
+            self.fail(key, v, "must be a list")
+            return None
+        if nonempty and not len(v):
+            self.fail(key, list(v), "must not be empty")
+        return list(v)
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_stage(c: _Checker) -> None:
+    number = c.int_("stage.number")
+    if number is not None and number not in STAGES:
+        c.fail("stage.number", number, f"must be one of {list(STAGES)}")
+    module = c.str_("stage.module")
+    if module:
+        try:
+            cls = _import(module)
+            if getattr(cls, "stage", None) != number:
+                c.fail("stage.module", module, f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}")
+        except (ImportError, AttributeError, ValueError) as e:
+            c.fail("stage.module", module, f"can not be imported ({e})")
+    c.str_("stage.task", TASKS)
+    c.int_("stage.batch_size", 1)
+    c.float_("stage.optim.lr", 0.0, lo_open=True, hi=None)
+    c.float_("stage.optim.weight_decay", 0.0, hi=None)
+    c.float_("stage.optim.warmup_ratio", 0.0, 1.0)
+    loss = c.mapping("stage.loss")
+    for term in loss or {}:
+        if term not in LOSS_TERMS:
+            c.fail(f"stage.loss.{term}", loss[term], f"unknown loss term; known: {list(LOSS_TERMS)}")
+        else:
+            c.float_(f"stage.loss.{term}", 0.0, hi=None)
+
+
+def _check_model(c: _Checker) -> list[str]:
+    c.str_("model.name")
+    c.str_("model.llm.path")
+    c.str_("model.llm.dtype", DTYPES)
+    from nextgpt.prompts import TEMPLATES
+
+    c.str_("model.llm.template", TEMPLATES)
+    c.str_("model.encoder.checkpoint")
+    c.str_("model.encoder.dtype", DTYPES)
+    arch = c.mapping("model.encoder.arch")
+    if arch is not None:
+        try:
+            from nextgpt.encoders.imagebind import ImageBindConfig
+
+            ImageBindConfig.from_dict(OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else dict(arch))
+        except (ValueError, TypeError, KeyError) as e:
+            c.fail("model.encoder.arch", OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else arch, str(e))
+    c.int_("model.input_projector.num_tokens", 1)
+    d_model = c.int_("model.output_projector.d_model", 1)
+    nhead = c.int_("model.output_projector.nhead", 1)
+    if d_model and nhead and d_model % nhead:
+        c.fail("model.output_projector.nhead", nhead, f"must divide d_model={d_model}")
+    for k in ("num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
+        c.int_(f"model.output_projector.{k}", 1)
+    c.float_("model.output_projector.dropout", 0.0, 1.0)
+    c.int_("model.lora.r", 1)
+    c.float_("model.lora.alpha", 0.0, lo_open=True, hi=None)
+    c.float_("model.lora.dropout", 0.0, 1.0)
+    targets = c.sequence("model.lora.target_modules")
+    for i, t in enumerate(targets or []):
+        if not isinstance(t, str) or not t:
+            c.fail(f"model.lora.target_modules[{i}]", t, "must be a module name")
+    mods = c.mapping("model.modalities") or {}
+    if not mods:
+        c.fail("model.modalities", mods, "must name at least one modality")
+    known = modality_registry.names()
+    for name in mods:
+        key = f"model.modalities.{name}"
+        if name not in known:
+            c.fail(key, name, f"unknown modality; registered: {known}")
+            continue
+        c.int_(f"{key}.num_signal_tokens", 1)
+        c.str_(f"{key}.decoder.path")
+        c.str_(f"{key}.decoder.conditioning", CONDITIONINGS)
+        c.str_(f"{key}.decoder.dtype", DTYPES)
+        c.mapping(f"{key}.decoder.generate")
+        c.mapping(f"{key}.decoder.save")
+    return [m for m in mods if m in known]
+
+
+def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
+    c.str_("dataset.name")
+    c.int_("dataset.batch_size", 1)
+    c.int_("dataset.max_length", 16)
+    c.int_("dataset.num_workers", 0)
+    c.float_("dataset.val_fraction", 0.0, 1.0)
+    from nextgpt.prompts import TEMPLATES
+
+    c.str_("dataset.template", TEMPLATES)
+    sources = c.sequence("dataset.sources") or []
+    for i, _ in enumerate(sources):
+        key = f"dataset.sources[{i}]"
+        c.str_(f"{key}.name")
+        c.str_(f"{key}.root")
+        mod = c.str_(f"{key}.modality")
+        if mod and mod not in modality_registry.names():
+            c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
+        elif mod and mod not in model_modalities:
+            c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities}")
+    if c.get("dataset.synthetic") is not None:
+        c.str_("dataset.synthetic.root")
+        c.int_("dataset.synthetic.num_per_modality", 1)
+        c.int_("dataset.synthetic.seed", 0)
+
+
+def _check_strategy(c: _Checker) -> None:
+    strategy = c.get("trainer.strategy")
+    if isinstance(strategy, str):
+        if strategy not in STRATEGY_NAMES:
+            c.fail("trainer.strategy", strategy, f"unknown strategy; known: {list(STRATEGY_NAMES)}")
+    elif isinstance(strategy, (dict, DictConfig)):
+        target = strategy.get("_target_")
+        if target not in STRATEGY_TARGETS:
+            c.fail("trainer.strategy._target_", target, f"must be one of {list(STRATEGY_TARGETS)}")
+    else:
+        c.fail("trainer.strategy", strategy, "must be a strategy name or a _target_ mapping")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every key a run uses; raise ``ConfigError`` listing all faults. Loads nothing."""
+    c = _Checker(cfg, [])
+    _check_stage(c)
+    mods = _check_model(c)
+    _check_dataset(c, mods)
+    _check_strategy(c)
+    c.int_("seed", 0)
+    init = c.get("init_from")
+    if init is not None and not isinstance(init, str):
+        c.fail("init_from", init, "must be a path or null")
+    for key in ("paths.bundles", "paths.checkpoints", "paths.output_dir"):
+        c.str_(key)
+    if c.errors:
+        raise ConfigError(c.errors)
+
+
+# --- paths ---------------------------------------------------------------------------------
+def previous_bundle(cfg: DictConfig) -> str | None:
+    """The bundle this stage starts from: ``init_from`` or ``${paths.bundles}/stage<N-1>``."""
+    if cfg.init_from:
+        return str(cfg.init_from)
+    if int(cfg.stage.number) == 1:
+        return None
+    return str(Path(cfg.paths.bundles) / f"stage{int(cfg.stage.number) - 1}")
+
+
+def validate_paths(cfg: DictConfig) -> None:
+    """Check that everything the run reads exists, naming the key and the path when not."""
+    from datamodules.nextgpt_layout import json_files
+
+    errors = []
+    if not cfg.dataset.get("synthetic"):
+        for i, src in enumerate(cfg.dataset.sources):
+            for path in json_files(src.name, src.root, cfg.stage.task):
+                if not path.is_file():
+                    errors.append(f"dataset.sources[{i}].root={src.root!r}: {path} does not exist "
+                                  f"(dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
+    if not cfg.model.get("build_tiny"):
+        checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
+        checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json") for n, m in cfg.model.modalities.items()]
+        for key, path, inner in checks:
+            target = Path(path) / inner if inner else Path(path)
+            if not target.exists():
+                errors.append(f"{key}={path!r}: {target} does not exist")
+    bundle = previous_bundle(cfg)
+    if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
+        key = "init_from" if cfg.init_from else "paths.bundles"
+        errors.append(f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
+                      f"{bundle}, which does not exist (run the previous stage first, or set init_from=DIR)")
+    if errors:
+        raise ConfigError(errors)
+
+
+def main_guard(fn):
+    """Run ``fn``; on a ConfigError print it and exit 2 (no traceback: the message says it all)."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped

@@ -1,0 +1,190 @@
+"""The modality registry: everything that differs between image, audio and video lives here.
+
+No other module branches on a modality name. Adding a modality (depth maps, say) means one
+``register(Modality(...))`` call with its loader and writer, one decoder entry in the model
+config and one dataset YAML.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+Loader = Callable[[Path], torch.Tensor]
+Writer = Callable[[np.ndarray, Path, Any, dict], Path]
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality: its tokens, its data layout, how its media is read and written."""
+
+    name: str  # "image"
+    tag: str  # "Img": gives <Img> </Img> around inputs
+    signal_prefix: str  # "IMG": gives [IMG0] .. [IMG{n-1}]
+    default_num_signal_tokens: int
+    encoder_modality: str  # the ImageBind trunk that encodes it ("vision", "audio")
+    media_folder: str  # folder under a NExT-GPT dataset root ("images")
+    extensions: tuple[str, ...]
+    output_suffix: str  # file suffix of generated media
+    pipeline_output: str  # attribute of the diffusers pipeline output holding the arrays
+    loader: Loader = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    writer: Writer = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    # --- token strings -------------------------------------------------------------------
+    @property
+    def open_token(self) -> str:
+        return f"<{self.tag}>"
+
+    @property
+    def close_token(self) -> str:
+        return f"</{self.tag}>"
+
+    def signal_tokens(self, n: int | None = None) -> list[str]:
+        n = self.default_num_signal_tokens if n is None else n
+        return [f"[{self.signal_prefix}{i}]" for i in range(n)]
+
+    # --- NExT-GPT JSON layout --------------------------------------------------------------
+    @property
+    def placeholder(self) -> str:
+        """The marker that LLaVA-style conversations use for this modality ("<image>")."""
+        return f"<{self.name}>"
+
+    @property
+    def name_field(self) -> str:
+        return f"{self.name}_name"
+
+    @property
+    def input_field(self) -> str:
+        return f"input_{self.name}"
+
+    @property
+    def output_field(self) -> str:
+        return f"output_{self.name}"
+
+    @property
+    def captions_field(self) -> str:
+        return f"{self.name}_captions"
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        return self.loader(Path(path))
+
+    def write(self, array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+        return self.writer(array, path, pipeline, meta)
+
+
+_REGISTRY: dict[str, Modality] = {}
+
+
+def register(modality: Modality) -> Modality:
+    if modality.name in _REGISTRY:
+        raise ValueError(f"modality {modality.name!r} is already registered")
+    _REGISTRY[modality.name] = modality
+    return modality
+
+
+def get(name: str) -> Modality:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown modality {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+# --- loaders: ImageBind preprocessing (imported lazily: they pull in PyAV / soundfile) -------
+def _load_image(path: Path) -> torch.Tensor:
+    from nextgpt.encoders.preprocess import load_image
+
+    return load_image(path)
+
+
+def _load_audio(path: Path) -> torch.Tensor:
+    from nextgpt.encoders.preprocess import load_audio
+
+    return load_audio(path)
+
+
+def _load_video(path: Path) -> torch.Tensor:
+    from nextgpt.encoders.preprocess import load_video
+
+    return load_video(path)
+
+
+# --- writers: generated arrays -> files, with the generation metadata -----------------------
+def _sidecar(path: Path, meta: dict) -> None:
+    path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(str(key), str(value))
+    Image.fromarray(_to_uint8(array)).save(path, pnginfo=info)
+    _sidecar(path, meta)
+    return path
+
+
+def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+    import soundfile as sf
+
+    rate = int(pipeline.vocoder.config.sampling_rate)
+    wave = np.asarray(array, dtype=np.float32).reshape(-1)
+    with sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="PCM_16") as f:
+        f.comment = json.dumps(meta, default=str)[:1000]
+        f.write(np.clip(wave, -1.0, 1.0))
+    _sidecar(path, {**meta, "sample_rate": rate})
+    return path
+
+
+def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+    import av
+
+    frames = _to_uint8(array)  # (F, H, W, 3)
+    fps = int(meta.get("fps", 8))
+    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sizes
+    with av.open(str(path), mode="w") as container:
+        container.metadata["comment"] = json.dumps(meta, default=str)
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    _sidecar(path, meta)
+    return path
+
+
+IMAGE = register(
+    Modality(
+        name="image", tag="Img", signal_prefix="IMG", default_num_signal_tokens=4, encoder_modality="vision",
+        media_folder="images", extensions=(".jpg", ".jpeg", ".png", ".webp"), output_suffix=".png",
+        pipeline_output="images", loader=_load_image, writer=_write_png,
+    )
+)
+AUDIO = register(
+    Modality(
+        name="audio", tag="Aud", signal_prefix="AUD", default_num_signal_tokens=8, encoder_modality="audio",
+        media_folder="audios", extensions=(".wav", ".flac", ".mp3", ".ogg"), output_suffix=".wav",
+        pipeline_output="audios", loader=_load_audio, writer=_write_wav,
+    )
+)
+VIDEO = register(
+    Modality(
+        name="video", tag="Vid", signal_prefix="VID", default_num_signal_tokens=24, encoder_modality="vision",
+        media_folder="videos", extensions=(".mp4", ".webm", ".mkv", ".avi"), output_suffix=".mp4",
+        pipeline_output="frames", loader=_load_video, writer=_write_mp4,
+    )
+)

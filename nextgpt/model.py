@@ -1,0 +1,198 @@
+"""NextGPT: ImageBind -> input projector -> LLM (+ new-token table) -> output projectors.
+
+Plain PyTorch, no Lightning. Every width comes from a loaded backbone: the LLM's hidden size
+from its config, ImageBind's from its checkpoint config, each decoder's conditioning shape from
+its own text encoder.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from nextgpt import modality as modality_registry
+from nextgpt.decoders import TextConditioner
+from nextgpt.projectors import InputProjector, OutputProjector
+from nextgpt.tokens import NewTokenTable, TokenLayout, add_nextgpt_tokens
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}") from None
+
+
+@dataclass
+class NextGPTOutput:
+    logits: torch.Tensor  # (B, L, extended vocab)
+    hidden: torch.Tensor  # (B, L, H) last layer
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (groups, seq, width)
+
+
+class NextGPT(nn.Module):
+    """The trainable glue around three frozen backbones."""
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        encoder: nn.Module,
+        layout: TokenLayout,
+        *,
+        num_media_tokens: int,
+        output_shapes: Mapping[str, tuple[int, int]],
+        output_projector: Mapping[str, Any],
+    ):
+        super().__init__()
+        self.llm = llm
+        self.encoder = encoder
+        self.layout = layout
+        hidden = llm.config.get_text_config().hidden_size
+        self.new_tokens = NewTokenTable(layout, llm.get_input_embeddings(), llm.get_output_embeddings())
+        self.input_projector = InputProjector(encoder.embed_dim, hidden, num_media_tokens)
+        self.output_projectors = nn.ModuleDict(
+            {name: OutputProjector(hidden, width, seq, **output_projector) for name, (seq, width) in output_shapes.items()}
+        )
+        for module in (self.llm, self.encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    # --- frozen stays frozen ---------------------------------------------------------------
+    def train(self, mode: bool = True) -> "NextGPT":
+        """Children without trainable parameters stay in eval mode (no dropout in frozen nets)."""
+        super().train(mode)
+        for child in self.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.eval()
+        return self
+
+    # --- embedding -------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.new_tokens.embed(input_ids, self.llm.get_input_embeddings())
+
+    def encode_media(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """modality -> (N, num_media_tokens, H): frozen ImageBind, then the trainable projector."""
+        out = {}
+        for name, x in media.items():
+            with torch.no_grad():
+                feats = self.encoder.encode(modality_registry.get(name).encoder_modality, x)
+            out[name] = self.input_projector(feats.to(self.input_projector.proj.weight.dtype))
+        return out
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        media_mask: torch.Tensor | None = None,
+        media: Mapping[str, torch.Tensor] | None = None,
+        media_sequence: Iterable[tuple[str, int]] = (),
+    ) -> torch.Tensor:
+        """Token embeddings with the projected media written into the media slots, in order."""
+        embeds = self.embed_tokens(input_ids)
+        if media_mask is not None and media_mask.any():
+            projected = self.encode_media(media or {})
+            ordered = torch.cat([projected[name][i] for name, i in media_sequence]).to(embeds.dtype)
+            n_slots = int(media_mask.sum())
+            if ordered.shape[0] != n_slots:
+                raise ValueError(f"batch has {n_slots} media slots but {ordered.shape[0]} projected media tokens")
+            embeds = embeds.masked_scatter(media_mask.unsqueeze(-1), ordered)
+        return embeds
+
+    # --- forward ---------------------------------------------------------------------------
+    def signal_conditioning(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Output-projector conditioning of every complete signal group present in ``input_ids``."""
+        out = {}
+        for name, projector in self.output_projectors.items():
+            ids = torch.tensor(self.layout.signal_ids[name], device=input_ids.device)
+            mask = torch.isin(input_ids, ids)
+            if not mask.any():
+                continue
+            n = len(ids)
+            states = hidden[mask] + self.embed_tokens(input_ids[mask]).to(hidden.dtype)
+            out[name] = projector(states.view(-1, n, states.shape[-1]))
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
+        media: Mapping[str, torch.Tensor] | None = None,
+        media_sequence: Iterable[tuple[str, int]] = (),
+        **_: Any,
+    ) -> NextGPTOutput:
+        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]
+        logits = self.new_tokens.logits(hidden, out.logits)
+        return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden))
+
+    # --- LoRA ------------------------------------------------------------------------------
+    def apply_lora(self, r: int, alpha: float, dropout: float, target_modules: list[str]) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+        self.llm = get_peft_model(self.llm, config)
+
+
+# --- building from config ----------------------------------------------------------------------
+def load_tokenizer(model_cfg: Mapping[str, Any]):
+    """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_cfg["llm"]["path"]))
+    counts = {name: int(m["num_signal_tokens"]) for name, m in model_cfg["modalities"].items()}
+    layout = add_nextgpt_tokens(tokenizer, counts)
+    return tokenizer, layout
+
+
+def load_conditioners(model_cfg: Mapping[str, Any]) -> dict[str, TextConditioner]:
+    return {
+        name: TextConditioner(m["decoder"]["path"], m["decoder"]["conditioning"])
+        for name, m in model_cfg["modalities"].items()
+    }
+
+
+def load_encoder(encoder_cfg: Mapping[str, Any]) -> nn.Module:
+    from nextgpt.encoders.imagebind import ImageBindConfig, load_imagebind
+
+    arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
+    return load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
+
+
+def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextConditioner] | None = None):
+    """Load every backbone through its real loading path and assemble a NextGPT.
+
+    Returns (model, tokenizer, conditioners).
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, layout = load_tokenizer(model_cfg)
+    llm = AutoModelForCausalLM.from_pretrained(str(model_cfg["llm"]["path"]), dtype=torch_dtype(model_cfg["llm"]["dtype"]))
+    encoder = load_encoder(model_cfg["encoder"])
+    conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
+    model = NextGPT(
+        llm, encoder, layout,
+        num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
+        output_shapes={name: c.shape for name, c in conditioners.items()},
+        output_projector=dict(model_cfg["output_projector"]),
+    )
+    return model, tokenizer, conditioners
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    return Path(path).exists()

@@ -1,0 +1,74 @@
+"""What train.py does once Hydra has composed the config: validate, prepare, instantiate, fit."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from nextgpt.config import _import, previous_bundle, validate, validate_paths
+
+log = logging.getLogger(__name__)
+
+
+def prepare_backbones(cfg: DictConfig) -> None:
+    """Build the tiny random backbones once, when the model config asks for them."""
+    if cfg.model.get("build_tiny"):
+        from nextgpt.tiny import build_all
+
+        build_all(Path(cfg.paths.backbones))
+
+
+def build_datamodule(cfg: DictConfig):
+    from datamodules.datamodule import NextGPTDataModule
+
+    d = cfg.dataset
+    return NextGPTDataModule(
+        sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
+        template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
+        val_fraction=d.val_fraction, seed=cfg.seed,
+        synthetic=OmegaConf.to_container(d.synthetic) if d.get("synthetic") else None,
+    )
+
+
+def build_module(cfg: DictConfig, init_from: str | None):
+    cls = _import(cfg.stage.module)
+    return cls(
+        model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
+        loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,
+        run_config=OmegaConf.to_container(cfg),
+    )
+
+
+def instantiate_all(node: Any) -> list:
+    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    return hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+                                   logger=instantiate_all(cfg.get("logger")) or False)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg)  # types and ranges: before anything is built or loaded
+    OmegaConf.resolve(cfg)
+    prepare_backbones(cfg)
+    validate_paths(cfg)
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True)
+    init_from = previous_bundle(cfg)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, init_from)
+    trainer = build_trainer(cfg)
+    last = Path(cfg.paths.checkpoints) / "last.ckpt"
+    ckpt_path = str(last) if cfg.get("resume") and last.is_file() else None
+    if ckpt_path:
+        log.info("resuming stage %s from %s", cfg.stage.number, ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("stage %s finished at step %d: %s", cfg.stage.number, trainer.global_step, metrics)
+    return metrics

@@ -1,0 +1,192 @@
+"""One small LightningModule per training stage: its trainable group and its loss, nothing else.
+
+| stage | trains                                             | loss                         |
+|-------|----------------------------------------------------|------------------------------|
+| 1     | input projector, input-marker rows                 | caption cross-entropy        |
+| 2     | signal-token rows, output projectors               | signal CE + alignment        |
+| 3     | LoRA, both projectors, all new-token rows          | CE + alignment               |
+
+The model is built in ``configure_model`` (so FSDP / DeepSpeed can shard it) from a config that
+``nextgpt.config.validate`` has already checked.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from nextgpt.bundles import load_bundle_weights, set_trainable
+from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
+from nextgpt.prompts import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on labelled (answer) positions only."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def alignment_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Legacy NExT-GPT alignment: mean over conditioning tokens of the L2 distance to the target,
+    averaged over the modalities present."""
+    losses = [(pred[m].float() - target[m].to(pred[m].device).float()).norm(dim=-1).mean() for m in pred]
+    return torch.stack(losses).mean()
+
+
+class NextGPTStage(L.LightningModule):
+    stage: ClassVar[int]
+    trainable_groups: ClassVar[tuple[str, ...]]
+    use_lora: ClassVar[bool] = False
+    aligns: ClassVar[bool] = False  # does this stage's loss include the alignment term
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        loss: Mapping[str, float],
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
+        self.init_from = init_from
+        self.model: NextGPT | None = None
+        self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
+        self.caption_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.strict_loading = False  # checkpoints hold trainable tensors only
+
+    # --- building ------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
+        if self.use_lora:
+            model.apply_lora(**{k: self.model_cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules")})
+        if self.init_from:
+            loaded = load_bundle_weights(self.init_from, model)
+            rank_zero_info(f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)")
+        else:
+            rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
+        self.trainable_names = set_trainable(model, self.trainable_groups)
+        self.model, self.tokenizer = model, tokenizer
+        self.conditioners = conditioners if self.aligns else {}
+        trainable, frozen = parameter_counts(model)
+        rank_zero_info(
+            f"stage {self.stage} ({type(self).__name__}): trainable {trainable:,} params in "
+            f"{len(self.trainable_names)} tensors ({', '.join(self.trainable_groups)}); frozen {frozen:,}"
+        )
+
+    # --- alignment targets: each decoder's own text encoder, computed once per caption ------
+    def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, caps in captions.items():
+            missing = sorted({c for c in caps if (name, c) not in self.caption_cache})
+            if missing:
+                self.cache_captions(name, missing)
+            out[name] = torch.stack([self.caption_cache[(name, c)] for c in caps])
+        return out
+
+    @torch.no_grad()
+    def cache_captions(self, name: str, captions: list[str], batch_size: int = 64) -> None:
+        conditioner = self.conditioners[name].to(self.device)
+        for i in range(0, len(captions), batch_size):
+            chunk = captions[i : i + batch_size]
+            for caption, emb in zip(chunk, conditioner.encode(chunk).cpu()):
+                self.caption_cache[(name, caption)] = emb
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.aligns and dm is not None and hasattr(dm, "output_captions"):
+            for name, caps in dm.output_captions().items():
+                todo = sorted({c for c in caps if (name, c) not in self.caption_cache})
+                if todo and name in self.conditioners:
+                    self.cache_captions(name, todo)
+            rank_zero_info(f"stage {self.stage}: cached {len(self.caption_cache)} caption embeddings")
+
+    # --- loss ----------------------------------------------------------------------------
+    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(**batch)
+        losses = {"ce": caption_loss(out.logits, batch["labels"])}
+        if self.aligns and out.conditioning:
+            targets = self.caption_targets({m: batch["output_captions"][m] for m in out.conditioning})
+            losses["align"] = alignment_loss(out.conditioning, targets)
+        losses["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in losses.items())
+        return losses
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
+        if batch is None:  # every sample of the batch was unreadable
+            return None
+        losses = self.compute_loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
+        self.log("data/skipped", float(batch.get("num_skipped", 0)), reduce_fx="sum", batch_size=bs)
+        self.log("data/truncated", float(batch.get("num_truncated", 0)), reduce_fx="sum", batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if batch is None:
+            return
+        losses = self.compute_loss(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0])
+
+    # --- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=float(self.optim_cfg["lr"]), weight_decay=float(self.optim_cfg["weight_decay"]),
+            betas=tuple(self.optim_cfg.get("betas", (0.9, 0.999))),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warmup = int(float(self.optim_cfg.get("warmup_ratio", 0.1)) * total)
+
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints hold trainable tensors only ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {f"model.{n}" for n in self.trainable_names}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+class Stage1EncodingAlignment(NextGPTStage):
+    """X-to-text captioning: teaches the input projector to speak the LLM's language."""
+
+    stage = 1
+    trainable_groups = ("input_projector", "new_tokens.markers")
+
+
+class Stage2DecodingAlignment(NextGPTStage):
+    """Text-to-X: signal tokens whose projected states match each decoder's caption embedding."""
+
+    stage = 2
+    trainable_groups = ("new_tokens.signals", "output_projectors")
+    aligns = True
+
+
+class Stage3InstructionTuning(NextGPTStage):
+    """Instruction tuning: LoRA on the LLM plus both projectors and all new-token rows."""
+
+    stage = 3
+    trainable_groups = ("lora", "input_projector", "output_projectors", "new_tokens.markers", "new_tokens.signals")
+    use_lora = True
+    aligns = True
+
+
+STAGES: dict[int, type[NextGPTStage]] = {cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)}
+
+
+def bundle_dir(bundles_root: str | Path, stage: int) -> Path:
+    return Path(bundles_root) / f"stage{stage}"
