@@ -80,9 +80,9 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", *, output
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=normalize_overrides(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with_output = OmegaConf.create({"hydra": {"runtime": {"output_dir": output_dir or os.getcwd(), "cwd": os.getcwd()}}})
-    cfg = OmegaConf.merge(cfg, with_output)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    cfg.hydra.runtime.output_dir = output_dir or os.getcwd()
+    cfg.hydra.runtime.cwd = os.getcwd()
     HydraConfig.instance().set_config(cfg)
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra")
@@ -327,6 +327,9 @@ def validate_paths(cfg: DictConfig) -> None:
 def main_guard(fn):
     """Run ``fn``; on a ConfigError print it and exit 2 (no traceback: the message says it all)."""
 
+    import functools
+
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)

@@ -192,7 +192,3 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return trainable, frozen
-
-
-def checkpoint_exists(path: str | Path) -> bool:
-    return Path(path).exists()

@@ -53,6 +53,7 @@ class NextGPTStage(L.LightningModule):
         optim: Mapping[str, Any],
         loss: Mapping[str, float],
         init_from: str | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -52,10 +52,10 @@ def test_tiny_shapes_and_norms(tiny: ImageBindModel) -> None:
     torch.testing.assert_close(out["image"].norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
     # clips: mean of per-clip normalised vectors (audio scaled by 20), not renormalised - the original forward
     with torch.no_grad():
-        per_clip = torch.stack([tiny.encode("vision", x["video"][:, i]) for i in range(x["video"].shape[1])], 1)
+        per_clip = torch.stack([tiny.encode("vision", x["video"][:, i : i + 1]) for i in range(x["video"].shape[1])], 1)
         torch.testing.assert_close(per_clip.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0)
         torch.testing.assert_close(out["video"], per_clip.mean(1), atol=1e-6, rtol=1e-5)
-        per_clip_audio = torch.stack([tiny.encode("audio", x["audio"][:, i]) for i in range(3)], 1)
+        per_clip_audio = torch.stack([tiny.encode("audio", x["audio"][:, i : i + 1]) for i in range(3)], 1)
         torch.testing.assert_close(per_clip_audio.norm(dim=-1), torch.full((2, 3), AUDIO_LOGIT_SCALE), atol=1e-4, rtol=0)
         torch.testing.assert_close(out["audio"], per_clip_audio.mean(1), atol=1e-5, rtol=1e-5)
     assert (out["video"].norm(dim=-1) <= 1 + 1e-5).all()
@@ -155,7 +155,7 @@ def test_loader_errors(tiny: ImageBindModel, tmp_path) -> None:
     with pytest.raises(ImageBindCheckpointError) as e:
         load_imagebind(good, wider)
     msg = str(e.value)
-    assert str(good) in msg and "modality_preprocessors.vision.cls_token" in msg and "(1, 1, 32)" in msg
+    assert str(good) in msg and "modality_preprocessors.audio.cls_token" in msg and "(1, 1, 32)" in msg
 
     deeper = ImageBindConfig.from_dict({"preset": "tiny", "audio_num_blocks": 3})
     with pytest.raises(ImageBindCheckpointError, match="blocks.2"):

@@ -1,0 +1,22 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install first when needed.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m "not slow and not distributed"
+
+clean:
+	rm -rf bundles checkpoints logs outputs multirun
