@@ -1,7 +1,8 @@
 """Which parameters a stage trains, and stage bundles: trainable weights + the resolved config.
 
 A bundle is ``<dir>/trainable.safetensors`` + ``<dir>/config.yaml`` + ``<dir>/meta.json``. It holds
-only what the stage trained; the frozen backbones are rebuilt from the config. Stage N starts
+the weights of the trainable groups (projectors, new-token rows, LoRA): what this stage trained
+and what it carried over from earlier stages; the frozen backbones are rebuilt from the config. Stage N starts
 from stage N-1's bundle, so a bundle must load into the next stage's model with every key used.
 """
 from __future__ import annotations
@@ -56,8 +57,14 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
     return names
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def bundle_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of every trainable group, trained in this stage or carried over from an
+    earlier one (stage 3 needs stage 1's input projector too); never a frozen backbone weight."""
+    return {
+        n: p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if any(match(n) for match in TRAINABLE_GROUPS.values())
+    }
 
 
 def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
@@ -68,13 +75,13 @@ def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, An
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{int(time.time() * 1e6)}")
     tmp.mkdir(parents=True)
-    state = trainable_state_dict(model)
+    state = bundle_state_dict(model)
     save_file(state, str(tmp / WEIGHTS))
     OmegaConf.save(OmegaConf.create(dict(config)), tmp / CONFIG, resolve=True)
     info = {
         **meta,
-        "trainable_tensors": len(state),
-        "trainable_params": sum(t.numel() for t in state.values()),
+        "tensors": len(state),
+        "params": sum(t.numel() for t in state.values()),
         "bytes": (tmp / WEIGHTS).stat().st_size,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

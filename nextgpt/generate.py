@@ -29,6 +29,16 @@ from nextgpt.prompts import Conversation, encode_conversation, get_template
 log = logging.getLogger(__name__)
 
 
+def _cache_field() -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+CACHE = _cache_field()
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -73,10 +83,10 @@ class Generator:
         return self.pipelines[name]
 
     def _step(self, embeds: torch.Tensor, past):
-        out = self.model.llm(inputs_embeds=embeds, past_key_values=past, use_cache=True, output_hidden_states=True)
+        out = self.model.llm(inputs_embeds=embeds, use_cache=True, output_hidden_states=True, **{CACHE: past})
         hidden = out.hidden_states[-1]
         logits = self.model.new_tokens.logits(hidden[:, -1:], out.logits[:, -1:])[0, -1]
-        return logits, hidden[0], out.past_key_values
+        return logits, hidden[0], getattr(out, CACHE)
 
     @torch.no_grad()
     def chat(

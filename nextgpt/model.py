@@ -83,7 +83,7 @@ class NextGPT(nn.Module):
         out = {}
         for name, x in media.items():
             with torch.no_grad():
-                feats = self.encoder.encode(modality_registry.get(name).encoder_modality, x)
+                feats = self.encoder.encode(modality_registry.get(name).encoder_modality, x, renormalize=True)
             out[name] = self.input_projector(feats.to(self.input_projector.proj.weight.dtype))
         return out
 

@@ -27,6 +27,12 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+TokT = TypeVar("TokT")
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `python -m nextgpt.tiny --out DIR` on a complete cache is instant
+    from transformers import CLIPTokenizer, LlamaTokenizer, RobertaTokenizer
 
 # Bump whenever anything below changes what is written: cached builds with another version are rebuilt.
 TINY_BUILD_VERSION: str = "1"
@@ -318,7 +324,7 @@ def _write_vocab_merges(folder: Path, vocab: dict[str, int], merges: list[tuple[
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _forget_load_kwargs(tokenizer):
+def _forget_load_kwargs(tokenizer: "TokT") -> "TokT":
     """Drop the loader's own kwargs (transformers 5 keeps them in init_kwargs and would save them)."""
     for key in ("is_local", "local_files_only", "_commit_hash", "cache_dir", "name_or_path"):
         tokenizer.init_kwargs.pop(key, None)
@@ -341,7 +347,7 @@ def _llama_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     return _vocab_from(head, merges, []), tuple(merges)
 
 
-def build_llm_tokenizer(seed: int = 0):
+def build_llm_tokenizer(seed: int = 0) -> LlamaTokenizer:
     """A Llama-style BPE tokenizer (``LlamaTokenizer``: ▁ word marker, byte fallback) for the tiny LLM.
 
     Layout mirrors Vicuna/LLaMA: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<0x00>``..``<0xFF>`` byte pieces,
@@ -377,7 +383,7 @@ def _clip_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]
     return _vocab_from(head, merges, [CLIP_BOS, CLIP_EOS]), tuple(merges)
 
 
-def build_clip_tokenizer(seed: int = 0):
+def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
     """A real ``CLIPTokenizer`` (model_max_length 77) loaded from generated vocab.json/merges.txt files."""
     from transformers import CLIPTokenizer
 
@@ -402,7 +408,7 @@ def _roberta_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ..
     return _vocab_from(head, merges, [ROBERTA_MASK]), tuple(merges)
 
 
-def build_roberta_tokenizer(seed: int = 0):
+def build_roberta_tokenizer(seed: int = 0) -> RobertaTokenizer:
     """A real ``RobertaTokenizer`` (CLAP's text tokenizer) loaded from generated vocab.json/merges.txt files."""
     from transformers import RobertaTokenizer
 
@@ -645,13 +651,45 @@ def _paths(out: Path) -> dict[str, Path]:
     }
 
 
+def imagebind_fingerprint() -> str:
+    """Short hash of the tiny ImageBind's state-dict layout (names + shapes).
+
+    Why: ``nextgpt/encoders/imagebind.py`` evolves separately from this file; when its tiny layout
+    changes, a cached ``imagebind_tiny.pth`` would no longer load, so the cache must be rebuilt.
+    Built on the meta device: no memory, and the global RNG is left untouched.
+    """
+    import hashlib
+
+    import torch
+
+    from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+
+    cfg = ImageBindConfig.tiny()
+    try:
+        with torch.device("meta"):
+            layout = sorted((k, tuple(v.shape)) for k, v in ImageBindModel(cfg).state_dict().items())
+    except Exception:  # a model that can not be built on meta: fall back to its config
+        layout = [("config", repr(cfg))]
+    return hashlib.sha1(repr(layout).encode()).hexdigest()[:12]
+
+
+def _marker_text() -> str:
+    return f"{TINY_BUILD_VERSION}\nimagebind {imagebind_fingerprint()}\n"
+
+
 def is_complete(out: Path) -> bool:
-    """True when `out` holds a finished build of this TINY_BUILD_VERSION."""
+    """True when `out` holds a finished build of this TINY_BUILD_VERSION and of the current tiny ImageBind.
+
+    The marker's first line is TINY_BUILD_VERSION; the second, the ImageBind layout fingerprint.
+    """
     marker = Path(out) / MARKER_NAME
     try:
-        return marker.read_text(encoding="utf-8").split("\n", 1)[0].strip() == TINY_BUILD_VERSION
+        lines = marker.read_text(encoding="utf-8").splitlines()
     except OSError:
         return False
+    if not lines or lines[0].strip() != TINY_BUILD_VERSION:
+        return False
+    return f"imagebind {imagebind_fingerprint()}" in (line.strip() for line in lines[1:])
 
 
 def _build_imagebind(path: Path, seed: int) -> None:
@@ -685,7 +723,7 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
             build_tiny_audioldm(tmp_paths["audioldm"], seed=0)
             build_tiny_text_to_video(tmp_paths["t2v"], seed=0)
             _build_imagebind(tmp_paths["imagebind"], seed=0)
-        (tmp / MARKER_NAME).write_text(f"{TINY_BUILD_VERSION}\n", encoding="utf-8")
+        (tmp / MARKER_NAME).write_text(_marker_text(), encoding="utf-8")
         if out.exists():
             if not force and is_complete(out):  # another process finished first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)

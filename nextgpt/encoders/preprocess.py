@@ -386,7 +386,8 @@ def load_video(path: str | os.PathLike, *, num_clips: int = 5, clip_duration: fl
 
     Clip-major order (clip 0 crops 0..2, clip 1 ...). Duration is frames / average fps as decord reports
     it; videos shorter than a clip reuse their frames (all clips start at 0). Rotation metadata is
-    ignored, as decord does.
+    ignored, as decord does. If decoding stops early (a damaged stream with fewer decodable frames than
+    packets), the missing frames repeat the last decoded one; no decodable frame at all is an error.
     """
     if num_crops not in (1, 3):
         raise ValueError(f"num_crops must be 1 or 3 (ImageBind's SpatialCrop), got {num_crops}")

@@ -213,7 +213,7 @@ def test_stable_diffusion_generates_from_prompt_embeds(sd) -> None:
     ).images)
     assert images.shape == (1, 32, 32, 3)
     assert np.isfinite(images).all() and images.std() > 0
-    assert dt < 5.0
+    assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
 
 
 def test_audioldm_generates_from_prompt_embeds(audioldm) -> None:
@@ -228,7 +228,7 @@ def test_audioldm_generates_from_prompt_embeds(audioldm) -> None:
         ).audios)
         assert audio.shape == (1, round(seconds * sr))
         assert np.isfinite(audio).all() and np.abs(audio).max() > 1e-3
-        assert dt < 5.0
+        assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
 
 
 def test_text_to_video_generates_from_prompt_embeds(t2v) -> None:
@@ -240,7 +240,7 @@ def test_text_to_video_generates_from_prompt_embeds(t2v) -> None:
     ).frames)
     assert frames.shape == (1, 4, 32, 32, 3)
     assert np.isfinite(frames).all() and frames.std() > 0
-    assert dt < 5.0
+    assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
 
 
 # ---------------------------------------------------------------------------------------------- determinism
@@ -268,12 +268,13 @@ def test_learn_bpe_breaks_ties_deterministically() -> None:
 # ---------------------------------------------------------------------------------------------- build_all
 
 
-def test_build_all_writes_marker_and_is_cached(tmp_path: Path) -> None:
+def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nextgpt.encoders.imagebind")
     out = tmp_path / "cache"
     paths = tiny.build_all(out)
     assert set(paths) == {"llm", "sd", "audioldm", "t2v", "imagebind"}
-    assert (out / ".complete").read_text(encoding="utf-8").strip() == tiny.TINY_BUILD_VERSION
+    marker = (out / ".complete").read_text(encoding="utf-8").splitlines()
+    assert marker[0] == tiny.TINY_BUILD_VERSION and marker[1] == f"imagebind {tiny.imagebind_fingerprint()}"
     assert paths["imagebind"] == out / "imagebind" / "imagebind_tiny.pth"
     state = torch.load(paths["imagebind"], map_location="cpu", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -288,10 +289,18 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path) -> None:
     assert time.perf_counter() - t0 < 1.0
     assert weights.stat().st_mtime_ns == mtime
 
-    (out / ".complete").write_text("0-stale\n", encoding="utf-8")  # another builder version: rebuilt
+    # another builder version, or a tiny ImageBind whose layout changed since: rebuilt
+    (out / ".complete").write_text("0-stale\n" + "\n".join(marker[1:]) + "\n", encoding="utf-8")
+    assert not tiny.is_complete(out)
+    monkeypatch.setattr(tiny, "imagebind_fingerprint", lambda: "0123456789ab")
+    assert not tiny.is_complete(out)
     tiny.build_all(out)
     assert weights.stat().st_mtime_ns != mtime
-    assert (out / ".complete").read_text(encoding="utf-8").strip() == tiny.TINY_BUILD_VERSION
+    assert (out / ".complete").read_text(encoding="utf-8").splitlines() == [
+        tiny.TINY_BUILD_VERSION, "imagebind 0123456789ab"
+    ]
+    assert tiny.is_complete(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"], "old cache removed"
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
