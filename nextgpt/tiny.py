@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `python -m nextgpt.tiny --out DIR`
     from transformers import CLIPTokenizer, LlamaTokenizer, RobertaTokenizer
 
 # Bump whenever anything below changes what is written: cached builds with another version are rebuilt.
-TINY_BUILD_VERSION: str = "1"
+TINY_BUILD_VERSION: str = "3"  # 3: the tiny LLM is pre-trained on tiny_corpus + caption turns
 
 MARKER_NAME = ".complete"
 IMAGEBIND_FILE = "imagebind_tiny.pth"
@@ -423,6 +423,72 @@ def build_roberta_tokenizer(seed: int = 0) -> RobertaTokenizer:
 # --------------------------------------------------------------------------------------------------------
 
 
+def caption_conversations(rng: random.Random, n: int) -> list[str]:
+    """Vicuna-v0 turns whose answers are captions of the project's synthetic grammar.
+
+    Why: the real Vicuna has read plenty of text like CC3M captions; the tiny one reads these.
+    Media placeholders are left out (the base tokenizer has no <Img> token, like Vicuna's).
+    """
+    from datamodules import synthetic as syn
+
+    def caption() -> str:
+        kind = rng.random()
+        if kind < 0.4:
+            shapes = [(rng.choice(list(syn.COLOURS)), rng.choice(syn.SHAPES), rng.choice(list(syn.POSITIONS)))]
+            return syn.image_caption(shapes, rng.choice(list(syn.BACKGROUNDS)))
+        if kind < 0.7:
+            return syn.audio_caption(rng.choice(list(syn.LOUDNESS)), rng.choice(list(syn.PITCHES)), rng.choice(syn.PATTERNS))
+        return syn.video_caption(rng.choice(list(syn.COLOURS)), rng.choice(list(syn.DIRECTIONS)))
+
+    out = []
+    for _ in range(n):
+        m = rng.choice(("image", "audio", "video"))
+        if rng.random() < 0.5:
+            q = rng.choice(syn.COMPREHENSION_INSTRUCTIONS).format(m=m)
+            out.append(f"### Human: {q}\n### Assistant: {caption()}\n###")
+        else:
+            q = rng.choice(syn.GENERATION_REQUESTS).format(n=rng.choice(syn.GENERATION_NOUNS[m]), c=caption())
+            a = rng.choice(syn.GENERATION_ANSWERS).format(m=m).replace(f"<{m}>", "").strip()
+            out.append(f"### Human: {q}\n### Assistant: {a}\n###")
+    return out
+
+
+def pretrain_tiny_llm(model, tokenizer, *, seed: int = 0, steps: int = 250, batch_size: int = 32, lr: float = 3e-3) -> list[float]:
+    """A few hundred language-modelling steps on ``tiny_corpus``: the tiny stand-in for Vicuna's pre-training.
+
+    Why: a randomly initialised LLM predicts a near-uniform distribution whatever its input (logits
+    of std ~0.1), so no soft prompt or projector can steer it, and stage-1 alignment would have
+    nothing to align to. After this it knows the caption language and the Vicuna template, as the
+    real frozen LLM knows English. Returns the loss curve (deterministic for a seed).
+    """
+    import torch
+
+    rng = random.Random(seed)
+    texts = tiny_corpus(seed + 1, n_sentences=3000)[3:] + caption_conversations(rng, 3000)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
+    losses = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    for _ in range(steps):
+        batch = tokenizer([rng.choice(texts) + tokenizer.eos_token for _ in range(batch_size)], padding=True,
+                          truncation=True, max_length=64, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    tokenizer.padding_side = side
+    model.eval()
+    return losses
+
+
 def build_tiny_llm(out: Path, *, seed: int = 0) -> Path:
     """Tiny random LlamaForCausalLM (hidden 64, 2 layers) + trained Llama tokenizer, like Vicuna-7B.
 
@@ -448,7 +514,9 @@ def build_tiny_llm(out: Path, *, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    pretrain_tiny_llm(model, tokenizer, seed=seed)
+    model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -113,9 +113,10 @@ class ImageBindConfig:
 
     @classmethod
     def tiny(cls) -> "ImageBindConfig":
-        """Same code and input sizes as ``huge`` at 32 width / 2 blocks, for fast tests."""
+        """Same code and input sizes as ``huge`` at 32 width / 2 blocks, for fast tests; the
+        48-d output differs from every other tiny width so a swapped width can not pass unnoticed."""
         return cls(
-            out_embed_dim=32,
+            out_embed_dim=48,
             vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=2,
             audio_embed_dim=32, audio_num_blocks=2, audio_num_heads=2,
         )
