@@ -42,6 +42,9 @@ class ConfigError(ValueError):
 
 # --- Hydra plumbing ------------------------------------------------------------------------
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("nextgpt.cwd"):
+        # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in hydra.sweep.dir
+        OmegaConf.register_new_resolver("nextgpt.cwd", os.getcwd)
     if not OmegaConf.has_resolver("nextgpt.wandb_offline"):
         # offline unless an API key is set or the user asked for online mode
         OmegaConf.register_new_resolver(
