@@ -52,7 +52,16 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
                                    logger=instantiate_all(cfg.get("logger")) or False)
 
 
+def _single_log_stream() -> None:
+    """Lightning adds its own console handlers; Hydra's root handlers (console + run log file)
+    already print everything, so drop Lightning's to avoid every line appearing twice."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).handlers.clear()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    _single_log_stream()
     validate(cfg)  # types and ranges: before anything is built or loaded
     OmegaConf.resolve(cfg)
     prepare_backbones(cfg)

@@ -1,0 +1,87 @@
+"""The user's literal commands, run as subprocesses of train.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def train(tmp_path: Path, cache: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "train.py", *args, f"paths.root={tmp_path}", f"paths.cache_dir={cache}", "print_config=false"]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_multirun_three_stages_in_order(tiny_cache, tmp_path):
+    """`python train.py -m stage=1,2,3`: each job starts from the bundle the previous one wrote."""
+    res = train(tmp_path, tiny_cache, "-m", "stage=1,2,3", "trainer.max_steps=2", "stage.batch_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in (1, 2, 3):
+        meta = json.loads((tmp_path / "bundles" / f"stage{stage}" / "meta.json").read_text())
+        assert meta["stage"] == stage and meta["global_step"] == 2
+    assert "stage 2: started from bundle" in res.stderr + res.stdout
+    assert "stage 3: started from bundle" in res.stderr + res.stdout
+    # W&B is the default logger and runs offline without an API key
+    assert list((tmp_path / "logs").rglob("offline-run-*")), "no offline W&B run written"
+
+
+def test_stage2_webvid_without_data_names_the_path(tiny_cache, tmp_path):
+    res = train(tmp_path, tiny_cache, "stage=2", "dataset=webvid")
+    assert res.returncode == 2
+    assert str(tmp_path / "data" / "T_X_pair_data" / "webvid" / "webvid.json") in res.stderr
+
+
+@pytest.mark.real_data
+def test_stage2_on_the_real_webvid_sample(tiny_cache, sample_root, tmp_path):
+    """Stage 1 decodes the real sample videos; then the issue's literal stage-2 command runs on them."""
+    common = ["dataset=webvid", f"paths.data_root={sample_root}", "trainer.max_steps=2", "logger=csv"]
+    res1 = train(tmp_path, tiny_cache, "stage=1", *common, "stage.batch_size=4", "dataset.num_workers=0")
+    assert res1.returncode == 0, res1.stderr[-3000:]
+    res2 = train(tmp_path, tiny_cache, "stage=2", *common)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    meta = json.loads((tmp_path / "bundles" / "stage2" / "meta.json").read_text())
+    assert meta["global_step"] == 2 and meta["init_from"].endswith("stage1")
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
+    args = ["stage=1", "logger=csv", "trainer.max_steps=4", "stage.batch_size=4",
+            "callbacks.model_checkpoint.every_n_train_steps=2"]
+    crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
+                    "+callbacks.crash.step=3")
+    assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stderr
+    last = tmp_path / "checkpoints" / "tiny" / "stage1" / "last.ckpt"
+    assert last.is_file() and not (tmp_path / "bundles" / "stage1").exists()
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    # the checkpoint holds the trainable tensors only, never a frozen backbone weight
+    assert set(ckpt["state_dict"]) == {"model.input_projector.proj.weight", "model.input_projector.proj.bias",
+                                      "model.new_tokens.markers.embed", "model.new_tokens.markers.head"}
+
+    resumed = train(tmp_path, tiny_cache, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming stage 1 from {last}" in resumed.stderr + resumed.stdout
+    meta = json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())
+    assert meta["global_step"] == 4
+    assert not last.exists()  # a finished run's last.ckpt is retired, so the next run starts fresh
+    weights = load_file(str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"))
+    assert torch.isfinite(weights["input_projector.proj.weight"]).all()
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_on_cpu(tiny_cache, tmp_path):
+    res = train(tmp_path, tiny_cache, "stage=1", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                "trainer.max_steps=2", "stage.batch_size=4", "logger=csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stderr + res.stdout
+    assert "GLOBAL_RANK: 0" in out and "GLOBAL_RANK: 1" in out
+    assert json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())["global_step"] == 2
