@@ -12,9 +12,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+# DeepSpeed (strategy=deepspeed_*): without build isolation, so its build sees the torch above
+# instead of pulling another one; DS_BUILD_OPS=0 leaves its C++/CUDA ops to JIT on first use.
+if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.14"
+fi
 .venv/bin/python - <<'PY'
 import importlib
-for m in ("torch", "lightning", "hydra", "omegaconf", "transformers", "peft", "diffusers", "wandb", "webdataset", "av", "soundfile"):
+for m in ("torch", "lightning", "hydra", "omegaconf", "transformers", "peft", "diffusers", "wandb", "webdataset", "av", "soundfile", "deepspeed"):
     mod = importlib.import_module(m)
     print(f"  {m:13s} {getattr(mod, '__version__', '?')}")
 for absent in ("torchvision", "torchaudio"):
