@@ -30,7 +30,8 @@ class StageBundle(L.Callback):
                 "trainable_groups": list(pl_module.trainable_groups),
                 "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
             }
-            save_bundle(self.directory, pl_module.model, pl_module.hparams.get("run_config") or {}, meta)
+            save_bundle(self.directory, pl_module.model, pl_module.hparams.get("run_config") or {}, meta,
+                        names=pl_module.bundle_names)
             rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
             for cb in trainer.checkpoint_callbacks:
                 last = Path(getattr(cb, "dirpath", "") or "") / "last.ckpt"

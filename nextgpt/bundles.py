@@ -1,8 +1,8 @@
 """Which parameters a stage trains, and stage bundles: trainable weights + the resolved config.
 
 A bundle is ``<dir>/trainable.safetensors`` + ``<dir>/config.yaml`` + ``<dir>/meta.json``. It holds
-the weights of the trainable groups (projectors, new-token rows, LoRA): what this stage trained
-and what it carried over from earlier stages; the frozen backbones are rebuilt from the config. Stage N starts
+trainable-group weights only (projectors, new-token rows, LoRA): what this stage trained and what
+it carried over from earlier stages; the frozen backbones are rebuilt from the config. Stage N starts
 from stage N-1's bundle, so a bundle must load into the next stage's model with every key used.
 """
 from __future__ import annotations
@@ -57,25 +57,34 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
     return names
 
 
-def bundle_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of every trainable group, trained in this stage or carried over from an
-    earlier one (stage 3 needs stage 1's input projector too); never a frozen backbone weight."""
-    return {
-        n: p.detach().cpu().contiguous()
-        for n, p in model.named_parameters()
-        if any(match(n) for match in TRAINABLE_GROUPS.values())
-    }
+def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named parameters (default: every trainable-group parameter); never a backbone weight."""
+    wanted = set(names) if names is not None else None
+    out = {}
+    for n, p in model.named_parameters():
+        if not any(match(n) for match in TRAINABLE_GROUPS.values()):
+            continue
+        if wanted is None or n in wanted:
+            out[n] = p.detach().cpu().contiguous()
+    if wanted is not None and wanted - set(out):
+        raise BundleError(f"not trainable-group parameters of the model: {sorted(wanted - set(out))[:8]}")
+    return out
 
 
-def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Write the bundle atomically (temp dir + rename), so a crash never leaves half a bundle."""
+def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, Any], meta: Mapping[str, Any],
+                names: Iterable[str] | None = None) -> Path:
+    """Write the bundle atomically (temp dir + rename), so a crash never leaves half a bundle.
+
+    ``names``: the parameters to keep, normally what this stage trained plus what it loaded from
+    the previous bundle (a stage-1 bundle then holds no untrained output projector).
+    """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{int(time.time() * 1e6)}")
     tmp.mkdir(parents=True)
-    state = bundle_state_dict(model)
+    state = bundle_state_dict(model, names)
     save_file(state, str(tmp / WEIGHTS))
     OmegaConf.save(OmegaConf.create(dict(config)), tmp / CONFIG, resolve=True)
     info = {

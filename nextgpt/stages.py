@@ -71,12 +71,15 @@ class NextGPTStage(L.LightningModule):
         model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
         if self.use_lora:
             model.apply_lora(**{k: self.model_cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules")})
+        loaded: list[str] = []
         if self.init_from:
             loaded = load_bundle_weights(self.init_from, model)
             rank_zero_info(f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)")
         else:
             rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
         self.trainable_names = set_trainable(model, self.trainable_groups)
+        # what the stage bundle keeps: what this stage trains and what it carried over
+        self.bundle_names = sorted(set(self.trainable_names) | set(loaded))
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
         trainable, frozen = parameter_counts(model)

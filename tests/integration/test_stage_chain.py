@@ -27,18 +27,17 @@ def test_three_stages_chain_through_bundles(tiny_config, tmp_path):
     bundles = tmp_path / "bundles"
     cfg1 = run_stage(tiny_config, 1)
     s1 = load_file(str(bundles / "stage1" / "trainable.safetensors"))
+    # stage 1 keeps what it trained: no backbone weight, no untrained output projector
     assert set(s1) == {"input_projector.proj.weight", "input_projector.proj.bias",
-                       "new_tokens.markers.embed", "new_tokens.markers.head",
-                       "new_tokens.signals.embed", "new_tokens.signals.head",
-                       *[k for k in s1 if k.startswith("output_projectors.")]}
-    assert all(k.startswith(GROUP_PREFIXES) for k in s1)  # no backbone weight in a bundle
+                       "new_tokens.markers.embed", "new_tokens.markers.head"}
 
     run_stage(tiny_config, 2)
     s2 = load_file(str(bundles / "stage2" / "trainable.safetensors"))
     # stage 2 carried stage 1's input projector and markers unchanged, and trained its own groups
-    for k in ("input_projector.proj.weight", "new_tokens.markers.embed"):
+    for k in s1:
         assert torch.equal(s1[k], s2[k]), k
-    assert not torch.equal(s1["new_tokens.signals.embed"], s2["new_tokens.signals.embed"])
+    assert all(k.startswith(GROUP_PREFIXES) for k in s2)
+    assert {"new_tokens.signals.embed", "output_projectors.video.queries"} <= set(s2)
 
     run_stage(tiny_config, 3)
     s3 = load_file(str(bundles / "stage3" / "trainable.safetensors"))
