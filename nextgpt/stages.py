@@ -45,7 +45,7 @@ class NextGPTStage(L.LightningModule):
     stage: ClassVar[int]
     trainable_groups: ClassVar[tuple[str, ...]]
     use_lora: ClassVar[bool] = False
-    aligns: ClassVar[bool] = False  # does this stage's loss include the alignment term
+    aligns: bool = False  # does this stage's loss include the alignment term (evaluation may switch it on)
 
     def __init__(
         self,

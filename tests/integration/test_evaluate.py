@@ -1,0 +1,41 @@
+"""evaluate.py scores a stage bundle on held-out data and writes eval.json."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from nextgpt.bundles import save_bundle
+from nextgpt.stages import Stage2DecodingAlignment
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_evaluate_stage2_bundle(tiny_cache, tmp_path):
+    from nextgpt.config import compose
+
+    cfg = compose([f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}", "stage=2"], output_dir=str(tmp_path))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = Stage2DecodingAlignment(model=resolved["model"], optim=resolved["stage"]["optim"], loss=resolved["stage"]["loss"])
+    module.configure_model()
+    bundle = save_bundle(tmp_path / "b2", module.model, resolved, {"stage": 2})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "evaluate.py", f"bundle={bundle}", "limit=10", f"paths.root={tmp_path}",
+                          f"paths.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'eval'}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["task"] == "generate" and result["samples"] == 10 and result["skipped"] == 0
+    assert result["ce"] > 0 and result["align"] > 0 and result["loss"] == pytest.approx(result["ce"] + result["align"])
+
+
+def test_evaluate_names_a_missing_bundle(tmp_path):
+    res = subprocess.run([sys.executable, "evaluate.py", f"bundle={tmp_path / 'none'}", f"paths.root={tmp_path}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and str(tmp_path / "none") in res.stderr
