@@ -60,6 +60,16 @@ def _single_log_stream() -> None:
             logging.getLogger(name).handlers.clear()
 
 
+def _finish_wandb() -> None:
+    """Close the W&B run: Lightning leaves it open, and the next job of a multirun
+    (`-m stage=1,2,3`) would otherwise log into the previous stage's run."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     _single_log_stream()
     validate(cfg)  # types and ranges: before anything is built or loaded
@@ -77,7 +87,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = str(last) if cfg.get("resume") and last.is_file() else None
     if ckpt_path:
         log.info("resuming stage %s from %s", cfg.stage.number, ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("stage %s finished at step %d: %s", cfg.stage.number, trainer.global_step, metrics)
     return metrics

@@ -32,7 +32,8 @@ def test_multirun_three_stages_in_order(tiny_cache, tmp_path):
     assert "stage 2: started from bundle" in res.stderr + res.stdout
     assert "stage 3: started from bundle" in res.stderr + res.stdout
     # W&B is the default logger and runs offline without an API key
-    assert list((tmp_path / "logs").rglob("offline-run-*")), "no offline W&B run written"
+    runs = sorted((tmp_path / "logs").rglob("offline-run-*"))
+    assert len(runs) == 3 and len({r.parents[1].name for r in runs}) == 3, runs  # one W&B run per stage
 
 
 def test_stage2_webvid_without_data_names_the_path(tiny_cache, tmp_path):
