@@ -155,7 +155,8 @@ class _Checker:
         return list(v)
 
 
-def _import(path: str):
+def import_object(path: str):
+    """``"package.module.Name"`` -> the object."""
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -167,7 +168,7 @@ def _check_stage(c: _Checker) -> None:
     module = c.str_("stage.module")
     if module:
         try:
-            cls = _import(module)
+            cls = import_object(module)
             if getattr(cls, "stage", None) != number:
                 c.fail("stage.module", module, f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}")
         except (ImportError, AttributeError, ValueError) as e:

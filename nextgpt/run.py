@@ -9,7 +9,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from nextgpt.config import _import, previous_bundle, validate, validate_paths
+from nextgpt.config import import_object, previous_bundle, validate, validate_paths
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, init_from: str | None):
-    cls = _import(cfg.stage.module)
+    cls = import_object(cfg.stage.module)
     return cls(
         model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
         loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,

@@ -25,7 +25,7 @@ def run_stage(tiny_config, stage: int, *extra: str):
 
 def test_three_stages_chain_through_bundles(tiny_config, tmp_path):
     bundles = tmp_path / "bundles"
-    cfg1 = run_stage(tiny_config, 1)
+    run_stage(tiny_config, 1)
     s1 = load_file(str(bundles / "stage1" / "trainable.safetensors"))
     # stage 1 keeps what it trained: no backbone weight, no untrained output projector
     assert set(s1) == {"input_projector.proj.weight", "input_projector.proj.bias",

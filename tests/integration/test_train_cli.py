@@ -43,6 +43,15 @@ def test_stage2_webvid_without_data_names_the_path(tiny_cache, tmp_path):
 
 
 @pytest.mark.real_data
+def test_stage1_on_the_real_cc3m_sample(tiny_cache, sample_root, tmp_path):
+    """`python train.py stage=1 dataset=cc3m paths.data_root=DIR trainer.max_steps=2` on real images."""
+    res = train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={sample_root}",
+                "trainer.max_steps=2", "logger=csv", "stage.batch_size=4", "dataset.num_workers=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.real_data
 def test_stage2_on_the_real_webvid_sample(tiny_cache, sample_root, tmp_path):
     """Stage 1 decodes the real sample videos; then the issue's literal stage-2 command runs on them."""
     common = ["dataset=webvid", f"paths.data_root={sample_root}", "trainer.max_steps=2", "logger=csv"]
@@ -60,7 +69,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
                     "+callbacks.crash.step=3")
     assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stderr
-    last = tmp_path / "checkpoints" / "tiny" / "stage1" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1" / "last.ckpt"
     assert last.is_file() and not (tmp_path / "bundles" / "stage1").exists()
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
