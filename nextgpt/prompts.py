@@ -100,45 +100,35 @@ def encode_conversation(
         ids.extend(toks)
         labels.extend(toks if labelled else [IGNORE_INDEX] * len(toks))
 
-    def human(t: str) -> None:
-        pos = 0
-        for m in pattern.finditer(t):
-            text(t[pos : m.start()], False)
-            name = m.group(1)
-            try:
-                index, (media_mod, _) = next(media_iter)
-            except StopIteration:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> has no input media") from None
-            if media_mod != name:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> but input media is {media_mod!r}")
-            open_id, close_id = layout.marker_ids[name]
-            start = len(ids)
-            ids.extend([open_id] + [slot_id] * num_media_tokens + [close_id])
-            labels.extend([IGNORE_INDEX] * (num_media_tokens + 2))
-            slots.append((start + 1, name, index))
-            spans.append((start, len(ids)))
-            pos = m.end()
-        text(t[pos:], False)
+    def media_slot(name: str) -> tuple[list[int], list[int]]:
+        open_id, close_id = layout.marker_ids[name]
+        return [open_id] + [slot_id] * num_media_tokens + [close_id], [IGNORE_INDEX] * (num_media_tokens + 2)
 
-    def assistant(t: str) -> None:
+    def signal_group(name: str) -> tuple[list[int], list[int]]:
+        sig = list(layout.signal_ids[name])
+        return sig, sig
+
+    def turn(t: str, labelled: bool, items, what: str, expand, records: list, offset: int) -> None:
+        """Text with placeholders; each placeholder takes the next of ``items`` and is expanded
+        into an atomic span (media slot in a human turn, signal group in an answer)."""
         pos = 0
         for m in pattern.finditer(t):
-            text(t[pos : m.start()], True)
+            text(t[pos : m.start()], labelled)
             name = m.group(1)
             try:
-                index, (out_mod, _) = next(caption_iter)
+                index, (item_mod, _) = next(items)
             except StopIteration:
-                raise ValueError(f"sample {conv.key!r}: answer placeholder <{name}> has no output caption") from None
-            if out_mod != name:
-                raise ValueError(f"sample {conv.key!r}: answer placeholder <{name}> but output is {out_mod!r}")
+                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> has no {what}") from None
+            if item_mod != name:
+                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> but the {what} is {item_mod!r}")
             start = len(ids)
-            sig = list(layout.signal_ids[name])
-            ids.extend(sig)
-            labels.extend(sig)
-            groups.append((start, name, index))
+            span_ids, span_labels = expand(name)
+            ids.extend(span_ids)
+            labels.extend(span_labels)
+            records.append((start + offset, name, index))
             spans.append((start, len(ids)))
             pos = m.end()
-        text(t[pos:], True)
+        text(t[pos:], labelled)
 
     if tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
@@ -148,10 +138,10 @@ def encode_conversation(
         if i:
             text(template.turn_sep, False)
         text(template.human, False)
-        human(h)
+        turn(h, False, media_iter, "input media", media_slot, slots, 1)
         text(template.assistant, False)
         if a:
-            assistant(a)
+            turn(a, True, caption_iter, "output caption", signal_group, groups, 0)
             text(template.answer_end, True)
 
     truncated = len(ids) > max_length
