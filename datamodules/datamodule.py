@@ -27,7 +27,7 @@ class Item:
     key: str
     input_ids: list[int]
     labels: list[int]
-    media: list[tuple[str, torch.Tensor]]  # in slot order
+    media: list[tuple[str, torch.Tensor, bool]]  # (modality, tensor, is a cached feature) in slot order
     slot_starts: list[int]
     captions_out: list[tuple[str, str]]  # in signal-group order
     truncated: bool
@@ -37,8 +37,9 @@ class ConversationDataset(Dataset):
     """Decodes a conversation's media and tokenises it; ``None`` when a media file is unreadable."""
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer, layout, template: str,
-                 num_media_tokens: int, max_length: int):
+                 num_media_tokens: int, max_length: int, features: Mapping[str, tuple[Any, str]] | None = None):
         self.conversations = list(conversations)
+        self.features = dict(features or {})  # media path -> (FeatureStore, key): cached ImageBind features
         self.tokenizer, self.layout, self.template = tokenizer, layout, get_template(template)
         self.num_media_tokens, self.max_length = num_media_tokens, max_length
         self.slot_id = tokenizer.pad_token_id
@@ -55,8 +56,15 @@ class ConversationDataset(Dataset):
         media = []
         for _, name, i in enc.media_slots:
             path = conv.media_in[i][1]
+            if path in self.features:
+                store, key = self.features[path]
+                if key in store.failed:
+                    log.warning("skipped sample %r: %s", conv.key, store.failed[key])
+                    return None
+                media.append((name, torch.from_numpy(store.get(key)).float(), True))
+                continue
             try:
-                media.append((name, modality_registry.get(name).load(path)))
+                media.append((name, modality_registry.get(name).load(path), False))
             except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
                 log.warning("skipped sample %r: %s", conv.key, e)
                 return None
@@ -81,17 +89,19 @@ class Collator:
         attention = torch.zeros((b, length), dtype=torch.long)
         media_mask = torch.zeros((b, length), dtype=torch.bool)
         media: dict[str, list[torch.Tensor]] = {}
-        sequence: list[tuple[str, int]] = []
+        features: dict[str, list[torch.Tensor]] = {}
+        sequence: list[tuple[str, int, bool]] = []
         captions: dict[str, list[str]] = {}
         for row, it in enumerate(good):
             n = len(it.input_ids)
             input_ids[row, :n] = torch.tensor(it.input_ids)
             labels[row, :n] = torch.tensor(it.labels)
             attention[row, :n] = 1
-            for start, (name, tensor) in zip(it.slot_starts, it.media):
+            for start, (name, tensor, cached) in zip(it.slot_starts, it.media):
                 media_mask[row, start : start + self.num_media_tokens] = True
-                sequence.append((name, len(media.setdefault(name, []))))
-                media[name].append(tensor)
+                target = features if cached else media
+                sequence.append((name, len(target.setdefault(name, [])), cached))
+                target[name].append(tensor)
             for name, caption in it.captions_out:
                 captions.setdefault(name, []).append(caption)
         return {
@@ -101,6 +111,7 @@ class Collator:
             "attention_mask": attention,
             "media_mask": media_mask,
             "media": {name: torch.stack(ts) for name, ts in media.items()},
+            "media_features": {name: torch.stack(ts) for name, ts in features.items()},
             "media_sequence": sequence,
             "output_captions": captions,
             "num_skipped": len(items) - b,
@@ -123,6 +134,8 @@ class NextGPTDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         seed: int = 0,
         synthetic: Mapping[str, Any] | None = None,
+        feature_cache: bool = True,
+        cache_fallback: str | None = None,
     ):
         super().__init__()
         self.sources = [dict(s) for s in sources]
@@ -130,6 +143,9 @@ class NextGPTDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
         self.val_fraction, self.seed = val_fraction, seed
         self.synthetic = dict(synthetic) if synthetic else None
+        self.feature_cache = feature_cache
+        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")
+        self.conversations_by_source: list[tuple[dict, list[Conversation]]] = []
         self.train_set: ConversationDataset | None = None
         self.val_set: ConversationDataset | None = None
         self.skipped_entries: Counter = Counter()
@@ -151,19 +167,54 @@ class NextGPTDataModule(L.LightningDataModule):
         for src in self.sources:
             c, skipped = read_source(src["name"], src["modality"], src["root"], self.task)
             convs += c
+            self.conversations_by_source.append((src, c))
             self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
+        features = self._media_features() if self.feature_cache else {}
         if not convs:
             raise ValueError(f"no usable samples in sources {[s['name'] for s in self.sources]} for task {self.task!r}")
         order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(self.val_fraction * len(convs)))
         make = lambda idx: ConversationDataset(  # noqa: E731
             [convs[i] for i in idx], self.tokenizer, self.layout, self.template,
-            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length,
+            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length, features,
         )
         self.train_set = make(order[n_val:])
         self.val_set = make(order[:n_val]) if n_val else None
         log.info("data: %d train / %d val conversations (%s); skipped entries: %s", len(self.train_set),
                  n_val, self.task, dict(self.skipped_entries) or "none")
+
+    def _media_features(self) -> dict[str, tuple[Any, str]]:
+        """Cached ImageBind features of the sources' media, where a cache exists for this encoder.
+
+        A cache missing some items is completed first (with a progress bar), never ignored.
+        """
+        from nextgpt.cache import compute_media, media_key, media_store
+
+        out: dict[str, tuple[Any, str]] = {}
+        encoder = None
+        for src, convs in self.conversations_by_source:
+            items = {media_key(src["root"], p): p for c in convs for _, p in c.media_in}
+            if not items:
+                continue
+            store = media_store(src, self.model_cfg["encoder"], self.cache_fallback)
+            if not store.exists:
+                log.info("data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "
+                         "encoding media on the fly", src["name"])
+                continue
+            missing = store.missing(items)
+            if missing:
+                log.info("data: feature cache %s is partial (%d of %d items missing): completing it",
+                         store.directory, len(missing), len(items))
+                if encoder is None:
+                    from nextgpt.model import load_encoder
+
+                    encoder = load_encoder(self.model_cfg["encoder"])
+                compute_media(store, {k: items[k] for k in missing}, encoder, src["modality"],
+                              batch_size=self.batch_size, dtype=store.meta.get("dtype", "float16"))
+            log.info("data: using ImageBind feature cache %s for %r (%d items, %d failed)", store.directory,
+                     src["name"], len(store), len(store.failed))
+            out.update({p: (store, k) for k, p in items.items()})
+        return out
 
     def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -178,12 +229,3 @@ class NextGPTDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
-
-    def output_captions(self) -> dict[str, list[str]]:
-        """Every caption the model is asked to generate: warms the alignment-target cache."""
-        out: dict[str, list[str]] = {}
-        for ds in (self.train_set, self.val_set):
-            for conv in ds.conversations if ds is not None else ():
-                for name, caption in conv.captions_out:
-                    out.setdefault(name, []).append(caption)
-        return out

@@ -255,6 +255,9 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
         elif mod and mod not in model_modalities:
             c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities}")
+    fc = c.get("dataset.feature_cache")
+    if fc is not None and not isinstance(fc, bool):
+        c.fail("dataset.feature_cache", fc, "must be true or false")
     if c.get("dataset.synthetic") is not None:
         c.str_("dataset.synthetic.root")
         c.int_("dataset.synthetic.num_per_modality", 1)
@@ -301,24 +304,37 @@ def previous_bundle(cfg: DictConfig) -> str | None:
     return str(Path(cfg.paths.bundles) / f"stage{int(cfg.stage.number) - 1}")
 
 
-def validate_paths(cfg: DictConfig) -> None:
-    """Check that everything the run reads exists, naming the key and the path when not."""
+def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
+    """Missing JSON files of the dataset's sources for ``task`` (none for generated data)."""
     from datamodules.nextgpt_layout import json_files
 
+    if cfg.dataset.get("synthetic"):
+        return []
+    return [
+        f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"
+        for i, src in enumerate(cfg.dataset.sources)
+        for path in json_files(src.name, src.root, task)
+        if not path.is_file()
+    ]
+
+
+def backbone_path_errors(cfg: DictConfig) -> list[str]:
+    """Missing backbone folders and checkpoints (none when the tiny ones are built on demand)."""
+    if cfg.model.get("build_tiny"):
+        return []
+    checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
+    checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json") for n, m in cfg.model.modalities.items()]
     errors = []
-    if not cfg.dataset.get("synthetic"):
-        for i, src in enumerate(cfg.dataset.sources):
-            for path in json_files(src.name, src.root, cfg.stage.task):
-                if not path.is_file():
-                    errors.append(f"dataset.sources[{i}].root={src.root!r}: {path} does not exist "
-                                  f"(dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
-    if not cfg.model.get("build_tiny"):
-        checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
-        checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json") for n, m in cfg.model.modalities.items()]
-        for key, path, inner in checks:
-            target = Path(path) / inner if inner else Path(path)
-            if not target.exists():
-                errors.append(f"{key}={path!r}: {target} does not exist")
+    for key, path, inner in checks:
+        target = Path(path) / inner if inner else Path(path)
+        if not target.exists():
+            errors.append(f"{key}={path!r}: {target} does not exist")
+    return errors
+
+
+def validate_paths(cfg: DictConfig) -> None:
+    """Check that everything the run reads exists, naming the key and the path when not."""
+    errors = data_path_errors(cfg, cfg.stage.task) + backbone_path_errors(cfg)
     bundle = previous_bundle(cfg)
     if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
         key = "init_from" if cfg.init_from else "paths.bundles"

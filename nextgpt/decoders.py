@@ -83,17 +83,18 @@ class TextConditioner:
         return conditioning.squeeze(1) if self.conditioning == "text_embeds" else conditioning
 
     def fingerprint(self) -> str:
-        """Identifies the text encoder weights and config, for caches of its outputs."""
+        """Identifies the text encoder (config and weights) and tokenizer, for caches of its outputs;
+        independent of where the folder lies, so a moved or copied pipeline keeps its caches."""
         import hashlib
+
+        from nextgpt.features import file_signature
 
         h = hashlib.sha1(self.conditioning.encode())
         for sub in ("text_encoder", "tokenizer"):
             for f in sorted((self.path / sub).glob("*")):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}".encode())
-                if f.suffix in {".json", ".txt"}:
-                    h.update(f.read_bytes())
-        h.update(str(self.path.resolve()).encode())
+                if f.is_file():
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes() if f.suffix in {".json", ".txt"} else file_signature(f).encode())
         return h.hexdigest()[:16]
 
 

@@ -79,25 +79,37 @@ class NextGPT(nn.Module):
 
     def encode_media(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """modality -> (N, num_media_tokens, H): frozen ImageBind, then the trainable projector."""
-        out = {}
+        feats = {}
         for name, x in media.items():
             with torch.no_grad():
-                feats = self.encoder.encode(modality_registry.get(name).encoder_modality, x, renormalize=True)
-            out[name] = self.input_projector(feats.to(self.input_projector.proj.weight.dtype))
-        return out
+                feats[name] = self.encoder.encode(modality_registry.get(name).encoder_modality, x, renormalize=True)
+        return self.project_features(feats)
+
+    def project_features(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ImageBind features (fresh or cached) -> (N, num_media_tokens, H)."""
+        dtype = self.input_projector.proj.weight.dtype
+        return {name: self.input_projector(f.to(dtype)) for name, f in features.items()}
 
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
         media_mask: torch.Tensor | None = None,
         media: Mapping[str, torch.Tensor] | None = None,
-        media_sequence: Iterable[tuple[str, int]] = (),
+        media_sequence: Iterable[tuple] = (),
+        media_features: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the projected media written into the media slots, in order."""
+        """Token embeddings with the projected media written into the media slots, in order.
+
+        ``media`` holds preprocessed inputs for ImageBind; ``media_features`` holds ImageBind
+        outputs read from a feature cache. ``media_sequence`` lists ``(modality, index, cached)``
+        in slot order (``cached`` may be left out: raw media).
+        """
         embeds = self.embed_tokens(input_ids)
         if media_mask is not None and media_mask.any():
-            projected = self.encode_media(media or {})
-            ordered = torch.cat([projected[name][i] for name, i in media_sequence]).to(embeds.dtype)
+            projected = {False: self.encode_media(media or {}), True: self.project_features(media_features or {})}
+            ordered = torch.cat(
+                [projected[bool(entry[2]) if len(entry) > 2 else False][entry[0]][entry[1]] for entry in media_sequence]
+            ).to(embeds.dtype)
             n_slots = int(media_mask.sum())
             if ordered.shape[0] != n_slots:
                 raise ValueError(f"batch has {n_slots} media slots but {ordered.shape[0]} projected media tokens")
@@ -124,10 +136,11 @@ class NextGPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         media_mask: torch.Tensor | None = None,
         media: Mapping[str, torch.Tensor] | None = None,
-        media_sequence: Iterable[tuple[str, int]] = (),
+        media_sequence: Iterable[tuple] = (),
+        media_features: Mapping[str, torch.Tensor] | None = None,
         **_: Any,
     ) -> NextGPTOutput:
-        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence)
+        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
         logits = self.new_tokens.logits(hidden, out.logits)

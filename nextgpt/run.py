@@ -31,6 +31,7 @@ def build_datamodule(cfg: DictConfig):
         template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
         val_fraction=d.val_fraction, seed=cfg.seed,
         synthetic=OmegaConf.to_container(d.synthetic) if d.get("synthetic") else None,
+        feature_cache=bool(d.get("feature_cache", True)), cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
     )
 
 

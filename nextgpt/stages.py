@@ -61,7 +61,8 @@ class NextGPTStage(L.LightningModule):
         self.init_from = init_from
         self.model: NextGPT | None = None
         self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
-        self.caption_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.caption_cache: dict[tuple[str, str], torch.Tensor] = {}  # captions with no disk cache
+        self.caption_stores: dict[str, list] = {}  # modality -> FeatureStores of decoder text embeddings
         self.strict_loading = False  # checkpoints hold trainable tensors only
 
     # --- building ------------------------------------------------------------------------
@@ -90,12 +91,21 @@ class NextGPTStage(L.LightningModule):
 
     # --- alignment targets: each decoder's own text encoder, computed once per caption ------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        from nextgpt.features import caption_key
+
         out = {}
         for name, caps in captions.items():
-            missing = sorted({c for c in caps if (name, c) not in self.caption_cache})
-            if missing:
-                self.cache_captions(name, missing)
-            out[name] = torch.stack([self.caption_cache[(name, c)] for c in caps])
+            rows = []
+            for c in caps:
+                key = caption_key(c)
+                store = next((s for s in self.caption_stores.get(name, ()) if key in s), None)
+                if store is not None:
+                    rows.append(torch.from_numpy(store.get(key)).float())
+                    continue
+                if (name, c) not in self.caption_cache:
+                    self.cache_captions(name, [c])
+                rows.append(self.caption_cache[(name, c)])
+            out[name] = torch.stack(rows)
         return out
 
     @torch.no_grad()
@@ -108,12 +118,34 @@ class NextGPTStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.aligns and dm is not None and hasattr(dm, "output_captions"):
-            for name, caps in dm.output_captions().items():
-                todo = sorted({c for c in caps if (name, c) not in self.caption_cache})
-                if todo and name in self.conditioners:
-                    self.cache_captions(name, todo)
-            rank_zero_info(f"stage {self.stage}: cached {len(self.caption_cache)} caption embeddings")
+        if self.aligns and dm is not None and hasattr(dm, "conversations_by_source"):
+            self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback)
+
+    def open_caption_stores(self, conversations_by_source, fallback: str) -> None:
+        """Each source's caption embeddings by each decoder's text encoder, on disk next to the data:
+        created on first use, completed when captions were added, then read memory-mapped."""
+        from nextgpt.cache import caption_store, compute_captions
+
+        if not self.trainer.is_global_zero:
+            self.trainer.strategy.barrier()
+        for src, convs in conversations_by_source:
+            conditioner = self.conditioners.get(src["modality"])
+            captions = [cap for c in convs for name, cap in c.captions_out if name == src["modality"]]
+            if conditioner is None or not captions:
+                continue
+            store = caption_store(src, conditioner.to(self.device), fallback)
+            if self.trainer.is_global_zero:
+                before = len(store)
+                added = compute_captions(store, captions, conditioner)
+                state = "created" if not before else ("completed" if added else "complete")
+                rank_zero_info(f"stage {self.stage}: caption cache {store.directory} {state}: "
+                               f"{len(store)} embeddings ({added} new)")
+            self.caption_stores.setdefault(src["modality"], []).append(store)
+        if self.trainer.is_global_zero:
+            self.trainer.strategy.barrier()
+        for stores in self.caption_stores.values():
+            for store in stores:
+                store.reload()
 
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

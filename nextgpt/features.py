@@ -1,0 +1,205 @@
+"""Feature caches: frozen-model outputs computed once, stored next to the data, read memory-mapped.
+
+Why memory-mapped ``.npy`` parts and not WebDataset shards: stages 1 and 2 look features up by
+sample key in shuffled, map-style order; a memory-mapped array gives O(1) random access without
+reading a shard sequentially, costs no RAM until touched, and is shared by every dataloader
+worker through the page cache. Entries are fixed-size vectors, so nothing is gained by tar.
+
+Layout of one cache (one frozen model x one preprocessing = one fingerprint)::
+
+    <base>/<kind>-<fingerprint>/meta.json            kind, fingerprint, shape, dtype, description
+    <base>/<kind>-<fingerprint>/part-000000.npy      (n, *shape) rows
+    <base>/<kind>-<fingerprint>/part-000000.keys.json  the n keys of those rows
+    <base>/<kind>-<fingerprint>/failed.json          keys whose media could not be decoded, with the reason
+
+A part is written to a temporary name and renamed, so an interrupted pass leaves only whole
+parts; the next pass computes what is missing and adds a part (a partial cache is completed,
+never silently ignored). A changed encoder or preprocessing gives a new fingerprint, hence a new
+folder: stale features are never served.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = ".nextgpt_cache"
+
+
+def file_signature(path: str | Path, block: int = 1 << 20) -> str:
+    """Size plus hashes of the first and last MiB: tells weight files apart without reading GBs."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(block))
+        if size > block:
+            f.seek(max(block, size - block))
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha1(caption.encode()).hexdigest()[:20]
+
+
+def cache_base(data_root: str | Path, fallback: str | Path) -> Path:
+    """``<data root>/.nextgpt_cache`` when writable (next to the data), else a folder under
+    ``fallback`` named after the data root (read-only data, such as a shared mount)."""
+    root = Path(data_root)
+    beside = root / CACHE_DIRNAME
+    if beside.is_dir() and os.access(beside, os.W_OK):
+        return beside
+    if root.is_dir() and os.access(root, os.W_OK) and not beside.exists():
+        return beside
+    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    return Path(fallback) / f"{root.name}-{tag}"
+
+
+class FeatureStore:
+    """Rows keyed by string, over any number of memory-mapped parts."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._index: dict[str, tuple[int, int]] = {}
+        self._parts: list[np.ndarray] = []
+        self.failed: dict[str, str] = {}
+        self.meta: dict = {}
+        self.reload()
+
+    @classmethod
+    def at(cls, base: str | Path, kind: str, fp: str) -> "FeatureStore":
+        return cls(Path(base) / f"{kind}-{fp}")
+
+    @property
+    def exists(self) -> bool:
+        return (self.directory / "meta.json").is_file()
+
+    def reload(self) -> None:
+        self._index, self._parts = {}, []
+        if not self.exists:
+            return
+        self.meta = json.loads((self.directory / "meta.json").read_text())
+        for part in sorted(self.directory.glob("part-*.npy")):
+            keys_file = part.with_suffix(".keys.json")
+            if not keys_file.is_file():
+                continue  # a part whose key list was not written: incomplete, ignored and overwritten
+            keys = json.loads(keys_file.read_text())
+            array = np.load(part, mmap_mode="r")
+            if len(keys) != array.shape[0]:
+                raise ValueError(f"feature cache part {part} has {array.shape[0]} rows but {len(keys)} keys")
+            n = len(self._parts)
+            self._parts.append(array)
+            for row, key in enumerate(keys):
+                self._index[key] = (n, row)
+        failed = self.directory / "failed.json"
+        self.failed = json.loads(failed.read_text()) if failed.is_file() else {}
+
+    def __getstate__(self) -> dict:  # dataloader workers re-open the memory maps
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def get(self, key: str) -> np.ndarray:
+        part, row = self._index[key]
+        return np.asarray(self._parts[part][row])
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """Keys neither stored nor known to fail, in first-seen order."""
+        seen, out = set(), []
+        for k in keys:
+            if k not in self._index and k not in self.failed and k not in seen:
+                seen.add(k)
+                out.append(k)
+        return out
+
+    def _write_meta(self, shape: Sequence[int], dtype: str, description: str) -> None:
+        if not self.exists:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.meta = {"kind": self.directory.name.rsplit("-", 1)[0], "fingerprint": self.directory.name.rsplit("-", 1)[-1],
+                         "shape": list(shape), "dtype": dtype, "description": description}
+            (self.directory / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        elif list(self.meta["shape"]) != list(shape):
+            raise ValueError(f"feature cache {self.directory} holds rows of shape {self.meta['shape']}, got {list(shape)}")
+
+    def add(self, keys: Sequence[str], rows: np.ndarray, description: str = "") -> None:
+        """Append one part atomically."""
+        if len(keys) != rows.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {rows.shape[0]} rows")
+        if not len(keys):
+            return
+        self._write_meta(rows.shape[1:], str(rows.dtype), description)
+        n = len(list(self.directory.glob("part-*.npy")))
+        part = self.directory / f"part-{n:06d}.npy"
+        tmp = part.with_name(part.stem + ".tmp.npy")
+        np.save(tmp, rows)
+        tmp.rename(part)
+        keys_tmp = part.with_suffix(".keys.json.tmp")
+        keys_tmp.write_text(json.dumps(list(keys)))
+        keys_tmp.rename(part.with_suffix(".keys.json"))
+        self.reload()
+
+    def add_failed(self, failures: dict[str, str]) -> None:
+        if not failures:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.failed.update(failures)
+        tmp = self.directory / "failed.json.tmp"
+        tmp.write_text(json.dumps(self.failed, indent=2))
+        tmp.rename(self.directory / "failed.json")
+
+    def complete(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[str]], tuple[list[str], np.ndarray, dict[str, str]]],
+        *,
+        batch_size: int,
+        part_size: int = 4096,
+        dtype: str = "float16",
+        description: str = "",
+        desc: str = "features",
+    ) -> int:
+        """Compute the missing ``keys`` in batches (``compute`` returns the keys it produced, their
+        rows and the failures), writing a part every ``part_size`` rows. Returns rows added."""
+        from tqdm import tqdm
+
+        todo = self.missing(keys)
+        added = 0
+        buf_keys: list[str] = []
+        buf_rows: list[np.ndarray] = []
+        failures: dict[str, str] = {}
+        with tqdm(total=len(todo), desc=desc, unit="item", disable=not todo) as bar:
+            for i in range(0, len(todo), batch_size):
+                done, rows, failed = compute(todo[i : i + batch_size])
+                if done:
+                    buf_keys += done
+                    buf_rows.append(np.asarray(rows, dtype=dtype))
+                failures.update(failed)
+                bar.update(len(todo[i : i + batch_size]))
+                if len(buf_keys) >= part_size:
+                    self.add(buf_keys, np.concatenate(buf_rows), description)
+                    added += len(buf_keys)
+                    buf_keys, buf_rows = [], []
+        if buf_keys:
+            self.add(buf_keys, np.concatenate(buf_rows), description)
+            added += len(buf_keys)
+        self.add_failed(failures)
+        return added
