@@ -120,7 +120,7 @@ class FeatureStore:
 
     def get(self, key: str) -> np.ndarray:
         part, row = self._index[key]
-        return np.asarray(self._parts[part][row])
+        return np.array(self._parts[part][row])  # a writable copy of one row, not a view of the map
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """Keys neither stored nor known to fail, in first-seen order."""

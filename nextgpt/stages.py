@@ -119,30 +119,33 @@ class NextGPTStage(L.LightningModule):
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.aligns and dm is not None and hasattr(dm, "conversations_by_source"):
-            self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback)
+            self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback,
+                                     is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
 
-    def open_caption_stores(self, conversations_by_source, fallback: str) -> None:
+    def open_caption_stores(self, conversations_by_source, fallback: str, *, is_global_zero: bool = True,
+                            barrier=lambda: None) -> None:
         """Each source's caption embeddings by each decoder's text encoder, on disk next to the data:
-        created on first use, completed when captions were added, then read memory-mapped."""
+        created on first use, completed when captions were added, then read memory-mapped.
+        Rank 0 writes; the other ranks wait at ``barrier`` and then read."""
         from nextgpt.cache import caption_store, compute_captions
 
-        if not self.trainer.is_global_zero:
-            self.trainer.strategy.barrier()
+        if not is_global_zero:
+            barrier()
         for src, convs in conversations_by_source:
             conditioner = self.conditioners.get(src["modality"])
             captions = [cap for c in convs for name, cap in c.captions_out if name == src["modality"]]
             if conditioner is None or not captions:
                 continue
             store = caption_store(src, conditioner.to(self.device), fallback)
-            if self.trainer.is_global_zero:
+            if is_global_zero:
                 before = len(store)
                 added = compute_captions(store, captions, conditioner)
                 state = "created" if not before else ("completed" if added else "complete")
                 rank_zero_info(f"stage {self.stage}: caption cache {store.directory} {state}: "
                                f"{len(store)} embeddings ({added} new)")
             self.caption_stores.setdefault(src["modality"], []).append(store)
-        if self.trainer.is_global_zero:
-            self.trainer.strategy.barrier()
+        if is_global_zero:
+            barrier()
         for stores in self.caption_stores.values():
             for store in stores:
                 store.reload()

@@ -13,16 +13,22 @@ those tensors with Pillow, PyAV, soundfile, numpy and torch:
   ``UniformTemporalSubsample`` + ``ShortSideScale`` (bilinear), CLIP mean/std and ImageBind's
   3-way ``SpatialCrop``.
 
-Every unreadable input raises :class:`MediaDecodeError` naming the file, so data pipelines can skip
-or report broken samples with one ``except``.
+Every loader takes a path, raw ``bytes`` or a binary file object (a WebDataset shard member is
+decoded from memory, never unpacked to disk). Every unreadable input raises :class:`MediaDecodeError`
+naming the file (or, for in-memory data, the ``name=`` given, else the file object's ``.name``, e.g.
+``"cc3m-000003.tar:001312382.jpg"``), so data pipelines can skip or report broken samples with one
+``except``.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "MediaDecodeError",
+    "MediaSource",
     "kaldi_fbank",
     "load_audio",
     "load_image",
@@ -54,13 +61,50 @@ class MediaDecodeError(ValueError):
         super().__init__(f"cannot decode {self.path}: {reason}")
 
 
-def _existing(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise MediaDecodeError(p, "file does not exist")
-    if p.stat().st_size == 0:
-        raise MediaDecodeError(p, "file is empty (0 bytes)")
-    return p
+MediaSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A path or in-memory bytes, and the label errors carry; decoders may open it several times."""
+
+    label: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    def open(self) -> str | io.BytesIO:
+        """What PIL / soundfile / PyAV accept: the path as a string, or a fresh rewound buffer."""
+        if self.path is not None:
+            return str(self.path)
+        buf = io.BytesIO(self.data)
+        buf.name = self.label  # soundfile guesses the format from a name's suffix
+        return buf
+
+
+def _existing(source: MediaSource, name: str | None = None) -> _Source:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        src = _Source(name or "<bytes>", data=bytes(source))
+    elif hasattr(source, "read"):
+        label = name or str(getattr(source, "name", None) or "<stream>")
+        try:
+            if source.seekable():
+                source.seek(0)
+            data = source.read()
+        except Exception as e:  # a closed or broken stream
+            raise MediaDecodeError(label, f"cannot read the stream ({type(e).__name__}: {e})") from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise MediaDecodeError(label, f"stream returned {type(data).__name__}, not bytes (open it in binary mode)")
+        src = _Source(label, data=bytes(data))
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise MediaDecodeError(name or p, "file does not exist")
+        if p.stat().st_size == 0:
+            raise MediaDecodeError(name or p, "file is empty (0 bytes)")
+        return _Source(str(name or p), path=p)
+    if not src.data:
+        raise MediaDecodeError(src.label, "data is empty (0 bytes)")
+    return src
 
 
 def _normalize_channels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dim: int) -> torch.Tensor:
@@ -74,13 +118,13 @@ def _normalize_channels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
 # --------------------------------------------------------------------------------------------------
 # image
 # --------------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike) -> torch.Tensor:
+def load_image(path: MediaSource, *, name: str | None = None) -> torch.Tensor:
     """(3, 224, 224) float32 as ImageBind's vision transform: RGB, bicubic short side 224, centre crop, CLIP norm."""
     from PIL import Image
 
-    p = _existing(path)
+    p = _existing(path, name)
     try:
-        with Image.open(p) as im:
+        with Image.open(p.open()) as im:
             im = im.convert("RGB")  # forces the full decode: truncated files fail here
             w, h = im.size
             if w < 1 or h < 1:
@@ -98,7 +142,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     except MediaDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, UnidentifiedImageError, ...
-        raise MediaDecodeError(p, f"not a readable image ({type(e).__name__}: {e})") from e
+        raise MediaDecodeError(p.label, f"not a readable image ({type(e).__name__}: {e})") from e
     x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
     return _normalize_channels(x, CLIP_MEAN, CLIP_STD, dim=0)
 
@@ -219,33 +263,33 @@ def _clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[
     return [step * k for k in range(num_clips)]
 
 
-def _read_waveform(p: Path) -> tuple[torch.Tensor, int]:
+def _read_waveform(p: _Source) -> tuple[torch.Tensor, int]:
     """(1, n) float32 mono waveform and its sample rate; soundfile first, PyAV for compressed formats."""
     import soundfile as sf
 
     try:
-        data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (n, channels), PCM scaled to [-1, 1)
+        data, sr = sf.read(p.open(), dtype="float32", always_2d=True)  # (n, channels), PCM scaled to [-1, 1)
     except Exception as sf_error:
         try:
             data, sr = _read_waveform_av(p)
         except MediaDecodeError:
             raise
         except Exception as e:
-            raise MediaDecodeError(p, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
+            raise MediaDecodeError(p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
     if data.shape[0] == 0 or data.shape[1] == 0:
-        raise MediaDecodeError(p, "audio has no samples")
+        raise MediaDecodeError(p.label, "audio has no samples")
     if not np.isfinite(data).all():
-        raise MediaDecodeError(p, "audio contains NaN/inf samples")
+        raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
     mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
     return mono.unsqueeze(0), int(sr)
 
 
-def _read_waveform_av(p: Path) -> tuple[np.ndarray, int]:
+def _read_waveform_av(p: _Source) -> tuple[np.ndarray, int]:
     import av
 
-    with av.open(str(p)) as container:
+    with av.open(p.open()) as container:
         if not container.streams.audio:
-            raise MediaDecodeError(p, "no audio stream")
+            raise MediaDecodeError(p.label, "no audio stream")
         stream = container.streams.audio[0]
         sr = stream.codec_context.sample_rate or stream.rate
         resampler = av.AudioResampler(format="fltp", layout=None, rate=sr)
@@ -256,11 +300,11 @@ def _read_waveform_av(p: Path) -> tuple[np.ndarray, int]:
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray())
     if not chunks:
-        raise MediaDecodeError(p, "audio stream has no decodable samples")
+        raise MediaDecodeError(p.label, "audio stream has no decodable samples")
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)
 
 
-def load_audio(path: str | os.PathLike, *, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000,
+def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000,
                num_mel_bins: int = 128, target_length: int = 204, mean: float = -4.268,
                std: float = 9.138) -> torch.Tensor:
     """(num_clips, 1, num_mel_bins, target_length) log-mel clips as ImageBind's ``load_and_transform_audio_data``.
@@ -270,7 +314,7 @@ def load_audio(path: str | os.PathLike, *, num_clips: int = 3, clip_duration: fl
     original, each clip's mean is subtracted *in place* on a view of the whole waveform, so overlapping
     clips (audio shorter than ``num_clips * clip_duration``) see their predecessors' DC removal.
     """
-    p = _existing(path)
+    p = _existing(path, name)
     waveform, sr = _read_waveform(p)
     if sr != sample_rate:
         waveform = resample(waveform, sr, sample_rate)
@@ -327,14 +371,14 @@ def _video_frame_indices(num_frames: int, fps: float, num_clips: int, clip_durat
     return out
 
 
-def _probe_video(p: Path) -> tuple[int, float]:
+def _probe_video(p: _Source) -> tuple[int, float]:
     """(frame count, average fps): frames counted by demuxing packets (as decord indexes them), no decoding."""
     import av
 
     try:
-        with av.open(str(p)) as container:
+        with av.open(p.open()) as container:
             if not container.streams.video:
-                raise MediaDecodeError(p, "no video stream")
+                raise MediaDecodeError(p.label, "no video stream")
             stream = container.streams.video[0]
             count = sum(1 for pkt in container.demux(stream) if pkt.size > 0)
             rate = stream.average_rate or stream.guessed_rate
@@ -343,15 +387,15 @@ def _probe_video(p: Path) -> tuple[int, float]:
     except MediaDecodeError:
         raise
     except Exception as e:
-        raise MediaDecodeError(p, f"not a readable video ({type(e).__name__}: {e})") from e
+        raise MediaDecodeError(p.label, f"not a readable video ({type(e).__name__}: {e})") from e
     if count == 0:
-        raise MediaDecodeError(p, "video stream has no frames")
+        raise MediaDecodeError(p.label, "video stream has no frames")
     if not rate or float(rate) <= 0:
-        raise MediaDecodeError(p, "video stream has no frame rate")
+        raise MediaDecodeError(p.label, "video stream has no frame rate")
     return count, float(rate)
 
 
-def _grab(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+def _grab(p: _Source, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in presentation order, converting only ``wanted`` indices to RGB; returns (frames, decoded)."""
     import av
 
@@ -359,7 +403,7 @@ def _grab(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     last_i, last_frame = -1, None
     top = max(wanted)
     try:
-        with av.open(str(p)) as container:
+        with av.open(p.open()) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
@@ -370,9 +414,9 @@ def _grab(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
                     break
     except Exception as e:
         if last_i < 0:
-            raise MediaDecodeError(p, f"video frames cannot be decoded ({type(e).__name__}: {e})") from e
+            raise MediaDecodeError(p.label, f"video frames cannot be decoded ({type(e).__name__}: {e})") from e
     if last_i < 0:
-        raise MediaDecodeError(p, "video stream has no decodable frames")
+        raise MediaDecodeError(p.label, "video stream has no decodable frames")
     if last_i < top:  # fewer decodable frames than packets: reuse the last decoded frame
         fill = last_frame.to_ndarray(format="rgb24")
         for i in wanted:
@@ -380,7 +424,7 @@ def _grab(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     return got, last_i + 1
 
 
-def load_video(path: str | os.PathLike, *, num_clips: int = 5, clip_duration: float = 2.0, frames_per_clip: int = 2,
+def load_video(path: MediaSource, *, name: str | None = None, num_clips: int = 5, clip_duration: float = 2.0, frames_per_clip: int = 2,
                size: int = IMAGE_SIZE, num_crops: int = 3) -> torch.Tensor:
     """(num_clips*num_crops, 3, frames_per_clip, size, size) as ImageBind's ``load_and_transform_video_data``.
 
@@ -393,7 +437,7 @@ def load_video(path: str | os.PathLike, *, num_clips: int = 5, clip_duration: fl
         raise ValueError(f"num_crops must be 1 or 3 (ImageBind's SpatialCrop), got {num_crops}")
     if num_clips < 1 or frames_per_clip < 1:
         raise ValueError("num_clips and frames_per_clip must be >= 1")
-    p = _existing(path)
+    p = _existing(path, name)
     count, fps = _probe_video(p)
     per_clip = _video_frame_indices(count, fps, num_clips, clip_duration, frames_per_clip)
     frames, _ = _grab(p, {i for idxs in per_clip for i in idxs})
@@ -408,9 +452,9 @@ def load_video(path: str | os.PathLike, *, num_clips: int = 5, clip_duration: fl
 
 
 # --------------------------------------------------------------------------------------------------
-def load_media(modality: str, path: str | os.PathLike) -> torch.Tensor:
+def load_media(modality: str, path: MediaSource, *, name: str | None = None) -> torch.Tensor:
     """Dispatch on the dataset modality name: "image" | "audio" | "video" with ImageBind's defaults."""
     loaders = {"image": load_image, "audio": load_audio, "video": load_video}
     if modality not in loaders:
         raise ValueError(f"unknown media modality {modality!r}; expected one of {sorted(loaders)}")
-    return loaders[modality](path)
+    return loaders[modality](path, name=name)

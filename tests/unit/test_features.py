@@ -135,3 +135,21 @@ def test_caption_store_is_created_by_stage2(cache_cfg, tiny_config, tmp_path):
     store = caption_store(OmegaConf.to_container(cfg.dataset.sources[0]), load_conditioners(model)["image"], tmp_path / "fb")
     captions = {e["caption"] for e in json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text())}
     assert store.exists and len(store) == len(captions) and store.meta["shape"] == [77, 32]
+
+
+def test_damaged_media_are_recorded_not_fatal(cache_cfg, tmp_path):
+    """A truncated image and a text file named like an image: counted in failed.json with the
+    reason naming the file; every good item is still cached."""
+    folder = tmp_path / "synthetic_image" / "images"
+    entries = json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text())
+    truncated, text = entries[0]["image_name"], entries[1]["image_name"]
+    data = (folder / truncated).read_bytes()
+    (folder / truncated).write_bytes(data[: len(data) // 3])
+    (folder / text).write_text("this is not an image")
+    build_caches(cache_cfg)
+    model = OmegaConf.to_container(cache_cfg.model, resolve=True)
+    store = media_store(OmegaConf.to_container(cache_cfg.dataset.sources[0]), model["encoder"], tmp_path / "fb")
+    assert set(store.failed) == {f"images/{truncated}", f"images/{text}"}
+    assert truncated in store.failed[f"images/{truncated}"] and text in store.failed[f"images/{text}"]
+    assert len(store) == len(entries) - 2
+    assert store.missing(f"images/{e['image_name']}" for e in entries) == []  # failures are not retried
