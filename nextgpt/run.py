@@ -57,8 +57,10 @@ def _single_log_stream() -> None:
     """Lightning adds its own console handlers; Hydra's root handlers (console + run log file)
     already print everything, so drop Lightning's to avoid every line appearing twice."""
     if logging.getLogger().handlers:
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).handlers.clear()
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
 
 
 def _finish_wandb() -> None:

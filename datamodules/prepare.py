@@ -1,0 +1,452 @@
+"""Shard writer: NExT-GPT-layout pairs and instruction JSON -> WebDataset tar shards.
+
+Why shards: users have tens of millions of pairs; one JSON list plus a folder of small files does
+not stream, shuffle or split over GPUs. A shard is a plain tar that WebDataset, img2dataset and
+video2dataset all understand. :mod:`datamodules.shards` reads them.
+
+Sample layout (every member of one sample shares the key; keys hold no dot, WebDataset splits the
+member name at the first dot)::
+
+    {key}.json        the record, see below
+    {key}.jpg         pair media (original extension kept: jpg/png/wav/flac/mp4 ...)
+    {key}.in0.jpg     conversation input media, in placeholder order
+    {key}.out0.png    conversation output media (kept for completeness; training uses the captions)
+
+Two record kinds, so one copy of the pairs serves stage 1 *and* stage 2:
+
+- ``{"kind": "pair", "key", "caption", "media": [modality, member_ext], "source"}``: a plain
+  text-X pair. The reader turns it into an X->text *caption* conversation or a text->X *generate*
+  conversation depending on the stream's task, with the same instruction the JSON readers of
+  :mod:`datamodules.nextgpt_layout` pick for that key.
+- ``{"kind": "conversation", "key", "turns": [[human, assistant], ...], "media_in": [[modality,
+  member_ext], ...], "captions_out": [[modality, caption], ...], "media_out": [[modality,
+  member_ext], ...], "source"}``: an explicit instruction conversation (LLaVA, Alpaca, VideoChat,
+  MosIT, T2X, NExT-GPT ``_comprehension`` / ``_generation``), read as it is for every task.
+
+Shards made by img2dataset / video2dataset (``{key}.jpg`` + ``{key}.txt`` + metadata ``{key}.json``)
+need no conversion: the reader takes them as pairs.
+
+Each shard is written under a temporary name and renamed when complete; ``{name}.shards.json`` (shard
+files, sample counts, total, skipped entries) is written last, so a folder with an index is complete.
+
+CLI::
+
+    python -m datamodules.prepare --format nextgpt --root DIR --name cc3m --modality image --out SHARDS
+    python -m datamodules.prepare --format llava|alpaca|mosit --json FILE --media-root DIR --out SHARDS
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from datamodules.nextgpt_layout import Skip, _text, _turns, read_source
+from nextgpt import modality as modality_registry
+from nextgpt.prompts import Conversation
+
+log = logging.getLogger(__name__)
+
+INDEX_SUFFIX = ".shards.json"
+INDEX_FORMAT = "nextgpt-shards/1"
+FORMATS = ("nextgpt", "llava", "alpaca", "mosit")
+NEXTGPT_SETS = ("pairs", "instruct")
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class Record:
+    """One sample to write: its JSON body (without ``key`` / ``source``) and its media files."""
+
+    key: str  # the source's own id; the tar key is derived from it (made tar-safe and unique)
+    data: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)  # member extension ("jpg", "in0.wav") -> file
+
+
+def _member_ext(path: str | Path, prefix: str = "") -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        raise Skip(f"media file {path} has no extension")
+    return f"{prefix}{suffix}"
+
+
+def pair_record(key: str, modality: str, caption: str, path: str | Path) -> Record:
+    """A text-X pair, stored once and read as a caption or a generate conversation."""
+    ext = _member_ext(path)
+    return Record(key, {"kind": "pair", "caption": caption, "media": [modality, ext]}, {ext: Path(path)})
+
+
+def conversation_record(conv: Conversation, media_out: Sequence[tuple[str, str | Path]] = ()) -> Record:
+    """An explicit conversation; ``conv.media_in`` holds file paths, stored as ``in{i}.{ext}`` members."""
+    files: dict[str, Path] = {}
+    media_in, out = [], []
+    for i, (mod, path) in enumerate(conv.media_in):
+        ext = _member_ext(path, f"in{i}.")
+        files[ext] = Path(path)
+        media_in.append([mod, ext])
+    for i, (mod, path) in enumerate(media_out):
+        ext = _member_ext(path, f"out{i}.")
+        files[ext] = Path(path)
+        out.append([mod, ext])
+    data = {
+        "kind": "conversation",
+        "turns": [[h, a] for h, a in conv.turns],
+        "media_in": media_in,
+        "captions_out": [[m, c] for m, c in conv.captions_out],
+        "media_out": out,
+    }
+    return Record(conv.key, data, files)
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+# ------------------------------------------------------------------------------------------------
+def read_nextgpt_pairs(root: str | Path, name: str, modality: str) -> tuple[list[Record], Counter]:
+    """``<root>/<name>.json`` as pair records (via the stage-1 reader, so keys and skips match it)."""
+    convs, skipped = read_source(name, modality, root, "caption")
+    return [pair_record(c.key, c.media_in[0][0], c.turns[0][1], c.media_in[0][1]) for c in convs], skipped
+
+
+def read_nextgpt_instruct(root: str | Path, name: str, modality: str) -> tuple[list[Record], Counter]:
+    """``_comprehension`` and ``_generation`` conversations, with the generated media attached.
+
+    The conversations come from :func:`read_source`; its records keep no output file, so the
+    ``output_<modality>`` files are looked up again from ``_generation.json`` by the key that reader
+    gives them (``<file stem>-out``).
+    """
+    mod = modality_registry.get(modality)
+    convs, skipped = read_source(name, modality, root, "instruct")
+    outputs: dict[str, str] = {}
+    gen = Path(root) / f"{name}_generation.json"
+    for entry in _load_entries(gen):
+        file = entry.get(mod.output_field) if isinstance(entry, dict) else None
+        if isinstance(file, str) and file.strip():
+            outputs[f"{Path(file).stem}-out"] = file.strip()
+    records = []
+    for c in convs:
+        out = [(modality, Path(root) / mod.media_folder / outputs[c.key])] if c.key in outputs else []
+        records.append(conversation_record(c, out))
+    return records, skipped
+
+
+def _load_entries(path: Path) -> list[Any]:
+    """A JSON list, or JSON Lines (``.jsonl``); errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} holds a {type(entries).__name__}, expected a list of entries")
+    return entries
+
+
+def _as_list(value: Any, field_name: str) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise Skip(f"{field_name} is not a non-empty string or a list of them")
+    return [v.strip() for v in values]
+
+
+def _placeholder_order(texts: Iterable[str]) -> list[str]:
+    names = "|".join(re.escape(n) for n in modality_registry.names())
+    pattern = re.compile(rf"<({names})>")
+    return [m.group(1) for t in texts for m in pattern.finditer(t)]
+
+
+def _qa_turns(entry: dict) -> list[tuple[str, str]]:
+    """VideoChat's ``{"QA": [{"i": instruction, "q": question, "a": answer}]}``."""
+    qa = entry.get("QA")
+    if not isinstance(qa, list) or not qa:
+        raise Skip("missing or empty conversations")
+    turns = []
+    for item in qa:
+        if not isinstance(item, dict) or not isinstance(item.get("a"), str):
+            raise Skip("QA item is not {i, q, a: str}")
+        human = "\n".join(s for s in (item.get("i"), item.get("q")) if isinstance(s, str) and s.strip())
+        turns.append((human, item["a"]))
+    return turns
+
+
+def _conversation_entry(entry: dict, index: int, media_root: Path) -> tuple[Conversation, list[tuple[str, Path]]]:
+    """One LLaVA-style entry: ``conversations`` (or VideoChat ``QA``) plus media fields.
+
+    Inputs: ``<m>`` (LLaVA's ``image``, VideoChat's ``video``) or ``input_<m>``, a file or a list.
+    Outputs: ``output_<m>`` files and ``<m>_captions``. Media are matched to the placeholders in the
+    order these appear in the turns; an entry with media but no placeholder at all gets them
+    prepended to its first human turn (some LLaVA entries omit ``<image>``).
+    """
+    turns = _turns(entry) if "conversations" in entry else _qa_turns(entry)
+    ins: dict[str, list[Path]] = {}
+    outs: dict[str, list[Path]] = {}
+    caps: dict[str, list[str]] = {}
+    for mod in (modality_registry.get(n) for n in modality_registry.names()):
+        files = _as_list(entry.get(mod.name), mod.name) + _as_list(entry.get(mod.input_field), mod.input_field)
+        ins[mod.name] = [media_root / f for f in files]
+        outs[mod.name] = [media_root / f for f in _as_list(entry.get(mod.output_field), mod.output_field)]
+        caps[mod.name] = _as_list(entry.get(mod.captions_field), mod.captions_field)
+        if outs[mod.name] and not caps[mod.name]:
+            raise Skip(f"{mod.output_field} without {mod.captions_field}")
+    want_in = _placeholder_order(h for h, _ in turns)
+    if not want_in and any(ins.values()):
+        prefix = "".join(f"{modality_registry.get(m).placeholder}\n" for m, fs in ins.items() for _ in fs)
+        turns[0] = (prefix + turns[0][0], turns[0][1])
+        want_in = _placeholder_order(h for h, _ in turns)
+    want_out = _placeholder_order(a for _, a in turns)
+    for want, have, what in ((want_in, ins, "input media"), (want_out, caps, "output captions")):
+        counts = Counter(want)
+        if any(counts[m] != len(have[m]) for m in have):
+            got = {m: len(v) for m, v in have.items() if v}
+            raise Skip(f"placeholders {dict(counts)} do not match the {what} {got}")
+    media_in = [(m, str(ins[m][want_in[:i].count(m)])) for i, m in enumerate(want_in)]
+    captions_out = [(m, caps[m][want_out[:i].count(m)]) for i, m in enumerate(want_out)]
+    media_out = [(m, outs[m][want_out[:i].count(m)]) for i, m in enumerate(want_out) if outs[m]]
+    key = str(entry["id"]) if entry.get("id") is not None else f"{index:08d}"
+    return Conversation(key, turns, media_in=media_in, captions_out=captions_out), media_out
+
+
+def read_conversations(json_file: str | Path, media_root: str | Path) -> tuple[list[Record], Counter]:
+    """LLaVA-150k, VideoChat, MosIT and T2X instruction files (``--format llava`` / ``mosit``)."""
+    path, media_root = Path(json_file), Path(media_root)
+    records, skipped = [], Counter()
+    for i, entry in enumerate(_load_entries(path)):
+        try:
+            if not isinstance(entry, dict):
+                raise Skip(f"entry is {type(entry).__name__}, not an object")
+            conv, media_out = _conversation_entry(entry, i, media_root)
+            records.append(conversation_record(conv, media_out))
+        except Skip as e:
+            skipped[str(e)] += 1
+            log.warning("skipped %s entry %d: %s", path, i, e)
+    return records, skipped
+
+
+def read_alpaca(json_file: str | Path) -> tuple[list[Record], Counter]:
+    """Alpaca ``{"instruction", "input", "output"}``: text-only conversations."""
+    path = Path(json_file)
+    records, skipped = [], Counter()
+    for i, entry in enumerate(_load_entries(path)):
+        try:
+            if not isinstance(entry, dict):
+                raise Skip(f"entry is {type(entry).__name__}, not an object")
+            human = _text(entry, "instruction")
+            extra = entry.get("input")
+            if isinstance(extra, str) and extra.strip():
+                human = f"{human}\n{extra.strip()}"
+            conv = Conversation(str(entry.get("id", f"{i:08d}")), [(human, _text(entry, "output"))])
+            records.append(conversation_record(conv))
+        except Skip as e:
+            skipped[str(e)] += 1
+            log.warning("skipped %s entry %d: %s", path, i, e)
+    return records, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# writer
+# ------------------------------------------------------------------------------------------------
+def tar_key(key: str, taken: set[str]) -> str:
+    """A key WebDataset can split off (no dot, no slash) and unique among ``taken`` (which it joins)."""
+    base = _UNSAFE_KEY.sub("_", key).strip("_") or "sample"
+    out, n = base, 0
+    while out in taken:
+        n += 1
+        out = f"{base}_{n}"
+    taken.add(out)
+    return out
+
+
+def shard_name(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def _existing_shards(out_dir: Path, name: str) -> list[Path]:
+    pattern = re.compile(rf"^{re.escape(name)}-\d{{6}}\.tar$")
+    return sorted(p for p in out_dir.iterdir() if pattern.match(p.name))
+
+
+class _ShardSink:
+    """Rolls over to a new tar every ``shard_size`` samples; a shard only appears when complete."""
+
+    def __init__(self, out_dir: Path, name: str, shard_size: int):
+        self.out_dir, self.name, self.shard_size = out_dir, name, shard_size
+        self.written: list[tuple[Path, int]] = []
+        self._writer = None
+        self._file = None
+        self._count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        import webdataset as wds
+
+        if self._writer is None:
+            final = self.out_dir / shard_name(self.name, len(self.written))
+            self._file = open(final.with_name(final.name + ".tmp"), "wb")
+            self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+            self._count = 0
+        self._writer.write(sample)
+        self._count += 1
+        if self._count >= self.shard_size:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        final = self.out_dir / shard_name(self.name, len(self.written))
+        os.replace(final.with_name(final.name + ".tmp"), final)
+        self.written.append((final, self._count))
+        self._writer = self._file = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+            self._writer = self._file = None
+
+
+def write_shards(
+    records: Iterable[Record],
+    out_dir: str | Path,
+    *,
+    name: str,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    strict: bool = False,
+    total: int | None = None,
+    skipped: Counter | None = None,
+) -> list[Path]:
+    """Write ``records`` as ``out_dir/{name}-000000.tar`` ... and the index ``{name}.shards.json``.
+
+    A record whose media file is missing or empty is skipped with a warning naming key and file
+    (``strict=True`` raises instead): one lost file should not stop a conversion of millions.
+    ``skipped`` (entries the readers already dropped) is added to the index's skip counts.
+    """
+    from tqdm import tqdm
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not name or _UNSAFE_KEY.search(name.replace(".", "_")) or "/" in name:
+        raise ValueError(f"shard set name {name!r} must be a plain file-name stem (letters, digits, _ -)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = _existing_shards(out, name)
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {len(old)} shards of {name!r} ({old[0].name} ...); "
+                              "pass overwrite=True (--overwrite) to replace them")
+    counts: Counter = Counter(skipped or {})
+    taken: set[str] = set()
+    sink = _ShardSink(out, name, shard_size)
+    try:
+        for rec in tqdm(records, total=total, desc=f"shards {name}", unit="sample"):
+            sample: dict[str, Any] = {}
+            try:
+                for ext, path in rec.files.items():
+                    path = Path(path)
+                    if not path.is_file() or path.stat().st_size == 0:
+                        raise Skip(f"media file {path} is missing or empty")
+                    sample[ext] = path.read_bytes()
+            except Skip as e:
+                if strict:
+                    raise FileNotFoundError(f"{name}: sample {rec.key!r}: {e}") from None
+                counts["missing media file"] += 1
+                log.warning("skipped %s sample %r: %s", name, rec.key, e)
+                continue
+            key = tar_key(rec.key, taken)
+            sample["__key__"] = key
+            sample["json"] = json.dumps({"key": rec.key, **rec.data, "source": name}, ensure_ascii=False).encode()
+            sink.write(sample)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    paths = [p for p, _ in sink.written]
+    for stale in set(old) - set(paths):
+        stale.unlink()
+    index = {
+        "format": INDEX_FORMAT,
+        "name": name,
+        "shards": [{"file": p.name, "samples": n} for p, n in sink.written],
+        "total": sum(n for _, n in sink.written),
+        "skipped": dict(counts),
+    }
+    tmp = out / f".{name}{INDEX_SUFFIX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / f"{name}{INDEX_SUFFIX}")
+    log.info("wrote %d samples in %d shards to %s (skipped: %s)", index["total"], len(paths), out, dict(counts) or "none")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path, *, sets: Sequence[str] = NEXTGPT_SETS,
+                    shard_size: int = 1000, overwrite: bool = False, strict: bool = False) -> dict[str, list[Path]]:
+    """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source."""
+    readers = {"pairs": read_nextgpt_pairs, "instruct": read_nextgpt_instruct}
+    written = {}
+    for s in sets:
+        if s not in readers:
+            raise ValueError(f"unknown shard set {s!r}; known: {list(readers)}")
+        records, skipped = readers[s](root, name, modality)
+        written[s] = write_shards(records, out, name=f"{name}-{s}", shard_size=shard_size, overwrite=overwrite,
+                                  strict=strict, total=len(records), skipped=skipped)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datamodules.prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, type=Path, help="folder for the shards and their index")
+    p.add_argument("--name", help="shard set name (default: --name of the source, or the JSON file's stem)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of the same name")
+    p.add_argument("--strict", action="store_true", help="a missing media file is an error, not a skip")
+    g = p.add_argument_group("--format nextgpt")
+    g.add_argument("--root", type=Path, help="dataset folder holding <name>.json and its media folder")
+    g.add_argument("--modality", help=f"one of {modality_registry.names()}")
+    g.add_argument("--sets", default=",".join(NEXTGPT_SETS), help="comma list of: pairs (stages 1-2), instruct (stage 3)")
+    g = p.add_argument_group("--format llava | alpaca | mosit")
+    g.add_argument("--json", type=Path, help="instruction JSON (or .jsonl) file")
+    g.add_argument("--media-root", type=Path, default=None, help="folder the media paths in the JSON are relative to")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.format == "nextgpt":
+            if not (args.root and args.name and args.modality):
+                p.error("--format nextgpt needs --root, --name and --modality")
+            modality_registry.get(args.modality)
+            sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+            written = prepare_nextgpt(args.root, args.name, args.modality, args.out, sets=sets,
+                                      shard_size=args.shard_size, overwrite=args.overwrite, strict=args.strict)
+            shards = [s for paths in written.values() for s in paths]
+        else:
+            if not args.json:
+                p.error(f"--format {args.format} needs --json")
+            if args.format == "alpaca":
+                records, skipped = read_alpaca(args.json)
+            else:
+                records, skipped = read_conversations(args.json, args.media_root or args.json.parent)
+            shards = write_shards(records, args.out, name=args.name or args.json.stem, shard_size=args.shard_size,
+                                  overwrite=args.overwrite, strict=args.strict, total=len(records), skipped=skipped)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(shards)} shards to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
