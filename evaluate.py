@@ -1,4 +1,4 @@
-"""Evaluate a stage bundle: `python evaluate.py bundle=bundles/stage3 dataset=synthetic`."""
+"""Evaluate a stage bundle: `python evaluate.py checkpoint=bundles/stage3 dataset=synthetic`."""
 from __future__ import annotations
 
 import hydra

@@ -17,16 +17,20 @@ from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
 
+TASKS = {"heldout_loss"}
+
 
 def evaluate(cfg: DictConfig) -> dict:
     from datamodules.datamodule import NextGPTDataModule
 
-    bundle = Path(cfg.bundle)
+    if cfg.task not in TASKS:
+        raise ConfigError([f"task={cfg.task!r}: unknown evaluation task; available: {sorted(TASKS)}"])
+    bundle = Path(cfg.checkpoint)
     if not (bundle / "trainable.safetensors").is_file():
-        raise ConfigError([f"bundle={cfg.bundle!r}: {bundle} is not a stage bundle (train.py writes them)"])
+        raise ConfigError([f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"])
     run = load_bundle_config(bundle)
     stage_cls = STAGES[int(run.stage.number)]
-    task = cfg.task or run.stage.task
+    task = cfg.objective or run.stage.task
     model_cfg = OmegaConf.to_container(run.model, resolve=True)
     module = stage_cls(model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle))
     module.aligns = task != "caption"  # a stage-1 bundle asked about text-to-X is scored on alignment too
@@ -56,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict:
             n_samples += batch["input_ids"].shape[0]
             skipped += int(batch["num_skipped"])
     result = {
-        "bundle": str(bundle), "stage": int(run.stage.number), "task": task, "dataset": d.name,
+        "checkpoint": str(bundle), "stage": int(run.stage.number), "task": cfg.task, "objective": task, "dataset": d.name,
         "samples": n_samples, "skipped": skipped,
         **{f"{k}": v / max(n_batches, 1) for k, v in sums.items()},
     }

@@ -26,16 +26,17 @@ def test_evaluate_stage2_bundle(tiny_cache, tmp_path):
     module.configure_model()
     bundle = save_bundle(tmp_path / "b2", module.model, resolved, {"stage": 2})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "evaluate.py", f"bundle={bundle}", "limit=10", f"paths.root={tmp_path}",
+    res = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={bundle}", "limit=10", f"paths.root={tmp_path}",
                           f"paths.cache_dir={tiny_cache}", f"hydra.run.dir={tmp_path / 'eval'}"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["task"] == "generate" and result["samples"] == 10 and result["skipped"] == 0
+    assert result["task"] == "heldout_loss" and result["objective"] == "generate" and result["samples"] == 10 and result["skipped"] == 0
     assert result["ce"] > 0 and result["align"] > 0 and result["loss"] == pytest.approx(result["ce"] + result["align"])
 
 
-def test_evaluate_names_a_missing_bundle(tmp_path):
-    res = subprocess.run([sys.executable, "evaluate.py", f"bundle={tmp_path / 'none'}", f"paths.root={tmp_path}"],
+@pytest.mark.parametrize("arg,needle", [("checkpoint={tmp}/none", "{tmp}/none"), ("task=t9_nothing", "t9_nothing")])
+def test_evaluate_names_what_is_wrong(tmp_path, arg, needle):
+    res = subprocess.run([sys.executable, "evaluate.py", arg.format(tmp=tmp_path), f"paths.root={tmp_path}"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and str(tmp_path / "none") in res.stderr
+    assert res.returncode == 2 and needle.format(tmp=tmp_path) in res.stderr
