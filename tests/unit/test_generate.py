@@ -107,3 +107,136 @@ def test_kv_cache_matches_full_recompute(generator):
     head, _, past = generator._step(generator.model.embed_tokens(ids[:, :-1]), None)
     cached, _, _ = generator._step(generator.model.embed_tokens(ids[:, -1:]), past)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+class EncodeSpy:
+    """Records which modalities (and how many items) reached ImageBind."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.original = model.encode_media
+
+    def __enter__(self):
+        def spy(media):
+            self.calls.append({k: tuple(v.shape) for k, v in media.items()})
+            return self.original(media)
+
+        self.model.encode_media = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.model.encode_media = self.original
+
+
+def synthetic_file(tiny_cache, name: str):
+    from nextgpt import modality
+
+    folder = tiny_cache / "synthetic" / f"synthetic_{name}" / modality.get(name).media_folder
+    return sorted(folder.iterdir())[0]
+
+
+@pytest.mark.parametrize("name", ["image", "audio", "video"])
+def test_media_to_text(generator, tiny_cache, name, tmp_path):
+    path = synthetic_file(tiny_cache, name)
+    with EncodeSpy(generator.model) as spy:
+        res = generator.chat(f"Describe this {name}.", [path], max_new_tokens=8, out_dir=tmp_path)
+    assert len(spy.calls) == 1 and list(spy.calls[0]) == [name] and spy.calls[0][name][0] == 1
+    assert isinstance(res.text, str) and res.new_tokens <= 8 and res.timing["llm"] > 0
+
+
+def test_two_turn_mix_keeps_history(generator, tiny_cache, tmp_path):
+    from nextgpt.generate import ChatSession
+
+    session = ChatSession(generator, tmp_path, max_new_tokens=6)
+    first = session.ask("What is in it?", [synthetic_file(tiny_cache, "image")])
+    assert session.turns[0][0].startswith("<image>") and session.turns[0][1] == first.text
+    saved = generator.model.new_tokens.signals.head.detach().clone()
+    layout = generator.model.layout
+    try:
+        prompt = "Now make an audio of it"
+        with torch.no_grad():  # steer as in the single-turn tests, on the two-turn context
+            from nextgpt.prompts import Conversation, encode_conversation
+
+            conv = Conversation("p", [*session.turns, (prompt, "")], media_in=[("image", session.media[0])])
+            enc = encode_conversation(conv, generator.tokenizer, layout, generator.template,
+                                      num_media_tokens=generator.num_media_tokens, max_length=10**6, slot_id=0)
+            mask = torch.zeros(1, len(enc.input_ids), dtype=torch.bool)
+            for s, _, _ in enc.media_slots:
+                mask[0, s : s + generator.num_media_tokens] = True
+            from nextgpt import modality
+
+            media = {"image": modality.get("image").load(session.media[0]).unsqueeze(0)}
+            h = generator.model(torch.tensor([enc.input_ids]), media_mask=mask, media=media,
+                                media_sequence=[("image", 0)]).hidden[0, -1]
+            table = generator.model.new_tokens
+            row = layout.signal_ids["audio"][0] - table.first_new_id - table.markers.head.shape[0]
+            table.signals.head[row] = 1e3 * h / h.norm() ** 2
+        with EncodeSpy(generator.model) as spy:
+            second = session.ask(prompt, max_new_tokens=len(layout.signal_ids["audio"]))
+    finally:
+        with torch.no_grad():
+            generator.model.new_tokens.signals.head.copy_(saved)
+    assert spy.calls and "image" in spy.calls[0]  # the first turn's image is still in context
+    assert second.signal_groups == ["audio"] and second.files["audio"][0].suffix == ".wav"
+    assert len(session.turns) == 2 and "<audio>" in session.turns[1][1]
+
+
+@pytest.mark.parametrize("case", ["empty", "unsupported", "missing", "corrupt", "overlong"])
+def test_bad_requests_are_explained(generator, tmp_path, case):
+    from nextgpt.encoders.preprocess import MediaDecodeError
+    from nextgpt.generate import GenerationInputError
+
+    prompt, media, error, needle = "Describe it.", [], GenerationInputError, None
+    if case == "empty":
+        prompt, needle = "   ", "prompt is empty"
+    elif case == "unsupported":
+        bad = tmp_path / "notes.txt"
+        bad.write_text("hello")
+        media, needle = [bad], "unsupported media type '.txt'"
+    elif case == "missing":
+        media, needle = [tmp_path / "gone.png"], "no such media file"
+    elif case == "corrupt":
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+        media, error, needle = [bad], MediaDecodeError, "broken.png"
+    else:
+        prompt, needle = "word " * 3000, "this model reads at most"
+    with pytest.raises(error) as err:
+        generator.chat(prompt, media)
+    assert needle in str(err.value)
+
+
+def test_bundle_that_does_not_match_its_config(bundle, tmp_path):
+    import shutil
+
+    from nextgpt.bundles import BundleError
+
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    cfg = OmegaConf.load(other / "config.yaml")
+    cfg.model.input_projector.num_tokens = 2  # as if written for another model
+    OmegaConf.save(cfg, other / "config.yaml")
+    with pytest.raises(BundleError, match="input_projector.proj.weight"):
+        Generator(other)
+    with pytest.raises(BundleError, match="not a stage bundle"):
+        Generator(tmp_path)
+
+
+def test_cli_single_turn_with_media_flag(bundle, tiny_cache, tmp_path, capsys):
+    image = synthetic_file(tiny_cache, "image")
+    assert main(["--bundle", str(bundle), "--prompt", "What is this?", "--image", str(image),
+                 "--out", str(tmp_path), "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    report = json.loads((tmp_path / "generations.json").read_text())
+    assert report[0]["prompt"] == "What is this?" and "signal_groups" in report[0]
+    assert main(["--bundle", str(bundle), "--prompt", "x", "--image", str(tmp_path / "none.png")]) == 2
+    assert "no such media file" in capsys.readouterr().out
+
+
+def test_cli_interactive_chat_survives_errors(bundle, tiny_cache, tmp_path, monkeypatch, capsys):
+    lines = iter([f"/image {synthetic_file(tiny_cache, 'image')}", "What is this?", "/audio /nowhere.wav",
+                  "and this?", "/reset", "hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["--bundle", str(bundle), "--interactive", "--out", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] 'What is this?'" in out and "error: /nowhere.wav: no such media file" in out
+    assert "(new conversation)" in out and "[0] 'hello'" in out

@@ -1,0 +1,673 @@
+"""Reading shards: an exact, resumable, fault-tolerant stream of conversations from WebDataset tars.
+
+Reads the shards :mod:`datamodules.prepare` writes (``{key}.json`` records of kind ``pair`` or
+``conversation``) and, unconverted, those img2dataset / video2dataset write (``{key}.jpg|.mp4`` +
+``{key}.txt`` caption): a sample with a caption and one media member is a text-X pair of the
+stream's ``modality``. A pair becomes a caption (stage 1) or a generate (stage 2) conversation by
+the stream's task, with the instruction :mod:`datamodules.nextgpt_layout` picks for the same key.
+
+**Order and split.** Each pass (epoch) has one global sample order: shards in the given order,
+samples in tar order; with ``shuffle=True`` the shards are permuted (seed, epoch) and taken in
+groups of ``shuffle_shards``, whose (shard, sample) pairs are permuted (seed, epoch, group). Sample
+``i`` of that order belongs to consumer ``i % C``, ``C = world_size * num_workers`` (a consumer is
+one dataloader worker of one rank). Every sample goes to exactly one consumer, for any number of
+shards (fewer shards than workers included); consumers get equal counts up to one sample.
+
+**Cost.** Each consumer reads the tar headers of every shard it has samples in (with ``C`` below
+the shard size that is every shard) and the data of its own samples only: header I/O is ``C``
+times the headers (512 bytes a member), data I/O is read once in total. Shards are opened for
+random access, so they must be seekable files (local disk, NFS, a FUSE mount of an object store),
+not ``pipe:`` URLs. Sample counts come from the writer's ``{name}.shards.json``, img2dataset's
+``{shard}_stats.json`` or, failing both, one header scan at construction.
+
+**Resume.** The state is, per consumer, the last (pass, global index) handed over, plus the seed,
+a fingerprint of the shard list and the worker rotation (which worker delivers the next batch).
+A stream restarted from it continues each consumer exactly after its last sample, and rotates the
+worker slots so the dataloader interleaves batches as the uninterrupted run would: the keys after
+resuming at step k equal the uninterrupted run's keys from step k. What counts as handed over:
+
+- iterating the stream in this process (no dataloader workers): every sample yielded;
+- with workers, the yields happen in copies of the stream, so the training process reports what
+  the training step actually received with :meth:`ShardStream.mark_consumed` (see
+  :class:`TrackingCollate`); prefetched, unconsumed batches are then produced again after a
+  restart, never lost. Use ``persistent_workers=False``: persistent workers keep a stale copy.
+
+Resuming needs the same shards, seed, ``world_size`` and ``num_workers``. ``epochs=None`` streams
+pass after pass with no end: use it with ``max_steps`` under DDP, where a finite pass can leave
+ranks with unequal batch counts (a hang at the epoch end). A finite stream (``epochs=1``) advances
+its pass by itself when iterated in this process; with workers call :meth:`set_epoch` before each
+pass (Lightning: ``on_train_epoch_start``).
+
+**Bad samples** (unreadable or mistyped JSON, missing or empty caption, missing media member,
+undecodable media, placeholder mismatch) are skipped, counted by reason in ``skipped``, and logged
+with ``shard:key``; the next good sample follows. Media decoding belongs to the stream when a
+``transform`` is given (e.g. :func:`decode_media`, or the lead's tokenise-and-decode function):
+:class:`~nextgpt.encoders.preprocess.MediaDecodeError` and :class:`SkipSample` raised by it count
+as skips too. Code that decodes elsewhere calls :meth:`ShardStream.record_skip`. Past
+``min_samples`` seen, a skipped fraction above ``max_skip_fraction`` raises :class:`TooManySkipped`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import itertools
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.nextgpt_layout import TASKS, Skip, _pairs_caption, _pairs_generate
+from datamodules.prepare import INDEX_SUFFIX
+from nextgpt import modality as modality_registry
+from nextgpt.encoders.preprocess import MediaDecodeError
+from nextgpt.prompts import Conversation
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+PAIR_TASKS = ("caption", "generate")
+
+
+class SkipSample(Exception):
+    """A sample that can not be used: ``reason`` is the counter key, ``detail`` goes to the log."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+
+
+class TooManySkipped(RuntimeError):
+    """More bad samples than ``max_skip_fraction`` allows: likely a broken conversion, not bad luck."""
+
+
+class StreamPosition(NamedTuple):
+    """Where one yielded sample sits; a NamedTuple so collate, pin_memory and Lightning pass it through."""
+
+    epoch: int  # pass number
+    index: int  # index in that pass's global order
+    rank: int
+    slot: int  # consumer slot within the rank (the worker id, rotated on resume)
+    world_size: int
+    num_workers: int  # 1 without dataloader workers
+    seen: int = 1  # raw samples this consumer read since its previous yield, this one included
+    skipped: tuple[tuple[str, int], ...] = ()  # and how many of those it skipped, by reason
+    in_worker: bool = False
+
+
+@dataclass
+class ShardSample:
+    """One good sample. ``conversation.media_in`` paths are member names, keys of ``media``."""
+
+    conversation: Conversation
+    media: dict[str, bytes]  # the input media members, undecoded
+    shard: str  # shard file name
+    key: str  # the sample's key in the tar
+    source: str | None = None  # the record's "source" (shard set name), when written by prepare
+    position: StreamPosition | None = None
+    item: Any = None  # what the stream's transform made of it
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}:{self.key}"
+
+    def decode_media(self) -> list[tuple[str, torch.Tensor]]:
+        """Input media as encoder tensors, decoded from memory; errors name ``shard:member``."""
+        out = []
+        for name, member in self.conversation.media_in:
+            data = self.media.get(member)
+            if data is None:
+                raise SkipSample("missing media member", member)
+            buf = io.BytesIO(data)
+            buf.name = f"{self.shard}:{member}"
+            out.append((name, modality_registry.get(name).loader(buf)))  # the preprocess loaders take file objects
+        return out
+
+
+def decode_media(sample: ShardSample) -> list[tuple[str, torch.Tensor]]:
+    """A ready ``transform``: decoding in the stream turns broken media into counted skips."""
+    return sample.decode_media()
+
+
+# ------------------------------------------------------------------------------------------------
+# shard lists and counts
+# ------------------------------------------------------------------------------------------------
+def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Shard files from a folder (its ``*.tar``, sorted), a brace pattern, a glob, a file, or a list of these."""
+    import braceexpand
+
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    out: list[Path] = []
+    for item in items:
+        for text in braceexpand.braceexpand(str(item)):
+            p = Path(text)
+            if p.is_dir():
+                found = sorted(p.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"shard folder {p} holds no .tar files")
+                out += found
+            elif any(ch in text for ch in "*?["):
+                found = sorted(Path(f) for f in glob.glob(text))
+                if not found:
+                    raise FileNotFoundError(f"no shards match {text!r}")
+                out += found
+            elif p.is_file():
+                out.append(p)
+            else:
+                raise FileNotFoundError(f"shard {p} does not exist (from {str(item)!r})")
+    if not out:
+        raise ValueError(f"no shards in {spec!r}")
+    dupes = [p for p, n in Counter(p.resolve() for p in out).items() if n > 1]
+    if dupes:
+        raise ValueError(f"shard {dupes[0]} is listed twice: its samples would be read twice per pass")
+    return out
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """WebDataset's rule: the key is everything before the first dot of the base name."""
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)
+
+
+def _scan(tar: tarfile.TarFile) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Samples as runs of consecutive members sharing a key (as WebDataset groups them)."""
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    for info in tar:
+        if not info.isreg():
+            continue
+        key, ext = _split_name(info.name)
+        if key is None or ext is None:
+            continue
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1].setdefault(ext.lower(), info)
+    return samples
+
+
+def shard_counts(paths: Sequence[Path]) -> list[int]:
+    """Samples per shard: from ``*.shards.json`` indexes, img2dataset ``_stats.json``, else a header scan."""
+    known: dict[tuple[Path, str], int] = {}
+    for folder in {p.parent for p in paths}:
+        for index in folder.glob(f"*{INDEX_SUFFIX}"):
+            try:
+                for s in json.loads(index.read_text())["shards"]:
+                    known[(folder, s["file"])] = int(s["samples"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"shard index {index} is malformed: {e}") from e
+    counts = []
+    for p in paths:
+        n = known.get((p.parent, p.name))
+        stats = p.with_name(p.name[: -len(".tar")] + "_stats.json") if p.name.endswith(".tar") else None
+        if n is None and stats is not None and stats.is_file():
+            try:
+                n = int(json.loads(stats.read_text())["successes"])
+            except (ValueError, KeyError, TypeError):
+                n = None
+        if n is None:
+            try:
+                with tarfile.open(p, "r:*") as tar:
+                    n = len(_scan(tar))
+            except (tarfile.TarError, OSError) as e:
+                raise ValueError(f"shard {p} is not a readable tar: {e}") from e
+        counts.append(n)
+    return counts
+
+
+class _TarSamples:
+    """Random access to one shard's samples: headers scanned on open, member data read on demand."""
+
+    def __init__(self, path: Path, expected: int):
+        self.path = path
+        try:
+            self._tar = tarfile.open(path, "r:*")
+            self.samples = _scan(self._tar)
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"shard {path} is not a readable tar: {e}") from e
+        if len(self.samples) != expected:
+            log.warning("shard %s holds %d samples, its index says %d: the %s are skipped", path, len(self.samples),
+                        expected, "missing ones" if len(self.samples) < expected else "extra ones")
+
+    def sample(self, i: int) -> tuple[str, dict[str, tarfile.TarInfo]]:
+        if i >= len(self.samples):
+            raise SkipSample("missing from shard", f"sample {i} of {self.path.name}")
+        return self.samples[i]
+
+    def read(self, info: tarfile.TarInfo) -> bytes:
+        try:
+            f = self._tar.extractfile(info)
+            return f.read() if f is not None else b""
+        except (tarfile.TarError, OSError) as e:
+            raise SkipSample("unreadable member", f"{info.name}: {e}") from e
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# records -> conversations
+# ------------------------------------------------------------------------------------------------
+def _pairs_of_str(value: Any, what: str) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value
+    ):
+        raise SkipSample("wrong JSON type", f"{what} is not a list of [str, str]")
+    return [(a, b) for a, b in value]
+
+
+def _modality(name: str) -> Any:
+    try:
+        return modality_registry.get(name)
+    except KeyError:
+        raise SkipSample("unknown modality", name) from None
+
+
+def _placeholder_counts(texts: Iterable[str]) -> Counter:
+    counts: Counter = Counter()
+    for t in texts:
+        for name in modality_registry.names():
+            counts[name] += t.count(modality_registry.get(name).placeholder)
+    return +counts
+
+
+# ------------------------------------------------------------------------------------------------
+# the stream
+# ------------------------------------------------------------------------------------------------
+class ShardStream(IterableDataset):
+    """Samples of WebDataset shards, split exactly over ranks and workers; see the module docstring."""
+
+    def __init__(
+        self,
+        shards: str | Path | Iterable[str | Path],
+        *,
+        task: str = "caption",
+        modality: str | None = None,
+        pair_task: str | None = None,
+        seed: int = 0,
+        shuffle: bool = False,
+        shuffle_shards: int = 8,
+        epochs: int | None = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        transform: Callable[[ShardSample], Any] | None = None,
+        max_skip_fraction: float | None = 0.1,
+        min_samples: int = 20,
+    ):
+        """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
+        ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
+        meeting a pair without it is a configuration error). ``rank`` / ``world_size`` override
+        ``torch.distributed`` (tests). ``epochs``: passes per iteration, ``None`` for endless."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+        if pair_task is not None and pair_task not in PAIR_TASKS:
+            raise ValueError(f"pair_task must be one of {PAIR_TASKS}, got {pair_task!r}")
+        if modality is not None:
+            modality_registry.get(modality)
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
+        if shuffle_shards < 1:
+            raise ValueError(f"shuffle_shards must be >= 1, got {shuffle_shards}")
+        if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
+        self.paths = expand_shards(shards)
+        self.counts = shard_counts(self.paths)
+        self.total = sum(self.counts)
+        if self.total == 0:
+            raise ValueError(f"the {len(self.paths)} shards from {shards!r} hold no samples")
+        self.task, self.modality, self.seed, self.shuffle = task, modality, int(seed), bool(shuffle)
+        self.pair_task = pair_task or (task if task in PAIR_TASKS else None)
+        self.shuffle_shards, self.epochs, self.transform = shuffle_shards, epochs, transform
+        self.rank, self.world_size = rank, world_size
+        self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
+        self.fingerprint = hashlib.sha1(
+            json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]).encode()
+        ).hexdigest()
+        self.epoch = 0
+        self.seen = 0
+        self.skipped: Counter = Counter()
+        self._progress: dict[tuple[int, int], tuple[int, int]] = {}  # (rank, slot) -> (pass, last index)
+        self._rotation: dict[int, int] = {}  # rank -> slot that delivers the next batch
+        self._topology: tuple[int, int] | None = None  # (world_size, num_workers) the progress is for
+        self._tracked = False  # mark_consumed was called: yields no longer move the progress
+
+    def __repr__(self) -> str:
+        return f"ShardStream({len(self.paths)} shards, {self.total} samples, task={self.task!r}, shuffle={self.shuffle})"
+
+    # --- order -------------------------------------------------------------------------------
+    def _groups(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.paths)))
+        if not self.shuffle:
+            return [[s] for s in order]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(order)).tolist()
+        k = self.shuffle_shards
+        return [order[i : i + k] for i in range(0, len(order), k)]
+
+    def _group_order(self, epoch: int, gi: int, group: list[int]) -> np.ndarray:
+        pairs = np.concatenate([np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1) for s in group])
+        if self.shuffle:
+            pairs = pairs[np.random.default_rng([self.seed, epoch, gi]).permutation(len(pairs))]
+        return pairs
+
+    def _owned(self, consumer: int, consumers: int, first_epoch: int, after: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(pass, group, global index, shard, sample) of one consumer's samples, after ``after`` in ``first_epoch``."""
+        passes = itertools.count(first_epoch) if self.epochs is None else range(first_epoch, self.epoch + self.epochs)
+        for epoch in passes:
+            start = after + 1 if epoch == first_epoch else 0
+            offset = 0
+            for gi, group in enumerate(self._groups(epoch)):
+                size = sum(self.counts[s] for s in group)
+                lo = max(offset, start)
+                first = lo + (consumer - lo) % consumers
+                if first < offset + size:
+                    order = self._group_order(epoch, gi, group)
+                    for g in range(first, offset + size, consumers):
+                        s, j = order[g - offset]
+                        yield epoch, gi, g, int(s), int(j)
+                offset += size
+
+    # --- topology -----------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        if self.rank is not None or self.world_size is not None:
+            rank, world = int(self.rank or 0), int(self.world_size or 1)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world_size {world}")
+        return rank, world
+
+    def _finished(self, epoch: int, rank: int, world: int, workers: int) -> bool:
+        """This rank's consumers have handed over every sample of pass ``epoch`` (a resumed end of pass)."""
+        consumers = world * workers
+        for slot in range(workers):
+            c = rank * workers + slot
+            e, last = self._progress.get((rank, slot), (epoch - 1, -1))
+            nxt = c if e < epoch else last + consumers
+            if e <= epoch and nxt < self.total:
+                return False
+        return True
+
+    # --- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[ShardSample]:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        topology = (world, workers)
+        if self._progress and self._topology not in (None, topology):
+            raise ValueError(
+                f"this stream's state was saved with world_size={self._topology[0]} x num_workers={self._topology[1]};"
+                f" it is now {world} x {workers}: exact resume needs the same ranks and dataloader workers"
+            )
+        resumed = bool(self._progress)
+        slot = (worker + self._rotation.get(rank, 0)) % workers if resumed else worker
+        if self.epochs is not None and resumed and self._finished(self.epoch, rank, world, workers):
+            self.epoch += 1  # restarted exactly at the end of a pass
+        first_epoch, after = self.epoch, -1
+        e, last = self._progress.get((rank, slot), (self.epoch - 1, -1))
+        if e >= self.epoch:
+            first_epoch, after = e, last
+        consumer, consumers = rank * workers + slot, world * workers
+        readers: dict[int, _TarSamples] = {}
+        group = None
+        seen, skipped = 0, Counter()
+        last_epoch = None
+        try:
+            for epoch, gi, g, s, j in self._owned(consumer, consumers, first_epoch, after):
+                last_epoch = epoch
+                if (epoch, gi) != group:
+                    for r in readers.values():
+                        r.close()
+                    readers, group = {}, (epoch, gi)
+                if s not in readers:
+                    readers[s] = _TarSamples(self.paths[s], self.counts[s])
+                seen += 1
+                sample = self._read(readers[s], j, skipped)
+                if sample is None:
+                    continue
+                sample.position = StreamPosition(epoch, g, rank, slot, world, workers, seen,
+                                                 tuple(sorted(skipped.items())), info is not None)
+                seen, skipped = 0, Counter()
+                if not self._tracked:
+                    self._progress[(rank, slot)] = (epoch, g)
+                    self._topology = topology
+                yield sample
+        finally:
+            for r in readers.values():
+                r.close()
+        if info is None and self.epochs is not None:
+            self.epoch = (last_epoch if last_epoch is not None else self.epoch + self.epochs - 1) + 1
+
+    def _read(self, reader: _TarSamples, index: int, skipped: Counter) -> ShardSample | None:
+        """The sample, transformed, or None after counting why it was skipped."""
+        key, where = "?", f"{reader.path.name}:?"
+        try:
+            key, members = reader.sample(index)
+            where = f"{reader.path.name}:{key}"
+            sample = self._parse(reader, key, members)
+            if self.transform is not None:
+                sample.item = self.transform(sample)
+                if sample.item is None:
+                    raise SkipSample("rejected by transform")
+        except SkipSample as e:
+            self._skip(where, e.reason, e.detail, skipped)
+            return None
+        except MediaDecodeError as e:
+            self._skip(where, "undecodable media", str(e), skipped)
+            return None
+        self._count_seen()
+        return sample
+
+    # --- parsing --------------------------------------------------------------------------------
+    def _parse(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo]) -> ShardSample:
+        shard = reader.path.name
+        obj: Any = None
+        if "json" in members:
+            try:
+                obj = json.loads(reader.read(members["json"]))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SkipSample("unreadable JSON", str(e)) from None
+            if isinstance(obj, dict) and "kind" in obj:
+                return self._record(reader, key, members, obj)
+            if not isinstance(obj, dict):
+                raise SkipSample("wrong JSON type", f"the .json member holds a {type(obj).__name__}")
+        # a plain pair, as img2dataset / video2dataset write them: caption in .txt (or the json's "caption")
+        if "txt" in members:
+            try:
+                caption: Any = reader.read(members["txt"]).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SkipSample("unreadable caption", str(e)) from None
+        else:
+            caption = obj.get("caption") if obj is not None else None
+        if self.modality is None:
+            raise ValueError(f"{shard}:{key} is a plain text-X pair (no prepare record): give the stream modality=")
+        mod = modality_registry.get(self.modality)
+        media = [ext for ext in members if "." + ext.rsplit(".", 1)[-1] in mod.extensions]
+        return self._pair(reader, key, members, caption, mod.name, media[0] if media else None, None, key)
+
+    def _record(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], obj: dict) -> ShardSample:
+        kind, source = obj["kind"], obj.get("source") if isinstance(obj.get("source"), str) else None
+        conv_key = obj["key"] if isinstance(obj.get("key"), str) and obj["key"] else key
+        if kind == "pair":
+            media = obj.get("media")
+            if not (isinstance(media, list) and len(media) == 2 and all(isinstance(x, str) for x in media)):
+                raise SkipSample("wrong JSON type", "media is not [modality, member extension]")
+            return self._pair(reader, key, members, obj.get("caption"), _modality(media[0]).name, media[1].lower(),
+                              source, conv_key)
+        if kind != "conversation":
+            raise SkipSample("unknown record kind", repr(kind))
+        turns = _pairs_of_str(obj.get("turns"), "turns")
+        media_in = _pairs_of_str(obj.get("media_in", []), "media_in")
+        captions_out = _pairs_of_str(obj.get("captions_out", []), "captions_out")
+        if not turns:
+            raise SkipSample("wrong JSON type", "turns is empty")
+        for name, caption in captions_out:
+            _modality(name)
+            if not caption.strip():
+                raise SkipSample("empty caption", f"{name} output caption")
+        want_in = _placeholder_counts(h for h, _ in turns)
+        want_out = _placeholder_counts(a for _, a in turns)
+        if want_in != Counter(_modality(m).name for m, _ in media_in) or want_out != Counter(m for m, _ in captions_out):
+            raise SkipSample("placeholder mismatch", f"placeholders in {dict(want_in)} out {dict(want_out)}")
+        data = {}
+        for _, ext in media_in:
+            if ext.lower() not in members:
+                raise SkipSample("missing media member", f"{key}.{ext}")
+            data[f"{key}.{ext.lower()}"] = reader.read(members[ext.lower()])
+        conv = Conversation(conv_key, turns, media_in=[(m, f"{key}.{e.lower()}") for m, e in media_in],
+                            captions_out=captions_out)
+        return ShardSample(conv, data, reader.path.name, key, source)
+
+    def _pair(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], caption: Any, modality: str,
+              ext: str | None, source: str | None, conv_key: str) -> ShardSample:
+        if caption is None:
+            raise SkipSample("missing caption")
+        if not isinstance(caption, str):
+            raise SkipSample("wrong JSON type", f"caption is a {type(caption).__name__}")
+        if not caption.strip():
+            raise SkipSample("empty caption")
+        if self.pair_task is None:
+            raise ValueError(f"{reader.path.name}:{key} is a text-X pair in an {self.task!r} stream:"
+                             f" set pair_task to one of {PAIR_TASKS} or leave pair shards out")
+        mod = modality_registry.get(modality)
+        member = f"{key}.{ext}" if ext else f"{key}.?"
+        entry = {"id": conv_key, mod.name_field: member, "caption": caption}
+        try:
+            if self.pair_task == "generate":  # text -> X: the media is not needed
+                return ShardSample(_pairs_generate(entry, mod, Path(), 0), {}, reader.path.name, key, source)
+            conv = _pairs_caption(entry, mod, Path(), 0)
+        except Skip as e:
+            raise SkipSample(str(e)) from None
+        if ext is None or ext not in members:
+            raise SkipSample("missing media member", f"no {modality} member" if ext is None else member)
+        conv = Conversation(conv.key, conv.turns, media_in=[(modality, member)])
+        return ShardSample(conv, {member: reader.read(members[ext])}, reader.path.name, key, source)
+
+    # --- bad samples --------------------------------------------------------------------------
+    def _count_seen(self) -> None:
+        self.seen += 1
+        self._check()
+
+    def _skip(self, where: str, reason: str, detail: str, pending: Counter | None = None) -> None:
+        self.skipped[reason] += 1
+        if pending is not None:
+            pending[reason] += 1
+        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+        self._count_seen()
+
+    def record_skip(self, where: str, reason: str, detail: str = "") -> None:
+        """Count a sample that failed after the stream handed it over (e.g. decoded later); same counters and limit."""
+        self.skipped[reason] += 1
+        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+        self._check()
+
+    def _check(self) -> None:
+        bad = sum(self.skipped.values())
+        if self.max_skip_fraction is None or self.seen < self.min_samples or bad <= self.max_skip_fraction * self.seen:
+            return
+        raise TooManySkipped(
+            f"{bad} of {self.seen} samples skipped ({bad / self.seen:.1%} > max_skip_fraction "
+            f"{self.max_skip_fraction:.1%}) in {self!r}; by reason: {dict(self.skipped)}. "
+            "Check the shards (python -m datamodules.prepare) or raise max_skip_fraction."
+        )
+
+    # --- resume ---------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start pass ``epoch`` at the next iteration; progress recorded for earlier passes is dropped."""
+        self.epoch = int(epoch)
+        self._progress = {k: v for k, v in self._progress.items() if v[0] >= self.epoch}
+
+    def mark_consumed(self, positions: Iterable[StreamPosition | Sequence[Any]]) -> None:
+        """Record samples the training step received (in order); from then on only these move the state."""
+        for p in positions:
+            p = StreamPosition(*p)
+            self._tracked = True
+            self._progress[(p.rank, p.slot)] = (p.epoch, p.index)
+            self._rotation[p.rank] = (p.slot + 1) % p.num_workers
+            self._topology = (p.world_size, p.num_workers)
+            if p.in_worker:  # counted in a worker's copy of the stream: bring the counts here
+                self.seen += p.seen
+                self.skipped.update(dict(p.skipped))
+
+    def state_dict(self, gather: bool = True) -> dict[str, Any]:
+        """Everything an exact restart needs; under ``torch.distributed`` (and ``gather``) every rank
+        must call it, and each returns all ranks' progress."""
+        progress = dict(self._progress)
+        rotation = dict(self._rotation)
+        skipped, seen = Counter(self.skipped), self.seen
+        if (gather and self.rank is None and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            rank = torch.distributed.get_rank()
+            mine = {
+                "progress": {k: v for k, v in progress.items() if k[0] == rank},
+                "rotation": {rank: rotation[rank]} if rank in rotation else {},
+                "topology": self._topology, "skipped": dict(skipped), "seen": seen,
+            }
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, mine)
+            progress, rotation, skipped, seen = {}, {}, Counter(), 0
+            for part in parts:
+                progress.update(part["progress"])
+                rotation.update(part["rotation"])
+                skipped.update(part["skipped"])
+                seen += part["seen"]
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_shards": self.shuffle_shards,
+            "epoch": self.epoch,
+            "topology": list(self._topology) if self._topology else None,
+            "progress": {f"{r}:{s}": [e, i] for (r, s), (e, i) in sorted(progress.items())},
+            "rotation": {str(r): v for r, v in rotation.items()},
+            "seen": seen,
+            "skipped": dict(skipped),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where ``state`` left off; refuses a state of other shards, seed or shuffling."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"shard stream state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("the saved shard stream state is for other shards (names or sample counts differ):"
+                             f" {len(self.paths)} shards from {self.paths[0].parent} now")
+        for name in ("seed", "shuffle", "shuffle_shards"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"the saved shard stream state has {name}={state[name]!r}, this stream {getattr(self, name)!r}")
+        self.epoch = int(state["epoch"])
+        self._topology = tuple(state["topology"]) if state["topology"] else None
+        self._progress = {tuple(int(x) for x in k.split(":")): (int(v[0]), int(v[1])) for k, v in state["progress"].items()}
+        self._rotation = {int(r): int(v) for r, v in state["rotation"].items()}
+        self.seen, self.skipped = int(state["seen"]), Counter(state["skipped"])
+        self._tracked = False
+
+
+class TrackingCollate:
+    """Wraps a collate function so each batch carries its samples' positions (``stream_positions``).
+
+    The inner function gets each sample's transform result (``item``), or the ``ShardSample`` itself
+    when there is no transform. A dict batch gains the key ``"stream_positions"``; any other result
+    becomes ``(batch, positions)``. Hand the positions to :meth:`ShardStream.mark_consumed` when the
+    training step gets the batch.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None = None):
+        self.collate = collate
+
+    def __call__(self, samples: list[ShardSample]) -> Any:
+        items = [s.item if s.item is not None else s for s in samples]
+        batch = self.collate(items) if self.collate is not None else items
+        positions = [s.position for s in samples]
+        if isinstance(batch, dict):
+            batch["stream_positions"] = positions
+            return batch
+        return batch, positions
