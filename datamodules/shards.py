@@ -409,8 +409,8 @@ class ShardStream(IterableDataset):
             )
         resumed = bool(self._progress)
         slot = (worker + self._rotation.get(rank, 0)) % workers if resumed else worker
-        if self.epochs is not None and resumed and self._finished(self.epoch, rank, world, workers):
-            self.epoch += 1  # restarted exactly at the end of a pass
+        if self.epochs is not None and resumed and self._finished(self.epoch + self.epochs - 1, rank, world, workers):
+            self.epoch += self.epochs  # restarted exactly at the end of its passes: run the next ones
         first_epoch, after = self.epoch, -1
         e, last = self._progress.get((rank, slot), (self.epoch - 1, -1))
         if e >= self.epoch:
@@ -581,9 +581,11 @@ class ShardStream(IterableDataset):
 
     # --- resume ---------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Start pass ``epoch`` at the next iteration; progress recorded for earlier passes is dropped."""
+        """Run pass ``epoch`` at the next iteration: from its start, or, when it is already the
+        current pass (a resumed one), from where its progress left off."""
+        if int(epoch) != self.epoch:
+            self._progress, self._rotation, self._topology = {}, {}, None
         self.epoch = int(epoch)
-        self._progress = {k: v for k, v in self._progress.items() if v[0] >= self.epoch}
 
     def mark_consumed(self, positions: Iterable[StreamPosition | Sequence[Any]]) -> None:
         """Record samples the training step received (in order); from then on only these move the state."""

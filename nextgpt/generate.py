@@ -168,10 +168,11 @@ class Generator:
         use_cache: bool = True,
         out_dir: str | Path | None = None,
         decode: bool = True,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Answer ``prompt`` about ``media`` after ``history`` (earlier (human, answer) turns whose
         placeholders refer, in order, to ``history_media``). Media without a placeholder in the
-        prompt are put in front of it."""
+        prompt are put in front of it. ``use_cache=False`` and ``ignore_eos`` exist for benchmarks."""
         if not prompt or not prompt.strip():
             raise GenerationInputError("the prompt is empty: type a question or a request")
         start = time.perf_counter()
@@ -195,7 +196,7 @@ class Generator:
         logits, _, past = self._step(embeds, None)
         while result.new_tokens < max_new_tokens:
             next_id = self._pick(logits, temperature, top_p, gen)
-            if next_id == self.tokenizer.eos_token_id:
+            if next_id == self.tokenizer.eos_token_id and not ignore_eos:
                 break
             name = layout.signal_modality(next_id)
             feed = list(layout.signal_ids[name]) if name else [next_id]
@@ -218,7 +219,7 @@ class Generator:
                 result.signal_groups.append(name)
             else:
                 text_ids.append(next_id)
-                if self.tokenizer.decode(text_ids).rstrip().endswith(self.template.stop):
+                if not ignore_eos and self.tokenizer.decode(text_ids).rstrip().endswith(self.template.stop):
                     break
         result.timing["llm"] = time.perf_counter() - t_llm
         pieces.append(self.tokenizer.decode(text_ids, skip_special_tokens=True))
