@@ -43,9 +43,10 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from datamodules.nextgpt_layout import Skip, _text, _turns, read_source
 from nextgpt import modality as modality_registry

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class MediaDecodeError(ValueError):
         super().__init__(f"cannot decode {self.path}: {reason}")
 
 
-MediaSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+MediaSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
 @dataclass(frozen=True)

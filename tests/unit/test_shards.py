@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import prepare, shards
 from datamodules.nextgpt_layout import read_source
-from datamodules.prepare import Record, pair_record, prepare_nextgpt, write_shards
+from datamodules.prepare import pair_record, prepare_nextgpt, write_shards
 from datamodules.shards import ShardStream, TooManySkipped, TrackingCollate, decode_media
 from nextgpt.encoders.preprocess import MediaDecodeError, load_audio, load_image, load_video
 
@@ -130,7 +130,7 @@ def test_keys_are_tar_safe_unique_and_shards_atomic(tiny_jpg: Path, tmp_path: Pa
 def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) -> None:
     img = synthetic / "synthetic_image" / "images"
     aud = synthetic / "synthetic_audio" / "audios"
-    first_img, first_aud = sorted(img.iterdir())[0].name, sorted(aud.iterdir())[0].name
+    first_img, first_aud = min(img.iterdir()).name, min(aud.iterdir()).name
     llava = [
         {"id": "l1", "image": first_img, "conversations": [  # no <image>: prepended
             {"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "Shapes."},
@@ -218,7 +218,7 @@ def test_split_simulated_workers_fewer_shards_than_consumers(tiny_jpg: Path, tmp
 @pytest.mark.parametrize("k", [0, 5, 25, 31, 50])
 def test_resume_in_process_is_exact(tiny_jpg: Path, tmp_path: Path, k: int) -> None:
     pair_shards(tmp_path, tiny_jpg, 25, 6)
-    make = lambda: ShardStream(tmp_path, shuffle=True, shuffle_shards=2, seed=7, epochs=2)  # noqa: E731
+    make = lambda: ShardStream(tmp_path, shuffle=True, shuffle_shards=2, seed=7, epochs=2)
     full = keys_of(make())
     assert len(full) == 50 and full[:25] != full[25:] and sorted(full[:25]) == sorted(full[25:])
     first = make()
@@ -226,7 +226,13 @@ def test_resume_in_process_is_exact(tiny_jpg: Path, tmp_path: Path, k: int) -> N
     state = json.loads(json.dumps(first.state_dict()))  # plain data: goes into any checkpoint
     resumed = make()
     resumed.load_state_dict(state)
-    assert head + keys_of(resumed) == full
+    rest = keys_of(resumed)
+    if k < len(full):
+        assert head + rest == full
+    else:  # saved after its last sample: the restart runs the next passes, as the saved stream's next iteration would
+        after = make()
+        after.set_epoch(2)
+        assert head == full and rest == keys_of(after) and len(rest) == 50
     # passes: a one-pass stream advances by itself, and set_epoch picks a pass
     one = ShardStream(tmp_path, shuffle=True, shuffle_shards=2, seed=7)
     assert keys_of(one) == full[:25] and keys_of(one) == full[25:]
@@ -241,7 +247,7 @@ def test_resume_with_dataloader_workers_is_exact(tiny_jpg: Path, tmp_path: Path)
     def loader(stream: ShardStream) -> DataLoader:
         return DataLoader(stream, batch_size=3, num_workers=2, collate_fn=TrackingCollate(collect_keys))
 
-    make = lambda: ShardStream(tmp_path, shuffle=True, seed=1, epochs=None, rank=0, world_size=1)  # noqa: E731
+    make = lambda: ShardStream(tmp_path, shuffle=True, seed=1, epochs=None, rank=0, world_size=1)
     full = [b["keys"] for b in islice(loader(make()), 12)]  # endless: crosses pass boundaries
     first = make()
     head = []
@@ -279,7 +285,7 @@ def _jpeg_bytes(seed: int) -> bytes:
 
 def damaged_shard(folder: Path) -> tuple[list[str], dict[str, int]]:
     """Good img2dataset-style pairs with one sample of each kind of damage among them."""
-    pair = lambda cap, mod, ext: json.dumps({"kind": "pair", "caption": cap, "media": [mod, ext]}).encode()  # noqa: E731
+    pair = lambda cap, mod, ext: json.dumps({"kind": "pair", "caption": cap, "media": [mod, ext]}).encode()
     bad = {
         "truncjpeg": {"jpg": _jpeg_bytes(0)[:300], "txt": b"a truncated jpeg"},
         "textmp4": {"json": pair("a text file named .mp4", "video", "mp4"), "mp4": b"not a video\n" * 30},
@@ -346,7 +352,7 @@ def test_pair_shards_need_a_modality_or_pair_task(tmp_path: Path, tiny_jpg: Path
 def test_loaders_accept_bytes_and_file_objects(synthetic: Path) -> None:
     for loader, folder in ((load_image, "synthetic_image/images"), (load_audio, "synthetic_audio/audios"),
                            (load_video, "synthetic_video/videos")):
-        path = sorted((synthetic / folder).iterdir())[0]
+        path = min((synthetic / folder).iterdir())
         ref = loader(path)
         buf = io.BytesIO(path.read_bytes())
         buf.name = "s-000000.tar:k.ext"
@@ -357,3 +363,84 @@ def test_loaders_accept_bytes_and_file_objects(synthetic: Path) -> None:
         assert e.value.path == "s-000001.tar:bad"
         with pytest.raises(MediaDecodeError, match="empty"):
             loader(b"", name="s:k")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning: the wiring the DataModule will use
+# ---------------------------------------------------------------------------------------------
+def test_lightning_checkpoint_resume_is_exact(tiny_jpg: Path, tmp_path: Path) -> None:
+    """DataModule state_dict/load_state_dict carry the stream state; on_before_batch_transfer marks
+    what the training step gets (so Lightning's one-batch prefetch is not counted)."""
+    import lightning as L
+
+    pair_shards(tmp_path / "shards", tiny_jpg, 17, 4)
+
+    class Data(L.LightningDataModule):
+        def setup(self, stage: str) -> None:
+            self.stream = ShardStream(tmp_path / "shards", shuffle=True, seed=5, epochs=None)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.stream, batch_size=2, num_workers=2, collate_fn=TrackingCollate(collect_keys))
+
+        def on_before_batch_transfer(self, batch, dataloader_idx: int):
+            if self.trainer.training:
+                self.stream.mark_consumed(batch.pop("stream_positions"))
+            return batch
+
+        def state_dict(self) -> dict:
+            return {"stream": self.stream.state_dict()}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.stream.load_state_dict(state["stream"])
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[str]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["keys"])
+            return (self.w - 1).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(max_steps: int, ckpt: str | None = None, **kw) -> Model:
+        model = Model()
+        trainer = L.Trainer(max_steps=max_steps, limit_train_batches=4, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
+        trainer.fit(model, datamodule=Data(), ckpt_path=ckpt)
+        return model
+
+    full = fit(10, enable_checkpointing=False).seen  # 2.5 "epochs" of 4 batches over an endless stream
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(7, callbacks=[ckpt])
+    for name, step in (("epoch=0-step=3.ckpt", 3), ("epoch=1-step=6.ckpt", 6)):  # odd step: the 2nd worker is next
+        assert fit(10, str(tmp_path / "ckpt" / name), enable_checkpointing=False).seen == full[step:], name
+
+
+def _ddp_rank(rank: int, folder: str, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        stream = ShardStream(folder, shuffle=True, seed=4, epochs=None)  # rank and world from torch.distributed
+        head = [s.key for s in islice(iter(stream), 3 + rank)]  # ranks stop at different points
+        state = stream.state_dict()  # a collective: every rank gets every rank's progress
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"head": head, "state": state}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_state_is_gathered_over_ranks(tiny_jpg: Path, tmp_path: Path) -> None:
+    pair_shards(tmp_path / "shards", tiny_jpg, 11, 4)
+    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path / "shards"), f"file://{tmp_path / 'init'}", str(tmp_path)),
+                                nprocs=2, join=True)
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert runs[0]["state"] == runs[1]["state"] and sorted(runs[0]["state"]["progress"]) == ["0:0", "1:0"]
+    for rank, run in enumerate(runs):  # each rank resumes from the one checkpoint that rank 0 would write
+        full = [s.key for s in islice(iter(ShardStream(tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank,
+                                                       world_size=2)), 12)]
+        resumed = ShardStream(tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank, world_size=2)
+        resumed.load_state_dict(runs[0]["state"])
+        assert run["head"] + [s.key for s in islice(iter(resumed), 12 - len(run["head"]))] == full
