@@ -31,14 +31,17 @@ class Item:
     slot_starts: list[int]
     captions_out: list[tuple[str, str]]  # in signal-group order
     truncated: bool
+    targets: list[torch.Tensor | None] = None  # denoising-loss target media per signal group (None: none)
 
 
 class ConversationDataset(Dataset):
     """Decodes a conversation's media and tokenises it; ``None`` when a media file is unreadable."""
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer, layout, template: str,
-                 num_media_tokens: int, max_length: int, features: Mapping[str, tuple[Any, str]] | None = None):
+                 num_media_tokens: int, max_length: int, features: Mapping[str, tuple[Any, str]] | None = None,
+                 denoise_targets: Mapping[str, Mapping[str, Any]] | None = None):
         self.conversations = list(conversations)
+        self.denoise_targets = dict(denoise_targets or {})  # modality -> decoder generation settings
         self.features = dict(features or {})  # media path -> (FeatureStore, key): cached ImageBind features
         self.tokenizer, self.layout, self.template = tokenizer, layout, get_template(template)
         self.num_media_tokens, self.max_length = num_media_tokens, max_length
@@ -69,7 +72,20 @@ class ConversationDataset(Dataset):
                 log.warning("skipped sample %r: %s", conv.key, e)
                 return None
         captions = [conv.captions_out[i] for _, _, i in enc.signal_groups]
-        return Item(conv.key, enc.input_ids, enc.labels, media, [s for s, _, _ in enc.media_slots], captions, enc.truncated)
+        targets = [self._target(conv, i) for _, _, i in enc.signal_groups]
+        return Item(conv.key, enc.input_ids, enc.labels, media, [s for s, _, _ in enc.media_slots], captions,
+                    enc.truncated, targets)
+
+    def _target(self, conv: Conversation, index: int) -> torch.Tensor | None:
+        """The output group's target media for the denoising loss, when wanted and readable."""
+        name = conv.captions_out[index][0]
+        if name not in self.denoise_targets or index >= len(conv.media_out) or not conv.media_out[index][1]:
+            return None
+        try:
+            return modality_registry.get(name).load_target(conv.media_out[index][1], self.denoise_targets[name])
+        except (ValueError, OSError) as e:
+            log.warning("no denoising target for sample %r: %s", conv.key, e)
+            return None
 
 
 class Collator:
@@ -92,6 +108,7 @@ class Collator:
         features: dict[str, list[torch.Tensor]] = {}
         sequence: list[tuple[str, int, bool]] = []
         captions: dict[str, list[str]] = {}
+        targets: dict[str, list[torch.Tensor | None]] = {}
         for row, it in enumerate(good):
             n = len(it.input_ids)
             input_ids[row, :n] = torch.tensor(it.input_ids)
@@ -102,8 +119,9 @@ class Collator:
                 target = features if cached else media
                 sequence.append((name, len(target.setdefault(name, [])), cached))
                 target[name].append(tensor)
-            for name, caption in it.captions_out:
+            for (name, caption), target in zip(it.captions_out, it.targets or [None] * len(it.captions_out)):
                 captions.setdefault(name, []).append(caption)
+                targets.setdefault(name, []).append(target)
         return {
             "keys": [it.key for it in good],
             "input_ids": input_ids,
@@ -114,6 +132,8 @@ class Collator:
             "media_features": {name: torch.stack(ts) for name, ts in features.items()},
             "media_sequence": sequence,
             "output_captions": captions,
+            # target media per modality, only where every group of that modality in the batch has one
+            "output_media": {n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)},
             "num_skipped": len(items) - b,
             "num_truncated": sum(it.truncated for it in good),
         }
@@ -136,6 +156,7 @@ class NextGPTDataModule(L.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,
         feature_cache: bool = True,
         cache_fallback: str | None = None,
+        denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
         self.sources = [dict(s) for s in sources]
@@ -144,6 +165,7 @@ class NextGPTDataModule(L.LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.synthetic = dict(synthetic) if synthetic else None
         self.feature_cache = feature_cache
+        self.denoise_targets = dict(denoise_targets or {})
         self.cache_fallback = cache_fallback or str(Path(".cache") / "features")
         self.conversations_by_source: list[tuple[dict, list[Conversation]]] = []
         self.train_set: ConversationDataset | None = None
@@ -176,7 +198,7 @@ class NextGPTDataModule(L.LightningDataModule):
         n_val = int(round(self.val_fraction * len(convs)))
         make = lambda idx: ConversationDataset(  # noqa: E731
             [convs[i] for i in idx], self.tokenizer, self.layout, self.template,
-            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length, features,
+            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length, features, self.denoise_targets,
         )
         self.train_set = make(order[n_val:])
         self.val_set = make(order[:n_val]) if n_val else None

@@ -81,7 +81,8 @@ def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conve
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
-    return Conversation(key, [(request, mod.placeholder)], captions_out=[(mod.name, caption)])
+    return Conversation(key, [(request, mod.placeholder)], captions_out=[(mod.name, caption)],
+                        media_out=[(mod.name, _media(root, mod, file))])
 
 
 def _turns(entry: dict) -> list[tuple[str, str]]:
@@ -111,18 +112,20 @@ def _turns(entry: dict) -> list[tuple[str, str]]:
 
 def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
     turns = _turns(entry)
-    media_in, captions_out = [], []
+    media_in, captions_out, media_out = [], [], []
     if mod.input_field in entry:
         media_in.append((mod.name, _media(root, mod, _text(entry, mod.input_field))))
     if mod.output_field in entry:
         captions_out.append((mod.name, _text(entry, mod.captions_field)))
+        media_out.append((mod.name, _media(root, mod, _text(entry, mod.output_field))))
     n_in = sum(h.count(mod.placeholder) for h, _ in turns)
     n_out = sum(a.count(mod.placeholder) for _, a in turns)
     if n_in != len(media_in) or n_out != len(captions_out):
         raise Skip(f"{n_in} input / {n_out} output placeholders but {len(media_in)} / {len(captions_out)} media")
     file = entry.get(mod.input_field) or entry.get(mod.output_field) or f"{index}"
     direction = "out" if captions_out else "in"  # comprehension and generation share file names
-    return Conversation(f"{Path(str(file)).stem}-{direction}", turns, media_in=media_in, captions_out=captions_out)
+    return Conversation(f"{Path(str(file)).stem}-{direction}", turns, media_in=media_in, captions_out=captions_out,
+                        media_out=media_out)
 
 
 Reader = Callable[[dict, Modality, Path, int], Conversation]

@@ -84,7 +84,11 @@ def pair_record(key: str, modality: str, caption: str, path: str | Path) -> Reco
 
 
 def conversation_record(conv: Conversation, media_out: Sequence[tuple[str, str | Path]] = ()) -> Record:
-    """An explicit conversation; ``conv.media_in`` holds file paths, stored as ``in{i}.{ext}`` members."""
+    """An explicit conversation; ``conv.media_in`` holds file paths, stored as ``in{i}.{ext}`` members.
+
+    Output media: ``media_out``, else the conversation's own ``media_out`` where it has one.
+    """
+    media_out = list(media_out) or list(getattr(conv, "media_out", None) or [])
     files: dict[str, Path] = {}
     media_in, out = [], []
     for i, (mod, path) in enumerate(conv.media_in):
@@ -131,7 +135,8 @@ def read_nextgpt_instruct(root: str | Path, name: str, modality: str) -> tuple[l
             outputs[f"{Path(file).stem}-out"] = file.strip()
     records = []
     for c in convs:
-        out = [(modality, Path(root) / mod.media_folder / outputs[c.key])] if c.key in outputs else []
+        known = getattr(c, "media_out", None)  # readers that keep the output files need no lookup
+        out = known or ([(modality, Path(root) / mod.media_folder / outputs[c.key])] if c.key in outputs else [])
         records.append(conversation_record(c, out))
     return records, skipped
 

@@ -57,7 +57,7 @@ import logging
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,6 +75,14 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PAIR_TASKS = ("caption", "generate")
+_HAS_MEDIA_OUT = "media_out" in {f.name for f in fields(Conversation)}
+
+
+def _conversation(key: str, turns: list[tuple[str, str]], media_in: list[tuple[str, str]],
+                  captions_out: list[tuple[str, str]], media_out: list[tuple[str, str]]) -> Conversation:
+    """A Conversation with output media members where the dataclass has that field."""
+    extra = {"media_out": media_out} if _HAS_MEDIA_OUT and media_out else {}
+    return Conversation(key, turns, media_in=media_in, captions_out=captions_out, **extra)
 
 
 class SkipSample(Exception):
@@ -300,11 +308,14 @@ class ShardStream(IterableDataset):
         transform: Callable[[ShardSample], Any] | None = None,
         max_skip_fraction: float | None = 0.1,
         min_samples: int = 20,
+        output_media: bool = False,
     ):
         """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
         ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
         meeting a pair without it is a configuration error). ``rank`` / ``world_size`` override
-        ``torch.distributed`` (tests). ``epochs``: passes per iteration, ``None`` for endless."""
+        ``torch.distributed`` (tests). ``epochs``: passes per iteration, ``None`` for endless.
+        ``output_media``: also read the target media of output groups (generate pairs, records'
+        ``media_out``) into ``media``, e.g. for a denoising loss; off, they are not read at all."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
         if pair_task is not None and pair_task not in PAIR_TASKS:
@@ -327,6 +338,7 @@ class ShardStream(IterableDataset):
         self.shuffle_shards, self.epochs, self.transform = shuffle_shards, epochs, transform
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
+        self.output_media = bool(output_media)
         self.fingerprint = hashlib.sha1(
             json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]).encode()
         ).hexdigest()
@@ -517,13 +529,14 @@ class ShardStream(IterableDataset):
         want_out = _placeholder_counts(a for _, a in turns)
         if want_in != Counter(_modality(m).name for m, _ in media_in) or want_out != Counter(m for m, _ in captions_out):
             raise SkipSample("placeholder mismatch", f"placeholders in {dict(want_in)} out {dict(want_out)}")
+        media_out = _pairs_of_str(obj.get("media_out", []), "media_out") if self.output_media else []
         data = {}
-        for _, ext in media_in:
+        for _, ext in media_in + media_out:
             if ext.lower() not in members:
                 raise SkipSample("missing media member", f"{key}.{ext}")
             data[f"{key}.{ext.lower()}"] = reader.read(members[ext.lower()])
-        conv = Conversation(conv_key, turns, media_in=[(m, f"{key}.{e.lower()}") for m, e in media_in],
-                            captions_out=captions_out)
+        conv = _conversation(conv_key, turns, [(m, f"{key}.{e.lower()}") for m, e in media_in], captions_out,
+                             [(m, f"{key}.{e.lower()}") for m, e in media_out])
         return ShardSample(conv, data, reader.path.name, key, source)
 
     def _pair(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], caption: Any, modality: str,
@@ -540,15 +553,19 @@ class ShardStream(IterableDataset):
         mod = modality_registry.get(modality)
         member = f"{key}.{ext}" if ext else f"{key}.?"
         entry = {"id": conv_key, mod.name_field: member, "caption": caption}
+        generate = self.pair_task == "generate"
         try:
-            if self.pair_task == "generate":  # text -> X: the media is not needed
-                return ShardSample(_pairs_generate(entry, mod, Path(), 0), {}, reader.path.name, key, source)
-            conv = _pairs_caption(entry, mod, Path(), 0)
+            conv = (_pairs_generate if generate else _pairs_caption)(entry, mod, Path(), 0)
         except Skip as e:
             raise SkipSample(str(e)) from None
+        if generate and not self.output_media:  # text -> X: the media is not needed
+            return ShardSample(_conversation(conv.key, conv.turns, [], conv.captions_out, []), {},
+                               reader.path.name, key, source)
         if ext is None or ext not in members:
             raise SkipSample("missing media member", f"no {modality} member" if ext is None else member)
-        conv = Conversation(conv.key, conv.turns, media_in=[(modality, member)])
+        media = [(modality, member)]
+        conv = _conversation(conv.key, conv.turns, [] if generate else media, conv.captions_out,
+                             media if generate else [])
         return ShardSample(conv, {member: reader.read(members[ext])}, reader.path.name, key, source)
 
     # --- bad samples --------------------------------------------------------------------------

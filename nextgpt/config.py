@@ -23,7 +23,7 @@ STAGES = (1, 2, 3)
 TASKS = ("caption", "generate", "instruct")
 DTYPES = ("float32", "float16", "bfloat16")
 CONDITIONINGS = ("last_hidden_state", "text_embeds")
-LOSS_TERMS = ("ce", "align")
+LOSS_TERMS = ("ce", "align", "denoise")
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
                   "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload", "single_device")
@@ -233,6 +233,11 @@ def _check_model(c: _Checker) -> list[str]:
         c.str_(f"{key}.decoder.dtype", DTYPES)
         c.mapping(f"{key}.decoder.generate")
         c.mapping(f"{key}.decoder.save")
+        denoise = c.get(f"{key}.decoder.denoise")
+        if denoise is not None and not isinstance(denoise, bool):
+            c.fail(f"{key}.decoder.denoise", denoise, "must be true or false")
+        elif denoise and modality_registry.get(name).target_loader is None:
+            c.fail(f"{key}.decoder.denoise", denoise, f"no denoising-loss target loader for {name!r} media yet")
     return [m for m in mods if m in known]
 
 

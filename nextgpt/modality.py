@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 Loader = Callable[[Path], torch.Tensor]
 Writer = Callable[[np.ndarray, Path, Any, dict], Path]
+# target media for the denoising loss, in the decoder's pixel space, sized by its generation settings
+TargetLoader = Callable[[Path, Mapping[str, Any]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Modality:
     pipeline_output: str  # attribute of the diffusers pipeline output holding the arrays
     loader: Loader = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
     writer: Writer = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    target_loader: TargetLoader | None = field(repr=False, compare=False, default=None)
 
     # --- token strings -------------------------------------------------------------------
     @property
@@ -69,11 +72,18 @@ class Modality:
     def captions_field(self) -> str:
         return f"{self.name}_captions"
 
-    def load(self, path: str | Path) -> torch.Tensor:
-        return self.loader(Path(path))
+    def load(self, source) -> torch.Tensor:
+        """ImageBind input from a path, bytes or a binary file object (shard members)."""
+        return self.loader(Path(source) if isinstance(source, str) else source)
 
     def write(self, array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
         return self.writer(array, path, pipeline, meta)
+
+    def load_target(self, path: str | Path, spec: Mapping[str, Any]) -> torch.Tensor:
+        """Target media in [-1, 1] at the decoder's size, for the denoising loss."""
+        if self.target_loader is None:
+            raise NotImplementedError(f"no denoising-loss target loader for modality {self.name!r}")
+        return self.target_loader(Path(path) if isinstance(path, str) else path, spec)
 
 
 _REGISTRY: dict[str, Modality] = {}
@@ -114,6 +124,55 @@ def _load_video(path: Path) -> torch.Tensor:
     from nextgpt.encoders.preprocess import load_video
 
     return load_video(path)
+
+
+# --- denoising-loss targets: media in the decoder's own pixel space ---------------------------
+def _fit(image, width: int, height: int):
+    """Centre-crop to the target aspect ratio, then resize (bicubic)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = max(width / w, height / h)
+    rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
+    image = image.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _pixels(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _target_image(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+    from PIL import Image
+
+    from nextgpt.encoders.preprocess import MediaDecodeError
+
+    try:
+        with Image.open(path) as im:
+            return _pixels(_fit(im.convert("RGB"), int(spec["width"]), int(spec["height"])))
+    except (OSError, ValueError) as e:
+        raise MediaDecodeError(path, f"can not read the target image: {e}") from e
+
+
+def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+    """(3, frames, H, W): ``num_frames`` frames spread evenly over the clip."""
+    import av
+    from PIL import Image
+
+    from nextgpt.encoders.preprocess import MediaDecodeError
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise MediaDecodeError(path, f"can not read the target video: {e}") from e
+    if not frames:
+        raise MediaDecodeError(path, "the target video has no frames")
+    n = int(spec["num_frames"])
+    picks = [frames[min(len(frames) - 1, int(i * len(frames) / n))] for i in range(n)]
+    size = (int(spec["width"]), int(spec["height"]))
+    return torch.stack([_pixels(_fit(Image.Image.convert(f, "RGB"), *size)) for f in picks], dim=1)
 
 
 # --- writers: generated arrays -> files, with the generation metadata -----------------------
@@ -171,7 +230,7 @@ IMAGE = register(
     Modality(
         name="image", tag="Img", signal_prefix="IMG", default_num_signal_tokens=4, encoder_modality="vision",
         media_folder="images", extensions=(".jpg", ".jpeg", ".png", ".webp"), output_suffix=".png",
-        pipeline_output="images", loader=_load_image, writer=_write_png,
+        pipeline_output="images", loader=_load_image, writer=_write_png, target_loader=_target_image,
     )
 )
 AUDIO = register(
@@ -185,6 +244,6 @@ VIDEO = register(
     Modality(
         name="video", tag="Vid", signal_prefix="VID", default_num_signal_tokens=24, encoder_modality="vision",
         media_folder="videos", extensions=(".mp4", ".webm", ".mkv", ".avi"), output_suffix=".mp4",
-        pipeline_output="frames", loader=_load_video, writer=_write_mp4,
+        pipeline_output="frames", loader=_load_video, writer=_write_mp4, target_loader=_target_video,
     )
 )

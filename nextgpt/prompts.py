@@ -56,6 +56,8 @@ class Conversation:
     turns: list[tuple[str, str]]  # (human, assistant); the last assistant text may be "" at inference
     media_in: list[tuple[str, str]] = field(default_factory=list)  # (modality, path) in placeholder order
     captions_out: list[tuple[str, str]] = field(default_factory=list)  # (modality, caption) per output group
+    # (modality, path) of the target media of each output group, where known (for the denoising loss)
+    media_out: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -22,6 +22,14 @@ def prepare_backbones(cfg: DictConfig) -> None:
         build_all(Path(cfg.paths.backbones))
 
 
+def denoise_targets(cfg: DictConfig) -> dict:
+    """modality -> decoder generation settings, for the modalities whose denoising loss is on."""
+    if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
+        return {}
+    return {name: OmegaConf.to_container(m.decoder.generate, resolve=True)
+            for name, m in cfg.model.modalities.items() if m.decoder.get("denoise")}
+
+
 def build_datamodule(cfg: DictConfig):
     from datamodules.datamodule import NextGPTDataModule
 
@@ -32,6 +40,7 @@ def build_datamodule(cfg: DictConfig):
         val_fraction=d.val_fraction, seed=cfg.seed,
         synthetic=OmegaConf.to_container(d.synthetic) if d.get("synthetic") else None,
         feature_cache=bool(d.get("feature_cache", True)), cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
+        denoise_targets=denoise_targets(cfg),
     )
 
 

@@ -83,11 +83,27 @@ class NextGPTStage(L.LightningModule):
         self.bundle_names = sorted(set(self.trainable_names) | set(loaded))
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
+        self.denoisers = self.load_denoisers() if self.aligns else {}
         trainable, frozen = parameter_counts(model)
         rank_zero_info(
             f"stage {self.stage} ({type(self).__name__}): trainable {trainable:,} params in "
             f"{len(self.trainable_names)} tensors ({', '.join(self.trainable_groups)}); frozen {frozen:,}"
         )
+
+    def load_denoisers(self) -> dict:
+        """The frozen VAE + UNet of each decoder whose denoising loss is switched on."""
+        from nextgpt.denoising import DenoisingObjective
+        from nextgpt.model import torch_dtype
+
+        if float(self.loss_cfg.get("denoise", 0.0)) <= 0:
+            return {}
+        out = {}
+        for name, m in self.model_cfg["modalities"].items():
+            dec = m["decoder"]
+            if dec.get("denoise"):
+                out[name] = DenoisingObjective(dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32")))
+        rank_zero_info(f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})")
+        return out
 
     # --- alignment targets: each decoder's own text encoder, computed once per caption ------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
@@ -157,6 +173,11 @@ class NextGPTStage(L.LightningModule):
         if self.aligns and out.conditioning:
             targets = self.caption_targets({m: batch["output_captions"][m] for m in out.conditioning})
             losses["align"] = alignment_loss(out.conditioning, targets)
+            media = batch.get("output_media", {})
+            terms = [self.denoisers[m].to(self.device).loss(out.conditioning[m], media[m])
+                     for m in out.conditioning if m in self.denoisers and m in media]
+            if terms:
+                losses["denoise"] = torch.stack(terms).mean()
         losses["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in losses.items())
         return losses
 

@@ -108,6 +108,23 @@ def test_img2dataset_shards_read_as_pairs(sample_root: Path) -> None:
     assert [s.conversation.captions_out for s in generate] == [[("image", captions[s.key])] for s in generate]
 
 
+def test_output_media_on_request(synthetic: Path, tmp_path: Path) -> None:
+    """Targets of output groups (a denoising loss needs them) are read only when asked for."""
+    folder = synthetic / "synthetic_image"
+    prepare_nextgpt(folder, folder.name, "image", tmp_path, shard_size=3)
+    files = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
+    assert all(s.media == {} for s in ShardStream(str(tmp_path / "*-pairs-*.tar"), task="generate"))
+    for pattern, task in (("pairs", "generate"), ("instruct", "instruct")):
+        got = [s for s in ShardStream(str(tmp_path / f"*-{pattern}-*.tar"), task=task, output_media=True)
+               if s.conversation.captions_out]
+        assert len(got) == len(files)
+        for s in got:
+            (data,) = s.media.values()
+            assert data in files.values(), s.where
+            if hasattr(s.conversation, "media_out"):
+                assert s.conversation.media_out == [("image", next(iter(s.media)))]
+
+
 def test_keys_are_tar_safe_unique_and_shards_atomic(tiny_jpg: Path, tmp_path: Path) -> None:
     recs = [pair_record(k, "image", f"caption {i}", tiny_jpg) for i, k in enumerate(["a.b/c", "a_b_c", "x y", "a.b/c"])]
     recs.append(pair_record("lost", "image", "no file", tmp_path / "missing.jpg"))

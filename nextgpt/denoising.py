@@ -1,0 +1,79 @@
+"""The decoding-side denoising loss (REFERENCE.md section 5; optional, weighted).
+
+The target media is encoded to latents by the decoder's own frozen VAE, noised at a random
+timestep by the decoder's noise schedule, and the frozen UNet, conditioned on the output
+projector's conditioning, must predict what the scheduler's ``prediction_type`` names:
+the noise (``epsilon``) or the velocity (``v_prediction``, e.g. SD 2). The current reference
+regressed the noise for a v-prediction model; here the target follows the scheduler config.
+Gradients flow through the frozen UNet into the output projector only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nextgpt.decoders import read_model_index
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict, as its scheduler's ``prediction_type`` says."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported by the denoising loss")
+
+
+class DenoisingObjective:
+    """A decoder's frozen VAE + UNet + training noise schedule. Not an ``nn.Module`` on purpose:
+    nothing here is trained, checkpointed or sharded."""
+
+    def __init__(self, path: str | Path, conditioning: str, dtype: torch.dtype = torch.float32):
+        import diffusers
+
+        index = read_model_index(path)
+        self.path, self.conditioning = Path(path), conditioning
+        self.vae = getattr(diffusers, index["vae"][1]).from_pretrained(path, subfolder="vae", dtype=dtype).eval()
+        self.unet = getattr(diffusers, index["unet"][1]).from_pretrained(path, subfolder="unet", dtype=dtype).eval()
+        for net in (self.vae, self.unet):
+            net.requires_grad_(False)
+        # the training schedule: DDPM on the pipeline's betas, keeping its prediction_type
+        self.scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+
+    def to(self, device: torch.device | str) -> "DenoisingObjective":
+        self.vae.to(device)
+        self.unet.to(device)
+        return self
+
+    @torch.no_grad()
+    def latents(self, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1]: (B, 3, H, W) images or (B, 3, F, H, W) videos -> scaled VAE latents."""
+        video = media.ndim == 5
+        x = media.permute(0, 2, 1, 3, 4).flatten(0, 1) if video else media
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) * self.vae.config.scaling_factor
+        if video:
+            z = z.view(media.shape[0], media.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4)
+        return z
+
+    def loss(self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE between the UNet's prediction, conditioned on ``conditioning`` (groups, seq, width),
+        and the scheduler's target for the noised latents of ``media``."""
+        latents = self.latents(media.to(self.vae.device), generator).float()
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        cond = conditioning.to(self.unet.dtype)
+        kwargs: dict[str, Any] = (
+            {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)} if self.conditioning == "text_embeds"
+            else {"encoder_hidden_states": cond}
+        )
+        pred = self.unet(noisy.to(self.unet.dtype), t, **kwargs).sample
+        return F.mse_loss(pred.float(), denoising_target(self.scheduler, latents, noise, t).float())

@@ -1,0 +1,283 @@
+"""The web demo end to end: train the tiny demo bundle, serve ``python -m nextgpt.demo``, drive it
+in headless Chromium (Playwright on Debian's /usr/bin/chromium).
+
+The browser test is what a user does: attach a real sample image and ask about it (the page must
+show the model's own answer), ask for an image (a generated <img> must appear), then send bad
+input (empty prompt, corrupt file, missing bundle folder) and see each message while the app keeps
+answering. The backend tests check the same rules without a browser, plus that follow-up turns
+pass the history.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+# launch flags that work in this sandbox (no GPU, no sandboxing, no network side traffic)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IMAGE_REQUEST = "Please make an image of a red circle at the top left on a black background"
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+       "GRADIO_ANALYTICS_ENABLED": "False"}
+SCREENSHOT_COPY = Path("/tmp/nextgpt_web_demo.png")
+
+
+def chromium_path() -> Path | None:
+    """Debian's chromium ($NEXTGPT_CHROMIUM overrides); None when it is not installed."""
+    found = os.environ.get("NEXTGPT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return Path(found) if Path(found).is_file() else None
+
+
+def sample_images(root: Path, limit: int = 3) -> list[Path]:
+    """Images named by cc3m/cc3m.json that exist under cc3m/images/ (no hard-coded names)."""
+    index = root / "cc3m" / "cc3m.json"
+    if not index.is_file():
+        pytest.skip(f"{index} not found in the real sample")
+    found = [root / "cc3m" / "images" / e["image_name"] for e in json.loads(index.read_text()) if e.get("image_name")]
+    found = [p for p in found if p.is_file()][:limit]
+    if not found:
+        pytest.skip(f"no image named in {index} exists under {root / 'cc3m' / 'images'}")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- fixtures: one trained bundle, one in-process generator, one served app per module ------------
+@pytest.fixture(scope="module")
+def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's tiny three-stage demo, trained into tmp (about 1.5 min on 2 cores)."""
+    root = tmp_path_factory.mktemp("web_demo_train")
+    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=demo", f"paths.root={root}",
+           f"paths.cache_dir={tiny_cache}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900)
+    bundle = root / "bundles" / "stage3"
+    assert proc.returncode == 0 and (bundle / "trainable.safetensors").is_file(), (
+        f"training the demo bundle failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def generator(demo_bundle: Path):
+    from nextgpt.generate import Generator
+
+    return Generator(demo_bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``python -m nextgpt.demo`` on a free port, as a user starts it; yields (url, out dir)."""
+    work = tmp_path_factory.mktemp("web_demo_app")
+    out, log_path, port = work / "out", work / "server.log", free_port()
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "nextgpt.demo", "--bundle", str(demo_bundle), "--host", "127.0.0.1",
+                             "--port", str(port), "--out", str(out)],
+                            cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the demo server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the demo server did not answer on {url}:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url, out
+        assert proc.poll() is None, f"the demo server died during the test:\n{log_path.read_text()[-4000:]}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium through Playwright (never `playwright install`: no download here)."""
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra (playwright) is not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(exe), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+# --- the browser test -----------------------------------------------------------------------------
+@pytest.mark.real_data
+def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    url, out = server
+    image = sample_images(sample_root, limit=1)[0]
+    expected = generator.chat("Describe this image.", [image], max_new_tokens=64).text
+    assert expected.strip(), "the tiny model gave an empty answer; nothing to look for on the page"
+    broken = tmp_path / f"broken_{image.name}"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG " * 8)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    bot = page.locator("#chat [data-testid='bot']")
+    status = page.locator("#status")
+
+    def send(text: str) -> None:
+        page.fill("#prompt textarea", text)
+        page.click("#send")
+
+    def attach(path: Path) -> None:
+        page.locator("#image-upload input[type=file]").set_input_files(str(path))
+        expect(page.locator("#image-upload")).to_contain_text(path.name, timeout=30_000)
+
+    # 1. a real cc3m image + a question: the page shows the model's own answer
+    attach(image)
+    send("Describe this image.")
+    expect(bot).to_have_count(1, timeout=90_000)
+    expect(status).to_contain_text("answered", timeout=10_000)
+    shown = " ".join(bot.last.inner_text().split())
+    assert " ".join(expected.split()) in shown, (expected, shown)
+    expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)  # the attached image, inline
+
+    # 2. a new conversation asking for an image: a generated <img> in the answer, and a download link
+    page.click("#clear")
+    expect(bot).to_have_count(0, timeout=10_000)
+    send(IMAGE_REQUEST)
+    expect(bot).to_have_count(1, timeout=120_000)
+    generated = bot.last.locator("img[src*='image_0.png']")
+    expect(generated).to_have_count(1, timeout=30_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=generated.element_handle(),
+                           timeout=30_000)
+    expect(page.locator("#downloads")).to_contain_text("image_0.png", timeout=10_000)
+    assert list(out.rglob("image_0.png")), f"no generated image under {out}"
+
+    # 3. bad input: each gives a message in the status box, the conversation survives
+    send("")
+    expect(status).to_contain_text("the prompt is empty", timeout=30_000)
+    expect(bot).to_have_count(1)
+    page.screenshot(path=str(tmp_path / "web_demo.png"), full_page=True)
+    shutil.copyfile(tmp_path / "web_demo.png", SCREENSHOT_COPY)
+
+    attach(broken)
+    send("Describe this image.")
+    expect(status).to_contain_text(broken.name, timeout=60_000)
+    expect(status).to_contain_text("Error", timeout=1_000)
+    expect(bot).to_have_count(1)
+
+    page.locator("#bundle textarea, #bundle input").first.fill(str(tmp_path / "no_such_bundle"))
+    page.click("#load-bundle")
+    expect(status).to_contain_text("does not exist", timeout=30_000)
+
+    # 4. still up and answering with the model it had
+    page.click("#clear")
+    expect(bot).to_have_count(0, timeout=10_000)
+    attach(image)
+    send("Describe this image.")
+    expect(bot).to_have_count(1, timeout=90_000)
+    assert " ".join(expected.split()) in " ".join(bot.last.inner_text().split())
+    assert not page_errors, page_errors
+    page.close()
+
+
+# --- the backend without a browser ----------------------------------------------------------------
+def test_backend_refuses_bad_input_with_clear_messages(generator, tmp_path: Path) -> None:
+    from nextgpt.demo import ChatState, DemoBackend, DemoInputError
+
+    backend = DemoBackend(generator, out_dir=tmp_path / "out", max_prompt_chars=40)
+    state = ChatState()
+    none = {"image": None, "audio": None, "video": None}
+    with pytest.raises(DemoInputError, match="prompt is empty"):
+        backend.answer("   ", none, state)
+    with pytest.raises(DemoInputError, match="41 characters long; the limit is 40"):
+        backend.answer("x" * 41, none, state)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(DemoInputError, match=r"notes.txt: unsupported image file type '.txt'"):
+        backend.answer("Describe this image.", {**none, "image": str(text)}, state)
+    png = tmp_path / "pic.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(png)
+    with pytest.raises(DemoInputError, match="pic.png holds image, not audio: put it in the Image box"):
+        backend.answer("What is this sound?", {**none, "audio": str(png)}, state)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        backend.answer("Describe this image.", {**none, "image": str(corrupt)}, state)
+    assert state == ChatState(), "a refused request must leave the conversation as it was"
+
+
+def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> None:
+    from nextgpt.demo import ChatState, DemoBackend, DemoInputError, build_app, load_generator
+
+    with pytest.raises(DemoInputError, match="does not exist"):
+        load_generator(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DemoInputError, match="is not a stage bundle: it has no trainable.safetensors / config.yaml"):
+        load_generator(tmp_path / "empty")
+
+    backend = DemoBackend(generator, out_dir=tmp_path / "out")
+    msg = backend.load_bundle(str(tmp_path / "empty"))
+    assert "Error" in msg and "not a stage bundle" in msg
+    assert backend.generator is generator, "a failed load keeps the model that was serving"
+
+    idle = DemoBackend(None, bundle_error="bundle folder /x does not exist")
+    with pytest.raises(DemoInputError, match="no model is loaded .*does not exist"):
+        idle.answer("hello", {}, ChatState())
+    app = build_app(None, bundle_error="bundle folder /x does not exist", out_dir=tmp_path / "out")
+    assert "does not exist" in app.backend.describe()
+
+
+@pytest.mark.real_data
+def test_follow_up_turns_carry_history_and_media(generator, sample_root: Path, tmp_path: Path) -> None:
+    from nextgpt.demo import ChatState, DemoBackend
+
+    calls: list[dict] = []
+
+    class Spy:
+        """The real generator, recording what each turn passes."""
+
+        bundle, stage = generator.bundle, getattr(generator, "stage", 3)
+
+        def chat(self, prompt, media=(), history=(), *, history_media=(), **kw):
+            calls.append({"prompt": prompt, "media": list(media), "history": list(history),
+                          "history_media": list(history_media)})
+            return generator.chat(prompt, media, history, history_media=history_media, **kw)
+
+    image = str(sample_images(sample_root, limit=1)[0])
+    backend = DemoBackend(Spy(), out_dir=tmp_path / "out")
+    s1, r1 = backend.answer("What is in this picture?", {"image": image}, ChatState(), max_new_tokens=24)
+    s2, r2 = backend.answer(IMAGE_REQUEST, {}, s1, max_new_tokens=48)
+    assert calls[0]["prompt"] == "<image>\nWhat is in this picture?" and calls[0]["media"] == [image]
+    assert calls[1]["history"] == [("<image>\nWhat is in this picture?", r1.text)]
+    assert calls[1]["history_media"] == [image] and calls[1]["media"] == []
+    assert s2.turns[-1] == (IMAGE_REQUEST, r2.text) and s2.media == [image] and s1.session == s2.session

@@ -1,0 +1,102 @@
+"""The denoising loss regresses what the scheduler's prediction_type names, and with it switched
+on a stage still changes exactly its trainable tensors (the VAE and UNet stay frozen)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from omegaconf import OmegaConf
+
+from nextgpt.denoising import DenoisingObjective, denoising_target
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_target_follows_prediction_type(kind):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    target = denoising_target(sched, latents, noise, t)
+    if kind == "epsilon":
+        assert torch.equal(target, noise)
+    else:
+        abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(target, abar.sqrt() * noise - (1 - abar).sqrt() * latents)
+        assert not torch.allclose(target, noise)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_loss_regresses_the_scheduler_target(tiny_cache, tmp_path, kind):
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_cache / "tiny_backbones" / "sd", sd)
+    cfg_path = sd / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(cfg_path.read_text())
+    sched_cfg["prediction_type"] = kind  # SD 2 is a v-prediction model
+    cfg_path.write_text(json.dumps(sched_cfg))
+    obj = DenoisingObjective(sd, "last_hidden_state")
+    assert obj.scheduler.config.prediction_type == kind
+    media = torch.rand(2, 3, 32, 32) * 2 - 1
+    cond = torch.randn(2, 77, 32)
+    loss = obj.loss(cond, media, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws, by hand
+    latents = obj.latents(media, g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    abar = obj.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    pred = obj.unet(noisy, t, encoder_hidden_states=cond).sample
+    target = noise if kind == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    torch.testing.assert_close(loss, F.mse_loss(pred, target), rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
+    from tests.unit.test_stages import build_stage
+
+    cfg = tiny_config("stage=2", "stage.loss.denoise=1.0")
+    module = build_stage(cfg)
+    assert sorted(module.denoisers) == ["image", "video"]  # audio's target front end is not implemented
+    from datamodules.datamodule import Collator, ConversationDataset
+    from nextgpt.run import denoise_targets
+
+    targets = denoise_targets(cfg)
+    ds = ConversationDataset([], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512,
+                             denoise_targets=targets)
+    assert set(targets) == {"image", "video"}
+    from datamodules.nextgpt_layout import read_source  # two text-to-X samples per modality, with target media
+
+    convs = []
+    for src in cfg.dataset.sources:
+        convs += read_source(src.name, src.modality, src.root, "generate")[0][:2]
+    ds.conversations = convs
+    batch = Collator(module.tokenizer.pad_token_id, 4)([ds[i] for i in range(len(ds))])
+    assert set(batch["output_media"]) == {"image", "video"}
+    assert batch["output_media"]["image"].shape == (2, 3, 32, 32) and batch["output_media"]["video"].shape == (2, 3, 8, 32, 32)
+
+    model = module.model
+    frozen_decoders = {f"{m}.{n}": p.detach().clone() for m, d in module.denoisers.items()
+                       for n, p in [*d.unet.named_parameters(), *d.vae.named_parameters()]}
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.train()
+    losses = module.compute_loss(batch)
+    assert torch.isfinite(losses["denoise"]) and losses["denoise"] > 0
+    losses["loss"].backward()
+    opt.step()
+    after = model.state_dict()
+    assert {n for n in before if not torch.equal(before[n], after[n])} == {n for n, p in model.named_parameters() if p.requires_grad}
+    for m, d in module.denoisers.items():
+        for n, p in [*d.unet.named_parameters(), *d.vae.named_parameters()]:
+            assert not p.requires_grad and p.grad is None and torch.equal(p, frozen_decoders[f"{m}.{n}"])
+    OmegaConf.to_container(cfg)  # the config still serialises
+
+
+def test_denoise_on_audio_is_refused_by_the_schema(tiny_config):
+    from nextgpt.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="model.modalities.audio.decoder.denoise=True: no denoising-loss target loader"):
+        validate(tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true"))
