@@ -52,25 +52,29 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Item | None:
         conv = self.conversations[index]
+        try:
+            return self.build_item(conv, self._load)
+        except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
+            log.warning("skipped sample %r: %s", conv.key, e)
+            return None
+
+    def _load(self, name: str, path: str) -> tuple[torch.Tensor, bool]:
+        """(tensor, is a cached feature) for one input media file."""
+        if path in self.features:
+            store, key = self.features[path]
+            if key in store.failed:
+                raise ValueError(store.failed[key])
+            return torch.from_numpy(store.get(key)).float(), True
+        return modality_registry.get(name).load(path), False
+
+    def build_item(self, conv: Conversation, load) -> Item:
+        """Tokenise ``conv`` and read its input media with ``load(modality, path) -> (tensor, cached)``;
+        the shard pipeline passes a loader that reads tar members instead of files."""
         enc = encode_conversation(
             conv, self.tokenizer, self.layout, self.template,
             num_media_tokens=self.num_media_tokens, max_length=self.max_length, slot_id=self.slot_id,
         )
-        media = []
-        for _, name, i in enc.media_slots:
-            path = conv.media_in[i][1]
-            if path in self.features:
-                store, key = self.features[path]
-                if key in store.failed:
-                    log.warning("skipped sample %r: %s", conv.key, store.failed[key])
-                    return None
-                media.append((name, torch.from_numpy(store.get(key)).float(), True))
-                continue
-            try:
-                media.append((name, modality_registry.get(name).load(path), False))
-            except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
-                log.warning("skipped sample %r: %s", conv.key, e)
-                return None
+        media = [(name, *load(name, conv.media_in[i][1])) for _, name, i in enc.media_slots]
         captions = [conv.captions_out[i] for _, _, i in enc.signal_groups]
         targets = [self._target(conv, i) for _, _, i in enc.signal_groups]
         return Item(conv.key, enc.input_ids, enc.labels, media, [s for s, _, _ in enc.media_slots], captions,

@@ -148,8 +148,11 @@ def decode_media(sample: ShardSample) -> list[tuple[str, torch.Tensor]]:
 # ------------------------------------------------------------------------------------------------
 # shard lists and counts
 # ------------------------------------------------------------------------------------------------
-def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Shard files from a folder (its ``*.tar``, sorted), a brace pattern, a glob, a file, or a list of these."""
+def expand_shards(spec: str | Path | Iterable[str | Path], *, allow_repeats: bool = False) -> list[Path]:
+    """Shard files from a folder (its ``*.tar``, sorted), a brace pattern, a glob, a file, or a list of these.
+
+    A shard listed twice is an error (its samples would be read twice per pass) unless
+    ``allow_repeats``: weighted mixtures repeat a source's shards on purpose."""
     import braceexpand
 
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
@@ -174,7 +177,7 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
     if not out:
         raise ValueError(f"no shards in {spec!r}")
     dupes = [p for p, n in Counter(p.resolve() for p in out).items() if n > 1]
-    if dupes:
+    if dupes and not allow_repeats:
         raise ValueError(f"shard {dupes[0]} is listed twice: its samples would be read twice per pass")
     return out
 
@@ -309,13 +312,18 @@ class ShardStream(IterableDataset):
         max_skip_fraction: float | None = 0.1,
         min_samples: int = 20,
         output_media: bool = False,
+        path_modality: Mapping[str | Path, str] | None = None,
+        allow_repeats: bool = False,
     ):
         """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
         ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
         meeting a pair without it is a configuration error). ``rank`` / ``world_size`` override
         ``torch.distributed`` (tests). ``epochs``: passes per iteration, ``None`` for endless.
         ``output_media``: also read the target media of output groups (generate pairs, records'
-        ``media_out``) into ``media``, e.g. for a denoising loss; off, they are not read at all."""
+        ``media_out``) into ``media``, e.g. for a denoising loss; off, they are not read at all.
+        ``path_modality``: per-shard modality of plain pairs, overriding ``modality`` (mixtures of
+        img2dataset and video2dataset shards). A shard may be listed more than once: a source
+        weighted 2 is read twice per pass."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
         if pair_task is not None and pair_task not in PAIR_TASKS:
@@ -328,7 +336,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"shuffle_shards must be >= 1, got {shuffle_shards}")
         if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
-        self.paths = expand_shards(shards)
+        self.paths = expand_shards(shards, allow_repeats=allow_repeats)
         self.counts = shard_counts(self.paths)
         self.total = sum(self.counts)
         if self.total == 0:
@@ -339,6 +347,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.output_media = bool(output_media)
+        self.path_modality = {Path(k): v for k, v in (path_modality or {}).items()}
+        for name in self.path_modality.values():
+            modality_registry.get(name)
         self.fingerprint = hashlib.sha1(
             json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]).encode()
         ).hexdigest()
@@ -499,9 +510,10 @@ class ShardStream(IterableDataset):
                 raise SkipSample("unreadable caption", str(e)) from None
         else:
             caption = obj.get("caption") if obj is not None else None
-        if self.modality is None:
+        modality = self.path_modality.get(reader.path, self.modality)
+        if modality is None:
             raise ValueError(f"{shard}:{key} is a plain text-X pair (no prepare record): give the stream modality=")
-        mod = modality_registry.get(self.modality)
+        mod = modality_registry.get(modality)
         media = [ext for ext in members if "." + ext.rsplit(".", 1)[-1] in mod.extensions]
         return self._pair(reader, key, members, caption, mod.name, media[0] if media else None, None, key)
 

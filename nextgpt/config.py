@@ -24,6 +24,7 @@ TASKS = ("caption", "generate", "instruct")
 DTYPES = ("float32", "float16", "bfloat16")
 CONDITIONINGS = ("last_hidden_state", "text_embeds")
 LOSS_TERMS = ("ce", "align", "denoise")
+LOADERS = ("json", "shards")
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
                   "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload", "single_device")
@@ -250,11 +251,20 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
     from nextgpt.prompts import TEMPLATES
 
     c.str_("dataset.template", TEMPLATES)
+    loader = c.get("dataset.loader") or "json"
+    if loader not in LOADERS:
+        c.fail("dataset.loader", loader, f"must be one of {list(LOADERS)}")
     sources = c.sequence("dataset.sources") or []
-    for i, _ in enumerate(sources):
+    for i, src in enumerate(sources):
         key = f"dataset.sources[{i}]"
         c.str_(f"{key}.name")
-        c.str_(f"{key}.root")
+        if loader == "shards" and src.get("urls") is not None:
+            c.str_(f"{key}.urls")
+        else:
+            c.str_(f"{key}.root")
+        weight = src.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            c.fail(f"{key}.weight", weight, "must be a positive integer (passes over the source per epoch)")
         mod = c.str_(f"{key}.modality")
         if mod and mod not in modality_registry.names():
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
@@ -310,11 +320,25 @@ def previous_bundle(cfg: DictConfig) -> str | None:
 
 
 def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
-    """Missing JSON files of the dataset's sources for ``task`` (none for generated data)."""
+    """Missing JSON files of the dataset's sources for ``task`` (none for generated data); for
+    sharded sources, neither shards nor the layout they are written from."""
     from datamodules.nextgpt_layout import json_files
 
     if cfg.dataset.get("synthetic"):
         return []
+    if cfg.dataset.get("loader", "json") == "shards":
+        from datamodules.shard_datamodule import source_shards
+
+        errors = []
+        for i, src in enumerate(cfg.dataset.sources):
+            if src.get("urls"):
+                if not source_shards(src, task, cfg.paths.shards):
+                    errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
+            elif not source_shards(src, task, cfg.paths.shards) and not (Path(src.root) / f"{src.name}.json").is_file():
+                errors.append(f"dataset.sources[{i}].root={src.root!r}: no shards in "
+                              f"{Path(cfg.paths.shards) / src.name} and no {Path(src.root) / (src.name + '.json')} "
+                              f"to write them from (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
+        return errors
     return [
         f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"
         for i, src in enumerate(cfg.dataset.sources)

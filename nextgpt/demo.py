@@ -260,7 +260,7 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 downloads = gr.File(label="Generated files", file_count="multiple", interactive=False,
                                     elem_id="downloads", height=140)
-                with gr.Accordion("Bundle", open=generator is None):
+                with gr.Accordion("Bundle", open=generator is None, elem_id="bundle-panel"):
                     bundle_box = gr.Textbox(value=str(bundle_path or ""), label="Stage bundle folder",
                                             elem_id="bundle")
                     load = gr.Button("Load bundle", elem_id="load-bundle")

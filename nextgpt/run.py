@@ -34,6 +34,15 @@ def build_datamodule(cfg: DictConfig):
     from datamodules.datamodule import NextGPTDataModule
 
     d = cfg.dataset
+    if d.get("loader", "json") == "shards":
+        from datamodules.shard_datamodule import ShardDataModule
+
+        return ShardDataModule(
+            sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
+            template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
+            seed=cfg.seed, shards_root=cfg.paths.shards, shuffle=bool(d.get("shuffle", True)),
+            shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
+        )
     return NextGPTDataModule(
         sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
         template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,

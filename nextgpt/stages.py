@@ -132,6 +132,11 @@ class NextGPTStage(L.LightningModule):
             for caption, emb in zip(chunk, conditioner.encode(chunk).cpu()):
                 self.caption_cache[(name, caption)] = emb
 
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if hasattr(dm, "set_epoch"):  # streamed data: a new pass order per epoch
+            dm.set_epoch(self.current_epoch)
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.aligns and dm is not None and hasattr(dm, "conversations_by_source"):
@@ -188,6 +193,8 @@ class NextGPTStage(L.LightningModule):
         bs = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
         self.log("data/skipped", float(batch.get("num_skipped", 0)), reduce_fx="sum", batch_size=bs)
+        for reason, n in batch.get("skipped_by_reason", {}).items():
+            self.log(f"data/skipped/{reason}", float(n), reduce_fx="sum", batch_size=bs)
         self.log("data/truncated", float(batch.get("num_truncated", 0)), reduce_fx="sum", batch_size=bs)
         return losses["loss"]
 

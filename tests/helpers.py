@@ -13,3 +13,15 @@ class CrashAfter(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash after step {trainer.global_step}")
+
+
+class RecordKeys(L.Callback):
+    """Append the sample keys of every training batch to ``path`` (one line per step)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch is not None:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step} " + " ".join(batch["keys"]) + "\n")

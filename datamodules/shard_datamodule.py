@@ -1,0 +1,182 @@
+"""The DataModule for WebDataset shards: one stream over every source's shards, mixed by weight,
+split exactly over ranks x workers, resumable mid-epoch through the Lightning checkpoint.
+
+Sources are ``{name, modality, weight, root?, shards?, urls?}``:
+
+- ``urls``: shards as they are (a folder, a brace pattern or a glob), e.g. what img2dataset or
+  video2dataset wrote; plain ``{key}.jpg + {key}.txt`` pairs take the source's ``modality``.
+- otherwise ``shards`` (default ``${paths.shards}/<name>``) holding ``<name>-pairs-*.tar`` (stages 1
+  and 2) and ``<name>-instruct-*.tar`` (stage 3). Where they are missing but the NExT-GPT layout is
+  under ``root``, ``prepare_data`` writes them first (``python -m datamodules.prepare`` does the same).
+
+``weight`` (a positive integer) is how many times a source is read per pass: the mixture is exact
+and deterministic, so resume stays exact too.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.datamodule import Collator, ConversationDataset, Item
+from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
+from nextgpt import modality as modality_registry
+
+log = logging.getLogger(__name__)
+
+
+def shard_set(task: str) -> str:
+    return "instruct" if task == "instruct" else "pairs"
+
+
+def source_shards(src: Mapping[str, Any], task: str, shards_root: str | Path) -> list[Path]:
+    """The shard files a source contributes to ``task`` (empty when none are written yet)."""
+    if src.get("urls"):
+        return expand_shards(src["urls"])
+    folder = Path(src.get("shards") or Path(shards_root) / src["name"])
+    return sorted(folder.glob(f"{src['name']}-{shard_set(task)}-*.tar")) if folder.is_dir() else []
+
+
+class _Sized(IterableDataset):
+    """The stream with a length (samples per rank per pass), so Lightning can size the LR schedule
+    and the progress bar. Iteration is the stream's own; samples that fail are skipped, so an
+    epoch may end a few steps early."""
+
+    def __init__(self, stream: ShardStream, world_size: int):
+        self.stream, self.world_size = stream, world_size
+
+    def __iter__(self):
+        return iter(self.stream)
+
+    def __len__(self) -> int:
+        return math.ceil(self.stream.total / self.world_size)
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        sources: Sequence[Mapping[str, Any]],
+        task: str,
+        model: Mapping[str, Any],
+        template: str = "vicuna_v0",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        max_length: int = 512,
+        seed: int = 0,
+        shards_root: str = "shards",
+        shuffle: bool = True,
+        shard_size: int = 1000,
+        max_skip_fraction: float = 0.1,
+        min_samples: int = 20,
+    ):
+        super().__init__()
+        self.sources = [dict(s) for s in sources]
+        self.task, self.model_cfg, self.template = task, model, template
+        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
+        self.seed, self.shards_root, self.shuffle, self.shard_size = seed, shards_root, shuffle, shard_size
+        self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
+        self.stream: ShardStream | None = None
+        self.conversations_by_source: list = []  # streamed: caption targets are computed as they come
+        self.cache_fallback = str(Path(shards_root).parent / ".cache" / "features")
+        self._pending_state: dict | None = None
+
+    def prepare_data(self) -> None:
+        """Write the shards of sources that have the NExT-GPT layout but no shards yet."""
+        from datamodules.prepare import prepare_nextgpt
+
+        for src in self.sources:
+            if src.get("urls") or source_shards(src, self.task, self.shards_root):
+                continue
+            root = src.get("root")
+            folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
+            if not root or not (Path(root) / f"{src['name']}.json").is_file():
+                raise FileNotFoundError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout "
+                                        f"at {root}/{src['name']}.json to write them from")
+            log.info("data: writing %s shards of %r from %s into %s", shard_set(self.task), src["name"], root, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            prepare_nextgpt(root, src["name"], src["modality"], folder, sets=[shard_set(self.task)],
+                            shard_size=self.shard_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stream is not None:
+            return
+        from nextgpt.model import load_tokenizer
+
+        self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
+        paths: list[Path] = []
+        path_modality: dict[Path, str] = {}
+        for src in self.sources:
+            found = source_shards(src, self.task, self.shards_root)
+            if not found:
+                raise FileNotFoundError(f"dataset source {src['name']!r}: no {shard_set(self.task)} shards found "
+                                        f"({src.get('urls') or Path(self.shards_root) / src['name']})")
+            weight = int(src.get("weight", 1))
+            paths += found * weight
+            path_modality.update({p: src["modality"] for p in found})
+            log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
+        self.items = ConversationDataset([], self.tokenizer, self.layout, self.template,
+                                         int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length)
+        self.stream = ShardStream(
+            paths, task=self.task, pair_task=None if self.task == "instruct" else self.task, seed=self.seed,
+            shuffle=self.shuffle, epochs=1, transform=self._item, max_skip_fraction=self.max_skip_fraction,
+            min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
+        )
+        if self._pending_state is not None:
+            self.stream.load_state_dict(self._pending_state)
+            self._pending_state = None
+        log.info("data: %r", self.stream)
+
+    def _item(self, sample: ShardSample) -> Item:
+        """Tokenise a streamed sample; its media are read from the tar members' bytes."""
+        def load(name: str, member: str):
+            data = io.BytesIO(sample.media[member])
+            data.name = f"{sample.shard}:{member}"
+            return modality_registry.get(name).load(data), False
+
+        return self.items.build_item(sample.conversation, load)
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(
+            _Sized(self.stream, world), batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens)),
+            persistent_workers=False,
+        )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if batch is not None and "stream_positions" in batch:
+            positions = batch.pop("stream_positions")
+            reasons: dict[str, int] = {}
+            for p in positions:  # skips since the previous delivered sample, by reason
+                for reason, n in p.skipped:
+                    reasons[reason] = reasons.get(reason, 0) + n
+            batch["num_skipped"] = batch.get("num_skipped", 0) + sum(reasons.values())
+            batch["skipped_by_reason"] = reasons
+            if self.trainer is None or self.trainer.training:
+                self.stream.mark_consumed(positions)
+        return batch
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.stream is not None:
+            self.stream.set_epoch(epoch)
+
+    @property
+    def skipped(self):
+        return self.stream.skipped if self.stream is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_stream": self.stream.state_dict()} if self.stream is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "train_stream" not in state:
+            return
+        if self.stream is None:
+            self._pending_state = dict(state["train_stream"])
+        else:
+            self.stream.load_state_dict(state["train_stream"])
