@@ -18,16 +18,17 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # no telemetry / version check: the demo must work offline (set before gradio is imported)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from nextgpt import modality as modality_registry  # noqa: E402
+from nextgpt import modality as modality_registry
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class DemoBackend:
             except DemoInputError as e:
                 return _status(str(e), "error")
             self.generator, self.bundle_error = gen, None
-        return _status(f"loaded {self.describe()}", "ok")
+        return _status(f"bundle loaded. {self.describe()}", "ok")
 
     # --- one chat turn --------------------------------------------------------------------------
     def validate(self, prompt: str | None, uploads: dict[str, str | None]) -> tuple[str, list[str]]:
@@ -234,7 +235,7 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
         app.backend = backend  # type: ignore[attr-defined]  # for tests and embedding
         gr.Markdown("## NExT-GPT: any-to-any chat\nAsk about attached media, or ask for an image, a sound or a "
                     "video (\u201cPlease make an image of a red circle at the top left on a black background\u201d).")
-        header = gr.Markdown(backend.describe(), elem_id="model-info")
+        header = gr.Markdown(html.escape(backend.describe(), quote=False), elem_id="model-info")
         state = gr.State(ChatState())
         with gr.Row():
             with gr.Column(scale=3):
@@ -272,11 +273,11 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
             try:
                 new, res = backend.answer(text, dict(zip(names, files_in)), st, max_new_tokens=n_tok or 64,
                                           temperature=temp or 0.0, seed=int(sd or 0))
-            except Exception as e:  # noqa: BLE001 - the app must stay up whatever happens
+            except Exception as e:  # the app must stay up whatever happens
                 if not isinstance(e, ValueError):
                     log.exception("demo: request failed")
                 return (skip, skip, skip, *[skip] * len(names), _status(_error_text(e), "error"), skip)
-            human, answer = new.turns[-1]
+            answer = new.turns[-1][1]
             attached = new.media[len(st.media):]
             messages.append({"role": "user", "content": [_display(text.strip()), *[{"path": p} for p in attached]]})
             produced = [f for name in names for f in res.files.get(name, [])]
@@ -293,10 +294,10 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
         def load_bundle(path):
             try:
                 msg = backend.load_bundle(path)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # a handler never raises: the page shows the reason
                 log.exception("demo: loading a bundle failed")
                 msg = _status(_error_text(e), "error")
-            return msg, backend.describe()
+            return msg, html.escape(backend.describe(), quote=False)
 
         outputs = [chatbot, state, prompt, *uploads.values(), status, downloads]
         inputs = [prompt, *uploads.values(), max_new, temperature, seed, chatbot, state]
