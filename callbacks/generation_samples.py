@@ -19,12 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class GenerationSamples(L.Callback):
-    def __init__(self, prompts: Sequence[Any], directory: str, every_n_steps: int = 0, max_new_tokens: int = 48,
-                 seed: int = 0):
-        """``prompts``: strings, or ``{"prompt": str, "media": [paths]}``; ``every_n_steps=0``: only at the end."""
+    def __init__(self, prompts: Sequence[Any], directory: str, every_n_steps: int = 0, every_n_validations: int = 0,
+                 max_new_tokens: int = 48, seed: int = 0):
+        """``prompts``: strings, or ``{"prompt": str, "media": [paths]}``. Samples are drawn every
+        ``every_n_steps`` optimizer steps and/or every ``every_n_validations`` validation runs
+        (0: off), and always when the stage ends."""
         self.prompts = [{"prompt": p["prompt"], "media": list(p.get("media") or [])} if isinstance(p, Mapping)
                         else {"prompt": str(p), "media": []} for p in prompts]
-        self.directory, self.every_n_steps = Path(directory), every_n_steps
+        self.directory, self.every_n_steps, self.every_n_validations = Path(directory), every_n_steps, every_n_validations
+        self._validations = 0
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self._generator = None
         self._last_step = -1
@@ -42,6 +45,13 @@ class GenerationSamples(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step:
+            self.sample(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self.every_n_validations and self._validations % self.every_n_validations == 0:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import html
-import inspect
 import logging
 import os
-import re
 import threading
 import uuid
 from collections.abc import Sequence
@@ -29,6 +27,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 from nextgpt import modality as modality_registry
+from nextgpt.generate import with_placeholders
+from nextgpt.prompts import placeholder_pattern
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,9 @@ class ChatState:
     files: list[str] = field(default_factory=list)  # every generated file so far (download list)
 
 
-def _placeholder_re() -> re.Pattern:
-    names = "|".join(re.escape(n) for n in modality_registry.names())
-    return re.compile(rf"<({names})>")
-
-
 def _display(text: str) -> str:
     """Placeholders as code: a bare ``<image>`` would be parsed by the browser as an <img> tag."""
-    return _placeholder_re().sub(lambda m: f"`{m.group(0)}`", text)
+    return placeholder_pattern().sub(lambda m: f"`{m.group(0)}`", text)
 
 
 def _status(message: str, kind: str = "info") -> str:
@@ -165,30 +160,6 @@ class DemoBackend:
             media.append(str(path))
         return prompt, media
 
-    def _with_placeholders(self, prompt: str, media: Sequence[str]) -> str:
-        """Put a placeholder in front of the prompt for each attached file it does not mention
-        (the training data's "<image>\\nquestion" layout)."""
-        from nextgpt.generate import modality_of_file
-
-        counts = {n: prompt.count(modality_registry.get(n).placeholder) for n in modality_registry.names()}
-        front = []
-        for p in media:
-            name = modality_of_file(p)
-            if counts[name]:
-                counts[name] -= 1
-            else:
-                front.append(modality_registry.get(name).placeholder)
-        return "\n".join([" ".join(front), prompt]) if front else prompt
-
-    def _history_kwargs(self, state: ChatState) -> dict[str, Any]:
-        """History as ``Generator.chat`` takes it: with earlier media when it accepts
-        ``history_media``; otherwise as text only (placeholders dropped, so they can not
-        claim this turn's media)."""
-        if "history_media" in inspect.signature(self.generator.chat).parameters:
-            return {"history": list(state.turns), "history_media": list(state.media)}
-        strip = _placeholder_re()
-        return {"history": [(strip.sub("", h).strip(), strip.sub("", a).strip()) for h, a in state.turns]}
-
     def answer(self, prompt: str | None, uploads: dict[str, str | None], state: ChatState, *,
                max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> tuple[ChatState, Any]:
         """Run one turn; returns the new state (the old one is untouched) and the result."""
@@ -200,12 +171,12 @@ class DemoBackend:
             raise DemoInputError(f"max new tokens must be between 1 and 4096, not {max_new_tokens}")
         if float(temperature) < 0:
             raise DemoInputError(f"temperature must be >= 0, not {temperature}")
-        full = self._with_placeholders(prompt, media)
+        full = with_placeholders(prompt, media)
         session = state.session or uuid.uuid4().hex[:12]
         out = self.out_dir / session / f"turn{len(state.turns)}"
         with self.lock:
             res = self.generator.chat(full, media, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                      seed=int(seed), out_dir=out, **self._history_kwargs(state))
+                                      seed=int(seed), out_dir=out, history=list(state.turns), history_media=list(state.media))
         files = [str(f) for name in modality_registry.names() for f in res.files.get(name, [])]
         new = ChatState(session, [*state.turns, (full, res.text)], [*state.media, *media], [*state.files, *files])
         return new, res
@@ -266,7 +237,7 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
                                             elem_id="bundle")
                     load = gr.Button("Load bundle", elem_id="load-bundle")
 
-        def respond(text, *args):
+        def respond(text: str, *args: Any) -> tuple:
             """One turn; every failure (bad input or not) ends up in the status box."""
             files_in, (n_tok, temp, sd, messages, st) = args[: len(names)], args[len(names):]
             messages = list(messages or [])
@@ -288,10 +259,10 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
                 f", {len(produced)} file(s) generated" if produced else "") + ")" + (f"; note: {note}" if note else "")
             return (messages, new, "", *[None] * len(names), _status(done, "ok"), new.files or None)
 
-        def reset():
+        def reset() -> tuple:
             return [], ChatState(), "", *[None] * len(names), _status("new conversation", "info"), None
 
-        def load_bundle(path):
+        def load_bundle(path: str) -> tuple[str, str]:
             try:
                 msg = backend.load_bundle(path)
             except Exception as e:  # a handler never raises: the page shows the reason

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +142,16 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
     return done
 
 
+def _drop_partial_line(path: Path) -> None:
+    """A process killed while writing leaves a last line without its newline: cut it off, so
+    that what is appended next starts on a line of its own (that sample is answered again)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def _samples(cfg: DictConfig):
     from nextgpt.benchmarks import BenchmarkError, read_benchmark
 
@@ -155,8 +165,12 @@ def _samples(cfg: DictConfig):
     return samples
 
 
-def _prompt(task: DictConfig, sample) -> str:
-    return str(task.prompt).format(caption=sample.caption.strip().rstrip("."))
+def task_prompt(task: DictConfig, sample) -> str:
+    """The task's request with the sample's caption put in as a phrase ("A dog runs." -> "a dog runs")."""
+    caption = sample.caption.strip().rstrip(".")
+    if caption[:1].isupper() and not caption[1:2].isupper():
+        caption = caption[0].lower() + caption[1:]
+    return str(task.prompt).format(caption=caption)
 
 
 def _run_settings(cfg: DictConfig) -> dict:
@@ -231,6 +245,7 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
     task = cfg.task
     gen = task.generation
     jsonl = out / "samples.jsonl"
+    _drop_partial_line(jsonl)
     done = _read_jsonl(jsonl)
     todo = [s for s in samples if s.id not in done]
     if done:
@@ -240,7 +255,7 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
     decode = bool(gen.get("decode", True)) and not captioning
 
     def answer(chunk: Sequence) -> list[dict]:
-        requests = [Request(_prompt(task, s) if not captioning else str(task.prompt),
+        requests = [Request(task_prompt(task, s) if not captioning else str(task.prompt),
                             [s.media] if captioning else [], seed=int(cfg.seed)) for s in chunk]
 
         def out_path(i: int, name: str, k: int) -> Path:
@@ -410,10 +425,11 @@ def _need(items: Sequence, what: str) -> None:
 
 
 def _fid(cfg, samples, generated, per_sample) -> dict:
+    from PIL import Image
+
     from nextgpt.metrics.frechet import frechet_distance_of
     from nextgpt.metrics.inception import load_fid_inception
     from nextgpt.metrics.media import read_image, square_crop, to_tensor
-    from PIL import Image
 
     model = load_fid_inception(cfg.feature_nets.inception, cfg.device)
     reference = [s.media for s in samples if s.media is not None]
@@ -518,6 +534,7 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
     import torch.nn.functional as F
 
+    from nextgpt.benchmarks.generation import prompt_with_placeholders
     from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation
 
     task, g = cfg.task, generator
@@ -529,9 +546,9 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     convs = []
     for s in samples:
         if task.kind == "generate":
-            convs.append(Conversation(s.id, [(_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]))
+            convs.append(Conversation(s.id, [(task_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]))
         elif s.media is not None:
-            prompt = g._with_placeholders(str(task.prompt), [s.media])
+            prompt = prompt_with_placeholders(g, str(task.prompt), [s.media])
             convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
     pad = g.tokenizer.pad_token_id if g.tokenizer.pad_token_id is not None else 0
     total = count = 0.0
@@ -626,7 +643,7 @@ def _log_to_loggers(cfg: DictConfig, result: dict, samples: Sequence, records: M
 
     task = result["task"]
     scalars = {f"{task}/{k}": v["value"] for k, v in result["metrics"].items() if v.get("value") is not None}
-    for key, lc in logger_cfg.items():
+    for lc in logger_cfg.values():
         overrides = {"name": f"eval-{task}", "tags": ["evaluate", task]} if "Wandb" in str(lc.get("_target_", "")) else {}
         logger = instantiate(lc, **overrides)
         logger.log_metrics(scalars, step=0)

@@ -28,7 +28,7 @@ from nextgpt import modality as modality_registry
 from nextgpt.bundles import BundleError, load_bundle_config, load_bundle_weights
 from nextgpt.decoders import load_pipeline
 from nextgpt.model import build_nextgpt, torch_dtype
-from nextgpt.prompts import Conversation, encode_conversation, get_template
+from nextgpt.prompts import Conversation, encode_conversation, get_template, placeholder_pattern
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,13 @@ class Generator:
         if not prompt or not prompt.strip():
             raise GenerationInputError("the prompt is empty: type a question or a request")
         start = time.perf_counter()
-        prompt = self._with_placeholders(prompt, media)
+        prompt = with_placeholders(prompt, media)
         media_in = [(modality_of_file(p), str(p)) for p in [*history_media, *media]]
         for _, path in media_in:
             if not Path(path).is_file():
                 raise GenerationInputError(f"{path}: no such media file")
         # placeholders in earlier answers were generated media: re-read as their signal groups
-        captions_out = [(m.group(1), "") for _, a in history for m in _placeholder_re().finditer(a)]
+        captions_out = [(m.group(1), "") for _, a in history for m in placeholder_pattern().finditer(a)]
         conv = Conversation("prompt", [*history, (prompt, "")], media_in=media_in, captions_out=captions_out)
         embeds = self._encode_prompt(conv)
         layout = self.model.layout
@@ -232,18 +232,6 @@ class Generator:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _with_placeholders(self, prompt: str, media: Sequence[str | Path]) -> str:
-        """Put a placeholder in front of the prompt for each attached file it does not mention."""
-        counts = {n: prompt.count(modality_registry.get(n).placeholder) for n in modality_registry.names()}
-        front = []
-        for p in media:
-            name = modality_of_file(p)
-            if counts[name]:
-                counts[name] -= 1
-            else:
-                front.append(modality_registry.get(name).placeholder)
-        return "\n".join([" ".join(front), prompt]) if front else prompt
-
     def _decode_groups(self, result: GenerationResult, groups, prompt: str, seed: int, out_dir) -> None:
         for k, (name, hidden, feed) in enumerate(groups):
             if name not in self.model.output_projectors:
@@ -280,11 +268,18 @@ class Generator:
         return np.asarray(getattr(out, modality_registry.get(name).pipeline_output)[0])
 
 
-def _placeholder_re():
-    import re
-
-    names = "|".join(modality_registry.names())
-    return re.compile(rf"<({names})>")
+def with_placeholders(prompt: str, media: Sequence[str | Path]) -> str:
+    """Put a placeholder in front of the prompt for each attached file it does not mention
+    (the training data's "<image>\\nquestion" layout)."""
+    counts = {n: prompt.count(modality_registry.get(n).placeholder) for n in modality_registry.names()}
+    front = []
+    for p in media:
+        name = modality_of_file(p)
+        if counts[name]:
+            counts[name] -= 1
+        else:
+            front.append(modality_registry.get(name).placeholder)
+    return "\n".join([" ".join(front), prompt]) if front else prompt
 
 
 class ChatSession:
@@ -297,7 +292,7 @@ class ChatSession:
 
     def ask(self, prompt: str, media: Sequence[str | Path] = (), **options: Any) -> GenerationResult:
         out = Path(self.out_dir) / f"turn{len(self.turns)}" if self.out_dir is not None else None
-        prompt_full = self.generator._with_placeholders(prompt, media)
+        prompt_full = with_placeholders(prompt, media)
         res = self.generator.chat(prompt_full, media, self.turns, history_media=self.media, out_dir=out,
                                   **{**self.options, **options})
         self.turns.append((prompt_full, res.text))

@@ -69,7 +69,8 @@ class Encoded:
     truncated: bool = False
 
 
-def _placeholder_pattern() -> re.Pattern:
+def placeholder_pattern() -> re.Pattern:
+    """Matches ``<image>``, ``<audio>``, ``<video>`` (every registered modality's placeholder)."""
     names = "|".join(re.escape(n) for n in modality_registry.names())
     return re.compile(rf"<({names})>")
 
@@ -86,7 +87,7 @@ def encode_conversation(
 ) -> Encoded:
     """Tokenise ``conv`` with ``template``; truncate to ``max_length`` without splitting a media
     slot or a signal group (a group cut by truncation is dropped whole)."""
-    pattern = _placeholder_pattern()
+    pattern = placeholder_pattern()
     ids: list[int] = []
     labels: list[int] = []
     slots: list[tuple[int, str, int]] = []

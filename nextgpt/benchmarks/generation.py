@@ -23,6 +23,14 @@ from nextgpt.generate import CACHE, GenerationInputError, GenerationResult, Gene
 from nextgpt.prompts import Conversation
 
 
+def prompt_with_placeholders(generator: Generator, prompt: str, media: Sequence[str | Path]) -> str:
+    """The prompt as ``chat`` sees it: a placeholder in front for each attached file it does not name."""
+    from nextgpt import generate
+
+    helper = getattr(generate, "with_placeholders", None)  # a module function in newer generate.py
+    return helper(prompt, media) if helper is not None else generator._with_placeholders(prompt, media)
+
+
 @dataclass
 class Request:
     prompt: str
@@ -59,7 +67,7 @@ class BatchedGenerator:
             for p in r.media:
                 if not Path(p).is_file():
                     raise GenerationInputError(f"{p}: no such media file")
-            prompt = g._with_placeholders(r.prompt, r.media)
+            prompt = prompt_with_placeholders(g, r.prompt, r.media)
             conv = Conversation("request", [(prompt, "")], media_in=[(modality_of_file(p), str(p)) for p in r.media])
             rows.append(g._encode_prompt(conv)[0])
             prompts.append(prompt)
@@ -94,7 +102,7 @@ class BatchedGenerator:
         k-th generated item of that modality (nothing is written when it is None)."""
         g = self.g
         start = time.perf_counter()
-        layout, tok = g.model.layout, g.tokenizer
+        tok = g.tokenizer
         embeds, mask, prompts = self._prefill_embeds(requests)
         rows = [_Row(GenerationResult(""), torch.Generator(device="cpu").manual_seed(r.seed)) for r in requests]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -170,9 +178,8 @@ class BatchedGenerator:
             if not row.queue:
                 row.groups.append((name, torch.stack(states), feed))
                 row.group = None
-        elif row.fed == "text":
-            if self.g.tokenizer.decode(row.text_ids).rstrip().endswith(self.g.template.stop):
-                row.done = True
+        elif row.fed == "text" and self.g.tokenizer.decode(row.text_ids).rstrip().endswith(self.g.template.stop):
+            row.done = True
 
     # --- the decoders ----------------------------------------------------------------------
     def _decode(self, rows: list[_Row], prompts: list[str], requests: Sequence[Request], out_path) -> None:

@@ -36,7 +36,7 @@ def _package_dir() -> Path:
         import pycocoevalcap
     except ImportError as e:
         raise Unavailable("pycocoevalcap is not installed (pip install pycocoevalcap)") from e
-    return Path(list(pycocoevalcap.__path__)[0]).resolve()  # a namespace package: no __file__
+    return Path(next(iter(pycocoevalcap.__path__))).resolve()  # a namespace package: no __file__
 
 
 def java_unavailable_reason() -> str | None:

@@ -25,9 +25,13 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sqrtm(m: np.ndarray) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        out = linalg.sqrtm(m)
-    return out[0] if isinstance(out, tuple) else out  # older scipy returns (sqrtm, error) with disp=False only
+    """Square root of a covariance product; a singular product (fewer items than dimensions) is
+    handled by the caller's diagonal offset, so scipy's warning about it is not repeated."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(m)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:

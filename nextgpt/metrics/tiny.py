@@ -56,8 +56,12 @@ def build_tiny_clap(out: str | Path, seed: int = 0) -> Path:
 
 
 def _random_bn_stats(model: torch.nn.Module, seed: int) -> None:
+    """He-initialised convolutions and near-identity BatchNorm statistics, so that activations keep
+    their scale through all 94 layers (PyTorch's default init shrinks them to nothing)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(1 + 0.1 * torch.rand(m.running_var.shape, generator=g))

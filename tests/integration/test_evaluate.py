@@ -40,3 +40,12 @@ def test_evaluate_names_what_is_wrong(tmp_path, arg, needle):
     res = subprocess.run([sys.executable, "evaluate.py", arg.format(tmp=tmp_path), f"paths.root={tmp_path}"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and needle.format(tmp=tmp_path) in res.stderr
+    if arg.startswith("task="):  # the error lists what there is
+        assert all(t in res.stderr for t in ("heldout_loss", "t2i_coco", "a2t_audiocaps", "v2t_msrvtt"))
+
+
+def test_benchmark_task_names_a_missing_benchmark_folder(tmp_path):
+    res = subprocess.run([sys.executable, "evaluate.py", "task=i2t_coco", f"paths.data_root={tmp_path / 'bench'}",
+                          f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"{tmp_path / 'bench'}/coco" in res.stderr

@@ -68,7 +68,7 @@ def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         return Path(os.environ["NEXTGPT_DEMO_BUNDLE"])
     root = tmp_path_factory.mktemp("web_demo_train")
     cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=demo", f"paths.root={root}",
-           f"paths.cache_dir={tiny_cache}"]
+           f"paths.cache_dir={tiny_cache}", "logger=csv", "print_config=false"]  # csv: no W&B start-up per stage
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True,
                           timeout=900, check=False)
     bundle = root / "bundles" / "stage3"

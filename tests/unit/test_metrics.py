@@ -152,6 +152,7 @@ def test_fid_inception_has_the_names_of_the_pytorch_fid_weights(tmp_path):
     with torch.no_grad():
         feats = loaded(torch.rand(2, 3, 64, 80))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and (feats >= 0).all()  # pool of ReLUs
+    assert (feats[0] - feats[1]).abs().sum() > 0
     with pytest.raises(Unavailable, match="feature_nets.inception"):
         load_fid_inception(tmp_path / "none.pth")
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pth")
