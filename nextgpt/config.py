@@ -94,6 +94,9 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", *, output
 
 
 # --- schema --------------------------------------------------------------------------------
+_UNRESOLVED = object()
+
+
 @dataclass
 class _Checker:
     cfg: Any
@@ -102,12 +105,13 @@ class _Checker:
     def get(self, key: str) -> Any:
         try:
             return OmegaConf.select(self.cfg, key, throw_on_missing=True)
-        except Exception as e:  # an interpolation that fails to resolve
-            self.errors.append(f"{key}: {type(e).__name__}: {e}")
-            return None
+        except Exception as e:  # a missing mandatory value, an interpolation that fails to resolve
+            self.errors.append(f"{key}: {str(e).splitlines()[0]}")
+            return _UNRESOLVED
 
     def fail(self, key: str, value: Any, reason: str) -> None:
-        self.errors.append(f"{key}={value!r}: {reason}")
+        if value is not _UNRESOLVED:  # already reported by get()
+            self.errors.append(f"{key}={value!r}: {reason}")
 
     def int_(self, key: str, lo: int | None = None) -> int | None:
         v = self.get(key)
@@ -258,8 +262,8 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
     for i, src in enumerate(sources):
         key = f"dataset.sources[{i}]"
         c.str_(f"{key}.name")
-        if loader == "shards" and src.get("urls") is not None:
-            c.str_(f"{key}.urls")
+        if loader == "shards" and "urls" in src:
+            c.str_(f"{key}.urls")  # a missing ${dataset.urls} is reported by name
         else:
             c.str_(f"{key}.root")
         weight = src.get("weight", 1)

@@ -28,7 +28,9 @@ def test_config_groups_are_complete():
 
 @pytest.mark.parametrize("stage,dataset,model,strategy", list(itertools.product(STAGES, DATASETS, MODELS, STRATEGIES)))
 def test_every_combination_composes_and_validates(stage, dataset, model, strategy, tmp_path):
-    cfg = compose([f"stage={stage}", f"dataset={dataset}", f"model={model}", f"strategy={strategy}"], output_dir=str(tmp_path))
+    extra = ["dataset.urls='/data/shards/{00000..00009}.tar'"] if dataset == "webdataset" else []  # a mandatory key
+    cfg = compose([f"stage={stage}", f"dataset={dataset}", f"model={model}", f"strategy={strategy}", *extra],
+                  output_dir=str(tmp_path))
     validate(cfg)  # loads nothing: the 7B configs validate on a machine without their weights
     assert cfg.stage.number == int(stage)
     assert cfg.model.name == model
@@ -80,6 +82,11 @@ def test_bad_values_name_key_and_value(override, key, value, tmp_path):
     line = next((e for e in err.value.errors if e.startswith(key)), None)
     assert line is not None, err.value.errors
     assert value in line
+
+
+def test_webdataset_needs_its_urls(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.urls"):
+        validate(compose(["dataset=webdataset"], output_dir=str(tmp_path)))
 
 
 def test_unknown_stage_and_strategy_are_refused_by_hydra(tmp_path):
