@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.datamodule import Collator, ConversationDataset, Item

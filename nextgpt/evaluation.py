@@ -534,7 +534,7 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
     import torch.nn.functional as F
 
-    from nextgpt.benchmarks.generation import prompt_with_placeholders
+    from nextgpt.generate import with_placeholders
     from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation
 
     task, g = cfg.task, generator
@@ -548,7 +548,7 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
         if task.kind == "generate":
             convs.append(Conversation(s.id, [(task_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]))
         elif s.media is not None:
-            prompt = prompt_with_placeholders(g, str(task.prompt), [s.media])
+            prompt = with_placeholders(str(task.prompt), [s.media])
             convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
     pad = g.tokenizer.pad_token_id if g.tokenizer.pad_token_id is not None else 0
     total = count = 0.0

@@ -19,16 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 from nextgpt import modality as modality_registry
-from nextgpt.generate import CACHE, GenerationInputError, GenerationResult, Generator, modality_of_file
+from nextgpt.generate import CACHE, GenerationInputError, GenerationResult, Generator, modality_of_file, with_placeholders
 from nextgpt.prompts import Conversation
-
-
-def prompt_with_placeholders(generator: Generator, prompt: str, media: Sequence[str | Path]) -> str:
-    """The prompt as ``chat`` sees it: a placeholder in front for each attached file it does not name."""
-    from nextgpt import generate
-
-    helper = getattr(generate, "with_placeholders", None)  # a module function in newer generate.py
-    return helper(prompt, media) if helper is not None else generator._with_placeholders(prompt, media)
 
 
 @dataclass
@@ -67,7 +59,7 @@ class BatchedGenerator:
             for p in r.media:
                 if not Path(p).is_file():
                     raise GenerationInputError(f"{p}: no such media file")
-            prompt = prompt_with_placeholders(g, r.prompt, r.media)
+            prompt = with_placeholders(r.prompt, r.media)
             conv = Conversation("request", [(prompt, "")], media_in=[(modality_of_file(p), str(p)) for p in r.media])
             rows.append(g._encode_prompt(conv)[0])
             prompts.append(prompt)
