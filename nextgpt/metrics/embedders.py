@@ -35,6 +35,18 @@ def _features(out) -> torch.Tensor:
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
+@torch.no_grad()
+def text_features(embedder, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+    """L2-normalised text embeddings of a CLIP or CLAP embedder (``model``, ``tokenizer``, ``batch_size``)."""
+    out = []
+    for i in range(0, len(texts), embedder.batch_size):
+        tok = embedder.tokenizer(list(texts[i : i + embedder.batch_size]), padding=True, truncation=True,
+                                 max_length=max_length, return_tensors="pt").to(embedder.device)
+        feats = embedder.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        out.append(F.normalize(_features(feats), dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
 def _check_folder(path: str | Path | None, what: str, key: str) -> Path:
     if not path or not (Path(path) / "config.json").is_file():
         raise Unavailable(f"{what} weights not found at {path} (a Hugging Face folder with config.json; "
@@ -71,15 +83,8 @@ class ClipEmbedder:
             out.append(F.normalize(_features(self.model.get_image_features(pixel_values=x)), dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.projection_dim), np.float32)
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            feats = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            out.append(F.normalize(_features(feats), dim=-1).cpu())
-        return torch.cat(out).numpy()
+        return text_features(self, texts, max_length=self.max_length)
 
 
 class ClapEmbedder:
@@ -119,12 +124,5 @@ class ClapEmbedder:
             out.append(F.normalize(_features(feats), dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.projection_dim), np.float32)
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
-                                 return_tensors="pt").to(self.device)
-            feats = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            out.append(F.normalize(_features(feats), dim=-1).cpu())
-        return torch.cat(out).numpy()
+        return text_features(self, texts)
