@@ -53,12 +53,12 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> Item | None:
         conv = self.conversations[index]
         try:
-            return self.build_item(conv, self._load)
+            return self.build_item(conv, self.load_input)
         except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
             log.warning("skipped sample %r: %s", conv.key, e)
             return None
 
-    def _load(self, name: str, path: str) -> tuple[torch.Tensor, bool]:
+    def load_input(self, name: str, path: str) -> tuple[torch.Tensor, bool]:
         """(tensor, is a cached feature) for one input media file."""
         if path in self.features:
             store, key = self.features[path]
@@ -141,6 +141,22 @@ class Collator:
             "num_skipped": len(items) - b,
             "num_truncated": sum(it.truncated for it in good),
         }
+
+
+def collate_conversations(conversations: Sequence[Conversation], tokenizer, layout, template: str, *,
+                          num_media_tokens: int, max_length: int, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One batch of ``conversations`` built exactly as training builds it, on ``device``.
+
+    For inference and evaluation: an unreadable media file raises (naming the file) instead of
+    being skipped, since the caller asked for that sample."""
+    ds = ConversationDataset(conversations, tokenizer, layout, template, num_media_tokens, max_length)
+    batch = Collator(tokenizer.pad_token_id, num_media_tokens)([ds.build_item(c, ds.load_input) for c in conversations])
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            batch[key] = value.to(device)
+        elif isinstance(value, dict):
+            batch[key] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+    return batch
 
 
 class NextGPTDataModule(L.LightningDataModule):

@@ -534,8 +534,9 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
     import torch.nn.functional as F
 
+    from datamodules.datamodule import collate_conversations
     from nextgpt.generate import with_placeholders
-    from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation
+    from nextgpt.prompts import IGNORE_INDEX, Conversation
 
     task, g = cfg.task, generator
     name = str(task.modality)
@@ -550,30 +551,15 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
         elif s.media is not None:
             prompt = with_placeholders(str(task.prompt), [s.media])
             convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
-    pad = g.tokenizer.pad_token_id if g.tokenizer.pad_token_id is not None else 0
     total = count = 0.0
     for chunk in tqdm(list(_batches(convs, int(cfg.batch_size))), desc=f"{task.name}: {loss}", leave=False):
-        encs = [encode_conversation(c, g.tokenizer, g.model.layout, g.template, num_media_tokens=g.num_media_tokens,
-                                    max_length=g.max_context, slot_id=pad) for c in chunk]
-        length = max(len(e.input_ids) for e in encs)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        attention = torch.zeros_like(ids)
-        media_mask = torch.zeros_like(ids, dtype=torch.bool)
-        media: dict[str, list[torch.Tensor]] = {}
-        sequence = []
-        for i, (c, e) in enumerate(zip(chunk, encs)):
-            n = len(e.input_ids)
-            ids[i, :n], labels[i, :n], attention[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-            for start, mname, j in e.media_slots:
-                media_mask[i, start : start + g.num_media_tokens] = True
-                sequence.append((mname, len(media.setdefault(mname, []))))
-                media[mname].append(modality_registry.get(mname).load(c.media_in[j][1]))
         dev = g.device
-        outs = g.model(input_ids=ids.to(dev), attention_mask=attention.to(dev), media_mask=media_mask.to(dev),
-                       media={k: torch.stack(v).to(dev) for k, v in media.items()}, media_sequence=sequence)
+        batch = collate_conversations(chunk, g.tokenizer, g.model.layout, g.template.name,
+                                      num_media_tokens=g.num_media_tokens, max_length=g.max_context, device=dev)
+        labels = batch["labels"]
+        outs = g.model(**batch)
         if loss == "caption_ce":
-            target = labels[:, 1:].to(dev)
+            target = labels[:, 1:]
             total += float(F.cross_entropy(outs.logits[:, :-1].flatten(0, 1).float(), target.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum"))
             count += int((target != IGNORE_INDEX).sum())

@@ -28,7 +28,7 @@ from nextgpt import modality as modality_registry
 from nextgpt.bundles import BundleError, load_bundle_config, load_bundle_weights
 from nextgpt.decoders import load_pipeline
 from nextgpt.model import build_nextgpt, torch_dtype
-from nextgpt.prompts import Conversation, encode_conversation, get_template, placeholder_pattern
+from nextgpt.prompts import Conversation, get_template, placeholder_pattern
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Generator:
             model.apply_lora(**{k: cfg.model.lora[k] for k in ("r", "alpha", "dropout", "target_modules")})
         loaded = load_bundle_weights(self.bundle, model)
         self._setup(model, tokenizer, conditioners, cfg.model, device)
-        self.untrained = sorted({n.split(".")[1] for n in (dict(model.named_parameters()))
+        self.untrained = sorted({n.split(".")[1] for n, _ in model.named_parameters()
                                  if n.startswith("output_projectors.") and n not in loaded})
         if self.untrained:
             log.warning("bundle %s (stage %d) has no trained output projector for %s: generated media will be noise",
@@ -136,22 +136,15 @@ class Generator:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
     def _encode_prompt(self, conv: Conversation):
-        enc = encode_conversation(conv, self.tokenizer, self.model.layout, self.template,
-                                  num_media_tokens=self.num_media_tokens, max_length=10**9,
-                                  slot_id=self.tokenizer.pad_token_id)
-        if len(enc.input_ids) >= self.max_context:
-            raise GenerationInputError(f"the conversation is {len(enc.input_ids)} tokens; this model reads at most "
+        from datamodules.datamodule import collate_conversations
+
+        batch = collate_conversations([conv], self.tokenizer, self.model.layout, self.template.name,
+                                      num_media_tokens=self.num_media_tokens, max_length=10**9, device=self.device)
+        length = batch["input_ids"].shape[1]
+        if length >= self.max_context:
+            raise GenerationInputError(f"the conversation is {length} tokens; this model reads at most "
                                        f"{self.max_context}: shorten the prompt or start a new conversation")
-        ids = torch.tensor([enc.input_ids], device=self.device)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        tensors: dict[str, list[torch.Tensor]] = {}
-        sequence = []
-        for s, name, i in enc.media_slots:
-            mask[0, s : s + self.num_media_tokens] = True
-            sequence.append((name, len(tensors.setdefault(name, []))))
-            tensors[name].append(modality_registry.get(name).load(conv.media_in[i][1]))
-        stacked = {k: torch.stack(v).to(self.device) for k, v in tensors.items()}
-        return self.model.embed_inputs(ids, mask, stacked, sequence)
+        return self.model.embed_inputs(batch["input_ids"], batch["media_mask"], batch["media"], batch["media_sequence"])
 
     @torch.no_grad()
     def chat(
