@@ -73,6 +73,7 @@ class ShardDataModule(L.LightningDataModule):
         shard_size: int = 1000,
         max_skip_fraction: float = 0.1,
         min_samples: int = 20,
+        cache_fallback: str | None = None,
     ):
         super().__init__()
         self.sources = [dict(s) for s in sources]
@@ -82,7 +83,7 @@ class ShardDataModule(L.LightningDataModule):
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.stream: ShardStream | None = None
         self.conversations_by_source: list = []  # streamed: caption targets are computed as they come
-        self.cache_fallback = str(Path(shards_root).parent / ".cache" / "features")
+        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go
         self._pending_state: dict | None = None
 
     def prepare_data(self) -> None:

@@ -42,6 +42,7 @@ def build_datamodule(cfg: DictConfig):
             template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
             seed=cfg.seed, shards_root=cfg.paths.shards, shuffle=bool(d.get("shuffle", True)),
             shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
+            cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
         )
     return NextGPTDataModule(
         sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),

@@ -107,21 +107,22 @@ class NextGPTStage(L.LightningModule):
 
     # --- alignment targets: each decoder's own text encoder, computed once per caption ------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        """Each caption's embedding by its decoder's text encoder: from the disk caches when there,
+        else computed once (all of a batch's new captions in one encoder call) and kept in memory."""
         from nextgpt.features import caption_key
 
         out = {}
         for name, caps in captions.items():
-            rows = []
-            for c in caps:
-                key = caption_key(c)
-                store = next((s for s in self.caption_stores.get(name, ()) if key in s), None)
-                if store is not None:
-                    rows.append(torch.from_numpy(store.get(key)).float())
-                    continue
-                if (name, c) not in self.caption_cache:
-                    self.cache_captions(name, [c])
-                rows.append(self.caption_cache[(name, c)])
-            out[name] = torch.stack(rows)
+            stores = self.caption_stores.get(name, ())
+            stored = {c: next((s for s in stores if caption_key(c) in s), None) for c in set(caps)}
+            missing = sorted(c for c, store in stored.items() if store is None and (name, c) not in self.caption_cache)
+            if missing:
+                self.cache_captions(name, missing)
+            out[name] = torch.stack([
+                torch.from_numpy(stored[c].get(caption_key(c))).float() if stored[c] is not None
+                else self.caption_cache[(name, c)]
+                for c in caps
+            ])
         return out
 
     @torch.no_grad()
