@@ -31,6 +31,7 @@ class GenerationSamples(L.Callback):
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self._generator = None
         self._last_step = -1
+        self._warned = False
 
     def _get_generator(self, pl_module):
         from nextgpt.generate import Generator
@@ -60,6 +61,14 @@ class GenerationSamples(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
+        from nextgpt.strategies import is_sharded
+
+        if is_sharded(trainer.strategy):  # the generator needs the whole model on one rank
+            if not self._warned and trainer.is_global_zero:
+                log.info("generation samples are off under a sharded strategy (FSDP2 / ZeRO-3): sample from the "
+                         "stage bundle instead (python -m nextgpt.generate --bundle ...)")
+            self._warned = True
+            return []
         if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
             return []
         self._last_step = trainer.global_step

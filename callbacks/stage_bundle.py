@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from nextgpt.bundles import save_bundle
+from nextgpt.bundles import bundle_state_dict, save_bundle
 
 
 class StageBundle(L.Callback):
@@ -22,6 +22,8 @@ class StageBundle(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
+        # every rank takes part in gathering sharded tensors (FSDP2 / ZeRO-3); global rank 0 writes
+        state = bundle_state_dict(pl_module.model, pl_module.bundle_names)
         if trainer.is_global_zero:
             meta = {
                 "stage": pl_module.stage,
@@ -30,11 +32,10 @@ class StageBundle(L.Callback):
                 "trainable_groups": list(pl_module.trainable_groups),
                 "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
             }
-            save_bundle(self.directory, pl_module.model, pl_module.hparams.get("run_config") or {}, meta,
-                        names=pl_module.bundle_names)
+            save_bundle(self.directory, None, pl_module.hparams.get("run_config") or {}, meta, state=state)
             rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
             for cb in trainer.checkpoint_callbacks:
                 last = Path(getattr(cb, "dirpath", "") or "") / "last.ckpt"
-                if last.is_file():
+                if last.exists():  # a file, or a sharded checkpoint's folder
                     last.rename(last.with_name(f"finished-step{trainer.global_step:06d}.ckpt"))
         trainer.strategy.barrier()

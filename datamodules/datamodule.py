@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.nextgpt_layout import read_source
+from datamodules.steps import EpochProgress, StepSampler, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation, get_template
 
@@ -93,15 +94,21 @@ class ConversationDataset(Dataset):
 
 
 class Collator:
-    """Right-pads a list of ``Item``s and gathers media and output captions in sequence order."""
+    """Right-pads a list of ``Item``s and gathers media and output captions in sequence order.
+
+    ``counts`` says what the batch's loss terms sum over (label tokens, output groups per
+    modality, denoising targets per modality): a step normalises by their totals over all its
+    micro-batches and ranks. A batch whose every sample was unreadable becomes one padding row
+    with nothing to learn, never ``None``: every rank still runs the same step, so none waits
+    for another in a collective."""
 
     def __init__(self, pad_id: int, num_media_tokens: int):
         self.pad_id, self.num_media_tokens = pad_id, num_media_tokens
 
-    def __call__(self, items: Sequence[Item | None]) -> dict[str, Any] | None:
+    def __call__(self, items: Sequence[Item | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None]
         if not good:
-            return None
+            return self.empty(len(items))
         length = max(len(it.input_ids) for it in good)
         b = len(good)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -126,6 +133,10 @@ class Collator:
             for (name, caption), target in zip(it.captions_out, it.targets or [None] * len(it.captions_out)):
                 captions.setdefault(name, []).append(caption)
                 targets.setdefault(name, []).append(target)
+        output_media = {n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)}
+        counts = {"tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
+        counts.update({f"align/{n}": len(c) for n, c in captions.items()})
+        counts.update({f"denoise/{n}": int(t.shape[0]) for n, t in output_media.items()})
         return {
             "keys": [it.key for it in good],
             "input_ids": input_ids,
@@ -137,9 +148,20 @@ class Collator:
             "media_sequence": sequence,
             "output_captions": captions,
             # target media per modality, only where every group of that modality in the batch has one
-            "output_media": {n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)},
+            "output_media": output_media,
+            "counts": counts,
             "num_skipped": len(items) - b,
             "num_truncated": sum(it.truncated for it in good),
+        }
+
+    def empty(self, num_skipped: int) -> dict[str, Any]:
+        """One padding token, no label, no media: the step runs and learns nothing from it."""
+        return {
+            "keys": [], "input_ids": torch.full((1, 1), self.pad_id, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.ones((1, 1), dtype=torch.long), "media_mask": torch.zeros((1, 1), dtype=torch.bool),
+            "media": {}, "media_features": {}, "media_sequence": [], "output_captions": {}, "output_media": {},
+            "counts": {"tokens": 0}, "num_skipped": num_skipped, "num_truncated": 0,
         }
 
 
@@ -159,8 +181,23 @@ def collate_conversations(conversations: Sequence[Conversation], tokenizer, layo
     return batch
 
 
+def trainer_topology(trainer) -> tuple[int, int, int]:
+    """(global rank, world size, accumulate_grad_batches) of ``trainer``; one process without one."""
+    if trainer is None:
+        return 0, 1, 1
+    return int(trainer.global_rank), int(trainer.world_size), int(trainer.accumulate_grad_batches)
+
+
 class NextGPTDataModule(L.LightningDataModule):
-    """Sources in the NExT-GPT layout, read for one task (caption / generate / instruct)."""
+    """Sources in the NExT-GPT layout, read for one task (caption / generate / instruct).
+
+    Training batches are split over the ranks by :class:`~datamodules.steps.StepSampler` and
+    grouped by optimizer step (:class:`~datamodules.steps.StepWindows`); the batches a run has
+    consumed go into its checkpoints, so a resumed run continues with exactly the next ones.
+    """
+
+    # files are written once, by global rank 0 (a cluster's nodes usually share the file system)
+    prepare_data_per_node = False
 
     def __init__(
         self,
@@ -191,6 +228,7 @@ class NextGPTDataModule(L.LightningDataModule):
         self.train_set: ConversationDataset | None = None
         self.val_set: ConversationDataset | None = None
         self.skipped_entries: Counter = Counter()
+        self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
         if self.synthetic:
@@ -232,8 +270,10 @@ class NextGPTDataModule(L.LightningDataModule):
         """
         from nextgpt.cache import compute_media, media_key, media_store
 
+        rank, world, _ = trainer_topology(self.trainer)
         out: dict[str, tuple[Any, str]] = {}
         encoder = None
+        stores = []
         for src, convs in self.conversations_by_source:
             items = {media_key(src["root"], p): p for c in convs for _, p in c.media_in}
             if not items:
@@ -244,6 +284,10 @@ class NextGPTDataModule(L.LightningDataModule):
                          "encoding media on the fly", src["name"])
                 continue
             missing = store.missing(items)
+            stores.append(store)
+            if missing and rank != 0:  # global rank 0 completes it; this rank reads it after the barrier
+                out.update({p: (store, k) for k, p in items.items()})
+                continue
             if missing:
                 log.info("data: feature cache %s is partial (%d of %d items missing): completing it",
                          store.directory, len(missing), len(items))
@@ -256,6 +300,10 @@ class NextGPTDataModule(L.LightningDataModule):
             log.info("data: using ImageBind feature cache %s for %r (%d items, %d failed)", store.directory,
                      src["name"], len(store), len(store.failed))
             out.update({p: (store, k) for k, p in items.items()})
+        if world > 1:
+            self.trainer.strategy.barrier("feature caches")
+            for store in stores:
+                store.reload()
         return out
 
     def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:
@@ -266,8 +314,31 @@ class NextGPTDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> StepWindows:
+        rank, world, accumulate = trainer_topology(self.trainer)
+        sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=True, seed=self.seed)
+        loader = DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens),
+            persistent_workers=self.num_workers > 0,
+        )
+        return StepWindows(loader, accumulate, progress=self.progress)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.progress.start(epoch)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self.progress.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"progress": self.progress.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "progress" in state:
+            self.progress.load_state_dict(dict(state["progress"]))
+
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from datamodules.datamodule import Collator, ConversationDataset, Item
+from datamodules.datamodule import Collator, ConversationDataset, Item, trainer_topology
 from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
+from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 
 log = logging.getLogger(__name__)
@@ -42,22 +42,18 @@ def source_shards(src: Mapping[str, Any], task: str, shards_root: str | Path) ->
     return sorted(folder.glob(f"{src['name']}-{shard_set(task)}-*.tar")) if folder.is_dir() else []
 
 
-class _Sized(IterableDataset):
-    """The stream with a length (samples per rank per pass), so Lightning can size the LR schedule
-    and the progress bar. Iteration is the stream's own; samples that fail are skipped, so an
-    epoch may end a few steps early."""
-
-    def __init__(self, stream: ShardStream, world_size: int):
-        self.stream, self.world_size = stream, world_size
-
-    def __iter__(self):
-        return iter(self.stream)
-
-    def __len__(self) -> int:
-        return math.ceil(self.stream.total / self.world_size)
-
-
 class ShardDataModule(L.LightningDataModule):
+    """Training batches from the shard stream, split over ranks x workers by sample.
+
+    The stream has no end of its own (pass after pass, reshuffled per pass); an epoch is
+    ``floor(samples / (world_size x batch_size))`` batches on every rank, so all ranks run the
+    same number of steps even when bad samples are skipped unevenly, and any number of shards
+    serves any number of ranks and workers (samples, not shards, are split).
+    """
+
+    # shards are written once, by global rank 0 (a cluster's nodes usually share the file system)
+    prepare_data_per_node = False
+
     def __init__(
         self,
         sources: Sequence[Mapping[str, Any]],
@@ -85,6 +81,7 @@ class ShardDataModule(L.LightningDataModule):
         self.conversations_by_source: list = []  # streamed: caption targets are computed as they come
         self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go
         self._pending_state: dict | None = None
+        self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
         """Write the shards of sources that have the NExT-GPT layout but no shards yet."""
@@ -124,7 +121,7 @@ class ShardDataModule(L.LightningDataModule):
                                          int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length)
         self.stream = ShardStream(
             paths, task=self.task, pair_task=None if self.task == "instruct" else self.task, seed=self.seed,
-            shuffle=self.shuffle, epochs=1, transform=self._item, max_skip_fraction=self.max_skip_fraction,
+            shuffle=self.shuffle, epochs=None, transform=self._item, max_skip_fraction=self.max_skip_fraction,
             min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
         )
         if self._pending_state is not None:
@@ -141,13 +138,21 @@ class ShardDataModule(L.LightningDataModule):
 
         return self.items.build_item(sample.conversation, load)
 
-    def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(
-            _Sized(self.stream, world), batch_size=self.batch_size, num_workers=self.num_workers,
+    def batches_per_epoch(self, world_size: int) -> int:
+        n = self.stream.total // (world_size * self.batch_size)
+        if n < 1:
+            raise ValueError(f"the shards hold {self.stream.total} samples, fewer than one batch of {self.batch_size} "
+                             f"for each of {world_size} ranks: lower dataset.batch_size or add data")
+        return n
+
+    def train_dataloader(self) -> StepWindows:
+        _, world, accumulate = trainer_topology(self.trainer)
+        loader = DataLoader(
+            self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
             collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens)),
             persistent_workers=False,
         )
+        return StepWindows(loader, accumulate, limit=self.batches_per_epoch(world), progress=self.progress)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if batch is not None and "stream_positions" in batch:
@@ -160,20 +165,26 @@ class ShardDataModule(L.LightningDataModule):
             batch["skipped_by_reason"] = reasons
             if self.trainer is None or self.trainer.training:
                 self.stream.mark_consumed(positions)
+        if self.trainer is not None and self.trainer.training:
+            self.progress.consumed += 1
         return batch
 
     def set_epoch(self, epoch: int) -> None:
-        if self.stream is not None:
-            self.stream.set_epoch(epoch)
+        """A Lightning epoch is a number of batches; the stream runs on across epochs."""
+        self.progress.start(epoch)
 
     @property
     def skipped(self):
         return self.stream.skipped if self.stream is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_stream": self.stream.state_dict()} if self.stream is not None else {}
+        if self.stream is None:
+            return {}
+        return {"train_stream": self.stream.state_dict(), "progress": self.progress.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "progress" in state:
+            self.progress.load_state_dict(dict(state["progress"]))
         if "train_stream" not in state:
             return
         if self.stream is None:

@@ -58,25 +58,31 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
 
 
 def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The named parameters (default: every trainable-group parameter); never a backbone weight."""
+    """The named parameters (default: every trainable-group parameter); never a backbone weight.
+
+    Sharded parameters (FSDP2, ZeRO-3) are gathered one at a time, only these: every rank must
+    call this, and no rank ever holds more than one whole tensor beyond its shards."""
+    from nextgpt.strategies import full_tensor
+
     wanted = set(names) if names is not None else None
     out = {}
     for n, p in model.named_parameters():
         if not any(match(n) for match in TRAINABLE_GROUPS.values()):
             continue
         if wanted is None or n in wanted:
-            out[n] = p.detach().cpu().contiguous()
+            out[n] = full_tensor(p).contiguous()
     if wanted is not None and wanted - set(out):
         raise BundleError(f"not trainable-group parameters of the model: {sorted(wanted - set(out))[:8]}")
     return out
 
 
-def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, Any], meta: Mapping[str, Any],
-                names: Iterable[str] | None = None) -> Path:
+def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[str, Any], meta: Mapping[str, Any],
+                names: Iterable[str] | None = None, state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the bundle atomically (temp dir + rename), so a crash never leaves half a bundle.
 
     ``names``: the parameters to keep, normally what this stage trained plus what it loaded from
-    the previous bundle (a stage-1 bundle then holds no untrained output projector).
+    the previous bundle (a stage-1 bundle then holds no untrained output projector). ``state``:
+    those tensors already gathered (``bundle_state_dict``), in place of ``model``.
     """
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
@@ -84,7 +90,7 @@ def save_bundle(directory: str | Path, model: nn.Module, config: Mapping[str, An
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{int(time.time() * 1e6)}")
     tmp.mkdir(parents=True)
-    state = bundle_state_dict(model, names)
+    state = dict(state) if state is not None else bundle_state_dict(model, names)
     save_file(state, str(tmp / WEIGHTS))
     OmegaConf.save(OmegaConf.create(dict(config)), tmp / CONFIG, resolve=True)
     info = {

@@ -28,8 +28,11 @@ LOADERS = ("json", "shards")
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
                   "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload", "single_device")
-STRATEGY_TARGETS = ("lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.FSDPStrategy",
+STRATEGY_TARGETS = ("lightning.pytorch.strategies.DDPStrategy", "nextgpt.strategies.FSDP2Strategy",
                     "lightning.pytorch.strategies.DeepSpeedStrategy", "lightning.pytorch.strategies.SingleDeviceStrategy")
+# what DeepSpeed accepts when ZeRO offloads the optimizer state (it refuses a torch optimizer there)
+DEEPSPEED_CPU_OPTIMIZERS = ("deepspeed.ops.adam.DeepSpeedCPUAdam", "deepspeed.ops.adagrad.DeepSpeedCPUAdagrad",
+                            "deepspeed.ops.lion.DeepSpeedCPULion")
 IMAGEBIND_PRESETS = ("huge", "tiny")
 
 
@@ -42,10 +45,27 @@ class ConfigError(ValueError):
 
 
 # --- Hydra plumbing ------------------------------------------------------------------------
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, srun, Lightning's own), before
+    any process group exists; 0 without one."""
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    local, node = os.environ.get("LOCAL_RANK", ""), os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    if local.isdigit():
+        # Lightning's launcher starts local ranks with LOCAL_RANK / NODE_RANK / WORLD_SIZE only
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        return int(local) + int(node) * per_node if per_node and node.isdigit() else int(local)
+    return 0
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nextgpt.cwd"):
         # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in hydra.sweep.dir
         OmegaConf.register_new_resolver("nextgpt.cwd", os.getcwd)
+    if not OmegaConf.has_resolver("nextgpt.rank_suffix"):
+        # "" on global rank 0 (and without a launcher), "_rank<N>" elsewhere: per-process file names
+        OmegaConf.register_new_resolver("nextgpt.rank_suffix", lambda: "" if launch_rank() == 0 else f"_rank{launch_rank()}")
     if not OmegaConf.has_resolver("nextgpt.wandb_offline"):
         # offline unless an API key is set or the user asked for online mode
         OmegaConf.register_new_resolver(
@@ -166,6 +186,23 @@ def import_object(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _check_partial(c: _Checker, key: str) -> None:
+    """A ``_target_`` + ``_partial_: true`` node whose package is installed (not imported: a
+    DeepSpeed optimizer must not import DeepSpeed just to validate a config)."""
+    import importlib.util
+
+    node = c.mapping(key)
+    if node is None:
+        return
+    target = c.str_(f"{key}._target_")
+    if target:
+        top = target.split(".")[0]
+        if importlib.util.find_spec(top) is None:
+            c.fail(f"{key}._target_", target, f"package {top!r} is not installed")
+    if node.get("_partial_") is not True:
+        c.fail(f"{key}._partial_", node.get("_partial_"), "must be true (the stage passes the parameters / optimizer)")
+
+
 def _check_stage(c: _Checker) -> None:
     number = c.int_("stage.number")
     if number is not None and number not in STAGES:
@@ -183,6 +220,10 @@ def _check_stage(c: _Checker) -> None:
     c.float_("stage.optim.lr", 0.0, lo_open=True, hi=None)
     c.float_("stage.optim.weight_decay", 0.0, hi=None)
     c.float_("stage.optim.warmup_ratio", 0.0, 1.0)
+    if c.get("stage.global_batch_size") is not None:
+        c.int_("stage.global_batch_size", 1)
+    for key in ("stage.optim.optimizer", "stage.optim.scheduler"):
+        _check_partial(c, key)
     loss = c.mapping("stage.loss")
     for term in loss or {}:
         if term not in LOSS_TERMS:
@@ -292,6 +333,12 @@ def _check_strategy(c: _Checker) -> None:
         target = strategy.get("_target_")
         if target not in STRATEGY_TARGETS:
             c.fail("trainer.strategy._target_", target, f"must be one of {list(STRATEGY_TARGETS)}")
+        optimizer = c.get("stage.optim.optimizer._target_")
+        if (target == "lightning.pytorch.strategies.DeepSpeedStrategy" and strategy.get("offload_optimizer")
+                and optimizer not in DEEPSPEED_CPU_OPTIMIZERS):
+            c.fail("stage.optim.optimizer._target_", optimizer,
+                   "DeepSpeed refuses a torch optimizer when trainer.strategy.offload_optimizer=true; use "
+                   "optimizer=deepspeed_cpu_adam (or one of " + ", ".join(DEEPSPEED_CPU_OPTIMIZERS) + ")")
     else:
         c.fail("trainer.strategy", strategy, "must be a strategy name or a _target_ mapping")
 
@@ -311,6 +358,74 @@ def validate(cfg: DictConfig) -> None:
         c.str_(key)
     if c.errors:
         raise ConfigError(c.errors)
+
+
+# --- batch plan ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a step's global batch is made: world size x per-device batch x accumulation."""
+
+    devices: int
+    num_nodes: int
+    per_device: int
+    accumulate: int
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.per_device * self.accumulate
+
+    def __str__(self) -> str:
+        return (f"world size {self.world_size} ({self.devices} device(s) x {self.num_nodes} node(s)), per-device batch "
+                f"{self.per_device}, gradient accumulation {self.accumulate}, global batch {self.global_batch}")
+
+
+def device_count(devices: Any, accelerator: Any) -> int:
+    """Processes per node that Lightning starts for ``trainer.devices`` on ``trainer.accelerator``."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        parts = [d for d in devices.split(",") if d.strip()]
+        return len(parts) if len(parts) > 1 or devices.endswith(",") else int(devices)
+    if devices in ("auto", -1, "-1"):
+        if str(accelerator) in ("gpu", "cuda", "auto"):
+            import torch
+
+            return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+        return 1
+    return int(devices)
+
+
+def resolve_batch(cfg: DictConfig) -> BatchPlan:
+    """Derive ``trainer.accumulate_grad_batches`` from ``stage.global_batch_size`` when it is set,
+    and say how the global batch is made. Raises ``ConfigError`` (before anything loads) when the
+    numbers do not divide, or contradict an explicit accumulation."""
+    try:
+        devices = device_count(cfg.trainer.devices, cfg.trainer.get("accelerator", "auto"))
+    except (TypeError, ValueError):
+        raise ConfigError([f"trainer.devices={cfg.trainer.devices!r}: must be a count, a list of ids or 'auto'"]) from None
+    nodes, per_device = int(cfg.trainer.num_nodes), int(cfg.dataset.batch_size)
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError([f"trainer.accumulate_grad_batches={accumulate!r}: must be an integer >= 1"])
+    wanted = cfg.stage.get("global_batch_size")
+    if wanted is not None:
+        per_step = devices * nodes * per_device
+        if wanted % per_step:
+            raise ConfigError([
+                f"stage.global_batch_size={wanted}: must be a multiple of devices x nodes x dataset.batch_size = "
+                f"{devices} x {nodes} x {per_device} = {per_step} (the accumulation is global / that)"])
+        derived = wanted // per_step
+        if accumulate not in (1, derived):
+            raise ConfigError([
+                f"trainer.accumulate_grad_batches={accumulate}: contradicts stage.global_batch_size={wanted}, which "
+                f"needs {derived} with {devices} x {nodes} x {per_device}; set only one of them"])
+        accumulate = derived
+        cfg.trainer.accumulate_grad_batches = accumulate
+    return BatchPlan(devices, nodes, per_device, accumulate)
 
 
 # --- paths ---------------------------------------------------------------------------------

@@ -64,7 +64,12 @@ class DenoisingObjective:
 
     def loss(self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """MSE between the UNet's prediction, conditioned on ``conditioning`` (groups, seq, width),
-        and the scheduler's target for the noised latents of ``media``."""
+        and the scheduler's target for the noised latents of ``media``: the mean over items."""
+        return self.item_losses(conditioning, media, generator).mean()
+
+    def item_losses(self, conditioning: torch.Tensor, media: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """(groups,) the MSE of each item, so that a step can normalise over its whole global batch."""
         latents = self.latents(media.to(self.vae.device), generator).float()
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         steps = self.scheduler.config.num_train_timesteps
@@ -76,4 +81,5 @@ class DenoisingObjective:
             else {"encoder_hidden_states": cond}
         )
         pred = self.unet(noisy.to(self.unet.dtype), t, **kwargs).sample
-        return F.mse_loss(pred.float(), denoising_target(self.scheduler, latents, noise, t).float())
+        target = denoising_target(self.scheduler, latents, noise, t).float()
+        return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)

@@ -94,7 +94,8 @@ def heldout_loss(cfg: DictConfig) -> dict:
     n_batches = n_samples = skipped = 0
     with torch.no_grad():
         for batch in tqdm(dm._loader(dm.train_set, shuffle=False), desc=f"evaluate {bundle.name}"):
-            if batch is None:
+            if not batch["keys"]:  # every sample of the batch was unreadable
+                skipped += int(batch["num_skipped"])
                 continue
             batch = module.transfer_batch_to_device(batch, module.device, 0)
             for k, v in module.compute_loss(batch).items():

@@ -74,21 +74,39 @@ class NextGPT(nn.Module):
         return self
 
     # --- embedding -------------------------------------------------------------------------
+    # Training calls run every modality's encoder trunk, the input projector and every output
+    # projector on every batch, on zero rows when the batch has nothing for them, and keep each
+    # result in the loss graph. All data-parallel ranks then run the same modules in the same
+    # order whatever their batches hold: DDP's reducer gets a gradient for every trainable
+    # parameter (no unused-parameter search), and FSDP / ZeRO-3 issue the same all-gathers.
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(self.output_projectors)
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.new_tokens.embed(input_ids, self.llm.get_input_embeddings())
 
-    def encode_media(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_media(self, media: Mapping[str, torch.Tensor], *, every_modality: bool = False) -> dict[str, torch.Tensor]:
         """modality -> (N, num_media_tokens, H): frozen ImageBind, then the trainable projector."""
+        names = self.modality_names if every_modality else tuple(media)
         feats = {}
-        for name, x in media.items():
+        for name in names:
+            trunk = modality_registry.get(name).encoder_modality
+            x = media[name] if name in media else self.encoder.empty_input(trunk)
             with torch.no_grad():
-                feats[name] = self.encoder.encode(modality_registry.get(name).encoder_modality, x, renormalize=True)
+                feats[name] = self.encoder.encode(trunk, x, renormalize=True)
         return self.project_features(feats)
 
-    def project_features(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def project_features(self, features: Mapping[str, torch.Tensor], *,
+                         every_modality: bool = False) -> dict[str, torch.Tensor]:
         """ImageBind features (fresh or cached) -> (N, num_media_tokens, H)."""
-        dtype = self.input_projector.proj.weight.dtype
-        return {name: self.input_projector(f.to(dtype)) for name, f in features.items()}
+        weight = self.input_projector.proj.weight
+        names = self.modality_names if every_modality else tuple(features)
+        out = {}
+        for name in names:
+            f = features[name] if name in features else weight.new_zeros(0, self.encoder.embed_dim)
+            out[name] = self.input_projector(f.to(device=weight.device, dtype=weight.dtype))
+        return out
 
     def embed_inputs(
         self,
@@ -97,33 +115,43 @@ class NextGPT(nn.Module):
         media: Mapping[str, torch.Tensor] | None = None,
         media_sequence: Iterable[tuple] = (),
         media_features: Mapping[str, torch.Tensor] | None = None,
+        *,
+        every_modality: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with the projected media written into the media slots, in order.
 
         ``media`` holds preprocessed inputs for ImageBind; ``media_features`` holds ImageBind
         outputs read from a feature cache. ``media_sequence`` lists ``(modality, index, cached)``
-        in slot order (``cached`` may be left out: raw media).
+        in slot order (``cached`` may be left out: raw media). ``every_modality``: run every
+        modality's path (training; see above).
         """
         embeds = self.embed_tokens(input_ids)
-        if media_mask is not None and media_mask.any():
-            projected = {False: self.encode_media(media or {}), True: self.project_features(media_features or {})}
-            ordered = torch.cat(
-                [projected[bool(entry[2]) if len(entry) > 2 else False][entry[0]][entry[1]] for entry in media_sequence]
-            ).to(embeds.dtype)
-            n_slots = int(media_mask.sum())
-            if ordered.shape[0] != n_slots:
-                raise ValueError(f"batch has {n_slots} media slots but {ordered.shape[0]} projected media tokens")
-            embeds = embeds.masked_scatter(media_mask.unsqueeze(-1), ordered)
-        return embeds
+        has_media = media_mask is not None and bool(media_mask.any())
+        if not (has_media or every_modality):
+            return embeds
+        projected = {False: self.encode_media(media or {}, every_modality=every_modality),
+                     True: self.project_features(media_features or {}, every_modality=every_modality)}
+        rows = [projected[bool(entry[2]) if len(entry) > 2 else False][entry[0]][entry[1]] for entry in media_sequence]
+        # zero-row slices of every projection: they add nothing, and keep each call in the graph
+        rows += [p.flatten(0, 1)[:0] for part in projected.values() for p in part.values()]
+        ordered = torch.cat(rows).to(embeds.dtype)
+        if media_mask is None:
+            media_mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        n_slots = int(media_mask.sum())
+        if ordered.shape[0] != n_slots:
+            raise ValueError(f"batch has {n_slots} media slots but {ordered.shape[0]} projected media tokens")
+        return embeds.masked_scatter(media_mask.unsqueeze(-1), ordered)
 
     # --- forward ---------------------------------------------------------------------------
-    def signal_conditioning(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Output-projector conditioning of every complete signal group present in ``input_ids``."""
+    def signal_conditioning(self, input_ids: torch.Tensor, hidden: torch.Tensor, *,
+                            every_modality: bool = False) -> dict[str, torch.Tensor]:
+        """Output-projector conditioning of every complete signal group present in ``input_ids``
+        (with ``every_modality``: of every modality, ``(0, seq, width)`` where none is present)."""
         out = {}
         for name, projector in self.output_projectors.items():
             ids = torch.tensor(self.layout.signal_ids[name], device=input_ids.device)
             mask = torch.isin(input_ids, ids)
-            if not mask.any():
+            if not (every_modality or mask.any()):
                 continue
             n = len(ids)
             states = hidden[mask] + self.embed_tokens(input_ids[mask]).to(hidden.dtype)
@@ -140,11 +168,13 @@ class NextGPT(nn.Module):
         media_features: Mapping[str, torch.Tensor] | None = None,
         **_: Any,
     ) -> NextGPTOutput:
-        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features)
+        """The training forward: every modality's modules run (see above); ``conditioning`` holds
+        every modality, with zero groups where the batch has none."""
+        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features, every_modality=True)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
         logits = self.new_tokens.logits(hidden, out.logits)
-        return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden))
+        return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=True))
 
     # --- LoRA ------------------------------------------------------------------------------
     def apply_lora(self, r: int, alpha: float, dropout: float, target_modules: list[str]) -> None:

@@ -7,9 +7,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from nextgpt.config import import_object, previous_bundle, validate, validate_paths
+from nextgpt.config import import_object, previous_bundle, resolve_batch, validate, validate_paths
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def build_module(cfg: DictConfig, init_from: str | None):
     return cls(
         model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
         loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,
+        sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
         run_config=OmegaConf.to_container(cfg),
     )
 
@@ -96,17 +98,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _single_log_stream()
     validate(cfg)  # types and ranges: before anything is built or loaded
     OmegaConf.resolve(cfg)
+    plan = resolve_batch(cfg)  # sets trainer.accumulate_grad_batches from stage.global_batch_size
+    if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        from nextgpt.strategies import deepspeed_preflight
+
+        deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
     validate_paths(cfg)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    rank_zero_info(f"stage {cfg.stage.number} batch: {plan}")
     L.seed_everything(cfg.seed, workers=True)
     init_from = previous_bundle(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, init_from)
     trainer = build_trainer(cfg)
     last = Path(cfg.paths.checkpoints) / "last.ckpt"
-    ckpt_path = str(last) if cfg.get("resume") and last.is_file() else None
+    ckpt_path = str(last) if cfg.get("resume") and last.exists() else None  # a file, or a sharded checkpoint folder
     if ckpt_path:
         log.info("resuming stage %s from %s", cfg.stage.number, ckpt_path)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import lightning as L
 import torch
@@ -27,18 +27,41 @@ from nextgpt.prompts import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
+def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled (answer) positions; divide by their count
+    (``counts["tokens"]`` of the whole step) for the mean."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on labelled (answer) positions only."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
+    """Next-token cross-entropy on labelled (answer) positions only: the mean over this batch."""
+    return caption_loss_sum(logits, labels) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Legacy NExT-GPT alignment of one modality, summed over its groups: per group the mean over
+    conditioning tokens of the L2 distance to the target. Zero groups give an exact 0 (that
+    keeps the projector in the graph)."""
+    if target is None:
+        target = torch.zeros_like(pred)
+    if target.shape != pred.shape:
+        raise ValueError(f"alignment targets {tuple(target.shape)} do not match the projector output {tuple(pred.shape)}")
+    return (pred.float() - target.to(pred.device).float()).norm(dim=-1).mean(-1).sum()
 
 
 def alignment_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Legacy NExT-GPT alignment: mean over conditioning tokens of the L2 distance to the target,
-    averaged over the modalities present."""
-    losses = [(pred[m].float() - target[m].to(pred[m].device).float()).norm(dim=-1).mean() for m in pred]
-    return torch.stack(losses).mean()
+    """The alignment term of one batch: per modality the mean over its groups, averaged over the
+    modalities present."""
+    present = [m for m in pred if pred[m].shape[0]]
+    total = sum(alignment_sum(pred[m], target.get(m)) / max(pred[m].shape[0], 1) for m in pred)
+    return total / max(len(present), 1)
+
+
+def count_keys(modalities: Iterable[str]) -> list[str]:
+    """The normalising counts of a step, in a fixed order (what ranks sum with one all-reduce)."""
+    names = list(modalities)
+    return ["tokens", *(f"align/{m}" for m in names), *(f"denoise/{m}" for m in names)]
 
 
 class NextGPTStage(L.LightningModule):
@@ -53,17 +76,20 @@ class NextGPTStage(L.LightningModule):
         optim: Mapping[str, Any],
         loss: Mapping[str, float],
         init_from: str | None = None,
+        sharding: Mapping[str, Any] | None = None,
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
+        self.sharding_cfg = dict(sharding) if sharding else None
         self.init_from = init_from
         self.model: NextGPT | None = None
         self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
         self.caption_cache: dict[tuple[str, str], torch.Tensor] = {}  # captions with no disk cache
         self.caption_stores: dict[str, list] = {}  # modality -> FeatureStores of decoder text embeddings
         self.strict_loading = False  # checkpoints hold trainable tensors only
+        self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
 
     # --- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -81,6 +107,7 @@ class NextGPTStage(L.LightningModule):
         self.trainable_names = set_trainable(model, self.trainable_groups)
         # what the stage bundle keeps: what this stage trains and what it carried over
         self.bundle_names = sorted(set(self.trainable_names) | set(loaded))
+        self.shard(model)
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
         self.denoisers = self.load_denoisers() if self.aligns else {}
@@ -89,6 +116,33 @@ class NextGPTStage(L.LightningModule):
             f"stage {self.stage} ({type(self).__name__}): trainable {trainable:,} params in "
             f"{len(self.trainable_names)} tensors ({', '.join(self.trainable_groups)}); frozen {frozen:,}"
         )
+
+    def shard(self, model: NextGPT) -> None:
+        """Under FSDP2, shard the model by the ``sharding`` policy; under ZeRO-3, tell DeepSpeed
+        which weights are read outside their own module's forward."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            from nextgpt.model import torch_dtype
+            from nextgpt.strategies import WrapByClassName, shard_model
+
+            cfg = self.sharding_cfg or {}
+            dtype = lambda key: torch_dtype(cfg[key]) if cfg.get(key) else None  # noqa: E731
+            units = shard_model(model, self.device_mesh["data_parallel"], WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
+                                reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+                                param_dtype=dtype("param_dtype"), reduce_dtype=dtype("reduce_dtype"))
+            rank_zero_info(f"stage {self.stage}: FSDP2 over {self.device_mesh['data_parallel'].size()} ranks, "
+                           f"{len(units)} units + the root")
+        elif isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            for p in model.new_tokens.parameters():  # read by NextGPT's forward, not their own
+                deepspeed.zero.register_external_parameter(model, p)
+
+    def checkpoint_keys(self) -> list[str]:
+        """The state-dict keys a checkpoint keeps: the trainable tensors."""
+        return [f"model.{n}" for n in self.trainable_names]
 
     def load_denoisers(self) -> dict:
         """The frozen VAE + UNet of each decoder whose denoising loss is switched on."""
@@ -113,6 +167,8 @@ class NextGPTStage(L.LightningModule):
 
         out = {}
         for name, caps in captions.items():
+            if not caps:
+                continue
             stores = self.caption_stores.get(name, ())
             stored = {c: next((s for s in stores if caption_key(c) in s), None) for c in set(caps)}
             missing = sorted(c for c, store in stored.items() if store is None and (name, c) not in self.caption_cache)
@@ -173,59 +229,93 @@ class NextGPTStage(L.LightningModule):
                 store.reload()
 
     # --- loss ----------------------------------------------------------------------------
-    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # Every term is a sum over this batch divided by a count of the whole optimizer step: label
+    # tokens for the cross-entropy, groups per modality for the alignment and denoising terms.
+    # Training takes the counts of the step's every micro-batch on every rank (``StepWindows``
+    # attaches them; one all-reduce sums the ranks), so 2 ranks x batch b, 1 rank x batch 2b and
+    # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
+    def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """This batch's share of each loss term of the step whose totals are ``counts``."""
         out = self.model(**batch)
-        losses = {"ce": caption_loss(out.logits, batch["labels"])}
-        if self.aligns and out.conditioning:
-            targets = self.caption_targets({m: batch["output_captions"][m] for m in out.conditioning})
-            losses["align"] = alignment_loss(out.conditioning, targets)
+        terms = {"ce": caption_loss_sum(out.logits, batch["labels"]) / max(float(counts["tokens"]), 1.0)}
+        if self.aligns:
+            cond = out.conditioning
+            captions = batch.get("output_captions", {})
+            targets = self.caption_targets({m: captions.get(m, []) for m in cond})
+            present = [m for m in cond if counts.get(f"align/{m}", 0) > 0]
+            terms["align"] = sum(alignment_sum(cond[m], targets.get(m)) / max(float(counts.get(f"align/{m}", 0)), 1.0)
+                                 for m in cond) / max(len(present), 1)
             media = batch.get("output_media", {})
-            terms = [self.denoisers[m].to(self.device).loss(out.conditioning[m], media[m])
-                     for m in out.conditioning if m in self.denoisers and m in media]
-            if terms:
-                losses["denoise"] = torch.stack(terms).mean()
-        losses["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in losses.items())
-        return losses
+            noisy = [m for m in cond if m in self.denoisers and counts.get(f"denoise/{m}", 0) > 0]
+            if noisy:
+                parts = [self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
+                         / float(counts[f"denoise/{m}"]) for m in noisy if m in media]
+                terms["denoise"] = (torch.stack(parts).sum() if parts else cond[noisy[0]].sum() * 0.0) / len(noisy)
+        terms["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items())
+        return terms
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch on its own (evaluation, tests): means over this batch."""
+        return self.loss_terms(batch, batch["counts"])
+
+    def step_counts(self, local: Mapping[str, float]) -> dict[str, float]:
+        """The step's counts summed over all ranks (one all-reduce of a few numbers)."""
+        keys = count_keys(self.model.modality_names)
+        values = torch.tensor([float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="sum")
+        return dict(zip(keys, values.tolist()))
+
+    def gradient_scale(self) -> float:
+        """Undo the averaging the training loop applies: the data-parallel mean over ranks and
+        Lightning's division by ``accumulate_grad_batches`` (DeepSpeed divides by its own
+        accumulation count again), so the step's gradient is that of the loss over its global batch."""
+        if self._trainer is None:
+            return 1.0
+        accumulate = int(self.trainer.accumulate_grad_batches)
+        scale = float(self.trainer.world_size * accumulate)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            scale *= accumulate
+        return scale
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        if batch is None:  # every sample of the batch was unreadable
-            return None
-        losses = self.compute_loss(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
-        self.log("data/skipped", float(batch.get("num_skipped", 0)), reduce_fx="sum", batch_size=bs)
+        window = batch.get("window") or {"counts": batch["counts"], "index": 0, "size": 1}
+        terms = self.loss_terms(batch, self.step_counts(window["counts"]))
+        # log the step's loss over its global batch: this micro-batch's shares, summed over the
+        # window here and over the ranks by the logger's all-reduce
+        for k, v in terms.items():
+            self._step_terms[k] = self._step_terms.get(k, 0.0) + v.detach()
+        if window["index"] == window["size"] - 1:
+            self.log_dict({f"train/{k}": v for k, v in self._step_terms.items()}, prog_bar=True, sync_dist=True,
+                          reduce_fx="sum", batch_size=1)
+            self._step_terms = {}
+        bs = len(batch["keys"])
+        self.log("data/skipped", float(batch.get("num_skipped", 0)), reduce_fx="sum", batch_size=max(bs, 1))
         for reason, n in batch.get("skipped_by_reason", {}).items():
-            self.log(f"data/skipped/{reason}", float(n), reduce_fx="sum", batch_size=bs)
-        self.log("data/truncated", float(batch.get("num_truncated", 0)), reduce_fx="sum", batch_size=bs)
-        return losses["loss"]
+            self.log(f"data/skipped/{reason}", float(n), reduce_fx="sum", batch_size=max(bs, 1))
+        self.log("data/truncated", float(batch.get("num_truncated", 0)), reduce_fx="sum", batch_size=max(bs, 1))
+        return terms["loss"] * self.gradient_scale()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        if batch is None:
+        if not batch["keys"]:  # every sample of the batch was unreadable
             return
         losses = self.compute_loss(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0])
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["keys"]), sync_dist=True)
 
     # --- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(
-            params, lr=float(self.optim_cfg["lr"]), weight_decay=float(self.optim_cfg["weight_decay"]),
-            betas=tuple(self.optim_cfg.get("betas", (0.9, 0.999))),
-        )
+        from nextgpt.optim import build_optimizer, build_scheduler
+
+        opt = build_optimizer(self.optim_cfg, [p for p in self.model.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warmup = int(float(self.optim_cfg.get("warmup_ratio", 0.1)) * total)
-
-        def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = build_scheduler(self.optim_cfg, opt, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints hold trainable tensors only ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {f"model.{n}" for n in self.trainable_names}
+        keep = set(self.checkpoint_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 

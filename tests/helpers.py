@@ -16,12 +16,15 @@ class CrashAfter(L.Callback):
 
 
 class RecordKeys(L.Callback):
-    """Append the sample keys of every training batch to ``path`` (one line per step)."""
+    """Append the sample keys of every training batch to ``path`` (one line per batch:
+    ``<global step> <key> <key> ...``). With several processes each writes its own file,
+    ``<path>.rank<global rank>``."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch is not None:
-            with open(self.path, "a") as f:
+            path = f"{self.path}.rank{trainer.global_rank}" if trainer.world_size > 1 else self.path
+            with open(path, "a") as f:
                 f.write(f"{trainer.global_step} " + " ".join(batch["keys"]) + "\n")

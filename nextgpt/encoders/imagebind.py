@@ -375,6 +375,15 @@ class ImageBindModel(nn.Module):
         """Width of the joint embedding space (``cfg.out_embed_dim``)."""
         return self.cfg.out_embed_dim
 
+    def empty_input(self, modality: str) -> torch.Tensor:
+        """A batch of zero items of ``modality``: running it costs nothing, but the trunk's modules
+        still run, so data-parallel ranks without that modality run the same modules as the rest."""
+        ref = self.modality_heads[modality][2].weight
+        cfg = self.cfg
+        shape = {"vision": (0, 3, cfg.image_size, cfg.image_size),
+                 "audio": (0, 1, 1, cfg.audio_num_mel_bins, cfg.audio_target_len)}[modality]
+        return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
+
     def _check_input(self, modality: str, x: torch.Tensor) -> None:
         cfg = self.cfg
         if modality == "vision":
@@ -410,7 +419,7 @@ class ImageBindModel(nn.Module):
         tokens = self.modality_trunks[modality](tokens)
         out = self.modality_postprocessors[modality](self.modality_heads[modality](tokens))
         if reduce:
-            out = out.reshape(b, s, -1).mean(dim=1)
+            out = out.reshape(b, s, out.shape[-1]).mean(dim=1)
         if renormalize:
             out = F.normalize(out, dim=-1, p=2)
         return out

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.integration.test_train_cli import train
+from tests.cli import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 

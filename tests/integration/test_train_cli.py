@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT
+from tests.cli import train
 
 pytestmark = pytest.mark.slow
-
-
-def train(tmp_path: Path, cache: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "train.py", *args, f"paths.root={tmp_path}", f"paths.cache_dir={cache}", "print_config=false"]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_multirun_three_stages_in_order(tiny_cache, tmp_path):
@@ -85,13 +75,3 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     assert not last.exists()  # a finished run's last.ckpt is retired, so the next run starts fresh
     weights = load_file(str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"))
     assert torch.isfinite(weights["input_projector.proj.weight"]).all()
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_on_cpu(tiny_cache, tmp_path):
-    res = train(tmp_path, tiny_cache, "stage=1", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                "trainer.max_steps=2", "stage.batch_size=4", "logger=csv")
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stderr + res.stdout
-    assert "GLOBAL_RANK: 0" in out and "GLOBAL_RANK: 1" in out
-    assert json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())["global_step"] == 2

@@ -61,4 +61,9 @@ def test_unreadable_media_is_skipped_and_counted_in_the_batch(image_source, tiny
     assert batch["num_skipped"] == 1 and len(batch["keys"]) == 3 and convs[1].key not in batch["keys"]
     assert batch["media"]["image"].shape[0] == 3 and int(batch["media_mask"].sum()) == 3 * 2
     assert bad in caplog.text
-    assert Collator(tokenizer.pad_token_id, 2)([None, None]) is None
+    assert batch["counts"] == {"tokens": int((batch["labels"][:, 1:] != -100).sum())}
+    # every sample unreadable: a batch that trains nothing (no labels), never None, so every DDP rank
+    # still runs the step and none waits for another in a collective
+    empty = Collator(tokenizer.pad_token_id, 2)([None, None])
+    assert empty["keys"] == [] and empty["num_skipped"] == 2 and empty["counts"] == {"tokens": 0}
+    assert (empty["labels"] == -100).all() and not empty["media_mask"].any()

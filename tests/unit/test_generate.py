@@ -117,9 +117,9 @@ class EncodeSpy:
         self.original = model.encode_media
 
     def __enter__(self):
-        def spy(media):
+        def spy(media, **kwargs):
             self.calls.append({k: tuple(v.shape) for k, v in media.items()})
-            return self.original(media)
+            return self.original(media, **kwargs)
 
         self.model.encode_media = spy
         return self

@@ -1,24 +1,26 @@
-"""Each strategy config instantiates the Lightning strategy it names."""
+"""Each strategy config instantiates the strategy it names; FSDP2's wrap policy finds the LLM's
+blocks in the real model; the DeepSpeed configs pass DeepSpeed's own validation with the
+optimizer they pick, and offload with a torch optimizer is refused before anything loads."""
 from __future__ import annotations
 
 import hydra
 import lightning as L
 import pytest
 from lightning.pytorch import strategies
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
+from omegaconf import OmegaConf
 
-from nextgpt.config import compose
-from nextgpt.strategies import WrapByClassName
+from nextgpt.config import ConfigError, compose, resolve_batch, validate
+from nextgpt.strategies import FSDP2Strategy, WrapByClassName
 
 EXPECTED = {
     "auto": (strategies.SingleDeviceStrategy, {}),
     "ddp": (strategies.DDPStrategy, {}),
-    "fsdp": (strategies.FSDPStrategy, {}),
+    "fsdp": (FSDP2Strategy, {}),
     "deepspeed_zero2": (strategies.DeepSpeedStrategy, {"stage": 2, "offload": False}),
     "deepspeed_zero2_offload": (strategies.DeepSpeedStrategy, {"stage": 2, "offload": True}),
     "deepspeed_zero3": (strategies.DeepSpeedStrategy, {"stage": 3, "offload": False}),
 }
+DEEPSPEED = sorted(n for n in EXPECTED if n.startswith("deepspeed"))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -36,12 +38,54 @@ def test_strategy_config_instantiates_its_strategy(name, tmp_path):
         zero = strategy.config["zero_optimization"]
         assert zero["stage"] == expect["stage"]
         assert ("offload_optimizer" in zero) == expect["offload"]
+        assert strategy.exclude_frozen_parameters  # checkpoints hold the trainable tensors only
+    if name == "ddp":
+        assert node.find_unused_parameters is False  # every trainable module runs every step, by design
 
 
-def test_fsdp_wraps_each_decoder_layer():
-    policy = WrapByClassName(["DecoderLayer"])
-    layer = LlamaDecoderLayer(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                          num_key_value_heads=2), layer_idx=0)
-    assert policy(layer, recurse=False, nonwrapped_numel=0)
-    assert not policy(layer.mlp, recurse=False, nonwrapped_numel=0) and isinstance(layer.mlp, LlamaMLP)
-    assert policy(layer, recurse=True, nonwrapped_numel=0)  # keep descending
+def test_fsdp_policy_makes_each_llm_block_a_unit(tiny_config):
+    """The policy of configs/strategy/fsdp.yaml on the real tiny model: every LLM decoder layer
+    is a unit of its own (the rest is sharded with the root)."""
+    from nextgpt.model import build_nextgpt
+
+    cfg = tiny_config("strategy=fsdp")
+    model, _, _ = build_nextgpt(OmegaConf.to_container(cfg.model, resolve=True))
+    units = WrapByClassName(cfg.sharding.wrap).units(model)
+    layers = {n for n, m in model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"}
+    assert layers and layers <= set(units)
+    assert not any(u.startswith(tuple(f"{v}." for v in units)) for u in units)  # outermost matches only
+    with pytest.raises(ValueError, match="at least one"):
+        WrapByClassName([])
+
+
+@pytest.mark.parametrize("name", DEEPSPEED)
+@pytest.mark.parametrize("model", ["tiny", "nextgpt_7b_legacy"])
+def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path):
+    pytest.importorskip("deepspeed", reason="scripts/install.sh installs deepspeed")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from nextgpt.strategies import deepspeed_preflight
+
+    cfg = compose([f"strategy={name}", f"model={model}", "trainer=gpu", "trainer.devices=8", "stage.global_batch_size=144"],
+                  output_dir=str(tmp_path))
+    validate(cfg)
+    OmegaConf.resolve(cfg)
+    plan = resolve_batch(cfg)
+    assert (plan.world_size, plan.per_device, plan.accumulate, plan.global_batch) == (8, 18, 1, 144)
+    config = deepspeed_preflight(cfg, plan)
+    assert config["bf16"] == {"enabled": True} and config["train_micro_batch_size_per_gpu"] == 18
+    picked = hydra.utils.get_class(cfg.stage.optim.optimizer._target_)
+    assert issubclass(picked, DeepSpeedCPUAdam) == name.endswith("offload")
+
+
+def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_path):
+    pytest.importorskip("deepspeed", reason="scripts/install.sh installs deepspeed")
+    from nextgpt.strategies import deepspeed_preflight
+
+    cfg = compose(["strategy=deepspeed_zero2_offload", "optimizer=adamw"], output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="stage.optim.optimizer._target_='torch.optim.AdamW'.*deepspeed_cpu_adam"):
+        validate(cfg)
+    OmegaConf.resolve(cfg)
+    # and DeepSpeed's own rule says the same, should the schema ever miss it
+    with pytest.raises(ConfigError, match="DeepSpeed refuses it"):
+        deepspeed_preflight(cfg, resolve_batch(cfg))

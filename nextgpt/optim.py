@@ -1,0 +1,76 @@
+"""Optimizers and learning-rate schedules, built from ``stage.optim`` by Hydra.
+
+``stage.optim.optimizer`` and ``stage.optim.scheduler`` are ``_target_`` + ``_partial_`` nodes
+(config groups ``optimizer/`` and ``scheduler/``): the stage calls the optimizer with the
+trainable parameters, and the scheduler with the optimizer and the run's total number of
+optimizer steps. Any callable of those shapes can be named, e.g.
+``stage.optim.optimizer._target_=bitsandbytes.optim.AdamW8bit``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def _warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    return int(warmup_ratio * max(1, total_steps))
+
+
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1,
+                        min_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up from ~0 to the optimizer's lr, then linear decay to ``min_ratio`` x lr at
+    ``total_steps`` (DeepSpeed's ``WarmupDecayLR``, which the reference used)."""
+    total = max(1, int(total_steps))
+    warmup = _warmup_steps(total, warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(min_ratio, min_ratio + (1.0 - min_ratio) * (total - step) / max(1, total - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+def warmup_cosine_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1,
+                        min_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up, then half a cosine down to ``min_ratio`` x lr at ``total_steps``."""
+    total = max(1, int(total_steps))
+    warmup = _warmup_steps(total, warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up, then the optimizer's lr unchanged."""
+    warmup = _warmup_steps(total_steps, warmup_ratio)
+    return LambdaLR(optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else 1.0)
+
+
+def build_optimizer(optim_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Instantiate ``optim_cfg["optimizer"]`` (a partial) over ``params``."""
+    import hydra
+
+    factory = hydra.utils.instantiate(dict(optim_cfg["optimizer"]), _convert_="all")
+    return factory(list(params))
+
+
+def build_scheduler(optim_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
+    """Instantiate ``optim_cfg["scheduler"]`` (a partial) for ``optimizer`` and ``total_steps``."""
+    import hydra
+
+    factory = hydra.utils.instantiate(dict(optim_cfg["scheduler"]), _convert_="all")
+    return factory(optimizer, total_steps=int(total_steps))
