@@ -1,5 +1,6 @@
 """Wall time of every optimizer step: logged as ``perf/step_seconds`` and ``perf/samples_per_second``,
-and, with ``path``, written as JSON lines (benchmarks read them)."""
+and, with ``path``, written as JSON lines with the loss and (on CUDA) the peak memory so far
+(benchmarks read them)."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,15 @@ class StepTimer(L.Callback):
         pl_module.log_dict({"perf/step_seconds": seconds, "perf/samples_per_second": samples / seconds},
                            on_step=True, batch_size=1)
         if self.path is not None and trainer.is_global_zero:
+            import torch
+
+            row = {"step": self._step, "seconds": seconds, "samples": samples}
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                row["loss"] = float(loss)
+            if torch.cuda.is_available():
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": self._step, "seconds": seconds, "samples": samples}) + "\n")
+                f.write(json.dumps(row) + "\n")
         self._start = None

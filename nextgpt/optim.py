@@ -61,16 +61,25 @@ def constant(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio
 
 
 def build_optimizer(optim_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Instantiate ``optim_cfg["optimizer"]`` (a partial) over ``params``."""
+    """Instantiate ``optim_cfg["optimizer"]`` (a partial) over ``params``; without that node (a
+    config written before it existed), AdamW with the stage's lr, weight decay and betas."""
     import hydra
 
-    factory = hydra.utils.instantiate(dict(optim_cfg["optimizer"]), _convert_="all")
+    node = optim_cfg.get("optimizer")
+    if node is None:
+        return torch.optim.AdamW(list(params), lr=float(optim_cfg["lr"]), weight_decay=float(optim_cfg["weight_decay"]),
+                                 betas=tuple(optim_cfg.get("betas", (0.9, 0.999))))
+    factory = hydra.utils.instantiate(dict(node), _convert_="all")
     return factory(list(params))
 
 
 def build_scheduler(optim_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
-    """Instantiate ``optim_cfg["scheduler"]`` (a partial) for ``optimizer`` and ``total_steps``."""
+    """Instantiate ``optim_cfg["scheduler"]`` (a partial) for ``optimizer`` and ``total_steps``;
+    without that node, linear warm-up and decay over ``warmup_ratio``."""
     import hydra
 
-    factory = hydra.utils.instantiate(dict(optim_cfg["scheduler"]), _convert_="all")
+    node = optim_cfg.get("scheduler")
+    if node is None:
+        return warmup_linear_decay(optimizer, total_steps=total_steps, warmup_ratio=float(optim_cfg.get("warmup_ratio", 0.1)))
+    factory = hydra.utils.instantiate(dict(node), _convert_="all")
     return factory(optimizer, total_steps=int(total_steps))

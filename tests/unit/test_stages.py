@@ -29,8 +29,8 @@ def output_projector_names(model) -> set[str]:
 
 def build_stage(cfg):
     cls = STAGES[int(cfg.stage.number)]
-    module = cls(model=OmegaConf.to_container(cfg.model, resolve=True), optim=OmegaConf.to_container(cfg.stage.optim),
-                 loss=OmegaConf.to_container(cfg.stage.loss))
+    module = cls(model=OmegaConf.to_container(cfg.model, resolve=True),
+                 optim=OmegaConf.to_container(cfg.stage.optim, resolve=True), loss=OmegaConf.to_container(cfg.stage.loss))
     module.configure_model()
     return module
 
