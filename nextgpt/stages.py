@@ -28,15 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over the labelled (answer) positions; divide by their count
-    (``counts["tokens"]`` of the whole step) for the mean."""
+    """Next-token cross-entropy summed over the labelled (answer) positions; divided by their count
+    (``counts["tokens"]`` of the whole step) it is the step's mean."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on labelled (answer) positions only: the mean over this batch."""
-    return caption_loss_sum(logits, labels) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -50,11 +45,12 @@ def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
     return (pred.float() - target.to(pred.device).float()).norm(dim=-1).mean(-1).sum()
 
 
-def alignment_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The alignment term of one batch: per modality the mean over its groups, averaged over the
-    modalities present."""
-    present = [m for m in pred if pred[m].shape[0]]
-    total = sum(alignment_sum(pred[m], target.get(m)) / max(pred[m].shape[0], 1) for m in pred)
+def modality_mean(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], kind: str,
+                  zero: torch.Tensor) -> torch.Tensor:
+    """Per modality, ``sums[m]`` over its groups divided by the step's count of them
+    (``counts[f"{kind}/{m}"]``), averaged over the modalities the step holds at all."""
+    present = [k for k, n in counts.items() if k.startswith(f"{kind}/") and n > 0]
+    total = sum((v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0) for m, v in sums.items()), zero)
     return total / max(len(present), 1)
 
 
@@ -240,17 +236,15 @@ class NextGPTStage(L.LightningModule):
         terms = {"ce": caption_loss_sum(out.logits, batch["labels"]) / max(float(counts["tokens"]), 1.0)}
         if self.aligns:
             cond = out.conditioning
+            zero = torch.zeros((), device=out.logits.device)
             captions = batch.get("output_captions", {})
             targets = self.caption_targets({m: captions.get(m, []) for m in cond})
-            present = [m for m in cond if counts.get(f"align/{m}", 0) > 0]
-            terms["align"] = sum(alignment_sum(cond[m], targets.get(m)) / max(float(counts.get(f"align/{m}", 0)), 1.0)
-                                 for m in cond) / max(len(present), 1)
-            media = batch.get("output_media", {})
-            noisy = [m for m in cond if m in self.denoisers and counts.get(f"denoise/{m}", 0) > 0]
-            if noisy:
-                parts = [self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
-                         / float(counts[f"denoise/{m}"]) for m in noisy if m in media]
-                terms["denoise"] = (torch.stack(parts).sum() if parts else cond[noisy[0]].sum() * 0.0) / len(noisy)
+            terms["align"] = modality_mean({m: alignment_sum(cond[m], targets.get(m)) for m in cond}, counts, "align", zero)
+            if any(counts.get(f"denoise/{m}", 0) > 0 for m in self.denoisers):
+                media = batch.get("output_media", {})
+                noised = {m: self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
+                          for m in cond if m in self.denoisers and m in media}
+                terms["denoise"] = modality_mean(noised, counts, "denoise", zero)
         terms["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items())
         return terms
 

@@ -102,8 +102,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
     def setup_environment(self) -> None:
+        import warnings
+
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
+        # NextGPT's output carries views (the last hidden state, logit slices) that nothing modifies
+        # in place, which is the only case the warning is about
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         super().setup_environment()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
