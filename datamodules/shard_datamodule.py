@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,7 +47,7 @@ class ShardDataModule(L.LightningDataModule):
     """Training batches from the shard stream, split over ranks x workers by sample.
 
     The stream has no end of its own (pass after pass, reshuffled per pass); an epoch is
-    ``floor(samples / (world_size x batch_size))`` batches on every rank, so all ranks run the
+    ``ceil(samples / (world_size x batch_size))`` full batches on every rank, so all ranks run the
     same number of steps even when bad samples are skipped unevenly, and any number of shards
     serves any number of ranks and workers (samples, not shards, are split).
     """
@@ -139,11 +140,9 @@ class ShardDataModule(L.LightningDataModule):
         return self.items.build_item(sample.conversation, load)
 
     def batches_per_epoch(self, world_size: int) -> int:
-        n = self.stream.total // (world_size * self.batch_size)
-        if n < 1:
-            raise ValueError(f"the shards hold {self.stream.total} samples, fewer than one batch of {self.batch_size} "
-                             f"for each of {world_size} ranks: lower dataset.batch_size or add data")
-        return n
+        """Enough full batches on every rank to cover one pass; a rank whose share runs short takes
+        the first samples of the next pass."""
+        return math.ceil(self.stream.total / (world_size * self.batch_size))
 
     def train_dataloader(self) -> StepWindows:
         _, world, accumulate = trainer_topology(self.trainer)

@@ -225,7 +225,7 @@ def test_shards_under_ddp_give_every_rank_the_same_steps(tiny_cache, tmp_path):
     out = ok(train(tmp_path, tiny_cache, "stage=1", "dataset=webdataset", f"dataset.urls={tmp_path / 'shards'}",
                    "dataset.modality=image", "dataset.num_workers=2", *DDP, "stage.batch_size=2", "trainer.max_epochs=2",
                    *QUIET, RECORD, f"+callbacks.keys.path={keys}", timeout=300))
-    per_epoch = len(images) // (2 * 2)  # floor(samples / (ranks x batch))
+    per_epoch = -(-len(images) // (2 * 2))  # ceil(samples / (ranks x batch))
     assert bundle_meta(tmp_path, 1)["global_step"] == 2 * per_epoch
     steps = [recorded_batches(Path(f"{keys}.rank{r}")) for r in (0, 1)]
     assert sorted(steps[0]) == sorted(steps[1]) == list(range(2 * per_epoch))
