@@ -11,6 +11,7 @@ The model is built in ``configure_model`` (so FSDP / DeepSpeed can shard it) fro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
@@ -60,6 +61,24 @@ def count_keys(modalities: Iterable[str]) -> list[str]:
     return ["tokens", *(f"align/{m}" for m in names), *(f"denoise/{m}" for m in names)]
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Build with whole weights even inside DeepSpeed's ``zero.Init`` (ZeRO-3 builds the module in
+    it): ``from_pretrained`` then loads every weight as usual, and DeepSpeed partitions the built
+    model when its engine starts. Outside ``zero.Init`` this does nothing."""
+    import sys
+
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    active = zero is not None and getattr(zero, "top_level_context", None) is not None
+    if active:
+        zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero.restore_init_context()
+
+
 class NextGPTStage(L.LightningModule):
     stage: ClassVar[int]
     trainable_groups: ClassVar[tuple[str, ...]]
@@ -91,7 +110,8 @@ class NextGPTStage(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
+        with whole_weights():
+            model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
         if self.use_lora:
             model.apply_lora(**{k: self.model_cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules")})
         loaded: list[str] = []
