@@ -50,7 +50,6 @@ def init_bundles(cache: Path, stage: int) -> None:
 def zero_row_cost(stage: int, batch: int, repeats: int) -> tuple[float, float]:
     """Median forward+backward seconds with every modality's modules running (zero rows where a
     batch lacks them) and with only the batch's own, on batches that lack modalities."""
-    import torch
     from omegaconf import OmegaConf
 
     from datamodules.datamodule import collate_conversations

@@ -6,14 +6,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from nextgpt.bundles import bundle_state_dict, save_bundle
+from nextgpt.bundles import bundle_identity, bundle_state_dict, save_bundle
 
 
 class StageBundle(L.Callback):
-    """At the end of a completed fit, write ``directory`` and retire ``last.ckpt``.
+    """At the end of a completed fit that trained at least one step, write ``directory``.
 
-    Retiring the finished run's ``last.ckpt`` means ``resume=true`` only ever resumes an
-    interrupted run, never a completed one.
+    A run that was interrupted, or trained nothing (all steps done before a resume, no data), writes
+    no bundle: an earlier, good bundle is never replaced by an untrained one. An existing bundle is
+    kept as a version beside the new one (``save_bundle``).
     """
 
     def __init__(self, directory: str):
@@ -22,20 +23,24 @@ class StageBundle(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
+        trained = trainer.global_step - getattr(pl_module, "start_step", 0)
+        if trained <= 0:
+            rank_zero_info(f"stage {pl_module.stage}: trained no step in this run; {self.directory} is left as it is")
+            return
         # every rank takes part in gathering sharded tensors (FSDP2 / ZeRO-3); global rank 0 writes
         state = bundle_state_dict(pl_module.model, pl_module.bundle_names)
         if trainer.is_global_zero:
+            config = pl_module.hparams.get("run_config") or {}
             meta = {
                 "stage": pl_module.stage,
                 "global_step": trainer.global_step,
+                "trained_steps": trained,
+                "run": (config.get("run") or {}).get("key"),
                 "init_from": pl_module.init_from,
                 "trainable_groups": list(pl_module.trainable_groups),
                 "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
+                **bundle_identity(pl_module.model, pl_module.model_cfg),
             }
-            save_bundle(self.directory, None, pl_module.hparams.get("run_config") or {}, meta, state=state)
+            save_bundle(self.directory, None, config, meta, state=state)
             rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
-            for cb in trainer.checkpoint_callbacks:
-                last = Path(getattr(cb, "dirpath", "") or "") / "last.ckpt"
-                if last.exists():  # a file, or a sharded checkpoint's folder
-                    last.rename(last.with_name(f"finished-step{trainer.global_step:06d}.ckpt"))
         trainer.strategy.barrier()

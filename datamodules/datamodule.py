@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import lightning as L
 import torch
@@ -35,6 +35,23 @@ class Item:
     targets: list[torch.Tensor | None] = None  # denoising-loss target media per signal group (None: none)
 
 
+class Skipped(NamedTuple):
+    """A sample that could not be used, and why (the counter key of the run's data report)."""
+
+    key: str
+    reason: str
+
+
+def skip_reason(error: Exception) -> str:
+    from nextgpt.encoders.preprocess import MediaDecodeError
+
+    if isinstance(error, FileNotFoundError) or "does not exist" in getattr(error, "reason", ""):
+        return "missing media file"
+    if isinstance(error, MediaDecodeError):
+        return "empty media file" if "empty" in error.reason else "undecodable media"
+    return "unusable sample"
+
+
 class ConversationDataset(Dataset):
     """Decodes a conversation's media and tokenises it; ``None`` when a media file is unreadable."""
 
@@ -51,13 +68,13 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, index: int) -> Item | None:
+    def __getitem__(self, index: int) -> Item | Skipped:
         conv = self.conversations[index]
         try:
             return self.build_item(conv, self.load_input)
         except (ValueError, OSError, RuntimeError) as e:  # MediaDecodeError is a ValueError
             log.warning("skipped sample %r: %s", conv.key, e)
-            return None
+            return Skipped(conv.key, skip_reason(e))
 
     def load_input(self, name: str, path: str) -> tuple[torch.Tensor, bool]:
         """(tensor, is a cached feature) for one input media file."""
@@ -105,10 +122,12 @@ class Collator:
     def __init__(self, pad_id: int, num_media_tokens: int):
         self.pad_id, self.num_media_tokens = pad_id, num_media_tokens
 
-    def __call__(self, items: Sequence[Item | None]) -> dict[str, Any]:
-        good = [it for it in items if it is not None]
+    def __call__(self, items: Sequence[Item | Skipped | None]) -> dict[str, Any]:
+        good = [it for it in items if isinstance(it, Item)]
+        reasons = Counter(it.reason if isinstance(it, Skipped) else "unusable sample" for it in items
+                          if not isinstance(it, Item))
         if not good:
-            return self.empty(len(items))
+            return {**self.empty(len(items)), "skipped_by_reason": dict(reasons)}
         length = max(len(it.input_ids) for it in good)
         b = len(good)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -151,6 +170,7 @@ class Collator:
             "output_media": output_media,
             "counts": counts,
             "num_skipped": len(items) - b,
+            "skipped_by_reason": dict(reasons),
             "num_truncated": sum(it.truncated for it in good),
         }
 
@@ -161,7 +181,7 @@ class Collator:
             "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
             "attention_mask": torch.ones((1, 1), dtype=torch.long), "media_mask": torch.zeros((1, 1), dtype=torch.bool),
             "media": {}, "media_features": {}, "media_sequence": [], "output_captions": {}, "output_media": {},
-            "counts": {"tokens": 0}, "num_skipped": num_skipped, "num_truncated": 0,
+            "counts": {"tokens": 0}, "num_skipped": num_skipped, "skipped_by_reason": {}, "num_truncated": 0,
         }
 
 
@@ -326,6 +346,10 @@ class NextGPTDataModule(L.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         self.progress.start(epoch)
+
+    def skipped_before_training(self) -> tuple[Counter, int]:
+        """(entries dropped while reading the JSON files, by reason; entries read in all)."""
+        return Counter(self.skipped_entries), len(self.train_set or ()) + sum(self.skipped_entries.values())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:

@@ -142,8 +142,20 @@ def json_files(name: str, root: str | Path, task: str) -> list[Path]:
     return [Path(root) / pattern.format(name=name) for pattern, _ in TASK_FILES[task]]
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; an error that names the file when it is not UTF-8."""
+    from nextgpt.runs import DataError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
+
+
 def read_source(name: str, modality: str, root: str | Path, task: str) -> tuple[list[Conversation], Counter]:
     """All usable conversations of one source for ``task``, and the skip counts by reason."""
+    from nextgpt.runs import DataError
+
     mod = modality_registry.get(modality)
     root = Path(root)
     convs: list[Conversation] = []
@@ -152,11 +164,11 @@ def read_source(name: str, modality: str, root: str | Path, task: str) -> tuple[
         if not path.is_file():
             raise FileNotFoundError(f"dataset source {name!r} ({modality}): {path} does not exist")
         try:
-            entries: Any = json.loads(path.read_text())
+            entries: Any = json.loads(read_utf8(path))
         except json.JSONDecodeError as e:
-            raise ValueError(f"dataset source {name!r}: {path} is not valid JSON: {e}") from e
+            raise DataError(f"dataset source {name!r}: {path} is not valid JSON: {e}") from e
         if not isinstance(entries, list):
-            raise ValueError(f"dataset source {name!r}: {path} holds a {type(entries).__name__}, expected a list")
+            raise DataError(f"dataset source {name!r}: {path} holds a {type(entries).__name__}, expected a list")
         for i, entry in enumerate(entries):
             try:
                 if not isinstance(entry, dict):

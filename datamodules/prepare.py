@@ -46,9 +46,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Mapping, Any
 
-from datamodules.nextgpt_layout import Skip, _text, _turns, read_source
+from datamodules.nextgpt_layout import Skip, _text, _turns, read_source, read_utf8
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
 
@@ -145,7 +145,7 @@ def _load_entries(path: Path) -> list[Any]:
     """A JSON list, or JSON Lines (``.jsonl``); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -333,12 +333,15 @@ def write_shards(
     strict: bool = False,
     total: int | None = None,
     skipped: Counter | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write ``records`` as ``out_dir/{name}-000000.tar`` ... and the index ``{name}.shards.json``.
 
     A record whose media file is missing or empty is skipped with a warning naming key and file
     (``strict=True`` raises instead): one lost file should not stop a conversion of millions.
     ``skipped`` (entries the readers already dropped) is added to the index's skip counts.
+    ``source``: signatures of the files the records came from (``source_signature``), kept in the
+    index so a reader can tell when the source has changed since.
     """
     from tqdm import tqdm
 
@@ -387,6 +390,7 @@ def write_shards(
         "shards": [{"file": p.name, "samples": n} for p, n in sink.written],
         "total": sum(n for _, n in sink.written),
         "skipped": dict(counts),
+        "source": dict(source or {}),
     }
     tmp = out / f".{name}{INDEX_SUFFIX}.tmp"
     tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
@@ -398,6 +402,22 @@ def write_shards(
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+SET_TASK = {"pairs": "caption", "instruct": "instruct"}  # the task whose JSON files a set is written from
+
+
+def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, str]:
+    """Signatures (size, modification time, first and last MiB) of the NExT-GPT JSON files a shard
+    set is written from: cheap to take at every start, different after any edit of the file."""
+    from datamodules.nextgpt_layout import json_files
+    from nextgpt.features import file_signature
+
+    out = {}
+    for path in json_files(name, root, SET_TASK[shard_set]):
+        if path.is_file():
+            out[path.name] = f"{file_signature(path)}-{path.stat().st_mtime_ns}"
+    return out
+
+
 def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path, *, sets: Sequence[str] = NEXTGPT_SETS,
                     shard_size: int = 1000, overwrite: bool = False, strict: bool = False) -> dict[str, list[Path]]:
     """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source."""
@@ -406,9 +426,10 @@ def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path,
     for s in sets:
         if s not in readers:
             raise ValueError(f"unknown shard set {s!r}; known: {list(readers)}")
+        signature = source_signature(root, name, s)
         records, skipped = readers[s](root, name, modality)
         written[s] = write_shards(records, out, name=f"{name}-{s}", shard_size=shard_size, overwrite=overwrite,
-                                  strict=strict, total=len(records), skipped=skipped)
+                                  strict=strict, total=len(records), skipped=skipped, source=signature)
     return written
 
 

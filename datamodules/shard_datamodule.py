@@ -15,8 +15,10 @@ and deterministic, so resume stays exact too.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +31,9 @@ from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 
 log = logging.getLogger(__name__)
+
+
+SOURCE_CHANGED = ("rewrite", "error", "keep")  # what a run does when a source's JSON changed after its shards
 
 
 def shard_set(task: str) -> str:
@@ -71,8 +76,12 @@ class ShardDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.1,
         min_samples: int = 20,
         cache_fallback: str | None = None,
+        source_changed: str = "rewrite",
     ):
         super().__init__()
+        if source_changed not in SOURCE_CHANGED:
+            raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
+        self.source_changed = source_changed
         self.sources = [dict(s) for s in sources]
         self.task, self.model_cfg, self.template = task, model, template
         self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
@@ -85,21 +94,53 @@ class ShardDataModule(L.LightningDataModule):
         self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
-        """Write the shards of sources that have the NExT-GPT layout but no shards yet."""
+        """Write the shards of sources that have the NExT-GPT layout but no shards yet, and rewrite
+        (or, with ``source_changed="error"``, refuse) those whose source JSON changed since."""
         from datamodules.prepare import prepare_nextgpt
 
         for src in self.sources:
-            if src.get("urls") or source_shards(src, self.task, self.shards_root):
+            if src.get("urls"):
                 continue
             root = src.get("root")
             folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
+            existing = source_shards(src, self.task, self.shards_root)
+            if existing:
+                changed = self.source_changes(src, folder)
+                if not changed:
+                    continue
+                what = f"{', '.join(changed)} changed since the {shard_set(self.task)} shards in {folder} were written"
+                if self.source_changed == "error":
+                    from nextgpt.runs import RunError
+
+                    raise RunError(f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
+                                   "rewrite, or python -m datamodules.prepare --overwrite)")
+                if self.source_changed == "keep":
+                    log.warning("data: %s; training on the old shards (dataset.source_changed=keep)", what)
+                    continue
+                log.info("data: %s: rewriting them", what)
             if not root or not (Path(root) / f"{src['name']}.json").is_file():
                 raise FileNotFoundError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout "
                                         f"at {root}/{src['name']}.json to write them from")
             log.info("data: writing %s shards of %r from %s into %s", shard_set(self.task), src["name"], root, folder)
             folder.mkdir(parents=True, exist_ok=True)
             prepare_nextgpt(root, src["name"], src["modality"], folder, sets=[shard_set(self.task)],
-                            shard_size=self.shard_size)
+                            shard_size=self.shard_size, overwrite=True)
+
+    def source_changes(self, src: Mapping[str, Any], folder: Path) -> list[str]:
+        """The source JSON files whose signature differs from the one the shard index recorded
+        (none when the source is not there: shards alone are a valid data set)."""
+        from datamodules.nextgpt_layout import read_utf8
+        from datamodules.prepare import INDEX_SUFFIX, source_signature
+
+        root = src.get("root")
+        if not root or not Path(root).is_dir():
+            return []
+        index = folder / f"{src['name']}-{shard_set(self.task)}{INDEX_SUFFIX}"
+        recorded = json.loads(read_utf8(index)).get("source") if index.is_file() else None
+        now = source_signature(root, src["name"], shard_set(self.task))
+        if not recorded:  # shards from elsewhere, or written before signatures were kept
+            return []
+        return sorted(str(Path(root) / f) for f in set(now) | set(recorded) if now.get(f) != recorded.get(f))
 
     def setup(self, stage: str | None = None) -> None:
         if self.stream is not None:
@@ -171,6 +212,24 @@ class ShardDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         """A Lightning epoch is a number of batches; the stream runs on across epochs."""
         self.progress.start(epoch)
+
+    def skipped_before_training(self) -> tuple[Counter, int]:
+        """(samples the shard writer dropped, by reason, e.g. media files that were missing; all
+        samples written or dropped)."""
+        from datamodules.nextgpt_layout import read_utf8
+        from datamodules.prepare import INDEX_SUFFIX
+
+        skipped: Counter = Counter()
+        for src in self.sources:
+            if src.get("urls"):
+                continue
+            folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
+            index = folder / f"{src['name']}-{shard_set(self.task)}{INDEX_SUFFIX}"
+            if index.is_file():
+                dropped = json.loads(read_utf8(index)).get("skipped", {})
+                skipped.update({f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))
+                                for k, v in dropped.items()})
+        return skipped, (self.stream.total if self.stream is not None else 0) + sum(skipped.values())
 
     @property
     def skipped(self):

@@ -70,6 +70,7 @@ from datamodules.prepare import INDEX_SUFFIX
 from nextgpt import modality as modality_registry
 from nextgpt.encoders.preprocess import MediaDecodeError
 from nextgpt.prompts import Conversation
+from nextgpt.runs import RunError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class SkipSample(Exception):
         super().__init__(f"{reason} ({detail})" if detail else reason)
 
 
-class TooManySkipped(RuntimeError):
+class TooManySkipped(RunError):
     """More bad samples than ``max_skip_fraction`` allows: likely a broken conversion, not bad luck."""
 
 

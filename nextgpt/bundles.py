@@ -7,13 +7,17 @@ from stage N-1's bundle, so a bundle must load into the next stage's model with 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from nextgpt.runs import RunError
 
 # group name -> predicate on a parameter name
 TRAINABLE_GROUPS = {
@@ -25,10 +29,11 @@ TRAINABLE_GROUPS = {
 }
 
 WEIGHTS, CONFIG, META = "trainable.safetensors", "config.yaml", "meta.json"
+log = logging.getLogger(__name__)
 
 
-class BundleError(RuntimeError):
-    pass
+class BundleError(RunError):
+    """A stage bundle that is missing, damaged, or does not fit the model (the message says why)."""
 
 
 def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
@@ -101,32 +106,173 @@ def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (tmp / META).write_text(json.dumps(info, indent=2))
-    if directory.exists():
-        old = directory.with_name(directory.name + f".old-{int(time.time() * 1e6)}")
-        directory.rename(old)
-        tmp.rename(directory)
-        import shutil
-
-        shutil.rmtree(old)
-    else:
-        tmp.rename(directory)
+    if directory.exists():  # a result is never silently replaced: the previous one becomes a version
+        kept = next_version(directory)
+        directory.rename(kept)
+        log.warning("kept the previous bundle %s as %s", directory, kept)
+    tmp.rename(directory)
     return directory
 
 
-def load_bundle_config(directory: str | Path):
+def next_version(directory: Path) -> Path:
+    n = 1
+    while directory.with_name(f"{directory.name}.v{n}").exists():
+        n += 1
+    return directory.with_name(f"{directory.name}.v{n}")
+
+
+# --- what a bundle must match ------------------------------------------------------------------
+def token_layout(layout) -> dict[str, Any]:
+    """The new tokens' strings and ids per group: a bundle's rows belong to exactly these."""
+    ids = range(layout.first_new_id, layout.vocab_size)
+    names = dict(zip(ids, [*layout.markers, *layout.signals]))
+    return {"first_new_id": int(layout.first_new_id),
+            "markers": {names[i]: i for i in ids[: len(layout.markers)]},
+            "signals": {m: {names[i]: i for i in group} for m, group in layout.signal_ids.items()}}
+
+
+def _tokens(group: Mapping[str, int] | None) -> str:
+    if not group:
+        return "none"
+    toks = list(group)
+    shown = f"{toks[0]}..{toks[-1]}" if len(toks) > 2 else " ".join(toks)
+    return f"{len(toks)} ({shown}, ids {min(group.values())}-{max(group.values())})"
+
+
+def _json_hash(path: Path, drop: tuple[str, ...] = ("_name_or_path", "transformers_version", "_diffusers_version")) -> str | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in drop}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Content hashes of the frozen backbones' configs (not their paths, which move): the LLM, the
+    encoder architecture and weights file, each decoder's pipeline index and text encoder."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from nextgpt.features import file_signature
+
+    arch = model_cfg["encoder"]["arch"]
+    arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
+    llm = Path(str(model_cfg["llm"]["path"]))
+    encoder = Path(str(model_cfg["encoder"]["checkpoint"]))
+    out: dict[str, Any] = {
+        "model.llm": {"config": _json_hash(llm / "config.json"), "tokenizer": _json_hash(llm / "tokenizer_config.json")},
+        "model.encoder": {"arch": hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                          "weights": file_signature(encoder) if encoder.is_file() else None},
+    }
+    for name, m in model_cfg["modalities"].items():
+        path = Path(str(m["decoder"]["path"]))
+        out[f"model.modalities.{name}.decoder"] = {"index": _json_hash(path / "model_index.json"),
+                                                   "text_encoder": _json_hash(path / "text_encoder" / "config.json")}
+    return out
+
+
+def bundle_identity(model: nn.Module, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(model_cfg)}
+
+
+def check_identity(directory: Path, meta: Mapping[str, Any], model: nn.Module, model_cfg: Mapping[str, Any] | None) -> None:
+    """Refuse a bundle whose tokens or backbones are not this model's, naming what differs."""
+    want = meta.get("token_layout")
+    if want is not None and hasattr(model, "layout"):
+        have = token_layout(model.layout)
+        faults = []
+        if want["first_new_id"] != have["first_new_id"]:
+            faults.append(f"its new tokens start at id {want['first_new_id']}, this model's at {have['first_new_id']} "
+                          "(another tokenizer)")
+        if want["markers"] != have["markers"]:
+            faults.append(f"marker tokens {_tokens(want['markers'])} vs {_tokens(have['markers'])}")
+        for m in sorted(set(want["signals"]) | set(have["signals"])):
+            a, b = want["signals"].get(m), have["signals"].get(m)
+            if a != b:
+                faults.append(f"{m} signal tokens {_tokens(a)} vs {_tokens(b)} in this model (model.modalities.{m}."
+                              f"num_signal_tokens={len(a or {})} matches the bundle)")
+        if faults:
+            raise BundleError(f"stage bundle {directory} was trained with another token layout: " + "; ".join(faults))
+    if model_cfg is not None and meta.get("backbones"):
+        have = backbone_identity(model_cfg)
+        diff = [f"{key} ({', '.join(k for k in want_v if want_v.get(k) != have.get(key, {}).get(k))})"
+                for key, want_v in meta["backbones"].items()
+                if key in have and any(v is not None and have[key].get(k) is not None and have[key].get(k) != v
+                                       for k, v in want_v.items())]
+        if diff:
+            raise BundleError(f"stage bundle {directory} was trained on other backbones: {', '.join(diff)} differ; "
+                              "point those keys at the backbones it was trained with")
+
+
+def load_bundle_config(directory: str | Path, *, weights: str | Path | None = None,
+                       backbones: str | Path | None = None):
+    """The bundle's resolved training config, with backbone paths that moved found again (below)."""
     from omegaconf import OmegaConf
 
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise BundleError(f"stage bundle {directory} has no {CONFIG} (expected a folder written by train.py)")
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    relocate_backbones(cfg, Path(directory), weights=weights, backbones=backbones)
+    return cfg
 
 
-def load_bundle_weights(directory: str | Path, model: nn.Module) -> list[str]:
-    """Load a bundle's tensors into ``model``; every bundle key must exist with the same shape."""
+def backbone_keys(model_cfg) -> list[str]:
+    return ["model.llm.path", "model.encoder.checkpoint",
+            *(f"model.modalities.{m}.decoder.path" for m in model_cfg.get("modalities", {}))]
+
+
+def relocate_backbones(cfg, bundle: Path, *, weights: str | Path | None = None, backbones: str | Path | None = None) -> None:
+    """A bundle's config names backbones by the absolute paths of the machine it was trained on.
+    Where one is gone, look for it under the ``paths.weights`` / ``paths.backbones`` of this machine
+    (given, or ``$NEXTGPT_WEIGHTS``, ``$NEXTGPT_CACHE/tiny_backbones``, ``./pretrained``,
+    ``./.cache/tiny_backbones``) at the same place relative to the old root, and use it there; else
+    say which key to set."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    here = Path(__file__).resolve().parents[1]
+    roots = {
+        "paths.weights": [weights, os.environ.get("NEXTGPT_WEIGHTS"), Path.cwd() / "pretrained", here / "pretrained"],
+        "paths.backbones": [backbones, Path(os.environ["NEXTGPT_CACHE"]) / "tiny_backbones" if os.environ.get("NEXTGPT_CACHE")
+                            else None, Path.cwd() / ".cache" / "tiny_backbones", here / ".cache" / "tiny_backbones"],
+    }
+    for key in backbone_keys(cfg.model):
+        old = Path(str(OmegaConf.select(cfg, key)))
+        if old.exists():
+            continue
+        found = None
+        for root_key, candidates in roots.items():
+            old_root = OmegaConf.select(cfg, root_key)
+            if not old_root or not old.is_relative_to(str(old_root)):
+                continue
+            rel = old.relative_to(str(old_root))
+            found = next((Path(c) / rel for c in candidates if c and (Path(c) / rel).exists()), None)
+            if found is not None:
+                break
+        if found is None:
+            raise BundleError(
+                f"stage bundle {bundle}: {key}={str(old)!r} does not exist here (the backbones moved?). Point "
+                "--weights / $NEXTGPT_WEIGHTS (real weights) or --backbones / $NEXTGPT_CACHE (tiny ones) at where they "
+                f"are now, or fix {key} in {bundle / CONFIG}")
+        log.info("bundle %s: %s moved: using %s", bundle, key, found)
+        OmegaConf.update(cfg, key, str(found))
+
+
+def load_bundle_weights(directory: str | Path, model: nn.Module, model_cfg: Mapping[str, Any] | None = None) -> list[str]:
+    """Load a bundle's tensors into ``model``: its token layout and (given ``model_cfg``) its
+    backbones must be this model's, and every bundle key must exist with the same shape."""
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS
+    meta_file = Path(directory) / META
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BundleError(f"stage bundle {meta_file} is damaged: {e}") from e
+        check_identity(Path(directory), meta, model, model_cfg)
     if not path.is_file():
         raise BundleError(f"stage bundle {directory} has no {WEIGHTS} (missing or not a stage bundle)")
     try:

@@ -59,6 +59,15 @@ def launch_rank() -> int:
     return 0
 
 
+def _sweep_group(default: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return str(default)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nextgpt.cwd"):
         # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in hydra.sweep.dir
@@ -66,6 +75,12 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nextgpt.rank_suffix"):
         # "" on global rank 0 (and without a launcher), "_rank<N>" elsewhere: per-process file names
         OmegaConf.register_new_resolver("nextgpt.rank_suffix", lambda: "" if launch_rank() == 0 else f"_rank{launch_rank()}")
+    if not OmegaConf.has_resolver("nextgpt.sweep_group"):
+        # a multirun's jobs share one W&B group (the sweep folder's name); otherwise the default given
+        OmegaConf.register_new_resolver("nextgpt.sweep_group", _sweep_group)
+    if not OmegaConf.has_resolver("nextgpt.tagged"):
+        # "<name>-<tag>" (a sweep job's swept values), or the name alone
+        OmegaConf.register_new_resolver("nextgpt.tagged", lambda name, tag="": f"{name}-{tag}" if tag else str(name))
     if not OmegaConf.has_resolver("nextgpt.wandb_offline"):
         # offline unless an API key is set or the user asked for online mode
         OmegaConf.register_new_resolver(
@@ -315,6 +330,10 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
         elif mod and mod not in model_modalities:
             c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities}")
+    if c.get("dataset.source_changed") is not None:
+        c.str_("dataset.source_changed", ("rewrite", "error", "keep"))
+    if c.get("dataset.max_skip_fraction") is not None:
+        c.float_("dataset.max_skip_fraction", 0.0, 1.0, hi_open=False)
     fc = c.get("dataset.feature_cache")
     if fc is not None and not isinstance(fc, bool):
         c.fail("dataset.feature_cache", fc, "must be true or false")
@@ -343,6 +362,21 @@ def _check_strategy(c: _Checker) -> None:
         c.fail("trainer.strategy", strategy, "must be a strategy name or a _target_ mapping")
 
 
+def _check_trainer(c: _Checker) -> None:
+    for key, lo in (("trainer.max_steps", -1), ("trainer.accumulate_grad_batches", 1), ("trainer.num_nodes", 1),
+                    ("trainer.log_every_n_steps", 1)):
+        if c.get(key) is not None:
+            c.int_(key, lo)
+    if c.get("trainer.max_epochs") is not None:
+        c.int_("trainer.max_epochs", -1)
+    steps, epochs = c.get("trainer.max_steps"), c.get("trainer.max_epochs")
+    if steps == 0 or epochs == 0:
+        c.fail("trainer.max_steps" if steps == 0 else "trainer.max_epochs", 0, "a run of 0 steps would train nothing")
+    clip = c.get("trainer.gradient_clip_val")
+    if clip is not None:
+        c.float_("trainer.gradient_clip_val", 0.0, hi=None)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every key a run uses; raise ``ConfigError`` listing all faults. Loads nothing."""
     c = _Checker(cfg, [])
@@ -351,6 +385,12 @@ def validate(cfg: DictConfig) -> None:
     _check_dataset(c, mods)
     _check_strategy(c)
     c.int_("seed", 0)
+    _check_trainer(c)
+    resume = c.get("resume")
+    if not isinstance(resume, (bool, str)) or (isinstance(resume, str) and not resume):
+        c.fail("resume", resume, "must be true, false, or a run folder / checkpoint to continue from")
+    elif isinstance(resume, str) and resume not in ("true", "false") and not Path(resume).exists():
+        c.fail("resume", resume, "no such run folder or checkpoint")
     init = c.get("init_from")
     if init is not None and not isinstance(init, str):
         c.fail("init_from", init, "must be a path or null")
@@ -430,12 +470,14 @@ def resolve_batch(cfg: DictConfig) -> BatchPlan:
 
 # --- paths ---------------------------------------------------------------------------------
 def previous_bundle(cfg: DictConfig) -> str | None:
-    """The bundle this stage starts from: ``init_from`` or ``${paths.bundles}/stage<N-1>``."""
+    """The bundle this stage starts from: ``init_from``, or ``${paths.bundles}/stage<N-1>`` (in a
+    sweep job, that of the job's own chain: ``${paths.bundles}/<sweep tag>/stage<N-1>``)."""
     if cfg.init_from:
         return str(cfg.init_from)
     if int(cfg.stage.number) == 1:
         return None
-    return str(Path(cfg.paths.bundles) / f"stage{int(cfg.stage.number) - 1}")
+    tag = OmegaConf.select(cfg, "run.tag", default="") or ""
+    return str(Path(cfg.paths.bundles) / tag / f"stage{int(cfg.stage.number) - 1}")
 
 
 def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
@@ -467,9 +509,8 @@ def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
 
 
 def backbone_path_errors(cfg: DictConfig) -> list[str]:
-    """Missing backbone folders and checkpoints (none when the tiny ones are built on demand)."""
-    if cfg.model.get("build_tiny"):
-        return []
+    """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
+    after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
     checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
     checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json") for n, m in cfg.model.modalities.items()]
     errors = []
@@ -477,6 +518,47 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
         target = Path(path) / inner if inner else Path(path)
         if not target.exists():
             errors.append(f"{key}={path!r}: {target} does not exist")
+    llm_config = Path(cfg.model.llm.path) / "config.json"
+    if llm_config.is_file():
+        errors += _causal_lm_errors(llm_config)
+    return errors
+
+
+def _causal_lm_errors(config_file: Path) -> list[str]:
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        return [f"model.llm.path={str(config_file.parent)!r}: {config_file} is not a readable config ({e})"]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [f"model.llm.path={str(config_file.parent)!r}: its config.json has model_type={model_type!r}, which is "
+                "not a causal language model transformers knows (a Hugging Face LLM folder is expected)"]
+    return []
+
+
+def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
+    """The bundle's signal tokens against those the config asks for, before any weight loads: a
+    bundle trained with 4 image and 8 audio tokens must not load into 6 + 6 (equal shapes)."""
+    import json
+
+    key = "init_from" if cfg.init_from else "paths.bundles"
+    try:
+        layout = json.loads((bundle / "meta.json").read_text(encoding="utf-8")).get("token_layout")
+    except (ValueError, UnicodeDecodeError) as e:
+        return [f"{key}={str(bundle)!r}: {bundle / 'meta.json'} is damaged ({e})"]
+    if not layout:
+        return []
+    errors = []
+    for name, m in cfg.model.modalities.items():
+        want = modality_registry.get(name).signal_tokens(int(m.num_signal_tokens))
+        have = list(layout["signals"].get(name, {}))
+        if want != have:
+            errors.append(f"model.modalities.{name}.num_signal_tokens={m.num_signal_tokens}: the bundle {bundle} was "
+                          f"trained with {len(have)} {name} signal tokens ({' '.join(have[:2])}{' ...' if len(have) > 2 else ''})"
+                          f", this config asks for {len(want)} ({' '.join(want[:2])}{' ...' if len(want) > 2 else ''})")
     return errors
 
 
@@ -484,6 +566,8 @@ def validate_paths(cfg: DictConfig) -> None:
     """Check that everything the run reads exists, naming the key and the path when not."""
     errors = data_path_errors(cfg, cfg.stage.task) + backbone_path_errors(cfg)
     bundle = previous_bundle(cfg)
+    if bundle is not None and (Path(bundle) / "meta.json").is_file():
+        errors += bundle_token_errors(cfg, Path(bundle))
     if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
         key = "init_from" if cfg.init_from else "paths.bundles"
         errors.append(f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
@@ -493,7 +577,8 @@ def validate_paths(cfg: DictConfig) -> None:
 
 
 def main_guard(fn):
-    """Run ``fn``; on a ConfigError print it and exit 2 (no traceback: the message says it all)."""
+    """Run ``fn``; on a ConfigError (a config that can not run) or a RunError (a run that must not
+    start, or that trained nothing) print it and exit 2 (no traceback: the message says it all)."""
 
     import functools
 
@@ -502,6 +587,13 @@ def main_guard(fn):
         try:
             return fn(*args, **kwargs)
         except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:
+            from nextgpt.runs import RunError
+
+            if not isinstance(e, RunError):
+                raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

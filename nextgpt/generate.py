@@ -72,18 +72,19 @@ def modality_of_file(path: str | Path) -> str:
 class Generator:
     """A NextGPT model ready to answer, plus its decoder pipelines (loaded once, on first use)."""
 
-    def __init__(self, bundle: str | Path, device: str = "cpu"):
+    def __init__(self, bundle: str | Path, device: str = "cpu", *, weights: str | Path | None = None,
+                 backbones: str | Path | None = None):
         from nextgpt.stages import STAGES
 
         self.bundle = Path(bundle)
         if not (self.bundle / "trainable.safetensors").is_file():
             raise BundleError(f"{self.bundle} is not a stage bundle (train.py writes bundles/stage<N>/)")
-        cfg = load_bundle_config(self.bundle)
+        cfg = load_bundle_config(self.bundle, weights=weights, backbones=backbones)
         self.stage = int(cfg.stage.number)
         model, tokenizer, conditioners = build_nextgpt(cfg.model)
         if STAGES[self.stage].use_lora:
             model.apply_lora(**{k: cfg.model.lora[k] for k in ("r", "alpha", "dropout", "target_modules")})
-        loaded = load_bundle_weights(self.bundle, model)
+        loaded = load_bundle_weights(self.bundle, model, cfg.model)
         self._setup(model, tokenizer, conditioners, cfg.model, device)
         self.untrained = sorted({n.split(".")[1] for n, _ in model.named_parameters()
                                  if n.startswith("output_projectors.") and n not in loaded})
@@ -351,13 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--weights", help="where the real backbone weights are now, if they moved since training")
+    p.add_argument("--backbones", help="where the tiny backbones are now, if they moved since training")
     args = p.parse_args(argv)
     args.media = [*args.media, *args.image, *args.audio, *args.video]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT (repeatable) or --interactive")
     try:
-        gen = Generator(args.bundle, args.device)
+        gen = Generator(args.bundle, args.device, weights=args.weights, backbones=args.backbones)
     except (BundleError, FileNotFoundError) as e:
         p.error(f"--bundle {args.bundle}: {e}")
     if args.interactive:

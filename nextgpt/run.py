@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from nextgpt.config import import_object, previous_bundle, resolve_batch, validate, validate_paths
+from nextgpt.runs import RunDir, RunError, sweep_tag
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def build_datamodule(cfg: DictConfig):
             seed=cfg.seed, shards_root=cfg.paths.shards, shuffle=bool(d.get("shuffle", True)),
             shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
             cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
+            source_changed=str(d.get("source_changed", "rewrite")),
         )
     return NextGPTDataModule(
         sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
@@ -94,10 +96,44 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
+def data_signatures(cfg: DictConfig) -> dict[str, str]:
+    """Signatures of the NExT-GPT JSON files the run reads (directly, or to write shards from):
+    an edited data set is another run."""
+    from datamodules.prepare import source_signature
+    from datamodules.shard_datamodule import shard_set
+
+    out = {}
+    for src in cfg.dataset.sources:
+        if src.get("root") and not src.get("urls") and Path(src.root).is_dir():
+            out.update({str(Path(src.root) / f): sig for f, sig in
+                        source_signature(src.root, src.name, shard_set(cfg.stage.task)).items()})
+    return out
+
+
+def prepare_run(cfg: DictConfig) -> tuple[RunDir, dict, str | None]:
+    """Give the run its identity (a key over its training config), its checkpoint folder, its sweep
+    tag and its bundle folder, and decide where it starts: (run, identity, checkpoint or None).
+    Only global rank 0 changes files here; the other ranks reach the same decision."""
+    from nextgpt.config import launch_rank
+    from nextgpt.runs import bundle_root, choose_start, report_other_runs, run_identity, run_key
+
+    init_from = previous_bundle(cfg)
+    identity = run_identity(cfg, init_from, data=data_signatures(cfg))
+    key = run_key(identity)
+    run = RunDir(Path(cfg.paths.checkpoints) / key)
+    cfg.run.key, cfg.run.dir = key, str(run.path)
+    cfg.run.bundle = str(bundle_root(cfg, cfg.run.tag) / f"stage{int(cfg.stage.number)}")
+    rank_zero = launch_rank() == 0
+    start = choose_start(run, identity, cfg.get("resume", True), mutate=rank_zero)
+    if start is None and rank_zero:
+        report_other_runs(run.path.parent, key, identity)
+    return run, identity, start
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     _single_log_stream()
     validate(cfg)  # types and ranges: before anything is built or loaded
-    OmegaConf.resolve(cfg)
+    cfg.run.tag = sweep_tag()  # a sweep job's own chain of bundles
     plan = resolve_batch(cfg)  # sets trainer.accumulate_grad_batches from stage.global_batch_size
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         from nextgpt.strategies import deepspeed_preflight
@@ -105,22 +141,50 @@ def train(cfg: DictConfig) -> dict[str, float]:
         deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
     validate_paths(cfg)
+    run, identity, ckpt_path = prepare_run(cfg)  # may refuse (a finished run): before anything loads
+    OmegaConf.resolve(cfg)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     rank_zero_info(f"stage {cfg.stage.number} batch: {plan}")
+    rank_zero_info(f"stage {cfg.stage.number} run {cfg.run.key}: checkpoints in {cfg.run.dir}, bundle {cfg.run.bundle}")
     L.seed_everything(cfg.seed, workers=True)
     init_from = previous_bundle(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, init_from)
     trainer = build_trainer(cfg)
-    last = Path(cfg.paths.checkpoints) / "last.ckpt"
-    ckpt_path = str(last) if cfg.get("resume") and last.exists() else None  # a file, or a sharded checkpoint folder
+    if trainer.is_global_zero:
+        run.write(key=cfg.run.key, status="running", stage=int(cfg.stage.number), identity=identity,
+                  resumed_from=ckpt_path, bundle=None)
     if ckpt_path:
-        log.info("resuming stage %s from %s", cfg.stage.number, ckpt_path)
+        from nextgpt.runs import checkpoint_step
+
+        module.start_step = checkpoint_step(ckpt_path)  # what this run trains is counted from here
+        log.info("resuming stage %s from %s (step %d)", cfg.stage.number, ckpt_path, module.start_step)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("stage %s finished at step %d: %s", cfg.stage.number, trainer.global_step, metrics)
+    if trainer.interrupted:
+        raise RunError(f"stage {cfg.stage.number} was interrupted at step {trainer.global_step}; rerun the same "
+                       f"command to resume it from {cfg.run.dir}")
+    trained = trainer.global_step - module.start_step
+    if trained <= 0:
+        report = next((c.summary() for c in trainer.callbacks if hasattr(c, "summary")), "no data report")
+        raise RunError(f"stage {cfg.stage.number} trained 0 steps (dataset {cfg.dataset.name!r}: {report}; "
+                       f"trainer.max_steps={cfg.trainer.max_steps}, trainer.max_epochs={cfg.trainer.max_epochs} from step "
+                       f"{module.start_step}): no bundle was written and {cfg.run.bundle} is unchanged")
+    if trainer.is_global_zero:
+        finish_run(run, trainer, cfg.run.bundle)
+    log.info("stage %s finished at step %d (%d trained in this run): %s", cfg.stage.number, trainer.global_step,
+             trained, metrics)
     return metrics
+
+
+def finish_run(run: RunDir, trainer: L.Trainer, bundle: str) -> None:
+    """Mark the run finished and retire its ``last.ckpt`` (written after the bundle by Lightning's
+    own end-of-training save), so that only an interrupted run is ever resumed."""
+    last = run.path / "last.ckpt"
+    if last.exists():
+        last.replace(run.path / f"finished-step{trainer.global_step:06d}.ckpt")
+    run.write(status="finished", global_step=trainer.global_step, bundle=bundle)

@@ -105,6 +105,7 @@ class NextGPTStage(L.LightningModule):
         self.caption_stores: dict[str, list] = {}  # modality -> FeatureStores of decoder text embeddings
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
+        self.start_step = 0
 
     # --- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -116,7 +117,7 @@ class NextGPTStage(L.LightningModule):
             model.apply_lora(**{k: self.model_cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules")})
         loaded: list[str] = []
         if self.init_from:
-            loaded = load_bundle_weights(self.init_from, model)
+            loaded = load_bundle_weights(self.init_from, model, self.model_cfg)
             rank_zero_info(f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)")
         else:
             rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
@@ -305,11 +306,6 @@ class NextGPTStage(L.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in self._step_terms.items()}, prog_bar=True, sync_dist=True,
                           reduce_fx="sum", batch_size=1)
             self._step_terms = {}
-        bs = len(batch["keys"])
-        self.log("data/skipped", float(batch.get("num_skipped", 0)), reduce_fx="sum", batch_size=max(bs, 1))
-        for reason, n in batch.get("skipped_by_reason", {}).items():
-            self.log(f"data/skipped/{reason}", float(n), reduce_fx="sum", batch_size=max(bs, 1))
-        self.log("data/truncated", float(batch.get("num_truncated", 0)), reduce_fx="sum", batch_size=max(bs, 1))
         return terms["loss"] * self.gradient_scale()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

@@ -16,12 +16,75 @@ def sample_data_dir() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "nextgpt_sample"
 
 
-@pytest.fixture(scope="session")
-def sample_root() -> Path:
+@pytest.fixture(scope="session", params=["given", "derived"])
+def sample_root(request, tmp_path_factory) -> Path:
+    """The real sample folder, and a second one of the same layout made from it with other file
+    names and other counts (``derive_sample``): tests that read real data run on both, so none can
+    lean on the names or sizes of one folder."""
     root = sample_data_dir()
     if not root.is_dir():
         pytest.skip(f"real sample data not found at {root} (set NEXTGPT_SAMPLE_DATA to a nextgpt_sample-layout folder)")
-    return root
+    if request.param == "given":
+        return root
+    return derive_sample(root, tmp_path_factory.mktemp("derived_sample") / "nextgpt_sample")
+
+
+def derive_sample(src: Path, dst: Path) -> Path:
+    """A folder of ``src``'s layout with other names and counts: every third entry of each JSON
+    file dropped, every media file renamed (and each JSON string naming it), and, beside it, one
+    img2dataset-style shard of another name written from the derived cc3m pairs."""
+    import io
+    import json
+    import shutil
+    import tarfile
+
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        out = dst / folder.name
+        renamed: dict[str, str] = {}
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.suffix != ".json":
+                new = f"v2-{f.stem[::-1]}{f.suffix}"
+                renamed[f.name] = new
+                target = out / f.relative_to(folder).with_name(new)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+
+        def rename(value):
+            if isinstance(value, str):
+                if value in renamed:
+                    return renamed[value]
+                if value.endswith(".npy") and value[:-4] in renamed:
+                    return renamed[value[:-4]] + ".npy"
+                return value
+            if isinstance(value, list):
+                return [rename(v) for v in value]
+            if isinstance(value, dict):
+                return {k: rename(v) for k, v in value.items()}
+            return value
+
+        for f in sorted(folder.glob("*.json")):
+            entries = json.loads(f.read_text(encoding="utf-8"))
+            kept = [rename(e) for i, e in enumerate(entries) if i % 3 != 1] if isinstance(entries, list) else rename(entries)
+            (out / f.name).write_text(json.dumps(kept, indent=1), encoding="utf-8")
+    pairs = dst / "cc3m" / "cc3m.json"
+    if pairs.is_file():
+        shards = dst.parent / "img2dataset_cc3m"
+        shards.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with tarfile.open(shards / "part-a.tar", "w") as tar:
+            for i, e in enumerate(json.loads(pairs.read_text(encoding="utf-8"))):
+                image = dst / "cc3m" / "images" / e["image_name"]
+                if not image.is_file():
+                    continue
+                key = f"{i:09d}"
+                for ext, data in (("jpg", image.read_bytes()), ("txt", e["caption"].encode()),
+                                  ("json", json.dumps({"key": key, "caption": e["caption"], "status": "success"}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                written += 1
+        (shards / "part-a_stats.json").write_text(json.dumps({"successes": written}))
+    return dst
 
 
 def pytest_collection_modifyitems(config, items):

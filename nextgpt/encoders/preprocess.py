@@ -9,9 +9,12 @@ those tensors with Pillow, PyAV, soundfile, numpy and torch:
 * audio: float waveform, resampled to 16 kHz with torchaudio's ``sinc_interp_hann`` algorithm
   (re-implemented here in torch), pytorchvideo ``ConstantClipsPerVideoSampler`` clips, per-clip DC
   removal, Kaldi fbank (:func:`kaldi_fbank`), zero-pad/crop to ``target_length`` frames, normalise.
+  Only the clips' samples (plus the resampling filter's reach) are read and resampled, so an hour of
+  audio costs what three 2 s clips cost; the values are those of a whole-file read and resample.
 * video: frames decoded with PyAV, decord-style frame indexing of each sampled clip, pytorchvideo
   ``UniformTemporalSubsample`` + ``ShortSideScale`` (bilinear), CLIP mean/std and ImageBind's
-  3-way ``SpatialCrop``.
+  3-way ``SpatialCrop``. Each wanted frame is decoded from the keyframe before it (a seek), not from
+  the start of the file.
 
 Every loader takes a path, raw ``bytes`` or a binary file object (a WebDataset shard member is
 decoded from memory, never unpacked to disk). Every unreadable input raises :class:`MediaDecodeError`
@@ -21,9 +24,13 @@ naming the file (or, for in-memory data, the ``name=`` given, else the file obje
 """
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import math
 import os
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -233,6 +240,22 @@ def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: fl
     return kernels, width
 
 
+def _resampled_length(n: int, orig_freq: int, new_freq: int) -> int:
+    """Samples :func:`resample` returns for n: ceil(n * new / orig), rates reduced by gcd, float32 as torchaudio."""
+    if orig_freq == new_freq:
+        return n
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    return int(torch.ceil(torch.as_tensor(new * n / orig)))  # float32 rounding, as torchaudio
+
+
+def _sinc_blocks(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """The polyphase filter over already padded (batch, m) float32 input: (batch, blocks * new) output samples."""
+    kernel, _ = _sinc_kernel(orig, new)
+    y = F.conv1d(x[:, None], kernel, stride=orig)  # (batch, new, blocks)
+    return y.transpose(1, 2).reshape(x.shape[0], -1)
+
+
 def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
     """Band-limited resampling of (..., n), torchaudio.functional.resample's algorithm in plain torch.
 
@@ -245,15 +268,35 @@ def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Ten
         return waveform
     g = math.gcd(int(orig_freq), int(new_freq))
     orig, new = int(orig_freq) // g, int(new_freq) // g
-    kernel, width = _sinc_kernel(orig, new)
+    _, width = _sinc_kernel(orig, new)
     shape = waveform.shape
     x = waveform.reshape(-1, shape[-1]).to(torch.float32)
-    n = x.shape[-1]
-    x = F.pad(x, (width, width + orig))
-    y = F.conv1d(x[:, None], kernel, stride=orig)  # (batch, new, blocks)
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)
-    target = int(torch.ceil(torch.as_tensor(new * n / orig)))  # float32 rounding, as torchaudio
-    return y[..., :target].reshape(*shape[:-1], -1)
+    y = _sinc_blocks(F.pad(x, (width, width + orig)), orig, new)
+    return y[..., :_resampled_length(shape[-1], orig_freq, new_freq)].reshape(*shape[:-1], -1)
+
+
+def _resample_source(a: int, b: int, orig_freq: int, new_freq: int) -> tuple[int, int, int]:
+    """Input samples [lo, hi) that :func:`resample`'s outputs [a, b) depend on, and the output index of lo's block.
+
+    resample() pads ``width`` zeros in front and makes output block j (samples j*new .. j*new + new - 1)
+    from padded inputs j*orig .. j*orig + 2*width + orig - 1, so resampling just that span, zero-filled
+    outside the file, gives the whole-file values: no edge effects, only float summation order may differ.
+    """
+    if orig_freq == new_freq:
+        return a, b, a
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    _, width = _sinc_kernel(orig, new)
+    first, last = a // new, (b - 1) // new
+    return first * orig - width, (last + 1) * orig + width, first * new
+
+
+def _resample_span(x: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
+    """resample() outputs from (1, m) input laid out as :func:`_resample_source` says (no padding added here)."""
+    if orig_freq == new_freq:
+        return x
+    g = math.gcd(int(orig_freq), int(new_freq))
+    return _sinc_blocks(x.to(torch.float32), int(orig_freq) // g, int(new_freq) // g)
 
 
 def _clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[Fraction]:
@@ -263,45 +306,300 @@ def _clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[
     return [step * k for k in range(num_clips)]
 
 
-def _read_waveform(p: _Source) -> tuple[torch.Tensor, int]:
-    """(1, n) float32 mono waveform and its sample rate; soundfile first, PyAV for compressed formats."""
-    import soundfile as sf
+_UNKNOWN_LENGTH = 2 ** 62  # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
+_BLOCK = 1 << 16  # samples per read when a file has to be read forward
 
-    try:
-        data, sr = sf.read(p.open(), dtype="float32", always_2d=True)  # (n, channels), PCM scaled to [-1, 1)
-    except Exception as sf_error:
+
+def _mono(x: np.ndarray) -> np.ndarray:
+    """(n, channels) -> (n,) float32 channel mean, the same reduction the whole-file path did."""
+    return np.ascontiguousarray(x.astype(np.float32, copy=False).mean(axis=1, dtype=np.float32))
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [lo, hi) spans with the overlapping ones joined (touching ones stay apart)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _collect(chunks: Iterable[tuple[int, np.ndarray]], ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Keep what falls in each of the sorted, disjoint ``ranges`` of a stream of (position, samples) chunks.
+
+    Stops reading once the last range is complete; a range the stream ends inside comes back short.
+    """
+    pieces: list[list[np.ndarray]] = [[] for _ in ranges]
+    done = 0
+    for pos, x in chunks:
+        end = pos + len(x)
+        for j in range(done, len(ranges)):
+            lo, hi = ranges[j]
+            if lo >= end:
+                break
+            s, e = max(lo, pos), min(hi, end)
+            if e > s:
+                pieces[j].append(x[s - pos: e - pos].copy())
+        while done < len(ranges) and ranges[done][1] <= end:
+            done += 1
+        if done == len(ranges):
+            break
+    return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in pieces]
+
+
+def _counted(chunks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """Consecutive chunks with their start positions, counting from 0 (a forward read)."""
+    pos = 0
+    for x in chunks:
+        yield pos, x
+        pos += len(x)
+
+
+class _SoundfileAudio:
+    """Sample spans through libsndfile: the length from the header, each span read after a seek.
+
+    A file libsndfile can not seek, whose length it does not know, or in Ogg (libsndfile's Vorbis seeks
+    are not sample exact, libsndfile issue #885: spans came back shifted by up to a block) is read
+    forward block by block instead, keeping only the spans: whole-file decode time, span-sized memory.
+    """
+
+    def __init__(self, p: _Source) -> None:
+        import soundfile as sf
+
+        self.p = p
+        self.f = sf.SoundFile(p.open())
+        self.sr = int(self.f.samplerate)
+        self.seekable = bool(self.f.seekable()) and self.f.format != "OGG"
+        frames = int(self.f.frames)  # a header that overstates it is caught by the short read that follows
+        self.n = frames if 0 <= frames < _UNKNOWN_LENGTH else sum(len(x) for x in self._blocks())
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        """Mono blocks from the start of a fresh handle (the open one may not rewind)."""
+        import soundfile as sf
+
+        with sf.SoundFile(self.p.open()) as f:
+            while len(block := f.read(_BLOCK, dtype="float32", always_2d=True)):
+                yield _mono(block)
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        if not self.seekable:
+            return _collect(_counted(self._blocks()), ranges)
+        out = []
+        for lo, hi in ranges:
+            self.f.seek(lo)
+            out.append(_mono(self.f.read(hi - lo, dtype="float32", always_2d=True)))  # PCM scaled to [-1, 1)
+        return out
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _NoSeek(Exception):
+    """Seeking gave something a forward decode would not: decode forward instead."""
+
+
+_SAMPLE_INDEXED = {"mov", "mp4", "m4a"}  # demuxers whose index gives exact timestamps after a seek
+
+
+class _AvAudio:
+    """Sample spans through PyAV for formats libsndfile lacks, positions counted as a whole-file decode counts them.
+
+    Position 0 is the first decoded sample. In MP4/M4A/MOV with a time base that resolves single samples,
+    each span is decoded after a seek to half a second before it (so the codec's overlap state is
+    rebuilt) and the length is read off the last frames. Elsewhere (Matroska's millisecond stamps would
+    misplace spans by up to half a millisecond; raw ADTS/MP3 streams only estimate timestamps after a
+    seek), or when a seek misbehaves, the stream is decoded forward from the start, once to count and
+    once to keep the spans: whole-file decode time, span-sized memory.
+    """
+
+    PREROLL = Fraction(1, 2)  # seconds decoded and dropped before a span after a seek
+
+    def __init__(self, p: _Source) -> None:
+        import av
+
+        self.p = p
+        self.container = av.open(p.open())
         try:
-            data, sr = _read_waveform_av(p)
+            if not self.container.streams.audio:
+                raise MediaDecodeError(p.label, "no audio stream")
+            s = self.container.streams.audio[0]
+            self.stream = s
+            self.sr = int(s.codec_context.sample_rate or s.rate)
+            first = next(self.container.decode(s), None)
+            if first is None:
+                raise MediaDecodeError(p.label, "audio stream has no decodable samples")
+            self.origin = None if first.pts is None else first.pts * first.time_base
+            self.seeks = (self.origin is not None and s.time_base is not None
+                          and (1 / (s.time_base * self.sr)).denominator == 1
+                          and bool(_SAMPLE_INDEXED & set(self.container.format.name.split(","))))
+            self.n = self._tail_length() if self.seeks else None
+            if self.n is None:
+                self.seeks = False
+                self.n = sum(len(x) for x in self._forward())
+        except BaseException:
+            self.container.close()
+            raise
+
+    def _forward(self) -> Iterator[np.ndarray]:
+        """Mono samples from the start of a fresh container, in order (positions by count, as the whole-file path)."""
+        import av
+
+        with av.open(self.p.open()) as container:
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp", layout=None, rate=self.sr)
+            frames = (out for frame in container.decode(stream) for out in resampler.resample(frame))
+            for out in itertools.chain(frames, resampler.resample(None)):
+                yield _mono(out.to_ndarray().T)
+
+    def _from(self, at: Fraction) -> Iterator[tuple[int, np.ndarray]]:
+        """(position, mono samples) after a seek to ``at`` seconds, positions from the first frame's pts."""
+        import av
+
+        s = self.stream
+        self.container.seek(int(math.floor(at / s.time_base)), stream=s)
+        resampler = av.AudioResampler(format="fltp", layout=None, rate=self.sr)
+        pos = None
+        for frame in self.container.decode(s):
+            if pos is None:
+                if frame.pts is None:
+                    raise _NoSeek("a frame without pts")
+                pos = round((frame.pts * frame.time_base - self.origin) * self.sr)
+            for out in resampler.resample(frame):
+                x = _mono(out.to_ndarray().T)
+                yield pos, x
+                pos += len(x)
+
+    def _tail_length(self) -> int | None:
+        """Samples a whole decode yields: decode the last seconds (the header's duration is only an estimate)."""
+        import av
+
+        s = self.stream
+        if s.duration:
+            duration = s.duration * s.time_base
+        elif self.container.duration:
+            duration = Fraction(self.container.duration, av.time_base)
+        else:
+            return None
+        try:
+            end = None
+            for pos, x in self._from(self.origin + max(duration - 5, 0)):
+                end = pos + len(x)
+            return end
+        except Exception:  # a demuxer that can not seek: count forward instead
+            return None
+
+    def _seek_read(self, lo: int, hi: int) -> np.ndarray:
+        preroll = self.PREROLL
+        for _ in range(3):
+            at = self.origin + max(Fraction(lo, self.sr) - preroll, 0)
+            run = self._from(at)
+            first = next(run, None)
+            if first is not None and first[0] <= lo - preroll * self.sr / 2:  # at least half the pre-roll decoded
+                return _collect(itertools.chain([first], run), [(lo, hi)])[0]
+            if at == self.origin:
+                break
+            preroll *= 4  # landed after the span: seek further back
+        raise _NoSeek(f"a seek before sample {lo} landed after it")
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Spans within the pre-roll of the start come from a forward decode (what a seek there would do, exactly)."""
+        near = sum(1 for lo, _ in ranges if Fraction(lo, self.sr) <= self.PREROLL) if self.seeks else len(ranges)
+        out = _collect(_counted(self._forward()), ranges[:near]) if near else []
+        if near < len(ranges):
+            try:
+                out += [self._seek_read(lo, hi) for lo, hi in ranges[near:]]
+            except Exception:  # any seek trouble: the forward decode is the reference behaviour
+                self.seeks = False
+                return _collect(_counted(self._forward()), ranges)
+        return out
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def _clip_spans(n: int, sample_rate: int, clip_duration: float, num_clips: int) -> list[tuple[int, int]]:
+    """[a, b) per clip in an n-sample waveform at sample_rate, exactly the slices the whole-file path took."""
+    duration = n / sample_rate
+    spans = []
+    for start in _clip_starts(duration, clip_duration, num_clips):
+        end = start + Fraction(clip_duration)
+        a = min(int(start * sample_rate), n)
+        spans.append((a, max(a, min(int(end * sample_rate), n))))
+    return spans
+
+
+def _read_clip_audio(p: _Source, reader: _SoundfileAudio | _AvAudio, sample_rate: int, num_clips: int,
+                     clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
+    """Mono waveform at sample_rate for just the clips: (groups, clips).
+
+    groups are (1, m) tensors and the resampled sample index they start at, one per run of overlapping
+    clips (so clips that share samples share storage, as views of one waveform did); clips are
+    (group, a, b) in resampled samples. Only the input samples each group's resampling needs are read.
+    A read that comes back short means the header overstated the length: plan again with the length seen.
+    """
+    n, sr = reader.n, reader.sr
+    for _ in range(4):
+        if n <= 0:
+            raise MediaDecodeError(p.label, "audio has no samples")
+        n16 = _resampled_length(n, sr, sample_rate)
+        spans = _clip_spans(n16, sample_rate, clip_duration, num_clips)
+        groups = _merge(spans)
+        sources = [_resample_source(a, b, sr, sample_rate) if b > a else (0, 0, a) for a, b in groups]
+        ranges = _merge([(max(lo, 0), min(hi, n)) for lo, hi, _ in sources if min(hi, n) > max(lo, 0)])
+        segments = reader.read(ranges)
+        short = [lo + len(x) for (lo, hi), x in zip(ranges, segments) if len(x) < hi - lo]
+        if not short:
+            break
+        n = min(short)
+    for x in segments:
+        if not np.isfinite(x).all():
+            raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
+    out = []
+    for (a, b), (lo, hi, first) in zip(groups, sources):
+        buf = np.zeros(hi - lo, np.float32)  # zeros outside the file, as resample()'s padding
+        for (r_lo, r_hi), x in zip(ranges, segments):
+            s, e = max(lo, 0, r_lo), min(hi, n, r_hi)
+            if e > s:
+                piece = x[s - r_lo: e - r_lo]
+                buf[s - lo: s - lo + len(piece)] = piece
+        y = _resample_span(torch.from_numpy(buf)[None], sr, sample_rate) if b > a else torch.zeros(1, 0)
+        out.append((y[:, a - first: b - first], a))
+    starts = [a for a, _ in groups]
+    return out, [(bisect.bisect_right(starts, a) - 1, a, b) for a, b in spans]
+
+
+def _decode_clip_audio(p: _Source, sample_rate: int, num_clips: int,
+                       clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
+    """:func:`_read_clip_audio` through soundfile, else (it can not open or read the file) through PyAV."""
+    try:
+        reader: _SoundfileAudio | _AvAudio = _SoundfileAudio(p)
+    except Exception as e:
+        sf_error: Exception | None = e
+    else:
+        try:
+            return _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration)
         except MediaDecodeError:
             raise
-        except Exception as e:
-            raise MediaDecodeError(p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
-    if data.shape[0] == 0 or data.shape[1] == 0:
-        raise MediaDecodeError(p.label, "audio has no samples")
-    if not np.isfinite(data).all():
-        raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
-    mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
-    return mono.unsqueeze(0), int(sr)
-
-
-def _read_waveform_av(p: _Source) -> tuple[np.ndarray, int]:
-    import av
-
-    with av.open(p.open()) as container:
-        if not container.streams.audio:
-            raise MediaDecodeError(p.label, "no audio stream")
-        stream = container.streams.audio[0]
-        sr = stream.codec_context.sample_rate or stream.rate
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sr)
-        chunks = []
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())  # (channels, n)
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
-    if not chunks:
-        raise MediaDecodeError(p.label, "audio stream has no decodable samples")
-    return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)
+        except Exception as e:  # libsndfile opened it but can not decode it: PyAV may
+            sf_error = e
+        finally:
+            reader.close()
+    try:
+        reader = _AvAudio(p)
+    except MediaDecodeError:
+        raise
+    except Exception as e:
+        raise MediaDecodeError(p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
+    try:
+        return _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration)
+    except MediaDecodeError:
+        raise
+    except Exception as e:  # a stream failing after its first frames
+        raise MediaDecodeError(p.label, f"audio cannot be decoded ({type(e).__name__}: {e})") from e
+    finally:
+        reader.close()
 
 
 def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000,
@@ -311,18 +609,18 @@ def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3
 
     Deviation: channels are averaged to mono (the original feeds channel 0 of a stereo file to the fbank).
     Resampling uses :func:`resample` (torchaudio's sinc_interp_hann algorithm in torch). Like the
-    original, each clip's mean is subtracted *in place* on a view of the whole waveform, so overlapping
-    clips (audio shorter than ``num_clips * clip_duration``) see their predecessors' DC removal.
+    original, each clip's mean is subtracted *in place* on a view of the waveform, so overlapping
+    clips (audio shorter than ``(num_clips + 1) * clip_duration``) see their predecessors' DC removal.
+    Memory is bounded by the clips, not the file: the length comes from the header and only the
+    samples the clips (and their resampling filter) need are read and resampled, with the same values
+    a whole-file read and resample gives. NaN/inf samples are an error where a clip reads them.
     """
     p = _existing(path, name)
-    waveform, sr = _read_waveform(p)
-    if sr != sample_rate:
-        waveform = resample(waveform, sr, sample_rate)
-    duration = waveform.shape[1] / sample_rate
+    groups, clip_spans = _decode_clip_audio(p, sample_rate, num_clips, clip_duration)
     clips = []
-    for start in _clip_starts(duration, clip_duration, num_clips):
-        end = start + Fraction(clip_duration)
-        clip = waveform[:, int(start * sample_rate): int(end * sample_rate)]  # a view, as in the original
+    for g, a, b in clip_spans:
+        buf, start = groups[g]
+        clip = buf[:, a - start: b - start]  # a view, as in the original
         clip -= clip.mean()
         fbank = kaldi_fbank(clip, sample_rate, num_mel_bins).transpose(0, 1)  # (mel, frames)
         pad = target_length - fbank.shape[1]
@@ -371,16 +669,44 @@ def _video_frame_indices(num_frames: int, fps: float, num_clips: int, clip_durat
     return out
 
 
-def _probe_video(p: _Source) -> tuple[int, float]:
-    """(frame count, average fps): frames counted by demuxing packets (as decord indexes them), no decoding."""
+@dataclass(frozen=True)
+class _VideoIndex:
+    """What demuxing says of a video stream: frame count and average fps, and for seeking the frames'
+    presentation timestamps in order and the keyframes' (None where the stream is too irregular to seek)."""
+
+    count: int
+    fps: float
+    pts: np.ndarray | None = None  # int64, ascending
+    keyframes: np.ndarray | None = None  # int64, ascending
+
+
+def _probe_video(p: _Source) -> _VideoIndex:
+    """Frame count and rate by demuxing packets (as decord indexes them), no decoding; the timestamps come along.
+
+    Demuxing reads the whole file but holds one packet at a time. Timestamps are only kept for seeking when
+    every counted packet has a distinct pts, none is flagged discard/corrupt and the first is a keyframe:
+    then the i-th smallest pts is the i-th frame a decode from the start yields.
+    """
     import av
 
+    pts, keys = array("q"), array("q")  # 8 bytes a frame: an hour at 25 fps is 0.7 MB
+    regular = True
     try:
         with av.open(p.open()) as container:
             if not container.streams.video:
                 raise MediaDecodeError(p.label, "no video stream")
             stream = container.streams.video[0]
-            count = sum(1 for pkt in container.demux(stream) if pkt.size > 0)
+            count = 0
+            for pkt in container.demux(stream):
+                if pkt.size <= 0:
+                    continue
+                odd = pkt.pts is None or pkt.is_discard or pkt.is_corrupt or (count == 0 and not pkt.is_keyframe)
+                regular = regular and not odd
+                if regular:
+                    pts.append(pkt.pts)
+                    if pkt.is_keyframe:
+                        keys.append(pkt.pts)
+                count += 1
             rate = stream.average_rate or stream.guessed_rate
             if not rate and stream.duration and stream.time_base and count:
                 rate = Fraction(count) / (stream.duration * stream.time_base)
@@ -392,10 +718,13 @@ def _probe_video(p: _Source) -> tuple[int, float]:
         raise MediaDecodeError(p.label, "video stream has no frames")
     if not rate or float(rate) <= 0:
         raise MediaDecodeError(p.label, "video stream has no frame rate")
-    return count, float(rate)
+    order = np.sort(np.frombuffer(pts, dtype=np.int64))
+    if not regular or not len(keys) or (np.diff(order) <= 0).any():
+        return _VideoIndex(count, float(rate))
+    return _VideoIndex(count, float(rate), order, np.sort(np.frombuffer(keys, dtype=np.int64)))
 
 
-def _grab(p: _Source, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+def _grab_sequential(p: _Source, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in presentation order, converting only ``wanted`` indices to RGB; returns (frames, decoded)."""
     import av
 
@@ -424,6 +753,68 @@ def _grab(p: _Source, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     return got, last_i + 1
 
 
+def _grab_seeking(p: _Source, wanted: set[int], index: _VideoIndex) -> tuple[dict[int, np.ndarray], int]:
+    """The frames :func:`_grab_sequential` gives, decoding each from the last keyframe at or before it.
+
+    A frame is found by its pts. The decoder seeks only when that keyframe lies past the last decoded
+    frame, so nearby frames (a short video) decode straight through. After a seek, frames before the
+    keyframe landed on (open-GOP leading frames) are dropped. Raises :class:`_NoSeek` on anything a
+    forward decode would do differently (a seek landing late, a wanted frame never appearing).
+    """
+    import av
+
+    assert index.pts is not None and index.keyframes is not None
+    by_pts = {int(index.pts[i]): i for i in wanted}
+    got: dict[int, np.ndarray] = {}
+    decoded = 0
+    with av.open(p.open()) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        packets: Iterator | None = None
+        last: int | None = None  # pts of the last decoded frame
+        floor: int | None = None  # pts of the keyframe the last seek landed on
+        for target in sorted(by_pts):
+            if by_pts[target] in got:
+                continue
+            k = int(np.searchsorted(index.keyframes, target, side="right")) - 1
+            key = int(index.keyframes[k]) if k >= 0 else None
+            ahead = last if packets is not None else int(index.keyframes[0])
+            if key is not None and ahead is not None and key > ahead:
+                container.seek(key, stream=stream)
+                packets, floor = container.demux(stream), None
+            elif packets is None:
+                packets = container.demux(stream)
+            while by_pts[target] not in got:
+                packet = next(packets, None)
+                if packet is None:
+                    raise _NoSeek(f"frame pts {target} never decoded")
+                if floor is None and packet.size > 0:
+                    if packet.pts is None or (key is not None and packet.pts > key):
+                        raise _NoSeek(f"seek to pts {key} landed at {packet.pts}")
+                    floor = packet.pts
+                for frame in packet.decode():
+                    decoded += 1
+                    if frame.pts is None:
+                        raise _NoSeek("a frame without pts")
+                    last = frame.pts
+                    i = by_pts.get(frame.pts)
+                    if i is not None and i not in got and floor is not None and frame.pts >= floor:
+                        got[i] = frame.to_ndarray(format="rgb24")
+                if last is not None and last > target and by_pts[target] not in got:
+                    raise _NoSeek(f"frame pts {target} skipped")
+    return got, decoded
+
+
+def _grab(p: _Source, wanted: set[int], index: _VideoIndex | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """Wanted frames as RGB arrays and how many frames were decoded: by seeking where the index allows, else forward."""
+    if index is not None and index.pts is not None:
+        try:
+            return _grab_seeking(p, wanted, index)
+        except Exception:  # irregular or damaged stream: the forward decode defines the result
+            pass
+    return _grab_sequential(p, wanted)
+
+
 def load_video(path: MediaSource, *, name: str | None = None, num_clips: int = 5, clip_duration: float = 2.0, frames_per_clip: int = 2,
                size: int = IMAGE_SIZE, num_crops: int = 3) -> torch.Tensor:
     """(num_clips*num_crops, 3, frames_per_clip, size, size) as ImageBind's ``load_and_transform_video_data``.
@@ -432,15 +823,19 @@ def load_video(path: MediaSource, *, name: str | None = None, num_clips: int = 5
     it; videos shorter than a clip reuse their frames (all clips start at 0). Rotation metadata is
     ignored, as decord does. If decoding stops early (a damaged stream with fewer decodable frames than
     packets), the missing frames repeat the last decoded one; no decodable frame at all is an error.
+    Only the wanted frames' GOPs are decoded (a seek to the keyframe before each), so a long video costs
+    a demux pass plus a few GOPs, not a decode of everything up to the last clip; streams whose packet
+    timestamps can not name frames, or where a seek misbehaves, are decoded from the start as before.
+    (In a stream with corrupt packets, a frame decoded after a seek may be concealed differently.)
     """
     if num_crops not in (1, 3):
         raise ValueError(f"num_crops must be 1 or 3 (ImageBind's SpatialCrop), got {num_crops}")
     if num_clips < 1 or frames_per_clip < 1:
         raise ValueError("num_clips and frames_per_clip must be >= 1")
     p = _existing(path, name)
-    count, fps = _probe_video(p)
-    per_clip = _video_frame_indices(count, fps, num_clips, clip_duration, frames_per_clip)
-    frames, _ = _grab(p, {i for idxs in per_clip for i in idxs})
+    index = _probe_video(p)
+    per_clip = _video_frame_indices(index.count, index.fps, num_clips, clip_duration, frames_per_clip)
+    frames, _ = _grab(p, {i for idxs in per_clip for i in idxs}, index)
     crops = [1] if num_crops == 1 else [0, 1, 2]
     out = []
     for idxs in per_clip:

@@ -147,7 +147,8 @@ def test_fsdp2_resumes_from_its_sharded_checkpoint(tiny_cache, tmp_path):
     ok(train(whole, tiny_cache, *args))
     crashed = train(broken, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter", "+callbacks.crash.step=3")
     assert crashed.returncode != 0
-    ckpt = broken / "checkpoints" / "tiny" / "synthetic" / "stage3" / "last.ckpt"
+    (run,) = (broken / "checkpoints" / "tiny" / "synthetic" / "stage3").iterdir()
+    ckpt = run / "last.ckpt"
     assert ckpt.is_dir() and sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     out = ok(train(broken, tiny_cache, *args))
     assert "resuming stage 3 from" in out
@@ -224,6 +225,7 @@ def test_shards_under_ddp_give_every_rank_the_same_steps(tiny_cache, tmp_path):
     keys = tmp_path / "keys.txt"
     out = ok(train(tmp_path, tiny_cache, "stage=1", "dataset=webdataset", f"dataset.urls={tmp_path / 'shards'}",
                    "dataset.modality=image", "dataset.num_workers=2", *DDP, "stage.batch_size=2", "trainer.max_epochs=2",
+                   "dataset.max_skip_fraction=0.25",  # 2 of 24 bad: a running count can pass 10% early in a pass
                    *QUIET, RECORD, f"+callbacks.keys.path={keys}", timeout=300))
     per_epoch = -(-len(images) // (2 * 2))  # ceil(samples / (ranks x batch))
     assert bundle_meta(tmp_path, 1)["global_step"] == 2 * per_epoch

@@ -33,7 +33,7 @@ def test_stage1_on_img2dataset_shards(tiny_cache, sample_root, tmp_path):
     res = train(tmp_path, tiny_cache, "stage=1", "dataset=webdataset", f"dataset.urls={shards}", "dataset.modality=image",
                 "trainer.max_steps=3", "logger=csv", "stage.batch_size=4")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 shards x weight 1" in res.stderr + res.stdout
+    assert f"{len(list(shards.glob('*.tar')))} shards x weight 1" in res.stderr + res.stdout
 
 
 def test_stage3_on_a_weighted_instruction_mix(tiny_cache, sample_root, tmp_path):
@@ -53,7 +53,7 @@ def test_exact_resume_from_shards(tiny_cache, sample_root, tmp_path):
     """Keys seen after a crash-and-resume equal those of an uninterrupted run, step for step."""
     def run(root, *extra):
         return train(root, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={sample_root}", "logger=csv",
-                     "stage.batch_size=2", "dataset.num_workers=2", "trainer.max_steps=6",
+                     "stage.batch_size=2", "dataset.num_workers=2", "trainer.max_steps=6", "trainer.max_epochs=-1",
                      "callbacks.model_checkpoint.every_n_train_steps=2", "+callbacks.keys._target_=tests.helpers.RecordKeys",
                      f"+callbacks.keys.path={root / 'keys.txt'}", *extra)
 

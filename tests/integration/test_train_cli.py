@@ -59,7 +59,9 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
                     "+callbacks.crash.step=3")
     assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stderr
-    last = tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1" / "last.ckpt"
+    runs = list((tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1").iterdir())
+    assert len(runs) == 1, runs  # one run folder, named by the run's key
+    last = runs[0] / "last.ckpt"
     assert last.is_file() and not (tmp_path / "bundles" / "stage1").exists()
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
@@ -72,6 +74,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     assert f"resuming stage 1 from {last}" in resumed.stderr + resumed.stdout
     meta = json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())
     assert meta["global_step"] == 4
-    assert not last.exists()  # a finished run's last.ckpt is retired, so the next run starts fresh
+    assert not last.exists()  # a finished run's last.ckpt is retired
+    assert json.loads((runs[0] / "run.json").read_text())["status"] == "finished"
     weights = load_file(str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"))
     assert torch.isfinite(weights["input_projector.proj.weight"]).all()
