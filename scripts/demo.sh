@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_SILENT=true
 PY=.venv/bin/python
 start=$(date +%s)
-$PY train.py -m stage=1,2,3 experiment=demo "$@"
+# resume=false: a second `make demo` trains again (the earlier bundles are kept as versions)
+$PY train.py -m stage=1,2,3 experiment=demo resume=false "$@"
 $PY -m nextgpt.generate --bundle bundles/stage3 --out outputs/demo \
   --prompt "Please make an image of a red circle at the top left on a black background" \
   --prompt "Please make an audio of a loud high pitched beeping tone" \

@@ -97,22 +97,26 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(stage, init_bu
         common.append(f"init_from={init_bundles / f'stage{stage - 1}'}")
     runs = {
         "ddp 2 x 4": [*DDP, "stage.batch_size=4"],
-        "fsdp2 2 x 4": [*FSDP, "stage.batch_size=4"],
         "1 x 8": ["stage.batch_size=8"],
         "1 x 4, accumulate 2": ["stage.batch_size=4", "trainer.accumulate_grad_batches=2"],
-        "1 x 4 (another batch)": ["stage.batch_size=4"],  # the control: a different global batch
     }
+    if stage > 1:  # the output projectors that batches lack: FSDP2 too (stage 1 sharded: fully_shard test below)
+        runs["fsdp2 2 x 4"] = [*FSDP, "stage.batch_size=4"]
+    if stage == 1:  # the control: a different global batch must move the weights measurably
+        runs["1 x 4 (another batch)"] = ["stage.batch_size=4"]
     got = {}
     for name, extra in runs.items():
         root = tmp_path / "".join(c if c.isalnum() else "_" for c in name)
         ok(train(root, tiny_cache, *common, *extra))
         got[name] = weights(root, stage)
-    reference = got["1 x 8"]
-    for name in ("ddp 2 x 4", "fsdp2 2 x 4", "1 x 4, accumulate 2"):
-        diff = max_diff(got[name], reference)
+    reference = got.pop("1 x 8")
+    control = got.pop("1 x 4 (another batch)", None)
+    for name, w in got.items():
+        diff = max_diff(w, reference)
         assert diff < TOLERANCE, f"stage {stage}: {name} differs from 1 x 8 by {diff:.2e}"
-    control = max_diff(got["1 x 4 (another batch)"], reference)
-    assert control > 30 * TOLERANCE, f"stage {stage}: a different batch moved the weights only {control:.2e}"
+    if control is not None:
+        moved = max_diff(control, reference)
+        assert moved > 30 * TOLERANCE, f"stage {stage}: a different batch moved the weights only {moved:.2e}"
 
 
 # --- kill and resume ------------------------------------------------------------------------------

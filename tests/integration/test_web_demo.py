@@ -81,7 +81,7 @@ def free_port() -> int:
 
 
 # --- fixtures: one trained bundle, one in-process generator, one served app per module ------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: trained once, whichever sample folder the tests run on
 def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The README's tiny three-stage demo, trained into tmp (about 1.5 min on 2 idle cores).
     $NEXTGPT_DEMO_BUNDLE names an already trained stage-3 bundle to use instead (for quick reruns)."""
@@ -98,7 +98,7 @@ def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return bundle
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def generator(demo_bundle: Path):
     from nextgpt.generate import Generator
 
