@@ -37,6 +37,7 @@ class DataReport(L.Callback):
         self.dataset = dataset
         self.reasons: Counter = Counter()  # this rank's skips by reason
         self.seen = self.skipped = self.truncated = 0  # this rank's counts
+        self.from_cache = self.decoded = 0  # input media items: cached ImageBind features / decoded and encoded
         self.before: Counter = Counter()  # dropped before training (the data module's own count)
         self.before_total = 0
         self.totals = (0, 0)  # (seen, skipped) over all ranks, as of the last step
@@ -58,6 +59,8 @@ class DataReport(L.Callback):
         self.skipped += skipped
         self.reasons.update(batch.get("skipped_by_reason") or ({"unusable sample": skipped} if skipped else {}))
         self.truncated += int(batch.get("num_truncated", 0))
+        self.from_cache += int(batch.get("media_from_cache", 0))
+        self.decoded += int(batch.get("media_decoded", 0))
         seen, bad = self._global(trainer)
         pl_module.log_dict({"data/skipped": float(bad), "data/truncated": float(self.truncated)}, on_step=True,
                            batch_size=1, rank_zero_only=True)
@@ -95,13 +98,18 @@ class DataReport(L.Callback):
     def report(self, trainer: L.Trainer) -> dict:
         """Every rank must call this (it gathers the ranks' reasons)."""
         seen, bad = self._global(trainer)
+        media = torch.tensor([self.from_cache, self.decoded], dtype=torch.float64, device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            media = trainer.strategy.reduce(media, reduce_op="sum")
         return {"samples": seen, "skipped": bad, "skipped_by_reason": dict(self._reasons(trainer)),
+                "media_from_cache": int(media[0]), "media_decoded": int(media[1]),
                 "truncated_on_rank0": self.truncated, "max_skip_fraction": self.max_skip_fraction}
 
     @staticmethod
     def describe(report: dict) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped_by_reason"].items())) or "none"
-        return f"{report['samples']} samples read, {report['skipped']} skipped ({reasons})"
+        return (f"{report['samples']} samples read, {report['skipped']} skipped ({reasons}); input media: "
+                f"{report['media_from_cache']} from the feature cache, {report['media_decoded']} decoded")
 
     def summary(self) -> str:
         """What this rank knows (for messages after training: no collectives)."""

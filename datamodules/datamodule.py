@@ -172,6 +172,8 @@ class Collator:
             "num_skipped": len(items) - b,
             "skipped_by_reason": dict(reasons),
             "num_truncated": sum(it.truncated for it in good),
+            "media_from_cache": sum(len(v) for v in features.values()),
+            "media_decoded": sum(len(v) for v in media.values()),
         }
 
     def empty(self, num_skipped: int) -> dict[str, Any]:

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.datamodule import Collator, ConversationDataset, Item, trainer_topology
 from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
 from datamodules.steps import EpochProgress, StepWindows
+from nextgpt.cache import StoreLookup
 from nextgpt import modality as modality_registry
 
 log = logging.getLogger(__name__)
@@ -77,11 +80,14 @@ class ShardDataModule(L.LightningDataModule):
         min_samples: int = 20,
         cache_fallback: str | None = None,
         source_changed: str = "rewrite",
+        feature_cache: bool = True,
+        encoder: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
+        self.feature_cache = feature_cache
         self.sources = [dict(s) for s in sources]
         self.task, self.model_cfg, self.template = task, model, template
         self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
@@ -150,6 +156,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         paths: list[Path] = []
         path_modality: dict[Path, str] = {}
+        stores: dict[Path, Any] = {}
         for src in self.sources:
             found = source_shards(src, self.task, self.shards_root)
             if not found:
@@ -159,21 +166,54 @@ class ShardDataModule(L.LightningDataModule):
             paths += found * weight
             path_modality.update({p: src["modality"] for p in found})
             log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
+            if self.feature_cache and self.task == "caption":
+                stores.update(self._feature_store(src, found))
         self.items = ConversationDataset([], self.tokenizer, self.layout, self.template,
                                          int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length)
         self.stream = ShardStream(
             paths, task=self.task, pair_task=None if self.task == "instruct" else self.task, seed=self.seed,
             shuffle=self.shuffle, epochs=None, transform=self._item, max_skip_fraction=self.max_skip_fraction,
             min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
+            feature_lookup=StoreLookup(stores) if stores else None,
         )
         if self._pending_state is not None:
             self.stream.load_state_dict(self._pending_state)
             self._pending_state = None
         log.info("data: %r", self.stream)
 
+    def caption_cache_bases(self) -> list[tuple[str, Path]]:
+        """(modality, folder) where each source's caption embeddings are cached: beside its shards.
+        Streamed captions are embedded as they come and added there (see nextgpt.caption_targets)."""
+        from nextgpt.cache import shard_folder
+        from nextgpt.features import cache_base
+
+        out = []
+        for src in self.sources:
+            found = source_shards(src, self.task, self.shards_root)
+            if found:
+                out.append((src["modality"], cache_base(shard_folder(src, found), self.cache_fallback)))
+        return out
+
+    def _feature_store(self, src: Mapping[str, Any], shards: list[Path]) -> dict[Path, Any]:
+        """The ImageBind feature cache of a source's pair shards (``python -m nextgpt.cache``), for
+        each of its shards; none when there is no cache for this encoder."""
+        from nextgpt.cache import shard_folder, shard_media_store
+
+        store = shard_media_store(shard_folder(src, shards), src["modality"], "pairs", self.model_cfg["encoder"],
+                                  self.cache_fallback)
+        if not store.exists:
+            log.info("data: no ImageBind feature cache for %r (python -m nextgpt.cache dataset=... builds one); "
+                     "decoding and encoding its media on the fly", src["name"])
+            return {}
+        log.info("data: using ImageBind feature cache %s for %r: %d items cached (%d failed); the media of cached "
+                 "items are not read", store.directory, src["name"], len(store), len(store.failed))
+        return {p: store for p in shards}
+
     def _item(self, sample: ShardSample) -> Item:
-        """Tokenise a streamed sample; its media are read from the tar members' bytes."""
+        """Tokenise a streamed sample; its media come from the feature cache or the tar members' bytes."""
         def load(name: str, member: str):
+            if member in sample.features:
+                return torch.from_numpy(np.asarray(sample.features[member], dtype=np.float32)), True
             data = io.BytesIO(sample.media[member])
             data.name = f"{sample.shard}:{member}"
             return modality_registry.get(name).load(data), False

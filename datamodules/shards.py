@@ -57,7 +57,7 @@ import logging
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,6 +123,7 @@ class ShardSample:
     source: str | None = None  # the record's "source" (shard set name), when written by prepare
     position: StreamPosition | None = None
     item: Any = None  # what the stream's transform made of it
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # cached encoder features of members not read
 
     @property
     def where(self) -> str:
@@ -315,6 +316,7 @@ class ShardStream(IterableDataset):
         output_media: bool = False,
         path_modality: Mapping[str | Path, str] | None = None,
         allow_repeats: bool = False,
+        feature_lookup: Callable[[Path, str], np.ndarray | None] | None = None,
     ):
         """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
         ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
@@ -324,7 +326,9 @@ class ShardStream(IterableDataset):
         ``media_out``) into ``media``, e.g. for a denoising loss; off, they are not read at all.
         ``path_modality``: per-shard modality of plain pairs, overriding ``modality`` (mixtures of
         img2dataset and video2dataset shards). A shard may be listed more than once: a source
-        weighted 2 is read twice per pass."""
+        weighted 2 is read twice per pass. ``feature_lookup(shard path, member)``: a cached
+        encoder feature of an input media member, or None; a member it has is not read at all
+        (its feature goes into ``ShardSample.features``)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
         if pair_task is not None and pair_task not in PAIR_TASKS:
@@ -348,6 +352,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.output_media = bool(output_media)
+        self.feature_lookup = feature_lookup
         self.path_modality = {Path(k): v for k, v in (path_modality or {}).items()}
         for name in self.path_modality.values():
             modality_registry.get(name)
@@ -543,14 +548,19 @@ class ShardStream(IterableDataset):
         if want_in != Counter(_modality(m).name for m, _ in media_in) or want_out != Counter(m for m, _ in captions_out):
             raise SkipSample("placeholder mismatch", f"placeholders in {dict(want_in)} out {dict(want_out)}")
         media_out = _pairs_of_str(obj.get("media_out", []), "media_out") if self.output_media else []
-        data = {}
-        for _, ext in media_in + media_out:
+        data, features = {}, {}
+        for (_, ext), is_input in [*((m, True) for m in media_in), *((m, False) for m in media_out)]:
             if ext.lower() not in members:
                 raise SkipSample("missing media member", f"{key}.{ext}")
-            data[f"{key}.{ext.lower()}"] = reader.read(members[ext.lower()])
+            member = f"{key}.{ext.lower()}"
+            cached = self._cached(reader, member) if is_input else None
+            if cached is not None:
+                features[member] = cached
+            else:
+                data[member] = reader.read(members[ext.lower()])
         conv = _conversation(conv_key, turns, [(m, f"{key}.{e.lower()}") for m, e in media_in], captions_out,
                              [(m, f"{key}.{e.lower()}") for m, e in media_out])
-        return ShardSample(conv, data, reader.path.name, key, source)
+        return ShardSample(conv, data, reader.path.name, key, source, features=features)
 
     def _pair(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], caption: Any, modality: str,
               ext: str | None, source: str | None, conv_key: str) -> ShardSample:
@@ -579,7 +589,13 @@ class ShardStream(IterableDataset):
         media = [(modality, member)]
         conv = _conversation(conv.key, conv.turns, [] if generate else media, conv.captions_out,
                              media if generate else [])
+        cached = None if generate else self._cached(reader, member)
+        if cached is not None:  # its feature is cached: the member is never read
+            return ShardSample(conv, {}, reader.path.name, key, source, features={member: cached})
         return ShardSample(conv, {member: reader.read(members[ext])}, reader.path.name, key, source)
+
+    def _cached(self, reader: _TarSamples, member: str) -> np.ndarray | None:
+        return self.feature_lookup(reader.path, member) if self.feature_lookup is not None else None
 
     # --- bad samples --------------------------------------------------------------------------
     def _count_seen(self) -> None:

@@ -7,15 +7,19 @@ worker through the page cache. Entries are fixed-size vectors, so nothing is gai
 
 Layout of one cache (one frozen model x one preprocessing = one fingerprint)::
 
-    <base>/<kind>-<fingerprint>/meta.json            kind, fingerprint, shape, dtype, description
-    <base>/<kind>-<fingerprint>/part-000000.npy      (n, *shape) rows
-    <base>/<kind>-<fingerprint>/part-000000.keys.json  the n keys of those rows
-    <base>/<kind>-<fingerprint>/failed.json          keys whose media could not be decoded, with the reason
+    <base>/<kind>-<fingerprint>/meta.json                   kind, fingerprint, shape, dtype, description
+    <base>/<kind>-<fingerprint>/part-<writer>-000000.npy       (n, *shape) rows
+    <base>/<kind>-<fingerprint>/part-<writer>-000000.keys.json the n keys of those rows
+    <base>/<kind>-<fingerprint>/failed-<writer>.json           keys whose media could not be decoded, with the reason
 
-A part is written to a temporary name and renamed, so an interrupted pass leaves only whole
-parts; the next pass computes what is missing and adds a part (a partial cache is completed,
-never silently ignored). A changed encoder or preprocessing gives a new fingerprint, hence a new
-folder: stale features are never served.
+``<writer>`` is the host and process that wrote the part: any number of processes (the ranks of
+a multi-GPU cache pass, several machines on a shared file system) add to one store at once and
+never write the same file. A part is written to a temporary name and renamed, its key list last,
+so an interrupted pass leaves only whole parts; the next pass computes what is missing and adds a
+part (a partial cache is completed, never silently ignored). A changed encoder or preprocessing
+gives a new fingerprint, hence a new folder: stale features are never served. Nothing in a cache
+names a path: the folder can be copied to another machine (or the data moved with it) and used
+there, since the fingerprint hashes the weights' contents and the keys are relative to the data.
 """
 from __future__ import annotations
 
@@ -67,13 +71,30 @@ def cache_base(data_root: str | Path, fallback: str | Path) -> Path:
     return Path(fallback) / f"{root.name}-{tag}"
 
 
+def writer_id() -> str:
+    """Names this process's parts: several processes (ranks, machines) add to one store at once
+    without ever writing the same file."""
+    import socket
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}"
+
+
 class FeatureStore:
-    """Rows keyed by string, over any number of memory-mapped parts."""
+    """Rows keyed by string, over any number of memory-mapped parts.
+
+    Each writing process adds parts of its own (``part-<writer>-<n>.npy`` + its key list), and its
+    own failure list, so ranks and machines fill one store at the same time without races; a part
+    is visible once its key list is written (atomically, after the rows). ``refresh`` picks up what
+    other processes added since; an ``add`` indexes its own part at once (no re-read of the rest).
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self.writer = writer_id()
         self._index: dict[str, tuple[int, int]] = {}
         self._parts: list[np.ndarray] = []
+        self._loaded: set[str] = set()
         self.failed: dict[str, str] = {}
         self.meta: dict = {}
         self.reload()
@@ -87,24 +108,33 @@ class FeatureStore:
         return (self.directory / "meta.json").is_file()
 
     def reload(self) -> None:
-        self._index, self._parts = {}, []
+        self._index, self._parts, self._loaded, self.failed = {}, [], set(), {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index the parts (and failures) written since the last look, by any process."""
         if not self.exists:
             return
         self.meta = json.loads((self.directory / "meta.json").read_text())
         for part in sorted(self.directory.glob("part-*.npy")):
-            keys_file = part.with_suffix(".keys.json")
-            if not keys_file.is_file():
-                continue  # a part whose key list was not written: incomplete, ignored and overwritten
-            keys = json.loads(keys_file.read_text())
-            array = np.load(part, mmap_mode="r")
-            if len(keys) != array.shape[0]:
-                raise ValueError(f"feature cache part {part} has {array.shape[0]} rows but {len(keys)} keys")
-            n = len(self._parts)
-            self._parts.append(array)
-            for row, key in enumerate(keys):
-                self._index[key] = (n, row)
-        failed = self.directory / "failed.json"
-        self.failed = json.loads(failed.read_text()) if failed.is_file() else {}
+            if part.name not in self._loaded and not part.name.endswith(".tmp.npy"):
+                self._index_part(part)
+        for failed in sorted(self.directory.glob("failed*.json")):
+            self.failed.update(json.loads(failed.read_text()))
+
+    def _index_part(self, part: Path) -> None:
+        keys_file = part.with_suffix(".keys.json")
+        if not keys_file.is_file():
+            return  # its key list is not written yet (being written, or an interrupted writer): not visible
+        keys = json.loads(keys_file.read_text())
+        array = np.load(part, mmap_mode="r")
+        if len(keys) != array.shape[0]:
+            raise ValueError(f"feature cache part {part} has {array.shape[0]} rows but {len(keys)} keys")
+        n = len(self._parts)
+        self._parts.append(array)
+        self._loaded.add(part.name)
+        for row, key in enumerate(keys):
+            self._index[key] = (n, row)
 
     def __getstate__(self) -> dict:  # dataloader workers re-open the memory maps
         return {"directory": self.directory}
@@ -134,37 +164,43 @@ class FeatureStore:
     def _write_meta(self, shape: Sequence[int], dtype: str, description: str) -> None:
         if not self.exists:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.meta = {"kind": self.directory.name.rsplit("-", 1)[0], "fingerprint": self.directory.name.rsplit("-", 1)[-1],
-                         "shape": list(shape), "dtype": dtype, "description": description}
-            (self.directory / "meta.json").write_text(json.dumps(self.meta, indent=2))
-        elif list(self.meta["shape"]) != list(shape):
+            meta = {"kind": self.directory.name.rsplit("-", 1)[0], "fingerprint": self.directory.name.rsplit("-", 1)[-1],
+                    "shape": list(shape), "dtype": dtype, "description": description}
+            tmp = self.directory / f".meta.json.{self.writer}.tmp"
+            tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, self.directory / "meta.json")  # two writers write the same thing
+        self.meta = json.loads((self.directory / "meta.json").read_text())
+        if list(self.meta["shape"]) != list(shape):
             raise ValueError(f"feature cache {self.directory} holds rows of shape {self.meta['shape']}, got {list(shape)}")
 
     def add(self, keys: Sequence[str], rows: np.ndarray, description: str = "") -> None:
-        """Append one part atomically."""
+        """Append one part of this writer's, atomically: the rows first, then the key list."""
         if len(keys) != rows.shape[0]:
             raise ValueError(f"{len(keys)} keys for {rows.shape[0]} rows")
         if not len(keys):
             return
         self._write_meta(rows.shape[1:], str(rows.dtype), description)
-        n = len(list(self.directory.glob("part-*.npy")))
-        part = self.directory / f"part-{n:06d}.npy"
+        n = len(list(self.directory.glob(f"part-{self.writer}-*.npy")))
+        part = self.directory / f"part-{self.writer}-{n:06d}.npy"
         tmp = part.with_name(part.stem + ".tmp.npy")
         np.save(tmp, rows)
         tmp.rename(part)
         keys_tmp = part.with_suffix(".keys.json.tmp")
         keys_tmp.write_text(json.dumps(list(keys)))
         keys_tmp.rename(part.with_suffix(".keys.json"))
-        self.reload()
+        self._index_part(part)
 
     def add_failed(self, failures: dict[str, str]) -> None:
         if not failures:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        mine = self.directory / f"failed-{self.writer}.json"
+        known = json.loads(mine.read_text()) if mine.is_file() else {}
+        known.update(failures)
+        tmp = mine.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(known, indent=2))
+        tmp.rename(mine)
         self.failed.update(failures)
-        tmp = self.directory / "failed.json.tmp"
-        tmp.write_text(json.dumps(self.failed, indent=2))
-        tmp.rename(self.directory / "failed.json")
 
     def complete(
         self,

@@ -46,6 +46,7 @@ def build_datamodule(cfg: DictConfig):
             shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
             cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
             source_changed=str(d.get("source_changed", "rewrite")),
+            feature_cache=bool(d.get("feature_cache", True)),
         )
     return NextGPTDataModule(
         sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
@@ -63,6 +64,7 @@ def build_module(cfg: DictConfig, init_from: str | None):
         model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
         loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,
         sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
+        cache_dir=str(Path(cfg.paths.cache_dir) / "features"),
         run_config=OmegaConf.to_container(cfg),
     )
 

@@ -92,17 +92,18 @@ class NextGPTStage(L.LightningModule):
         loss: Mapping[str, float],
         init_from: str | None = None,
         sharding: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
         self.sharding_cfg = dict(sharding) if sharding else None
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(".cache") / "features"  # for caches with no data folder
         self.init_from = init_from
         self.model: NextGPT | None = None
         self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
-        self.caption_cache: dict[tuple[str, str], torch.Tensor] = {}  # captions with no disk cache
-        self.caption_stores: dict[str, list] = {}  # modality -> FeatureStores of decoder text embeddings
+        self.targets = None  # CaptionTargets: their embeddings, from disk caches or computed (bounded)
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
         self.start_step = 0
@@ -127,6 +128,9 @@ class NextGPTStage(L.LightningModule):
         self.shard(model)
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
+        from nextgpt.caption_targets import CaptionTargets
+
+        self.targets = CaptionTargets(self.conditioners, self.cache_dir / "captions")
         self.denoisers = self.load_denoisers() if self.aligns else {}
         trainable, frozen = parameter_counts(model)
         rank_zero_info(
@@ -176,35 +180,9 @@ class NextGPTStage(L.LightningModule):
         rank_zero_info(f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})")
         return out
 
-    # --- alignment targets: each decoder's own text encoder, computed once per caption ------
+    # --- alignment targets: each decoder's own text encoder (nextgpt.caption_targets) --------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
-        """Each caption's embedding by its decoder's text encoder: from the disk caches when there,
-        else computed once (all of a batch's new captions in one encoder call) and kept in memory."""
-        from nextgpt.features import caption_key
-
-        out = {}
-        for name, caps in captions.items():
-            if not caps:
-                continue
-            stores = self.caption_stores.get(name, ())
-            stored = {c: next((s for s in stores if caption_key(c) in s), None) for c in set(caps)}
-            missing = sorted(c for c, store in stored.items() if store is None and (name, c) not in self.caption_cache)
-            if missing:
-                self.cache_captions(name, missing)
-            out[name] = torch.stack([
-                torch.from_numpy(stored[c].get(caption_key(c))).float() if stored[c] is not None
-                else self.caption_cache[(name, c)]
-                for c in caps
-            ])
-        return out
-
-    @torch.no_grad()
-    def cache_captions(self, name: str, captions: list[str], batch_size: int = 64) -> None:
-        conditioner = self.conditioners[name].to(self.device)
-        for i in range(0, len(captions), batch_size):
-            chunk = captions[i : i + batch_size]
-            for caption, emb in zip(chunk, conditioner.encode(chunk).cpu()):
-                self.caption_cache[(name, caption)] = emb
+        return self.targets.get(captions, self.device)
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -216,6 +194,22 @@ class NextGPTStage(L.LightningModule):
         if self.aligns and dm is not None and hasattr(dm, "conversations_by_source"):
             self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback,
                                      is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
+        if self.aligns and dm is not None and hasattr(dm, "caption_cache_bases"):  # streamed sources
+            from nextgpt.features import FeatureStore
+
+            for modality, base in dm.caption_cache_bases():
+                if modality in self.conditioners:
+                    fp = self.conditioners[modality].fingerprint()
+                    self.targets.attach(modality, FeatureStore.at(base, f"text_{modality}", fp))
+
+    def on_train_epoch_end(self) -> None:
+        if self.targets is not None:
+            self.targets.flush()  # so a resumed or later run finds them
+            self.targets.refresh()
+
+    def on_train_end(self) -> None:
+        if self.targets is not None:
+            self.targets.flush()
 
     def open_caption_stores(self, conversations_by_source, fallback: str, *, is_global_zero: bool = True,
                             barrier=lambda: None) -> None:
@@ -238,12 +232,10 @@ class NextGPTStage(L.LightningModule):
                 state = "created" if not before else ("completed" if added else "complete")
                 rank_zero_info(f"stage {self.stage}: caption cache {store.directory} {state}: "
                                f"{len(store)} embeddings ({added} new)")
-            self.caption_stores.setdefault(src["modality"], []).append(store)
+            self.targets.attach(src["modality"], store)
         if is_global_zero:
             barrier()
-        for stores in self.caption_stores.values():
-            for store in stores:
-                store.reload()
+        self.targets.refresh()
 
     # --- loss ----------------------------------------------------------------------------
     # Every term is a sum over this batch divided by a count of the whole optimizer step: label
