@@ -81,13 +81,14 @@ class ShardDataModule(L.LightningDataModule):
         cache_fallback: str | None = None,
         source_changed: str = "rewrite",
         feature_cache: bool = True,
-        encoder: Mapping[str, Any] | None = None,
+        mix: str = "weighted",
     ):
         super().__init__()
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
         self.feature_cache = feature_cache
+        self.mix = mix
         self.sources = [dict(s) for s in sources]
         self.task, self.model_cfg, self.template = task, model, template
         self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
@@ -155,6 +156,7 @@ class ShardDataModule(L.LightningDataModule):
 
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         paths: list[Path] = []
+        per_source: list[list[Path]] = []
         path_modality: dict[Path, str] = {}
         stores: dict[Path, Any] = {}
         for src in self.sources:
@@ -164,6 +166,7 @@ class ShardDataModule(L.LightningDataModule):
                                         f"({src.get('urls') or Path(self.shards_root) / src['name']})")
             weight = int(src.get("weight", 1))
             paths += found * weight
+            per_source.append(found)
             path_modality.update({p: src["modality"] for p in found})
             log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
             if self.feature_cache and self.task == "caption":
@@ -175,6 +178,8 @@ class ShardDataModule(L.LightningDataModule):
             shuffle=self.shuffle, epochs=None, transform=self._item, max_skip_fraction=self.max_skip_fraction,
             min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
             feature_lookup=StoreLookup(stores) if stores else None,
+            mix=self.mix, sources=per_source if self.mix == "balanced" else None,
+            source_weights=[int(src.get("weight", 1)) for src in self.sources], batch_size=self.batch_size,
         )
         if self._pending_state is not None:
             self.stream.load_state_dict(self._pending_state)
@@ -222,13 +227,18 @@ class ShardDataModule(L.LightningDataModule):
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Enough full batches on every rank to cover one pass; a rank whose share runs short takes
-        the first samples of the next pass."""
+        the first samples of the next pass. Balanced mix: every source's turns until the largest
+        is used up, on each of the rank's workers."""
+        if self.mix == "balanced":
+            workers = max(1, self.num_workers)
+            return self.stream.blocks_per_pass(world_size * workers) * workers
         return math.ceil(self.stream.total / (world_size * self.batch_size))
 
     def train_dataloader(self) -> StepWindows:
         _, world, accumulate = trainer_topology(self.trainer)
         loader = DataLoader(
-            self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
+            self.stream, batch_size=None if self.mix == "balanced" else self.batch_size,  # balanced: it yields batches
+            num_workers=self.num_workers,
             collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens)),
             persistent_workers=False,
         )

@@ -48,12 +48,14 @@ as skips too. Code that decodes elsewhere calls :meth:`ShardStream.record_skip`.
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
 import io
 import itertools
 import json
 import logging
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -75,6 +77,7 @@ from nextgpt.runs import RunError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+MIXES = ("weighted", "balanced")
 PAIR_TASKS = ("caption", "generate")
 _HAS_MEDIA_OUT = "media_out" in {f.name for f in fields(Conversation)}
 
@@ -294,6 +297,47 @@ def _placeholder_counts(texts: Iterable[str]) -> Counter:
 # ------------------------------------------------------------------------------------------------
 # the stream
 # ------------------------------------------------------------------------------------------------
+class _SourceOrder:
+    """One source's samples, cycle after cycle, each cycle reshuffled (seed, source, cycle): shard
+    groups of ``shuffle_shards`` in a permuted order, (shard, sample) pairs permuted within a group,
+    as the weighted stream orders a pass. ``at(j)`` is the j-th sample over all cycles."""
+
+    def __init__(self, paths: list[int], counts: Sequence[int], seed: int, shuffle: bool, shuffle_shards: int,
+                 source: int):
+        self.paths, self.counts, self.seed, self.shuffle, self.k, self.source = paths, counts, seed, shuffle, shuffle_shards, source
+        self.size = sum(counts[p] for p in paths)
+        self._cycle: int | None = None
+        self._groups: list[tuple[int, int, list[int]]] = []  # (start, end, shard indices) of the current cycle
+        self._cached: tuple[int, np.ndarray] | None = None  # (group start, its permuted pairs)
+
+    def _layout(self, cycle: int) -> None:
+        order = list(self.paths)
+        if self.shuffle:
+            order = [self.paths[i] for i in np.random.default_rng([self.seed, 7919, self.source, cycle]).permutation(len(order))]
+        groups = [order[i : i + self.k] for i in range(0, len(order), self.k)] if self.shuffle else [[p] for p in order]
+        self._groups, start = [], 0
+        for gi, group in enumerate(groups):
+            size = sum(self.counts[p] for p in group)
+            self._groups.append((start, start + size, group))
+            start += size
+        self._starts = [lo for lo, _, _ in self._groups]
+        self._cycle, self._cached = cycle, None
+
+    def at(self, j: int) -> tuple[int, int]:
+        cycle, r = divmod(j, self.size)
+        if cycle != self._cycle:
+            self._layout(cycle)
+        gi = bisect.bisect_right(self._starts, r) - 1
+        lo, _, group = self._groups[gi]
+        if self._cached is None or self._cached[0] != lo:
+            pairs = np.concatenate([np.stack([np.full(self.counts[p], p), np.arange(self.counts[p])], 1) for p in group])
+            if self.shuffle:
+                pairs = pairs[np.random.default_rng([self.seed, 7919, self.source, cycle, gi]).permutation(len(pairs))]
+            self._cached = (lo, pairs)
+        shard, sample = self._cached[1][r - lo]
+        return int(shard), int(sample)
+
+
 class ShardStream(IterableDataset):
     """Samples of WebDataset shards, split exactly over ranks and workers; see the module docstring."""
 
@@ -317,6 +361,10 @@ class ShardStream(IterableDataset):
         path_modality: Mapping[str | Path, str] | None = None,
         allow_repeats: bool = False,
         feature_lookup: Callable[[Path, str], np.ndarray | None] | None = None,
+        mix: str = "weighted",
+        sources: Sequence[Sequence[str | Path]] | None = None,
+        source_weights: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ):
         """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
         ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
@@ -328,7 +376,13 @@ class ShardStream(IterableDataset):
         img2dataset and video2dataset shards). A shard may be listed more than once: a source
         weighted 2 is read twice per pass. ``feature_lookup(shard path, member)``: a cached
         encoder feature of an input media member, or None; a member it has is not read at all
-        (its feature goes into ``ShardSample.features``)."""
+        (its feature goes into ``ShardSample.features``).
+
+        ``mix="balanced"`` (the reference's data mix; needs ``sources``, ``batch_size``): the stream
+        yields whole batches (lists of samples), each from one source, the sources taking turns
+        (source i ``source_weights[i]`` turns a round); a pass lasts until the largest source is
+        used up once, the smaller ones are redrawn (their next reshuffled cycle) meanwhile.
+        ``shards`` is then ignored: ``sources`` lists each source's shards once."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
         if pair_task is not None and pair_task not in PAIR_TASKS:
@@ -341,6 +395,16 @@ class ShardStream(IterableDataset):
             raise ValueError(f"shuffle_shards must be >= 1, got {shuffle_shards}")
         if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
+        if mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        self.mix = mix
+        if mix == "balanced":
+            if not sources or not batch_size or batch_size < 1:
+                raise ValueError("mix='balanced' needs sources (shards per source) and a batch_size >= 1")
+            per_source = [expand_shards(list(src)) for src in sources]
+            self.source_of = [i for i, src in enumerate(per_source) for _ in src]
+            shards = [p for src in per_source for p in src]
+            allow_repeats = True
         self.paths = expand_shards(shards, allow_repeats=allow_repeats)
         self.counts = shard_counts(self.paths)
         self.total = sum(self.counts)
@@ -353,11 +417,23 @@ class ShardStream(IterableDataset):
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.output_media = bool(output_media)
         self.feature_lookup = feature_lookup
+        self.batch_size = int(batch_size) if batch_size else None
+        if mix == "balanced":
+            weights = [int(w) for w in (source_weights or [1] * len(per_source))]
+            if len(weights) != len(per_source) or min(weights) < 1:
+                raise ValueError(f"source_weights must be one positive integer per source, got {weights}")
+            self.rotation = [i for i, w in enumerate(weights) for _ in range(w)]
+            self.orders = [_SourceOrder([k for k, src in enumerate(self.source_of) if src == i], self.counts, self.seed,
+                                        self.shuffle, self.shuffle_shards, i) for i in range(len(per_source))]
+            empty = [i for i, o in enumerate(self.orders) if not o.size]
+            if empty:
+                raise ValueError(f"balanced mix: source(s) {empty} hold no samples")
         self.path_modality = {Path(k): v for k, v in (path_modality or {}).items()}
         for name in self.path_modality.values():
             modality_registry.get(name)
         self.fingerprint = hashlib.sha1(
-            json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]).encode()
+            json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]
+                       + ([mix, self.source_of, source_weights, batch_size] if mix == "balanced" else [])).encode()
         ).hexdigest()
         self.epoch = 0
         self.seen = 0
@@ -402,6 +478,41 @@ class ShardStream(IterableDataset):
                         yield epoch, gi, g, int(s), int(j)
                 offset += size
 
+    def blocks_per_pass(self, consumers: int) -> int:
+        """Balanced mix: batches each consumer yields per pass (every source's turns until the
+        largest, per its weight, is used up once)."""
+        per_block = consumers * self.batch_size
+        rounds = max(math.ceil(o.size / (self.rotation.count(i) * per_block)) for i, o in enumerate(self.orders))
+        return rounds * len(self.rotation)
+
+    def _owned_balanced(self, consumer: int, consumers: int, first_epoch: int,
+                        after: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(pass, block, global index, shard, sample) of one consumer's samples, block by block.
+
+        Block t of a pass is ``consumers x batch_size`` consecutive samples of source
+        ``rotation[t % len(rotation)]``; sample ``u`` of a block goes to consumer ``u % consumers``,
+        so each consumer's share of a block is one batch of one source. A source's samples run on
+        across blocks and passes through its own reshuffled cycles."""
+        per_block, blocks = consumers * self.batch_size, self.blocks_per_pass(consumers)
+        turns = [self.rotation[: t % len(self.rotation)].count(self.rotation[t % len(self.rotation)]) for t in range(blocks)]
+        per_round = {i: self.rotation.count(i) for i in set(self.rotation)}
+        passes = itertools.count(first_epoch) if self.epochs is None else range(first_epoch, self.epoch + self.epochs)
+        for epoch in passes:
+            start = after + 1 if epoch == first_epoch else 0
+            for t in range(blocks):
+                src = self.rotation[t % len(self.rotation)]
+                earlier = (t // len(self.rotation)) * per_round[src] + turns[t]  # blocks of src before t in this pass
+                base = (epoch * (blocks // len(self.rotation)) * per_round[src] + earlier) * per_block
+                for i in range(self.batch_size):
+                    u = consumer + consumers * i
+                    g = t * per_block + u
+                    if g >= start:
+                        shard, sample = self.orders[src].at(base + u)
+                        yield epoch, t, g, shard, sample
+
+    def _pass_length(self, consumers: int) -> int:
+        return self.blocks_per_pass(consumers) * consumers * self.batch_size if self.mix == "balanced" else self.total
+
     # --- topology -----------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
@@ -421,7 +532,7 @@ class ShardStream(IterableDataset):
             c = rank * workers + slot
             e, last = self._progress.get((rank, slot), (epoch - 1, -1))
             nxt = c if e < epoch else last + consumers
-            if e <= epoch and nxt < self.total:
+            if e <= epoch and nxt < self._pass_length(consumers):
                 return False
         return True
 
@@ -445,17 +556,25 @@ class ShardStream(IterableDataset):
         if e >= self.epoch:
             first_epoch, after = e, last
         consumer, consumers = rank * workers + slot, world * workers
-        readers: dict[int, _TarSamples] = {}
+        balanced = self.mix == "balanced"
+        owned = (self._owned_balanced if balanced else self._owned)(consumer, consumers, first_epoch, after)
+        readers: dict[int, _TarSamples] = {}  # open shards: those of the current group (weighted), a few recent (balanced)
         group = None
         seen, skipped = 0, Counter()
         last_epoch = None
+        batch: list[ShardSample] = []
         try:
-            for epoch, gi, g, s, j in self._owned(consumer, consumers, first_epoch, after):
+            for epoch, gi, g, s, j in owned:
                 last_epoch = epoch
                 if (epoch, gi) != group:
-                    for r in readers.values():
-                        r.close()
-                    readers, group = {}, (epoch, gi)
+                    if balanced and group is not None:  # a block ends: its batch, even a short or empty one
+                        yield batch
+                        batch = []
+                    if not balanced or len(readers) > 16:
+                        for r in readers.values():
+                            r.close()
+                        readers = {}
+                    group = (epoch, gi)
                 if s not in readers:
                     readers[s] = _TarSamples(self.paths[s], self.counts[s])
                 seen += 1
@@ -468,7 +587,12 @@ class ShardStream(IterableDataset):
                 if not self._tracked:
                     self._progress[(rank, slot)] = (epoch, g)
                     self._topology = topology
-                yield sample
+                if balanced:
+                    batch.append(sample)
+                else:
+                    yield sample
+            if balanced and group is not None:
+                yield batch
         finally:
             for r in readers.values():
                 r.close()

@@ -330,6 +330,10 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
         elif mod and mod not in model_modalities:
             c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities}")
+    if c.get("dataset.mix") is not None:
+        c.str_("dataset.mix", ("weighted", "balanced"))
+        if c.get("dataset.mix") == "balanced" and loader != "shards":
+            c.fail("dataset.mix", "balanced", "needs dataset.loader=shards (the balanced mix is a shard-stream order)")
     if c.get("dataset.source_changed") is not None:
         c.str_("dataset.source_changed", ("rewrite", "error", "keep"))
     if c.get("dataset.max_skip_fraction") is not None:

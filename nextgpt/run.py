@@ -46,7 +46,7 @@ def build_datamodule(cfg: DictConfig):
             shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
             cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
             source_changed=str(d.get("source_changed", "rewrite")),
-            feature_cache=bool(d.get("feature_cache", True)),
+            feature_cache=bool(d.get("feature_cache", True)), mix=str(d.get("mix", "weighted")),
         )
     return NextGPTDataModule(
         sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),

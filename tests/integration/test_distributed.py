@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,31 @@ def test_slurm_template_runs_under_srun(tiny_cache, tmp_path):
     assert "world size 2 (2 device(s) x 1 node(s))" in out
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["stage1"]
     assert bundle_meta(tmp_path, 1)["global_step"] == 2
+
+
+def test_balanced_mix_under_ddp_one_source_a_batch_equal_turns(tiny_cache, tmp_path):
+    """`dataset.mix=balanced` over three sources of 16, 8 and 4 samples on 2 ranks: every batch of
+    every rank holds one source, and over a pass each source has as many batches."""
+    import json as _json
+    import shutil
+
+    sources = []
+    for name, n in (("synthetic_image", 16), ("synthetic_audio", 8), ("synthetic_video", 4)):
+        src = tmp_path / "data" / name
+        shutil.copytree(tiny_cache / "synthetic" / name, src)
+        index = src / f"{name}.json"
+        index.write_text(_json.dumps(_json.loads(index.read_text())[:n]))
+        sources.append("{name:" + name + ",modality:" + name.split("_")[1] + ",root:" + str(src) + ",weight:1}")
+    keys = tmp_path / "keys.txt"
+    ok(train(tmp_path, tiny_cache, "stage=1", "dataset=nextgpt_mix", "dataset.mix=balanced", "dataset.num_workers=0",
+             "dataset.sources=[" + ",".join(sources) + "]", *DDP, "stage.batch_size=2", *QUIET, RECORD,
+             f"+callbacks.keys.path={keys}"))
+    per_pass = 3 * -(-16 // (2 * 2))  # 3 sources x the turns "image" needs: 4
+    meta = bundle_meta(tmp_path, 1)
+    assert meta["global_step"] == per_pass
+    for rank in (0, 1):
+        steps = recorded_batches(Path(f"{keys}.rank{rank}"))
+        assert len(steps) == per_pass
+        mods = [modalities(k) for k in steps.values()]
+        assert all(len(m) == 1 for m in mods), mods
+        assert Counter(next(iter(m)) for m in mods) == {"image": 4, "audio": 4, "video": 4}

@@ -463,3 +463,64 @@ def test_state_is_gathered_over_ranks(tiny_jpg: Path, tmp_path: Path) -> None:
         resumed = ShardStream(tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank, world_size=2)
         resumed.load_state_dict(runs[0]["state"])
         assert run["head"] + [s.key for s in islice(iter(resumed), 12 - len(run["head"]))] == full
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference's data mix: one source per batch, sources taking turns
+# ---------------------------------------------------------------------------------------------
+def balanced_sources(tmp_path: Path, jpg: Path, sizes: dict[str, int], shard_size: int = 3) -> list[list[Path]]:
+    out = []
+    for name, n in sizes.items():
+        folder = tmp_path / name
+        write_shards((pair_record(f"{name}{i:03d}", "image", f"{name} caption {i}", jpg) for i in range(n)), folder,
+                     name=name, shard_size=shard_size)
+        out.append(sorted(folder.glob("*.tar")))
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_balanced_mix_gives_each_source_its_turns_one_source_a_batch(tiny_jpg: Path, tmp_path: Path, world: int,
+                                                                    workers: int) -> None:
+    sizes = {"big": 20, "mid": 7, "small": 3}
+    sources = balanced_sources(tmp_path, tiny_jpg, sizes)
+    consumers = world * max(workers, 1)
+    batches: list[list[str]] = []
+    for rank in range(world):
+        stream = ShardStream(tmp_path, mix="balanced", sources=sources, batch_size=2, rank=rank, world_size=world,
+                             shuffle=True, seed=5, epochs=1)
+        per_pass = stream.blocks_per_pass(consumers)
+        assert per_pass == 3 * -(-20 // (consumers * 2))  # every source's turns until "big" is used up once
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=TrackingCollate(collect_keys))
+        got = [b["keys"] for b in loader]
+        assert len(got) == per_pass * max(workers, 1)
+        batches += got
+    for keys in batches:
+        assert len({k.rstrip("0123456789") for k in keys}) == 1  # one source per batch
+    per_source = Counter(k.rstrip("0123456789") for keys in batches for k in keys)
+    assert per_source["big"] == per_source["mid"] == per_source["small"]  # equal turns, smaller sources redrawn
+    big = [k for keys in batches for k in keys if k.startswith("big")]
+    assert sorted(set(big)) == sorted(f"big{i:03d}" for i in range(20)) and len(big) - len(set(big)) < consumers * 2
+    # in one process the batches of a round come from the sources in turn
+    if world == 1 and workers == 0:
+        assert [b[0].rstrip("0123456789") for b in batches[:6]] == ["big", "mid", "small"] * 2
+
+
+def test_balanced_mix_resumes_exactly_mid_pass(tiny_jpg: Path, tmp_path: Path) -> None:
+    sources = balanced_sources(tmp_path, tiny_jpg, {"a": 9, "b": 4})
+
+    def loader(stream: ShardStream) -> DataLoader:
+        return DataLoader(stream, batch_size=None, num_workers=2, collate_fn=TrackingCollate(collect_keys))
+
+    make = lambda: ShardStream(tmp_path, mix="balanced", sources=sources, batch_size=3, seed=1, epochs=None,  # noqa: E731
+                               rank=0, world_size=1, shuffle=True)
+    full = [b["keys"] for b in islice(loader(make()), 9)]  # crosses a pass boundary
+    first = make()
+    head = []
+    for batch in islice(loader(first), 5):
+        first.mark_consumed(batch.pop("stream_positions"))
+        head.append(batch["keys"])
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert head + [b["keys"] for b in islice(loader(resumed), 4)] == full
+    with pytest.raises(ValueError, match="needs sources"):
+        ShardStream(tmp_path, mix="balanced", batch_size=2)
