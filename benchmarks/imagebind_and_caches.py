@@ -44,8 +44,8 @@ def epoch_time(module, loader, steps: int | None = None, no_caption_cache: bool 
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         if no_caption_cache:  # recompute every target with the decoder's text encoder
-            module.caption_cache.clear()
-            module.caption_stores = {}
+            module.targets.pending.clear()
+            module.targets.stores = {}
         loss = module.compute_loss(batch)["loss"]
         opt.zero_grad()
         loss.backward()
