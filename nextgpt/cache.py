@@ -214,7 +214,7 @@ def build_caches(cfg) -> dict[str, int]:
     conditioners = load_conditioners(model_cfg) if "captions" in what else {}
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":
-        return build_shard_caches(cfg, model_cfg, encoder, fallback, rank, world)
+        return build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback, rank, world, device)
     for source in OmegaConf.to_container(cfg.dataset.sources, resolve=True):
         media, captions = source_contents(source)
         if encoder is not None:
@@ -233,16 +233,16 @@ def build_caches(cfg) -> dict[str, int]:
     return report
 
 
-def build_shard_caches(cfg, model_cfg, encoder, fallback: Path, rank: int, world: int) -> dict[str, int]:
-    """ImageBind features of every shard source's pair shards (stage 1), beside the shards. Shards
-    that do not exist yet are written first, as a training run would. Several processes
-    (``torchrun --nproc-per-node N -m nextgpt.cache ...``) each take their share."""
+def build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback: Path, rank: int, world: int,
+                       device: str = "cpu") -> dict[str, int]:
+    """ImageBind features of every shard source's pair-shard members (stage 1) and the decoder text
+    embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
+    written first, as a training run would. Several processes (``torchrun --nproc-per-node N -m
+    nextgpt.cache ...``) each take their share."""
     from omegaconf import OmegaConf
 
-    from datamodules.shard_datamodule import source_shards
+    from datamodules.shards import ShardStream
 
-    if encoder is None:
-        return {}
     if rank == 0:
         _write_missing_shards(cfg)
     report: dict[str, int] = {}
@@ -251,13 +251,26 @@ def build_shard_caches(cfg, model_cfg, encoder, fallback: Path, rank: int, world
         if not paths:
             log.warning("feature cache: no pair shards of %r: skipped", source["name"])
             continue
-        store = shard_media_store(shard_folder(source, paths), source["modality"], "pairs", model_cfg["encoder"], fallback)
-        added = compute_shard_media(store, paths, source["modality"], encoder, batch_size=int(cfg.cache.batch_size),
-                                    dtype=cfg.cache.dtype, rank=rank, world_size=world)
-        store.refresh()
-        report[str(store.directory)] = len(store)
-        log.info("%s: %d ImageBind features (%d new here, %d failed) in %s", source["name"], len(store), added,
-                 len(store.failed), store.directory)
+        if encoder is not None:
+            store = shard_media_store(shard_folder(source, paths), source["modality"], "pairs", model_cfg["encoder"],
+                                      fallback)
+            added = compute_shard_media(store, paths, source["modality"], encoder, batch_size=int(cfg.cache.batch_size),
+                                        dtype=cfg.cache.dtype, rank=rank, world_size=world)
+            store.refresh()
+            report[str(store.directory)] = len(store)
+            log.info("%s: %d ImageBind features (%d new here, %d failed) in %s", source["name"], len(store), added,
+                     len(store.failed), store.directory)
+        conditioner = conditioners.get(source["modality"])
+        if conditioner is not None:  # this process's share of the captions (no media read: text-to-X pairs)
+            stream = ShardStream(paths, task="generate", modality=source["modality"], rank=rank, world_size=world,
+                                 epochs=1, max_skip_fraction=None)
+            captions = [cap for sample in stream for _, cap in sample.conversation.captions_out]
+            store = FeatureStore.at(cache_base(shard_folder(source, paths), fallback), f"text_{source['modality']}",
+                                    conditioner.fingerprint())
+            added = compute_captions(store, captions, conditioner.to(device), dtype=cfg.cache.dtype)
+            store.refresh()
+            report[str(store.directory)] = len(store)
+            log.info("%s: %d caption embeddings (%d new here) in %s", source["name"], len(store), added, store.directory)
     return report
 
 

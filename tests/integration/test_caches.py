@@ -72,6 +72,8 @@ def test_stage1_from_shards_reads_cached_features_and_never_the_media(tiny_cache
     assert res.returncode == 0, res.stderr[-3000:]
     n = len(json.loads((src / "synthetic_image.json").read_text()))
     assert len(store_keys(store_dir(tmp_path))) == n
+    (text,) = (tmp_path / "data" / "shards" / "synthetic_image" / ".nextgpt_cache").glob("text_image-*")
+    assert len(set(store_keys(text))) == len({e["caption"] for e in json.loads((src / "synthetic_image.json").read_text())})
     assert spoil_media(tmp_path / "data" / "shards" / "synthetic_image") == n
     res = train(tmp_path, tiny_cache, "stage=1", *shards_args, "trainer.max_steps=3", *QUIET)
     out = res.stdout + res.stderr
