@@ -31,7 +31,7 @@ def check_task_args(argv: list[str]) -> None:
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 @main_guard
 def _main(cfg: DictConfig) -> float | None:
-    from nextgpt.evaluation import evaluate
+    from nextgpt.cli.evaluate import evaluate
 
     return evaluate(cfg).get("loss")
 

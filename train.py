@@ -14,7 +14,7 @@ register_resolvers()
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @main_guard
 def _main(cfg: DictConfig) -> float | None:
-    from nextgpt.run import train
+    from nextgpt.cli.train import train
 
     metrics = train(cfg)
     return metrics.get("train/loss")

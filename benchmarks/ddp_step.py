@@ -52,12 +52,12 @@ def zero_row_cost(stage: int, batch: int, repeats: int) -> tuple[float, float]:
     batch lacks them) and with only the batch's own, on batches that lack modalities."""
     from omegaconf import OmegaConf
 
-    from datamodules.datamodule import collate_conversations
     from datamodules.nextgpt_layout import read_source
-    from datamodules.synthetic import write_synthetic
+    from nextgpt.batch import collate_conversations
     from nextgpt.config import compose
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     cache = REPO / ".cache"
     build_all(cache / "tiny_backbones")

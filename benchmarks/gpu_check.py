@@ -130,8 +130,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    from datamodules.synthetic import write_synthetic
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     cache = REPO / ".cache"
     build_all(cache / "tiny_backbones")

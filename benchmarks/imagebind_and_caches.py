@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--huge-items", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    from datamodules.synthetic import write_synthetic
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")
@@ -83,7 +83,7 @@ def main() -> None:
 
     # tiny stage-1 / stage-2 epochs with and without the caches, on a private copy of the data
     from datamodules.datamodule import NextGPTDataModule
-    from nextgpt.cache import build_caches
+    from nextgpt.cli.cache import build_caches
     from nextgpt.config import compose
     from nextgpt.stages import Stage1EncodingAlignment, Stage2DecodingAlignment
 

@@ -27,10 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     from datamodules.prepare import prepare_nextgpt
     from datamodules.shard_datamodule import ShardDataModule
-    from datamodules.synthetic import write_synthetic
     from nextgpt.config import compose
     from nextgpt.stages import Stage1EncodingAlignment
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")

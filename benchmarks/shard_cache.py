@@ -39,16 +39,17 @@ def main() -> None:
     ap.add_argument("--per-modality", type=int, default=48)
     ap.add_argument("--skip-huge", action="store_true")
     args = ap.parse_args()
+    from datamodules.caches import compute_shard_media
     from datamodules.prepare import prepare_nextgpt
     from datamodules.shard_datamodule import ShardDataModule
-    from datamodules.synthetic import write_synthetic
-    from nextgpt.cache import compute_shard_media, shard_media_store
+    from nextgpt.cache.encode import shard_media_store
     from nextgpt.config import compose
     from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
-    from nextgpt.model import load_encoder
     from nextgpt.modality import get as modality
+    from nextgpt.model import load_encoder
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")

@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Any
+from typing import Any, Mapping
 
 from datamodules.nextgpt_layout import Skip, _text, _turns, read_source, read_utf8
 from nextgpt import modality as modality_registry
@@ -409,7 +409,7 @@ def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, s
     """Signatures (size, modification time, first and last MiB) of the NExT-GPT JSON files a shard
     set is written from: cheap to take at every start, different after any edit of the file."""
     from datamodules.nextgpt_layout import json_files
-    from nextgpt.features import file_signature
+    from nextgpt.cache.store import file_signature
 
     out = {}
     for path in json_files(name, root, SET_TASK[shard_set]):

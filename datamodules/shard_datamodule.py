@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.datamodule import Collator, ConversationDataset, Item, trainer_topology
+from datamodules.datamodule import trainer_topology
 from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
 from datamodules.steps import EpochProgress, StepWindows
-from nextgpt.cache import StoreLookup
 from nextgpt import modality as modality_registry
+from nextgpt.batch import Collator, ConversationDataset, Item
+from nextgpt.cache.encode import StoreLookup
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def caption_cache_bases(self) -> list[tuple[str, Path]]:
         """(modality, folder) where each source's caption embeddings are cached: beside its shards.
-        Streamed captions are embedded as they come and added there (see nextgpt.caption_targets)."""
-        from nextgpt.cache import shard_folder
-        from nextgpt.features import cache_base
+        Streamed captions are embedded as they come and added there (see nextgpt.cache.captions)."""
+        from nextgpt.cache.encode import shard_folder
+        from nextgpt.cache.store import cache_base
 
         out = []
         for src in self.sources:
@@ -202,7 +203,7 @@ class ShardDataModule(L.LightningDataModule):
     def _feature_store(self, src: Mapping[str, Any], shards: list[Path]) -> dict[Path, Any]:
         """The ImageBind feature cache of a source's pair shards (``python -m nextgpt.cache``), for
         each of its shards; none when there is no cache for this encoder."""
-        from nextgpt.cache import shard_folder, shard_media_store
+        from nextgpt.cache.encode import shard_folder, shard_media_store
 
         store = shard_media_store(shard_folder(src, shards), src["modality"], "pairs", self.model_cfg["encoder"],
                                   self.cache_fallback)

@@ -153,7 +153,7 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     encoder architecture and weights file, each decoder's pipeline index and text encoder."""
     from omegaconf import DictConfig, OmegaConf
 
-    from nextgpt.features import file_signature
+    from nextgpt.cache.store import file_signature
 
     arch = model_cfg["encoder"]["arch"]
     arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)

@@ -484,34 +484,6 @@ def previous_bundle(cfg: DictConfig) -> str | None:
     return str(Path(cfg.paths.bundles) / tag / f"stage{int(cfg.stage.number) - 1}")
 
 
-def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
-    """Missing JSON files of the dataset's sources for ``task`` (none for generated data); for
-    sharded sources, neither shards nor the layout they are written from."""
-    from datamodules.nextgpt_layout import json_files
-
-    if cfg.dataset.get("synthetic"):
-        return []
-    if cfg.dataset.get("loader", "json") == "shards":
-        from datamodules.shard_datamodule import source_shards
-
-        errors = []
-        for i, src in enumerate(cfg.dataset.sources):
-            if src.get("urls"):
-                if not source_shards(src, task, cfg.paths.shards):
-                    errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
-            elif not source_shards(src, task, cfg.paths.shards) and not (Path(src.root) / f"{src.name}.json").is_file():
-                errors.append(f"dataset.sources[{i}].root={src.root!r}: no shards in "
-                              f"{Path(cfg.paths.shards) / src.name} and no {Path(src.root) / (src.name + '.json')} "
-                              f"to write them from (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
-        return errors
-    return [
-        f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"
-        for i, src in enumerate(cfg.dataset.sources)
-        for path in json_files(src.name, src.root, task)
-        if not path.is_file()
-    ]
-
-
 def backbone_path_errors(cfg: DictConfig) -> list[str]:
     """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
     after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
@@ -566,9 +538,10 @@ def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
     return errors
 
 
-def validate_paths(cfg: DictConfig) -> None:
-    """Check that everything the run reads exists, naming the key and the path when not."""
-    errors = data_path_errors(cfg, cfg.stage.task) + backbone_path_errors(cfg)
+def validate_paths(cfg: DictConfig, data_errors: Iterable[str] = ()) -> None:
+    """Check that everything the run reads exists, naming the key and the path when not.
+    ``data_errors``: what the data side found missing (:func:`datamodules.sources.data_path_errors`)."""
+    errors = list(data_errors) + backbone_path_errors(cfg)
     bundle = previous_bundle(cfg)
     if bundle is not None and (Path(bundle) / "meta.json").is_file():
         errors += bundle_token_errors(cfg, Path(bundle))

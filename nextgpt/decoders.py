@@ -87,7 +87,7 @@ class TextConditioner:
         independent of where the folder lies, so a moved or copied pipeline keeps its caches."""
         import hashlib
 
-        from nextgpt.features import file_signature
+        from nextgpt.cache.store import file_signature
 
         h = hashlib.sha1(self.conditioning.encode())
         for sub in ("text_encoder", "tokenizer"):

@@ -1,7 +1,5 @@
-"""Evaluation of a stage bundle: held-out losses, and the six benchmark tasks of the paper.
-
-``task=heldout_loss``: caption cross-entropy and, for text-to-X, the alignment loss against each
-decoder's own text encoder on a training-layout data set (needs no extra weights).
+"""The six benchmark tasks of the paper, run on a stage bundle or scored from given outputs
+(``python evaluate.py task=...``; the held-out losses and the dispatch live in :mod:`nextgpt.cli.evaluate`).
 
 Benchmark tasks (``configs/task/*.yaml``): the model answers every sample of a benchmark (batched,
 with a progress bar), each answer is appended to ``samples.jsonl`` in the run folder as it is
@@ -27,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nextgpt import modality as modality_registry
-from nextgpt.bundles import load_bundle_config
 from nextgpt.config import ConfigError
 from nextgpt.metrics import Unavailable, value
 
@@ -47,79 +44,17 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
 NO_MODEL = "predictions= scores given outputs without a model; {what} is measured only when evaluate.py runs the model"
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    name = cfg.task.name
-    if name == "heldout_loss":
-        return heldout_loss(cfg)
-    if cfg.task.get("kind") not in KINDS:
-        raise ConfigError([f"task.kind={cfg.task.get('kind')!r}: must be one of {list(KINDS)} (task {name})"])
-    return run_benchmark(cfg)
-
-
 # =====================================================================================================
-# held-out losses on a training-layout data set
+# benchmark tasks
 # =====================================================================================================
-def _bundle(cfg: DictConfig) -> Path:
+def stage_bundle(cfg: DictConfig) -> Path:
+    """The bundle ``checkpoint=`` names, or a ConfigError naming the key."""
     bundle = Path(cfg.checkpoint)
     if not (bundle / "trainable.safetensors").is_file():
         raise ConfigError([f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"])
     return bundle
 
 
-def heldout_loss(cfg: DictConfig) -> dict:
-    from datamodules.datamodule import NextGPTDataModule
-    from nextgpt.stages import STAGES
-
-    bundle = _bundle(cfg)
-    run = load_bundle_config(bundle)
-    stage_cls = STAGES[int(run.stage.number)]
-    task = cfg.objective or run.stage.task
-    model_cfg = OmegaConf.to_container(run.model, resolve=True)
-    module = stage_cls(model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle))
-    module.aligns = task != "caption"  # a stage-1 bundle asked about text-to-X is scored on alignment too
-    module.configure_model()
-    module.to(cfg.device).eval()
-    d = cfg.dataset
-    dm = NextGPTDataModule(
-        sources=OmegaConf.to_container(d.sources, resolve=True), task=task, model=model_cfg,
-        template=run.model.llm.template, batch_size=int(cfg.batch_size), num_workers=int(d.num_workers),
-        max_length=int(d.max_length), seed=0,
-        synthetic=OmegaConf.to_container(d.synthetic, resolve=True) if d.get("synthetic") else None,
-    )
-    dm.prepare_data()
-    dm.setup("validate")
-    if cfg.limit is not None:
-        dm.train_set.conversations = dm.train_set.conversations[: int(cfg.limit)]
-    sums: dict[str, float] = {}
-    n_batches = n_samples = skipped = 0
-    with torch.no_grad():
-        for batch in tqdm(dm._loader(dm.train_set, shuffle=False), desc=f"evaluate {bundle.name}"):
-            if not batch["keys"]:  # every sample of the batch was unreadable
-                skipped += int(batch["num_skipped"])
-                continue
-            batch = module.transfer_batch_to_device(batch, module.device, 0)
-            for k, v in module.compute_loss(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n_batches += 1
-            n_samples += batch["input_ids"].shape[0]
-            skipped += int(batch["num_skipped"])
-    result = {
-        "checkpoint": str(bundle), "stage": int(run.stage.number), "task": cfg.task.name, "objective": task, "dataset": d.name,
-        "samples": n_samples, "skipped": skipped,
-        **{f"{k}": v / max(n_batches, 1) for k, v in sums.items()},
-    }
-    if "ce" in result:
-        result["perplexity"] = math.exp(min(result["ce"], 50.0))
-    out = Path(cfg.paths.output_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    log.info("evaluation: %s (written to %s)", result, out)
-    return result
-
-
-# =====================================================================================================
-# benchmark tasks
-# =====================================================================================================
 def file_stem(sample_id: str) -> str:
     """A sample id as a file name (ids are COCO numbers, YouTube ids, ``video7010``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(sample_id))
@@ -207,7 +142,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
             for rec in records.values():
                 f.write(json.dumps(rec) + "\n")
     else:
-        bundle = _bundle(cfg)
+        bundle = stage_bundle(cfg)
         _check_resume(out, _run_settings(cfg))
         generator = _load_generator(bundle, cfg.device)
         records = generate_all(cfg, samples, generator, out)
@@ -535,7 +470,7 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
     import torch.nn.functional as F
 
-    from datamodules.datamodule import collate_conversations
+    from nextgpt.batch import collate_conversations
     from nextgpt.generate import with_placeholders
     from nextgpt.prompts import IGNORE_INDEX, Conversation
 

@@ -137,7 +137,7 @@ class Generator:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
     def _encode_prompt(self, conv: Conversation):
-        from datamodules.datamodule import collate_conversations
+        from nextgpt.batch import collate_conversations
 
         batch = collate_conversations([conv], self.tokenizer, self.model.layout, self.template.name,
                                       num_media_tokens=self.num_media_tokens, max_length=10**9, device=self.device)

@@ -128,7 +128,7 @@ class NextGPTStage(L.LightningModule):
         self.shard(model)
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
-        from nextgpt.caption_targets import CaptionTargets
+        from nextgpt.cache.captions import CaptionTargets
 
         self.targets = CaptionTargets(self.conditioners, self.cache_dir / "captions")
         self.denoisers = self.load_denoisers() if self.aligns else {}
@@ -180,7 +180,7 @@ class NextGPTStage(L.LightningModule):
         rank_zero_info(f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})")
         return out
 
-    # --- alignment targets: each decoder's own text encoder (nextgpt.caption_targets) --------
+    # --- alignment targets: each decoder's own text encoder (nextgpt.cache.captions) --------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
         return self.targets.get(captions, self.device)
 
@@ -195,7 +195,7 @@ class NextGPTStage(L.LightningModule):
             self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback,
                                      is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
         if self.aligns and dm is not None and hasattr(dm, "caption_cache_bases"):  # streamed sources
-            from nextgpt.features import FeatureStore
+            from nextgpt.cache.store import FeatureStore
 
             for modality, base in dm.caption_cache_bases():
                 if modality in self.conditioners:
@@ -216,7 +216,7 @@ class NextGPTStage(L.LightningModule):
         """Each source's caption embeddings by each decoder's text encoder, on disk next to the data:
         created on first use, completed when captions were added, then read memory-mapped.
         Rank 0 writes; the other ranks wait at ``barrier`` and then read."""
-        from nextgpt.cache import caption_store, compute_captions
+        from nextgpt.cache.encode import caption_store, compute_captions
 
         if not is_global_zero:
             barrier()

@@ -103,8 +103,8 @@ CACHE_DIR = Path(os.environ.get("NEXTGPT_CACHE", REPO_ROOT / ".cache"))
 @pytest.fixture(scope="session")
 def tiny_cache() -> Path:
     """Tiny backbones and the synthetic data set under the project cache (built once)."""
-    from datamodules.synthetic import write_synthetic
     from nextgpt.tiny import build_all
+    from nextgpt.tiny.synthetic import write_synthetic
 
     build_all(CACHE_DIR / "tiny_backbones")
     write_synthetic(CACHE_DIR / "synthetic", num_per_modality=24, seed=0)

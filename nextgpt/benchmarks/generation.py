@@ -19,7 +19,14 @@ from typing import Callable, Sequence
 import torch
 
 from nextgpt import modality as modality_registry
-from nextgpt.generate import CACHE, GenerationInputError, GenerationResult, Generator, modality_of_file, with_placeholders
+from nextgpt.generate import (
+    CACHE,
+    GenerationInputError,
+    GenerationResult,
+    Generator,
+    modality_of_file,
+    with_placeholders,
+)
 from nextgpt.prompts import Conversation
 
 

@@ -1,25 +1,31 @@
-"""ImageBind (vision + audio) encoder: a compact re-implementation whose state dict matches Meta's.
+"""ImageBind (vision + audio, optionally depth) encoder: a compact re-implementation whose state dict matches Meta's.
 
 NExT-GPT feeds the frozen ImageBind-huge embedding of an image, video or audio clip into its input
-projection. Only the "vision" and "audio" branches are needed, so this module builds just those,
-with parameter and buffer names and shapes identical to the corresponding entries of the official
-``imagebind_huge.pth``. That lets :func:`load_imagebind` load the real checkpoint directly (the
-other modalities' keys are ignored), and lets tests use a tiny configuration of the same code.
+projection. This module builds only the branches a configuration lists in
+``ImageBindConfig.modalities`` (default vision and audio; depth is opt-in), with parameter and buffer
+names and shapes identical to the corresponding entries of the official ``imagebind_huge.pth``.
+That lets :func:`load_imagebind` load the real checkpoint directly (the keys of modalities not
+built are ignored), and lets tests use a tiny configuration of the same code.
 
-Numerics follow the original forward pass: images are repeated to a 2-frame video (``PadIm2Video``
-"repeat"), patchified by a bias-free Conv3d (vision) or a Conv2d + LayerNorm (audio), a class token
-and a learnable position embedding are added, a pre-LN transformer runs with
-``nn.MultiheadAttention`` in sequence-first layout (audio uses ``add_bias_kv``; only vision has the
-pre-transformer LayerNorm), the head takes the LayerNorm-ed class token through a bias-free Linear
-and the postprocessor L2-normalises it (audio then multiplies by the fixed logit scale 20). Inputs
-with a clip axis are averaged over clips *after* the postprocessor, without renormalising, exactly as
+The branches differ only in what :data:`_SPECS` records per modality (stem, patch grid, input shape,
+pre-LN, ``add_bias_kv``, drop path, logit scale); preprocessor, trunk, head and postprocessor are
+one shared code path. Numerics follow the original forward pass: images are repeated to a 2-frame
+video (``PadIm2Video`` "repeat"), patchified by a bias-free Conv3d (vision) or a bias-free Conv2d +
+LayerNorm (audio: kernel 16 stride 10 over the spectrogram; depth: kernel 16 stride 16 over the
+single-channel disparity map, stored as the preprocessor's ``depth_stem`` as Meta's
+``RGBDTPreprocessor(rgbt_stem=None, depth_stem=...)`` does), a class token and a learnable position
+embedding are added, a pre-LN transformer runs with ``nn.MultiheadAttention`` in sequence-first
+layout (audio and depth use ``add_bias_kv``; only vision has the pre-transformer LayerNorm), the
+head takes the LayerNorm-ed class token through a bias-free Linear and the postprocessor
+L2-normalises it (audio then multiplies by the fixed logit scale 20, depth by 5). Inputs with a clip
+axis are averaged over clips *after* the postprocessor, without renormalising, exactly as
 ``ImageBindModel.forward`` does.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,16 +44,26 @@ __all__ = [
 # The original pads a single image to this many frames ("PadIm2Video(ntimes=2)") and builds the vision
 # position embedding for a video of this length (``video_frames=2``).
 _VIDEO_FRAMES = 2
-# LearnableLogitScaling(logit_scale_init=20.0, learnable=False, max_logit_scale=100) of the audio branch.
+# LearnableLogitScaling(logit_scale_init=..., learnable=False, max_logit_scale=100) of the audio / depth branches.
 _AUDIO_LOGIT_SCALE = 20.0
+_DEPTH_LOGIT_SCALE = 5.0
 _MAX_LOGIT_SCALE = 100.0
 _LN_EPS = 1e-6  # every LayerNorm of the trunks and heads; the audio stem's LayerNorm uses the default
 _MLP_RATIO = 4
+# Every branch this module can build, in the order Meta's ImageBindModel creates them (also the order
+# modules are created in, so a vision+audio model draws the same random init as before depth existed).
+_KNOWN_MODALITIES = ("vision", "audio", "depth")
+_DEFAULT_MODALITIES = ("vision", "audio")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImageBindConfig:
-    """Sizes of the vision and audio branches (the names follow Meta's ``ImageBindModel`` arguments)."""
+    """Sizes of the branches (the names follow Meta's ``ImageBindModel`` arguments) and which ones to build.
+
+    ``modalities`` lists the branches the model builds (any order in, Meta's order kept); the depth
+    sizes default to Meta's (``ImageBindModel`` defaults, also what ``imagebind_huge`` uses), so a
+    config only needs ``modalities: [vision, audio, depth]`` to add Meta's depth encoder.
+    """
 
     out_embed_dim: int
     vision_embed_dim: int
@@ -63,21 +79,30 @@ class ImageBindConfig:
     audio_num_mel_bins: int = 128
     audio_target_len: int = 204
     audio_drop_path: float = 0.1
+    depth_embed_dim: int = 384
+    depth_num_blocks: int = 12
+    depth_num_heads: int = 8
+    depth_kernel_size: int = 16
+    depth_drop_path: float = 0.0
+    # Last, and left out of repr() at its default: see __repr__.
+    modalities: tuple[str, ...] = _DEFAULT_MODALITIES
 
     def __post_init__(self) -> None:
         ks = tuple(int(k) for k in self.vision_kernel_size)
         object.__setattr__(self, "vision_kernel_size", ks)
+        object.__setattr__(self, "modalities", _canonical_modalities(self.modalities))
         if len(ks) != 3 or min(ks) < 1:
             raise ValueError(f"vision_kernel_size must be 3 positive ints (T, H, W), got {self.vision_kernel_size}")
         for name in (
             "out_embed_dim", "vision_embed_dim", "vision_num_blocks", "vision_num_heads", "image_size",
             "audio_embed_dim", "audio_num_blocks", "audio_num_heads", "audio_kernel_size", "audio_stride",
-            "audio_num_mel_bins", "audio_target_len",
+            "audio_num_mel_bins", "audio_target_len", "depth_embed_dim", "depth_num_blocks", "depth_num_heads",
+            "depth_kernel_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ImageBindConfig.{name} must be a positive int, got {value!r}")
-        for prefix in ("vision", "audio"):
+        for prefix in _KNOWN_MODALITIES:
             dim, heads = getattr(self, f"{prefix}_embed_dim"), getattr(self, f"{prefix}_num_heads")
             if dim % heads:
                 raise ValueError(f"{prefix}_embed_dim={dim} is not divisible by {prefix}_num_heads={heads}")
@@ -85,8 +110,21 @@ class ImageBindConfig:
             raise ValueError(f"vision_kernel_size {ks} does not fit a {_VIDEO_FRAMES}x{self.image_size}^2 clip")
         if self.audio_kernel_size > min(self.audio_num_mel_bins, self.audio_target_len):
             raise ValueError("audio_kernel_size is larger than the (mel bins x frames) spectrogram")
-        if not 0.0 <= float(self.audio_drop_path) < 1.0:
-            raise ValueError(f"audio_drop_path must be in [0, 1), got {self.audio_drop_path}")
+        if self.depth_kernel_size > self.image_size:
+            raise ValueError(f"depth_kernel_size {self.depth_kernel_size} is larger than the {self.image_size}^2 depth map")
+        for name in ("audio_drop_path", "depth_drop_path"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def __repr__(self) -> str:
+        # Feature caches fingerprint repr(cfg) (nextgpt.cache.encode). Showing only the fields of the
+        # branches that are built (and `modalities` only when not the default) keeps a vision+audio
+        # config's text, and so its caches, what they were before depth fields existed; a config that
+        # builds depth shows them all.
+        shown = [f.name for f in fields(self) if _field_modality(f.name) in (None, *self.modalities)]
+        if self.modalities == _DEFAULT_MODALITIES:
+            shown.remove("modalities")
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in shown) + ")"
 
     # ---- derived sizes (computed, never typed in) ----
     @property
@@ -101,24 +139,33 @@ class ImageBindConfig:
         k, s = self.audio_kernel_size, self.audio_stride
         return (_conv_out(self.audio_num_mel_bins, k, s), _conv_out(self.audio_target_len, k, s))
 
+    @property
+    def depth_patch_layout(self) -> tuple[int, int]:
+        """(H, W) grid of the non-overlapping Conv2d stem for an ``image_size`` square depth map."""
+        k = self.depth_kernel_size
+        return (_conv_out(self.image_size, k, k), _conv_out(self.image_size, k, k))
+
     @classmethod
     def huge(cls) -> "ImageBindConfig":
-        """``imagebind_huge``: ViT-H/14 vision (1280 wide, 32 blocks), ViT-B audio, 1024-d joint space."""
+        """``imagebind_huge``: ViT-H/14 vision (1280 wide, 32 blocks), ViT-B audio, ViT-S depth, 1024-d joint space."""
         return cls(
             out_embed_dim=1024,
             vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16,
             audio_embed_dim=768, audio_num_blocks=12, audio_num_heads=12,
             audio_drop_path=0.1,
+            depth_embed_dim=384, depth_num_blocks=12, depth_num_heads=8, depth_drop_path=0.0,
         )
 
     @classmethod
     def tiny(cls) -> "ImageBindConfig":
-        """Same code and input sizes as ``huge`` at 32 width / 2 blocks, for fast tests; the
-        48-d output differs from every other tiny width so a swapped width can not pass unnoticed."""
+        """Same code and input sizes as ``huge`` at 32 width / 2 blocks (depth 24 wide), for fast tests;
+        the 48-d output and 24-d depth differ from every other tiny width so a swapped width can not
+        pass unnoticed."""
         return cls(
             out_embed_dim=48,
             vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=2,
             audio_embed_dim=32, audio_num_blocks=2, audio_num_heads=2,
+            depth_embed_dim=24, depth_num_blocks=2, depth_num_heads=2,
         )
 
     @classmethod
@@ -132,8 +179,9 @@ class ImageBindConfig:
         if unknown:
             raise ValueError(f"unknown ImageBindConfig key(s): {', '.join(unknown)} (known: preset, {', '.join(sorted(known))})")
         preset = items.pop("preset", None)
-        if "vision_kernel_size" in items and items["vision_kernel_size"] is not None:
-            items["vision_kernel_size"] = tuple(items["vision_kernel_size"])
+        for key in ("vision_kernel_size", "modalities"):  # YAML gives lists
+            if key in items and items[key] is not None and not isinstance(items[key], str):
+                items[key] = tuple(items[key])
         if preset is None:
             required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
             missing = sorted(required - items.keys())
@@ -146,6 +194,26 @@ class ImageBindConfig:
         base = {f.name: getattr(presets[preset](), f.name) for f in fields(cls)}
         base.update(items)
         return cls(**base)
+
+
+def _canonical_modalities(value: Any) -> tuple[str, ...]:
+    """The listed branches in Meta's order (so module creation order, and with it init, does not
+    depend on how a YAML file orders them); unknown names, duplicates and an empty list fail."""
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [n for n in names if n not in _KNOWN_MODALITIES]
+    if unknown:
+        raise ValueError(f"ImageBindConfig.modalities: unknown modality {unknown[0]!r} (known: {', '.join(_KNOWN_MODALITIES)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"ImageBindConfig.modalities lists a modality twice: {list(names)}")
+    if not names:
+        raise ValueError("ImageBindConfig.modalities must list at least one modality")
+    return tuple(m for m in _KNOWN_MODALITIES if m in names)
+
+
+def _field_modality(name: str) -> str | None:
+    """The branch a config field sizes ("depth_num_blocks" -> "depth"), None for shared fields."""
+    head = name.split("_", 1)[0]
+    return head if head in _KNOWN_MODALITIES else None
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -194,11 +262,16 @@ class _PosEmbedding(nn.Module):
 
 
 class _TokenPreprocessor(nn.Module):
-    """Stem + class token + position embedding (RGBDTPreprocessor / AudioPreprocessor)."""
+    """Stem + class token + position embedding (RGBDTPreprocessor / AudioPreprocessor).
 
-    def __init__(self, stem: _PatchStem, num_patches: int, dim: int) -> None:
+    ``stem_name`` is the attribute the stem lives under, so the state-dict key is Meta's: its
+    RGBDTPreprocessor keeps an RGB (and audio) stem as ``rgbt_stem`` but a depth stem as ``depth_stem``.
+    """
+
+    def __init__(self, stem: _PatchStem, num_patches: int, dim: int, stem_name: str = "rgbt_stem") -> None:
         super().__init__()
-        self.rgbt_stem = stem
+        self.stem_name = stem_name
+        self.add_module(stem_name, stem)
         self.num_patches = num_patches
         self.pos_embedding_helper = _PosEmbedding(1 + num_patches, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -207,7 +280,7 @@ class _TokenPreprocessor(nn.Module):
             nn.init.normal_(self.cls_token).mul_(dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.rgbt_stem(x)
+        tokens = getattr(self, self.stem_name)(x)
         if tokens.shape[1] != self.num_patches:
             # The original bicubically interpolates the position embedding here; ImageBind's own
             # preprocessing never needs it, so other input sizes are rejected instead.
@@ -331,82 +404,154 @@ def _head(dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim, eps=_LN_EPS), _SelectCls(), nn.Linear(dim, out_dim, bias=False))
 
 
+def _postprocessor(logit_scale: float | None) -> nn.Module:
+    # Vision's postprocessor is a bare Normalize (key-less); the others are Sequential(Normalize,
+    # scaling), which is why their buffer is named "...<modality>.1.log_logit_scale".
+    if logit_scale is None:
+        return _L2Normalize()
+    return nn.Sequential(_L2Normalize(), _FixedLogitScale(logit_scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-modality table: everything that differs between ImageBind's branches.
+# --------------------------------------------------------------------------------------------------
+def _vision_stem(cfg: ImageBindConfig) -> _PatchStem:
+    k = cfg.vision_kernel_size
+    return _PatchStem(nn.Sequential(
+        _PadIm2Video(_VIDEO_FRAMES), nn.Conv3d(3, cfg.vision_embed_dim, kernel_size=k, stride=k, bias=False),
+    ))
+
+
+def _conv2d_stem(channels: int, dim: int, kernel: int, stride: int) -> _PatchStem:
+    """Bias-free Conv2d then LayerNorm with torch's default eps, the audio and depth stems of the original."""
+    return _PatchStem(nn.Conv2d(channels, dim, kernel_size=kernel, stride=stride, bias=False),
+                      norm_layer=nn.LayerNorm(dim))
+
+
+@dataclass(frozen=True)
+class _ModalitySpec:
+    """One ImageBind branch. The trunk's width, depth and heads are the config's ``<name>_embed_dim``,
+    ``<name>_num_blocks`` and ``<name>_num_heads``; the rest is here."""
+
+    stem: Callable[[ImageBindConfig], _PatchStem]
+    stem_name: str  # the preprocessor attribute the stem lives under in Meta's state dict
+    patch_layout: Callable[[ImageBindConfig], tuple[int, ...]]
+    channels: int  # input channels of one item
+    spatial: Callable[[ImageBindConfig], tuple[int, int]]  # one item's trailing two sizes
+    ndims: tuple[int, ...]  # accepted input ranks; >= 5 means a clip axis to average over
+    empty_shape: Callable[[ImageBindConfig], tuple[int, ...]]  # a zero-item batch (see empty_input)
+    describe: Callable[[ImageBindConfig], str]  # the accepted shapes, for error messages
+    pre_ln: bool  # LayerNorm before the blocks
+    add_bias_kv: bool
+    drop_path_field: str | None  # config field with the trunk's stochastic-depth rate (None: 0)
+    logit_scale: float | None  # fixed scale after the L2 norm (None: none)
+
+    def drop_path(self, cfg: ImageBindConfig) -> float:
+        return float(getattr(cfg, self.drop_path_field)) if self.drop_path_field else 0.0
+
+
+def _square(cfg: ImageBindConfig) -> tuple[int, int]:
+    return (cfg.image_size, cfg.image_size)
+
+
+_SPECS: dict[str, _ModalitySpec] = {
+    # ViT-H/14 over a 2-frame clip (an image is repeated); no bias_kv, no drop path, pre-LN, no scale.
+    "vision": _ModalitySpec(
+        stem=_vision_stem, stem_name="rgbt_stem", patch_layout=lambda c: c.vision_patch_layout,
+        channels=3, spatial=_square, ndims=(4, 5, 6),
+        empty_shape=lambda c: (0, 3, c.image_size, c.image_size),
+        describe=lambda c: (f"(B,3,{c.image_size},{c.image_size}) images or "
+                            f"(B,S,3,T,{c.image_size},{c.image_size}) clips"),
+        pre_ln=True, add_bias_kv=False, drop_path_field=None, logit_scale=None,
+    ),
+    # ViT-B over a (mel x frames) log-mel spectrogram, overlapping 16x16 patches at stride 10.
+    "audio": _ModalitySpec(
+        stem=lambda c: _conv2d_stem(1, c.audio_embed_dim, c.audio_kernel_size, c.audio_stride),
+        stem_name="rgbt_stem", patch_layout=lambda c: c.audio_patch_layout,
+        channels=1, spatial=lambda c: (c.audio_num_mel_bins, c.audio_target_len), ndims=(4, 5),
+        empty_shape=lambda c: (0, 1, 1, c.audio_num_mel_bins, c.audio_target_len),
+        describe=lambda c: f"(B,S,1,{c.audio_num_mel_bins},{c.audio_target_len}) spectrogram clips",
+        pre_ln=False, add_bias_kv=True, drop_path_field="audio_drop_path", logit_scale=_AUDIO_LOGIT_SCALE,
+    ),
+    # ViT-S over a single-channel 224^2 disparity map, non-overlapping 16x16 patches.
+    "depth": _ModalitySpec(
+        stem=lambda c: _conv2d_stem(1, c.depth_embed_dim, c.depth_kernel_size, c.depth_kernel_size),
+        stem_name="depth_stem", patch_layout=lambda c: c.depth_patch_layout,
+        channels=1, spatial=_square, ndims=(4, 5),
+        empty_shape=lambda c: (0, 1, c.image_size, c.image_size),
+        describe=lambda c: (f"(B,1,{c.image_size},{c.image_size}) depth maps or "
+                            f"(B,S,1,{c.image_size},{c.image_size}) stacks of them"),
+        pre_ln=False, add_bias_kv=False, drop_path_field="depth_drop_path", logit_scale=_DEPTH_LOGIT_SCALE,
+    ),
+}
+assert tuple(_SPECS) == _KNOWN_MODALITIES
+
+
 # --------------------------------------------------------------------------------------------------
 class ImageBindModel(nn.Module):
-    """The vision and audio branches of ImageBind with Meta's state-dict layout."""
-
-    modalities = ("vision", "audio")
+    """The branches ``cfg.modalities`` lists (default vision and audio) with Meta's state-dict layout."""
 
     def __init__(self, cfg: ImageBindConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        vd, ad = cfg.vision_embed_dim, cfg.audio_embed_dim
-        vision_stem = _PatchStem(
-            nn.Sequential(
-                _PadIm2Video(_VIDEO_FRAMES),
-                nn.Conv3d(3, vd, kernel_size=cfg.vision_kernel_size, stride=cfg.vision_kernel_size, bias=False),
-            )
-        )
-        audio_stem = _PatchStem(
-            nn.Conv2d(1, ad, kernel_size=cfg.audio_kernel_size, stride=cfg.audio_stride, bias=False),
-            norm_layer=nn.LayerNorm(ad),
-        )
+        self.modalities = cfg.modalities
+        specs = {m: _SPECS[m] for m in cfg.modalities}
+        dims = {m: getattr(cfg, f"{m}_embed_dim") for m in specs}
+        # One part at a time over all branches (all stems first), as the original: the order modules
+        # are created in is the order they draw their random init in, so a seed gives the same model.
+        stems = {m: s.stem(cfg) for m, s in specs.items()}
         self.modality_preprocessors = nn.ModuleDict({
-            "vision": _TokenPreprocessor(vision_stem, math.prod(cfg.vision_patch_layout), vd),
-            "audio": _TokenPreprocessor(audio_stem, math.prod(cfg.audio_patch_layout), ad),
+            m: _TokenPreprocessor(stems[m], math.prod(s.patch_layout(cfg)), dims[m], s.stem_name)
+            for m, s in specs.items()
         })
         self.modality_trunks = nn.ModuleDict({
-            "vision": _Trunk(vd, cfg.vision_num_blocks, cfg.vision_num_heads, pre_ln=True, add_bias_kv=False,
-                             drop_path=0.0),
-            "audio": _Trunk(ad, cfg.audio_num_blocks, cfg.audio_num_heads, pre_ln=False, add_bias_kv=True,
-                            drop_path=float(cfg.audio_drop_path)),
+            m: _Trunk(dims[m], getattr(cfg, f"{m}_num_blocks"), getattr(cfg, f"{m}_num_heads"), pre_ln=s.pre_ln,
+                      add_bias_kv=s.add_bias_kv, drop_path=s.drop_path(cfg))
+            for m, s in specs.items()
         })
-        self.modality_heads = nn.ModuleDict({
-            "vision": _head(vd, cfg.out_embed_dim),
-            "audio": _head(ad, cfg.out_embed_dim),
-        })
-        self.modality_postprocessors = nn.ModuleDict({
-            "vision": _L2Normalize(),
-            "audio": nn.Sequential(_L2Normalize(), _FixedLogitScale(_AUDIO_LOGIT_SCALE)),
-        })
+        self.modality_heads = nn.ModuleDict({m: _head(dims[m], cfg.out_embed_dim) for m in specs})
+        self.modality_postprocessors = nn.ModuleDict({m: _postprocessor(s.logit_scale) for m, s in specs.items()})
 
     @property
     def embed_dim(self) -> int:
         """Width of the joint embedding space (``cfg.out_embed_dim``)."""
         return self.cfg.out_embed_dim
 
+    def _spec(self, modality: str) -> _ModalitySpec:
+        if modality not in _SPECS:
+            raise ValueError(f"unknown ImageBind modality {modality!r}; expected one of {self.modalities}")
+        if modality not in self.modalities:
+            raise ValueError(
+                f"ImageBind modality {modality!r} is not built by this configuration (modalities="
+                f"{self.modalities}); add it to the encoder's arch.modalities"
+            )
+        return _SPECS[modality]
+
     def empty_input(self, modality: str) -> torch.Tensor:
         """A batch of zero items of ``modality``: running it costs nothing, but the trunk's modules
         still run, so data-parallel ranks without that modality run the same modules as the rest."""
+        shape = self._spec(modality).empty_shape(self.cfg)
         ref = self.modality_heads[modality][2].weight
-        cfg = self.cfg
-        shape = {"vision": (0, 3, cfg.image_size, cfg.image_size),
-                 "audio": (0, 1, 1, cfg.audio_num_mel_bins, cfg.audio_target_len)}[modality]
         return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
 
     def _check_input(self, modality: str, x: torch.Tensor) -> None:
-        cfg = self.cfg
-        if modality == "vision":
-            item = x.shape[2:] if x.ndim >= 5 else x.shape[1:]
-            ok = x.ndim in (4, 5, 6) and item[0] == 3 and tuple(item[-2:]) == (cfg.image_size, cfg.image_size)
-            want = f"(B,3,{cfg.image_size},{cfg.image_size}) images or (B,S,3,T,{cfg.image_size},{cfg.image_size}) clips"
-        elif modality == "audio":
-            item = x.shape[2:] if x.ndim >= 5 else x.shape[1:]
-            ok = x.ndim in (4, 5) and tuple(item) == (1, cfg.audio_num_mel_bins, cfg.audio_target_len)
-            want = f"(B,S,1,{cfg.audio_num_mel_bins},{cfg.audio_target_len}) spectrogram clips"
-        else:
-            raise ValueError(f"unknown ImageBind modality {modality!r}; expected one of {self.modalities}")
+        spec = self._spec(modality)
+        item = x.shape[2:] if x.ndim >= 5 else x.shape[1:]
+        ok = (x.ndim in spec.ndims and item[0] == spec.channels
+              and tuple(item[-2:]) == spec.spatial(self.cfg))
         if not ok:
-            raise ValueError(f"ImageBind {modality} input has shape {tuple(x.shape)}; expected {want}")
+            raise ValueError(f"ImageBind {modality} input has shape {tuple(x.shape)}; expected {spec.describe(self.cfg)}")
 
     def encode(self, modality: str, x: torch.Tensor, *, renormalize: bool = False) -> torch.Tensor:
         """Embed one modality: (B, out_embed_dim), the output NExT-GPT feeds to its input projection.
 
-        x: vision (B,3,H,W) image, or (B,S,3,T,H,W) video clips/crops; audio (B,S,1,mel,frames).
-        Per item the output is L2-normalised (audio: then times the fixed logit scale 20, as the
-        original postprocessor). With a clip axis S (``x.ndim >= 5``, the original's rule) the per-clip
-        outputs are averaged and, as in the original forward, *not* renormalised, so video norms are
-        <= 1 and audio norms <= 20. ``renormalize=True`` L2-normalises the final vector instead.
+        x: vision (B,3,H,W) image, or (B,S,3,T,H,W) video clips/crops; audio (B,S,1,mel,frames);
+        depth (B,1,H,W) disparity maps (:func:`nextgpt.encoders.preprocess.load_depth`), or (B,S,1,H,W).
+        Per item the output is L2-normalised (audio / depth: then times the fixed logit scale 20 / 5,
+        as the original postprocessors). With a clip axis S (``x.ndim >= 5``, the original's rule)
+        the per-clip outputs are averaged and, as in the original forward, *not* renormalised, so
+        video norms are <= 1 and audio norms <= 20. ``renormalize=True`` L2-normalises the final
+        vector instead.
         """
         self._check_input(modality, x)
         ref = self.modality_heads[modality][2].weight
@@ -434,11 +579,15 @@ class ImageBindCheckpointError(RuntimeError):
     """The ImageBind weights file is missing, unreadable, or does not fit the configuration."""
 
 
-_OUR_PREFIXES = tuple(
-    f"{part}.{m}." for part in ("modality_preprocessors", "modality_trunks", "modality_heads",
-                                "modality_postprocessors") for m in ImageBindModel.modalities
-)
+_PARTS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
 _MAX_LISTED = 10
+
+
+def _prefixes(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{part}.{m}." for part in _PARTS for m in modalities)
+
+
+_ALL_PREFIXES = _prefixes(_KNOWN_MODALITIES)
 
 
 def _listing(title: str, entries: list[str]) -> str:
@@ -450,18 +599,34 @@ def _unwrap(obj: Any) -> Any:
     """Accept a bare state dict or one nested under "model"/"state_dict"/"module"."""
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping) \
-                and not any(isinstance(k, str) and k.startswith(_OUR_PREFIXES) for k in obj):
+                and not any(isinstance(k, str) and k.startswith(_ALL_PREFIXES) for k in obj):
             obj = obj[key]
     return obj
+
+
+def _absent_modalities(p: Path, cfg: ImageBindConfig, ours: Mapping[str, Any]) -> None:
+    """A branch the config builds but the checkpoint has no key of at all gets its own message: the
+    usual cause is a checkpoint saved from a model without it (e.g. a vision+audio tiny build)."""
+    absent = [m for m in cfg.modalities if not any(k.startswith(_prefixes((m,))) for k in ours)]
+    if absent:
+        have = [m for m in cfg.modalities if m not in absent]
+        raise ImageBindCheckpointError(
+            f"ImageBind checkpoint {p} has no {'/'.join(absent)} weights (no modality_*.{absent[0]}.* keys) but "
+            f"the configuration builds {', '.join(absent)} (modalities={cfg.modalities}); drop "
+            f"{', '.join(repr(m) for m in absent)} from the encoder's arch.modalities, or use a checkpoint that has "
+            f"it (Meta's imagebind_huge.pth holds vision, audio and depth; this one holds {'/'.join(have)})"
+        )
 
 
 def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torch.dtype = torch.float32) -> ImageBindModel:
     """Load Meta's ``imagebind_huge.pth`` (or a state dict saved from this class) into a frozen model.
 
-    The check is strict over the vision/audio keys (missing, unexpected or wrongly shaped entries all
-    fail, with the path and up to 10 offending keys in the message); keys of other modalities are
-    ignored. The model is built on the meta device and the checkpoint tensors are assigned, so no
-    random init of a 1B-parameter model is paid. Returns it in eval mode, requires_grad False, in dtype.
+    The check is strict over the keys of the branches ``cfg.modalities`` builds (missing,
+    unexpected or wrongly shaped entries all fail, with the path and up to 10 offending keys in the
+    message; a built branch with no key at all in the file is named as such); keys of other
+    modalities are ignored. The model is built on the meta device and the checkpoint tensors are
+    assigned, so no random init of a 1B-parameter model is paid. Returns it in eval mode,
+    requires_grad False, in dtype.
     """
     p = Path(path)
     if not p.is_file():
@@ -475,12 +640,15 @@ def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torc
     state = _unwrap(state)
     if not isinstance(state, Mapping):
         raise ImageBindCheckpointError(f"ImageBind checkpoint {p} holds a {type(state).__name__}, not a state dict")
-    ours = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(_OUR_PREFIXES)}
+    wanted = _prefixes(cfg.modalities)
+    names = "/".join(cfg.modalities)
+    ours = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(wanted)}
     if not ours:
         sample = ", ".join(map(str, list(state)[:5])) or "<empty>"
         raise ImageBindCheckpointError(
-            f"ImageBind checkpoint {p} has no vision/audio keys (first keys: {sample})"
+            f"ImageBind checkpoint {p} has no {names} keys (first keys: {sample})"
         )
+    _absent_modalities(p, cfg, ours)
 
     with torch.device("meta"):
         model = ImageBindModel(cfg)
@@ -500,7 +668,7 @@ def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torc
         if mismatched:
             msg += _listing("shape mismatches", mismatched)
         if unexpected:
-            msg += _listing("unexpected vision/audio keys", unexpected)
+            msg += _listing(f"unexpected {names} keys", unexpected)
         if not_tensor:
             msg += _listing("non-tensor values", not_tensor)
         raise ImageBindCheckpointError(msg)

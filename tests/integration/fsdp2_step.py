@@ -36,7 +36,7 @@ def fixed_conversations(cfg, per_modality: int = 2):
 def main(stage: int, out: Path, cache: Path) -> None:
     from omegaconf import OmegaConf
 
-    from datamodules.datamodule import collate_conversations
+    from nextgpt.batch import collate_conversations
     from nextgpt.bundles import bundle_state_dict
     from nextgpt.config import compose
     from nextgpt.stages import STAGES, count_keys

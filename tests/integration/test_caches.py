@@ -92,9 +92,10 @@ def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
     """On a fixed batch (the stream unshuffled), within the fp16 rounding of the cache."""
     from omegaconf import OmegaConf
 
+    from datamodules.caches import compute_shard_media
     from datamodules.prepare import prepare_nextgpt
     from datamodules.shard_datamodule import ShardDataModule
-    from nextgpt.cache import compute_shard_media, shard_media_store
+    from nextgpt.cache.encode import shard_media_store
     from nextgpt.config import compose
     from nextgpt.model import load_encoder
     from nextgpt.stages import STAGES

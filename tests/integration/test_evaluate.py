@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 
 from nextgpt.bundles import save_bundle
 from nextgpt.stages import Stage2DecodingAlignment
-
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow

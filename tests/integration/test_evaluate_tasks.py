@@ -213,8 +213,8 @@ def signal_count(modality: str) -> int:
 
 def run_task(task: str, run_dir: Path, data_root: Path, nets: dict, *extra: str, checkpoint: Path | None = None,
              cache: Path | None = None) -> dict:
+    from nextgpt.cli.evaluate import evaluate
     from nextgpt.config import compose
-    from nextgpt.evaluation import evaluate
 
     overrides = [f"task={task}", f"paths.root={run_dir.parent}", f"paths.data_root={data_root}", "batch_size=2",
                  *(f"feature_nets.{k}={v}" for k, v in nets.items()), *extra]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nextgpt.run import train
+from nextgpt.cli.train import train
 
 pytestmark = pytest.mark.slow
 

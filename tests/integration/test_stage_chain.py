@@ -1,4 +1,4 @@
-"""Stage 1 -> 2 -> 3 through `nextgpt.run.train`: each stage starts from the previous bundle,
+"""Stage 1 -> 2 -> 3 through `nextgpt.cli.train.train`: each stage starts from the previous bundle,
 bundles hold only trainable-group weights, and a missing bundle is a clear error."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from nextgpt.bundles import BundleError, load_bundle_weights
+from nextgpt.cli.train import train
 from nextgpt.config import ConfigError, validate, validate_paths
-from nextgpt.run import train
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +65,10 @@ def test_missing_previous_bundle_is_named(tiny_config, tmp_path):
 
 
 def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):
+    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     from nextgpt.stages import Stage1EncodingAlignment
-    from omegaconf import OmegaConf
 
     cfg = tiny_config("stage=1")
     module = Stage1EncodingAlignment(model=OmegaConf.to_container(cfg.model, resolve=True),

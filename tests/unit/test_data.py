@@ -7,8 +7,8 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from datamodules.datamodule import Collator, ConversationDataset
 from datamodules.nextgpt_layout import json_files, read_source
+from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.tokens import add_nextgpt_tokens
 
 

@@ -60,14 +60,16 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     cfg = tiny_config("stage=2", "stage.loss.denoise=1.0")
     module = build_stage(cfg)
     assert sorted(module.denoisers) == ["image", "video"]  # audio's target front end is not implemented
-    from datamodules.datamodule import Collator, ConversationDataset
-    from nextgpt.run import denoise_targets
+    from nextgpt.batch import Collator, ConversationDataset
+    from nextgpt.cli.train import denoise_targets
 
     targets = denoise_targets(cfg)
     ds = ConversationDataset([], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512,
                              denoise_targets=targets)
     assert set(targets) == {"image", "video"}
-    from datamodules.nextgpt_layout import read_source  # two text-to-X samples per modality, with target media
+    from datamodules.nextgpt_layout import (
+        read_source,  # two text-to-X samples per modality, with target media
+    )
 
     convs = []
     for src in cfg.dataset.sources:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nextgpt.cache import build_caches, caption_store, imagebind_fingerprint, media_store
-from nextgpt.features import FeatureStore, cache_base, file_signature
+from nextgpt.cache.encode import caption_store, imagebind_fingerprint, media_store
+from nextgpt.cache.store import FeatureStore, cache_base, file_signature
+from nextgpt.cli.cache import build_caches
 
 
 def test_store_parts_missing_failed_and_reload(tmp_path):
@@ -33,7 +34,7 @@ def test_cache_base_falls_back_for_read_only_data(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     assert cache_base(data, tmp_path / "fb") == data / ".nextgpt_cache"  # next to the data when writable
-    monkeypatch.setattr("nextgpt.features.os.access", lambda path, mode: False)
+    monkeypatch.setattr("nextgpt.cache.store.os.access", lambda path, mode: False)
     fallback = cache_base(data, tmp_path / "fb")
     assert fallback.parent == tmp_path / "fb" and fallback.name.startswith("data-")
     assert cache_base(data, tmp_path / "fb") == fallback  # stable: the same data finds the same cache
@@ -119,7 +120,7 @@ def test_stage1_uses_and_completes_the_cache(cache_cfg, tiny_config, tmp_path, c
 
 
 def test_caption_store_is_created_by_stage2(cache_cfg, tiny_config, tmp_path):
-    from nextgpt.run import train
+    from nextgpt.cli.train import train
 
     cfg = tiny_config("stage=2", "trainer.max_steps=1", "init_from=null", "print_config=false")
     cfg.dataset.sources = OmegaConf.to_container(cache_cfg.dataset.sources)

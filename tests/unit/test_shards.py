@@ -30,7 +30,7 @@ REAL = {"image": "cc3m", "audio": "audiocap", "video": "webvid"}
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from datamodules.synthetic import write_synthetic
+    from nextgpt.tiny.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root, num_per_modality=4)

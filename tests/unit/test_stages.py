@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.datamodule import Collator, ConversationDataset
 from datamodules.nextgpt_layout import read_source
+from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.stages import STAGES
 
 LAYERS = (0, 1)  # the tiny LLM's decoder layers

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.synthetic import (
+from nextgpt.tiny.synthetic import (
     BACKGROUNDS,
     CAPTION_VOCABULARY,
     COLOURS,

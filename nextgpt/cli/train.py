@@ -10,8 +10,30 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from nextgpt.config import import_object, previous_bundle, resolve_batch, validate, validate_paths
-from nextgpt.runs import RunDir, RunError, sweep_tag
+from datamodules.datamodule import NextGPTDataModule
+from datamodules.prepare import source_signature
+from datamodules.shard_datamodule import ShardDataModule, shard_set
+from datamodules.sources import data_path_errors
+from nextgpt.config import (
+    import_object,
+    launch_rank,
+    previous_bundle,
+    resolve_batch,
+    validate,
+    validate_paths,
+)
+from nextgpt.runs import (
+    RunDir,
+    RunError,
+    bundle_root,
+    checkpoint_step,
+    choose_start,
+    report_other_runs,
+    run_identity,
+    run_key,
+    sweep_tag,
+)
+from nextgpt.tiny import build_all
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +41,6 @@ log = logging.getLogger(__name__)
 def prepare_backbones(cfg: DictConfig) -> None:
     """Build the tiny random backbones once, when the model config asks for them."""
     if cfg.model.get("build_tiny"):
-        from nextgpt.tiny import build_all
-
         build_all(Path(cfg.paths.backbones))
 
 
@@ -33,12 +53,8 @@ def denoise_targets(cfg: DictConfig) -> dict:
 
 
 def build_datamodule(cfg: DictConfig):
-    from datamodules.datamodule import NextGPTDataModule
-
     d = cfg.dataset
     if d.get("loader", "json") == "shards":
-        from datamodules.shard_datamodule import ShardDataModule
-
         return ShardDataModule(
             sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
             template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
@@ -101,9 +117,6 @@ def _finish_wandb() -> None:
 def data_signatures(cfg: DictConfig) -> dict[str, str]:
     """Signatures of the NExT-GPT JSON files the run reads (directly, or to write shards from):
     an edited data set is another run."""
-    from datamodules.prepare import source_signature
-    from datamodules.shard_datamodule import shard_set
-
     out = {}
     for src in cfg.dataset.sources:
         if src.get("root") and not src.get("urls") and Path(src.root).is_dir():
@@ -116,9 +129,6 @@ def prepare_run(cfg: DictConfig) -> tuple[RunDir, dict, str | None]:
     """Give the run its identity (a key over its training config), its checkpoint folder, its sweep
     tag and its bundle folder, and decide where it starts: (run, identity, checkpoint or None).
     Only global rank 0 changes files here; the other ranks reach the same decision."""
-    from nextgpt.config import launch_rank
-    from nextgpt.runs import bundle_root, choose_start, report_other_runs, run_identity, run_key
-
     init_from = previous_bundle(cfg)
     identity = run_identity(cfg, init_from, data=data_signatures(cfg))
     key = run_key(identity)
@@ -142,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
-    validate_paths(cfg)
+    validate_paths(cfg, data_path_errors(cfg, cfg.stage.task))
     run, identity, ckpt_path = prepare_run(cfg)  # may refuse (a finished run): before anything loads
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):
@@ -158,8 +168,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run.write(key=cfg.run.key, status="running", stage=int(cfg.stage.number), identity=identity,
                   resumed_from=ckpt_path, bundle=None)
     if ckpt_path:
-        from nextgpt.runs import checkpoint_step
-
         module.start_step = checkpoint_step(ckpt_path)  # what this run trains is counted from here
         log.info("resuming stage %s from %s (step %d)", cfg.stage.number, ckpt_path, module.start_step)
     try:

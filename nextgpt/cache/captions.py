@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from nextgpt.features import FeatureStore, caption_key
+from nextgpt.cache.store import FeatureStore, caption_key
 
 log = logging.getLogger(__name__)
 

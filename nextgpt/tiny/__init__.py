@@ -8,11 +8,11 @@ AudioLDMPipeline, TextToVideoSDPipeline), with real trained tokenizers, and save
 real weights. Every width differs from the others (LLM 64, SD text 32, CLAP projection 16, T2V text 40)
 so that tests can prove the project reads widths from the loaded configs instead of hard-coding them.
 
-Usage: ``python -m nextgpt.tiny --out DIR [--force]`` or :func:`build_all`.
+Usage: ``python -m nextgpt.tiny --out DIR [--force]`` (:mod:`nextgpt.tiny.__main__`) or :func:`build_all`.
+The synthetic data set these models are tested on is written by :mod:`nextgpt.tiny.synthetic`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import heapq
@@ -20,9 +20,7 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
-import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -429,7 +427,7 @@ def caption_conversations(rng: random.Random, n: int) -> list[str]:
     Why: the real Vicuna has read plenty of text like CC3M captions; the tiny one reads these.
     Media placeholders are left out (the base tokenizer has no <Img> token, like Vicuna's).
     """
-    from datamodules import synthetic as syn
+    from nextgpt.tiny import synthetic as syn
 
     def caption() -> str:
         kind = rng.random()
@@ -597,7 +595,12 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
     """
     import torch
     from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+    from transformers import (
+        ClapTextConfig,
+        ClapTextModelWithProjection,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+    )
 
     out = Path(out)
     tokenizer = build_roberta_tokenizer(seed)
@@ -810,30 +813,3 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return paths
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m nextgpt.tiny --out DIR [--force]``; prints each built path and its size."""
-    parser = argparse.ArgumentParser(description="Build random tiny NExT-GPT backbones for offline tests.")
-    parser.add_argument("--out", required=True, type=Path, help="cache folder to build into")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    args = parser.parse_args(argv)
-    cached = not args.force and is_complete(args.out)
-    t0 = time.perf_counter()
-    paths = build_all(args.out, force=args.force)
-    dt = time.perf_counter() - t0
-    print(f"tiny backbones v{TINY_BUILD_VERSION} {'(cached)' if cached else f'built in {dt:.1f}s'}")
-    for name, path in paths.items():
-        print(f"  {name:9s} {path}  {_du(path) / 1e6:.2f} MB")
-    print(f"  total     {_du(Path(args.out)) / 1e6:.2f} MB")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Feature caches of a data set: ImageBind features of every item and, for every caption, its
+embedding by each configured decoder's own text encoder.
+
+    python -m nextgpt.cache dataset=cc3m paths.data_root=DIR [model=nextgpt_7b_legacy]
+    torchrun --nproc-per-node 8 -m nextgpt.cache dataset=webvid cache.device=cuda
+
+Runs on the training config tree, so ``dataset=``, ``model=`` and ``paths.*`` mean what they
+mean for ``train.py``. Stages 1-3 find the caches by the same fingerprints and use them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from datamodules.caches import build_shard_caches, source_contents
+from datamodules.sources import data_path_errors
+from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
+from nextgpt.config import (
+    CONFIG_DIR,
+    ConfigError,
+    backbone_path_errors,
+    main_guard,
+    normalize_overrides,
+    register_resolvers,
+)
+from nextgpt.model import load_conditioners, load_encoder
+from nextgpt.tiny import build_all
+from nextgpt.tiny.synthetic import write_synthetic
+
+log = logging.getLogger(__name__)
+
+
+def build_caches(cfg) -> dict[str, int]:
+    """The ``python -m nextgpt.cache`` pass over every source of ``cfg.dataset``."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    fallback = Path(cfg.paths.cache_dir) / "features"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun -m nextgpt.cache
+    device = cfg.cache.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    what = set(cfg.cache.what)
+    encoder = load_encoder(model_cfg["encoder"]).to(device) if "media" in what else None
+    conditioners = load_conditioners(model_cfg) if "captions" in what else {}
+    report: dict[str, int] = {}
+    if cfg.dataset.get("loader", "json") == "shards":
+        return build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback, rank, world, device)
+    for source in OmegaConf.to_container(cfg.dataset.sources, resolve=True):
+        media, captions = source_contents(source)
+        if encoder is not None:
+            store = media_store(source, model_cfg["encoder"], fallback)
+            added = compute_media(store, media, encoder, source["modality"], batch_size=int(cfg.cache.batch_size),
+                                  dtype=cfg.cache.dtype)
+            report[str(store.directory)] = len(store)
+            log.info("%s: %d ImageBind features (%d new, %d failed) in %s", source["name"], len(store), added,
+                     len(store.failed), store.directory)
+        conditioner = conditioners.get(source["modality"])
+        if conditioner is not None:
+            store = caption_store(source, conditioner.to(device), fallback)
+            added = compute_captions(store, captions, conditioner, dtype=cfg.cache.dtype)
+            report[str(store.directory)] = len(store)
+            log.info("%s: %d caption embeddings (%d new) in %s", source["name"], len(store), added, store.directory)
+    return report
+
+
+def main() -> None:
+    register_resolvers()
+    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    config_dir = str(CONFIG_DIR)
+
+    @hydra.main(config_path=config_dir, config_name="cache", version_base="1.3")
+    @main_guard
+    def run(cfg) -> None:
+        if cfg.model.get("build_tiny"):
+            build_all(Path(cfg.paths.backbones))
+        errors = backbone_path_errors(cfg) + data_path_errors(cfg, "caption")
+        if errors:
+            raise ConfigError(errors)
+        if cfg.dataset.get("synthetic"):
+            write_synthetic(Path(cfg.dataset.synthetic.root), num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
+                            seed=int(cfg.dataset.synthetic.seed))
+        for directory, n in build_caches(cfg).items():
+            print(f"{n:8d}  {directory}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
