@@ -481,7 +481,7 @@ _SPECS: dict[str, _ModalitySpec] = {
         empty_shape=lambda c: (0, 1, c.image_size, c.image_size),
         describe=lambda c: (f"(B,1,{c.image_size},{c.image_size}) depth maps or "
                             f"(B,S,1,{c.image_size},{c.image_size}) stacks of them"),
-        pre_ln=False, add_bias_kv=False, drop_path_field="depth_drop_path", logit_scale=_DEPTH_LOGIT_SCALE,
+        pre_ln=False, add_bias_kv=True, drop_path_field="depth_drop_path", logit_scale=_DEPTH_LOGIT_SCALE,
     ),
 }
 assert tuple(_SPECS) == _KNOWN_MODALITIES

@@ -141,7 +141,7 @@ def _resize_size(w: int, h: int, size: int) -> tuple[int, int]:
 
 def _center_crop_offsets(w: int, h: int, size: int) -> tuple[int, int]:
     """torchvision ``CenterCrop(size)`` (left, top): ``int(round((s - size) / 2))``."""
-    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return round((w - size) / 2.0), round((h - size) / 2.0)  # round() of a float is an int
 
 
 def load_image(path: MediaSource, *, name: str | None = None) -> torch.Tensor:

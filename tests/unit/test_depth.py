@@ -137,7 +137,7 @@ def _attention_with_bias_kv(h: torch.Tensor, sd: dict[str, torch.Tensor], pre: s
     q, k, v = (h @ sd[pre + "in_proj_weight"].T + sd[pre + "in_proj_bias"]).split(d, dim=-1)
     k = torch.cat([k, sd[pre + "bias_k"].expand(b, 1, d)], dim=1)
     v = torch.cat([v, sd[pre + "bias_v"].expand(b, 1, d)], dim=1)
-    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
     q, k, v = split(q), split(k), split(v)
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
     out = (att @ v).transpose(1, 2).reshape(b, n, d)
