@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from nextgpt import modality as modality_registry
 from nextgpt.runs import RunError
 
 # group name -> predicate on a parameter name
@@ -164,7 +165,7 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "model.encoder": {"arch": hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16],
                           "weights": file_signature(encoder) if encoder.is_file() else None},
     }
-    for name, m in model_cfg["modalities"].items():
+    for name, m in modality_registry.generated(model_cfg["modalities"]).items():
         path = Path(str(m["decoder"]["path"]))
         out[f"model.modalities.{name}.decoder"] = {"index": _json_hash(path / "model_index.json"),
                                                    "text_encoder": _json_hash(path / "text_encoder" / "config.json")}
@@ -219,7 +220,7 @@ def load_bundle_config(directory: str | Path, *, weights: str | Path | None = No
 
 def backbone_keys(model_cfg) -> list[str]:
     return ["model.llm.path", "model.encoder.checkpoint",
-            *(f"model.modalities.{m}.decoder.path" for m in model_cfg.get("modalities", {}))]
+            *(f"model.modalities.{m}.decoder.path" for m in modality_registry.generated(model_cfg.get("modalities", {})))]
 
 
 def relocate_backbones(cfg, bundle: Path, *, weights: str | Path | None = None, backbones: str | Path | None = None) -> None:

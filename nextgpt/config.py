@@ -222,14 +222,16 @@ def _check_stage(c: _Checker) -> None:
     number = c.int_("stage.number")
     if number is not None and number not in STAGES:
         c.fail("stage.number", number, f"must be one of {list(STAGES)}")
-    module = c.str_("stage.module")
+    module = c.str_("stage.module._target_")
     if module:
         try:
             cls = import_object(module)
             if getattr(cls, "stage", None) != number:
-                c.fail("stage.module", module, f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}")
+                c.fail("stage.module._target_", module, f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}")
         except (ImportError, AttributeError, ValueError) as e:
-            c.fail("stage.module", module, f"can not be imported ({e})")
+            c.fail("stage.module._target_", module, f"can not be imported ({e})")
+    if c.get("stage.module._partial_") is not True:
+        c.fail("stage.module._partial_", c.get("stage.module._partial_"), "must be true (train.py passes the model and the bundle)")
     c.str_("stage.task", TASKS)
     c.int_("stage.batch_size", 1)
     c.float_("stage.optim.lr", 0.0, lo_open=True, hi=None)
@@ -287,6 +289,11 @@ def _check_model(c: _Checker) -> list[str]:
         key = f"model.modalities.{name}"
         if name not in known:
             c.fail(key, name, f"unknown modality; registered: {known}")
+            continue
+        if c.get(f"{key}.decoder") is None:  # input-only: read, never generated
+            if c.get(f"{key}.num_signal_tokens") not in (0, None):
+                c.fail(f"{key}.num_signal_tokens", c.get(f"{key}.num_signal_tokens"),
+                       "must be 0 for an input-only modality (decoder: null): nothing decodes its signal tokens")
             continue
         c.int_(f"{key}.num_signal_tokens", 1)
         c.str_(f"{key}.decoder.path")
@@ -381,6 +388,23 @@ def _check_trainer(c: _Checker) -> None:
         c.float_("trainer.gradient_clip_val", 0.0, hi=None)
 
 
+# loggers whose package is an optional extra: the packages any one of which they need, and the extra
+OPTIONAL_LOGGERS = {"TensorBoardLogger": (("tensorboard", "tensorboardX"), "pip install -e .[tensorboard]")}
+
+
+def _check_loggers(c: _Checker) -> None:
+    """A logger whose package is not installed is named before anything loads (Lightning would
+    fail when the trainer is built, after the data and the model)."""
+    for name, node in (c.mapping("logger") or {}).items():
+        if not isinstance(node, Mapping) or "_target_" not in node:
+            continue
+        cls = str(node["_target_"]).rpartition(".")[2]
+        if cls in OPTIONAL_LOGGERS:
+            packages, how = OPTIONAL_LOGGERS[cls]
+            if not any(importlib.util.find_spec(p) is not None for p in packages):
+                c.fail(f"logger.{name}._target_", node["_target_"], f"needs {' or '.join(packages)}, not installed ({how})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every key a run uses; raise ``ConfigError`` listing all faults. Loads nothing."""
     c = _Checker(cfg, [])
@@ -390,6 +414,7 @@ def validate(cfg: DictConfig) -> None:
     _check_strategy(c)
     c.int_("seed", 0)
     _check_trainer(c)
+    _check_loggers(c)
     resume = c.get("resume")
     if not isinstance(resume, (bool, str)) or (isinstance(resume, str) and not resume):
         c.fail("resume", resume, "must be true, false, or a run folder / checkpoint to continue from")
@@ -488,7 +513,8 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
     """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
     after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
     checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
-    checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json") for n, m in cfg.model.modalities.items()]
+    checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json")
+               for n, m in modality_registry.generated(cfg.model.modalities).items()]
     errors = []
     for key, path, inner in checks:
         target = Path(path) / inner if inner else Path(path)

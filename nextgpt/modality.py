@@ -1,8 +1,10 @@
 """The modality registry: everything that differs between image, audio and video lives here.
 
-No other module branches on a modality name. Adding a modality (depth maps, say) means one
-``register(Modality(...))`` call with its loader and writer, one decoder entry in the model
-config and one dataset YAML.
+No other module branches on a modality name. Adding a modality means one file in
+``nextgpt/modalities/`` (a ``register(Modality(...))`` call with its loader, and its writer when it
+is generated), found by :func:`_register_plugins`, one ``model.modalities`` entry (a decoder, or
+``decoder: null`` for an input-only modality) and one dataset YAML; ``nextgpt/modalities/depth.py``
+is the example.
 """
 from __future__ import annotations
 
@@ -105,6 +107,13 @@ def get(name: str) -> Modality:
 
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+def generated(modalities_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The configured modalities (``model.modalities``) the model generates: those with a decoder.
+    An input-only modality (``decoder: null``, ``num_signal_tokens: 0``) is read through its
+    ImageBind trunk and never generated: it has markers, no signal tokens, no output projector."""
+    return {name: m for name, m in modalities_cfg.items() if m.get("decoder") is not None}
 
 
 # --- loaders: ImageBind preprocessing (imported lazily: they pull in PyAV / soundfile) -------
@@ -247,3 +256,19 @@ VIDEO = register(
         pipeline_output="frames", loader=_load_video, writer=_write_mp4, target_loader=_target_video,
     )
 )
+
+
+def _register_plugins() -> None:
+    """Register the modalities of ``nextgpt/modalities/*.py``, one file each, in name order (after
+    the built-in three, whose order fixes the token layout of existing bundles). Imported by name
+    (a plugin imports this module, so this module can not import it at the top)."""
+    import importlib
+    import pkgutil
+
+    import nextgpt.modalities as plugins
+
+    for info in sorted(pkgutil.iter_modules(plugins.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{plugins.__name__}.{info.name}")
+
+
+_register_plugins()

@@ -88,7 +88,9 @@ class NextGPT(nn.Module):
 
     def encode_media(self, media: Mapping[str, torch.Tensor], *, every_modality: bool = False) -> dict[str, torch.Tensor]:
         """modality -> (N, num_media_tokens, H): frozen ImageBind, then the trainable projector."""
-        names = self.modality_names if every_modality else tuple(media)
+        # the generated modalities on zero rows (see above) and whatever the batch holds (input-only
+        # modalities share the input projector, so skipping them when absent leaves nothing unused)
+        names = tuple(dict.fromkeys([*(self.modality_names if every_modality else ()), *media]))
         feats = {}
         for name in names:
             trunk = modality_registry.get(name).encoder_modality
@@ -101,7 +103,7 @@ class NextGPT(nn.Module):
                          every_modality: bool = False) -> dict[str, torch.Tensor]:
         """ImageBind features (fresh or cached) -> (N, num_media_tokens, H)."""
         weight = self.input_projector.proj.weight
-        names = self.modality_names if every_modality else tuple(features)
+        names = tuple(dict.fromkeys([*(self.modality_names if every_modality else ()), *features]))
         out = {}
         for name in names:
             f = features[name] if name in features else weight.new_zeros(0, self.encoder.embed_dim)
@@ -201,14 +203,21 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 def load_conditioners(model_cfg: Mapping[str, Any]) -> dict[str, TextConditioner]:
     return {
         name: TextConditioner(m["decoder"]["path"], m["decoder"]["conditioning"])
-        for name, m in model_cfg["modalities"].items()
+        for name, m in modality_registry.generated(model_cfg["modalities"]).items()
     }
 
 
-def load_encoder(encoder_cfg: Mapping[str, Any]) -> nn.Module:
+def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> nn.Module:
+    """The frozen ImageBind with the branches its config names plus those ``modalities`` (registry
+    names) are encoded by: a model configured with depth maps builds the depth trunk."""
+    import dataclasses
+
     from nextgpt.encoders.imagebind import ImageBindConfig, load_imagebind
 
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
+    trunks = {modality_registry.get(m).encoder_modality for m in modalities}
+    if not trunks <= set(arch.modalities):
+        arch = dataclasses.replace(arch, modalities=(*arch.modalities, *sorted(trunks - set(arch.modalities))))
     return load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
 
 
@@ -221,7 +230,7 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
 
     tokenizer, layout = load_tokenizer(model_cfg)
     llm = AutoModelForCausalLM.from_pretrained(str(model_cfg["llm"]["path"]), dtype=torch_dtype(model_cfg["llm"]["dtype"]))
-    encoder = load_encoder(model_cfg["encoder"])
+    encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
     conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
     model = NextGPT(
         llm, encoder, layout,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights, set_trainable
 from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
 from nextgpt.prompts import IGNORE_INDEX
@@ -173,7 +174,7 @@ class NextGPTStage(L.LightningModule):
         if float(self.loss_cfg.get("denoise", 0.0)) <= 0:
             return {}
         out = {}
-        for name, m in self.model_cfg["modalities"].items():
+        for name, m in modality_registry.generated(self.model_cfg["modalities"]).items():
             dec = m["decoder"]
             if dec.get("denoise"):
                 out[name] = DenoisingObjective(dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32")))

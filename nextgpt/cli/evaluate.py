@@ -11,6 +11,7 @@ import logging
 import math
 from pathlib import Path
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -33,6 +34,18 @@ def evaluate(cfg: DictConfig) -> dict:
     return run_benchmark(cfg)
 
 
+def heldout_datamodule(d: DictConfig, task: str, model_cfg: dict, template: str, batch_size: int) -> NextGPTDataModule:
+    """The dataset's own ``datamodule`` node with the bundle's prompt template; a shard dataset's
+    samples are read from the NExT-GPT layout they are written from (in their JSON order, so
+    ``limit=N`` is the same N samples on every run)."""
+    node = d.datamodule
+    if d.get("loader", "json") != "json":
+        node = {"_target_": "datamodules.datamodule.NextGPTDataModule", "sources": d.sources, "max_length": d.max_length,
+                "num_workers": d.num_workers, "feature_cache": d.feature_cache}
+    return hydra.utils.instantiate(node, task=task, model=model_cfg, template=template, batch_size=batch_size, seed=0,
+                                   _convert_="all")
+
+
 def heldout_loss(cfg: DictConfig) -> dict:
     bundle = stage_bundle(cfg)
     run = load_bundle_config(bundle)
@@ -44,12 +57,7 @@ def heldout_loss(cfg: DictConfig) -> dict:
     module.configure_model()
     module.to(cfg.device).eval()
     d = cfg.dataset
-    dm = NextGPTDataModule(
-        sources=OmegaConf.to_container(d.sources, resolve=True), task=task, model=model_cfg,
-        template=run.model.llm.template, batch_size=int(cfg.batch_size), num_workers=int(d.num_workers),
-        max_length=int(d.max_length), seed=0,
-        synthetic=OmegaConf.to_container(d.synthetic, resolve=True) if d.get("synthetic") else None,
-    )
+    dm = heldout_datamodule(d, task, model_cfg, run.model.llm.template, int(cfg.batch_size))
     dm.prepare_data()
     dm.setup("validate")
     if cfg.limit is not None:

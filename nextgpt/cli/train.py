@@ -10,12 +10,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.datamodule import NextGPTDataModule
 from datamodules.prepare import source_signature
-from datamodules.shard_datamodule import ShardDataModule, shard_set
+from datamodules.shard_datamodule import shard_set
 from datamodules.sources import data_path_errors
+from nextgpt import modality as modality_registry
 from nextgpt.config import (
-    import_object,
     launch_rank,
     previous_bundle,
     resolve_batch,
@@ -49,34 +48,21 @@ def denoise_targets(cfg: DictConfig) -> dict:
     if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
         return {}
     return {name: OmegaConf.to_container(m.decoder.generate, resolve=True)
-            for name, m in cfg.model.modalities.items() if m.decoder.get("denoise")}
+            for name, m in modality_registry.generated(cfg.model.modalities).items() if m.decoder.get("denoise")}
 
 
-def build_datamodule(cfg: DictConfig):
-    d = cfg.dataset
-    if d.get("loader", "json") == "shards":
-        return ShardDataModule(
-            sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
-            template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
-            seed=cfg.seed, shards_root=cfg.paths.shards, shuffle=bool(d.get("shuffle", True)),
-            shard_size=int(d.get("shard_size", 1000)), max_skip_fraction=float(d.get("max_skip_fraction", 0.1)),
-            cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
-            source_changed=str(d.get("source_changed", "rewrite")),
-            feature_cache=bool(d.get("feature_cache", True)), mix=str(d.get("mix", "weighted")),
-        )
-    return NextGPTDataModule(
-        sources=OmegaConf.to_container(d.sources), task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
-        template=d.template, batch_size=d.batch_size, num_workers=d.num_workers, max_length=d.max_length,
-        val_fraction=d.val_fraction, seed=cfg.seed,
-        synthetic=OmegaConf.to_container(d.synthetic) if d.get("synthetic") else None,
-        feature_cache=bool(d.get("feature_cache", True)), cache_fallback=str(Path(cfg.paths.cache_dir) / "features"),
-        denoise_targets=denoise_targets(cfg),
-    )
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's task and model."""
+    extra = {"denoise_targets": denoise_targets(cfg)} if cfg.dataset.get("loader", "json") == "json" else {}
+    return hydra.utils.instantiate(cfg.dataset.datamodule, task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
+                                   _convert_="all", **extra)
 
 
-def build_module(cfg: DictConfig, init_from: str | None):
-    cls = import_object(cfg.stage.module)
-    return cls(
+def build_module(cfg: DictConfig, init_from: str | None) -> L.LightningModule:
+    """``stage.module`` (a partial LightningModule) given the model, the optimizer, the loss and
+    the bundle it starts from."""
+    factory = hydra.utils.instantiate(cfg.stage.module)
+    return factory(
         model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
         loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,
         sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,

@@ -54,6 +54,7 @@ _MLP_RATIO = 4
 # modules are created in, so a vision+audio model draws the same random init as before depth existed).
 _KNOWN_MODALITIES = ("vision", "audio", "depth")
 _DEFAULT_MODALITIES = ("vision", "audio")
+BRANCHES = _KNOWN_MODALITIES  # every branch this module can build (a checkpoint may hold them all)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -735,13 +735,23 @@ def imagebind_fingerprint() -> str:
 
     from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
 
-    cfg = ImageBindConfig.tiny()
+    cfg = tiny_imagebind_config()
     try:
         with torch.device("meta"):
             layout = sorted((k, tuple(v.shape)) for k, v in ImageBindModel(cfg).state_dict().items())
     except Exception:  # a model that can not be built on meta: fall back to its config
         layout = [("config", repr(cfg))]
     return hashlib.sha1(repr(layout).encode()).hexdigest()[:12]
+
+
+def tiny_imagebind_config():
+    """The tiny ImageBind with every branch, as ``imagebind_huge.pth`` holds every branch: a model
+    config that reads depth maps builds the depth trunk and finds its weights in the same file."""
+    import dataclasses
+
+    from nextgpt.encoders.imagebind import BRANCHES, ImageBindConfig
+
+    return dataclasses.replace(ImageBindConfig.tiny(), modalities=BRANCHES)
 
 
 def _marker_text() -> str:
@@ -770,7 +780,7 @@ def _build_imagebind(path: Path, seed: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = ImageBindModel(ImageBindConfig.tiny())
+    model = ImageBindModel(tiny_imagebind_config())
     torch.save(model.state_dict(), path)
 
 

@@ -109,7 +109,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 
 def test_library_never_imports_the_data_side_or_callbacks():
     graph = import_graph(module_files())
-    assert "nextgpt.cli.train" in graph and graph["nextgpt.cli.train"] & {"datamodules.datamodule"}  # the check sees
+    assert any(t.startswith("datamodules.") for t in graph["nextgpt.cli.train"])  # the graph sees the wiring
     assert layer_violations(graph) == []
 
 
