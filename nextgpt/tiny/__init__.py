@@ -733,7 +733,7 @@ def imagebind_fingerprint() -> str:
 
     import torch
 
-    from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+    from nextgpt.encoders.imagebind import ImageBindModel
 
     cfg = tiny_imagebind_config()
     try:
@@ -776,7 +776,7 @@ def is_complete(out: Path) -> bool:
 def _build_imagebind(path: Path, seed: int) -> None:
     import torch
 
-    from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel  # written by another module
+    from nextgpt.encoders.imagebind import ImageBindModel  # written by another module
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
