@@ -3,7 +3,7 @@ nothing loaded or allocated) and for the tiny demo bundles on disk.
 
     .venv/bin/python benchmarks/bundle_size.py [--bundles bundles]
 
-The 7B numbers below are Vicuna-7B's and the legacy decoders' published configs (REFERENCE.md);
+The 7B numbers below are Vicuna-7B's and the legacy decoders' published configs;
 the model code itself reads them from the loaded configs.
 """
 from __future__ import annotations

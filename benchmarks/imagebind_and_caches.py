@@ -82,7 +82,7 @@ def main() -> None:
         del model
 
     # tiny stage-1 / stage-2 epochs with and without the caches, on a private copy of the data
-    from datamodules.datamodule import NextGPTDataModule
+    from datamodules.json_datamodule import NextGPTDataModule
     from nextgpt.cli.cache import build_caches
     from nextgpt.config import compose
     from nextgpt.stages import Stage1EncodingAlignment, Stage2DecodingAlignment

@@ -22,12 +22,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.datamodule import trainer_topology
+from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
@@ -52,7 +51,7 @@ def source_shards(src: Mapping[str, Any], task: str, shards_root: str | Path) ->
     return sorted(folder.glob(f"{src['name']}-{shard_set(task)}-*.tar")) if folder.is_dir() else []
 
 
-class ShardDataModule(L.LightningDataModule):
+class ShardDataModule(SourceDataModule):
     """Training batches from the shard stream, split over ranks x workers by sample.
 
     The stream has no end of its own (pass after pass, reshuffled per pass); an epoch is
@@ -60,9 +59,6 @@ class ShardDataModule(L.LightningDataModule):
     same number of steps even when bad samples are skipped unevenly, and any number of shards
     serves any number of ranks and workers (samples, not shards, are split).
     """
-
-    # shards are written once, by global rank 0 (a cluster's nodes usually share the file system)
-    prepare_data_per_node = False
 
     def __init__(
         self,
@@ -84,20 +80,15 @@ class ShardDataModule(L.LightningDataModule):
         feature_cache: bool = True,
         mix: str = "weighted",
     ):
-        super().__init__()
+        super().__init__(sources, task, model, template, batch_size, num_workers, max_length, seed, feature_cache,
+                         cache_fallback)
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
-        self.feature_cache = feature_cache
         self.mix = mix
-        self.sources = [dict(s) for s in sources]
-        self.task, self.model_cfg, self.template = task, model, template
-        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
-        self.seed, self.shards_root, self.shuffle, self.shard_size = seed, shards_root, shuffle, shard_size
+        self.shards_root, self.shuffle, self.shard_size = shards_root, shuffle, shard_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.stream: ShardStream | None = None
-        self.conversations_by_source: list = []  # streamed: caption targets are computed as they come
-        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go
         self._pending_state: dict | None = None
         self.progress = EpochProgress()
 
@@ -256,13 +247,8 @@ class ShardDataModule(L.LightningDataModule):
             batch["skipped_by_reason"] = reasons
             if self.trainer is None or self.trainer.training:
                 self.stream.mark_consumed(positions)
-        if self.trainer is not None and self.trainer.training:
-            self.progress.consumed += 1
+        self.count_delivered()  # a Lightning epoch is a number of batches; the stream runs on across epochs
         return batch
-
-    def set_epoch(self, epoch: int) -> None:
-        """A Lightning epoch is a number of batches; the stream runs on across epochs."""
-        self.progress.start(epoch)
 
     def skipped_before_training(self) -> tuple[Counter, int]:
         """(samples the shard writer dropped, by reason, e.g. media files that were missing; all

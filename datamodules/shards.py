@@ -41,7 +41,7 @@ pass (Lightning: ``on_train_epoch_start``).
 **Bad samples** (unreadable or mistyped JSON, missing or empty caption, missing media member,
 undecodable media, placeholder mismatch) are skipped, counted by reason in ``skipped``, and logged
 with ``shard:key``; the next good sample follows. Media decoding belongs to the stream when a
-``transform`` is given (e.g. :func:`decode_media`, or the lead's tokenise-and-decode function):
+``transform`` is given (e.g. the data module's tokenise-and-decode function):
 :class:`~nextgpt.encoders.preprocess.MediaDecodeError` and :class:`SkipSample` raised by it count
 as skips too. Code that decodes elsewhere calls :meth:`ShardStream.record_skip`. Past
 ``min_samples`` seen, a skipped fraction above ``max_skip_fraction`` raises :class:`TooManySkipped`.
@@ -51,7 +51,6 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -132,22 +131,6 @@ class ShardSample:
     def where(self) -> str:
         return f"{self.shard}:{self.key}"
 
-    def decode_media(self) -> list[tuple[str, torch.Tensor]]:
-        """Input media as encoder tensors, decoded from memory; errors name ``shard:member``."""
-        out = []
-        for name, member in self.conversation.media_in:
-            data = self.media.get(member)
-            if data is None:
-                raise SkipSample("missing media member", member)
-            buf = io.BytesIO(data)
-            buf.name = f"{self.shard}:{member}"
-            out.append((name, modality_registry.get(name).loader(buf)))  # the preprocess loaders take file objects
-        return out
-
-
-def decode_media(sample: ShardSample) -> list[tuple[str, torch.Tensor]]:
-    """A ready ``transform``: decoding in the stream turns broken media into counted skips."""
-    return sample.decode_media()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The decoding-side denoising loss (REFERENCE.md section 5; optional, weighted).
+"""The decoding-side denoising loss (optional, weighted by stage.loss.denoise).
 
 The target media is encoded to latents by the decoder's own frozen VAE, noised at a random
 timestep by the decoder's noise schedule, and the frozen UNet, conditioned on the output

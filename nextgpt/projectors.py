@@ -22,7 +22,7 @@ class InputProjector(nn.Module):
 
 
 class OutputProjector(nn.Module):
-    """Signal-token hidden states -> a diffusion decoder's text conditioning (REFERENCE.md section 4).
+    """Signal-token hidden states -> a diffusion decoder's text conditioning.
 
     Linear(LLM width -> d_model), a ``torch.nn.Transformer`` whose decoder reads ``out_seq``
     learnable queries, then Linear(d_model -> decoder width).

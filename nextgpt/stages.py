@@ -14,52 +14,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights, set_trainable
+from nextgpt.losses import alignment_sum, caption_loss_sum, count_keys, modality_mean
 from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
-from nextgpt.prompts import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-
-def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over the labelled (answer) positions; divided by their count
-    (``counts["tokens"]`` of the whole step) it is the step's mean."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Legacy NExT-GPT alignment of one modality, summed over its groups: per group the mean over
-    conditioning tokens of the L2 distance to the target. Zero groups give an exact 0 (that
-    keeps the projector in the graph)."""
-    if target is None:
-        target = torch.zeros_like(pred)
-    if target.shape != pred.shape:
-        raise ValueError(f"alignment targets {tuple(target.shape)} do not match the projector output {tuple(pred.shape)}")
-    return (pred.float() - target.to(pred.device).float()).norm(dim=-1).mean(-1).sum()
-
-
-def modality_mean(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], kind: str,
-                  zero: torch.Tensor) -> torch.Tensor:
-    """Per modality, ``sums[m]`` over its groups divided by the step's count of them
-    (``counts[f"{kind}/{m}"]``), averaged over the modalities the step holds at all."""
-    present = [k for k, n in counts.items() if k.startswith(f"{kind}/") and n > 0]
-    total = sum((v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0) for m, v in sums.items()), zero)
-    return total / max(len(present), 1)
-
-
-def count_keys(modalities: Iterable[str]) -> list[str]:
-    """The normalising counts of a step, in a fixed order (what ranks sum with one all-reduce)."""
-    names = list(modalities)
-    return ["tokens", *(f"align/{m}" for m in names), *(f"denoise/{m}" for m in names)]
 
 
 @contextlib.contextmanager
@@ -347,7 +313,3 @@ class Stage3InstructionTuning(NextGPTStage):
 
 
 STAGES: dict[int, type[NextGPTStage]] = {cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)}
-
-
-def bundle_dir(bundles_root: str | Path, stage: int) -> Path:
-    return Path(bundles_root) / f"stage{stage}"

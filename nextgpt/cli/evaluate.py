@@ -16,10 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from datamodules.datamodule import NextGPTDataModule
+from datamodules.json_datamodule import NextGPTDataModule
 from nextgpt.bundles import load_bundle_config
 from nextgpt.config import ConfigError
-from nextgpt.evaluation import KINDS, run_benchmark, stage_bundle
+from nextgpt.evaluation.tasks import KINDS, run_benchmark, stage_bundle
 from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def heldout_datamodule(d: DictConfig, task: str, model_cfg: dict, template: str,
     ``limit=N`` is the same N samples on every run)."""
     node = d.datamodule
     if d.get("loader", "json") != "json":
-        node = {"_target_": "datamodules.datamodule.NextGPTDataModule", "sources": d.sources, "max_length": d.max_length,
+        node = {"_target_": "datamodules.json_datamodule.NextGPTDataModule", "sources": d.sources, "max_length": d.max_length,
                 "num_workers": d.num_workers, "feature_cache": d.feature_cache}
     return hydra.utils.instantiate(node, task=task, model=model_cfg, template=template, batch_size=batch_size, seed=0,
                                    _convert_="all")

@@ -55,7 +55,6 @@ __all__ = [
     "load_audio",
     "load_depth",
     "load_image",
-    "load_media",
     "load_video",
     "resample",
 ]
@@ -1031,9 +1030,3 @@ def load_video(path: MediaSource, *, name: str | None = None, num_clips: int = 5
 
 
 # --------------------------------------------------------------------------------------------------
-def load_media(modality: str, path: MediaSource, *, name: str | None = None) -> torch.Tensor:
-    """Dispatch on the dataset modality name: "image" | "audio" | "video" | "depth" with the defaults above."""
-    loaders = {"image": load_image, "audio": load_audio, "video": load_video, "depth": load_depth}
-    if modality not in loaders:
-        raise ValueError(f"unknown media modality {modality!r}; expected one of {sorted(loaders)}")
-    return loaders[modality](path, name=name)

@@ -39,7 +39,8 @@ def main(stage: int, out: Path, cache: Path) -> None:
     from nextgpt.batch import collate_conversations
     from nextgpt.bundles import bundle_state_dict
     from nextgpt.config import compose
-    from nextgpt.stages import STAGES, count_keys
+    from nextgpt.losses import count_keys
+    from nextgpt.stages import STAGES
     from nextgpt.strategies import WrapByClassName, shard_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from nextgpt.benchmarks import BenchmarkError, read_benchmark
+from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
 from tests.conftest import REPO_ROOT
 
 TASKS = ("t2i_coco", "t2a_audiocaps", "t2v_msrvtt", "i2t_coco", "a2t_audiocaps", "v2t_msrvtt")
@@ -235,7 +235,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # =====================================================================================================
 @pytest.mark.slow
 def test_batched_generation_matches_chat(bundle, tiny_cache, tmp_path):
-    from nextgpt.benchmarks.generation import BatchedGenerator, Request
+    from nextgpt.evaluation.batched import BatchedGenerator, Request
     from nextgpt.generate import Generator
 
     prompt = "Please make an image of a red circle at the top left on a black background"
@@ -263,9 +263,9 @@ GENERATION_PROMPT = {"t2i_coco": "image", "t2a_audiocaps": "audio", "t2v_msrvtt"
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_task_end_to_end(task, bundle, data_root, feature_nets, tiny_cache, tmp_path):
-    from nextgpt.benchmarks import read_benchmark as read
     from nextgpt.config import compose
-    from nextgpt.evaluation import task_prompt
+    from nextgpt.evaluation.readers import read_benchmark as read
+    from nextgpt.evaluation.tasks import task_prompt
 
     cfg = compose([f"task={task}", f"paths.data_root={data_root}"], config_name="evaluate", output_dir=str(tmp_path))
     samples = read(cfg.task.benchmark.reader, cfg.task.benchmark.root, **cfg.task.benchmark.options)

@@ -19,8 +19,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nextgpt.benchmarks import READERS
 from nextgpt.config import CONFIG_DIR, ConfigError, compose, validate
+from nextgpt.evaluation.readers import READERS
 
 # groups of train.yaml; evaluate.yaml's own group is task/ (below); base/ holds shared dataset keys
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"base", "hydra", "task"})

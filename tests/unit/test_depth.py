@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nextgpt import modality as modality_registry
 from nextgpt.encoders.imagebind import (
     ImageBindCheckpointError,
     ImageBindConfig,
@@ -25,7 +26,6 @@ from nextgpt.encoders.preprocess import (
     KINECT_FOCAL_LENGTH,
     MediaDecodeError,
     load_depth,
-    load_media,
 )
 
 DEPTH_LOGIT_SCALE = 5.0  # LearnableLogitScaling(logit_scale_init=5.0, learnable=False) in Meta's model
@@ -248,8 +248,8 @@ def test_sixteen_bit_png_is_metric_depth_in_millimetres(tmp_path: Path) -> None:
     buf = io.BytesIO()
     np.save(buf, depth_mm.astype(np.float32)[None] / 1000.0)
     torch.testing.assert_close(load_depth(buf.getvalue(), name="depth.npy"), x, atol=1e-4, rtol=0)
-    # and load_media dispatches "depth" here
-    assert torch.equal(load_media("depth", path), x)
+    # and the registry's depth modality reads it so
+    assert torch.equal(modality_registry.get("depth").load(path), x)
 
 
 def test_eight_bit_png_is_relative_disparity(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_fingerprint_follows_the_weights(tiny_cache, tmp_path):
 
 
 def test_stage1_uses_and_completes_the_cache(cache_cfg, tiny_config, tmp_path, caplog):
-    from datamodules.datamodule import NextGPTDataModule
+    from datamodules.json_datamodule import NextGPTDataModule
     from nextgpt.stages import Stage1EncodingAlignment
 
     build_caches(cache_cfg)

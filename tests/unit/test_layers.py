@@ -24,8 +24,11 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def imported_names(name: str, path: Path) -> set[str]:
-    """Every module name an ``import`` anywhere in the file refers to (relative imports resolved)."""
+def imported_names(name: str, path: Path, files: dict[str, Path]) -> set[str]:
+    """Every module name an ``import`` anywhere in the file refers to (relative imports resolved).
+    ``from pkg import a, b`` where both are modules names the modules only: the package's
+    ``__init__`` runs before any of its modules anyway, so it is no edge of its own (else every
+    package that imports its own modules would be a "cycle")."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
@@ -36,22 +39,25 @@ def imported_names(name: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+            members = {f"{base}.{a.name}" for a in node.names}
+            found.update(members)
+            if not members <= set(files):
+                found.add(base)
     return found
+
+
+def resolve(target: str, files: dict[str, Path]) -> str:
+    """The longest module prefix of an imported name (``pkg.mod.func`` -> ``pkg.mod``)."""
+    while target and target not in files:
+        target = target.rpartition(".")[0]
+    return target
 
 
 def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the project modules it imports (a name resolves to its longest module prefix)."""
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
-        targets = set()
-        for target in imported_names(name, path):
-            while target and target not in files:
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                targets.add(target)
-        graph[name] = targets
+        graph[name] = {resolve(t, files) for t in imported_names(name, path, files)} - {"", name}
     return graph
 
 
@@ -153,3 +159,15 @@ def test_the_cycle_check_catches_a_cycle_through_a_lazy_import(tmp_path):
     files["pkg"] = tmp_path / "__init__.py"
     files["pkg"].write_text("")
     assert cycles(import_graph(files)) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_a_package_importing_its_own_modules_is_no_cycle(tmp_path):
+    """``pkg/__init__`` re-exports ``pkg.a``, and ``pkg.a`` does ``from pkg import b``: the package
+    runs first either way, so this is no cycle; ``from pkg import name_in_init`` is one."""
+    (tmp_path / "__init__.py").write_text("from pkg.a import f\n")
+    (tmp_path / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "b.py").write_text("")
+    files = {"pkg": tmp_path / "__init__.py", "pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"}
+    assert cycles(import_graph(files)) == []
+    (tmp_path / "b.py").write_text("from pkg import f\n")
+    assert cycles(import_graph(files)) == [["pkg", "pkg.a", "pkg.b"]]

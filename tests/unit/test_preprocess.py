@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nextgpt import modality as modality_registry
 from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
 from nextgpt.encoders.preprocess import (
     CLIP_MEAN,
@@ -23,7 +24,6 @@ from nextgpt.encoders.preprocess import (
     kaldi_fbank,
     load_audio,
     load_image,
-    load_media,
     load_video,
     resample,
 )
@@ -269,15 +269,15 @@ def _damaged(tmp_path: Path) -> dict[str, tuple[str, Path]]:
 def test_damaged_files_raise_media_decode_error(tmp_path: Path) -> None:
     for kind, (modality, path) in _damaged(tmp_path).items():
         with pytest.raises(MediaDecodeError) as e:
-            load_media(modality, path)
+            modality_registry.get(modality).load(path)
         assert str(path) in str(e.value), kind
         assert e.value.path == str(path) and e.value.reason, kind
         assert isinstance(e.value, ValueError)
     for modality in ("image", "audio", "video"):
         with pytest.raises(MediaDecodeError, match="does not exist"):
-            load_media(modality, tmp_path / "missing.bin")
-    with pytest.raises(ValueError, match="modality"):
-        load_media("thermal", tmp_path / "x")
+            modality_registry.get(modality).load(tmp_path / "missing.bin")
+    with pytest.raises(KeyError, match="unknown modality 'thermal'"):
+        modality_registry.get("thermal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_real_samples_encode(sample_root: Path, tiny_model: ImageBindModel, data
     assert names, f"{dataset}.json lists no {key}"
     scale = 20.0 if modality == "audio" else 1.0
     for name in names:
-        x = load_media(media, sample_root / dataset / folder / name)
+        x = modality_registry.get(media).load(sample_root / dataset / folder / name)
         assert torch.isfinite(x).all(), name
         with torch.no_grad():
             emb = tiny_model.encode(modality, x[None])

@@ -10,35 +10,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.nextgpt_layout import read_source
-from datamodules.steps import EpochProgress, StepSampler, StepWindows
+from datamodules.steps import StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)
 
 
-def trainer_topology(trainer) -> tuple[int, int, int]:
-    """(global rank, world size, accumulate_grad_batches) of ``trainer``; one process without one."""
-    if trainer is None:
-        return 0, 1, 1
-    return int(trainer.global_rank), int(trainer.world_size), int(trainer.accumulate_grad_batches)
-
-
-class NextGPTDataModule(L.LightningDataModule):
+class NextGPTDataModule(SourceDataModule):
     """Sources in the NExT-GPT layout, read for one task (caption / generate / instruct).
 
     Training batches are split over the ranks by :class:`~datamodules.steps.StepSampler` and
     grouped by optimizer step (:class:`~datamodules.steps.StepWindows`); the batches a run has
     consumed go into its checkpoints, so a resumed run continues with exactly the next ones.
     """
-
-    # files are written once, by global rank 0 (a cluster's nodes usually share the file system)
-    prepare_data_per_node = False
 
     def __init__(
         self,
@@ -56,20 +46,14 @@ class NextGPTDataModule(L.LightningDataModule):
         cache_fallback: str | None = None,
         denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
     ):
-        super().__init__()
-        self.sources = [dict(s) for s in sources]
-        self.task, self.model_cfg, self.template = task, model, template
-        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
-        self.val_fraction, self.seed = val_fraction, seed
+        super().__init__(sources, task, model, template, batch_size, num_workers, max_length, seed, feature_cache,
+                         cache_fallback)
+        self.val_fraction = val_fraction
         self.synthetic = dict(synthetic) if synthetic else None
-        self.feature_cache = feature_cache
         self.denoise_targets = dict(denoise_targets or {})
-        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")
-        self.conversations_by_source: list[tuple[dict, list[Conversation]]] = []
         self.train_set: ConversationDataset | None = None
         self.val_set: ConversationDataset | None = None
         self.skipped_entries: Counter = Counter()
-        self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
         if self.synthetic:
@@ -165,16 +149,12 @@ class NextGPTDataModule(L.LightningDataModule):
         )
         return StepWindows(loader, accumulate, progress=self.progress)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.progress.start(epoch)
-
     def skipped_before_training(self) -> tuple[Counter, int]:
         """(entries dropped while reading the JSON files, by reason; entries read in all)."""
         return Counter(self.skipped_entries), len(self.train_set or ()) + sum(self.skipped_entries.values())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            self.progress.consumed += 1
+        self.count_delivered()
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -183,7 +163,6 @@ class NextGPTDataModule(L.LightningDataModule):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "progress" in state:
             self.progress.load_state_dict(dict(state["progress"]))
-
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

@@ -1,0 +1,47 @@
+"""What the two data modules share: sources of one task read for one model, delivered as batches
+of the collator contract (:mod:`nextgpt.batch`), with an epoch progress that checkpoints carry
+so a resumed run continues with exactly the next batches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+
+from datamodules.steps import EpochProgress
+
+
+def trainer_topology(trainer) -> tuple[int, int, int]:
+    """(global rank, world size, accumulate_grad_batches) of ``trainer``; one process without one."""
+    if trainer is None:
+        return 0, 1, 1
+    return int(trainer.global_rank), int(trainer.world_size), int(trainer.accumulate_grad_batches)
+
+
+class SourceDataModule(L.LightningDataModule):
+    """Base of :class:`~datamodules.json_datamodule.NextGPTDataModule` (the NExT-GPT JSON layout) and
+    :class:`~datamodules.shard_datamodule.ShardDataModule` (WebDataset shards)."""
+
+    # files are written once, by global rank 0 (a cluster's nodes usually share the file system)
+    prepare_data_per_node = False
+
+    def __init__(self, sources: Sequence[Mapping[str, Any]], task: str, model: Mapping[str, Any], template: str,
+                 batch_size: int, num_workers: int, max_length: int, seed: int, feature_cache: bool,
+                 cache_fallback: str | None):
+        super().__init__()
+        self.sources = [dict(s) for s in sources]
+        self.task, self.model_cfg, self.template = task, model, template
+        self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
+        self.feature_cache = feature_cache
+        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go
+        self.conversations_by_source: list = []
+        self.progress = EpochProgress()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop at each epoch start (epochs count batches, see EpochProgress)."""
+        self.progress.start(epoch)
+
+    def count_delivered(self) -> None:
+        """One more training batch handed to the model (what a resumed run skips)."""
+        if self.trainer is not None and self.trainer.training:
+            self.progress.consumed += 1

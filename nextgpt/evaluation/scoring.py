@@ -1,0 +1,243 @@
+"""The metrics of a benchmark task over its answered samples: captioning scores, generation scores
+(FID, CLIP score, CLIPSIM, FAD, CLAP score), the signal trigger rate and the held-out losses."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from nextgpt.evaluation.records import NO_MODEL, batches, media_file, task_prompt
+from nextgpt.metrics import Unavailable, value
+
+log = logging.getLogger(__name__)
+
+
+def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], generator, out: Path):
+    """metric -> entry of results.json; and per-sample scores (metric -> id -> score)."""
+    task = cfg.task
+    wanted = list(task.metrics)
+    answered = [s for s in samples if s.id in records and not records[s.id].get("error")]
+    metrics: dict[str, dict] = {}
+    per_sample: dict[str, dict[str, float]] = {}
+    if task.kind == "caption":
+        metrics.update(_caption_metrics(cfg, wanted, answered, records))
+    else:
+        metrics.update(_generation_metrics(cfg, wanted, samples, answered, records, out, per_sample))
+    if "trigger_rate" in wanted:
+        metrics["trigger_rate"] = _trigger(cfg, answered, records)
+    for loss in ("align_loss", "caption_ce"):
+        if loss in wanted:
+            if generator is None:
+                metrics[loss] = value(unavailable=NO_MODEL.format(what="a held-out loss"))
+            else:
+                metrics[loss] = _heldout(cfg, generator, samples, loss)
+    unknown = [m for m in wanted if m not in metrics]
+    for m in unknown:
+        metrics[m] = value(unavailable=f"unknown metric {m!r} for a {task.kind} task")
+    return {m: metrics[m] for m in wanted}, per_sample
+
+
+def _caption_metrics(cfg: DictConfig, wanted: list[str], answered: Sequence, records: Mapping[str, dict]) -> dict:
+    from nextgpt.metrics.captioning import COCO_NAMES, caption_scores
+
+    names = [m for m in wanted if m in COCO_NAMES]
+    if not names:
+        return {}
+    refs = {s.id: s.captions for s in answered}
+    preds = {s.id: records[s.id]["caption"] for s in answered}
+    scores = caption_scores(refs, preds, names, spice_corenlp=cfg.metrics.get("spice_corenlp"))
+    out = {}
+    for m, v in scores.items():
+        out[m] = value(unavailable=str(v)) if isinstance(v, Unavailable) else value(v, samples=len(answered))
+    return out
+
+
+def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -> dict:
+    from nextgpt.metrics.signals import trigger_rates
+
+    if cfg.predictions:
+        return value(unavailable=NO_MODEL.format(what="the signal-token trigger rate"))
+    expected = None if cfg.task.kind == "caption" else str(cfg.task.modality)
+    rates = trigger_rates([records[s.id].get("signal_groups") or [] for s in answered], expected)
+    return value(rates.pop("trigger_rate", None), **rates)
+
+
+def _generation_metrics(cfg: DictConfig, wanted: list[str], samples: Sequence, answered: Sequence,
+                        records: Mapping[str, dict], out: Path, per_sample: dict) -> dict:
+    task = cfg.task
+    name = str(task.modality)
+    feature_metrics = [m for m in wanted if m in GENERATION_METRICS]
+    if not feature_metrics:
+        return {}
+    if not cfg.predictions and not bool(task.generation.get("decode", True)):
+        return {m: value(unavailable="task.generation.decode=false: no media were generated") for m in feature_metrics}
+    generated = [(s, media_file(records[s.id], name, out)) for s in answered]
+    generated = [(s, p) for s, p in generated if p is not None and p.is_file()]
+    coverage = {"generated": len(generated), "samples": len(samples)}
+    results = {}
+    for m in feature_metrics:
+        try:
+            results[m] = GENERATION_METRICS[m](cfg, samples, generated, per_sample)
+            results[m].update({k: v for k, v in coverage.items() if k not in results[m]})
+        except Unavailable as e:
+            results[m] = value(unavailable=str(e), **coverage)
+    return results
+
+
+def _need(items: Sequence, what: str) -> None:
+    if len(items) < 2:
+        raise Unavailable(f"needs at least 2 {what}; got {len(items)}")
+
+
+def _fid(cfg, samples, generated, per_sample) -> dict:
+    from PIL import Image
+
+    from nextgpt.metrics.frechet import frechet_distance_of
+    from nextgpt.metrics.inception import load_fid_inception
+    from nextgpt.metrics.media import read_image, square_crop, to_tensor
+
+    model = load_fid_inception(cfg.feature_nets.inception, cfg.device)
+    reference = [s.media for s in samples if s.media is not None]
+    _need([p for _, p in generated], "generated images")
+    _need(reference, "reference images")
+    size = int(cfg.metrics.get("fid_image_size", 299))
+
+    @torch.no_grad()
+    def features(paths: Sequence[Path], desc: str) -> np.ndarray:
+        out = []
+        for chunk in tqdm(list(batches(list(paths), 16)), desc=desc, leave=False):
+            x = to_tensor([square_crop(read_image(p), size, resample=Image.BILINEAR) for p in chunk]).to(cfg.device)
+            out.append(model(x).cpu().numpy())
+        return np.concatenate(out)
+
+    fid = frechet_distance_of(features([p for _, p in generated], "FID: generated"), features(reference, "FID: reference"))
+    note = "fewer than 2048 images per set: FID is biased upwards; compare only runs of equal size" if min(len(generated), len(reference)) < 2048 else None
+    return value(fid, reference=len(reference), backbone="InceptionV3 pool3 (pytorch-fid weights)", **({"note": note} if note else {}))
+
+
+def _clip_score(cfg, samples, generated, per_sample) -> dict:
+    from nextgpt.metrics.embedders import ClipEmbedder, clip_score
+    from nextgpt.metrics.media import read_image
+
+    if not generated:
+        raise Unavailable("no sample produced an image")
+    clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
+    scores = clip_score(clip.images([read_image(p) for _, p in generated]), clip.texts([s.caption for s, _ in generated]))
+    per_sample["clip_score"] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
+    return value(float(scores.mean()), backbone=str(cfg.feature_nets.clip))
+
+
+def _clipsim(cfg, samples, generated, per_sample) -> dict:
+    from nextgpt.metrics.embedders import ClipEmbedder, clip_score
+    from nextgpt.metrics.media import read_video_frames
+
+    if not generated:
+        raise Unavailable("no sample produced a video")
+    clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
+    max_frames = cfg.metrics.get("max_video_frames")
+    per_video, per_frame = [], {}
+    for s, p in tqdm(generated, desc="CLIPSIM", leave=False):
+        frames = read_video_frames(p, int(max_frames) if max_frames else None)
+        text = clip.texts([s.caption])
+        sims = clip_score(clip.images(frames), np.repeat(text, len(frames), axis=0))
+        per_frame[s.id] = [round(float(v), 4) for v in sims]
+        per_video.append(float(sims.mean()))
+    per_sample["clipsim"] = {s.id: v for (s, _), v in zip(generated, per_video)}
+    per_sample["clipsim_frames"] = per_frame
+    return value(float(np.mean(per_video)), backbone=str(cfg.feature_nets.clip),
+                 frames_per_video=float(np.mean([len(v) for v in per_frame.values()])))
+
+
+def _audio_embedder(cfg):
+    backbone = str(cfg.metrics.get("fad_backbone", "vggish"))
+    if backbone == "vggish":
+        from nextgpt.metrics.vggish import load_vggish
+
+        model = load_vggish(cfg.feature_nets.vggish, cfg.device)
+        return "VGGish (128-d, per 0.96 s frame)", lambda waves: np.concatenate([model.embed(w, r) for w, r in waves])
+    if backbone == "clap":
+        from nextgpt.metrics.embedders import ClapEmbedder
+
+        clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
+        return f"CLAP audio embedding ({cfg.feature_nets.clap})", clap.audios
+    raise Unavailable(f"metrics.fad_backbone={backbone!r}: must be vggish or clap")
+
+
+def _fad(cfg, samples, generated, per_sample) -> dict:
+    from nextgpt.metrics.frechet import frechet_distance_of
+    from nextgpt.metrics.media import read_wave
+
+    reference = [s.media for s in samples if s.media is not None]
+    _need(generated, "generated clips")
+    _need(reference, "reference clips")
+    backbone, embed = _audio_embedder(cfg)
+    gen = embed([read_wave(p) for _, p in tqdm(generated, desc="FAD: generated", leave=False)])
+    ref = embed([read_wave(p) for p in tqdm(reference, desc="FAD: reference", leave=False)])
+    return value(frechet_distance_of(gen, ref), reference=len(reference), backbone=backbone)
+
+
+def _clap_score(cfg, samples, generated, per_sample) -> dict:
+    from nextgpt.metrics.embedders import ClapEmbedder, clip_score
+    from nextgpt.metrics.media import read_wave
+
+    if not generated:
+        raise Unavailable("no sample produced an audio clip")
+    clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
+    scores = clip_score(clap.audios([read_wave(p) for _, p in generated]), clap.texts([s.caption for s, _ in generated]))
+    per_sample["clap_score"] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
+    return value(float(scores.mean()), backbone=str(cfg.feature_nets.clap))
+
+
+GENERATION_METRICS = {"fid": _fid, "clip_score": _clip_score, "clipsim": _clipsim, "fad": _fad, "clap_score": _clap_score}
+
+
+# --- held-out losses of the benchmark's own captions (teacher-forced) --------------------------------
+@torch.no_grad()
+def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
+    """``align_loss``: the model is shown "prompt -> answer with the signal group" for each caption
+    and its projected group is compared with the decoder's text embedding of the caption (the
+    stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
+    from nextgpt.batch import collate_conversations
+    from nextgpt.generate import with_placeholders
+    from nextgpt.losses import alignment_sum, caption_loss_sum
+    from nextgpt.prompts import IGNORE_INDEX, Conversation
+
+    task, g = cfg.task, generator
+    name = str(task.modality)
+    if loss == "align_loss" and task.kind != "generate":
+        return value(unavailable="align_loss applies to text-to-X tasks")
+    if loss == "caption_ce" and task.kind != "caption":
+        return value(unavailable="caption_ce applies to X-to-text tasks")
+    convs = []
+    for s in samples:
+        if task.kind == "generate":
+            convs.append(Conversation(s.id, [(task_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]))
+        elif s.media is not None:
+            prompt = with_placeholders(str(task.prompt), [s.media])
+            convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
+    total = count = 0.0
+    for chunk in tqdm(list(batches(convs, int(cfg.batch_size))), desc=f"{task.name}: {loss}", leave=False):
+        dev = g.device
+        batch = collate_conversations(chunk, g.tokenizer, g.model.layout, g.template.name,
+                                      num_media_tokens=g.num_media_tokens, max_length=g.max_context, device=dev)
+        labels = batch["labels"]
+        outs = g.model(**batch)
+        if loss == "caption_ce":
+            total += float(caption_loss_sum(outs.logits, labels))
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        else:
+            cond = outs.conditioning.get(name)
+            if cond is None:
+                continue
+            target = g.conditioners[name].to(dev).encode([c.captions_out[0][1] for c in chunk])
+            total += float(alignment_sum(cond, target))
+            count += cond.shape[0]
+    if not count:
+        return value(unavailable="no sample to score")
+    return value(total / count, samples=len(convs), **({"perplexity": math.exp(min(total / count, 50.0))} if loss == "caption_ce" else {}))

@@ -1,0 +1,245 @@
+"""The six benchmark tasks of the paper, run on a stage bundle or scored from given outputs
+(``python evaluate.py task=...``; the held-out losses and the dispatch live in :mod:`nextgpt.cli.evaluate`).
+
+Benchmark tasks (``configs/task/*.yaml``): the model answers every sample of a benchmark (batched,
+with a progress bar), each answer is appended to ``samples.jsonl`` in the run folder as it is
+produced and generated media are written to ``generated/<sample id>.<ext>``; a rerun with the same
+run folder (``hydra.run.dir=...``) skips what is done. Then the task's metrics are computed, and
+``results.json`` + ``results.md`` (ours beside the paper's numbers) are written, plus a W&B table
+of sample outputs when a W&B logger is configured. ``predictions=FILE|DIR`` scores given outputs
+(COCO results JSON for captioning, a folder of media named by sample id for generation) without
+loading any model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from nextgpt import modality as modality_registry
+from nextgpt.config import ConfigError
+from nextgpt.evaluation.records import batches, file_stem, task_prompt
+from nextgpt.evaluation.report import log_to_loggers, results_markdown
+from nextgpt.evaluation.scoring import score
+
+log = logging.getLogger(__name__)
+
+KINDS = ("caption", "generate")  # caption: X -> text; generate: text -> X
+# =====================================================================================================
+# benchmark tasks
+# =====================================================================================================
+def stage_bundle(cfg: DictConfig) -> Path:
+    """The bundle ``checkpoint=`` names, or a ConfigError naming the key."""
+    bundle = Path(cfg.checkpoint)
+    if not (bundle / "trainable.safetensors").is_file():
+        raise ConfigError([f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"])
+    return bundle
+
+
+def _read_jsonl(path: Path) -> dict[str, dict]:
+    """Records by sample id; a line cut short by a crash is ignored (that sample is redone)."""
+    done: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[str(rec["id"])] = rec
+    return done
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A process killed while writing leaves a last line without its newline: cut it off, so
+    that what is appended next starts on a line of its own (that sample is answered again)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _samples(cfg: DictConfig):
+    from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
+
+    b = cfg.task.benchmark
+    try:
+        samples = read_benchmark(b.reader, b.root, **OmegaConf.to_container(b.get("options") or {}, resolve=True))
+    except BenchmarkError as e:
+        raise ConfigError([f"task.benchmark (task {cfg.task.name}): {e}"]) from None
+    if cfg.limit is not None:
+        samples = samples[: int(cfg.limit)]
+    return samples
+
+
+def _run_settings(cfg: DictConfig) -> dict:
+    """What a run folder's outputs depend on: a resumed run must not mix two settings."""
+    t = cfg.task
+    return {"task": t.name, "checkpoint": None if cfg.predictions else str(Path(cfg.checkpoint).resolve()),
+            "prompt": str(t.prompt), "generation": OmegaConf.to_container(t.generation, resolve=True), "seed": int(cfg.seed),
+            "benchmark": OmegaConf.to_container(t.benchmark, resolve=True)}
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    path = out / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise ConfigError([f"hydra.run.dir={out}: holds a run with other {changed} ({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); "
+                               "use a new run folder to evaluate these settings"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+
+
+def run_benchmark(cfg: DictConfig) -> dict:
+    task = cfg.task
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = _samples(cfg)
+    generator = None
+    if cfg.predictions:
+        records = records_from_predictions(task, samples, Path(cfg.predictions))
+        with (out / "samples.jsonl").open("w") as f:
+            for rec in records.values():
+                f.write(json.dumps(rec) + "\n")
+    else:
+        bundle = stage_bundle(cfg)
+        _check_resume(out, _run_settings(cfg))
+        generator = _load_generator(bundle, cfg.device)
+        records = generate_all(cfg, samples, generator, out)
+    metrics, per_sample = score(cfg, samples, records, generator, out)
+    result = {
+        "task": task.name, "kind": task.kind, "modality": task.modality, "benchmark": str(task.benchmark.root),
+        "checkpoint": None if cfg.predictions else str(cfg.checkpoint), "predictions": cfg.predictions,
+        "samples": len(samples), "answered": sum(1 for s in samples if s.id in records and not records[s.id].get("error")),
+        "limit": cfg.limit, "metrics": metrics,
+        "paper": OmegaConf.to_container(task.get("paper") or {}, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "per_sample.json").write_text(json.dumps(per_sample, indent=2))
+    (out / "results.md").write_text(results_markdown(result))
+    log_to_loggers(cfg, result, samples, records, per_sample, out)
+    log.info("%s: %s (results in %s)", task.name,
+             {k: v.get("value") if v.get("value") is not None else "unavailable" for k, v in metrics.items()}, out)
+    return result
+
+
+def _load_generator(bundle: Path, device: str):
+    from nextgpt.bundles import BundleError
+    from nextgpt.generate import Generator
+
+    try:
+        return Generator(bundle, device)
+    except BundleError as e:
+        raise ConfigError([f"checkpoint={str(bundle)!r}: {e}"]) from None
+
+
+# --- answering ---------------------------------------------------------------------------------------
+def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> dict[str, dict]:
+    """Answer every sample not yet in ``samples.jsonl``; append each answer as it is produced."""
+    from nextgpt.evaluation.batched import BatchedGenerator, Request
+
+    task = cfg.task
+    gen = task.generation
+    jsonl = out / "samples.jsonl"
+    _drop_partial_line(jsonl)
+    done = _read_jsonl(jsonl)
+    todo = [s for s in samples if s.id not in done]
+    if done:
+        log.info("%s: resuming in %s: %d of %d samples already answered", task.name, out, len(samples) - len(todo), len(samples))
+    batched = BatchedGenerator(generator)
+    captioning = task.kind == "caption"
+    decode = bool(gen.get("decode", True)) and not captioning
+
+    def answer(chunk: Sequence) -> list[dict]:
+        requests = [Request(task_prompt(task, s) if not captioning else str(task.prompt),
+                            [s.media] if captioning else [], seed=int(cfg.seed)) for s in chunk]
+
+        def out_path(i: int, name: str, k: int) -> Path:
+            suffix = modality_registry.get(name).output_suffix
+            return out / "generated" / f"{file_stem(chunk[i].id)}{'' if k == 0 else f'_{k}'}{suffix}"
+
+        results = batched.generate(requests, max_new_tokens=int(gen.max_new_tokens), temperature=float(gen.temperature),
+                                   top_p=float(gen.top_p), decode=decode, out_path=out_path)
+        return [_record(s, r, req.prompt, out) for s, r, req in zip(chunk, results, requests)]
+
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name}: answering", unit="sample")
+    with jsonl.open("a") as f:
+        for chunk in batches(todo, int(cfg.batch_size)):
+            if captioning:
+                missing = [s for s in chunk if s.media is None]
+                for s in missing:
+                    done[s.id] = {"id": s.id, "error": f"media file of sample {s.id} not found under {task.benchmark.root}"}
+                    f.write(json.dumps(done[s.id]) + "\n")
+                chunk = [s for s in chunk if s.media is not None]
+            try:
+                records = answer(chunk) if chunk else []
+            except Exception as e:  # one bad file must not sink the batch: redo it sample by sample
+                log.warning("%s: batch failed (%s); answering its samples one by one", task.name, e)
+                records = []
+                for s in chunk:
+                    try:
+                        records += answer([s])
+                    except Exception as e1:
+                        records.append({"id": s.id, "error": f"{type(e1).__name__}: {e1}"})
+            for rec in records:
+                done[rec["id"]] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(len(chunk) + (len(missing) if captioning else 0))
+    bar.close()
+    return done
+
+
+def _strip_placeholders(text: str) -> str:
+    names = "|".join(modality_registry.names())
+    return " ".join(re.sub(rf"<({names})>", " ", text).split())
+
+
+def _record(sample, res, prompt: str, out: Path) -> dict:
+    return {
+        "id": sample.id, "prompt": prompt, "text": res.text, "caption": _strip_placeholders(res.text),
+        "signal_groups": list(res.signal_groups),
+        "files": {k: [str(Path(p).relative_to(out)) for p in v] for k, v in res.files.items()},
+        "notes": list(res.notes), "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
+    }
+
+
+def records_from_predictions(task: DictConfig, samples: Sequence, path: Path) -> dict[str, dict]:
+    """Outputs of any system, keyed like ours: captions from a COCO results file, or media files
+    named ``<sample id>.<ext>`` in a folder."""
+    records: dict[str, dict] = {}
+    if task.kind == "caption":
+        if not path.is_file():
+            raise ConfigError([f"predictions={str(path)!r}: not a file (captioning takes a COCO results JSON "
+                               '[{"image_id": ..., "caption": ...}])'])
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError([f"predictions={str(path)!r}: not valid JSON ({e})"]) from None
+        if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d for d in data):
+            raise ConfigError([f"predictions={str(path)!r}: expected the COCO results format "
+                               '[{"image_id": ..., "caption": ...}, ...]'])
+        captions = {str(d["image_id"]): str(d["caption"]) for d in data}
+        for s in samples:
+            if s.id in captions:
+                records[s.id] = {"id": s.id, "text": captions[s.id], "caption": captions[s.id]}
+        return records
+    if not path.is_dir():
+        raise ConfigError([f"predictions={str(path)!r}: not a folder (generation takes a folder of media named <sample id>.<ext>)"])
+    mod = modality_registry.get(task.modality)
+    for s in samples:
+        found = next((path / f"{file_stem(s.id)}{ext}" for ext in mod.extensions if (path / f"{file_stem(s.id)}{ext}").is_file()), None)
+        if found is not None:
+            records[s.id] = {"id": s.id, "prompt": s.caption, "files": {mod.name: [str(found.resolve())]}}
+    return records
+
+
+# --- scoring -----------------------------------------------------------------------------------------
