@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nextgpt.bundles import set_trainable
 from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
 from nextgpt.model import NextGPT
 from nextgpt.stages import STAGES
@@ -41,7 +40,7 @@ def legacy_7b(stage: int) -> NextGPT:
                                               dim_feedforward=2048, dropout=0.1))
         if STAGES[stage].use_lora:
             model.apply_lora(r=32, alpha=32, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    set_trainable(model, STAGES[stage].trainable_groups)
+    model.set_trainable(STAGES[stage].trainable_groups)
     return model
 
 

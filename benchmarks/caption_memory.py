@@ -58,10 +58,7 @@ def main() -> None:
     dm = ShardDataModule([{"name": "captions", "modality": "image", "shards": str(tmp / "shards")}], "generate",
                          model_cfg, batch_size=args.batch, cache_fallback=str(tmp / "fb"))
     dm.setup("fit")
-    for modality, base in dm.caption_cache_bases():  # as the stage does at the start of a fit
-        from nextgpt.cache.store import FeatureStore
-
-        module.targets.attach(modality, FeatureStore.at(base, f"text_{modality}", module.conditioners[modality].fingerprint()))
+    module.targets.open_for(dm, device="cpu")  # as the stage does at the start of a fit
     opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
     shape = module.conditioners["image"].shape
     steps = -(-args.captions // args.batch)

@@ -109,7 +109,7 @@ def main() -> None:
                                        feature_cache=use_cache, cache_fallback=str(Path(tmp) / "fb"))
                 dm.setup("fit")
                 if stage == 2 and use_cache:
-                    module.open_caption_stores(dm.conversations_by_source, str(Path(tmp) / "fb"))
+                    module.targets.open_for(dm, device=module.device)
                 loader = dm._loader(dm.train_set, shuffle=False)
                 times[use_cache] = epoch_time(module, loader, no_caption_cache=(stage == 2 and not use_cache))
             results[stage] = times

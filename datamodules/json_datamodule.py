@@ -89,16 +89,13 @@ class NextGPTDataModule(SourceDataModule):
                  n_val, self.task, dict(self.skipped_entries) or "none")
 
     def _media_features(self) -> dict[str, tuple[Any, str]]:
-        """Cached ImageBind features of the sources' media, where a cache exists for this encoder.
+        """Cached ImageBind features of the sources' media, where a cache exists for this encoder:
+        cached items are read from it, the others decoded and encoded by the model as usual.
+        Training never writes a media cache (``python -m nextgpt.cache`` builds and completes them,
+        any number of processes at once), so no rank loads a second ImageBind or waits for one."""
+        from nextgpt.cache.encode import media_key, media_store
 
-        A cache missing some items is completed first (with a progress bar), never ignored.
-        """
-        from nextgpt.cache.encode import compute_media, media_key, media_store
-
-        rank, world, _ = trainer_topology(self.trainer)
         out: dict[str, tuple[Any, str]] = {}
-        encoder = None
-        stores = []
         for src, convs in self.conversations_by_source:
             items = {media_key(src["root"], p): p for c in convs for _, p in c.media_in}
             if not items:
@@ -108,27 +105,13 @@ class NextGPTDataModule(SourceDataModule):
                 log.info("data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "
                          "encoding media on the fly", src["name"])
                 continue
-            missing = store.missing(items)
-            stores.append(store)
-            if missing and rank != 0:  # global rank 0 completes it; this rank reads it after the barrier
-                out.update({p: (store, k) for k, p in items.items()})
-                continue
+            missing = set(store.missing(items))
             if missing:
-                log.info("data: feature cache %s is partial (%d of %d items missing): completing it",
-                         store.directory, len(missing), len(items))
-                if encoder is None:
-                    from nextgpt.model import load_encoder
-
-                    encoder = load_encoder(self.model_cfg["encoder"])
-                compute_media(store, {k: items[k] for k in missing}, encoder, src["modality"],
-                              batch_size=self.batch_size, dtype=store.meta.get("dtype", "float16"))
+                log.info("data: feature cache %s is partial (%d of %d items missing: encoded on the fly; "
+                         "python -m nextgpt.cache completes it)", store.directory, len(missing), len(items))
             log.info("data: using ImageBind feature cache %s for %r (%d items, %d failed)", store.directory,
                      src["name"], len(store), len(store.failed))
-            out.update({p: (store, k) for k, p in items.items()})
-        if world > 1:
-            self.trainer.strategy.barrier("feature caches")
-            for store in stores:
-                store.reload()
+            out.update({p: (store, k) for k, p in items.items() if k not in missing})
         return out
 
     def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:

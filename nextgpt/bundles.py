@@ -20,47 +20,12 @@ from torch import nn
 from nextgpt import modality as modality_registry
 from nextgpt.runs import RunError
 
-# group name -> predicate on a parameter name
-TRAINABLE_GROUPS = {
-    "input_projector": lambda n: n.startswith("input_projector."),
-    "output_projectors": lambda n: n.startswith("output_projectors."),
-    "new_tokens.markers": lambda n: n.startswith("new_tokens.markers."),
-    "new_tokens.signals": lambda n: n.startswith("new_tokens.signals."),
-    "lora": lambda n: n.startswith("llm.") and ".lora_" in n,
-}
-
 WEIGHTS, CONFIG, META = "trainable.safetensors", "config.yaml", "meta.json"
 log = logging.getLogger(__name__)
 
 
 class BundleError(RunError):
     """A stage bundle that is missing, damaged, or does not fit the model (the message says why)."""
-
-
-def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
-    """Make exactly ``groups`` trainable; everything else frozen. Returns the trainable names.
-
-    A group that matches no parameter is an error: a stage that silently trains nothing is the
-    bug this function exists to prevent.
-    """
-    groups = list(groups)
-    unknown = [g for g in groups if g not in TRAINABLE_GROUPS]
-    if unknown:
-        raise ValueError(f"unknown trainable group(s) {unknown}; known: {sorted(TRAINABLE_GROUPS)}")
-    matched = {g: 0 for g in groups}
-    names = []
-    for name, p in model.named_parameters():
-        hit = [g for g in groups if TRAINABLE_GROUPS[g](name)]
-        p.requires_grad_(bool(hit))
-        for g in hit:
-            matched[g] += 1
-        if hit:
-            names.append(name)
-    empty = [g for g, n in matched.items() if n == 0]
-    if empty:
-        raise ValueError(f"trainable group(s) {empty} match no parameter of the model (is LoRA applied?)")
-    model.train(model.training)  # re-apply the frozen-children-in-eval rule
-    return names
 
 
 def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -71,9 +36,10 @@ def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> d
     from nextgpt.strategies import full_tensor
 
     wanted = set(names) if names is not None else None
+    groups = {n for members in model.parameter_groups().values() for n in members}
     out = {}
     for n, p in model.named_parameters():
-        if not any(match(n) for match in TRAINABLE_GROUPS.values()):
+        if n not in groups:
             continue
         if wanted is None or n in wanted:
             out[n] = full_tensor(p).contiguous()

@@ -73,6 +73,38 @@ class NextGPT(nn.Module):
                 child.eval()
         return self
 
+    # --- what the stages train -------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Trainable group -> the names of its parameters. A stage trains a set of these groups
+        (``NextGPTStage.trainable_groups``); everything else is frozen backbone."""
+        modules = {"input_projector": self.input_projector, "output_projectors": self.output_projectors,
+                   "new_tokens.markers": self.new_tokens.markers, "new_tokens.signals": self.new_tokens.signals}
+        groups = {g: [f"{g}.{n}" for n, _ in m.named_parameters()] for g, m in modules.items()}
+        groups["lora"] = [f"llm.{n}" for n, _ in self.llm.named_parameters() if ".lora_" in n]  # peft's adapters
+        return groups
+
+    def set_trainable(self, groups: Iterable[str]) -> list[str]:
+        """Make exactly ``groups`` trainable, everything else frozen; returns the trainable names.
+
+        A group that holds no parameter is an error: a stage that silently trains nothing is the
+        bug this exists to prevent."""
+        known = self.parameter_groups()
+        groups = list(groups)
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise ValueError(f"unknown trainable group(s) {unknown}; known: {sorted(known)}")
+        empty = [g for g in groups if not known[g]]
+        if empty:
+            raise ValueError(f"trainable group(s) {empty} match no parameter of the model (is LoRA applied?)")
+        wanted = {n for g in groups for n in known[g]}
+        names = []
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in wanted)
+            if name in wanted:
+                names.append(name)
+        self.train(self.training)  # re-apply the frozen-children-in-eval rule
+        return names
+
     # --- embedding -------------------------------------------------------------------------
     # Training calls run every modality's encoder trunk, the input projector and every output
     # projector on every batch, on zero rows when the batch has nothing for them, and keep each

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt import modality as modality_registry
-from nextgpt.bundles import load_bundle_weights, set_trainable
+from nextgpt.bundles import load_bundle_weights
 from nextgpt.losses import alignment_sum, caption_loss_sum, count_keys, modality_mean
 from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
 
@@ -89,7 +89,7 @@ class NextGPTStage(L.LightningModule):
             rank_zero_info(f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)")
         else:
             rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
-        self.trainable_names = set_trainable(model, self.trainable_groups)
+        self.trainable_names = model.set_trainable(self.trainable_groups)
         # what the stage bundle keeps: what this stage trains and what it carried over
         self.bundle_names = sorted(set(self.trainable_names) | set(loaded))
         self.shard(model)
@@ -158,16 +158,9 @@ class NextGPTStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.aligns and dm is not None and hasattr(dm, "conversations_by_source"):
-            self.open_caption_stores(dm.conversations_by_source, dm.cache_fallback,
-                                     is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
-        if self.aligns and dm is not None and hasattr(dm, "caption_cache_bases"):  # streamed sources
-            from nextgpt.cache.store import FeatureStore
-
-            for modality, base in dm.caption_cache_bases():
-                if modality in self.conditioners:
-                    fp = self.conditioners[modality].fingerprint()
-                    self.targets.attach(modality, FeatureStore.at(base, f"text_{modality}", fp))
+        if self.aligns and dm is not None:
+            self.targets.open_for(dm, device=self.device, is_global_zero=self.trainer.is_global_zero,
+                                  barrier=self.trainer.strategy.barrier)
 
     def on_train_epoch_end(self) -> None:
         if self.targets is not None:
@@ -177,32 +170,6 @@ class NextGPTStage(L.LightningModule):
     def on_train_end(self) -> None:
         if self.targets is not None:
             self.targets.flush()
-
-    def open_caption_stores(self, conversations_by_source, fallback: str, *, is_global_zero: bool = True,
-                            barrier=lambda: None) -> None:
-        """Each source's caption embeddings by each decoder's text encoder, on disk next to the data:
-        created on first use, completed when captions were added, then read memory-mapped.
-        Rank 0 writes; the other ranks wait at ``barrier`` and then read."""
-        from nextgpt.cache.encode import caption_store, compute_captions
-
-        if not is_global_zero:
-            barrier()
-        for src, convs in conversations_by_source:
-            conditioner = self.conditioners.get(src["modality"])
-            captions = [cap for c in convs for name, cap in c.captions_out if name == src["modality"]]
-            if conditioner is None or not captions:
-                continue
-            store = caption_store(src, conditioner.to(self.device), fallback)
-            if is_global_zero:
-                before = len(store)
-                added = compute_captions(store, captions, conditioner)
-                state = "created" if not before else ("completed" if added else "complete")
-                rank_zero_info(f"stage {self.stage}: caption cache {store.directory} {state}: "
-                               f"{len(store)} embeddings ({added} new)")
-            self.targets.attach(src["modality"], store)
-        if is_global_zero:
-            barrier()
-        self.targets.refresh()
 
     # --- loss ----------------------------------------------------------------------------
     # Every term is a sum over this batch divided by a count of the whole optimizer step: label

@@ -83,8 +83,9 @@ def test_fingerprint_follows_the_weights(tiny_cache, tmp_path):
     assert imagebind_fingerprint({**model["encoder"], "checkpoint": str(changed)}, "image") != fp
 
 
-def test_stage1_uses_and_completes_the_cache(cache_cfg, tiny_config, tmp_path, caplog):
+def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config, tmp_path, caplog):
     from datamodules.json_datamodule import NextGPTDataModule
+    from nextgpt.batch import Collator
     from nextgpt.stages import Stage1EncodingAlignment
 
     build_caches(cache_cfg)
@@ -102,6 +103,11 @@ def test_stage1_uses_and_completes_the_cache(cache_cfg, tiny_config, tmp_path, c
     with caplog.at_level("INFO"):
         dm.setup("fit")
     assert "partial (1 of" in caplog.text and "using ImageBind feature cache" in caplog.text
+    store_dir = next((tmp_path / "synthetic_image" / ".nextgpt_cache").glob("imagebind_image-*"))
+    assert not any("extra_1" in p.read_text() for p in store_dir.glob("*.keys.json"))  # training never writes it
+    extra_item = dm.train_set.conversations.index(next(c for c in dm.train_set.conversations if c.key == "extra_1"))
+    decoded = Collator(dm.tokenizer.pad_token_id, 4)([dm.train_set[extra_item]])
+    assert decoded["media"]["image"].shape[0] == 1 and decoded["media_features"] == {}  # not cached: decoded
     batch = next(iter(dm._loader(dm.train_set, shuffle=False)))
     assert batch["media"] == {} and batch["media_features"]["image"].shape == (4, 48)
 
