@@ -69,7 +69,7 @@ def zero_row_cost(stage: int, batch: int, repeats: int) -> tuple[float, float]:
                            loss=OmegaConf.to_container(cfg.stage.loss, resolve=True))
     module.configure_model()
     src = cfg.dataset.sources[0]  # one modality per batch: the other modalities are absent
-    convs, _ = read_source(src.name, src.modality, src.root, cfg.stage.task)
+    convs, _ = read_source(src.name, src.modality, src.root, cfg.stage.objective)
     batch = collate_conversations(convs[:batch], module.tokenizer, module.model.layout, cfg.dataset.template,
                                   num_media_tokens=int(cfg.model.input_projector.num_tokens), max_length=512)
     module.model.train()

@@ -97,7 +97,7 @@ def main() -> None:
         build_caches(cache_cfg)
         build_s = time.perf_counter() - t0
         results = {}
-        for stage, cls, task in ((1, Stage1EncodingAlignment, "caption"), (2, Stage2DecodingAlignment, "generate")):
+        for stage, cls, objective in ((1, Stage1EncodingAlignment, "caption"), (2, Stage2DecodingAlignment, "generate")):
             cfg = compose([*overrides, f"stage={stage}"], output_dir=tmp)
             model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
             sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True)
@@ -105,7 +105,7 @@ def main() -> None:
             module.configure_model()
             times = {}
             for use_cache in (False, True):
-                dm = NextGPTDataModule(sources=sources, task=task, model=model_cfg, batch_size=8,
+                dm = NextGPTDataModule(sources=sources, objective=objective, model=model_cfg, batch_size=8,
                                        feature_cache=use_cache, cache_fallback=str(Path(tmp) / "fb"))
                 dm.setup("fit")
                 if stage == 2 and use_cache:

@@ -1,4 +1,4 @@
-"""What the two data modules share: sources of one task read for one model, delivered as batches
+"""What the two data modules share: sources of one objective read for one model, delivered as batches
 of the collator contract (:mod:`nextgpt.batch`), with an epoch progress that checkpoints carry
 so a resumed run continues with exactly the next batches."""
 from __future__ import annotations
@@ -25,12 +25,12 @@ class SourceDataModule(L.LightningDataModule):
     # files are written once, by global rank 0 (a cluster's nodes usually share the file system)
     prepare_data_per_node = False
 
-    def __init__(self, sources: Sequence[Mapping[str, Any]], task: str, model: Mapping[str, Any], template: str,
+    def __init__(self, sources: Sequence[Mapping[str, Any]], objective: str, model: Mapping[str, Any], template: str,
                  batch_size: int, num_workers: int, max_length: int, seed: int, feature_cache: bool,
                  cache_fallback: str | None):
         super().__init__()
         self.sources = [dict(s) for s in sources]
-        self.task, self.model_cfg, self.template = task, model, template
+        self.objective, self.model_cfg, self.template = objective, model, template
         self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
         self.feature_cache = feature_cache
         self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go

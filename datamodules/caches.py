@@ -29,9 +29,9 @@ def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str
     """Every media item (key -> path) and every caption of one source, over all JSON kinds present."""
     media: dict[str, str] = {}
     captions: list[str] = []
-    for task in ("caption", "generate", "instruct"):
+    for objective in ("caption", "generate", "instruct"):
         try:
-            convs, _ = read_source(source["name"], source["modality"], source["root"], task)
+            convs, _ = read_source(source["name"], source["modality"], source["root"], objective)
         except FileNotFoundError as e:
             log.info("feature cache: %s", e)
             continue
@@ -52,7 +52,7 @@ def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, e
 
     mod = modality_registry.get(modality)
     device = next(encoder.parameters()).device
-    stream = ShardStream(paths, task="caption", modality=modality, rank=rank, world_size=world_size, epochs=1,
+    stream = ShardStream(paths, objective="caption", modality=modality, rank=rank, world_size=world_size, epochs=1,
                          max_skip_fraction=None, feature_lookup=StoreLookup({p: store for p in paths}))
     pending: list[tuple[str, torch.Tensor]] = []
     rows_keys: list[str] = []
@@ -128,7 +128,7 @@ def build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback: Path, ra
                      len(store.failed), store.directory)
         conditioner = conditioners.get(source["modality"])
         if conditioner is not None:  # this process's share of the captions (no media read: text-to-X pairs)
-            stream = ShardStream(paths, task="generate", modality=source["modality"], rank=rank, world_size=world,
+            stream = ShardStream(paths, objective="generate", modality=source["modality"], rank=rank, world_size=world,
                                  epochs=1, max_skip_fraction=None)
             captions = [cap for sample in stream for _, cap in sample.conversation.captions_out]
             store = FeatureStore.at(cache_base(shard_folder(source, paths), fallback), f"text_{source['modality']}",
@@ -156,7 +156,7 @@ def wait_for_shards(source: Mapping[str, Any], shards_root: str, rank: int, time
 def write_missing_shards(cfg) -> None:
     from omegaconf import OmegaConf
 
-    dm = ShardDataModule(sources=OmegaConf.to_container(cfg.dataset.sources, resolve=True), task="caption",
+    dm = ShardDataModule(sources=OmegaConf.to_container(cfg.dataset.sources, resolve=True), objective="caption",
                          model=OmegaConf.to_container(cfg.model, resolve=True), shards_root=cfg.paths.shards,
                          shard_size=int(cfg.dataset.get("shard_size", 1000)),
                          source_changed=str(cfg.dataset.get("source_changed", "rewrite")))

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class NextGPTDataModule(SourceDataModule):
-    """Sources in the NExT-GPT layout, read for one task (caption / generate / instruct).
+    """Sources in the NExT-GPT layout, read for one objective (caption / generate / instruct).
 
     Training batches are split over the ranks by :class:`~datamodules.steps.StepSampler` and
     grouped by optimizer step (:class:`~datamodules.steps.StepWindows`); the batches a run has
@@ -33,7 +33,7 @@ class NextGPTDataModule(SourceDataModule):
     def __init__(
         self,
         sources: Sequence[Mapping[str, Any]],
-        task: str,
+        objective: str,
         model: Mapping[str, Any],
         template: str = "vicuna_v0",
         batch_size: int = 4,
@@ -46,7 +46,7 @@ class NextGPTDataModule(SourceDataModule):
         cache_fallback: str | None = None,
         denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
     ):
-        super().__init__(sources, task, model, template, batch_size, num_workers, max_length, seed, feature_cache,
+        super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
                          cache_fallback)
         self.val_fraction = val_fraction
         self.synthetic = dict(synthetic) if synthetic else None
@@ -70,13 +70,13 @@ class NextGPTDataModule(SourceDataModule):
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         convs: list[Conversation] = []
         for src in self.sources:
-            c, skipped = read_source(src["name"], src["modality"], src["root"], self.task)
+            c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective)
             convs += c
             self.conversations_by_source.append((src, c))
             self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
         features = self._media_features() if self.feature_cache else {}
         if not convs:
-            raise ValueError(f"no usable samples in sources {[s['name'] for s in self.sources]} for task {self.task!r}")
+            raise ValueError(f"no usable samples in sources {[s['name'] for s in self.sources]} for objective {self.objective!r}")
         order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(self.val_fraction * len(convs)))
         make = lambda idx: ConversationDataset(  # noqa: E731
@@ -86,7 +86,7 @@ class NextGPTDataModule(SourceDataModule):
         self.train_set = make(order[n_val:])
         self.val_set = make(order[:n_val]) if n_val else None
         log.info("data: %d train / %d val conversations (%s); skipped entries: %s", len(self.train_set),
-                 n_val, self.task, dict(self.skipped_entries) or "none")
+                 n_val, self.objective, dict(self.skipped_entries) or "none")
 
     def _media_features(self) -> dict[str, tuple[Any, str]]:
         """Cached ImageBind features of the sources' media, where a cache exists for this encoder:

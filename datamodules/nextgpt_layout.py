@@ -1,6 +1,6 @@
 """Readers for the NExT-GPT on-disk layout (``<root>/<name>.json``, ``_comprehension``, ``_generation``).
 
-Each reader turns JSON entries into modality-neutral ``Conversation``s for one training task:
+Each reader turns JSON entries into modality-neutral ``Conversation``s for one training objective:
 
 - ``caption``  (stage 1): X -> text, from ``<name>.json`` pairs
 - ``generate`` (stage 2): text -> X, from ``<name>.json`` pairs
@@ -25,7 +25,7 @@ from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "generate", "instruct")
+OBJECTIVES = ("caption", "generate", "instruct")
 
 CAPTION_INSTRUCTIONS = (
     "Describe this {m} briefly.",
@@ -129,17 +129,17 @@ def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversatio
 
 
 Reader = Callable[[dict, Modality, Path, int], Conversation]
-TASK_FILES: dict[str, list[tuple[str, Reader]]] = {
+OBJECTIVE_FILES: dict[str, list[tuple[str, Reader]]] = {
     "caption": [("{name}.json", _pairs_caption)],
     "generate": [("{name}.json", _pairs_generate)],
     "instruct": [("{name}_comprehension.json", _instruct), ("{name}_generation.json", _instruct)],
 }
 
 
-def json_files(name: str, root: str | Path, task: str) -> list[Path]:
-    if task not in TASK_FILES:
-        raise ValueError(f"unknown task {task!r}; known: {list(TASK_FILES)}")
-    return [Path(root) / pattern.format(name=name) for pattern, _ in TASK_FILES[task]]
+def json_files(name: str, root: str | Path, objective: str) -> list[Path]:
+    if objective not in OBJECTIVE_FILES:
+        raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVE_FILES)}")
+    return [Path(root) / pattern.format(name=name) for pattern, _ in OBJECTIVE_FILES[objective]]
 
 
 def read_utf8(path: Path) -> str:
@@ -152,15 +152,15 @@ def read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
 
 
-def read_source(name: str, modality: str, root: str | Path, task: str) -> tuple[list[Conversation], Counter]:
-    """All usable conversations of one source for ``task``, and the skip counts by reason."""
+def read_source(name: str, modality: str, root: str | Path, objective: str) -> tuple[list[Conversation], Counter]:
+    """All usable conversations of one source for ``objective``, and the skip counts by reason."""
     from nextgpt.runs import DataError
 
     mod = modality_registry.get(modality)
     root = Path(root)
     convs: list[Conversation] = []
     skipped: Counter = Counter()
-    for (pattern, reader), path in zip(TASK_FILES[task], json_files(name, root, task)):
+    for (pattern, reader), path in zip(OBJECTIVE_FILES[objective], json_files(name, root, objective)):
         if not path.is_file():
             raise FileNotFoundError(f"dataset source {name!r} ({modality}): {path} does not exist")
         try:

@@ -16,12 +16,12 @@ Two record kinds, so one copy of the pairs serves stage 1 *and* stage 2:
 
 - ``{"kind": "pair", "key", "caption", "media": [modality, member_ext], "source"}``: a plain
   text-X pair. The reader turns it into an X->text *caption* conversation or a text->X *generate*
-  conversation depending on the stream's task, with the same instruction the JSON readers of
+  conversation depending on the stream's objective, with the same instruction the JSON readers of
   :mod:`datamodules.nextgpt_layout` pick for that key.
 - ``{"kind": "conversation", "key", "turns": [[human, assistant], ...], "media_in": [[modality,
   member_ext], ...], "captions_out": [[modality, caption], ...], "media_out": [[modality,
   member_ext], ...], "source"}``: an explicit instruction conversation (LLaVA, Alpaca, VideoChat,
-  MosIT, T2X, NExT-GPT ``_comprehension`` / ``_generation``), read as it is for every task.
+  MosIT, T2X, NExT-GPT ``_comprehension`` / ``_generation``), read as it is for every objective.
 
 Shards made by img2dataset / video2dataset (``{key}.jpg`` + ``{key}.txt`` + metadata ``{key}.json``)
 need no conversion: the reader takes them as pairs.
@@ -402,7 +402,7 @@ def write_shards(
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-SET_TASK = {"pairs": "caption", "instruct": "instruct"}  # the task whose JSON files a set is written from
+SET_OBJECTIVE = {"pairs": "caption", "instruct": "instruct"}  # the objective whose JSON files a set is written from
 
 
 def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, str]:
@@ -412,7 +412,7 @@ def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, s
     from nextgpt.cache.store import file_signature
 
     out = {}
-    for path in json_files(name, root, SET_TASK[shard_set]):
+    for path in json_files(name, root, SET_OBJECTIVE[shard_set]):
         if path.is_file():
             out[path.name] = f"{file_signature(path)}-{path.stat().st_mtime_ns}"
     return out

@@ -39,16 +39,16 @@ log = logging.getLogger(__name__)
 SOURCE_CHANGED = ("rewrite", "error", "keep")  # what a run does when a source's JSON changed after its shards
 
 
-def shard_set(task: str) -> str:
-    return "instruct" if task == "instruct" else "pairs"
+def shard_set(objective: str) -> str:
+    return "instruct" if objective == "instruct" else "pairs"
 
 
-def source_shards(src: Mapping[str, Any], task: str, shards_root: str | Path) -> list[Path]:
-    """The shard files a source contributes to ``task`` (empty when none are written yet)."""
+def source_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path) -> list[Path]:
+    """The shard files a source contributes to ``objective`` (empty when none are written yet)."""
     if src.get("urls"):
         return expand_shards(src["urls"])
     folder = Path(src.get("shards") or Path(shards_root) / src["name"])
-    return sorted(folder.glob(f"{src['name']}-{shard_set(task)}-*.tar")) if folder.is_dir() else []
+    return sorted(folder.glob(f"{src['name']}-{shard_set(objective)}-*.tar")) if folder.is_dir() else []
 
 
 class ShardDataModule(SourceDataModule):
@@ -63,7 +63,7 @@ class ShardDataModule(SourceDataModule):
     def __init__(
         self,
         sources: Sequence[Mapping[str, Any]],
-        task: str,
+        objective: str,
         model: Mapping[str, Any],
         template: str = "vicuna_v0",
         batch_size: int = 4,
@@ -80,7 +80,7 @@ class ShardDataModule(SourceDataModule):
         feature_cache: bool = True,
         mix: str = "weighted",
     ):
-        super().__init__(sources, task, model, template, batch_size, num_workers, max_length, seed, feature_cache,
+        super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
                          cache_fallback)
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
@@ -102,12 +102,12 @@ class ShardDataModule(SourceDataModule):
                 continue
             root = src.get("root")
             folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
-            existing = source_shards(src, self.task, self.shards_root)
+            existing = source_shards(src, self.objective, self.shards_root)
             if existing:
                 changed = self.source_changes(src, folder)
                 if not changed:
                     continue
-                what = f"{', '.join(changed)} changed since the {shard_set(self.task)} shards in {folder} were written"
+                what = f"{', '.join(changed)} changed since the {shard_set(self.objective)} shards in {folder} were written"
                 if self.source_changed == "error":
                     from nextgpt.runs import RunError
 
@@ -120,9 +120,9 @@ class ShardDataModule(SourceDataModule):
             if not root or not (Path(root) / f"{src['name']}.json").is_file():
                 raise FileNotFoundError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout "
                                         f"at {root}/{src['name']}.json to write them from")
-            log.info("data: writing %s shards of %r from %s into %s", shard_set(self.task), src["name"], root, folder)
+            log.info("data: writing %s shards of %r from %s into %s", shard_set(self.objective), src["name"], root, folder)
             folder.mkdir(parents=True, exist_ok=True)
-            prepare_nextgpt(root, src["name"], src["modality"], folder, sets=[shard_set(self.task)],
+            prepare_nextgpt(root, src["name"], src["modality"], folder, sets=[shard_set(self.objective)],
                             shard_size=self.shard_size, overwrite=True)
 
     def source_changes(self, src: Mapping[str, Any], folder: Path) -> list[str]:
@@ -134,9 +134,9 @@ class ShardDataModule(SourceDataModule):
         root = src.get("root")
         if not root or not Path(root).is_dir():
             return []
-        index = folder / f"{src['name']}-{shard_set(self.task)}{INDEX_SUFFIX}"
+        index = folder / f"{src['name']}-{shard_set(self.objective)}{INDEX_SUFFIX}"
         recorded = json.loads(read_utf8(index)).get("source") if index.is_file() else None
-        now = source_signature(root, src["name"], shard_set(self.task))
+        now = source_signature(root, src["name"], shard_set(self.objective))
         if not recorded:  # shards from elsewhere, or written before signatures were kept
             return []
         return sorted(str(Path(root) / f) for f in set(now) | set(recorded) if now.get(f) != recorded.get(f))
@@ -152,21 +152,21 @@ class ShardDataModule(SourceDataModule):
         path_modality: dict[Path, str] = {}
         stores: dict[Path, Any] = {}
         for src in self.sources:
-            found = source_shards(src, self.task, self.shards_root)
+            found = source_shards(src, self.objective, self.shards_root)
             if not found:
-                raise FileNotFoundError(f"dataset source {src['name']!r}: no {shard_set(self.task)} shards found "
+                raise FileNotFoundError(f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
                                         f"({src.get('urls') or Path(self.shards_root) / src['name']})")
             weight = int(src.get("weight", 1))
             paths += found * weight
             per_source.append(found)
             path_modality.update({p: src["modality"] for p in found})
             log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
-            if self.feature_cache and self.task == "caption":
+            if self.feature_cache and self.objective == "caption":
                 stores.update(self._feature_store(src, found))
         self.items = ConversationDataset([], self.tokenizer, self.layout, self.template,
                                          int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length)
         self.stream = ShardStream(
-            paths, task=self.task, pair_task=None if self.task == "instruct" else self.task, seed=self.seed,
+            paths, objective=self.objective, pair_objective=None if self.objective == "instruct" else self.objective, seed=self.seed,
             shuffle=self.shuffle, epochs=None, transform=self._item, max_skip_fraction=self.max_skip_fraction,
             min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
             feature_lookup=StoreLookup(stores) if stores else None,
@@ -186,7 +186,7 @@ class ShardDataModule(SourceDataModule):
 
         out = []
         for src in self.sources:
-            found = source_shards(src, self.task, self.shards_root)
+            found = source_shards(src, self.objective, self.shards_root)
             if found:
                 out.append((src["modality"], cache_base(shard_folder(src, found), self.cache_fallback)))
         return out
@@ -261,7 +261,7 @@ class ShardDataModule(SourceDataModule):
             if src.get("urls"):
                 continue
             folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
-            index = folder / f"{src['name']}-{shard_set(self.task)}{INDEX_SUFFIX}"
+            index = folder / f"{src['name']}-{shard_set(self.objective)}{INDEX_SUFFIX}"
             if index.is_file():
                 dropped = json.loads(read_utf8(index)).get("skipped", {})
                 skipped.update({f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))

@@ -4,7 +4,7 @@ Reads the shards :mod:`datamodules.prepare` writes (``{key}.json`` records of ki
 ``conversation``) and, unconverted, those img2dataset / video2dataset write (``{key}.jpg|.mp4`` +
 ``{key}.txt`` caption): a sample with a caption and one media member is a text-X pair of the
 stream's ``modality``. A pair becomes a caption (stage 1) or a generate (stage 2) conversation by
-the stream's task, with the instruction :mod:`datamodules.nextgpt_layout` picks for the same key.
+the stream's objective, with the instruction :mod:`datamodules.nextgpt_layout` picks for the same key.
 
 **Order and split.** Each pass (epoch) has one global sample order: shards in the given order,
 samples in tar order; with ``shuffle=True`` the shards are permuted (seed, epoch) and taken in
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.nextgpt_layout import TASKS, Skip, _pairs_caption, _pairs_generate
+from datamodules.nextgpt_layout import OBJECTIVES, Skip, _pairs_caption, _pairs_generate
 from datamodules.prepare import INDEX_SUFFIX
 from nextgpt import modality as modality_registry
 from nextgpt.encoders.preprocess import MediaDecodeError
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 MIXES = ("weighted", "balanced")
-PAIR_TASKS = ("caption", "generate")
+PAIR_OBJECTIVES = ("caption", "generate")
 _HAS_MEDIA_OUT = "media_out" in {f.name for f in fields(Conversation)}
 
 
@@ -328,9 +328,9 @@ class ShardStream(IterableDataset):
         self,
         shards: str | Path | Iterable[str | Path],
         *,
-        task: str = "caption",
+        objective: str = "caption",
         modality: str | None = None,
-        pair_task: str | None = None,
+        pair_objective: str | None = None,
         seed: int = 0,
         shuffle: bool = False,
         shuffle_shards: int = 8,
@@ -349,8 +349,8 @@ class ShardStream(IterableDataset):
         source_weights: Sequence[int] | None = None,
         batch_size: int | None = None,
     ):
-        """``modality``: of plain (img2dataset) pairs. ``pair_task``: what pairs become in an
-        ``instruct`` stream (default: the task itself for caption/generate; an instruct stream
+        """``modality``: of plain (img2dataset) pairs. ``pair_objective``: what pairs become in an
+        ``instruct`` stream (default: the objective itself for caption/generate; an instruct stream
         meeting a pair without it is a configuration error). ``rank`` / ``world_size`` override
         ``torch.distributed`` (tests). ``epochs``: passes per iteration, ``None`` for endless.
         ``output_media``: also read the target media of output groups (generate pairs, records'
@@ -366,10 +366,10 @@ class ShardStream(IterableDataset):
         (source i ``source_weights[i]`` turns a round); a pass lasts until the largest source is
         used up once, the smaller ones are redrawn (their next reshuffled cycle) meanwhile.
         ``shards`` is then ignored: ``sources`` lists each source's shards once."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
-        if pair_task is not None and pair_task not in PAIR_TASKS:
-            raise ValueError(f"pair_task must be one of {PAIR_TASKS}, got {pair_task!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
+        if pair_objective is not None and pair_objective not in PAIR_OBJECTIVES:
+            raise ValueError(f"pair_objective must be one of {PAIR_OBJECTIVES}, got {pair_objective!r}")
         if modality is not None:
             modality_registry.get(modality)
         if epochs is not None and epochs < 1:
@@ -393,8 +393,8 @@ class ShardStream(IterableDataset):
         self.total = sum(self.counts)
         if self.total == 0:
             raise ValueError(f"the {len(self.paths)} shards from {shards!r} hold no samples")
-        self.task, self.modality, self.seed, self.shuffle = task, modality, int(seed), bool(shuffle)
-        self.pair_task = pair_task or (task if task in PAIR_TASKS else None)
+        self.objective, self.modality, self.seed, self.shuffle = objective, modality, int(seed), bool(shuffle)
+        self.pair_objective = pair_objective or (objective if objective in PAIR_OBJECTIVES else None)
         self.shuffle_shards, self.epochs, self.transform = shuffle_shards, epochs, transform
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
@@ -427,7 +427,7 @@ class ShardStream(IterableDataset):
         self._tracked = False  # mark_consumed was called: yields no longer move the progress
 
     def __repr__(self) -> str:
-        return f"ShardStream({len(self.paths)} shards, {self.total} samples, task={self.task!r}, shuffle={self.shuffle})"
+        return f"ShardStream({len(self.paths)} shards, {self.total} samples, objective={self.objective!r}, shuffle={self.shuffle})"
 
     # --- order -------------------------------------------------------------------------------
     def _groups(self, epoch: int) -> list[list[int]]:
@@ -677,13 +677,13 @@ class ShardStream(IterableDataset):
             raise SkipSample("wrong JSON type", f"caption is a {type(caption).__name__}")
         if not caption.strip():
             raise SkipSample("empty caption")
-        if self.pair_task is None:
-            raise ValueError(f"{reader.path.name}:{key} is a text-X pair in an {self.task!r} stream:"
-                             f" set pair_task to one of {PAIR_TASKS} or leave pair shards out")
+        if self.pair_objective is None:
+            raise ValueError(f"{reader.path.name}:{key} is a text-X pair in an {self.objective!r} stream:"
+                             f" set pair_objective to one of {PAIR_OBJECTIVES} or leave pair shards out")
         mod = modality_registry.get(modality)
         member = f"{key}.{ext}" if ext else f"{key}.?"
         entry = {"id": conv_key, mod.name_field: member, "caption": caption}
-        generate = self.pair_task == "generate"
+        generate = self.pair_objective == "generate"
         try:
             conv = (_pairs_generate if generate else _pairs_caption)(entry, mod, Path(), 0)
         except Skip as e:

@@ -9,8 +9,8 @@ from datamodules.nextgpt_layout import json_files
 from datamodules.shard_datamodule import source_shards
 
 
-def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
-    """Missing JSON files of the dataset's sources for ``task`` (none for generated data); for
+def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
+    """Missing JSON files of the dataset's sources for ``objective`` (none for generated data); for
     sharded sources, neither shards nor the layout they are written from."""
     if cfg.dataset.get("synthetic"):
         return []
@@ -18,9 +18,9 @@ def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
         errors = []
         for i, src in enumerate(cfg.dataset.sources):
             if src.get("urls"):
-                if not source_shards(src, task, cfg.paths.shards):
+                if not source_shards(src, objective, cfg.paths.shards):
                     errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
-            elif not source_shards(src, task, cfg.paths.shards) and not (Path(src.root) / f"{src.name}.json").is_file():
+            elif not source_shards(src, objective, cfg.paths.shards) and not (Path(src.root) / f"{src.name}.json").is_file():
                 errors.append(f"dataset.sources[{i}].root={src.root!r}: no shards in "
                               f"{Path(cfg.paths.shards) / src.name} and no {Path(src.root) / (src.name + '.json')} "
                               f"to write them from (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
@@ -28,6 +28,6 @@ def data_path_errors(cfg: DictConfig, task: str) -> list[str]:
     return [
         f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"
         for i, src in enumerate(cfg.dataset.sources)
-        for path in json_files(src.name, src.root, task)
+        for path in json_files(src.name, src.root, objective)
         if not path.is_file()
     ]

@@ -20,7 +20,7 @@ from nextgpt import modality as modality_registry
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = (1, 2, 3)
-TASKS = ("caption", "generate", "instruct")
+OBJECTIVES = ("caption", "generate", "instruct")
 DTYPES = ("float32", "float16", "bfloat16")
 CONDITIONINGS = ("last_hidden_state", "text_embeds")
 LOSS_TERMS = ("ce", "align", "denoise")
@@ -232,7 +232,7 @@ def _check_stage(c: _Checker) -> None:
             c.fail("stage.module._target_", module, f"can not be imported ({e})")
     if c.get("stage.module._partial_") is not True:
         c.fail("stage.module._partial_", c.get("stage.module._partial_"), "must be true (train.py passes the model and the bundle)")
-    c.str_("stage.task", TASKS)
+    c.str_("stage.objective", OBJECTIVES)
     c.int_("stage.batch_size", 1)
     c.float_("stage.optim.lr", 0.0, lo_open=True, hi=None)
     c.float_("stage.optim.weight_decay", 0.0, hi=None)
@@ -336,7 +336,9 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
         if mod and mod not in modality_registry.names():
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
         elif mod and mod not in model_modalities:
-            c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities}")
+            how = (f"+model.modalities.{mod}={{num_signal_tokens: 0, decoder: null}} reads it as an input-only modality"
+                   if not modality_registry.get(mod).default_num_signal_tokens else f"add model.modalities.{mod}")
+            c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities} ({how})")
     if c.get("dataset.mix") is not None:
         c.str_("dataset.mix", ("weighted", "balanced"))
         if c.get("dataset.mix") == "balanced" and loader != "shards":

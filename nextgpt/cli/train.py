@@ -52,9 +52,9 @@ def denoise_targets(cfg: DictConfig) -> dict:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's task and model."""
+    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model."""
     extra = {"denoise_targets": denoise_targets(cfg)} if cfg.dataset.get("loader", "json") == "json" else {}
-    return hydra.utils.instantiate(cfg.dataset.datamodule, task=cfg.stage.task, model=OmegaConf.to_container(cfg.model),
+    return hydra.utils.instantiate(cfg.dataset.datamodule, objective=cfg.stage.objective, model=OmegaConf.to_container(cfg.model),
                                    _convert_="all", **extra)
 
 
@@ -107,7 +107,7 @@ def data_signatures(cfg: DictConfig) -> dict[str, str]:
     for src in cfg.dataset.sources:
         if src.get("root") and not src.get("urls") and Path(src.root).is_dir():
             out.update({str(Path(src.root) / f): sig for f, sig in
-                        source_signature(src.root, src.name, shard_set(cfg.stage.task)).items()})
+                        source_signature(src.root, src.name, shard_set(cfg.stage.objective)).items()})
     return out
 
 
@@ -138,7 +138,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
-    validate_paths(cfg, data_path_errors(cfg, cfg.stage.task))
+    validate_paths(cfg, data_path_errors(cfg, cfg.stage.objective))
     run, identity, ckpt_path = prepare_run(cfg)  # may refuse (a finished run): before anything loads
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):

@@ -27,7 +27,7 @@ def fixed_conversations(cfg, per_modality: int = 2):
     rng = random.Random(0)
     convs = []
     for src in cfg.dataset.sources:
-        found, _ = read_source(src.name, src.modality, src.root, cfg.stage.task)
+        found, _ = read_source(src.name, src.modality, src.root, cfg.stage.objective)
         for group in ([c for c in found if c.media_in], [c for c in found if c.captions_out]):
             convs += rng.sample(group, min(per_modality, len(group)))
     return convs

@@ -45,7 +45,7 @@ def test_stage3_on_a_weighted_instruction_mix(tiny_cache, sample_root, tmp_path)
     out = res.stderr + res.stdout
     n = {m: sum(len(json.loads((sample_root / m / f"{m}_{k}.json").read_text())) for k in ("comprehension", "generation"))
          for m in ("cc3m", "webvid", "audiocap")}
-    assert f"{n['cc3m'] + n['webvid'] + 2 * n['audiocap']} samples, task='instruct'" in out  # audiocap weighs 2
+    assert f"{n['cc3m'] + n['webvid'] + 2 * n['audiocap']} samples, objective='instruct'" in out  # audiocap weighs 2
     assert json.loads((tmp_path / "bundles" / "stage3" / "meta.json").read_text())["global_step"] == 4
 
 

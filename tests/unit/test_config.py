@@ -27,7 +27,8 @@ def test_config_groups_are_complete():
 
 @pytest.mark.parametrize("stage,dataset,model,strategy", list(itertools.product(STAGES, DATASETS, MODELS, STRATEGIES)))
 def test_every_combination_composes_and_validates(stage, dataset, model, strategy, tmp_path):
-    extra = ["dataset.urls='/data/shards/{00000..00009}.tar'"] if dataset == "webdataset" else []  # a mandatory key
+    extra = {"webdataset": ["dataset.urls='/data/shards/{00000..00009}.tar'"],  # a mandatory key
+             "depth": ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"]}.get(dataset, [])  # input-only
     cfg = compose([f"stage={stage}", f"dataset={dataset}", f"model={model}", f"strategy={strategy}", *extra],
                   output_dir=str(tmp_path))
     validate(cfg)  # loads nothing: the 7B configs validate on a machine without their weights
@@ -81,6 +82,13 @@ def test_bad_values_name_key_and_value(override, key, value, tmp_path):
     line = next((e for e in err.value.errors if e.startswith(key)), None)
     assert line is not None, err.value.errors
     assert value in line
+
+
+def test_an_input_only_dataset_names_the_model_entry_it_needs(tmp_path):
+    cfg = compose(["dataset=depth"], output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"dataset\.sources\[0\]\.modality='depth': not among the model's modalities "
+                                          r".*\+model\.modalities\.depth=\{num_signal_tokens: 0, decoder: null\}"):
+        validate(cfg)
 
 
 def test_webdataset_needs_its_urls(tmp_path):

@@ -25,7 +25,8 @@ from nextgpt.evaluation.readers import READERS
 # groups of train.yaml; evaluate.yaml's own group is task/ (below); base/ holds shared dataset keys
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"base", "hydra", "task"})
 # what each group needs beside its option to compose into a runnable training config
-NEEDS = {("dataset", "webdataset"): ["dataset.urls=/data/shards"]}
+NEEDS = {("dataset", "webdataset"): ["dataset.urls=/data/shards"],
+         ("dataset", "depth"): ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"]}
 # options that need hardware this machine lacks: composed, validated and signature-checked only
 NO_BUILD_HERE = {("trainer", "gpu")}
 
@@ -112,7 +113,7 @@ def test_every_option_builds_what_it_names(group, option, tmp_path, monkeypatch)
     module = hydra.utils.instantiate(cfg.stage.module)
     assert isinstance(module, functools.partial) and module.func.stage == cfg.stage.number
 
-    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule, task=cfg.stage.task,
+    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule, objective=cfg.stage.objective,
                                          model=OmegaConf.to_container(cfg.model), _convert_="all")
     assert datamodule.batch_size == cfg.dataset.batch_size
 

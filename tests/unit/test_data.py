@@ -20,8 +20,8 @@ def image_source(tiny_cache, tmp_path):
 
 
 def test_every_task_reads_the_synthetic_layout(image_source):
-    for task, expect in (("caption", "media_in"), ("generate", "captions_out"), ("instruct", None)):
-        convs, skipped = read_source("synthetic_image", "image", image_source, task)
+    for objective, expect in (("caption", "media_in"), ("generate", "captions_out"), ("instruct", None)):
+        convs, skipped = read_source("synthetic_image", "image", image_source, objective)
         assert convs and not skipped
         if expect:
             assert all(getattr(c, expect) for c in convs)

@@ -98,7 +98,7 @@ def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config
 
     cfg = tiny_config("stage=1")
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    dm = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), task="caption", model=model,
+    dm = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), objective="caption", model=model,
                            batch_size=4, cache_fallback=str(tmp_path / "fb"))
     with caplog.at_level("INFO"):
         dm.setup("fit")
@@ -114,7 +114,7 @@ def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config
     module = Stage1EncodingAlignment(model=model, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss))
     module.configure_model()
     cached_loss = module.compute_loss(batch)["loss"]
-    raw = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), task="caption", model=model,
+    raw = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), objective="caption", model=model,
                             batch_size=4, feature_cache=False)
     raw.setup("fit")
     raw_batch = next(iter(raw._loader(raw.train_set, shuffle=False)))

@@ -70,12 +70,12 @@ def check_roundtrip(sources: dict[str, Path], out: Path, shard_size: int) -> Non
     """Every conversation the JSON readers make comes back from the shards, media bytes intact."""
     for modality, folder in sources.items():
         prepare_nextgpt(folder, folder.name, modality, out, shard_size=shard_size)
-    for task, pattern in (("caption", "pairs"), ("generate", "pairs"), ("instruct", "instruct")):
+    for objective, pattern in (("caption", "pairs"), ("generate", "pairs"), ("instruct", "instruct")):
         for modality, folder in sources.items():
-            expected, skipped = read_source(folder.name, modality, folder, task)
+            expected, skipped = read_source(folder.name, modality, folder, objective)
             assert not skipped
-            got = list(ShardStream(str(out / f"{folder.name}-{pattern}-*.tar"), task=task))
-            assert len(got) == len(expected) > 0, (task, folder.name)
+            got = list(ShardStream(str(out / f"{folder.name}-{pattern}-*.tar"), objective=objective))
+            assert len(got) == len(expected) > 0, (objective, folder.name)
             for sample, ref in zip(got, expected):
                 conv = sample.conversation
                 assert (conv.key, conv.turns, conv.captions_out) == (ref.key, ref.turns, ref.captions_out), sample.where
@@ -95,10 +95,10 @@ def test_write_and_read_back_synthetic(synthetic: Path, tmp_path: Path) -> None:
 def test_write_and_read_back_real_sample(sample_root: Path, tmp_path: Path) -> None:
     check_roundtrip({m: sample_root / d for m, d in REAL.items()}, tmp_path, shard_size=5)
     # decoded from shard bytes == decoded from the file, for one sample of each modality
-    for task, modality, folder in (("caption", m, sample_root / d) for m, d in REAL.items()):
-        sample = next(iter(ShardStream(str(tmp_path / f"{folder.name}-pairs-*.tar"), task=task)))
+    for objective, modality, folder in (("caption", m, sample_root / d) for m, d in REAL.items()):
+        sample = next(iter(ShardStream(str(tmp_path / f"{folder.name}-pairs-*.tar"), objective=objective)))
         (name, tensor), = decode_media(sample)
-        ref = read_source(folder.name, modality, folder, task)[0][0]
+        ref = read_source(folder.name, modality, folder, objective)[0][0]
         assert name == modality and torch.equal(tensor, shards.modality_registry.get(modality).load(ref.media_in[0][1]))
 
 
@@ -107,7 +107,7 @@ def test_img2dataset_shards_read_as_pairs(sample_root: Path) -> None:
     folder = sample_root.parent / "img2dataset_cc3m"
     if not folder.is_dir():
         pytest.skip(f"img2dataset shards not found at {folder}")
-    stream = ShardStream(folder, task="caption", modality="image", transform=decode_media)
+    stream = ShardStream(folder, objective="caption", modality="image", transform=decode_media)
     got = list(stream)
     captions = {}
     for shard in sorted(folder.glob("*.tar")):  # whatever the shards are called
@@ -121,7 +121,7 @@ def test_img2dataset_shards_read_as_pairs(sample_root: Path) -> None:
         assert human.startswith("<image>\n") and answer == captions[s.key] and answer in cc3m
         (name, tensor), = s.item
         assert name == "image" and tensor.shape == (3, 224, 224)
-    generate = list(ShardStream(folder, task="generate", modality="image"))
+    generate = list(ShardStream(folder, objective="generate", modality="image"))
     assert [s.conversation.captions_out for s in generate] == [[("image", captions[s.key])] for s in generate]
 
 
@@ -130,9 +130,9 @@ def test_output_media_on_request(synthetic: Path, tmp_path: Path) -> None:
     folder = synthetic / "synthetic_image"
     prepare_nextgpt(folder, folder.name, "image", tmp_path, shard_size=3)
     files = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
-    assert all(s.media == {} for s in ShardStream(str(tmp_path / "*-pairs-*.tar"), task="generate"))
-    for pattern, task in (("pairs", "generate"), ("instruct", "instruct")):
-        got = [s for s in ShardStream(str(tmp_path / f"*-{pattern}-*.tar"), task=task, output_media=True)
+    assert all(s.media == {} for s in ShardStream(str(tmp_path / "*-pairs-*.tar"), objective="generate"))
+    for pattern, objective in (("pairs", "generate"), ("instruct", "instruct")):
+        got = [s for s in ShardStream(str(tmp_path / f"*-{pattern}-*.tar"), objective=objective, output_media=True)
                if s.conversation.captions_out]
         assert len(got) == len(files)
         for s in got:
@@ -190,7 +190,7 @@ def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) ->
     assert prepare.main(["--format", "alpaca", "--json", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json" in capsys.readouterr().err
     got = {s.conversation.key: s for s in ShardStream([out / "llava-000000.tar", out / "mosit-000000.tar",
-                                                       out / "alp-000000.tar"], task="instruct")}
+                                                       out / "alp-000000.tar"], objective="instruct")}
     assert sorted(got) == ["00000000", "00000001", "l1", "m1"]
     l1 = got["l1"].conversation
     assert l1.turns == [("<image>\nWhat is shown?", "Shapes."), ("Colours?", "Green.")]
@@ -373,9 +373,9 @@ def test_pair_shards_need_a_modality_or_pair_task(tmp_path: Path, tiny_jpg: Path
     with pytest.raises(ValueError, match=r"bad-000000.tar:good00 .*modality="):
         next(iter(ShardStream(tmp_path)))
     pair_shards(tmp_path / "p", tiny_jpg, 2, 2)
-    with pytest.raises(ValueError, match="pair_task"):
-        next(iter(ShardStream(tmp_path / "p", task="instruct")))
-    assert len(list(ShardStream(tmp_path / "p", task="instruct", pair_task="generate"))) == 2
+    with pytest.raises(ValueError, match="pair_objective"):
+        next(iter(ShardStream(tmp_path / "p", objective="instruct")))
+    assert len(list(ShardStream(tmp_path / "p", objective="instruct", pair_objective="generate"))) == 2
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         ShardStream(tmp_path / "nothing-here-{000000..000001}.tar")
 

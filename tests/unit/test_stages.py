@@ -40,7 +40,7 @@ def fixed_batch(cfg, module, per_modality: int = 2):
     rng = random.Random(0)
     convs = []
     for src in cfg.dataset.sources:
-        found, _ = read_source(src.name, src.modality, src.root, cfg.stage.task)
+        found, _ = read_source(src.name, src.modality, src.root, cfg.stage.objective)
         ins = [c for c in found if c.media_in]
         outs = [c for c in found if c.captions_out]
         for group in (ins, outs):
