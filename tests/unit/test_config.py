@@ -25,6 +25,37 @@ def test_config_groups_are_complete():
     assert {"auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"} <= set(STRATEGIES)
 
 
+def pairwise(*groups: list[str]) -> list[tuple[str, ...]]:
+    """Combinations in which every pair of options of any two groups occurs at least once (a greedy
+    covering array): groups interact in pairs (a strategy with a model's sizes, a dataset with a
+    model's modalities), and ~40 combinations cover every pair where the full product has ~400."""
+    wanted = {(i, a, j, b) for i, j in itertools.combinations(range(len(groups)), 2)
+              for a in groups[i] for b in groups[j]}
+    pairs = lambda combo: {(i, combo[i], j, combo[j]) for i, j in itertools.combinations(range(len(combo)), 2)}  # noqa: E731
+    chosen = []
+    while wanted:
+        best = max(itertools.product(*groups), key=lambda c: len(pairs(c) & wanted))
+        chosen.append(best)
+        wanted -= pairs(best)
+    return chosen
+
+
+PAIRWISE = pairwise(STAGES, DATASETS, MODELS, STRATEGIES)
+
+
+def test_the_pairwise_combinations_cover_every_pair():
+    for (i, a), (j, b) in itertools.combinations(enumerate([STAGES, DATASETS, MODELS, STRATEGIES]), 2):
+        for x, y in itertools.product(a, b):
+            assert any(c[i] == x and c[j] == y for c in PAIRWISE), (x, y)
+    assert len(PAIRWISE) < len(STAGES) * len(DATASETS) * len(MODELS) * len(STRATEGIES) / 4
+
+
+@pytest.mark.parametrize("stage,dataset,model,strategy", PAIRWISE)
+def test_every_pair_of_options_composes_and_validates(stage, dataset, model, strategy, tmp_path):
+    test_every_combination_composes_and_validates(stage, dataset, model, strategy, tmp_path)
+
+
+@pytest.mark.slow  # the full product; the pairwise set above covers every pair of options in the fast tier
 @pytest.mark.parametrize("stage,dataset,model,strategy", list(itertools.product(STAGES, DATASETS, MODELS, STRATEGIES)))
 def test_every_combination_composes_and_validates(stage, dataset, model, strategy, tmp_path):
     extra = {"webdataset": ["dataset.urls='/data/shards/{00000..00009}.tar'"],  # a mandatory key
@@ -116,6 +147,7 @@ def _train(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
         (["dataset.sources.0.modality=smell"], "'smell'"),
     ],
 )
+@pytest.mark.slow  # a subprocess CLI
 def test_train_py_fails_fast_on_bad_config(args, needle, tmp_path):
     t0 = time.perf_counter()
     res = _train(*args, f"paths.root={tmp_path}")
@@ -124,6 +156,7 @@ def test_train_py_fails_fast_on_bad_config(args, needle, tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow  # a subprocess CLI
 def test_missing_data_path_is_named(tmp_path):
     """`python train.py stage=1 dataset=cc3m paths.data_root=DIR trainer.max_steps=2` on an empty DIR."""
     missing = tmp_path / "nowhere"

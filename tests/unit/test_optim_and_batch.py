@@ -106,6 +106,7 @@ def test_device_counts_follow_lightning():
     assert device_count("auto", "cpu") == 1
 
 
+@pytest.mark.slow  # a subprocess CLI
 def test_train_py_refuses_a_global_batch_that_does_not_divide_within_seconds(tmp_path):
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "train.py", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",

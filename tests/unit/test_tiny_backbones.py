@@ -253,6 +253,7 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # builds the backbones again
 def test_builds_are_byte_identical_for_a_seed(tmp_path: Path, llm_dir: Path, sd_dir: Path) -> None:
     assert _digest(tiny.build_tiny_llm(tmp_path / "llm")) == _digest(llm_dir)
     assert _digest(tiny.build_tiny_stable_diffusion(tmp_path / "sd")) == _digest(sd_dir)
@@ -268,6 +269,7 @@ def test_learn_bpe_breaks_ties_deterministically() -> None:
 # ---------------------------------------------------------------------------------------------- build_all
 
 
+@pytest.mark.slow  # builds the backbones again
 def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nextgpt.encoders.imagebind")
     out = tmp_path / "cache"
@@ -303,6 +305,7 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in tmp_path.iterdir()] == ["cache"], "old cache removed"
 
 
+@pytest.mark.slow  # builds the backbones again
 def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(out: Path, *, seed: int = 0) -> Path:
         raise KeyboardInterrupt
