@@ -81,8 +81,8 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 # --- sweeps -----------------------------------------------------------------------------------
 def sweep_tag() -> str:
     """In a multirun job, ``key=value`` of every swept key but ``stage`` (comma-joined, sorted);
-    otherwise ``""``. Read from the sweep's ``multirun.yaml`` (the command line as given), so it
-    holds under any launcher."""
+    otherwise ``""``. The swept keys are those of the sweep's command line (its ``multirun.yaml``,
+    so it holds under any launcher) and of the sweeper's ``params`` (what an Optuna search varies)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
@@ -96,6 +96,7 @@ def sweep_tag() -> str:
     sweep_file = Path(hc.sweep.dir) / "multirun.yaml"
     given = list(OmegaConf.load(sweep_file).hydra.overrides.task) if sweep_file.is_file() else []
     swept = {o.get_key_element() for o in parser.parse_overrides(given) if o.is_sweep_override()}
+    swept |= set(OmegaConf.select(hc, "sweeper.params") or {})  # a sweeper's own search space (Optuna, hparams_search/)
     job = {o.get_key_element(): o.get_value_element_as_str() for o in parser.parse_overrides(list(hc.overrides.task))}
     parts = [f"{k}={job[k]}" for k in sorted(swept) if k in job and k.lstrip("+~") != "stage"]
     return ",".join(parts).replace("/", "_")

@@ -274,3 +274,19 @@ def test_unclear_inputs_get_messages_that_name_them(tiny_cache, tmp_path):
     (not_lm / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
     refused(train(tmp_path, tiny_cache, "stage=1", f"model.llm.path={not_lm}", *QUIET), "model.llm.path=",
             "not a causal language model")
+
+
+def test_an_optuna_search_trains_each_trial_into_its_own_bundle(tiny_cache, tmp_path):
+    """`python train.py hparams_search=stage_lr`: Optuna's trials never share a bundle or a run,
+    and the best value it reports is the lowest final loss of its trials."""
+    import re
+
+    out = ok(train(tmp_path, tiny_cache, "hparams_search=stage_lr", "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
+                   *QUIET))
+    bundles = sorted(p.name for p in (tmp_path / "bundles").iterdir())
+    assert len(bundles) == 2 and all(b.startswith("stage.optim.lr=") for b in bundles), bundles
+    assert all((tmp_path / "bundles" / b / "stage1" / "trainable.safetensors").is_file() for b in bundles)
+    assert len(runs_of(tmp_path)) == 2
+    losses = [float(x) for x in re.findall(r"'train/loss': ([0-9.e-]+)", out)]
+    best = float(re.search(r"Best value: ([0-9.e-]+)", out).group(1))
+    assert len(losses) == 2 and best == pytest.approx(min(losses))

@@ -131,6 +131,23 @@ def test_every_evaluation_task_composes_and_names_a_known_reader(task, tmp_path)
         assert cfg.task.benchmark.reader in READERS and cfg.task.metrics
 
 
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_every_search_space_names_keys_that_exist(option, tmp_path):
+    """The sweeper of an hparams_search option loads, and every key it searches is a key of the
+    training config (a typo would search nothing, silently)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg = runnable("hparams_search", option, tmp_path)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        sweep = hydra_compose("train", overrides=[f"hparams_search={option}"], return_hydra_config=True).hydra
+    assert get_object(sweep.sweeper._target_) and sweep.mode.name == "MULTIRUN"
+    for key in sweep.sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, f"hparams_search/{option}: {key} is not a config key"
+
+
 def test_a_callback_option_is_one_callback_and_none_is_none(tmp_path):
     assert list(runnable("callbacks", "stage_bundle", tmp_path).callbacks) == ["stage_bundle"]
     assert not runnable("callbacks", "none", tmp_path).get("callbacks")
