@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # --------------------------------------------------------------------------------------------------
-# the old whole-file approach ("before"), as nextgpt/encoders/preprocess.py had it before issue 11
+# the old whole-file approach ("before"), as nextgpt/encoders/preprocess/ had it before issue 11
 # --------------------------------------------------------------------------------------------------
 def old_load_audio(path: Path, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000):
     """Read the whole file (soundfile, else PyAV), average channels, resample all of it, then cut the clips."""
@@ -39,7 +39,8 @@ def old_load_audio(path: Path, num_clips: int = 3, clip_duration: float = 2.0, s
     import torch
     import torch.nn.functional as F
 
-    from nextgpt.encoders.preprocess import _clip_starts, kaldi_fbank, resample
+    from nextgpt.encoders.preprocess import kaldi_fbank, resample
+    from nextgpt.encoders.preprocess.common import clip_starts as _clip_starts
 
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)

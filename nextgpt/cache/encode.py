@@ -19,7 +19,7 @@ from nextgpt.cache.store import FeatureStore, cache_base, caption_key, file_sign
 
 log = logging.getLogger(__name__)
 
-# Bump when nextgpt/encoders/preprocess.py changes what it computes: old features become stale.
+# Bump when nextgpt/encoders/preprocess/ changes what it computes: old features become stale.
 PREPROCESS_VERSION = 1
 
 

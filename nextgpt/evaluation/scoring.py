@@ -121,16 +121,25 @@ def _fid(cfg, samples, generated, per_sample) -> dict:
     return value(fid, reference=len(reference), backbone="InceptionV3 pool3 (pytorch-fid weights)", **({"note": note} if note else {}))
 
 
+def _caption_similarity(metric: str, media_embeddings, embedder, generated, per_sample, backbone: str) -> dict:
+    """CLIP score / CLAP score: each generated item's embedding against its caption's, by the same
+    joint embedder (``media_embeddings`` in ``generated``'s order)."""
+    from nextgpt.metrics.embedders import clip_score
+
+    scores = clip_score(media_embeddings, embedder.texts([s.caption for s, _ in generated]))
+    per_sample[metric] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
+    return value(float(scores.mean()), backbone=backbone)
+
+
 def _clip_score(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.embedders import ClipEmbedder, clip_score
+    from nextgpt.metrics.embedders import ClipEmbedder
     from nextgpt.metrics.media import read_image
 
     if not generated:
         raise Unavailable("no sample produced an image")
     clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
-    scores = clip_score(clip.images([read_image(p) for _, p in generated]), clip.texts([s.caption for s, _ in generated]))
-    per_sample["clip_score"] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
-    return value(float(scores.mean()), backbone=str(cfg.feature_nets.clip))
+    return _caption_similarity("clip_score", clip.images([read_image(p) for _, p in generated]), clip, generated,
+                               per_sample, str(cfg.feature_nets.clip))
 
 
 def _clipsim(cfg, samples, generated, per_sample) -> dict:
@@ -183,15 +192,14 @@ def _fad(cfg, samples, generated, per_sample) -> dict:
 
 
 def _clap_score(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.embedders import ClapEmbedder, clip_score
+    from nextgpt.metrics.embedders import ClapEmbedder
     from nextgpt.metrics.media import read_wave
 
     if not generated:
         raise Unavailable("no sample produced an audio clip")
     clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
-    scores = clip_score(clap.audios([read_wave(p) for _, p in generated]), clap.texts([s.caption for s, _ in generated]))
-    per_sample["clap_score"] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
-    return value(float(scores.mean()), backbone=str(cfg.feature_nets.clap))
+    return _caption_similarity("clap_score", clap.audios([read_wave(p) for _, p in generated]), clap, generated,
+                               per_sample, str(cfg.feature_nets.clap))
 
 
 GENERATION_METRICS = {"fid": _fid, "clip_score": _clip_score, "clipsim": _clipsim, "fad": _fad, "clap_score": _clap_score}

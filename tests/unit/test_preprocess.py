@@ -20,13 +20,13 @@ from nextgpt.encoders.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     MediaDecodeError,
-    _video_frame_indices,
     kaldi_fbank,
     load_audio,
     load_image,
     load_video,
     resample,
 )
+from nextgpt.encoders.preprocess.video import _video_frame_indices
 
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
 
@@ -487,11 +487,12 @@ def test_pyav_audio_decodes_only_the_clips(tmp_path: Path, codec: str, suffix: s
     from the last frames; Matroska's millisecond stamps are decoded forward instead (still span-sized memory)."""
     import tracemalloc
 
-    from nextgpt.encoders import preprocess
+    from nextgpt.encoders.preprocess import audio as preprocess_audio
+    from nextgpt.encoders.preprocess.common import existing_source
 
     path = tmp_path / f"long.{suffix}"
     write_av_audio(path, codec, 44100, 5 * 60)
-    reader = preprocess._AvAudio(preprocess._existing(path))
+    reader = preprocess_audio._AvAudio(existing_source(path))
     try:
         assert reader.seeks is seeks
     finally:
@@ -515,7 +516,8 @@ def test_long_video_decodes_only_the_clips(tmp_path: Path, monkeypatch: pytest.M
                                            options: dict[str, str]) -> None:
     """15 minutes at 10 fps: seeking to the keyframe before each wanted frame gives the frames (bit for bit) and
     the tensor that decoding from the start gives, while decoding a small part of the video."""
-    from nextgpt.encoders import preprocess
+    from nextgpt.encoders.preprocess import video as preprocess_video
+    from nextgpt.encoders.preprocess.common import NoSeek, existing_source
 
     path = tmp_path / "long.mp4"
     fps, n, w, h = 10, 15 * 60 * 10, 32, 24
@@ -530,12 +532,12 @@ def test_long_video_decodes_only_the_clips(tmp_path: Path, monkeypatch: pytest.M
                 out.mux(pkt)
         for pkt in stream.encode():
             out.mux(pkt)
-    p = preprocess._existing(path)
-    index = preprocess._probe_video(p)
+    p = existing_source(path)
+    index = preprocess_video._probe_video(p)
     assert index.count == n and index.pts is not None
     wanted = {i for idxs in _video_frame_indices(index.count, index.fps, 5, 2.0, 2) for i in idxs}
-    seeking, decoded = preprocess._grab_seeking(p, wanted, index)
-    forward, _ = preprocess._grab_sequential(p, wanted)
+    seeking, decoded = preprocess_video._grab_seeking(p, wanted, index)
+    forward, _ = preprocess_video._grab_sequential(p, wanted)
     assert seeking.keys() == forward.keys() == wanted
     for i in wanted:
         np.testing.assert_array_equal(seeking[i], forward[i], err_msg=f"frame {i}")
@@ -543,7 +545,7 @@ def test_long_video_decodes_only_the_clips(tmp_path: Path, monkeypatch: pytest.M
     got = load_video(path)
 
     def refuse(*args, **kwargs):
-        raise preprocess._NoSeek("forced forward decode")
+        raise NoSeek("forced forward decode")
 
-    monkeypatch.setattr(preprocess, "_grab_seeking", refuse)
+    monkeypatch.setattr(preprocess_video, "_grab_seeking", refuse)
     assert torch.equal(got, load_video(path))
