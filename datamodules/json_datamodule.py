@@ -124,7 +124,9 @@ class NextGPTDataModule(SourceDataModule):
 
     def train_dataloader(self) -> StepWindows:
         rank, world, accumulate = trainer_topology(self.trainer)
-        sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=True, seed=self.seed)
+        # overfitting (trainer.overfit_batches, debug=overfit): the same first batches every epoch
+        overfit = bool(getattr(self.trainer, "overfit_batches", 0))
+        sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed)
         loader = DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens),

@@ -388,6 +388,10 @@ def _check_trainer(c: _Checker) -> None:
     clip = c.get("trainer.gradient_clip_val")
     if clip is not None:
         c.float_("trainer.gradient_clip_val", 0.0, hi=None)
+    overfit = c.get("trainer.overfit_batches")
+    if overfit and c.get("dataset.loader") == "shards":
+        c.fail("trainer.overfit_batches", overfit, "a shard stream runs on across epochs and never repeats a batch; "
+               "overfit on a dataset read from the NExT-GPT layout (dataset=synthetic, or a base/json dataset)")
 
 
 # loggers whose package is an optional extra: the packages any one of which they need, and the extra

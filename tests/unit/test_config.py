@@ -122,6 +122,11 @@ def test_an_input_only_dataset_names_the_model_entry_it_needs(tmp_path):
         validate(cfg)
 
 
+def test_overfitting_a_shard_stream_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.overfit_batches=1: a shard stream runs on across epochs"):
+        validate(compose(["dataset=cc3m", "debug=overfit"], output_dir=str(tmp_path)))
+
+
 def test_webdataset_needs_its_urls(tmp_path):
     with pytest.raises(ConfigError, match="dataset.urls"):
         validate(compose(["dataset=webdataset"], output_dir=str(tmp_path)))
