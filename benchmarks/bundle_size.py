@@ -39,7 +39,7 @@ def legacy_7b(stage: int) -> NextGPT:
                         output_projector=dict(d_model=512, nhead=4, num_encoder_layers=4, num_decoder_layers=4,
                                               dim_feedforward=2048, dropout=0.1))
         if STAGES[stage].use_lora:
-            model.apply_lora(r=32, alpha=32, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            model.apply_lora({"r": 32, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
     model.set_trainable(STAGES[stage].trainable_groups)
     return model
 

@@ -83,7 +83,7 @@ class Generator:
         self.stage = int(cfg.stage.number)
         model, tokenizer, conditioners = build_nextgpt(cfg.model)
         if STAGES[self.stage].use_lora:
-            model.apply_lora(**{k: cfg.model.lora[k] for k in ("r", "alpha", "dropout", "target_modules")})
+            model.apply_lora(cfg.model.lora)
         loaded = load_bundle_weights(self.bundle, model, cfg.model)
         self._setup(model, tokenizer, conditioners, cfg.model, device)
         self.untrained = sorted({n.split(".")[1] for n, _ in model.named_parameters()

@@ -214,10 +214,12 @@ class NextGPT(nn.Module):
         return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=every_modality))
 
     # --- LoRA ------------------------------------------------------------------------------
-    def apply_lora(self, r: int, alpha: float, dropout: float, target_modules: list[str]) -> None:
+    def apply_lora(self, lora: Mapping[str, Any]) -> None:
+        """Wrap the LLM with peft LoRA adapters as ``model.lora`` says (r, alpha, dropout, target_modules)."""
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+        config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                            target_modules=list(lora["target_modules"]), bias="none")
         self.llm = get_peft_model(self.llm, config)
 
 

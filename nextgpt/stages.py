@@ -82,7 +82,7 @@ class NextGPTStage(L.LightningModule):
         with whole_weights():
             model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
         if self.use_lora:
-            model.apply_lora(**{k: self.model_cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules")})
+            model.apply_lora(self.model_cfg["lora"])
         loaded: list[str] = []
         if self.init_from:
             loaded = load_bundle_weights(self.init_from, model, self.model_cfg)

@@ -75,7 +75,7 @@ def _paths(out: Path) -> dict[str, Path]:
     }
 
 
-def imagebind_fingerprint() -> str:
+def imagebind_layout_hash() -> str:
     """Short hash of the tiny ImageBind's state-dict layout (names + shapes).
 
     Why: ``nextgpt/encoders/imagebind.py`` evolves separately from this file; when its tiny layout
@@ -108,7 +108,7 @@ def tiny_imagebind_config():
 
 
 def _marker_text() -> str:
-    return f"{TINY_BUILD_VERSION}\nimagebind {imagebind_fingerprint()}\n"
+    return f"{TINY_BUILD_VERSION}\nimagebind {imagebind_layout_hash()}\n"
 
 
 def is_complete(out: Path) -> bool:
@@ -123,7 +123,7 @@ def is_complete(out: Path) -> bool:
         return False
     if not lines or lines[0].strip() != TINY_BUILD_VERSION:
         return False
-    return f"imagebind {imagebind_fingerprint()}" in (line.strip() for line in lines[1:])
+    return f"imagebind {imagebind_layout_hash()}" in (line.strip() for line in lines[1:])
 
 
 def _build_imagebind(path: Path, seed: int) -> None:

@@ -276,7 +276,7 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     paths = tiny.build_all(out)
     assert set(paths) == {"llm", "sd", "audioldm", "t2v", "imagebind"}
     marker = (out / ".complete").read_text(encoding="utf-8").splitlines()
-    assert marker[0] == tiny.TINY_BUILD_VERSION and marker[1] == f"imagebind {tiny.imagebind_fingerprint()}"
+    assert marker[0] == tiny.TINY_BUILD_VERSION and marker[1] == f"imagebind {tiny.imagebind_layout_hash()}"
     assert paths["imagebind"] == out / "imagebind" / "imagebind_tiny.pth"
     state = torch.load(paths["imagebind"], map_location="cpu", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -294,7 +294,7 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     # another builder version, or a tiny ImageBind whose layout changed since: rebuilt
     (out / ".complete").write_text("0-stale\n" + "\n".join(marker[1:]) + "\n", encoding="utf-8")
     assert not tiny.is_complete(out)
-    monkeypatch.setattr(tiny, "imagebind_fingerprint", lambda: "0123456789ab")
+    monkeypatch.setattr(tiny, "imagebind_layout_hash", lambda: "0123456789ab")
     assert not tiny.is_complete(out)
     tiny.build_all(out)
     assert weights.stat().st_mtime_ns != mtime
