@@ -220,7 +220,11 @@ def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: 
 
     if not page.locator("#bundle textarea").is_visible():
         page.locator("#bundle-panel").get_by_text("Bundle", exact=True).click()  # open the accordion
-    page.locator("#bundle textarea").fill(str(tmp_path / "no_such_bundle"))
+    box = page.locator("#bundle textarea")
+    box.fill(str(tmp_path / "no_such_bundle"))
+    box.press("Tab")  # leave the box, as a person does before clicking: Gradio commits the value on change
+    expect(box).to_have_value(str(tmp_path / "no_such_bundle"))
+    page.wait_for_timeout(300)  # under load, a click right after typing could still send the old value (seen in CI)
     page.click("#load-bundle")
     expect_text(status, "does not exist", timeout=30)
 
