@@ -44,7 +44,9 @@ def build_caches(cfg) -> dict[str, int]:
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     what = set(cfg.cache.what)
-    encoder = load_encoder(model_cfg["encoder"]).to(device) if "media" in what else None
+    # the trunks of the modalities this pass encodes (a depth data set needs ImageBind's depth branch)
+    modalities = {str(s.modality) for s in cfg.dataset.sources}
+    encoder = load_encoder(model_cfg["encoder"], modalities).to(device) if "media" in what else None
     conditioners = load_conditioners(model_cfg) if "captions" in what else {}
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":

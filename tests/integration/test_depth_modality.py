@@ -79,3 +79,18 @@ def test_the_model_encodes_depth_with_the_depth_trunk_and_generates_nothing_for_
     assert set(model.modality_names) == {"image", "audio", "video"}  # zero-row runs: the generated ones
     feats = model.encoder.encode("depth", x, renormalize=True)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_the_cache_pass_encodes_depth_with_the_depth_trunk(tmp_path, tiny_cache):
+    """`python -m nextgpt.cache dataset=depth ...` builds the trunk its data needs (the encoder's
+    arch lists vision and audio only) and caches every depth map."""
+    from nextgpt.cli.cache import build_caches
+    from nextgpt.config import compose
+
+    write_depth_set(tmp_path / "data", n=3)
+    cfg = compose(["dataset=depth", f"paths.data_root={tmp_path / 'data'}", f"paths.cache_dir={tiny_cache}",
+                   f"paths.root={tmp_path}", DEPTH_MODEL, "cache.what=[media]"], config_name="cache",
+                  output_dir=str(tmp_path))
+    report = build_caches(cfg)
+    (store,) = [d for d in report if "imagebind_depth" in d]
+    assert report[store] == 3
