@@ -27,8 +27,12 @@ class SourceDataModule(L.LightningDataModule):
 
     def __init__(self, sources: Sequence[Mapping[str, Any]], objective: str, model: Mapping[str, Any], template: str,
                  batch_size: int, num_workers: int, max_length: int, seed: int, feature_cache: bool,
-                 cache_fallback: str | None):
+                 cache_fallback: str | None, pairs: Mapping[str, Any] | None = None):
         super().__init__()
+        from nextgpt.prompts import PairStyle
+
+        # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
+        self.pair_style = PairStyle(**dict(pairs or {}))
         self.sources = [dict(s) for s in sources]
         self.objective, self.model_cfg, self.template = objective, model, template
         self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed

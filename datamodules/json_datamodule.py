@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.nextgpt_layout import read_source
-from datamodules.steps import StepSampler, StepWindows
+from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.prompts import Conversation
 
@@ -45,9 +45,16 @@ class NextGPTDataModule(SourceDataModule):
         feature_cache: bool = True,
         cache_fallback: str | None = None,
         denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
+        pairs: Mapping[str, Any] | None = None,
+        mix: str = "weighted",
     ):
         super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback)
+                         cache_fallback, pairs)
+        if mix not in ("weighted", "balanced"):
+            raise ValueError(f"dataset.mix={mix!r}: must be weighted (batches mix the sources) or balanced "
+                             "(one source per batch, in turn)")
+        self.mix = mix
+        self.train_sources: list[int] = []  # the source index of each training sample
         self.val_fraction = val_fraction
         self.synthetic = dict(synthetic) if synthetic else None
         self.denoise_targets = dict(denoise_targets or {})
@@ -69,9 +76,12 @@ class NextGPTDataModule(SourceDataModule):
 
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         convs: list[Conversation] = []
-        for src in self.sources:
+        source_of: list[int] = []
+        for k, src in enumerate(self.sources):
             c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective)
+            c = [self.pair_style.apply(conv) for conv in c]
             convs += c
+            source_of += [k] * len(c)
             self.conversations_by_source.append((src, c))
             self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
         features = self._media_features() if self.feature_cache else {}
@@ -84,6 +94,7 @@ class NextGPTDataModule(SourceDataModule):
             int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length, features, self.denoise_targets,
         )
         self.train_set = make(order[n_val:])
+        self.train_sources = [source_of[i] for i in order[n_val:]]
         self.val_set = make(order[:n_val]) if n_val else None
         log.info("data: %d train / %d val conversations (%s); skipped entries: %s", len(self.train_set),
                  n_val, self.objective, dict(self.skipped_entries) or "none")
@@ -126,7 +137,11 @@ class NextGPTDataModule(SourceDataModule):
         rank, world, accumulate = trainer_topology(self.trainer)
         # overfitting (trainer.overfit_batches, debug=overfit): the same first batches every epoch
         overfit = bool(getattr(self.trainer, "overfit_batches", 0))
-        sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed)
+        if self.mix == "balanced":
+            sampler = BalancedStepSampler(self.train_sources, self.batch_size, rank=rank, world_size=world,
+                                          shuffle=not overfit, seed=self.seed)
+        else:
+            sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed)
         loader = DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens),

@@ -74,7 +74,8 @@ def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conver
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     instruction = _pick(CAPTION_INSTRUCTIONS, key).format(m=mod.name)
-    return Conversation(key, [(f"{mod.placeholder}\n{instruction}", caption)], media_in=[(mod.name, _media(root, mod, file))])
+    return Conversation(key, [(f"{mod.placeholder}\n{instruction}", caption)], media_in=[(mod.name, _media(root, mod, file))],
+                        kind="caption")
 
 
 def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
@@ -82,7 +83,7 @@ def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conve
     key = _key(entry, mod, Path(file).stem)
     request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
     return Conversation(key, [(request, mod.placeholder)], captions_out=[(mod.name, caption)],
-                        media_out=[(mod.name, _media(root, mod, file))])
+                        media_out=[(mod.name, _media(root, mod, file))], kind="generate")
 
 
 def _turns(entry: dict) -> list[tuple[str, str]]:

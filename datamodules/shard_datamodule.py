@@ -79,9 +79,10 @@ class ShardDataModule(SourceDataModule):
         source_changed: str = "rewrite",
         feature_cache: bool = True,
         mix: str = "weighted",
+        pairs: Mapping[str, Any] | None = None,
     ):
         super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback)
+                         cache_fallback, pairs)
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
@@ -215,7 +216,7 @@ class ShardDataModule(SourceDataModule):
             data.name = f"{sample.shard}:{member}"
             return modality_registry.get(name).load(data), False
 
-        return self.items.build_item(sample.conversation, load)
+        return self.items.build_item(self.pair_style.apply(sample.conversation), load)
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Enough full batches on every rank to cover one pass; a rank whose share runs short takes

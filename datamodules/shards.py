@@ -82,10 +82,10 @@ _HAS_MEDIA_OUT = "media_out" in {f.name for f in fields(Conversation)}
 
 
 def _conversation(key: str, turns: list[tuple[str, str]], media_in: list[tuple[str, str]],
-                  captions_out: list[tuple[str, str]], media_out: list[tuple[str, str]]) -> Conversation:
+                  captions_out: list[tuple[str, str]], media_out: list[tuple[str, str]], kind: str = "") -> Conversation:
     """A Conversation with output media members where the dataclass has that field."""
     extra = {"media_out": media_out} if _HAS_MEDIA_OUT and media_out else {}
-    return Conversation(key, turns, media_in=media_in, captions_out=captions_out, **extra)
+    return Conversation(key, turns, media_in=media_in, captions_out=captions_out, kind=kind, **extra)
 
 
 class SkipSample(Exception):
@@ -689,13 +689,13 @@ class ShardStream(IterableDataset):
         except Skip as e:
             raise SkipSample(str(e)) from None
         if generate and not self.output_media:  # text -> X: the media is not needed
-            return ShardSample(_conversation(conv.key, conv.turns, [], conv.captions_out, []), {},
+            return ShardSample(_conversation(conv.key, conv.turns, [], conv.captions_out, [], conv.kind), {},
                                reader.path.name, key, source)
         if ext is None or ext not in members:
             raise SkipSample("missing media member", f"no {modality} member" if ext is None else member)
         media = [(modality, member)]
         conv = _conversation(conv.key, conv.turns, [] if generate else media, conv.captions_out,
-                             media if generate else [])
+                             media if generate else [], conv.kind)
         cached = None if generate else self._cached(reader, member)
         if cached is not None:  # its feature is cached: the member is never read
             return ShardSample(conv, {}, reader.path.name, key, source, features={member: cached})

@@ -143,3 +143,46 @@ class StepSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self._skip :])
+
+
+class BalancedStepSampler(StepSampler):
+    """The reference's data mix (``dataset.mix=balanced``): every batch holds one source, the
+    sources take turns, and the smaller ones are redrawn until the largest is used up.
+
+    ``sources[i]`` is the source of sample ``i``. Pass ``epoch`` takes, per source, blocks of
+    ``batch_size x world_size`` indices from that source's own seeded permutation (re-permuted each
+    time it runs out), one block per source in turn, for as many rounds as the largest source needs;
+    rank ``r`` takes every ``world_size``-th index, so each rank's batch of a step comes from the
+    block's source. ``skip`` and the rank split work as in :class:`StepSampler`."""
+
+    def __init__(self, sources: list[int], batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(len(sources), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.members: list[list[int]] = []
+        for name in sorted(set(sources)):
+            self.members.append([i for i, s in enumerate(sources) if s == name])
+        self.block = batch_size * world_size
+        self.rounds = math.ceil(max(len(m) for m in self.members) / self.block)
+
+    def __len__(self) -> int:
+        return self.rounds * len(self.members) * self.block // self.world_size
+
+    def _stream(self, k: int, members: list[int]) -> Iterator[int]:
+        cycle = 0
+        while True:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(((self.seed + self.epoch) * 1_000_003 + k) * 1_009 + cycle)
+                yield from (members[j] for j in torch.randperm(len(members), generator=gen).tolist())
+            else:
+                yield from members
+            cycle += 1
+
+    def indices(self) -> list[int]:
+        streams = [self._stream(k, m) for k, m in enumerate(self.members)]
+        order: list[int] = []
+        for _ in range(self.rounds):
+            for stream in streams:
+                order += [next(stream) for _ in range(self.block)]
+        return order[self.rank :: self.world_size]

@@ -68,6 +68,11 @@ def _sweep_group(default: str) -> str:
     return str(default)
 
 
+def _per_stage(mapping: Any, number: Any) -> DictConfig:
+    entry = mapping.get(str(number)) if mapping is not None else None
+    return OmegaConf.create({} if entry is None else OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nextgpt.cwd"):
         # the launch directory; unlike ${hydra:runtime.cwd} it also resolves in hydra.sweep.dir
@@ -81,6 +86,10 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nextgpt.tagged"):
         # "<name>-<tag>" (a sweep job's swept values), or the name alone
         OmegaConf.register_new_resolver("nextgpt.tagged", lambda name, tag="": f"{name}-{tag}" if tag else str(name))
+    if not OmegaConf.has_resolver("nextgpt.per_stage"):
+        # ${nextgpt.per_stage:${a_mapping},${stage.number}}: the mapping's entry for this stage
+        # ("1"/"2"/"3"); {} where it has none. A recipe whose value differs by stage.
+        OmegaConf.register_new_resolver("nextgpt.per_stage", _per_stage)
     if not OmegaConf.has_resolver("nextgpt.wandb_offline"):
         # offline unless an API key is set or the user asked for online mode
         OmegaConf.register_new_resolver(
@@ -243,7 +252,13 @@ def _check_stage(c: _Checker) -> None:
         _check_partial(c, key)
     loss = c.mapping("stage.loss")
     for term in loss or {}:
-        if term not in LOSS_TERMS:
+        if term == "align_by_modality":  # per-modality weights of the alignment term
+            for m, w in (c.mapping("stage.loss.align_by_modality") or {}).items():
+                if m not in modality_registry.names():
+                    c.fail(f"stage.loss.align_by_modality.{m}", w, f"unknown modality; registered: {modality_registry.names()}")
+                else:
+                    c.float_(f"stage.loss.align_by_modality.{m}", 0.0, hi=None)
+        elif term not in LOSS_TERMS:
             c.fail(f"stage.loss.{term}", loss[term], f"unknown loss term; known: {list(LOSS_TERMS)}")
         else:
             c.float_(f"stage.loss.{term}", 0.0, hi=None)
@@ -274,13 +289,22 @@ def _check_model(c: _Checker) -> list[str]:
     for k in ("num_encoder_layers", "num_decoder_layers", "dim_feedforward"):
         c.int_(f"model.output_projector.{k}", 1)
     c.float_("model.output_projector.dropout", 0.0, 1.0)
+    if c.get("model.output_projector.norm_first") not in (None, True, False):
+        c.fail("model.output_projector.norm_first", c.get("model.output_projector.norm_first"), "must be true or false")
+    if c.get("model.output_projector.query_std") is not None:
+        c.float_("model.output_projector.query_std", 0.0, lo_open=True, hi=None)
     c.int_("model.lora.r", 1)
     c.float_("model.lora.alpha", 0.0, lo_open=True, hi=None)
     c.float_("model.lora.dropout", 0.0, 1.0)
-    targets = c.sequence("model.lora.target_modules")
-    for i, t in enumerate(targets or []):
-        if not isinstance(t, str) or not t:
-            c.fail(f"model.lora.target_modules[{i}]", t, "must be a module name")
+    if c.get("model.lora.target_modules") != "all-linear":  # peft's every-Linear-but-the-head
+        targets = c.sequence("model.lora.target_modules")
+        for i, t in enumerate(targets or []):
+            if not isinstance(t, str) or not t:
+                c.fail(f"model.lora.target_modules[{i}]", t, "must be a module name")
+    from nextgpt.tokens import MARKER_STYLES
+
+    if c.get("model.markers") is not None:
+        c.str_("model.markers", MARKER_STYLES)
     mods = c.mapping("model.modalities") or {}
     if not mods:
         c.fail("model.modalities", mods, "must name at least one modality")
@@ -318,6 +342,13 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
     from nextgpt.prompts import TEMPLATES
 
     c.str_("dataset.template", TEMPLATES)
+    if c.get("dataset.pairs") is not None:
+        from nextgpt.prompts import PAIR_STYLES
+
+        c.str_("dataset.pairs.style", PAIR_STYLES)
+        c.str_("dataset.pairs.caption_prompt")
+        if not isinstance(c.get("dataset.pairs.clean_captions"), bool):
+            c.fail("dataset.pairs.clean_captions", c.get("dataset.pairs.clean_captions"), "must be true or false")
     loader = c.get("dataset.loader") or "json"
     if loader not in LOADERS:
         c.fail("dataset.loader", loader, f"must be one of {list(LOADERS)}")
@@ -341,8 +372,6 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
             c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities} ({how})")
     if c.get("dataset.mix") is not None:
         c.str_("dataset.mix", ("weighted", "balanced"))
-        if c.get("dataset.mix") == "balanced" and loader != "shards":
-            c.fail("dataset.mix", "balanced", "needs dataset.loader=shards (the balanced mix is a shard-stream order)")
     if c.get("dataset.source_changed") is not None:
         c.str_("dataset.source_changed", ("rewrite", "error", "keep"))
     if c.get("dataset.max_skip_fraction") is not None:

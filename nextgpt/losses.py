@@ -35,11 +35,14 @@ def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
 
 
 def modality_mean(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], kind: str,
-                  zero: torch.Tensor) -> torch.Tensor:
+                  zero: torch.Tensor, weights: Mapping[str, float] | None = None) -> torch.Tensor:
     """Per modality, ``sums[m]`` over its groups divided by the step's count of them
-    (``counts[f"{kind}/{m}"]``), averaged over the modalities the step holds at all."""
+    (``counts[f"{kind}/{m}"]``), times ``weights[m]`` (default 1; the original weighs stage 3's
+    video alignment x2), averaged over the modalities the step holds at all."""
+    weights = weights or {}
     present = [k for k, n in counts.items() if k.startswith(f"{kind}/") and n > 0]
-    total = sum((v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0) for m, v in sums.items()), zero)
+    total = sum((float(weights.get(m, 1.0)) * v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0)
+                 for m, v in sums.items()), zero)
     return total / max(len(present), 1)
 
 

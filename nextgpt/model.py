@@ -218,8 +218,9 @@ class NextGPT(nn.Module):
         """Wrap the LLM with peft LoRA adapters as ``model.lora`` says (r, alpha, dropout, target_modules)."""
         from peft import LoraConfig, get_peft_model
 
+        targets = lora["target_modules"]  # a list of module names, or "all-linear" (peft: every Linear but the head)
         config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                            target_modules=list(lora["target_modules"]), bias="none")
+                            target_modules=targets if isinstance(targets, str) else list(targets), bias="none")
         self.llm = get_peft_model(self.llm, config)
 
 
@@ -230,7 +231,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_cfg["llm"]["path"]))
     counts = {name: int(m["num_signal_tokens"]) for name, m in model_cfg["modalities"].items()}
-    layout = add_nextgpt_tokens(tokenizer, counts)
+    layout = add_nextgpt_tokens(tokenizer, counts, markers=str(model_cfg.get("markers") or "per_modality"))
     return tokenizer, layout
 
 

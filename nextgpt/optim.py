@@ -24,15 +24,26 @@ def _warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return int(warmup_ratio * max(1, total_steps))
 
 
+WARMUP_TYPES = ("linear", "log")
+
+
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1,
-                        min_ratio: float = 0.0) -> LambdaLR:
-    """Linear warm-up from ~0 to the optimizer's lr, then linear decay to ``min_ratio`` x lr at
-    ``total_steps`` (DeepSpeed's ``WarmupDecayLR``, which the reference used)."""
+                        min_ratio: float = 0.0, warmup_type: str = "linear", min_warmup_steps: int = 0) -> LambdaLR:
+    """Warm-up from ~0 to the optimizer's lr, then linear decay to ``min_ratio`` x lr at
+    ``total_steps`` (DeepSpeed's ``WarmupDecayLR``, which the reference used).
+
+    ``warmup_type="log"`` with ``min_warmup_steps=10`` is the original's exact schedule: DeepSpeed's
+    default log warm-up, ``lr x log(step + 1) / log(warmup)``, over ``max(10, warmup_ratio x total)``
+    steps (``model/agent.py``)."""
+    if warmup_type not in WARMUP_TYPES:
+        raise ValueError(f"warmup_type must be one of {WARMUP_TYPES}, got {warmup_type!r}")
     total = max(1, int(total_steps))
-    warmup = _warmup_steps(total, warmup_ratio)
+    warmup = max(_warmup_steps(total, warmup_ratio), int(min_warmup_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
+            if warmup_type == "log":
+                return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
             return (step + 1) / (warmup + 1)
         return max(min_ratio, min_ratio + (1.0 - min_ratio) * (total - step) / max(1, total - warmup))
 

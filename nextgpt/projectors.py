@@ -25,7 +25,10 @@ class OutputProjector(nn.Module):
     """Signal-token hidden states -> a diffusion decoder's text conditioning.
 
     Linear(LLM width -> d_model), a ``torch.nn.Transformer`` whose decoder reads ``out_seq``
-    learnable queries, then Linear(d_model -> decoder width).
+    learnable queries, then Linear(d_model -> decoder width): the original's ``TextFcLayer`` in
+    its ``transformer`` mode. The original is pre-norm (``norm_first=True``), ``dropout=0.0``, with
+    queries drawn from ``randn`` (``query_std=1.0``); ``model=nextgpt_7b_legacy`` sets all three.
+    ``query_std=None`` scales the queries by ``d_model ** -0.5`` (unit-norm rows).
     """
 
     def __init__(
@@ -40,15 +43,18 @@ class OutputProjector(nn.Module):
         num_decoder_layers: int = 4,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
+        norm_first: bool = False,
+        query_std: float | None = None,
     ):
         super().__init__()
         self.in_fc = nn.Linear(in_dim, d_model)
         self.transformer = nn.Transformer(
             d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
             num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-            dropout=dropout, batch_first=True,
+            dropout=dropout, batch_first=True, norm_first=norm_first,
         )
-        self.queries = nn.Parameter(torch.randn(out_seq, d_model) * d_model**-0.5)
+        std = d_model**-0.5 if query_std is None else float(query_std)
+        self.queries = nn.Parameter(torch.randn(out_seq, d_model) * std)
         self.out_fc = nn.Linear(d_model, out_dim)
 
     def forward(self, signal_states: torch.Tensor) -> torch.Tensor:

@@ -186,13 +186,14 @@ class NextGPTStage(L.LightningModule):
             zero = torch.zeros((), device=out.logits.device)
             captions = batch.get("output_captions", {})
             targets = self.caption_targets({m: captions.get(m, []) for m in cond})
-            terms["align"] = modality_mean({m: alignment_sum(cond[m], targets.get(m)) for m in cond}, counts, "align", zero)
+            terms["align"] = modality_mean({m: alignment_sum(cond[m], targets.get(m)) for m in cond}, counts, "align", zero,
+                                           self.loss_cfg.get("align_by_modality"))
             if any(counts.get(f"denoise/{m}", 0) > 0 for m in self.denoisers):
                 media = batch.get("output_media", {})
                 noised = {m: self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
                           for m in cond if m in self.denoisers and m in media}
                 terms["denoise"] = modality_mean(noised, counts, "denoise", zero)
-        terms["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items())
+        terms["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items())  # ce, align, denoise
         return terms
 
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

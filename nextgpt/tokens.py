@@ -41,20 +41,35 @@ class TokenLayout:
         return None
 
 
-def nextgpt_tokens(signal_counts: Mapping[str, int]) -> tuple[list[str], list[str]]:
+MARKER_STYLES = ("per_modality", "shared")
+
+
+def marker_tokens(name: str, style: str = "per_modality") -> tuple[str, str]:
+    """The (open, close) markers around modality ``name``'s projected input. ``shared``: the
+    original's ``<Img>`` / ``</Img>`` around every modality (its vocabulary has no other)."""
+    if style not in MARKER_STYLES:
+        raise ValueError(f"unknown marker style {style!r}; known: {list(MARKER_STYLES)}")
+    mod = modality_registry.get("image" if style == "shared" else name)
+    return mod.open_token, mod.close_token
+
+
+def nextgpt_tokens(signal_counts: Mapping[str, int], markers: str = "per_modality") -> tuple[list[str], list[str]]:
     """Marker and signal token strings for the given modalities, in a fixed order."""
-    markers: list[str] = []
+    marker_list: list[str] = []
     signals: list[str] = []
     for name, count in signal_counts.items():
-        mod = modality_registry.get(name)
-        markers += [mod.open_token, mod.close_token]
-        signals += mod.signal_tokens(count)
-    return markers, signals
+        marker_list += [t for t in marker_tokens(name, markers) if t not in marker_list]
+        signals += modality_registry.get(name).signal_tokens(count)
+    return marker_list, signals
 
 
-def add_nextgpt_tokens(tokenizer, signal_counts: Mapping[str, int]) -> TokenLayout:
-    """Add the new tokens to ``tokenizer`` (as unsplittable special tokens) and say where they went."""
-    markers, signals = nextgpt_tokens(signal_counts)
+def add_nextgpt_tokens(tokenizer, signal_counts: Mapping[str, int], markers: str = "per_modality") -> TokenLayout:
+    """Add the new tokens to ``tokenizer`` (as unsplittable special tokens) and say where they went.
+
+    ``markers``: ``per_modality`` (``<Img>``, ``<Aud>``, ``<Vid>``, ...) or ``shared`` (``<Img>`` for
+    every modality, as the original)."""
+    marker_style = markers
+    markers, signals = nextgpt_tokens(signal_counts, marker_style)
     first_new_id = len(tokenizer)
     existing = [t for t in markers + signals if t in tokenizer.get_vocab()]
     if existing:
@@ -73,7 +88,7 @@ def add_nextgpt_tokens(tokenizer, signal_counts: Mapping[str, int]) -> TokenLayo
     signal_ids: dict[str, tuple[int, ...]] = {}
     for name, count in signal_counts.items():
         mod = modality_registry.get(name)
-        marker_ids[name] = tuple(tokenizer.convert_tokens_to_ids([mod.open_token, mod.close_token]))  # type: ignore[assignment]
+        marker_ids[name] = tuple(tokenizer.convert_tokens_to_ids(list(marker_tokens(name, marker_style))))  # type: ignore[assignment]
         signal_ids[name] = tuple(tokenizer.convert_tokens_to_ids(mod.signal_tokens(count)))
     return TokenLayout(first_new_id, tuple(markers), tuple(signals), marker_ids, signal_ids)
 
