@@ -68,9 +68,12 @@ def _sweep_group(default: str) -> str:
     return str(default)
 
 
-def _per_stage(mapping: Any, number: Any) -> DictConfig:
+def _per_stage(mapping: Any, number: Any) -> Any:
+    """``mapping[str(number)]``: a number or string as it is, a mapping as a config; {} when absent."""
     entry = mapping.get(str(number)) if mapping is not None else None
-    return OmegaConf.create({} if entry is None else OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry)
+    if entry is None:
+        return OmegaConf.create({})
+    return OmegaConf.create(OmegaConf.to_container(entry)) if isinstance(entry, DictConfig) else entry
 
 
 def register_resolvers() -> None:

@@ -177,3 +177,23 @@ def test_legacy_output_projector_matches_the_originals_textfclayer(out_dim, out_
     real = OutputProjector(64, 16, 77, d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
                            dim_feedforward=64, query_std=1.0)
     assert 0.8 < float(real.queries.std()) < 1.2  # randn, as the original's query_embs
+
+
+@pytest.mark.parametrize("stage,lr,batch", [(1, 1e-3, 4), (2, 2e-4, 2), (3, 2e-4, 56)])
+def test_v15_experiment_has_the_current_codes_numbers(stage, lr, batch, tmp_path):
+    cfg = compose(["experiment=nextgpt_v15", f"stage={stage}"], output_dir=str(tmp_path))
+    validate(cfg)
+    assert (cfg.stage.optim.lr, cfg.stage.batch_size, cfg.dataset.max_length) == (lr, batch, 2048)
+    assert cfg.model.name == "nextgpt_7b_v15" and cfg.model.lora.target_modules == "all-linear"
+    assert cfg.stage.optim.scheduler._target_.endswith("warmup_cosine_decay") and cfg.stage.optim.weight_decay == 0.0
+
+
+def test_lora_on_every_linear_layer(tiny_config):
+    from nextgpt.model import build_nextgpt
+
+    cfg = tiny_config("model.lora.target_modules=all-linear")
+    model, _, _ = build_nextgpt(cfg.model)
+    model.apply_lora(cfg.model.lora)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.llm.named_parameters() if ".lora_A" in n}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted, adapted
+    assert "lm_head" not in adapted
