@@ -41,6 +41,7 @@ class StageBundle(L.Callback):
                 "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
                 **bundle_identity(pl_module.model, pl_module.model_cfg),
             }
-            save_bundle(self.directory, None, config, meta, state=state)
+            save_bundle(self.directory, None, config, meta, state=state,
+                        base_rows=getattr(pl_module.model, "base_rows", None))  # an imported bundle's own rows
             rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
         trainer.strategy.barrier()

@@ -21,6 +21,9 @@ from nextgpt import modality as modality_registry
 from nextgpt.runs import RunError
 
 WEIGHTS, CONFIG, META = "trainable.safetensors", "config.yaml", "meta.json"
+# the LLM's own vocabulary rows ("embed", "head"), only in a bundle imported from a checkpoint that
+# trained them (the original NExT-GPT did): they replace the base LLM's rows when it loads
+BASE_ROWS = "base_rows.safetensors"
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +52,8 @@ def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> d
 
 
 def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[str, Any], meta: Mapping[str, Any],
-                names: Iterable[str] | None = None, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                names: Iterable[str] | None = None, state: Mapping[str, torch.Tensor] | None = None,
+                base_rows: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the bundle atomically (temp dir + rename), so a crash never leaves half a bundle.
 
     ``names``: the parameters to keep, normally what this stage trained plus what it loaded from
@@ -64,6 +68,9 @@ def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[
     tmp.mkdir(parents=True)
     state = dict(state) if state is not None else bundle_state_dict(model, names)
     save_file(state, str(tmp / WEIGHTS))
+    base_rows = base_rows if base_rows is not None else getattr(model, "base_rows", None)
+    if base_rows:  # carried from the bundle this model started from
+        save_file({k: v.contiguous() for k, v in base_rows.items()}, str(tmp / BASE_ROWS))
     OmegaConf.save(OmegaConf.create(dict(config)), tmp / CONFIG, resolve=True)
     info = {
         **meta,
@@ -257,4 +264,25 @@ def load_bundle_weights(directory: str | Path, model: nn.Module, model_cfg: Mapp
             + (f"shape mismatches {mismatched[:8]}" if mismatched else "")
         )
     model.load_state_dict(state, strict=False)
+    rows_file = Path(directory) / BASE_ROWS
+    if rows_file.is_file():
+        load_base_rows(rows_file, model)
     return list(state)
+
+
+def load_base_rows(path: Path, model: nn.Module) -> None:
+    """Write a bundle's own old-vocabulary rows into the frozen LLM's matrices (see BASE_ROWS)."""
+    from safetensors.torch import load_file
+
+    rows = load_file(str(path))
+    targets = {"embed": model.llm.get_input_embeddings().weight, "head": model.llm.get_output_embeddings().weight}
+    for part, weight in targets.items():
+        if part not in rows:
+            raise BundleError(f"{path} has no {part!r} rows")
+        n = model.layout.first_new_id
+        if tuple(rows[part].shape) != (n, weight.shape[1]):
+            raise BundleError(f"{path}: {part} rows {tuple(rows[part].shape)} do not fit this LLM's {(n, weight.shape[1])}")
+        with torch.no_grad():
+            weight[:n].copy_(rows[part].to(weight.dtype))
+    model.base_rows = {k: v for k, v in rows.items()}
+    log.info("bundle %s: the LLM's old vocabulary rows come from %s", path.parent, path.name)

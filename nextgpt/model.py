@@ -63,6 +63,9 @@ class NextGPT(nn.Module):
         for module in (self.llm, self.encoder):
             module.requires_grad_(False)
             module.eval()
+        # the LLM's old vocabulary rows of an imported checkpoint that trained them ("embed", "head"),
+        # written into the frozen matrices by the bundle loader and carried into the next bundle
+        self.base_rows: dict[str, torch.Tensor] | None = None
 
     # --- frozen stays frozen ---------------------------------------------------------------
     def train(self, mode: bool = True) -> "NextGPT":
