@@ -177,3 +177,33 @@ def test_cli_refuses_bad_arguments_with_the_name_at_fault(tmp_path, capsys):
     assert main(["from_legacy", f"checkpoint={bad}", f"out={tmp_path / 'b'}"]) == 2
     assert "bad.pt could not be read" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_a_stage2_checkpoint_without_lora_or_moved_rows(original, tmp_path):
+    """Stages 1-2 of the original froze the LLM: no peft prefix, no LoRA; old rows as the base LLM's."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    V = original["base_vocab"]
+    ckpt = {}
+    for k, v in original["ckpt"].items():
+        if ".lora_" in k:
+            continue
+        k = k.replace("llama_model.base_model.model.", "llama_model.")
+        ckpt[k] = v.clone()
+    from nextgpt.config import compose
+
+    cfg = compose(["experiment=nextgpt_legacy", *original["overrides"]], output_dir=str(tmp_path))
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.llm.path, dtype=torch.float32)
+    ckpt["llama_model.model.embed_tokens.weight"][:V] = base.get_input_embeddings().weight[:V].detach()
+    ckpt["llama_model.lm_head.weight"][:V] = base.get_output_embeddings().weight[:V].detach()
+    ckpt = {k: v.half() if k.startswith("gen_text_hidden_fcs") else v for k, v in ckpt.items()}  # mixed dtypes
+    path = tmp_path / "stage2.pt"
+    torch.save(ckpt, path)
+    bundle = import_legacy(path, tmp_path / "b2", original["overrides"])
+    report = json.loads((bundle / "import_report.json").read_text())
+    assert json.loads((bundle / "meta.json").read_text())["stage"] == 2
+    assert not report["old_vocabulary_rows"]["kept"] and not (bundle / "base_rows.safetensors").exists()
+    back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
+    assert list(back) == list(ckpt) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ckpt.items())

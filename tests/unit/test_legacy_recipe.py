@@ -197,3 +197,13 @@ def test_lora_on_every_linear_layer(tiny_config):
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.llm.named_parameters() if ".lora_A" in n}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted, adapted
     assert "lm_head" not in adapted
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_legacy_experiment_composes_and_validates_at_7b(stage, tmp_path):
+    cfg = compose(["experiment=nextgpt_legacy", "model=nextgpt_7b_legacy", f"stage={stage}"], output_dir=str(tmp_path))
+    validate(cfg)  # loads nothing
+    assert cfg.model.name == "nextgpt_7b_legacy" and cfg.model.input_projector.num_tokens == 1
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (32, 32, 0.1)
+    weights = dict(cfg.stage.loss.get("align_by_modality") or {})
+    assert weights == ({"video": 2.0} if stage == 3 else {})
