@@ -560,8 +560,37 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
             errors.append(f"{key}={path!r}: {target} does not exist")
     llm_config = Path(cfg.model.llm.path) / "config.json"
     if llm_config.is_file():
-        errors += _causal_lm_errors(llm_config)
+        found = _causal_lm_errors(llm_config)
+        errors += found or lora_target_errors(cfg.model.llm.path, cfg.model.lora.target_modules)
     return errors
+
+
+def lora_target_errors(llm_path: str | Path, targets: Any) -> list[str]:
+    """LoRA targets that match no module of the LLM, found from its config alone (the model is
+    built on the meta device: no weight is read). peft matches a name by its last components."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(llm_path))
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an unreadable or unsupported config: the loader reports it with its own words
+        return [f"model.llm.path={str(llm_path)!r}: its config does not build a causal LM ({type(e).__name__}: {e})"]
+    head = llm.get_output_embeddings()
+    linear = sorted({n for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if type(m).__name__ == "Conv1D"})
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return [] if linear or conv1d else [f"model.lora.target_modules='all-linear': {config.model_type} has no linear layer"]
+        targets = [targets]
+    names = [n for n, _ in llm.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    return [f"model.lora.target_modules={list(targets)}: {config.model_type} has no module named {missing}; its "
+            f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, or all-linear)"]
 
 
 def _causal_lm_errors(config_file: Path) -> list[str]:
