@@ -562,7 +562,22 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
     if llm_config.is_file():
         found = _causal_lm_errors(llm_config)
         errors += found or lora_target_errors(cfg.model.llm.path, cfg.model.lora.target_modules)
+        if cfg.model.llm.template == "chat" and not _has_chat_template(Path(cfg.model.llm.path)):
+            errors.append(f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
+                          "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead")
     return errors
+
+
+def _has_chat_template(folder: Path) -> bool:
+    import json
+
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def lora_target_errors(llm_path: str | Path, targets: Any) -> list[str]:

@@ -28,7 +28,7 @@ from nextgpt import modality as modality_registry
 from nextgpt.bundles import BundleError, load_bundle_config, load_bundle_weights
 from nextgpt.decoders import load_pipeline
 from nextgpt.model import build_nextgpt, torch_dtype
-from nextgpt.prompts import Conversation, get_template, placeholder_pattern
+from nextgpt.prompts import Conversation, placeholder_pattern, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Generator:
                                           else model_cfg)
         self.model, self.tokenizer, self.conditioners = model.to(device).eval(), tokenizer, conditioners
         self.device = torch.device(device)
-        self.template = get_template(self.model_cfg.llm.template)
+        self.template = resolve_template(self.model_cfg.llm.template, tokenizer)
         self.num_media_tokens = int(self.model_cfg.input_projector.num_tokens)
         self.max_context = int(getattr(self.model.llm.config.get_text_config(), "max_position_embeddings", 2048))
         self.pipelines: dict = {}

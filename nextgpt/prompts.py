@@ -30,6 +30,8 @@ class Template:
     # the original NExT-GPT's own pieces (``encode_legacy``): markers and signal tokens written as
     # text, each piece tokenised whole, whitespace beside a new token stripped as its tokenizer did
     legacy: bool = False
+    # the tokenizer's own chat template (``tokenizer.apply_chat_template``; ``encode_chat``)
+    chat: bool = False
 
     def opener(self, turn: int) -> str:
         return self.human if turn == 0 or self.human_next is None else self.human_next
@@ -45,6 +47,10 @@ TEMPLATES: dict[str, Template] = {
     # Assistant: `` | ``{caption}\n###``; an answer's signal group is ``[IMG0] [IMG1] ...`` after its text.
     "vicuna_v0_legacy": Template("vicuna_v0_legacy", "", "### Human: ", "\n### Assistant: ", "\n###", "", "###",
                                  human_next="Human: ", legacy=True),
+    # The LLM's own chat template (an instruct model's format): every rendered turn as the tokenizer
+    # writes it, the loss on the assistant's part of each turn (its end-of-turn token included).
+    # ``resolve_template`` fills in the stop string from the template itself.
+    "chat": Template("chat", "", "", "", "", "", "", chat=True),
     # Vicuna v1.1 / v1.5: "USER: ... ASSISTANT: ...</s>"
     "vicuna_v1_1": Template(
         "vicuna_v1_1",
@@ -53,6 +59,59 @@ TEMPLATES: dict[str, Template] = {
         "USER: ", " ASSISTANT: ", "</s>", "", "</s>",
     ),
 }
+
+
+class ChatTemplateError(ValueError):
+    """A tokenizer whose chat template can not carry NExT-GPT's conversations (the message says why)."""
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for human, answer in turns:
+        out.append({"role": "user", "content": human})
+        if answer:
+            out.append({"role": "assistant", "content": answer})
+    return out
+
+
+def chat_chunks(turns: Sequence[tuple[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is the assistant's) chunks: each chunk is what
+    rendering one more message (with the generation prompt after a user message) adds."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template "
+                                "(model.llm.template=chat needs one; name a template such as vicuna_v1_1 instead)")
+    messages = _messages(turns)
+    chunks: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        text = _render(tokenizer, messages[: i + 1], generation_prompt=msg["role"] == "user")
+        if not text.startswith(done):
+            raise ChatTemplateError(f"the chat template of {getattr(tokenizer, 'name_or_path', '?')!r} renders a "
+                                    "conversation differently from its own beginning; NExT-GPT can not find the "
+                                    "assistant turns in it (use a named template: model.llm.template)")
+        chunks.append((text[len(done):], msg["role"] == "assistant"))
+        done = text
+    return chunks
+
+
+def resolve_template(name: str, tokenizer=None) -> Template:
+    """``get_template``, with a chat template's stop string read from the template itself: what it
+    writes after an assistant message's text (its end-of-turn token)."""
+    import dataclasses
+
+    template = get_template(name)
+    if not template.chat or tokenizer is None:
+        return template
+    probe = "NEXTGPT_PROBE"
+    chunk = chat_chunks([("hi", probe)], tokenizer)[-1][0]
+    stop = chunk.split(probe, 1)[1].strip() or (tokenizer.eos_token or "")
+    return dataclasses.replace(template, stop=stop)
 
 
 def get_template(name: str) -> Template:
@@ -204,6 +263,13 @@ def encode_conversation(
     if template.legacy:
         return encode_legacy(conv, tokenizer, layout, template, num_media_tokens=num_media_tokens,
                              max_length=max_length, slot_id=slot_id)
+    if template.chat:  # the tokenizer's own format; its rendering carries the BOS where it has one
+        for chunk, is_answer in chat_chunks(conv.turns, tokenizer):
+            if is_answer:
+                turn(chunk, True, caption_iter, "output caption", signal_group, groups, 0)
+            else:
+                turn(chunk, False, media_iter, "input media", media_slot, slots, 1)
+        return _truncate(Encoded(ids, labels, slots, groups), spans, max_length)
     if tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)

@@ -31,3 +31,16 @@ def test_training_gpt2_with_llama_targets_is_refused_within_seconds(tiny_cache, 
     assert "model.lora.target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']" in res.stderr
     assert "Loading weights" not in res.stderr  # refused before any weight loads
     print(f"refused in {took:.1f} s")
+
+
+def test_chat_template_needs_one_in_the_tokenizer(tiny_config):
+    from nextgpt.config import backbone_path_errors
+
+    cfg = tiny_config("model.llm.template=chat")
+    from pathlib import Path
+
+    from nextgpt.tiny import build_all
+
+    build_all(Path(cfg.paths.backbones))
+    errors = backbone_path_errors(cfg)
+    assert any(e.startswith("model.llm.template='chat'") and "no chat template" in e for e in errors), errors
