@@ -181,6 +181,7 @@ def fill_and_commit(box, value: str, tries: int = 5) -> None:
 
 
 @pytest.mark.real_data
+@pytest.mark.one_sample_folder
 def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
@@ -309,6 +310,7 @@ def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> No
 
 
 @pytest.mark.real_data
+@pytest.mark.one_sample_folder
 def test_follow_up_turns_carry_history_and_media(generator, sample_root: Path, tmp_path: Path) -> None:
     from nextgpt.demo import ChatState, DemoBackend
 
