@@ -60,15 +60,25 @@ def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[
     the previous bundle (a stage-1 bundle then holds no untrained output projector). ``state``:
     those tensors already gathered (``bundle_state_dict``), in place of ``model``.
     """
+    from nextgpt.atomic import building, install
+
+    directory = Path(directory)
+    state = dict(state) if state is not None else bundle_state_dict(model, names)
+    with building(directory, "writing") as tmp:
+        _write_bundle(tmp, state, config, meta, base_rows if base_rows is not None else getattr(model, "base_rows", None))
+        kept = next_version(directory) if directory.exists() else None
+        install(tmp, directory, keep_old_as=kept)  # a result is never silently replaced: the previous one becomes a version
+    if kept is not None:
+        log.warning("kept the previous bundle %s as %s", directory, kept)
+    return directory
+
+
+def _write_bundle(tmp: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], meta: Mapping[str, Any],
+                  base_rows: Mapping[str, torch.Tensor] | None) -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + f".tmp-{int(time.time() * 1e6)}")
-    tmp.mkdir(parents=True)
-    state = dict(state) if state is not None else bundle_state_dict(model, names)
-    save_file(state, str(tmp / WEIGHTS))
-    base_rows = base_rows if base_rows is not None else getattr(model, "base_rows", None)
+    save_file(dict(state), str(tmp / WEIGHTS))
     if base_rows:  # carried from the bundle this model started from
         save_file({k: v.contiguous() for k, v in base_rows.items()}, str(tmp / BASE_ROWS))
     OmegaConf.save(OmegaConf.create(dict(config)), tmp / CONFIG, resolve=True)
@@ -80,12 +90,6 @@ def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (tmp / META).write_text(json.dumps(info, indent=2))
-    if directory.exists():  # a result is never silently replaced: the previous one becomes a version
-        kept = next_version(directory)
-        directory.rename(kept)
-        log.warning("kept the previous bundle %s as %s", directory, kept)
-    tmp.rename(directory)
-    return directory
 
 
 def next_version(directory: Path) -> Path:

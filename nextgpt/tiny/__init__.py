@@ -14,14 +14,11 @@ The synthetic data set these models are tested on is written by :mod:`nextgpt.ti
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 # the builders and sizes, as tests and docs refer to them (nextgpt.tiny.SD_TEXT_WIDTH, ...)
+from nextgpt.atomic import building, install
 from nextgpt.tiny.decoders import (  # noqa: F401
     AUDIOLDM_PROJECTION_DIM,
     AUDIOLDM_TEXT_HIDDEN,
@@ -147,9 +144,7 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
     paths = _paths(out)
     if not force and is_complete(out):
         return paths
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
-    try:
+    with building(out) as tmp:
         tmp_paths = _paths(tmp)
         with _quiet_progress():
             build_tiny_llm(tmp_paths["llm"], seed=0)
@@ -158,21 +153,5 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
             build_tiny_text_to_video(tmp_paths["t2v"], seed=0)
             _build_imagebind(tmp_paths["imagebind"], seed=0)
         (tmp / MARKER_NAME).write_text(_marker_text(), encoding="utf-8")
-        if out.exists():
-            if not force and is_complete(out):  # another process finished first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                return paths
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if is_complete(out):  # lost a race to a concurrent builder
-                shutil.rmtree(tmp, ignore_errors=True)
-                return paths
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        install(tmp, out, complete=is_complete, force=force)  # a concurrent builder that finished first wins
     return paths

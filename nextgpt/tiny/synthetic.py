@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nextgpt.atomic import building, install
 
 # Bump when the generator's output changes, so stale folders are regenerated.
 GENERATOR_VERSION = 1
@@ -380,25 +378,6 @@ def _build(modality: str, folder: Path, num: int, seed: int) -> None:
     (folder / MARKER_NAME).write_text(json.dumps(_params(modality, num, seed)))
 
 
-def _install(tmp: Path, dest: Path, params: dict[str, Any], force: bool) -> None:
-    """Swap a finished folder into place; if a concurrent writer won the race, keep theirs."""
-    trash: Path | None = None
-    if dest.exists():
-        if not force and _is_complete(dest, params):
-            shutil.rmtree(tmp)
-            return
-        trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, trash)
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        if not _is_complete(dest, params):
-            raise
-        shutil.rmtree(tmp)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def write_synthetic(
     out: Path, *, num_per_modality: int = 24, seed: int = 0, force: bool = False
 ) -> dict[str, Path]:
@@ -419,13 +398,9 @@ def write_synthetic(
         params = _params(m, num_per_modality, seed)
         if not force and _is_complete(dest, params):
             continue
-        tmp_root = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=out))
-        try:
-            tmp = tmp_root / dest.name
+        with building(dest) as tmp:
             _build(m, tmp, num_per_modality, seed)
-            _install(tmp, dest, params, force)
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
+            install(tmp, dest, complete=lambda d, p=params: _is_complete(d, p), force=force)
     return folders
 
 

@@ -1,0 +1,39 @@
+"""Folders that appear whole or not at all (nextgpt.atomic), as every folder writer uses them."""
+from __future__ import annotations
+
+import pytest
+
+from nextgpt.atomic import building, install
+
+
+def test_a_failed_build_leaves_nothing(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with building(dest) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_result_of_a_concurrent_writer_is_kept(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "done").write_text("theirs")
+    with building(dest) as tmp:
+        (tmp / "done").write_text("mine")
+        assert install(tmp, dest, complete=lambda d: (d / "done").is_file()) is False
+    assert (dest / "done").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with building(dest) as tmp:  # force: mine replaces theirs, nothing else is left behind
+        (tmp / "done").write_text("mine")
+        assert install(tmp, dest, complete=lambda d: True, force=True)
+    assert (dest / "done").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_previous_result_can_be_kept_as_a_version(tmp_path):
+    dest = tmp_path / "stage1"
+    dest.mkdir()
+    (dest / "w").write_text("old")
+    with building(dest) as tmp:
+        (tmp / "w").write_text("new")
+        install(tmp, dest, keep_old_as=tmp_path / "stage1.v1")
+    assert (dest / "w").read_text() == "new" and (tmp_path / "stage1.v1" / "w").read_text() == "old"
