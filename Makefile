@@ -12,8 +12,11 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 demo: install
 	bash scripts/demo.sh
 
+# TEST_WORKERS: pytest-xdist processes (default: one per CPU, at most 4); TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= auto --maxprocesses=4
+
 test: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -m "not slow and not distributed"

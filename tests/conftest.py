@@ -87,7 +87,21 @@ def derive_sample(src: Path, dst: Path) -> Path:
     return dst
 
 
+# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), a test file's tests stay on one
+# worker, so module fixtures (a trained demo bundle, tiny pipelines) are built once; the files
+# below hold many independent runs and no costly module fixture, so their tests spread over the
+# workers one by one (the longest file no longer runs alone at the end).
+SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test_runs.py",
+                "tests/integration/test_shards_cli.py", "tests/integration/test_train_cli.py",
+                "tests/unit/test_config.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(path))
     # tests of a user interface over real media (marker one_sample_folder) run on the given sample
     # folder only: the derived folder proves the data readers, which other tests cover on both
     once = [it for it in items if "one_sample_folder" in it.keywords

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from nextgpt.prompts import (IGNORE_INDEX, ChatTemplateError, Conversation, encode_conversation, get_template,
-                             resolve_template)
+from nextgpt.prompts import (
+    IGNORE_INDEX,
+    ChatTemplateError,
+    Conversation,
+    encode_conversation,
+    get_template,
+    resolve_template,
+)
 from nextgpt.tokens import add_nextgpt_tokens
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -269,9 +269,22 @@ def test_learn_bpe_breaks_ties_deterministically() -> None:
 # ---------------------------------------------------------------------------------------------- build_all
 
 
-@pytest.mark.slow  # builds the backbones again
+def fast_builders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_all's own logic (marker, cache, temp folder, rebuild) with each backbone builder
+    replaced by one that writes a small file: the real builders are tested above, and the session's
+    tiny_cache builds the real set through build_all."""
+    def stub(out: Path, *, seed: int = 0) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(f"{out.name} {seed} {time.time_ns()}".encode())
+        return out
+
+    for name in ("build_tiny_llm", "build_tiny_stable_diffusion", "build_tiny_audioldm", "build_tiny_text_to_video"):
+        monkeypatch.setattr(tiny, name, stub)
+
+
 def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("nextgpt.encoders.imagebind")
+    fast_builders(monkeypatch)
     out = tmp_path / "cache"
     paths = tiny.build_all(out)
     assert set(paths) == {"llm", "sd", "audioldm", "t2v", "imagebind"}
@@ -305,12 +318,12 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in tmp_path.iterdir()] == ["cache"], "old cache removed"
 
 
-@pytest.mark.slow  # builds the backbones again
 def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(out: Path, *, seed: int = 0) -> Path:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "build_tiny_audioldm", boom)
+    fast_builders(monkeypatch)
+    monkeypatch.setattr(tiny, "build_tiny_audioldm", boom)  # after the LLM and SD are written
     with pytest.raises(KeyboardInterrupt):
         tiny.build_all(tmp_path / "cache")
     assert list(tmp_path.iterdir()) == []
