@@ -15,6 +15,27 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
+def exclusive(dest: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock for ``dest`` (POSIX ``flock`` on a file in the system's temp folder,
+    named by the folder's absolute path; released when the process dies): concurrent builders of
+    the same folder on one machine (test workers, ranks) take turns, so the second finds the first
+    one's result instead of building it again. Builders on other machines still race safely
+    through ``install``."""
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha1(str(Path(dest).absolute()).encode()).hexdigest()[:16]
+    locks = Path(tempfile.gettempdir()) / "nextgpt-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def building(dest: str | Path, tag: str = "building") -> Iterator[Path]:
     """A fresh temporary folder beside ``dest`` to build into; removed if the build fails or the
     folder is never installed (``install`` moves it away on success)."""

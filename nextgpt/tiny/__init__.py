@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # the builders and sizes, as tests and docs refer to them (nextgpt.tiny.SD_TEXT_WIDTH, ...)
-from nextgpt.atomic import building, install
+from nextgpt.atomic import building, exclusive, install
 from nextgpt.tiny.decoders import (  # noqa: F401
     AUDIOLDM_PROJECTION_DIM,
     AUDIOLDM_TEXT_HIDDEN,
@@ -144,6 +144,14 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
     paths = _paths(out)
     if not force and is_complete(out):
         return paths
+    with exclusive(out):
+        if not force and is_complete(out):  # another process built it while this one waited
+            return paths
+        _build_into(out, force)
+    return paths
+
+
+def _build_into(out: Path, force: bool) -> None:
     with building(out) as tmp:
         tmp_paths = _paths(tmp)
         with _quiet_progress():
@@ -154,4 +162,3 @@ def build_all(out: Path, *, force: bool = False) -> dict[str, Path]:
             _build_imagebind(tmp_paths["imagebind"], seed=0)
         (tmp / MARKER_NAME).write_text(_marker_text(), encoding="utf-8")
         install(tmp, out, complete=is_complete, force=force)  # a concurrent builder that finished first wins
-    return paths

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from nextgpt.atomic import building, install
+from nextgpt.atomic import building, exclusive, install
 
 # Bump when the generator's output changes, so stale folders are regenerated.
 GENERATOR_VERSION = 1
@@ -398,9 +398,12 @@ def write_synthetic(
         params = _params(m, num_per_modality, seed)
         if not force and _is_complete(dest, params):
             continue
-        with building(dest) as tmp:
-            _build(m, tmp, num_per_modality, seed)
-            install(tmp, dest, complete=lambda d, p=params: _is_complete(d, p), force=force)
+        with exclusive(dest):  # a concurrent writer on this machine goes first; its result is then kept
+            if not force and _is_complete(dest, params):
+                continue
+            with building(dest) as tmp:
+                _build(m, tmp, num_per_modality, seed)
+                install(tmp, dest, complete=lambda d, p=params: _is_complete(d, p), force=force)
     return folders
 
 

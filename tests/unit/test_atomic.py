@@ -37,3 +37,28 @@ def test_the_previous_result_can_be_kept_as_a_version(tmp_path):
         (tmp / "w").write_text("new")
         install(tmp, dest, keep_old_as=tmp_path / "stage1.v1")
     assert (dest / "w").read_text() == "new" and (tmp_path / "stage1.v1" / "w").read_text() == "old"
+
+
+def test_concurrent_builders_take_turns(tmp_path):
+    """Two processes build the same folder: the second waits for the first and builds nothing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from nextgpt.atomic import building, exclusive, install
+        dest = Path({str(tmp_path / 'out')!r})
+        with exclusive(dest):
+            if (dest / 'done').exists():
+                print('found'); sys.exit(0)
+            with building(dest) as tmp:
+                time.sleep(1.0)
+                (tmp / 'done').write_text('x')
+                install(tmp, dest)
+            print('built')
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs == ["built", "found"], outs
