@@ -196,6 +196,18 @@ class Encoded:
     truncated: bool = False
 
 
+def take(items, name: str, key: str, what: str) -> int:
+    """The index of the next of ``items`` ((index, (modality, value)) pairs) for placeholder ``<name>``,
+    or an error naming the sample when there is none or it is another modality's."""
+    try:
+        index, (item, _) = next(items)
+    except StopIteration:
+        raise ValueError(f"sample {key!r}: placeholder <{name}> has no {what}") from None
+    if item != name:
+        raise ValueError(f"sample {key!r}: placeholder <{name}> but the {what} is {item!r}")
+    return index
+
+
 def placeholder_pattern() -> re.Pattern:
     """Matches ``<image>``, ``<audio>``, ``<video>`` (every registered modality's placeholder)."""
     names = "|".join(re.escape(n) for n in modality_registry.names())
@@ -245,12 +257,7 @@ def encode_conversation(
         for m in pattern.finditer(t):
             text(t[pos : m.start()], labelled)
             name = m.group(1)
-            try:
-                index, (item_mod, _) = next(items)
-            except StopIteration:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> has no {what}") from None
-            if item_mod != name:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> but the {what} is {item_mod!r}")
+            index = take(items, name, conv.key, what)
             start = len(ids)
             span_ids, span_labels = expand(name)
             ids.extend(span_ids)
@@ -341,12 +348,7 @@ def legacy_pieces(conv: Conversation, template: Template, marker_text: Mapping[s
         pos = 0
         for m in pattern.finditer(human):
             name = m.group(1)
-            try:
-                index, (item, _) = next(media)
-            except StopIteration:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> has no input media") from None
-            if item != name:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> but the input media is {item!r}")
+            index = take(media, name, conv.key, "input media")
             opener, closer = marker_text[name]
             before = human[pos : m.start()]
             flush(cur + (before.lstrip() if pos else before) + opener, False)
@@ -422,12 +424,7 @@ def encode_legacy(conv: Conversation, tokenizer, layout: TokenLayout, template: 
             if t not in first_signal:
                 continue
             name = first_signal[t]
-            try:
-                index, (item, _) = next(outputs)
-            except StopIteration:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> has no output caption") from None
-            if item != name:
-                raise ValueError(f"sample {conv.key!r}: placeholder <{name}> but the output caption is {item!r}")
+            index = take(outputs, name, conv.key, "output caption")
             groups.append((start + offset, name, index))
             spans.append((start + offset, start + offset + len(layout.signal_ids[name])))
     return _truncate(Encoded(ids, labels, slots, groups), spans, max_length)
