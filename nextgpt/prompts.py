@@ -7,6 +7,7 @@ signal-token group. Loss is on assistant tokens only; prompt and media positions
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -366,14 +367,20 @@ def legacy_pieces(conv: Conversation, template: Template, marker_text: Mapping[s
     return pieces
 
 
+@functools.lru_cache(maxsize=16)
+def _split_at(tokens: tuple[str, ...]) -> re.Pattern:
+    """A pattern splitting text at any of ``tokens`` (longest first), kept: compiled once per
+    vocabulary, not once per piece of every sample."""
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
 def tokenize_legacy(text: str, tokenizer, special: Mapping[str, int]) -> list[int]:
     """Token ids of one piece as the original's tokenizer (transformers 4.29, slow LLaMA) gave them:
     split at the added tokens, whitespace next to an added token stripped, each text run tokenised
     on its own. Exact on any tokenizer version, since the split is done here."""
     if not special:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
-    parts = [p for p in split.split(text) if p != ""]
+    parts = [p for p in _split_at(tuple(sorted(special))).split(text) if p != ""]
     ids: list[int] = []
     for j, part in enumerate(parts):
         if part in special:
