@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)  # repaired or unusable groups, in words
     repaired_groups: int = 0
     new_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"  # "length" when max_new_tokens ended the answer
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)  # "llm" and one entry per decoder
 
@@ -163,6 +165,7 @@ class Generator:
         out_dir: str | Path | None = None,
         decode: bool = True,
         ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Answer ``prompt`` about ``media`` after ``history`` (earlier (human, answer) turns whose
         placeholders refer, in order, to ``history_media``). Media without a placeholder in the
@@ -181,16 +184,18 @@ class Generator:
         embeds = self._encode_prompt(conv)
         layout = self.model.layout
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        result = GenerationResult("")
+        result = GenerationResult("", prompt_tokens=int(embeds.shape[1]))
         text_ids: list[int] = []
         pieces: list[str] = []
         groups: list[tuple[str, torch.Tensor, list[int]]] = []
         all_embeds = embeds
         t_llm = time.perf_counter()
         logits, _, past = self._step(embeds, None)
+        result.finish_reason = "length"
         while result.new_tokens < max_new_tokens:
             next_id = self._pick(logits, temperature, top_p, gen)
             if next_id == self.tokenizer.eos_token_id and not ignore_eos:
+                result.finish_reason = "stop"
                 break
             name = layout.signal_modality(next_id)
             feed = list(layout.signal_ids[name]) if name else [next_id]
@@ -214,17 +219,23 @@ class Generator:
             else:
                 text_ids.append(next_id)
                 if not ignore_eos and self.tokenizer.decode(text_ids).rstrip().endswith(self.template.stop):
+                    result.finish_reason = "stop"
                     break
+            if on_text is not None:
+                on_text(self._answer_text(pieces, text_ids))
         result.timing["llm"] = time.perf_counter() - t_llm
-        pieces.append(self.tokenizer.decode(text_ids, skip_special_tokens=True))
-        text = " ".join("".join(pieces).split())
-        if text.endswith(self.template.stop):
-            text = text[: -len(self.template.stop)].rstrip()
-        result.text = text
+        result.text = self._answer_text(pieces, text_ids)
         if decode:
             self._decode_groups(result, groups, prompt, seed, out_dir)
         result.seconds = time.perf_counter() - start
         return result
+
+    def _answer_text(self, pieces: list[str], text_ids: list[int]) -> str:
+        """The answer so far: text pieces and placeholders, whitespace collapsed, the stop string cut."""
+        text = " ".join("".join([*pieces, self.tokenizer.decode(text_ids, skip_special_tokens=True)]).split())
+        if text.endswith(self.template.stop):
+            text = text[: -len(self.template.stop)].rstrip()
+        return text
 
     def _decode_groups(self, result: GenerationResult, groups, prompt: str, seed: int, out_dir) -> None:
         for k, (name, hidden, feed) in enumerate(groups):

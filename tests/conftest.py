@@ -94,6 +94,8 @@ def derive_sample(src: Path, dst: Path) -> Path:
 SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test_runs.py",
                 "tests/integration/test_shards_cli.py", "tests/integration/test_train_cli.py",
                 "tests/unit/test_config.py"}
+# files that share a costly session fixture run on one worker: the trained demo bundle
+SHARED_GROUPS = {"tests/integration/test_web_demo.py": "demo_bundle", "tests/integration/test_serve.py": "demo_bundle"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -101,7 +103,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if path not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(path))
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(path, path)))
     # tests of a user interface over real media (marker one_sample_folder) run on the given sample
     # folder only: the derived folder proves the data readers, which other tests cover on both
     once = [it for it in items if "one_sample_folder" in it.keywords
@@ -144,3 +146,35 @@ def tiny_config(tiny_cache, tmp_path):
         )
 
     return make
+
+
+# --- the README's demo bundle, trained once per session by the tests that serve it ------------
+DEMO_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+@pytest.fixture(scope="session")  # session: trained once, whichever sample folder the tests run on
+def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's tiny three-stage demo, trained into tmp (about 1.5 min on 2 idle cores).
+    $NEXTGPT_DEMO_BUNDLE names an already trained stage-3 bundle to use instead (for quick reruns)."""
+    import subprocess
+    import sys
+
+    if os.environ.get("NEXTGPT_DEMO_BUNDLE"):
+        return Path(os.environ["NEXTGPT_DEMO_BUNDLE"])
+    root = tmp_path_factory.mktemp("demo_train")
+    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=demo", f"paths.root={root}",
+           f"paths.cache_dir={tiny_cache}", "logger=csv", "print_config=false"]  # csv: no W&B start-up per stage
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **DEMO_ENV}, capture_output=True, text=True,
+                          timeout=900, check=False)
+    bundle = root / "bundles" / "stage3"
+    assert proc.returncode == 0 and (bundle / "trainable.safetensors").is_file(), (
+        f"training the demo bundle failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def generator(demo_bundle: Path):
+    """The demo bundle loaded in this process: what a served answer must equal."""
+    from nextgpt.generate import Generator
+
+    return Generator(demo_bundle, device="cpu")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import DEMO_ENV, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IMAGE_REQUEST = "Please make an image of a red circle at the top left on a black background"
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "GRADIO_ANALYTICS_ENABLED": "False"}
+ENV = {**DEMO_ENV, "GRADIO_ANALYTICS_ENABLED": "False"}
 SCREENSHOT_COPY = Path("/tmp/nextgpt_web_demo.png")
 
 
@@ -80,31 +79,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# --- fixtures: one trained bundle, one in-process generator, one served app per module ------------
-@pytest.fixture(scope="session")  # session: trained once, whichever sample folder the tests run on
-def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's tiny three-stage demo, trained into tmp (about 1.5 min on 2 idle cores).
-    $NEXTGPT_DEMO_BUNDLE names an already trained stage-3 bundle to use instead (for quick reruns)."""
-    if os.environ.get("NEXTGPT_DEMO_BUNDLE"):
-        return Path(os.environ["NEXTGPT_DEMO_BUNDLE"])
-    root = tmp_path_factory.mktemp("web_demo_train")
-    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=demo", f"paths.root={root}",
-           f"paths.cache_dir={tiny_cache}", "logger=csv", "print_config=false"]  # csv: no W&B start-up per stage
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True,
-                          timeout=900, check=False)
-    bundle = root / "bundles" / "stage3"
-    assert proc.returncode == 0 and (bundle / "trainable.safetensors").is_file(), (
-        f"training the demo bundle failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return bundle
-
-
-@pytest.fixture(scope="session")
-def generator(demo_bundle: Path):
-    from nextgpt.generate import Generator
-
-    return Generator(demo_bundle, device="cpu")
-
-
+# --- fixtures: the trained demo bundle and its generator come from tests/conftest.py ------------
 @pytest.fixture(scope="module")
 def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``python -m nextgpt.demo`` on a free port, as a user starts it; yields (url, out dir)."""
