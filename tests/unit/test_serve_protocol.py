@@ -114,3 +114,54 @@ def test_an_assistant_message_with_media_is_refused():
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]},
         {"role": "user", "content": "y"}])
+
+
+# --- the command line and the queue: checked before any model loads --------------------------
+def fake_bundle(tmp_path):
+    (tmp_path / "trainable.safetensors").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text("{}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, match", [
+    ([], "bundle=DIR is required"),
+    (["bundle"], "is not key=value"),
+    (["bundel=x"], "unknown key 'bundel'"),
+    (["bundle=/no/such/dir"], "not a stage bundle folder"),
+    (["port=http"], "port='http' is not a valid int"),
+    (["port=70000", "BUNDLE"], "not a TCP port"),
+    (["max_queue=0", "BUNDLE"], "max_queue=0 must be positive"),
+    (["default_max_tokens=600", "BUNDLE"], "default_max_tokens=600 exceeds max_tokens=512"),
+])
+def test_command_line_errors_name_the_key_and_exit_2(args, match, tmp_path, capsys):
+    from nextgpt.serve.__main__ import main
+
+    bundle = fake_bundle(tmp_path)
+    assert main([f"bundle={bundle}" if a == "BUNDLE" else a for a in args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
+    import socket
+
+    from nextgpt.serve.__main__ import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main([f"bundle={fake_bundle(tmp_path)}", f"port={port}"]) == 2
+    assert f"port={port}: can not listen there" in capsys.readouterr().err
+
+
+def test_the_queue_is_bounded_with_429():
+    from nextgpt.serve.app import ModelWorker
+
+    worker = ModelWorker(max_queue=2)
+    worker.admit()
+    worker.admit()
+    with pytest.raises(RequestError, match="the server is busy: 2 requests are queued") as info:
+        worker.admit()
+    assert info.value.status == 429
+    worker.release()
+    worker.admit()  # a freed place is taken again
