@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = (1, 2, 3)
 OBJECTIVES = ("caption", "generate", "instruct")
 DTYPES = ("float32", "float16", "bfloat16")
-CONDITIONINGS = ("last_hidden_state", "text_embeds")
+CONDITIONINGS = ("last_hidden_state", "text_embeds", "sdxl")  # nextgpt.decoders.CONDITIONINGS
 LOSS_TERMS = ("ce", "align", "denoise")
 LOADERS = ("json", "shards")
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
@@ -558,6 +558,7 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
         target = Path(path) / inner if inner else Path(path)
         if not target.exists():
             errors.append(f"{key}={path!r}: {target} does not exist")
+    errors += decoder_conditioning_errors(cfg)
     llm_config = Path(cfg.model.llm.path) / "config.json"
     if llm_config.is_file():
         found = _causal_lm_errors(llm_config)
@@ -565,6 +566,23 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
         if cfg.model.llm.template == "chat" and not _has_chat_template(Path(cfg.model.llm.path)):
             errors.append(f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
                           "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead")
+    return errors
+
+
+def decoder_conditioning_errors(cfg: DictConfig) -> list[str]:
+    """A conditioning kind that does not read its pipeline folder the way that pipeline does (SDXL's
+    two encoders and pooled embedding configured as ``last_hidden_state``, say), named by key."""
+    import json
+
+    from nextgpt.decoders import conditioning_mismatch
+
+    errors = []
+    for n, m in modality_registry.generated(cfg.model.modalities).items():
+        index = Path(m.decoder.path) / "model_index.json"
+        if index.is_file():
+            why = conditioning_mismatch(json.loads(index.read_text()), str(m.decoder.conditioning))
+            if why:
+                errors.append(f"model.modalities.{n}.decoder.conditioning={m.decoder.conditioning!r}: {why} ({index})")
     return errors
 
 

@@ -6,6 +6,11 @@ projector's conditioning, must predict what the scheduler's ``prediction_type`` 
 the noise (``epsilon``) or the velocity (``v_prediction``, e.g. SD 2). The current reference
 regressed the noise for a v-prediction model; here the target follows the scheduler config.
 Gradients flow through the frozen UNet into the output projector only.
+
+An SDXL UNet also reads the pooled text embedding and six size/crop ids (``added_cond_kwargs``):
+the pooled row is split off our ``sdxl`` conditioning (:func:`nextgpt.decoders.split_pooled`), and the
+ids say what the pipeline says at generation for an uncropped image of the training resolution:
+original = target = (height, width) of the media, crop = (0, 0).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nextgpt.decoders import read_model_index
+from nextgpt.decoders import pooled_width, read_model_index, split_pooled
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -45,6 +50,7 @@ class DenoisingObjective:
             net.requires_grad_(False)
         # the training schedule: DDPM on the pipeline's betas, keeping its prediction_type
         self.scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        self.pooled_width = pooled_width(path) if conditioning == "sdxl" else None
 
     def to(self, device: torch.device | str) -> "DenoisingObjective":
         self.vae.to(device)
@@ -75,11 +81,18 @@ class DenoisingObjective:
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        cond = conditioning.to(self.unet.dtype)
-        kwargs: dict[str, Any] = (
-            {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)} if self.conditioning == "text_embeds"
-            else {"encoder_hidden_states": cond}
-        )
-        pred = self.unet(noisy.to(self.unet.dtype), t, **kwargs).sample
+        pred = self.unet(noisy.to(self.unet.dtype), t, **self.unet_kwargs(conditioning, media.shape[-2:])).sample
         target = denoising_target(self.scheduler, latents, noise, t).float()
         return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+
+    def unet_kwargs(self, conditioning: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+        """Our (groups, seq, width) conditioning -> the UNet's conditioning arguments for media of ``size``."""
+        cond = conditioning.to(self.unet.dtype)
+        if self.conditioning == "text_embeds":
+            return {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)}
+        if self.conditioning == "sdxl":
+            embeds, pooled = split_pooled(cond, self.pooled_width)
+            h, w = (int(x) for x in size)
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(len(cond), 6)
+            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        return {"encoder_hidden_states": cond}

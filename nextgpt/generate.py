@@ -262,10 +262,8 @@ class Generator:
         cond = self.model.output_projectors[name](states.unsqueeze(0))
         conditioner = self.conditioners[name].to(self.device)
         pipe = self.pipeline(name)
-        negative = conditioner.encode([""])
         out = pipe(
-            prompt_embeds=conditioner.to_pipeline(cond).to(pipe.dtype),
-            negative_prompt_embeds=conditioner.to_pipeline(negative).to(pipe.dtype),
+            **conditioner.pipeline_kwargs(cond, conditioner.negative(), pipe.dtype),
             generator=torch.Generator(device="cpu").manual_seed(seed),
             output_type="np",
             **dict(self.model_cfg.modalities[name].decoder.generate),

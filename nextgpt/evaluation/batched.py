@@ -198,10 +198,8 @@ class BatchedGenerator:
             cond = g.model.output_projectors[name](states + g.model.embed_tokens(ids).to(states.dtype))
             conditioner = g.conditioners[name].to(g.device)
             pipe = g.pipeline(name)
-            negative = conditioner.to_pipeline(conditioner.encode([""]))
             out = pipe(
-                prompt_embeds=conditioner.to_pipeline(cond).to(pipe.dtype),
-                negative_prompt_embeds=negative.repeat(len(items), *[1] * (negative.dim() - 1)).to(pipe.dtype),
+                **conditioner.pipeline_kwargs(cond, conditioner.negative(), pipe.dtype),
                 generator=[torch.Generator(device="cpu").manual_seed(requests[i].seed + k) for i, k, _, _ in items],
                 output_type="np",
                 **dict(g.model_cfg.modalities[name].decoder.generate),

@@ -1,12 +1,13 @@
 """Random TINY versions of every backbone NExT-GPT uses, built offline from configs.
 
-Why: the real checkpoints (Vicuna-7B, Stable Diffusion 1.5, AudioLDM l-full, ZeroScope v2, ImageBind-huge)
-can not be downloaded here and are far too big for CPU tests. Each builder below creates a randomly
-initialised model of the *same classes* as the real one (LlamaForCausalLM, StableDiffusionPipeline,
-AudioLDMPipeline, TextToVideoSDPipeline), with real trained tokenizers, and saves it with
-``save_pretrained`` so the project loads it through exactly the same ``from_pretrained`` code path as the
-real weights. Every width differs from the others (LLM 64, SD text 32, CLAP projection 16, T2V text 40)
-so that tests can prove the project reads widths from the loaded configs instead of hard-coding them.
+Why: the real checkpoints (Vicuna-7B, Stable Diffusion 1.5 / 2.1 / XL, AudioLDM l-full, ZeroScope v2,
+ImageBind-huge) can not be downloaded here and are far too big for CPU tests. Each builder below creates
+a randomly initialised model of the *same classes* as the real one (LlamaForCausalLM,
+StableDiffusionPipeline, StableDiffusionXLPipeline, AudioLDMPipeline, TextToVideoSDPipeline), with real
+trained tokenizers, and saves it with ``save_pretrained`` so the project loads it through exactly the
+same ``from_pretrained`` code path as the real weights. Every width differs from the others (LLM 64,
+SD text 32, CLAP projection 16, T2V text 40, SD 2 text 48, SDXL text 24 + 32 with pooled 20) so that
+tests can prove the project reads widths from the loaded configs instead of hard-coding them.
 
 Usage: ``python -m nextgpt.tiny --out DIR [--force]`` (:mod:`nextgpt.tiny.__main__`) or :func:`build_all`.
 The synthetic data set these models are tested on is written by :mod:`nextgpt.tiny.synthetic`.
@@ -22,9 +23,15 @@ from nextgpt.atomic import building, exclusive, install
 from nextgpt.tiny.decoders import (  # noqa: F401
     AUDIOLDM_PROJECTION_DIM,
     AUDIOLDM_TEXT_HIDDEN,
+    SD2_TEXT_WIDTH,
     SD_TEXT_WIDTH,
+    SDXL_POOLED_WIDTH,
+    SDXL_TEXT_WIDTHS,
+    SDXL_TIME_EMBED_DIM,
     T2V_TEXT_WIDTH,
     build_tiny_audioldm,
+    build_tiny_sd2,
+    build_tiny_sdxl,
     build_tiny_stable_diffusion,
     build_tiny_text_to_video,
 )
@@ -37,7 +44,7 @@ from nextgpt.tiny.tokenizers import (  # noqa: F401
 )
 
 # Bump whenever anything below changes what is written: cached builds with another version are rebuilt.
-TINY_BUILD_VERSION: str = "3"  # 3: the tiny LLM is pre-trained on tiny_corpus + caption turns
+TINY_BUILD_VERSION: str = "4"  # 3: the tiny LLM is pre-trained on tiny_corpus + caption turns; 4: + SD 2, SDXL
 
 MARKER_NAME = ".complete"
 IMAGEBIND_FILE = "imagebind_tiny.pth"
@@ -66,6 +73,8 @@ def _paths(out: Path) -> dict[str, Path]:
     return {
         "llm": out / "llm",
         "sd": out / "sd",
+        "sd2": out / "sd2",
+        "sdxl": out / "sdxl",
         "audioldm": out / "audioldm",
         "t2v": out / "t2v",
         "imagebind": out / "imagebind" / IMAGEBIND_FILE,
@@ -157,6 +166,8 @@ def _build_into(out: Path, force: bool) -> None:
         with _quiet_progress():
             build_tiny_llm(tmp_paths["llm"], seed=0)
             build_tiny_stable_diffusion(tmp_paths["sd"], seed=0)
+            build_tiny_sd2(tmp_paths["sd2"], seed=0)
+            build_tiny_sdxl(tmp_paths["sdxl"], seed=0)
             build_tiny_audioldm(tmp_paths["audioldm"], seed=0)
             build_tiny_text_to_video(tmp_paths["t2v"], seed=0)
             _build_imagebind(tmp_paths["imagebind"], seed=0)

@@ -1,6 +1,6 @@
-"""The tiny diffusion pipelines: Stable Diffusion, AudioLDM and text-to-video, the real diffusers
-classes with random weights and trained tokenizers, saved with ``save_pretrained``. Every
-conditioning width differs from the others and from the LLM's."""
+"""The tiny diffusion pipelines: Stable Diffusion 1.5, 2.x and XL, AudioLDM and text-to-video, the
+real diffusers classes with random weights and trained tokenizers, saved with ``save_pretrained``.
+Every conditioning width differs from the others and from the LLM's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,31 +19,44 @@ SD_TEXT_WIDTH = 32
 AUDIOLDM_TEXT_HIDDEN = 24  # CLAP text transformer width; the conditioning width is the projection below
 AUDIOLDM_PROJECTION_DIM = 16  # = AudioLDM conditioning width (text_embeds), like 512 for the real one
 T2V_TEXT_WIDTH = 40
+SD2_TEXT_WIDTH = 48  # OpenCLIP-H stand-in (1024 in SD 2.x)
+SDXL_TEXT_WIDTHS = (24, 32)  # CLIP-L and OpenCLIP-bigG stand-ins (768, 1280): the conditioning is 56 wide
+SDXL_POOLED_WIDTH = 20  # text_encoder_2's projection_dim (1280 in SDXL), unlike its hidden width on purpose
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim (256 in SDXL)
 
 
-def _clip_text_encoder(tokenizer, width: int, seed: int):
+def _clip_text_encoder(tokenizer, width: int, seed: int, *, hidden_act: str = "quick_gelu",
+                       projection_dim: int | None = None, with_projection: bool = False):
+    """CLIPTextModel (or CLIPTextModelWithProjection, whose ``text_embeds`` SDXL pools) of ``width``."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=2 * width,
-        projection_dim=width,
+        projection_dim=projection_dim or width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
-def _image_vae(seed: int):
+def _openclip_tokenizer(seed: int):
+    """The CLIP tokenizer as SD 2.x / SDXL's OpenCLIP encoders ship it: padded with ``!``."""
+    tokenizer = build_clip_tokenizer(seed)
+    tokenizer.pad_token = "!"
+    return tokenizer
+
+
+def _image_vae(seed: int, scaling_factor: float = 0.18215):
     import torch
     from diffusers import AutoencoderKL
 
@@ -53,6 +66,7 @@ def _image_vae(seed: int):
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        scaling_factor=scaling_factor,
     ).eval()
 
 
@@ -89,6 +103,80 @@ def build_tiny_stable_diffusion(out: Path, *, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out)
     _add_vocab_files(out / "tokenizer", seed, clip=True)
+    return out
+
+
+def build_tiny_sd2(out: Path, *, seed: int = 0) -> Path:
+    """Tiny Stable Diffusion 2.x: v-prediction DDIM like stable-diffusion-2-1, a linear-projection UNet
+    with per-block head dims, an OpenCLIP-style text encoder (GELU, ``!`` padding) of width 48, 32x32 images.
+    Its conditioning is ``last_hidden_state``: diffusers' SD 2 text encoder already ends at OpenCLIP's
+    penultimate layer."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = Path(out)
+    tokenizer = _openclip_tokenizer(seed)
+    text_encoder = _clip_text_encoder(tokenizer, SD2_TEXT_WIDTH, seed, hidden_act="gelu")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=SD2_TEXT_WIDTH, attention_head_dim=(2, 4), use_linear_projection=True,
+        upcast_attention=True,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_image_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    _add_vocab_files(out / "tokenizer", seed, clip=True)
+    return out
+
+
+def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
+    """Tiny StableDiffusionXLPipeline: CLIP (24) + OpenCLIP-with-projection (32, pooled 20) text encoders,
+    a ``text_time`` UNet cross-attending to their concatenation (56), Euler like SDXL base, 32x32 images.
+
+    UNet arithmetic as in SDXL: the added embedding reads the pooled text (20) and six size/crop ids
+    of ``addition_time_embed_dim`` 8 each: projection_class_embeddings_input_dim = 20 + 6 * 8 = 68.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    out = Path(out)
+    width_1, width_2 = SDXL_TEXT_WIDTHS
+    tokenizer, tokenizer_2 = build_clip_tokenizer(seed), _openclip_tokenizer(seed)
+    text_encoder = _clip_text_encoder(tokenizer, width_1, seed)
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, width_2, seed + 1, hidden_act="gelu",
+                                        projection_dim=SDXL_POOLED_WIDTH, with_projection=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=width_1 + width_2, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + 6 * SDXL_TIME_EMBED_DIM,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_image_vae(seed, scaling_factor=0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,  # as SDXL base: no negative prompt = zero conditioning
+    )
+    pipe.save_pretrained(out)
+    for sub in ("tokenizer", "tokenizer_2"):
+        _add_vocab_files(out / sub, seed, clip=True)
     return out
 
 

@@ -278,7 +278,8 @@ def fast_builders(monkeypatch: pytest.MonkeyPatch) -> None:
         (out / "model.safetensors").write_bytes(f"{out.name} {seed} {time.time_ns()}".encode())
         return out
 
-    for name in ("build_tiny_llm", "build_tiny_stable_diffusion", "build_tiny_audioldm", "build_tiny_text_to_video"):
+    for name in ("build_tiny_llm", "build_tiny_stable_diffusion", "build_tiny_sd2", "build_tiny_sdxl",
+                 "build_tiny_audioldm", "build_tiny_text_to_video"):
         monkeypatch.setattr(tiny, name, stub)
 
 
@@ -287,13 +288,13 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     fast_builders(monkeypatch)
     out = tmp_path / "cache"
     paths = tiny.build_all(out)
-    assert set(paths) == {"llm", "sd", "audioldm", "t2v", "imagebind"}
+    assert set(paths) == {"llm", "sd", "sd2", "sdxl", "audioldm", "t2v", "imagebind"}
     marker = (out / ".complete").read_text(encoding="utf-8").splitlines()
     assert marker[0] == tiny.TINY_BUILD_VERSION and marker[1] == f"imagebind {tiny.imagebind_layout_hash()}"
     assert paths["imagebind"] == out / "imagebind" / "imagebind_tiny.pth"
     state = torch.load(paths["imagebind"], map_location="cpu", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
-    for key in ("llm", "sd", "audioldm", "t2v"):
+    for key in ("llm", "sd", "sd2", "sdxl", "audioldm", "t2v"):
         assert paths[key].is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["cache"], "no temp folder left behind"
 
