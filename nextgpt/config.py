@@ -299,7 +299,7 @@ def _check_model(c: _Checker) -> list[str]:
     c.int_("model.lora.r", 1)
     c.float_("model.lora.alpha", 0.0, lo_open=True, hi=None)
     c.float_("model.lora.dropout", 0.0, 1.0)
-    if c.get("model.lora.target_modules") != "all-linear":  # peft's every-Linear-but-the-head
+    if c.get("model.lora.target_modules") not in ("all-linear", "attention"):  # peft's / derived (nextgpt/lora.py)
         targets = c.sequence("model.lora.target_modules")
         for i, t in enumerate(targets or []):
             if not isinstance(t, str) or not t:
@@ -617,13 +617,19 @@ def lora_target_errors(llm_path: str | Path, targets: Any) -> list[str]:
     if isinstance(targets, str):
         if targets == "all-linear":
             return [] if linear or conv1d else [f"model.lora.target_modules='all-linear': {config.model_type} has no linear layer"]
+        if targets == "attention":
+            from nextgpt.lora import attention_projections
+
+            return [] if attention_projections(llm) else [
+                f"model.lora.target_modules='attention': {config.model_type} has no attention block with linear layers; "
+                f"its linear layers are {kinds + conv1d} (name some of those, or all-linear)"]
         targets = [targets]
     names = [n for n, _ in llm.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return []
     return [f"model.lora.target_modules={list(targets)}: {config.model_type} has no module named {missing}; its "
-            f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, or all-linear)"]
+            f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, all-linear or attention)"]
 
 
 def _causal_lm_errors(config_file: Path) -> list[str]:

@@ -221,9 +221,12 @@ class NextGPT(nn.Module):
         """Wrap the LLM with peft LoRA adapters as ``model.lora`` says (r, alpha, dropout, target_modules)."""
         from peft import LoraConfig, get_peft_model
 
-        targets = lora["target_modules"]  # a list of module names, or "all-linear" (peft: every Linear but the head)
+        from nextgpt.lora import resolve_targets
+
+        # module names, "all-linear" (peft: every Linear but the head) or "attention" (nextgpt/lora.py)
+        targets = resolve_targets(self.llm, lora["target_modules"])
         config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                            target_modules=targets if isinstance(targets, str) else list(targets), bias="none")
+                            target_modules=targets, bias="none")
         self.llm = get_peft_model(self.llm, config)
 
 
