@@ -144,8 +144,11 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     for name, m in modality_registry.generated(model_cfg["modalities"]).items():
         path = Path(str(m["decoder"]["path"]))
-        out[f"model.modalities.{name}.decoder"] = {"index": _json_hash(path / "model_index.json"),
-                                                   "text_encoder": _json_hash(path / "text_encoder" / "config.json")}
+        entry = {"index": _json_hash(path / "model_index.json"),
+                 "text_encoder": _json_hash(path / "text_encoder" / "config.json")}
+        if (path / "text_encoder_2").is_dir():  # SDXL's second encoder (absent elsewhere: older bundles match)
+            entry["text_encoder_2"] = _json_hash(path / "text_encoder_2" / "config.json")
+        out[f"model.modalities.{name}.decoder"] = entry
     return out
 
 
