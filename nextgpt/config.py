@@ -140,6 +140,9 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", *, output
     return cfg
 
 
+# the LLM's attention kernels (transformers' attn_implementation); null: transformers' default
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
 # --- schema --------------------------------------------------------------------------------
 _UNRESOLVED = object()
 
@@ -274,6 +277,14 @@ def _check_model(c: _Checker) -> list[str]:
     from nextgpt.prompts import TEMPLATES
 
     c.str_("model.llm.template", TEMPLATES)
+    attn = c.get("model.llm.attn_implementation")
+    if attn is not None and c.str_("model.llm.attn_implementation", ATTN_IMPLEMENTATIONS) == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            c.fail("model.llm.attn_implementation", attn, "needs the flash-attn package, which is not installed; use sdpa")
+    if c.get("model.llm.activation_checkpointing") not in (None, True, False):
+        c.fail("model.llm.activation_checkpointing", c.get("model.llm.activation_checkpointing"), "must be true or false")
     c.str_("model.encoder.checkpoint")
     c.str_("model.encoder.dtype", DTYPES)
     arch = c.mapping("model.encoder.arch")

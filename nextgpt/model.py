@@ -270,7 +270,13 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
     from transformers import AutoModelForCausalLM
 
     tokenizer, layout = load_tokenizer(model_cfg)
-    llm = AutoModelForCausalLM.from_pretrained(str(model_cfg["llm"]["path"]), dtype=torch_dtype(model_cfg["llm"]["dtype"]))
+    llm_cfg = model_cfg["llm"]
+    extra = {"attn_implementation": llm_cfg["attn_implementation"]} if llm_cfg.get("attn_implementation") else {}
+    llm = AutoModelForCausalLM.from_pretrained(str(llm_cfg["path"]), dtype=torch_dtype(llm_cfg["dtype"]), **extra)
+    if llm_cfg.get("activation_checkpointing"):
+        from nextgpt.checkpointing import checkpoint_decoder_layers
+
+        checkpoint_decoder_layers(llm)
     encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
     conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
     model = NextGPT(
