@@ -474,8 +474,22 @@ def validate(cfg: DictConfig) -> None:
         c.fail("init_from", init, "must be a path or null")
     for key in ("paths.bundles", "paths.checkpoints", "paths.output_dir"):
         c.str_(key)
+    _check_plan(c)
     if c.errors:
         raise ConfigError(c.errors)
+
+
+def _check_plan(c: _Checker) -> None:
+    if c.get("plan") is None:
+        return
+    for key in ("plan.check", "plan.allow_over_memory"):
+        if c.get(key) not in (None, True, False):
+            c.fail(key, c.get(key), "must be true or false")
+    for key, hi in (("plan.device_memory_gib", None), ("plan.peak_tflops", None), ("plan.mfu", 1.0)):
+        if c.get(key) is not None:
+            c.float_(key, 0.0, hi=hi, lo_open=True, hi_open=False)
+    if c.get("plan.seq_len") is not None:
+        c.int_("plan.seq_len", 1)
 
 
 # --- batch plan ----------------------------------------------------------------------------

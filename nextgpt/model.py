@@ -248,17 +248,25 @@ def load_conditioners(model_cfg: Mapping[str, Any]) -> dict[str, TextConditioner
     }
 
 
-def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> nn.Module:
-    """The frozen ImageBind with the branches its config names plus those ``modalities`` (registry
-    names) are encoded by: a model configured with depth maps builds the depth trunk."""
+def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()):
+    """The ImageBind architecture: the branches its config names plus those ``modalities``
+    (registry names) are encoded by (a model configured with depth maps builds the depth trunk)."""
     import dataclasses
 
-    from nextgpt.encoders.imagebind import ImageBindConfig, load_imagebind
+    from nextgpt.encoders.imagebind import ImageBindConfig
 
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     trunks = {modality_registry.get(m).encoder_modality for m in modalities}
     if not trunks <= set(arch.modalities):
         arch = dataclasses.replace(arch, modalities=(*arch.modalities, *sorted(trunks - set(arch.modalities))))
+    return arch
+
+
+def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> nn.Module:
+    """The frozen ImageBind of :func:`encoder_arch`, loaded from its checkpoint."""
+    from nextgpt.encoders.imagebind import load_imagebind
+
+    arch = encoder_arch(encoder_cfg, modalities)
     return load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # top-level keys that say where files go or how progress is shown, not what is trained
-NOT_IDENTITY = ("paths", "logger", "callbacks", "print_config", "resume", "job_name", "hydra", "run")
+NOT_IDENTITY = ("paths", "logger", "callbacks", "print_config", "resume", "job_name", "hydra", "run", "plan")
 TRAINER_NOT_IDENTITY = ("default_root_dir", "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
                         "num_sanity_val_steps", "val_check_interval", "check_val_every_n_epoch")
 

@@ -111,6 +111,27 @@ def data_signatures(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+def check_memory_plan(cfg: DictConfig) -> None:
+    """Print the memory plan (nextgpt.plan) and refuse a run that would not fit the device."""
+    settings = cfg.get("plan") or {}
+    if not settings.get("check", True):
+        return
+    from nextgpt.plan import PlanError, check_fits, device_figures, make_plan
+
+    try:
+        plan = make_plan(cfg)
+    except PlanError as e:  # a backbone with no readable config: the run itself reports what is missing
+        log.warning("no memory plan: %s", e)
+        return
+    rank_zero_info(plan.table())
+    _, _, memory = device_figures(cfg)
+    refusal = check_fits(plan, memory, bool(settings.get("allow_over_memory", False)))
+    if refusal:
+        raise RunError(refusal)
+    if memory is not None and plan.total > memory * 2**30:
+        log.warning("the plan exceeds the device memory; starting anyway (plan.allow_over_memory=true)")
+
+
 def prepare_run(cfg: DictConfig) -> tuple[RunDir, dict, str | None]:
     """Give the run its identity (a key over its training config), its checkpoint folder, its sweep
     tag and its bundle folder, and decide where it starts: (run, identity, checkpoint or None).
@@ -139,6 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
     validate_paths(cfg, data_path_errors(cfg, cfg.stage.objective))
+    check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
     run, identity, ckpt_path = prepare_run(cfg)  # may refuse (a finished run): before anything loads
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):

@@ -78,3 +78,12 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     assert json.loads((runs[0] / "run.json").read_text())["status"] == "finished"
     weights = load_file(str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"))
     assert torch.isfinite(weights["input_projector.proj.weight"]).all()
+
+
+def test_a_run_over_the_device_memory_is_refused_by_its_plan(tiny_cache, tmp_path):
+    res = train(tmp_path, tiny_cache, "stage=1", "plan.device_memory_gib=0.001", "logger=csv")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert "the memory plan needs" in out and "more than the device's 0.0 GiB" in out and "activations" in out
+    assert "plan.allow_over_memory=true" in out
+    assert "Loading weights" not in out and not (tmp_path / "checkpoints").exists()  # refused before any weight loads

@@ -1,0 +1,361 @@
+"""A memory and time plan of a training run, before any weight loads.
+
+The whole model is built on the meta device from the backbones' own configs (the published ones in
+:mod:`nextgpt.plan.cards` where a folder is absent), LoRA applied and the stage's groups made
+trainable, exactly as a run does; parameter counts and dtypes are read off that model, not typed
+in. From them and the strategy, the per-rank memory is split into frozen weights, trainable weights,
+gradients, optimizer state, the decoders' text encoders (and denoisers), activations and logits.
+
+Activations (bytes per token, per decoder layer, the LLM frozen; ``a`` the activation dtype's size):
+each RMSNorm keeps its fp32 input (4h, two per layer); fused attention (SDPA / flash) keeps q, the
+expanded k and v and its output (4h·a), eager attention also its fp32 softmax and the probabilities
+((4 + a)·heads·s); the SwiGLU MLP keeps gate, silu(gate) and up (3i·a); frozen linear layers keep
+nothing (their weight gradient is not needed); each LoRA-adapted linear keeps its fp32 input and a
+dropout mask (5·d_in). For the loss the fp32 log-probabilities are kept (4·V); when the backward
+pass starts, their gradient and the logits' are alive beside them (8·V more). With activation checkpointing each
+layer keeps its input (h·a) and one layer is recomputed at a time. Checked against the memory a
+forward pass keeps, measured on the CPU (``tests/unit/test_plan.py``).
+
+Time: 2N FLOPs per token forward and 2N backward (to the activations only; the LLM is frozen),
+plus LoRA's weight gradients and causal attention (6·L·s·h per token), one more forward with
+checkpointing; tokens/s = MFU x peak FLOP/s x ranks / FLOPs per token, for a stated MFU.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from nextgpt import modality as modality_registry
+from nextgpt.plan import cards
+
+GIB = 2**30
+# MFU measured with random weights at real shapes on one H100 (bf16, eager PyTorch + SDPA): 7B stage 1
+# at batch 18 x 512 and stage 3 (LoRA r32) at batch 4 x 512; stage 2 is taken as stage 1
+MEASURED_MFU = {1: 0.40, 2: 0.40, 3: 0.25}
+STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3")
+
+
+class PlanError(ValueError):
+    """A plan can not be made: the message names the key or folder."""
+
+
+# --- shapes from configs --------------------------------------------------------------------------
+def llm_config(path: str):
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(folder)), str(folder / "config.json")
+    card = cards.LLMS.get(folder.name)
+    if card is None:
+        raise PlanError(f"model.llm.path={path!r}: no config.json there and no published config for {folder.name!r} "
+                        f"(known: {sorted(cards.LLMS)})")
+    data = dict(card)
+    return AutoConfig.for_model(data.pop("model_type"), **data), f"published {folder.name} config"
+
+
+def _text_encoder(folder: Path, sub: str):
+    """A decoder's text encoder built on meta, and its tokenizer's length."""
+    import transformers
+    from transformers import AutoConfig
+
+    if (folder / sub / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(folder / sub))
+        tok = folder / sub.replace("text_encoder", "tokenizer") / "tokenizer_config.json"
+        max_len = json.loads(tok.read_text()).get("model_max_length", 77) if tok.is_file() else 77
+        index = json.loads((folder / "model_index.json").read_text())
+        cls = getattr(transformers, index[sub][1])
+    else:
+        card = cards.PIPELINES.get(folder.name)
+        if card is None:
+            raise PlanError(f"decoder path {folder}: no {sub}/config.json there and no published config for "
+                            f"{folder.name!r} (known: {sorted(cards.PIPELINES)})")
+        data = dict(card[0])
+        config, max_len = AutoConfig.for_model(data.pop("model_type"), **data), card[1]
+        cls = transformers.ClapTextModelWithProjection if config.model_type == "clap_text_model" else (
+            transformers.CLIPTextModel)
+    with torch.device("meta"):
+        return cls(config), int(min(max_len, 512))
+
+
+def conditioning_shape(folder: Path, conditioning: str) -> tuple[tuple[int, int], list[torch.nn.Module]]:
+    """(seq, width) of a decoder's conditioning and its text encoders (on meta)."""
+    enc, max_len = _text_encoder(folder, "text_encoder")
+    if conditioning == "text_embeds":
+        return (1, int(enc.config.projection_dim)), [enc]
+    if conditioning == "sdxl":
+        enc2, _ = _text_encoder(folder, "text_encoder_2")
+        return (max_len + 1, int(enc.config.hidden_size + enc2.config.hidden_size)), [enc, enc2]
+    return (max_len, int(enc.config.hidden_size)), [enc]
+
+
+def denoiser_params(folder: Path) -> int:
+    """Parameters of a decoder's UNet + VAE (built on meta from their configs)."""
+    import diffusers
+
+    total = 0
+    for sub, slot in (("unet", 2), ("vae", 3)):
+        if (folder / sub / "config.json").is_file():
+            config = json.loads((folder / sub / "config.json").read_text())
+        else:
+            card = cards.PIPELINES.get(folder.name)
+            config = card[slot] if card else None
+            if config is None:
+                raise PlanError(f"decoder path {folder}: no {sub}/config.json and no published {sub} config to plan its "
+                                f"denoising loss")
+        cls = getattr(diffusers, config["_class_name"])
+        with torch.device("meta"):
+            model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        total += sum(p.numel() for p in model.parameters())
+    return total
+
+
+def meta_model(model_cfg: Mapping[str, Any], stage: int):
+    """The stage's NextGPT on the meta device, trainable groups set: (model, llm config, sources)."""
+    from transformers import AutoModelForCausalLM
+
+    from nextgpt.encoders.imagebind import ImageBindModel
+    from nextgpt.model import NextGPT, encoder_arch, torch_dtype
+    from nextgpt.stages import STAGES
+    from nextgpt.tokens import TokenLayout, nextgpt_tokens
+
+    config, source = llm_config(str(model_cfg["llm"]["path"]))
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model_cfg["llm"]["dtype"]))
+        encoder = ImageBindModel(encoder_arch(model_cfg["encoder"], model_cfg["modalities"]))
+        encoder = encoder.to(torch_dtype(model_cfg["encoder"].get("dtype", "float32")))
+    counts = {n: int(m["num_signal_tokens"]) for n, m in model_cfg["modalities"].items()}
+    markers, signals = nextgpt_tokens(counts, str(model_cfg.get("markers") or "per_modality"))
+    first = int(config.get_text_config().vocab_size)
+    ids = iter(range(first + len(markers), first + len(markers) + len(signals)))
+    layout = TokenLayout(first, tuple(markers), tuple(signals), {n: (first, first + 1) for n in counts},
+                         {n: tuple(next(ids) for _ in range(c)) for n, c in counts.items()})
+    shapes, text_encoders = {}, {}
+    for name, m in modality_registry.generated(model_cfg["modalities"]).items():
+        shapes[name], text_encoders[name] = conditioning_shape(Path(str(m["decoder"]["path"])), str(m["decoder"]["conditioning"]))
+    with torch.device("meta"):
+        model = NextGPT(llm, encoder, layout, num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
+                        output_shapes=shapes, output_projector=dict(model_cfg["output_projector"]))
+        if STAGES[stage].use_lora:
+            model.apply_lora(model_cfg["lora"])
+    model.set_trainable(STAGES[stage].trainable_groups)
+    return model, config.get_text_config(), source, text_encoders
+
+
+# --- the plan -------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    stage: int
+    strategy: str
+    world_size: int
+    batch_size: int
+    seq_len: int
+    parts: dict[str, float] = field(default_factory=dict)  # per-rank bytes on the device
+    host: dict[str, float] = field(default_factory=dict)  # per-rank bytes in host memory (offload)
+    activations_checkpointed: float = 0.0  # the activation part with model.llm.activation_checkpointing
+    checkpointing: bool = False
+    params: dict[str, int] = field(default_factory=dict)
+    flops_per_token: float = 0.0
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    peak_tflops: float = 0.0
+    device: str = ""
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def total_with(self, checkpointing: bool) -> float:
+        other = self.activations_checkpointed if checkpointing != self.checkpointing else self.parts["activations"]
+        return self.total - self.parts["activations"] + other
+
+    def table(self) -> str:
+        ck = "on" if self.checkpointing else "off"
+        lines = [f"memory plan: stage {self.stage}, {self.strategy} x {self.world_size} ranks, batch {self.batch_size} "
+                 f"x {self.seq_len} tokens per rank, activation checkpointing {ck}",
+                 f"  params: {self.params['trainable']:,} trainable, {self.params['frozen']:,} frozen "
+                 f"(LLM {self.params['llm']:,}; from {', '.join(self.sources)})"]
+        lines += [f"  {k:38s} {_size(v)}" for k, v in self.parts.items()]
+        lines.append(f"  {'total per rank':38s} {_size(self.total)}   (activation checkpointing "
+                     f"{'off' if self.checkpointing else 'on'}: {_size(self.total_with(not self.checkpointing)).strip()})")
+        for k, v in self.host.items():
+            lines.append(f"  {k + ' (host memory)':38s} {_size(v)}")
+        lines.append(f"  time: {self.flops_per_token / 1e9:.1f} GFLOP per token; at MFU {self.mfu:.0%} of "
+                     f"{self.peak_tflops:g} TFLOP/s ({self.device}): {self.tokens_per_s:,.0f} tokens/s over "
+                     f"{self.world_size} ranks")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "strategy": self.strategy, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "checkpointing": self.checkpointing,
+                "gib": {k: v / GIB for k, v in self.parts.items()}, "host_gib": {k: v / GIB for k, v in self.host.items()},
+                "total_gib": self.total / GIB, "total_other_checkpointing_gib": self.total_with(not self.checkpointing) / GIB,
+                "params": self.params, "tokens_per_s": self.tokens_per_s, "flops_per_token": self.flops_per_token}
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:9.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:9.2f} MiB"
+
+
+def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: str, lora_inputs: int = 0,
+                     checkpointing: bool = False) -> tuple[float, float, float]:
+    """Bytes for ``tokens`` tokens of length ``seq``: (kept by the decoder layers, kept for the loss,
+    the transient peak on top at the start of the backward pass)."""
+    h, i, layers = llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_hidden_layers
+    heads = llm_cfg.num_attention_heads
+    per_layer = 8 * h + 4 * h * act_bytes + 3 * i * act_bytes + 5 * lora_inputs
+    if attn == "eager":
+        per_layer += (4 + act_bytes) * heads * seq
+    vocab = llm_cfg.vocab_size
+    # kept: the fp32 log-probabilities, the final norm's fp32 input and the hidden states the
+    # new-token head reads; at the loss's backward the log-probabilities' gradient and the logits'
+    # are alive beside them (8·V more), and with checkpointing one layer is recomputed at a time
+    loss = 4 * vocab + 4 * h + act_bytes * h
+    peak = max(8 * vocab, per_layer if checkpointing else 0)
+    kept = layers * h * act_bytes if checkpointing else layers * per_layer
+    return tokens * kept, tokens * loss, tokens * peak
+
+
+def _lora_inputs(model) -> int:
+    """Sum of the input widths of the LoRA-adapted linear layers of one decoder layer."""
+    from nextgpt.checkpointing import decoder_layers
+
+    first = next(iter(decoder_layers(model.llm)), None)
+    if first is None:
+        return 0
+    return int(sum(getattr(m, "in_features", 0) for m in model.llm.get_submodule(first).modules() if hasattr(m, "lora_A")))
+
+
+def strategy_name(cfg) -> str:
+    target = str(cfg.trainer.strategy.get("_target_", "")) if hasattr(cfg.trainer.strategy, "get") else str(cfg.trainer.strategy)
+    if "DeepSpeed" in target:
+        stage = int(cfg.trainer.strategy.get("stage", 2))
+        return "deepspeed_zero3" if stage == 3 else (
+            "deepspeed_zero2_offload" if cfg.trainer.strategy.get("offload_optimizer") else "deepspeed_zero2")
+    if "FSDP" in target or "ModelParallel" in target:
+        return "fsdp"
+    return "ddp"
+
+
+def device_figures(cfg) -> tuple[str, float, float | None]:
+    """(device name, bf16 TFLOP/s, memory GiB or None) from ``plan.*`` keys, else the CUDA device."""
+    plan_cfg = cfg.get("plan") or {}
+    name, tflops, mem = cards.REFERENCE_DEVICE[0] + " (assumed)", cards.REFERENCE_DEVICE[1], None
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        mem = torch.cuda.get_device_properties(0).total_memory / GIB
+        tflops = next((v for k, v in cards.PEAK_TFLOPS.items() if k in name), tflops)
+    if plan_cfg.get("peak_tflops"):
+        tflops = float(plan_cfg["peak_tflops"])
+    if plan_cfg.get("device_memory_gib"):
+        mem = float(plan_cfg["device_memory_gib"])
+    return name, tflops, mem
+
+
+def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) -> Plan:
+    """The plan of the run ``cfg`` (a composed training config) on ``world_size`` ranks (default:
+    trainer.devices x trainer.num_nodes). ``built``: :func:`meta_model`'s result for this model and
+    stage, to plan several strategies without building it again."""
+    from nextgpt.config import resolve_batch
+
+    stage = int(cfg.stage.number)
+    batch = resolve_batch(cfg)
+    world = int(world_size or batch.devices * batch.num_nodes)
+    model_cfg = cfg.model
+    model, llm_cfg, source, text_encoders = built or meta_model(model_cfg, stage)
+    plan_cfg = cfg.get("plan") or {}
+    seq = int(plan_cfg.get("seq_len") or cfg.dataset.max_length)
+    b = int(batch.per_device)
+    strategy = strategy_name(cfg)
+    ckpt = bool(model_cfg.llm.get("activation_checkpointing"))
+    nbytes = lambda ps: float(sum(p.numel() * p.element_size() for p in ps))  # noqa: E731
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_llm = [p for n, p in model.named_parameters() if not p.requires_grad and n.startswith("llm.")]
+    frozen_enc = [p for n, p in model.named_parameters() if not p.requires_grad and n.startswith("encoder.")]
+    frozen_other = [p for n, p in model.named_parameters() if not p.requires_grad and not n.startswith(("llm.", "encoder."))]
+    n_train = sum(p.numel() for p in trainable)
+    half = "deepspeed" in strategy and "bf16" in str(cfg.trainer.get("precision", ""))
+
+    w_train = nbytes(trainable) if not half else 2.0 * n_train  # DeepSpeed keeps bf16 weights, fp32 masters aside
+    grads = w_train
+    optim = 8.0 * n_train + (4.0 * n_train if half else 0.0)  # AdamW's two moments (+ DeepSpeed's fp32 masters)
+    frozen = {"frozen weights: LLM": nbytes(frozen_llm), "frozen weights: ImageBind": nbytes(frozen_enc),
+              "frozen weights: other stages' parts": nbytes(frozen_other)}  # projectors / rows this stage keeps
+    parts: dict[str, float] = {}
+    host: dict[str, float] = {}
+    shard = lambda x: x / world  # noqa: E731
+    largest_layer = max((nbytes(m.parameters()) for n, m in model.llm.named_modules()
+                         if type(m).__name__.endswith("DecoderLayer")), default=0.0)
+    if strategy == "ddp":
+        parts.update(frozen)
+        parts.update({"trainable weights": w_train, "gradients (+ DDP buckets)": 2 * grads, "optimizer state": optim})
+    elif strategy == "fsdp":
+        parts.update({k: shard(v) for k, v in frozen.items()})
+        parts.update({"trainable weights": shard(w_train), "gradients": shard(grads), "optimizer state": shard(optim),
+                      "gathered layers (2 in flight)": 2 * largest_layer if world > 1 else 0.0})
+    else:
+        zero3 = strategy == "deepspeed_zero3"
+        parts.update({k: shard(v) if zero3 else v for k, v in frozen.items()})
+        parts["trainable weights"] = shard(w_train) if zero3 else w_train
+        bucket = min(grads, 2e8 * 2)  # Lightning's reduce bucket: 2e8 elements in bf16
+        parts["gradients"] = shard(4.0 * n_train) + bucket  # the rank's fp32 partition + the reduce bucket
+        if strategy == "deepspeed_zero2_offload":
+            parts["gradients"] = bucket
+            host["optimizer state + fp32 gradients"] = shard(optim + 4.0 * n_train)
+            parts["optimizer state"] = 0.0
+        else:
+            parts["optimizer state"] = shard(optim)
+        if zero3:
+            parts["gathered layers (prefetch)"] = 2 * largest_layer if world > 1 else 0.0
+    aligns = stage in (2, 3)
+    enc_bytes = sum(sum(p.numel() for p in enc.parameters()) * 4.0 for encs in text_encoders.values() for enc in encs)
+    parts["decoder text encoders (fp32)"] = enc_bytes if aligns else 0.0
+    if aligns and float(cfg.stage.loss.get("denoise", 0.0)) > 0:
+        from nextgpt.model import torch_dtype
+
+        parts["denoisers (UNet + VAE)"] = sum(
+            denoiser_params(Path(str(m.decoder.path))) * torch.empty((), dtype=torch_dtype(m.decoder.dtype)).element_size()
+            for m in modality_registry.generated(model_cfg.modalities).values() if m.decoder.get("denoise"))
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    act_bytes = 2 if ("16" in precision or str(model_cfg.llm.dtype) in ("bfloat16", "float16")) else 4
+    attn = str(model_cfg.llm.get("attn_implementation") or "sdpa")
+    lora_in = _lora_inputs(model) if stage == 3 else 0
+    layers, loss, peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn, lora_inputs=lora_in,
+                                          checkpointing=ckpt)
+    other_layers, _, other_peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn,
+                                                   lora_inputs=lora_in, checkpointing=not ckpt)
+    parts["activations"] = layers + peak
+    parts["logits and loss"] = loss
+    # time
+    n_llm = sum(p.numel() for n, p in model.llm.named_parameters()
+                if "embed_tokens" not in n and "wte" not in n and "wpe" not in n and ".lora_" not in n)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    h, L = llm_cfg.hidden_size, llm_cfg.num_hidden_layers
+    forward = 2.0 * n_llm + 2.0 * L * seq * h  # weights + causal attention (half of 4·s·h per layer)
+    # forward, backward to the activations (as much again), one more forward when checkpointing;
+    # LoRA's own matmuls forward and backward (weights and inputs): 6 per parameter
+    flops = forward * (3 if ckpt else 2) + 6.0 * lora_params
+    name, tflops, _ = device_figures(cfg)
+    mfu = float(plan_cfg.get("mfu") or MEASURED_MFU[stage])
+    return Plan(stage=stage, strategy=strategy, world_size=world, batch_size=b, seq_len=seq, parts=parts, host=host,
+                activations_checkpointed=other_layers + other_peak, checkpointing=ckpt,
+                params={"trainable": n_train, "frozen": sum(p.numel() for p in model.parameters()) - n_train,
+                        "llm": sum(p.numel() for p in model.llm.parameters())},
+                flops_per_token=flops, tokens_per_s=mfu * tflops * 1e12 * world / flops, mfu=mfu, peak_tflops=tflops,
+                device=name, sources=[source])
+
+
+def check_fits(plan: Plan, memory_gib: float | None, allow: bool) -> str | None:
+    """None when the plan fits ``memory_gib`` (or there is no figure to check); else the refusal."""
+    if memory_gib is None or plan.total <= memory_gib * GIB:
+        return None
+    msg = (f"the memory plan needs {plan.total / GIB:.1f} GiB per rank, more than the device's {memory_gib:.1f} GiB:\n"
+           f"{plan.table()}\nLower stage.batch_size, set model.llm.activation_checkpointing=true (plan: "
+           f"{plan.total_with(True) / GIB:.1f} GiB), shard with strategy=fsdp or deepspeed_zero3, or set "
+           f"plan.allow_over_memory=true to start anyway")
+    return None if allow else msg
