@@ -27,8 +27,10 @@ class SourceDataModule(L.LightningDataModule):
 
     def __init__(self, sources: Sequence[Mapping[str, Any]], objective: str, model: Mapping[str, Any], template: str,
                  batch_size: int, num_workers: int, max_length: int, seed: int, feature_cache: bool,
-                 cache_fallback: str | None, pairs: Mapping[str, Any] | None = None):
+                 cache_fallback: str | None, pairs: Mapping[str, Any] | None = None, pack: bool = False):
         super().__init__()
+        # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
+        self.pack_length = int(max_length) if pack else None
         from nextgpt.prompts import PairStyle
 
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)

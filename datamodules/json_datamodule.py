@@ -46,10 +46,11 @@ class NextGPTDataModule(SourceDataModule):
         cache_fallback: str | None = None,
         denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
         pairs: Mapping[str, Any] | None = None,
+        pack: bool = False,
         mix: str = "weighted",
     ):
         super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback, pairs)
+                         cache_fallback, pairs, pack)
         if mix not in ("weighted", "balanced"):
             raise ValueError(f"dataset.mix={mix!r}: must be weighted (batches mix the sources) or balanced "
                              "(one source per batch, in turn)")
@@ -128,7 +129,7 @@ class NextGPTDataModule(SourceDataModule):
     def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=Collator(self.tokenizer.pad_token_id, dataset.num_media_tokens),
+            collate_fn=Collator(self.tokenizer.pad_token_id, dataset.num_media_tokens, self.pack_length),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )
@@ -144,7 +145,7 @@ class NextGPTDataModule(SourceDataModule):
             sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed)
         loader = DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens),
+            collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens, self.pack_length),
             persistent_workers=self.num_workers > 0,
         )
         return StepWindows(loader, accumulate, progress=self.progress)

@@ -80,9 +80,10 @@ class ShardDataModule(SourceDataModule):
         feature_cache: bool = True,
         mix: str = "weighted",
         pairs: Mapping[str, Any] | None = None,
+        pack: bool = False,
     ):
         super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback, pairs)
+                         cache_fallback, pairs, pack)
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
@@ -232,7 +233,7 @@ class ShardDataModule(SourceDataModule):
         loader = DataLoader(
             self.stream, batch_size=None if self.mix == "balanced" else self.batch_size,  # balanced: it yields batches
             num_workers=self.num_workers,
-            collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens)),
+            collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens, self.pack_length)),
             persistent_workers=False,
         )
         return StepWindows(loader, accumulate, limit=self.batches_per_epoch(world), progress=self.progress)

@@ -116,10 +116,39 @@ class Collator:
     modality, denoising targets per modality): a step normalises by their totals over all its
     micro-batches and ranks. A batch whose every sample was unreadable becomes one padding row
     with nothing to learn, never ``None``: every rank still runs the same step, so none waits
-    for another in a collective."""
+    for another in a collective.
 
-    def __init__(self, pad_id: int, num_media_tokens: int):
-        self.pad_id, self.num_media_tokens = pad_id, num_media_tokens
+    ``pack_length``: pack several samples into each row of at most that many tokens (:meth:`rows`)
+    instead of one sample per row. Each sample's ``position_ids`` restart at 0 and the
+    batch has no ``attention_mask``: transformers then keeps attention within each sample (a
+    block-diagonal causal mask; the varlen kernel under flash_attention_2). Labels, media slots and
+    signal groups stay with their sample; the first token of a sample is never a target, as in
+    its own row.
+    """
+
+    def __init__(self, pad_id: int, num_media_tokens: int, pack_length: int | None = None):
+        self.pad_id, self.num_media_tokens, self.pack_length = pad_id, num_media_tokens, pack_length
+
+    def rows(self, items: Sequence[Item]) -> list[list[Item]]:
+        """One row per item, or (packing) as few rows of at most ``pack_length`` tokens as the
+        items need, filled evenly (longest first into the emptiest row that has room) so that the
+        rows, padded to the longest, waste little; each row keeps its items in their given order."""
+        if not self.pack_length:
+            return [[it] for it in items]
+        lengths = [len(it.input_ids) for it in items]
+        wanted = max(1, -(-sum(lengths) // self.pack_length))  # ceil(total / pack_length)
+        fill = [0] * wanted
+        members: list[list[int]] = [[] for _ in range(wanted)]
+        for k in sorted(range(len(items)), key=lambda k: -lengths[k]):
+            fits = [r for r in range(len(fill)) if fill[r] + lengths[k] <= max(self.pack_length, lengths[k])]
+            if not fits:
+                fill.append(0)
+                members.append([])
+                fits = [len(fill) - 1]
+            r = min(fits, key=lambda r: fill[r])
+            fill[r] += lengths[k]
+            members[r].append(k)
+        return [[items[k] for k in sorted(m)] for m in members if m]
 
     def __call__(self, items: Sequence[Item | Skipped | None]) -> dict[str, Any]:
         good = [it for it in items if isinstance(it, Item)]
@@ -127,39 +156,50 @@ class Collator:
                           if not isinstance(it, Item))
         if not good:
             return {**self.empty(len(items)), "skipped_by_reason": dict(reasons)}
-        length = max(len(it.input_ids) for it in good)
-        b = len(good)
+        rows = self.rows(good)
+        length = max(sum(len(it.input_ids) for it in row) for row in rows)
+        b = len(rows)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
         labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((b, length), dtype=torch.long)
+        positions = torch.zeros((b, length), dtype=torch.long)
         media_mask = torch.zeros((b, length), dtype=torch.bool)
         media: dict[str, list[torch.Tensor]] = {}
         features: dict[str, list[torch.Tensor]] = {}
         sequence: list[tuple[str, int, bool]] = []
         captions: dict[str, list[str]] = {}
         targets: dict[str, list[torch.Tensor | None]] = {}
-        for row, it in enumerate(good):
-            n = len(it.input_ids)
-            input_ids[row, :n] = torch.tensor(it.input_ids)
-            labels[row, :n] = torch.tensor(it.labels)
-            attention[row, :n] = 1
-            for start, (name, tensor, cached) in zip(it.slot_starts, it.media):
-                media_mask[row, start : start + self.num_media_tokens] = True
-                target = features if cached else media
-                sequence.append((name, len(target.setdefault(name, [])), cached))
-                target[name].append(tensor)
-            for (name, caption), target in zip(it.captions_out, it.targets or [None] * len(it.captions_out)):
-                captions.setdefault(name, []).append(caption)
-                targets.setdefault(name, []).append(target)
+        keys = []
+        for r, row in enumerate(rows):
+            offset = 0
+            for it in row:
+                n = len(it.input_ids)
+                input_ids[r, offset:offset + n] = torch.tensor(it.input_ids)
+                labels[r, offset:offset + n] = torch.tensor(it.labels)
+                labels[r, offset] = IGNORE_INDEX  # nothing before it in its own row predicts it
+                attention[r, offset:offset + n] = 1
+                positions[r, offset:offset + n] = torch.arange(n)
+                for start, (name, tensor, cached) in zip(it.slot_starts, it.media):
+                    media_mask[r, offset + start : offset + start + self.num_media_tokens] = True
+                    target = features if cached else media
+                    sequence.append((name, len(target.setdefault(name, [])), cached))
+                    target[name].append(tensor)
+                for (name, caption), target in zip(it.captions_out, it.targets or [None] * len(it.captions_out)):
+                    captions.setdefault(name, []).append(caption)
+                    targets.setdefault(name, []).append(target)
+                keys.append(it.key)
+                offset += n
+            positions[r, offset:] = torch.arange(length - offset)  # the padding: a segment of its own
         output_media = {n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)}
         counts = {"tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
         counts.update({f"align/{n}": len(c) for n, c in captions.items()})
         counts.update({f"denoise/{n}": int(t.shape[0]) for n, t in output_media.items()})
+        packed = {"attention_mask": None, "position_ids": positions} if self.pack_length else {"attention_mask": attention}
         return {
-            "keys": [it.key for it in good],
+            "keys": keys,
             "input_ids": input_ids,
             "labels": labels,
-            "attention_mask": attention,
+            **packed,
             "media_mask": media_mask,
             "media": {name: torch.stack(ts) for name, ts in media.items()},
             "media_features": {name: torch.stack(ts) for name, ts in features.items()},
@@ -168,11 +208,12 @@ class Collator:
             # target media per modality, only where every group of that modality in the batch has one
             "output_media": output_media,
             "counts": counts,
-            "num_skipped": len(items) - b,
+            "num_skipped": len(items) - len(good),
             "skipped_by_reason": dict(reasons),
             "num_truncated": sum(it.truncated for it in good),
             "media_from_cache": sum(len(v) for v in features.values()),
             "media_decoded": sum(len(v) for v in media.values()),
+            "padding": float(1.0 - attention.float().mean()),  # the batch's fraction of padding tokens
         }
 
     def empty(self, num_skipped: int) -> dict[str, Any]:

@@ -353,6 +353,8 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
     c.int_("dataset.max_length", 16)
     c.int_("dataset.num_workers", 0)
     c.float_("dataset.val_fraction", 0.0, 1.0)
+    if c.get("dataset.pack") not in (None, True, False):
+        c.fail("dataset.pack", c.get("dataset.pack"), "must be true or false")
     from nextgpt.prompts import TEMPLATES
 
     c.str_("dataset.template", TEMPLATES)

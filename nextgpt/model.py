@@ -204,14 +204,17 @@ class NextGPT(nn.Module):
         media_sequence: Iterable[tuple] = (),
         media_features: Mapping[str, torch.Tensor] | None = None,
         every_modality: bool = True,
+        position_ids: torch.Tensor | None = None,
         **_: Any,
     ) -> NextGPTOutput:
         """The training forward: every modality's modules run (see above); ``conditioning`` holds
         every modality, with zero groups where the batch has none. ``every_modality=False`` runs
-        only what the batch holds: for one process only (``benchmarks/ddp_step.py`` measures it)."""
+        only what the batch holds: for one process only (``benchmarks/ddp_step.py`` measures it).
+        ``position_ids`` without ``attention_mask``: a packed batch (:class:`nextgpt.batch.Collator`)."""
         embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features,
                                    every_modality=every_modality)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
         logits = self.new_tokens.logits(hidden, out.logits)
         return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=every_modality))

@@ -87,3 +87,10 @@ def test_a_run_over_the_device_memory_is_refused_by_its_plan(tiny_cache, tmp_pat
     assert "the memory plan needs" in out and "more than the device's 0.0 GiB" in out and "activations" in out
     assert "plan.allow_over_memory=true" in out
     assert "Loading weights" not in out and not (tmp_path / "checkpoints").exists()  # refused before any weight loads
+
+
+def test_packed_batches_train_stages_1_and_2(tiny_cache, tmp_path):
+    res = train(tmp_path, tiny_cache, "-m", "stage=1,2", "dataset.pack=true", "trainer.max_steps=2", "logger=csv")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert out.count("(2 trained in this run)") == 2
