@@ -1,4 +1,5 @@
-"""Activation checkpointing of the LLM's decoder layers (``model.llm.activation_checkpointing``).
+"""Activation checkpointing (``model.llm.activation_checkpointing``) and ``torch.compile``
+(``model.llm.compile``) of the LLM's decoder layers.
 
 Each decoder layer (a module whose class name ends in ``DecoderLayer``, as in every Hugging Face
 causal LM) keeps only its inputs for the backward pass and recomputes the rest there
@@ -45,6 +46,19 @@ def checkpoint_decoder_layers(llm: nn.Module) -> list[str]:
 
         layer.forward = forward
         layer._nextgpt_checkpointed = True
+    return names
+
+
+def compile_decoder_layers(llm: nn.Module, backend: str = "inductor") -> list[str]:
+    """``torch.compile`` each decoder layer on its own (``model.llm.compile``): one small graph
+    reused by every layer, compatible with FSDP2 units and with the checkpointing above (applied
+    first, so the recomputation is compiled too). The rest of the model stays eager."""
+    names = decoder_layers(llm)
+    if not names:
+        raise ValueError(f"model.llm.compile=true: {type(llm).__name__} has no module whose class name ends in "
+                         f"{LAYER_SUFFIX!r}")
+    for name in names:
+        llm.get_submodule(name).compile(backend=backend)
     return names
 
 

@@ -264,6 +264,9 @@ def _check_stage(c: _Checker) -> None:
                     c.fail(f"stage.loss.align_by_modality.{m}", w, f"unknown modality; registered: {modality_registry.names()}")
                 else:
                     c.float_(f"stage.loss.align_by_modality.{m}", 0.0, hi=None)
+        elif term == "logits_chunk":  # the caption loss in chunks of this many labelled positions
+            if loss[term] is not None:
+                c.int_("stage.loss.logits_chunk", 1)
         elif term not in LOSS_TERMS:
             c.fail(f"stage.loss.{term}", loss[term], f"unknown loss term; known: {list(LOSS_TERMS)}")
         else:
@@ -283,6 +286,12 @@ def _check_model(c: _Checker) -> list[str]:
 
         if importlib.util.find_spec("flash_attn") is None:
             c.fail("model.llm.attn_implementation", attn, "needs the flash-attn package, which is not installed; use sdpa")
+    if c.get("model.llm.compile") not in (None, True, False):
+        c.fail("model.llm.compile", c.get("model.llm.compile"), "must be true or false")
+    if c.get("model.llm.compile") and c.get("model.llm.compile_backend") is not None:
+        import torch._dynamo
+
+        c.str_("model.llm.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
     if c.get("model.llm.activation_checkpointing") not in (None, True, False):
         c.fail("model.llm.activation_checkpointing", c.get("model.llm.activation_checkpointing"), "must be true or false")
     c.str_("model.encoder.checkpoint")

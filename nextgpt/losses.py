@@ -23,6 +23,27 @@ def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def chunked_caption_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int) -> torch.Tensor:
+    """:func:`caption_loss_sum` without the (positions x vocabulary) logits of the whole batch: the
+    logits of the labelled positions only, ``chunk`` positions at a time, each chunk's recomputed in
+    the backward pass (so one chunk's fp32 logits are alive at a time). ``head(hidden)`` gives the
+    extended vocabulary's logits (:meth:`nextgpt.model.NextGPT.head_logits`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    states, wanted = hidden[:, :-1][keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], chunk):
+        total = total + checkpoint(_chunk_loss, states[start:start + chunk], wanted[start:start + chunk], head,
+                                   use_reentrant=False)
+    return total
+
+
+def _chunk_loss(states: torch.Tensor, wanted: torch.Tensor, head) -> torch.Tensor:
+    return F.cross_entropy(head(states).float(), wanted, reduction="sum")
+
+
 def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """Legacy NExT-GPT alignment of one modality, summed over its groups: per group the mean over
     conditioning tokens of the L2 distance to the target. Zero groups give an exact 0 (that

@@ -32,7 +32,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class NextGPTOutput:
-    logits: torch.Tensor  # (B, L, extended vocab)
+    logits: torch.Tensor | None  # (B, L, extended vocab); None when the forward was asked for none
     hidden: torch.Tensor  # (B, L, H) last layer
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (groups, seq, width)
 
@@ -205,19 +205,32 @@ class NextGPT(nn.Module):
         media_features: Mapping[str, torch.Tensor] | None = None,
         every_modality: bool = True,
         position_ids: torch.Tensor | None = None,
+        compute_logits: bool = True,
         **_: Any,
     ) -> NextGPTOutput:
         """The training forward: every modality's modules run (see above); ``conditioning`` holds
         every modality, with zero groups where the batch has none. ``every_modality=False`` runs
         only what the batch holds: for one process only (``benchmarks/ddp_step.py`` measures it).
-        ``position_ids`` without ``attention_mask``: a packed batch (:class:`nextgpt.batch.Collator`)."""
+        ``position_ids`` without ``attention_mask``: a packed batch (:class:`nextgpt.batch.Collator`).
+        ``compute_logits=False``: no vocabulary logits (``logits`` is None); the loss computes those
+        it needs from ``hidden`` (:func:`nextgpt.losses.chunked_caption_loss_sum`)."""
         embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features,
                                    every_modality=every_modality)
+        keep = {} if compute_logits else {"logits_to_keep": 1}  # transformers: the last position's only
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       output_hidden_states=True, use_cache=False)
+                       output_hidden_states=True, use_cache=False, **keep)
         hidden = out.hidden_states[-1]
-        logits = self.new_tokens.logits(hidden, out.logits)
+        logits = self.new_tokens.logits(hidden, out.logits) if compute_logits else None
         return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=every_modality))
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the extended vocabulary from final hidden states, as the LLM's forward
+        computes them (its head, and its final soft-capping where it has one, as Gemma 2)."""
+        base = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            base = torch.tanh(base / cap) * cap
+        return self.new_tokens.logits(hidden, base)
 
     # --- LoRA ------------------------------------------------------------------------------
     def apply_lora(self, lora: Mapping[str, Any]) -> None:
@@ -288,6 +301,10 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
         from nextgpt.checkpointing import checkpoint_decoder_layers
 
         checkpoint_decoder_layers(llm)
+    if llm_cfg.get("compile"):
+        from nextgpt.checkpointing import compile_decoder_layers
+
+        compile_decoder_layers(llm, backend=str(llm_cfg.get("compile_backend") or "inductor"))
     encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
     conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
     model = NextGPT(

@@ -22,7 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights
-from nextgpt.losses import alignment_sum, caption_loss_sum, count_keys, modality_mean
+from nextgpt.losses import (
+    alignment_sum,
+    caption_loss_sum,
+    chunked_caption_loss_sum,
+    count_keys,
+    modality_mean,
+)
 from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
 
 log = logging.getLogger(__name__)
@@ -179,11 +185,14 @@ class NextGPTStage(L.LightningModule):
     # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
     def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """This batch's share of each loss term of the step whose totals are ``counts``."""
-        out = self.model(**batch)
-        terms = {"ce": caption_loss_sum(out.logits, batch["labels"]) / max(float(counts["tokens"]), 1.0)}
+        chunk = self.loss_cfg.get("logits_chunk")  # no full-vocabulary logits: the labelled positions, in chunks
+        out = self.model(**batch, compute_logits=not chunk)
+        ce = (chunked_caption_loss_sum(out.hidden, batch["labels"], self.model.head_logits, int(chunk)) if chunk
+              else caption_loss_sum(out.logits, batch["labels"]))
+        terms = {"ce": ce / max(float(counts["tokens"]), 1.0)}
         if self.aligns:
             cond = out.conditioning
-            zero = torch.zeros((), device=out.logits.device)
+            zero = torch.zeros((), device=out.hidden.device)
             captions = batch.get("output_captions", {})
             targets = self.caption_targets({m: captions.get(m, []) for m in cond})
             terms["align"] = modality_mean({m: alignment_sum(cond[m], targets.get(m)) for m in cond}, counts, "align", zero,

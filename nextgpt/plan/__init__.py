@@ -203,7 +203,7 @@ def _size(n: float) -> str:
 
 
 def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: str, lora_inputs: int = 0,
-                     checkpointing: bool = False) -> tuple[float, float, float]:
+                     checkpointing: bool = False, logits_chunk: int | None = None) -> tuple[float, float, float]:
     """Bytes for ``tokens`` tokens of length ``seq``: (kept by the decoder layers, kept for the loss,
     the transient peak on top at the start of the backward pass)."""
     h, i, layers = llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_hidden_layers
@@ -218,6 +218,9 @@ def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: st
     loss = 4 * vocab + 4 * h + act_bytes * h
     peak = max(8 * vocab, per_layer if checkpointing else 0)
     kept = layers * h * act_bytes if checkpointing else layers * per_layer
+    if logits_chunk:  # stage.loss.logits_chunk: one chunk's logits at a time, recomputed in backward
+        return (tokens * kept, tokens * (4 * h + act_bytes * h) + min(logits_chunk, tokens) * 12 * vocab,
+                tokens * (per_layer if checkpointing else 0))
     return tokens * kept, tokens * loss, tokens * peak
 
 
@@ -325,10 +328,11 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
     act_bytes = 2 if ("16" in precision or str(model_cfg.llm.dtype) in ("bfloat16", "float16")) else 4
     attn = str(model_cfg.llm.get("attn_implementation") or "sdpa")
     lora_in = _lora_inputs(model) if stage == 3 else 0
+    chunk = cfg.stage.loss.get("logits_chunk")
     layers, loss, peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn, lora_inputs=lora_in,
-                                          checkpointing=ckpt)
+                                          checkpointing=ckpt, logits_chunk=chunk)
     other_layers, _, other_peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn,
-                                                   lora_inputs=lora_in, checkpointing=not ckpt)
+                                                   lora_inputs=lora_in, checkpointing=not ckpt, logits_chunk=chunk)
     parts["activations"] = layers + peak
     parts["logits and loss"] = loss
     # time

@@ -70,3 +70,67 @@ def test_attention_implementation_reaches_the_llm(tiny_config):
         validate(tiny_config("stage=1", "model.llm.attn_implementation=flashy"))
     with pytest.raises(ConfigError, match="model.llm.activation_checkpointing='yes': must be true or false"):
         validate(tiny_config("stage=1", "model.llm.activation_checkpointing=yes"))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_chunked_logits_give_the_same_loss_and_gradients_with_less_memory(stage, tiny_config):
+    results = []
+    for chunk in ("null", "7"):
+        cfg = tiny_config(f"stage={stage}", f"stage.loss.logits_chunk={chunk}", "model.lora.dropout=0.0",
+                          "model.output_projector.dropout=0.0")
+        torch.manual_seed(0)
+        module = build_stage(cfg)
+        module.model.train()
+        batch = fixed_batch(cfg, module)
+        module.compute_loss(batch)  # warm-up
+        terms, kept = memory_kept_by(lambda: module.compute_loss(batch))
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        results.append(({k: float(v.detach()) for k, v in terms.items()}, grads, kept))
+    (full, grads_full, kept_full), (chunked, grads_chunked, kept_chunked) = results
+    assert full == pytest.approx(chunked, rel=1e-5)
+    for name in grads_full:
+        torch.testing.assert_close(grads_chunked[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    if kept_full is not None:
+        assert kept_chunked < kept_full, (kept_full, kept_chunked)
+
+
+def test_chunked_head_logits_equal_the_llms_own_with_softcapping(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nextgpt.model import NextGPT
+    from nextgpt.tiny.families import build_tiny_family
+    from nextgpt.tokens import TokenLayout
+
+    path = build_tiny_family("gemma2", tmp_path / "gemma2")
+    llm = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert llm.config.final_logit_softcapping
+    first = llm.config.vocab_size
+    layout = TokenLayout(first, ("<Img>", "</Img>"), ("[IMG0]",), {"image": (first, first + 1)}, {"image": (first + 2,)})
+
+    class NoEncoder(torch.nn.Module):
+        embed_dim = 8
+
+    model = NextGPT(llm, NoEncoder(), layout, num_media_tokens=1, output_shapes={}, output_projector={})
+    ids = torch.randint(0, first, (2, 9))
+    out = model.llm(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(model.head_logits(out.hidden_states[-1])[..., :first], out.logits[..., :first])
+
+
+def test_compiled_decoder_layers_give_the_same_loss(tiny_config):
+    losses = []
+    for compiled in ("false", "true"):
+        cfg = tiny_config("stage=1", f"model.llm.compile={compiled}", "model.llm.compile_backend=aot_eager")
+        torch.manual_seed(0)
+        module = build_stage(cfg)
+        module.model.eval()
+        batch = fixed_batch(cfg, module)
+        loss = module.compute_loss(batch)["loss"]
+        loss.backward()
+        grad = module.model.input_projector.proj.weight.grad.clone()
+        losses.append((float(loss.detach()), grad))
+        layers = [module.model.llm.get_submodule(n) for n in decoder_layers(module.model.llm)]
+        assert all((getattr(m, "_compiled_call_impl", None) is not None) == (compiled == "true") for m in layers)
+    (a, ga), (b, gb) = losses
+    assert a == pytest.approx(b, rel=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
