@@ -98,12 +98,16 @@ SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test
 SHARED_GROUPS = {"tests/integration/test_web_demo.py": "demo_bundle", "tests/integration/test_serve.py": "demo_bundle"}
 
 
+def pytest_itemcollected(item):
+    # as each test is collected, before any plugin's pytest_collection_modifyitems (pytest-xdist
+    # reads the group in its own)
+    path = item.nodeid.split("::", 1)[0]
+    if path not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(path, path)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        if path not in SPREAD_FILES and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(path, path)))
     # tests of a user interface over real media (marker one_sample_folder) run on the given sample
     # folder only: the derived folder proves the data readers, which other tests cover on both
     once = [it for it in items if "one_sample_folder" in it.keywords

@@ -206,8 +206,8 @@ def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: st
                      checkpointing: bool = False, logits_chunk: int | None = None) -> tuple[float, float, float]:
     """Bytes for ``tokens`` tokens of length ``seq``: (kept by the decoder layers, kept for the loss,
     the transient peak on top at the start of the backward pass)."""
-    h, i, layers = llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_hidden_layers
-    heads = llm_cfg.num_attention_heads
+    h, layers, heads = llm_cfg.hidden_size, llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
+    i = getattr(llm_cfg, "intermediate_size", None) or getattr(llm_cfg, "n_inner", None) or 4 * h  # GPT-2: n_inner
     per_layer = 8 * h + 4 * h * act_bytes + 3 * i * act_bytes + 5 * lora_inputs
     if attn == "eager":
         per_layer += (4 + act_bytes) * heads * seq
@@ -326,7 +326,7 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
             for m in modality_registry.generated(model_cfg.modalities).values() if m.decoder.get("denoise"))
     precision = str(cfg.trainer.get("precision", "32-true"))
     act_bytes = 2 if ("16" in precision or str(model_cfg.llm.dtype) in ("bfloat16", "float16")) else 4
-    attn = str(model_cfg.llm.get("attn_implementation") or "sdpa")
+    attn = str(model_cfg.llm.get("attn_implementation") or getattr(llm_cfg, "_attn_implementation", None) or "sdpa")
     lora_in = _lora_inputs(model) if stage == 3 else 0
     chunk = cfg.stage.loss.get("logits_chunk")
     layers, loss, peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn, lora_inputs=lora_in,

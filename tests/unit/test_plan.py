@@ -122,3 +122,16 @@ def test_plan_command_line(capsys):
         ["model=tiny", "stage=2", "strategy=ddp"], ["model=tiny", "stage=2", "strategy=fsdp"]]
     assert main(["model=nextgpt_7b_legacy", "stage=1", "plan.mfu=2"]) == 2
     assert "plan.mfu=2: must be <= 1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "gemma2", "phi3", "gpt2"])
+def test_every_llm_family_is_planned(family, tmp_path, tiny_config):
+    from transformers import AutoModelForCausalLM
+
+    from nextgpt.tiny.families import build_tiny_family
+
+    path = build_tiny_family(family, tmp_path / family)
+    plan = make_plan(tiny_config("stage=3", f"model.llm.path={path}", "model.lora.target_modules=attention"))
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    lora = plan.params["llm"] - base
+    assert 0 < lora < base and plan.parts["activations"] > 0 and plan.tokens_per_s > 0
