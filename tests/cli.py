@@ -1,12 +1,16 @@
 """Running the user's commands as subprocesses: ``python train.py ...`` and torchrun launches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -37,3 +41,40 @@ def recorded_batches(path: Path) -> dict[int, list[str]]:
         step, *keys = line.split()
         out[int(step)] = keys
     return out
+
+
+@contextlib.contextmanager
+def served_process(args: list[str], ready_url: str, log_path: Path, env: dict[str, str], *, name: str,
+                   timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Start ``python ARGS`` (a server, as a user starts it), wait until ``ready_url`` answers 200,
+    yield the process, and stop it afterwards; fail with the server's log when it exits or never
+    answers, and when it died while in use."""
+    import time
+    import urllib.request
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the {name} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the {name} did not answer on {ready_url}:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.5)
+            yield proc
+            assert proc.poll() is None, f"the {name} died during the tests:\n{log_path.read_text()[-4000:]}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -13,9 +13,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO_ENV, REPO_ROOT
+from tests.cli import free_port, served_process
+from tests.conftest import DEMO_ENV
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -32,50 +30,17 @@ IMAGE_REQUEST = "Please make an image of a red circle at the top left on a black
 MAX_UPLOAD_MB = 1
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``python -m nextgpt.serve bundle=... port=...`` as a user starts it; yields (base URL, log file)."""
-    import httpx
-
     work = tmp_path_factory.mktemp("serve")
     port, log_path = free_port(), work / "server.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nextgpt.serve", f"bundle={demo_bundle}", f"port={port}", f"out={work / 'out'}",
-         f"max_upload_mb={MAX_UPLOAD_MB}", "model_name=demo", "log_level=warning"],
-        cwd=REPO_ROOT, env={**os.environ, **DEMO_ENV}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {url}:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    args = ["-m", "nextgpt.serve", f"bundle={demo_bundle}", f"port={port}", f"out={work / 'out'}",
+            f"max_upload_mb={MAX_UPLOAD_MB}", "model_name=demo", "log_level=warning"]
+    with served_process(args, f"{url}/health", log_path, DEMO_ENV, name="server"):
         yield url, log_path
-        assert proc.poll() is None, f"the server died during the tests:\n{log_path.read_text()[-4000:]}"
         assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

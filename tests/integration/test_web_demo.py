@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_ENV, REPO_ROOT
+from tests.cli import free_port, served_process
+from tests.conftest import DEMO_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -73,47 +70,16 @@ def expect_text(locator, text: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- fixtures: the trained demo bundle and its generator come from tests/conftest.py ------------
 @pytest.fixture(scope="module")
 def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``python -m nextgpt.demo`` on a free port, as a user starts it; yields (url, out dir)."""
     work = tmp_path_factory.mktemp("web_demo_app")
-    out, log_path, port = work / "out", work / "server.log", free_port()
-    log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "nextgpt.demo", "--bundle", str(demo_bundle), "--host", "127.0.0.1",
-                             "--port", str(port), "--out", str(out)],
-                            cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    out, port = work / "out", free_port()
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the demo server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the demo server did not answer on {url}:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    with served_process(["-m", "nextgpt.demo", "--bundle", str(demo_bundle), "--host", "127.0.0.1", "--port", str(port),
+                         "--out", str(out)], url, work / "server.log", ENV, name="demo server"):
         yield url, out
-        assert proc.poll() is None, f"the demo server died during the test:\n{log_path.read_text()[-4000:]}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
