@@ -18,21 +18,33 @@ from torch.utils.checkpoint import checkpoint
 LAYER_SUFFIX = "DecoderLayer"
 
 
-def decoder_layers(llm: nn.Module) -> list[str]:
-    """The outermost modules whose class name ends in ``DecoderLayer``."""
+def outermost_by_class_suffix(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+    """Names of the outermost modules whose class name ends with one of ``suffixes`` (any Hugging
+    Face causal LM names its blocks ``*DecoderLayer``; the FSDP wrap policy uses this too)."""
     found: list[str] = []
-    for name, module in llm.named_modules():
-        if name and type(module).__name__.endswith(LAYER_SUFFIX) and not any(name.startswith(f"{f}.") for f in found):
+    for name, module in model.named_modules():
+        if name and type(module).__name__.endswith(suffixes) and not any(name.startswith(f"{f}.") for f in found):
             found.append(name)
     return found
 
 
-def checkpoint_decoder_layers(llm: nn.Module) -> list[str]:
-    """Wrap every decoder layer's forward in a non-reentrant checkpoint; returns their names."""
+def decoder_layers(llm: nn.Module) -> list[str]:
+    """The outermost modules whose class name ends in ``DecoderLayer``."""
+    return outermost_by_class_suffix(llm, (LAYER_SUFFIX,))
+
+
+def _layers_for(llm: nn.Module, key: str) -> list[str]:
+    """The decoder layers ``key`` (``model.llm.<key>=true``) acts on; an error naming it when there are none."""
     names = decoder_layers(llm)
     if not names:
-        raise ValueError(f"model.llm.activation_checkpointing=true: {type(llm).__name__} has no module whose class "
-                         f"name ends in {LAYER_SUFFIX!r}")
+        raise ValueError(f"model.llm.{key}=true: {type(llm).__name__} has no module whose class name ends in "
+                         f"{LAYER_SUFFIX!r}")
+    return names
+
+
+def checkpoint_decoder_layers(llm: nn.Module) -> list[str]:
+    """Wrap every decoder layer's forward in a non-reentrant checkpoint; returns their names."""
+    names = _layers_for(llm, "activation_checkpointing")
     for name in names:
         layer = llm.get_submodule(name)
         if getattr(layer, "_nextgpt_checkpointed", False):
@@ -53,10 +65,7 @@ def compile_decoder_layers(llm: nn.Module, backend: str = "inductor") -> list[st
     """``torch.compile`` each decoder layer on its own (``model.llm.compile``): one small graph
     reused by every layer, compatible with FSDP2 units and with the checkpointing above (applied
     first, so the recomputation is compiled too). The rest of the model stays eager."""
-    names = decoder_layers(llm)
-    if not names:
-        raise ValueError(f"model.llm.compile=true: {type(llm).__name__} has no module whose class name ends in "
-                         f"{LAYER_SUFFIX!r}")
+    names = _layers_for(llm, "compile")
     for name in names:
         llm.get_submodule(name).compile(backend=backend)
     return names

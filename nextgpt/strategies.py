@@ -34,16 +34,11 @@ class WrapByClassName:
         if not self.suffixes:
             raise ValueError("the wrap policy needs at least one class-name suffix")
 
-    def matches(self, module: nn.Module) -> bool:
-        return type(module).__name__.endswith(self.suffixes)
-
     def units(self, model: nn.Module) -> list[str]:
         """Names of the modules to shard as units of their own (outermost matches only)."""
-        found: list[str] = []
-        for name, module in model.named_modules():
-            if name and self.matches(module) and not any(name.startswith(f"{f}.") for f in found):
-                found.append(name)
-        return found
+        from nextgpt.checkpointing import outermost_by_class_suffix
+
+        return outermost_by_class_suffix(model, self.suffixes)
 
 
 def shard_model(model: nn.Module, mesh, policy: WrapByClassName, *, reshard_after_forward: bool = True,

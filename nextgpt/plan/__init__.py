@@ -292,8 +292,10 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
     parts: dict[str, float] = {}
     host: dict[str, float] = {}
     shard = lambda x: x / world  # noqa: E731
-    largest_layer = max((nbytes(m.parameters()) for n, m in model.llm.named_modules()
-                         if type(m).__name__.endswith("DecoderLayer")), default=0.0)
+    from nextgpt.checkpointing import decoder_layers
+
+    largest_layer = max((nbytes(model.llm.get_submodule(n).parameters()) for n in decoder_layers(model.llm)),
+                        default=0.0)
     if strategy == "ddp":
         parts.update(frozen)
         parts.update({"trainable weights": w_train, "gradients (+ DDP buckets)": 2 * grads, "optimizer state": optim})
