@@ -70,8 +70,9 @@ def _image_vae(seed: int, scaling_factor: float = 0.18215):
     ).eval()
 
 
-def _unet(cls, blocks: str, width: int, head_dim: int, seed: int):
-    """A two-level UNet (2D for images, 3D for video) cross-attending to ``width``-wide text."""
+def _unet(cls, blocks: str, width: int, head_dim: int | tuple[int, ...], seed: int, **extra):
+    """A two-level UNet (2D for images, 3D for video) cross-attending to ``width``-wide text;
+    ``extra``: the family's own settings (SD 2's linear projections, say)."""
     import torch
 
     torch.manual_seed(seed)
@@ -80,7 +81,7 @@ def _unet(cls, blocks: str, width: int, head_dim: int, seed: int):
         down_block_types=(f"CrossAttnDownBlock{blocks}", f"DownBlock{blocks}"),
         up_block_types=(f"UpBlock{blocks}", f"CrossAttnUpBlock{blocks}"),
         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=width, attention_head_dim=head_dim,
+        cross_attention_dim=width, attention_head_dim=head_dim, **extra,
     ).eval()
 
 
@@ -111,21 +112,13 @@ def build_tiny_sd2(out: Path, *, seed: int = 0) -> Path:
     with per-block head dims, an OpenCLIP-style text encoder (GELU, ``!`` padding) of width 48, 32x32 images.
     Its conditioning is ``last_hidden_state``: diffusers' SD 2 text encoder already ends at OpenCLIP's
     penultimate layer."""
-    import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     out = Path(out)
     tokenizer = _openclip_tokenizer(seed)
     text_encoder = _clip_text_encoder(tokenizer, SD2_TEXT_WIDTH, seed, hidden_act="gelu")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=SD2_TEXT_WIDTH, attention_head_dim=(2, 4), use_linear_projection=True,
-        upcast_attention=True,
-    ).eval()
+    unet = _unet(UNet2DConditionModel, "2D", SD2_TEXT_WIDTH, (2, 4), seed, use_linear_projection=True,
+                 upcast_attention=True)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
