@@ -58,17 +58,18 @@ def llm_config(path: str):
     return AutoConfig.for_model(data.pop("model_type"), **data), f"published {folder.name} config"
 
 
-def _text_encoder(folder: Path, sub: str):
-    """A decoder's text encoder built on meta, and its tokenizer's length."""
+def _text_encoder(folder: Path, sub: str, tok_sub: str):
+    """A decoder's text encoder (subfolder ``sub``) built on meta, and its tokenizer's (``tok_sub``) length."""
     import transformers
     from transformers import AutoConfig
 
+    from nextgpt.decoders import read_model_index
+
     if (folder / sub / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(folder / sub))
-        tok = folder / sub.replace("text_encoder", "tokenizer") / "tokenizer_config.json"
+        tok = folder / tok_sub / "tokenizer_config.json"
         max_len = json.loads(tok.read_text()).get("model_max_length", 77) if tok.is_file() else 77
-        index = json.loads((folder / "model_index.json").read_text())
-        cls = getattr(transformers, index[sub][1])
+        cls = getattr(transformers, read_model_index(folder)[sub][1])
     else:
         card = cards.PIPELINES.get(folder.name)
         if card is None:
@@ -83,14 +84,17 @@ def _text_encoder(folder: Path, sub: str):
 
 
 def conditioning_shape(folder: Path, conditioning: str) -> tuple[tuple[int, int], list[torch.nn.Module]]:
-    """(seq, width) of a decoder's conditioning and its text encoders (on meta)."""
-    enc, max_len = _text_encoder(folder, "text_encoder")
+    """(seq, width) of a decoder's conditioning and its text encoders (on meta): the components the
+    conditioning kind reads (:data:`nextgpt.decoders.COMPONENTS`), measured as it reads them."""
+    from nextgpt.decoders import COMPONENTS
+
+    built = [_text_encoder(folder, enc, tok) for enc, tok in COMPONENTS[conditioning]]
+    encoders, max_len = [enc for enc, _ in built], built[0][1]
     if conditioning == "text_embeds":
-        return (1, int(enc.config.projection_dim)), [enc]
-    if conditioning == "sdxl":
-        enc2, _ = _text_encoder(folder, "text_encoder_2")
-        return (max_len + 1, int(enc.config.hidden_size + enc2.config.hidden_size)), [enc, enc2]
-    return (max_len, int(enc.config.hidden_size)), [enc]
+        return (1, int(encoders[0].config.projection_dim)), encoders
+    if conditioning == "sdxl":  # the token rows of both encoders side by side, plus the pooled row
+        return (max_len + 1, sum(int(enc.config.hidden_size) for enc in encoders)), encoders
+    return (max_len, int(encoders[0].config.hidden_size)), encoders
 
 
 def denoiser_params(folder: Path) -> int:

@@ -135,3 +135,18 @@ def test_every_llm_family_is_planned(family, tmp_path, tiny_config):
     base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
     lora = plan.params["llm"] - base
     assert 0 < lora < base and plan.parts["activations"] > 0 and plan.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("decoder, conditioning", [("sd", "last_hidden_state"), ("sd2", "last_hidden_state"),
+                                                   ("sdxl", "sdxl"), ("audioldm", "text_embeds"),
+                                                   ("t2v", "last_hidden_state")])
+def test_the_planned_conditioning_shape_is_the_measured_one(decoder, conditioning, tiny_cache):
+    from nextgpt.decoders import TextConditioner
+    from nextgpt.plan import conditioning_shape
+
+    folder = tiny_cache / "tiny_backbones" / decoder
+    shape, encoders = conditioning_shape(folder, conditioning)
+    conditioner = TextConditioner(folder, conditioning)
+    assert shape == conditioner.shape
+    assert [sum(p.numel() for p in e.parameters()) for e in encoders] == [
+        sum(p.numel() for p in e.parameters()) for e in conditioner.text_encoders]
