@@ -30,6 +30,16 @@ def test_target_follows_prediction_type(kind):
         assert not torch.allclose(target, noise)
 
 
+def same_draws(obj: DenoisingObjective, media: torch.Tensor, seed: int):
+    """The latents, noise, timesteps and alphas-cumprod that ``obj``'s loss draws from a generator
+    seeded with ``seed``, drawn again by hand in the same order: (latents, noise, t, abar)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = obj.latents(media, g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, obj.scheduler.config.num_train_timesteps, (media.shape[0],), generator=g)
+    return latents, noise, t, obj.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_loss_regresses_the_scheduler_target(tiny_cache, tmp_path, kind):
     sd = tmp_path / "sd"
@@ -43,11 +53,7 @@ def test_loss_regresses_the_scheduler_target(tiny_cache, tmp_path, kind):
     media = torch.rand(2, 3, 32, 32) * 2 - 1
     cond = torch.randn(2, 77, 32)
     loss = obj.loss(cond, media, torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)  # the same draws, by hand
-    latents = obj.latents(media, g)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
-    abar = obj.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    latents, noise, t, abar = same_draws(obj, media, 7)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     pred = obj.unet(noisy, t, encoder_hidden_states=cond).sample
     target = noise if kind == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents

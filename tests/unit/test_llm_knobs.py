@@ -9,20 +9,27 @@ from nextgpt.checkpointing import checkpoint_decoder_layers, decoder_layers, mem
 from tests.unit.test_stages import build_stage, fixed_batch
 
 
+def stage_step(tiny_config, stage: int, *overrides: str, train: bool = True):
+    """One stage built with ``overrides`` (dropout off), its loss terms on the fixed batch (after a
+    warm-up pass), the memory that forward kept, and the trainable gradients: (module, terms, kept, grads)."""
+    cfg = tiny_config(f"stage={stage}", *overrides, "model.lora.dropout=0.0", "model.output_projector.dropout=0.0")
+    torch.manual_seed(0)
+    module = build_stage(cfg)
+    module.model.train(train)
+    batch = fixed_batch(cfg, module)
+    module.compute_loss(batch)  # warm-up: lazily built buffers are not what a pass keeps
+    terms, kept = memory_kept_by(lambda: module.compute_loss(batch))
+    terms["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    return module, {k: float(v.detach()) for k, v in terms.items()}, kept, grads
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_checkpointing_gives_the_same_loss_and_gradients(stage, tiny_config):
     results = []
     for ckpt in (False, True):
-        cfg = tiny_config(f"stage={stage}", f"model.llm.activation_checkpointing={str(ckpt).lower()}",
-                          "model.lora.dropout=0.0", "model.output_projector.dropout=0.0")
-        torch.manual_seed(0)
-        module = build_stage(cfg)
-        module.model.train()
-        batch = fixed_batch(cfg, module)
-        loss = module.compute_loss(batch)["loss"]
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
-        results.append((float(loss.detach()), grads))
+        module, terms, _, grads = stage_step(tiny_config, stage, f"model.llm.activation_checkpointing={str(ckpt).lower()}")
+        results.append((terms["loss"], grads))
         assert all(getattr(module.model.llm.get_submodule(n), "_nextgpt_checkpointed", False) == ckpt
                    for n in decoder_layers(module.model.llm))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -74,20 +81,8 @@ def test_attention_implementation_reaches_the_llm(tiny_config):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_chunked_logits_give_the_same_loss_and_gradients_with_less_memory(stage, tiny_config):
-    results = []
-    for chunk in ("null", "7"):
-        cfg = tiny_config(f"stage={stage}", f"stage.loss.logits_chunk={chunk}", "model.lora.dropout=0.0",
-                          "model.output_projector.dropout=0.0")
-        torch.manual_seed(0)
-        module = build_stage(cfg)
-        module.model.train()
-        batch = fixed_batch(cfg, module)
-        module.compute_loss(batch)  # warm-up
-        terms, kept = memory_kept_by(lambda: module.compute_loss(batch))
-        terms["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
-        results.append(({k: float(v.detach()) for k, v in terms.items()}, grads, kept))
-    (full, grads_full, kept_full), (chunked, grads_chunked, kept_chunked) = results
+    results = [stage_step(tiny_config, stage, f"stage.loss.logits_chunk={chunk}")[1:] for chunk in ("null", "7")]
+    (full, kept_full, grads_full), (chunked, kept_chunked, grads_chunked) = results
     assert full == pytest.approx(chunked, rel=1e-5)
     for name in grads_full:
         torch.testing.assert_close(grads_chunked[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -120,15 +115,9 @@ def test_chunked_head_logits_equal_the_llms_own_with_softcapping(tmp_path):
 def test_compiled_decoder_layers_give_the_same_loss(tiny_config):
     losses = []
     for compiled in ("false", "true"):
-        cfg = tiny_config("stage=1", f"model.llm.compile={compiled}", "model.llm.compile_backend=aot_eager")
-        torch.manual_seed(0)
-        module = build_stage(cfg)
-        module.model.eval()
-        batch = fixed_batch(cfg, module)
-        loss = module.compute_loss(batch)["loss"]
-        loss.backward()
-        grad = module.model.input_projector.proj.weight.grad.clone()
-        losses.append((float(loss.detach()), grad))
+        module, terms, _, grads = stage_step(tiny_config, 1, f"model.llm.compile={compiled}",
+                                             "model.llm.compile_backend=aot_eager", train=False)
+        losses.append((terms["loss"], grads["input_projector.proj.weight"]))
         layers = [module.model.llm.get_submodule(n) for n in decoder_layers(module.model.llm)]
         assert all((getattr(m, "_compiled_call_impl", None) is not None) == (compiled == "true") for m in layers)
     (a, ga), (b, gb) = losses

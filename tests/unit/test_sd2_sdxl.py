@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from nextgpt import tiny
 from nextgpt.decoders import TextConditioner, join_pooled, load_pipeline
 from nextgpt.denoising import DenoisingObjective, denoising_target
+from tests.unit.test_denoising import same_draws
 
 CAPTIONS = ["a red circle at the top left", "a blue square"]
 POOLED = tiny.SDXL_POOLED_WIDTH
@@ -113,11 +114,7 @@ def test_sd2_regresses_the_velocity_and_sd15_the_noise(backbones):
     assert obj.scheduler.config.prediction_type == "v_prediction"
     assert DenoisingObjective(backbones / "sd", "last_hidden_state").scheduler.config.prediction_type == "epsilon"
     losses = obj.item_losses(cond, media, torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)  # the same draws, by hand
-    latents = obj.latents(media, g)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
-    abar = obj.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    latents, noise, t, abar = same_draws(obj, media, 3)
     velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
     torch.testing.assert_close(denoising_target(obj.scheduler, latents, noise, t), velocity)
     pred = obj.unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t, encoder_hidden_states=cond).sample
@@ -135,10 +132,7 @@ def test_sdxl_unet_reads_the_pooled_row_and_size_ids_and_gives_gradients(backbon
     # by hand: the pipeline's own size/crop ids for an uncropped 32x32 image
     time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=POOLED)
     assert time_ids.tolist() == [[32, 32, 0, 0, 32, 32]]
-    g = torch.Generator().manual_seed(5)
-    latents = obj.latents(media, g)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
+    latents, noise, t, _ = same_draws(obj, media, 5)
     pred = obj.unet(obj.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond[:, :-1],
                     added_cond_kwargs={"text_embeds": cond[:, -1, :POOLED], "time_ids": time_ids.repeat(2, 1)}).sample
     torch.testing.assert_close(loss, F.mse_loss(pred, noise), rtol=1e-4, atol=1e-5)
