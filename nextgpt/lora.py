@@ -60,7 +60,7 @@ def resolve_targets(llm: nn.Module, targets: Any) -> str | list[str]:
 
 
 def describe(llm: nn.Module, targets: Any) -> list[str]:
-    """The full names of the modules ``targets`` selects (what peft will wrap), for logs and tests."""
+    """The full names of the linear modules ``targets`` selects (what peft will wrap); the tests check it against peft."""
     resolved = resolve_targets(llm, targets)
     names = [n for n, m in llm.named_modules() if n and _is_linear(m)]
     if isinstance(resolved, str):
