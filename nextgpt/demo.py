@@ -1,12 +1,18 @@
 """A web demo: chat with a stage bundle in the browser, attach media, see generated media inline.
 
     python -m nextgpt.demo --bundle bundles/stage3 [--host 127.0.0.1] [--port 7860] [--out outputs/web_demo]
+                           [--allow-bundles DIR[,DIR...]]
 
 One ``Generator`` serves every browser session (requests run one at a time); each session keeps
 its own conversation (turns + attached media) so follow-up questions see the earlier turns. Every
 bad input (an empty or overlong prompt, an unsupported or corrupt file, a missing or foreign
 bundle folder) becomes a message in the status box: no exception leaves a handler, so the app
 stays up. Upload boxes are built from the modality registry, so a new modality gets one here too.
+
+The page loads only the bundle the demo was started with: a visitor can not switch the shared
+model to another folder unless ``--allow-bundles`` names the folders it may come from (the path
+asked for is resolved, symlinks followed, and must be one of them or inside one). A refusal reads
+the same whether the path exists or not, so the box tells nothing about the server's disk.
 """
 from __future__ import annotations
 
@@ -82,6 +88,14 @@ def check_bundle_dir(path: str | Path) -> Path:
     return p
 
 
+def _real(path: str | Path) -> Path | None:
+    """``path`` made absolute with every symlink resolved; None when it can not be (a symlink loop)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def load_generator(path: str | Path, device: str = "cpu") -> Any:
     """A ``Generator`` for the bundle at ``path``, or ``DemoInputError`` saying why not."""
     from nextgpt.generate import Generator
@@ -101,12 +115,18 @@ class DemoBackend:
 
     def __init__(self, generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
                  max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, device: str = "cpu",
-                 bundle_error: str | None = None) -> None:
+                 bundle_error: str | None = None, bundle_path: str | Path | None = None,
+                 allowed_bundles: Sequence[str | Path] = ()) -> None:
         self.generator = generator
         self.out_dir = Path(out_dir)
         self.max_prompt_chars = int(max_prompt_chars)
         self.device = device
         self.bundle_error = bundle_error
+        # what "Load bundle" may load: the bundle the demo started with, and folders in or under
+        # allowed_bundles (--allow-bundles); both resolved once, here
+        started = bundle_path if bundle_path not in (None, "") else getattr(generator, "bundle", None)
+        self.started_bundle = _real(str(started).strip()) if started not in (None, "") else None
+        self.allowed_bundles = [r for r in (_real(p) for p in allowed_bundles) if r is not None]
         self.lock = threading.Lock()  # one generation (or bundle swap) at a time: the model is shared
 
     # --- the bundle ----------------------------------------------------------------------------
@@ -120,11 +140,34 @@ class DemoBackend:
             text += f"; no trained output projector for {', '.join(untrained)} (those outputs are noise)"
         return text
 
+    def refusal(self) -> str:
+        """The one message for a folder the demo may not load: it never depends on the path asked for."""
+        started = f"the bundle it was started with ({self.started_bundle})" if self.started_bundle else (
+            "no bundle (it was started without one)")
+        if not self.allowed_bundles:
+            return (f"refused: this demo loads only {started}; restart it with --allow-bundles DIR to let the "
+                    f"page load stage bundles from DIR")
+        return (f"refused: this demo loads only {started} and stage bundles in "
+                f"{', '.join(map(str, self.allowed_bundles))} (--allow-bundles)")
+
+    def allowed_path(self, path: str | None) -> Path:
+        """``path`` resolved (symlinks followed) if the demo may load it, else ``DemoInputError``
+        with :meth:`refusal`, the same text whether the path exists or not."""
+        text = str(path or "").strip()
+        if not text:
+            raise DemoInputError("no bundle folder given (train one with: python train.py -m stage=1,2,3)")
+        real = _real(text)
+        if real is not None and (real == self.started_bundle or any(real.is_relative_to(root)
+                                                                    for root in self.allowed_bundles)):
+            return real
+        raise DemoInputError(self.refusal())
+
     def load_bundle(self, path: str) -> str:
-        """Swap in another bundle; on failure the current model stays and the reason is returned."""
+        """Swap in another bundle (one the demo may load: :meth:`allowed_path`); on failure the
+        current model stays and the reason is returned."""
         with self.lock:
             try:
-                gen = load_generator(path, self.device)
+                gen = load_generator(self.allowed_path(path), self.device)
             except DemoInputError as e:
                 return _status(str(e), "error")
             self.generator, self.bundle_error = gen, None
@@ -193,13 +236,23 @@ def _error_text(e: BaseException) -> str:
 
 def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, device: str = "cpu",
-              bundle_path: str | Path | None = None, bundle_error: str | None = None) -> gr.Blocks:
-    """The Gradio app around ``generator`` (None: start without a model, showing ``bundle_error``)."""
-    backend = DemoBackend(generator, out_dir=out_dir, max_prompt_chars=max_prompt_chars, device=device,
-                          bundle_error=bundle_error)
-    names = modality_registry.names()
+              bundle_path: str | Path | None = None, bundle_error: str | None = None,
+              allowed_bundles: Sequence[str | Path] = ()) -> gr.Blocks:
+    """The Gradio app around ``generator`` (None: start without a model, showing ``bundle_error``).
+
+    The bundle box loads ``bundle_path`` (the started bundle) again, or, when ``allowed_bundles``
+    names folders, any bundle in or under them; without them the box is read-only."""
     if bundle_path is None and generator is not None:
         bundle_path = getattr(generator, "bundle", "")
+    backend = DemoBackend(generator, out_dir=out_dir, max_prompt_chars=max_prompt_chars, device=device,
+                          bundle_error=bundle_error, bundle_path=bundle_path, allowed_bundles=allowed_bundles)
+    names = modality_registry.names()
+    if backend.allowed_bundles:
+        bundle_note = ("Loads the started bundle again, or a stage bundle in "
+                       f"{', '.join(map(str, backend.allowed_bundles))} (--allow-bundles).")
+    else:
+        bundle_note = ("Loading another bundle is off: this demo serves only the bundle it was started with "
+                       "(restart it with --allow-bundles DIR to let this box load bundles from DIR).")
     skip = gr.skip()
 
     with gr.Blocks(title="NExT-GPT demo", analytics_enabled=False) as app:
@@ -233,8 +286,9 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
                 downloads = gr.File(label="Generated files", file_count="multiple", interactive=False,
                                     elem_id="downloads", height=140)
                 with gr.Accordion("Bundle", open=generator is None, elem_id="bundle-panel"):
+                    gr.Markdown(html.escape(bundle_note, quote=False), elem_id="bundle-note")
                     bundle_box = gr.Textbox(value=str(bundle_path or ""), label="Stage bundle folder",
-                                            elem_id="bundle")
+                                            elem_id="bundle", interactive=bool(backend.allowed_bundles))
                     load = gr.Button("Load bundle", elem_id="load-bundle")
 
         def respond(text: str, *args: Any) -> tuple:
@@ -292,15 +346,31 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, out_dir
         prevent_thread_lock=not block, show_error=True, quiet=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; ``allow_bundles`` is a list of existing folders (repeated and comma-separated
+    flags together), empty when the flag is not given."""
+    p = argparse.ArgumentParser(prog="python -m nextgpt.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, help="a stage bundle folder (bundles/stage3)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--out", default=DEFAULT_OUT, help="where generated files go (one folder per session and turn)")
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--allow-bundles", action="append", default=[], metavar="DIR[,DIR...]",
+                   help="folders whose stage bundles the page's Load box may load (repeatable); without it the "
+                        "page serves only --bundle. Every visitor shares the model: allow only folders you trust")
     args = p.parse_args(argv)
+    folders = [Path(d.strip()).expanduser() for item in args.allow_bundles for d in item.split(",") if d.strip()]
+    for d in folders:
+        if not d.is_dir():
+            p.error(f"--allow-bundles {d}: not a folder")
+    args.allow_bundles = folders
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device is None:
         import torch
@@ -313,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = str(e)
         log.error("demo: %s", error)
     app = build_app(generator, out_dir=args.out, max_prompt_chars=args.max_prompt_chars, device=args.device,
-                    bundle_path=args.bundle, bundle_error=error)
+                    bundle_path=args.bundle, bundle_error=error, allowed_bundles=args.allow_bundles)
     launch(app, host=args.host, port=args.port, out_dir=args.out)
     return 0
 

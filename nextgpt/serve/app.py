@@ -5,7 +5,8 @@ Endpoints:
 - ``POST /v1/chat/completions``: text plus images, audio and video in (see
   :mod:`nextgpt.serve.protocol`), text plus generated media out; ``stream: true`` sends
   server-sent events of ``chat.completion.chunk`` objects, then ``data: [DONE]``.
-- ``GET /v1/files/{request}/{name}``: a generated media file.
+- ``GET /v1/files/{request}/{name}``: a generated media file, served only when its real path
+  (symlinks resolved) is in that request's folder under ``out``; otherwise 404, as unknown.
 - ``GET /v1/models``, ``GET /health``.
 
 Generated media come back in ``choices[0].message.media`` (in the last chunk's ``delta.media``
@@ -18,7 +19,9 @@ One model, one worker thread: requests run one at a time in arrival order, so tw
 never mix their tokens or media; at most ``max_queue`` wait, the next gets 429. Every error is an
 OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status when the request
 is at fault; an internal error is a 500 whose message names the exception type, never a traceback
-(the traceback goes to the server log).
+(the traceback goes to the server log). A request body is bounded before it is parsed: over the
+size limit is 413 (from ``Content-Length``, or counted while reading), JSON nested deeper than
+``MAX_JSON_DEPTH`` is 400.
 """
 from __future__ import annotations
 
@@ -50,6 +53,26 @@ from nextgpt.serve.protocol import ChatRequest, RequestError, Upload, parse_chat
 log = logging.getLogger(__name__)
 
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a request body; a chat request needs about 6
+# a JSON string, escapes included; one left open runs to the end, so every '"' starts a match and
+# the scan is one pass (a pattern that can fail after a '"' is quadratic on '"\\"\\"\\"...')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of ``body`` nest, counted without parsing (``json.loads``
+    recurses once per level). Linear: a request's base64 has no brackets and takes milliseconds; a
+    hostile body of the largest size (millions of strings or escapes) takes seconds, about what
+    parsing it would."""
+    import numpy as np
+
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    a = np.frombuffer(brackets, np.uint8)
+    steps = ((a >> 1) & 1).astype(np.int8) * 2 - 1  # [ and { have bit 1 set (+1), ] and } do not (-1)
+    return max(int(np.cumsum(steps, dtype=np.int32).max()), 0)  # below 0: invalid, json.loads stops there
 
 
 @dataclass
@@ -110,6 +133,21 @@ def _write_uploads(uploads: list[Upload], folder: Path) -> dict[Path, str]:
     return paths
 
 
+def parse_json(body: bytes) -> Any:
+    """A request body -> JSON, refusing (400) what is not JSON or nests deeper than ``MAX_JSON_DEPTH``."""
+    openers = body.count(b"[") + body.count(b"{")  # no deeper than this: most requests skip the count
+    if openers > MAX_JSON_DEPTH and (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        raise RequestError(f"the request body's JSON nests arrays/objects {depth} levels deep; the limit is "
+                           f"{MAX_JSON_DEPTH}", code="json_too_deep")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # unbalanced brackets can pass the count; never a 500 all the same
+        raise RequestError(f"the request body's JSON nests arrays/objects deeper than {MAX_JSON_DEPTH} levels",
+                           code="json_too_deep") from None
+
+
 class ChatService:
     """What the endpoints do, apart from HTTP: parse, check, queue, generate, describe the media."""
 
@@ -118,6 +156,7 @@ class ChatService:
         self.worker = ModelWorker(settings.max_queue)
         self.out = Path(settings.out).absolute()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.out_real = self.out.resolve()  # files are served only from under here, symlinks resolved
         self._prune_lock = threading.Lock()
 
     def parse(self, body: Any) -> ChatRequest:
@@ -171,13 +210,20 @@ class ChatService:
         return items
 
     def file(self, rid: str, name: str) -> Path:
-        if not (FILE_NAME.fullmatch(rid) and FILE_NAME.fullmatch(name)) or ".." in (rid + name):
-            raise RequestError("no such file", status=404, code="not_found")
-        path = self.out / rid / name
-        if not path.is_file():
+        """The generated file ``name`` of request ``rid``: a plain name whose real path (symlinks
+        resolved) is in that request's folder under ``out``; anything else is 404, as unknown."""
+        for part, value in (("request id", rid), ("file name", name)):
+            if not FILE_NAME.fullmatch(value) or ".." in value or value == ".":
+                raise RequestError(f"no such file: invalid {part} {value[:80]!r} (a plain name: letters, digits, "
+                                   f"'_', '-', '.'; no path separators, no '..')", status=404, code="not_found")
+        try:
+            real = (self.out / rid / name).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            real = None
+        if real is None or real.parent != self.out_real / rid or not real.is_file():
             raise RequestError(f"no such file: {rid}/{name} (generated files of the newest "
                                f"{self.settings.keep_requests} requests are kept)", status=404, code="not_found")
-        return path
+        return real
 
 
 def _usage(result: Any) -> dict:
@@ -227,10 +273,7 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
             if len(body) > max_body:
                 raise RequestError(f"the request body exceeds the limit of {max_body} bytes", status=413,
                                    code="upload_too_large")
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        return await run_in_threadpool(parse_json, bytes(body))  # a big body does not stall the event loop
 
     @app.get("/health")
     async def health():

@@ -4,8 +4,9 @@ driven by the official ``openai`` client over 127.0.0.1, as a user would.
 Every answer the server gives is checked against the same bundle answering in this process
 (:class:`nextgpt.generate.Generator`, fixture ``generator``): a text answer about an uploaded image,
 an image generated on request (fetched by its URL and as base64), a streamed answer that adds up to
-the plain one, 4xx errors with messages for bad requests, and 8 concurrent requests that each get
-their own answer.
+the plain one, 4xx errors with messages for bad requests (hostile ones too: a symlink planted in the
+files folder, JSON nested 100000 deep, a body declared larger than the limit), and 8 concurrent
+requests that each get their own answer.
 """
 from __future__ import annotations
 
@@ -143,6 +144,48 @@ def test_bad_requests_get_4xx_with_a_message(client, served, images):
     # the server still answers after all of it
     ok = client.chat.completions.create(model="demo", messages=ask_about(images[1]))
     assert ok.choices[0].message.content
+
+
+def test_hostile_requests_get_4xx_and_files_stay_in_their_folder(client, served, tmp_path):
+    import socket
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    url, log_path = served
+    out = log_path.parent / "out"  # the server's out= folder (the fixture's)
+    planted = out / "chatcmpl-planted"
+    planted.mkdir(parents=True)
+    (planted / "image_0.png").write_bytes(b"\x89PNG planted")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"outside the files folder 5d2f")
+    (planted / "leak.png").symlink_to(secret)
+    (planted / "hostname").symlink_to("/etc/hostname")
+    assert httpx.get(f"{url}/v1/files/chatcmpl-planted/image_0.png", timeout=30).content == b"\x89PNG planted"
+    for name in ("leak.png", "hostname"):
+        r = httpx.get(f"{url}/v1/files/chatcmpl-planted/{name}", timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert f"no such file: chatcmpl-planted/{name}" in r.json()["error"]["message"]
+        assert b"5d2f" not in r.content
+    r = httpx.get(f"{url}/v1/files/chatcmpl-planted/%2E%2E", timeout=30)
+    assert r.status_code == 404 and "invalid file name '..'" in r.json()["error"]["message"]
+
+    deep = '{"model": "demo", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = httpx.post(f"{url}/v1/chat/completions", content=deep, timeout=30)
+    assert r.status_code == 400 and "levels deep; the limit is 64" in r.json()["error"]["message"], r.text
+
+    # a body declared larger than the limit: 413 from the header, before a byte of it is read
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 999999999\r\nConnection: close\r\n\r\n{}")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), raw[:400]
+    assert "the request body is 999999999 bytes; the limit is" in json.loads(body)["error"]["message"]
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # and the server is still up
 
 
 def test_eight_concurrent_requests_each_get_their_own_answer(client, generator, images):

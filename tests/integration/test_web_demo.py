@@ -3,9 +3,10 @@ in headless Chromium (Playwright on Debian's /usr/bin/chromium).
 
 The browser test is what a user does: attach a real sample image and ask about it (the page must
 show the model's own answer), ask for an image (a generated <img> must appear), then send bad
-input (empty prompt, corrupt file, missing bundle folder) and see each message while the app keeps
-answering. The backend tests check the same rules without a browser, plus that follow-up turns
-pass the history.
+input (empty prompt, corrupt file, missing bundle folder, a folder outside --allow-bundles) and see
+each message while the app keeps answering. The backend tests check the same rules without a
+browser, that the bundle box loads only the started bundle and folders under --allow-bundles (with
+one refusal, whether the path exists or not), and that follow-up turns pass the history.
 """
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ def expect_text(locator, text: str, timeout: float = 30.0) -> None:
 
 # --- fixtures: the trained demo bundle and its generator come from tests/conftest.py ------------
 @pytest.fixture(scope="module")
-def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """``python -m nextgpt.demo`` on a free port, as a user starts it; yields (url, out dir)."""
+def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """``python -m nextgpt.demo`` on a free port, as a user starts it, letting the page load bundles
+    from one folder (--allow-bundles); yields (url, out dir, that folder)."""
     work = tmp_path_factory.mktemp("web_demo_app")
-    out, port = work / "out", free_port()
+    out, allowed, port = work / "out", work / "bundles", free_port()
+    allowed.mkdir()
     url = f"http://127.0.0.1:{port}/"
     with served_process(["-m", "nextgpt.demo", "--bundle", str(demo_bundle), "--host", "127.0.0.1", "--port", str(port),
-                         "--out", str(out)], url, work / "server.log", ENV, name="demo server"):
-        yield url, out
+                         "--out", str(out), "--allow-bundles", str(allowed)], url, work / "server.log", ENV,
+                        name="demo server"):
+        yield url, out, allowed
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def fill_and_commit(box, value: str, tries: int = 5) -> None:
 def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    url, out = server
+    url, out, allowed = server
     image = sample_images(sample_root, limit=1)[0]
     expected = generator.chat("Describe this image.", [image], max_new_tokens=64).text
     assert expected.strip(), "the tiny model gave an empty answer; nothing to look for on the page"
@@ -186,9 +190,12 @@ def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: 
     if not page.locator("#bundle textarea").is_visible():
         page.locator("#bundle-panel").get_by_text("Bundle", exact=True).click()  # open the accordion
     box = page.locator("#bundle textarea")
-    fill_and_commit(box, str(tmp_path / "no_such_bundle"))
+    fill_and_commit(box, str(allowed / "no_such_bundle"))  # allowed, but not there: said so
     page.click("#load-bundle")
     expect_text(status, "does not exist", timeout=30)
+    fill_and_commit(box, str(tmp_path))  # an existing folder outside --allow-bundles: refused
+    page.click("#load-bundle")
+    expect_text(status, "refused", timeout=30)
 
     # 4. still up and answering with the model it had
     page.click("#clear")
@@ -238,7 +245,7 @@ def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> No
     with pytest.raises(DemoInputError, match="is not a stage bundle: it has no trainable.safetensors / config.yaml"):
         load_generator(tmp_path / "empty")
 
-    backend = DemoBackend(generator, out_dir=tmp_path / "out")
+    backend = DemoBackend(generator, out_dir=tmp_path / "out", allowed_bundles=[tmp_path])
     msg = backend.load_bundle(str(tmp_path / "empty"))
     assert "Error" in msg and "not a stage bundle" in msg
     assert backend.generator is generator, "a failed load keeps the model that was serving"
@@ -248,6 +255,74 @@ def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> No
         idle.answer("hello", {}, ChatState())
     app = build_app(None, bundle_error="bundle folder /x does not exist", out_dir=tmp_path / "out")
     assert "does not exist" in app.backend.describe()
+
+
+def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(generator, demo_bundle: Path,
+                                                                      tmp_path: Path) -> None:
+    import html
+
+    from nextgpt.demo import DemoBackend, DemoInputError
+
+    outside = tmp_path / "outside"  # an existing folder that even looks like a bundle
+    outside.mkdir()
+    for f in demo_bundle.iterdir():
+        shutil.copy(f, outside / f.name)
+    missing = tmp_path / "no_such_folder"
+    allowed = tmp_path / "allowed"
+    (allowed / "empty").mkdir(parents=True)
+    shutil.copytree(demo_bundle, allowed / "stage3")
+    (allowed / "escape").symlink_to(outside, target_is_directory=True)  # inside by name, outside when resolved
+
+    def refusal(backend: DemoBackend, path) -> str:
+        with pytest.raises(DemoInputError) as info:
+            backend.allowed_path(str(path))
+        msg = backend.load_bundle(str(path))
+        assert "Error" in msg and html.escape(str(info.value)) in msg
+        assert str(path) not in str(info.value) and "exist" not in str(info.value)
+        return str(info.value)
+
+    # no --allow-bundles: the started bundle only; an existing and a missing folder read the same
+    fixed = DemoBackend(generator, out_dir=tmp_path / "out")
+    texts = {refusal(fixed, p) for p in (outside, missing, "/etc", tmp_path, allowed / "stage3")}
+    assert len(texts) == 1, texts
+    assert texts.pop().startswith("refused: this demo loads only the bundle it was started with")
+    assert fixed.generator is generator, "a refused load keeps the model that was serving"
+    assert fixed.allowed_path(f"{demo_bundle}/") == demo_bundle.resolve()  # the started bundle, as typed or not
+
+    # --allow-bundles DIR: bundles in DIR load; paths that leave it (.., a symlink) are refused alike
+    open_ = DemoBackend(generator, out_dir=tmp_path / "out", allowed_bundles=[allowed])
+    texts = {refusal(open_, p) for p in (outside, missing, allowed / "escape", allowed / ".." / "outside",
+                                         allowed / "escape" / "nothing")}
+    assert len(texts) == 1 and "(--allow-bundles)" in texts.pop()
+    assert "does not exist" in open_.load_bundle(str(allowed / "missing"))
+    assert "not a stage bundle" in open_.load_bundle(str(allowed / "empty"))
+    assert open_.generator is generator
+    msg = open_.load_bundle(str(allowed / "stage3"))
+    assert "bundle loaded" in msg, msg
+    assert open_.generator is not generator and Path(open_.generator.bundle) == (allowed / "stage3").resolve()
+
+
+def test_allow_bundles_flag_and_the_page_without_it(generator, tmp_path: Path, capsys) -> None:
+    from nextgpt.demo import build_app, parse_args
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    assert parse_args(["--bundle", "x"]).allow_bundles == []
+    args = parse_args(["--bundle", "x", "--allow-bundles", f"{a},{b}", "--allow-bundles", str(c)])
+    assert args.allow_bundles == [a, b, c]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--bundle", "x", "--allow-bundles", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "--allow-bundles" in capsys.readouterr().err
+
+    def bundle_ui(app) -> tuple[dict, str]:
+        props = {c["props"].get("elem_id"): c["props"] for c in app.config["components"]}
+        return props["bundle"], props["bundle-note"]["value"]
+
+    box, note = bundle_ui(build_app(generator, out_dir=tmp_path / "out"))
+    assert box["interactive"] is False and "Loading another bundle is off" in note and "--allow-bundles" in note
+    box, note = bundle_ui(build_app(generator, out_dir=tmp_path / "out", allowed_bundles=[a]))
+    assert box["interactive"] is True and str(a.resolve()) in note
 
 
 @pytest.mark.real_data
