@@ -51,8 +51,8 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     from omegaconf import OmegaConf
 
     from nextgpt.bundles import bundle_identity, save_bundle
-    from nextgpt.config import compose, validate
-    from nextgpt.convert.legacy import from_legacy
+    from nextgpt.config import ConfigError, backbone_path_errors, compose, validate
+    from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key
     from nextgpt.model import build_nextgpt
     from nextgpt.tiny import build_all
 
@@ -67,12 +67,23 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
         raise ValueError(f"checkpoint={checkpoint} could not be read as a tensor state dict: {e}") from e
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ValueError(f"checkpoint={checkpoint} is not a state dict of tensors")
+    if not ckpt:
+        raise ConvertError(f"checkpoint={checkpoint}: an empty state dict, no tensor to import")
+    if not any(is_legacy_key(k) for k in ckpt):
+        keys = list(ckpt)
+        raise ConvertError(
+            f"checkpoint={checkpoint}: none of its {len(keys)} keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}) "
+            "is in the original NExT-GPT's layout (llama_proj.*, gen_text_hidden_fcs*.0.*, llama_model.*embed_tokens / "
+            "lm_head, llama_model.*.lora_A/B.weight): not the original's pytorch_model.pt")
     has_lora = any(".lora_" in k for k in ckpt)
     stage = 3 if has_lora else 2
     cfg = compose(["experiment=nextgpt_legacy", f"stage={stage}", *overrides], output_dir=str(out.parent))
     validate(cfg)
     if cfg.model.get("build_tiny"):
         build_all(Path(cfg.paths.backbones))
+    errors = backbone_path_errors(cfg)  # validate_paths' backbone half (its stage-bundle check is for training)
+    if errors:
+        raise ConfigError(errors)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model, _, _ = build_nextgpt(model_cfg)
     if has_lora:

@@ -65,6 +65,12 @@ class Imported:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def is_legacy_key(key: str) -> bool:
+    """A key of the original's layout: one :func:`from_legacy` maps (or skips with a reason of that layout)."""
+    return (key in EMBED_KEYS.values() or key in HEAD_KEYS.values() or key.startswith("llama_proj.")
+            or _PROJ.match(key) is not None or _LORA.match(key) is not None)
+
+
 def _lora_name(legacy_key: str) -> str | None:
     m = _LORA.match(legacy_key)
     return f"llm.{m['path']}.{m['ab']}.default.weight" if m else None

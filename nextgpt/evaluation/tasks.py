@@ -64,7 +64,8 @@ def _drop_partial_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def _samples(cfg: DictConfig):
+def _samples(cfg: DictConfig, *, limit: bool = True):
+    """The benchmark's samples, the first ``limit=`` of them unless ``limit=False``."""
     from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
 
     b = cfg.task.benchmark
@@ -72,7 +73,7 @@ def _samples(cfg: DictConfig):
         samples = read_benchmark(b.reader, b.root, **OmegaConf.to_container(b.get("options") or {}, resolve=True))
     except BenchmarkError as e:
         raise ConfigError([f"task.benchmark (task {cfg.task.name}): {e}"]) from None
-    if cfg.limit is not None:
+    if limit and cfg.limit is not None:
         samples = samples[: int(cfg.limit)]
     return samples
 
@@ -102,10 +103,11 @@ def run_benchmark(cfg: DictConfig) -> dict:
     task = cfg.task
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    samples = _samples(cfg)
+    every = _samples(cfg, limit=False)
+    samples = every if cfg.limit is None else every[: int(cfg.limit)]
     generator = None
     if cfg.predictions:
-        records = records_from_predictions(task, samples, Path(cfg.predictions))
+        records = records_from_predictions(task, samples, Path(cfg.predictions), known=[s.id for s in every])
         with (out / "samples.jsonl").open("w") as f:
             for rec in records.values():
                 f.write(json.dumps(rec) + "\n")
@@ -212,10 +214,40 @@ def _record(sample, res, prompt: str, out: Path) -> dict:
     }
 
 
-def records_from_predictions(task: DictConfig, samples: Sequence, path: Path) -> dict[str, dict]:
+def _some(ids: Sequence, quote: bool = True) -> str:
+    """The first few of ``ids`` and how many there are, for a message."""
+    shown = ", ".join(repr(i) if quote else str(i) for i in list(ids)[:5])
+    return f"{shown}{', ...' if len(ids) > 5 else ''} ({len(ids)} in all)"
+
+
+def _caption_file_errors(path: Path, data: list[dict], known: set[str]) -> list[str]:
+    """What makes a COCO results file unscorable: an id given twice, an id the benchmark does not
+    have, a caption that is not a string."""
+    where = f"predictions={str(path)!r}"
+    seen: dict[str, int] = {}
+    for d in data:
+        seen[str(d["image_id"])] = seen.get(str(d["image_id"]), 0) + 1
+    errors = []
+    twice = [i for i, n in seen.items() if n > 1]
+    if twice:
+        errors.append(f"{where}: image_id given more than once: {_some(twice)}; each sample takes one caption")
+    unknown = [i for i in seen if i not in known]
+    if unknown:
+        errors.append(f"{where}: image_id not in the benchmark: {_some(unknown)} (it has {len(known)} samples)")
+    not_text = [f"{str(d['image_id'])!r}: {json.dumps(d['caption'])}" for d in data if not isinstance(d["caption"], str)]
+    if not_text:
+        errors.append(f"{where}: caption is not a string for image_id {_some(not_text, quote=False)}")
+    return errors
+
+
+def records_from_predictions(task: DictConfig, samples: Sequence, path: Path,
+                             known: Sequence[str] | None = None) -> dict[str, dict]:
     """Outputs of any system, keyed like ours: captions from a COCO results file, or media files
-    named ``<sample id>.<ext>`` in a folder."""
+    named ``<sample id>.<ext>`` in a folder. ``known``: every sample id of the benchmark (``samples``
+    may be the first ``limit=`` of them); a caption file naming another id is refused, as is an id
+    given twice, a caption that is not a string, and outputs that match none of ``samples``."""
     records: dict[str, dict] = {}
+    wanted = f"none of the samples scored: {_some([s.id for s in samples])}"
     if task.kind == "caption":
         if not path.is_file():
             raise ConfigError([f"predictions={str(path)!r}: not a file (captioning takes a COCO results JSON "
@@ -227,10 +259,15 @@ def records_from_predictions(task: DictConfig, samples: Sequence, path: Path) ->
         if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d for d in data):
             raise ConfigError([f"predictions={str(path)!r}: expected the COCO results format "
                                '[{"image_id": ..., "caption": ...}, ...]'])
-        captions = {str(d["image_id"]): str(d["caption"]) for d in data}
+        errors = _caption_file_errors(path, data, set(known if known is not None else (s.id for s in samples)))
+        if errors:
+            raise ConfigError(errors)
+        captions = {str(d["image_id"]): d["caption"] for d in data}
         for s in samples:
             if s.id in captions:
                 records[s.id] = {"id": s.id, "text": captions[s.id], "caption": captions[s.id]}
+        if not records:
+            raise ConfigError([f"predictions={str(path)!r}: its {len(data)} caption(s) match {wanted}"])
         return records
     if not path.is_dir():
         raise ConfigError([f"predictions={str(path)!r}: not a folder (generation takes a folder of media named <sample id>.<ext>)"])
@@ -239,6 +276,9 @@ def records_from_predictions(task: DictConfig, samples: Sequence, path: Path) ->
         found = next((path / f"{file_stem(s.id)}{ext}" for ext in mod.extensions if (path / f"{file_stem(s.id)}{ext}").is_file()), None)
         if found is not None:
             records[s.id] = {"id": s.id, "prompt": s.caption, "files": {mod.name: [str(found.resolve())]}}
+    if not records:
+        raise ConfigError([f"predictions={str(path)!r}: no file named <sample id>{{{','.join(mod.extensions)}}} "
+                           f"there: it matches {wanted}"])
     return records
 
 

@@ -437,3 +437,41 @@ def test_cli_writes_results_and_a_wandb_table(bundle, data_root, feature_nets, t
     runs = list((run / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
     assert "v2t_msrvtt: answering" in res.stderr  # the progress bar
+
+
+# =====================================================================================================
+# given outputs that can not be scored are refused, naming the file and the ids at fault
+# =====================================================================================================
+@pytest.mark.parametrize("case,preds,extra,needles", [
+    ("duplicate", [{"image_id": 42, "caption": "a first"}, {"image_id": 42, "caption": "a second"},
+                   {"image_id": 73, "caption": "x"}], [], ["more than once", "'42'", "(1 in all)"]),
+    ("unknown", [{"image_id": 42, "caption": "a dog"}, {"image_id": 999, "caption": "ghost"},
+                 {"image_id": 1000, "caption": "ghost"}], [], ["not in the benchmark", "'999', '1000'", "(2 in all)"]),
+    ("not_text", [{"image_id": 42, "caption": None}, {"image_id": 73, "caption": 7}, {"image_id": 74, "caption": "ok"}],
+     [], ["not a string", "'42': null", "'73': 7", "(2 in all)"]),
+    ("no_match", [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}], [], ["'1', '2'"]),
+    ("beyond_limit", [{"image_id": 133, "caption": "a"}], ["limit=2"], ["none of the samples scored", "'42', '73'"]),
+], ids=("duplicate", "unknown", "not_text", "no_match", "beyond_limit"))
+def test_a_predictions_file_that_can_not_be_scored_exits_2(case, preds, extra, needles, data_root, tmp_path):
+    pred_file = tmp_path / f"{case}.json"
+    pred_file.write_text(json.dumps(preds))
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "evaluate.py", "task=i2t_coco", f"predictions={pred_file}", *extra,
+                          f"paths.data_root={data_root}", f"paths.root={tmp_path}", f"hydra.run.dir={run}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and f"predictions={str(pred_file)!r}" in res.stderr
+    assert all(n in res.stderr for n in needles), (needles, res.stderr[-2000:])
+    assert not (run / "samples.jsonl").exists() and not (run / "results.json").exists()
+
+
+def test_a_media_folder_matching_no_sample_is_refused(data_root, tmp_path):
+    from nextgpt.config import ConfigError
+
+    folder = tmp_path / "other_system"
+    folder.mkdir()
+    sf.write(folder / "not_a_youtube_id.wav", np.zeros(1600), 16000)
+    with pytest.raises(ConfigError, match=r"other_system.*no file named <sample id>\{\.wav.*--0w1YA1Hm4"):
+        run_task("t2a_audiocaps", tmp_path / "run", data_root, {}, f"predictions={folder}")
+    assert not (tmp_path / "run" / "results.json").exists()

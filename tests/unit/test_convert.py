@@ -207,3 +207,29 @@ def test_a_stage2_checkpoint_without_lora_or_moved_rows(original, tmp_path):
     assert not report["old_vocabulary_rows"]["kept"] and not (bundle / "base_rows.safetensors").exists()
     back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
     assert list(back) == list(ckpt) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ckpt.items())
+
+
+@pytest.mark.parametrize("ckpt,needles", [
+    ({}, ["empty.pt", "empty state dict"]),
+    ({"encoder.layer.0.weight": torch.zeros(2, 2), "classifier.bias": torch.zeros(2)},
+     ["foreign.pt", "none of its 2 keys", "encoder.layer.0.weight", "classifier.bias", "original NExT-GPT's layout"]),
+], ids=("empty", "foreign"))
+def test_cli_refuses_a_checkpoint_that_is_not_the_originals(ckpt, needles, tmp_path, capsys):
+    path = tmp_path / ("empty.pt" if not ckpt else "foreign.pt")
+    torch.save(ckpt, path)
+    out = tmp_path / "bundle"
+    assert main(["from_legacy", f"checkpoint={path}", f"out={out}", "model=tiny", f"paths.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert not out.exists()
+
+
+def test_cli_names_a_missing_backbone_folder_before_building(tiny_cache, tmp_path, capsys):
+    path = tmp_path / "pytorch_model.pt"
+    torch.save({"llama_proj.weight": torch.zeros(2, 2)}, path)  # the original's layout: reaches the model config
+    out = tmp_path / "bundle"
+    code = main(["from_legacy", f"checkpoint={path}", f"out={out}", "model=tiny", f"paths.root={tmp_path}",
+                 f"paths.cache_dir={tiny_cache}", f"model.llm.path={tmp_path / 'nonexistent'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.llm.path='{tmp_path / 'nonexistent'}'" in err and "does not exist" in err, err
+    assert "Repo id" not in err and not out.exists()
