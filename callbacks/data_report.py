@@ -7,6 +7,13 @@ written). The running totals are logged each step (``data/skipped``, ``data/skip
 the samples bad stops the run, all ranks together (one all-reduce of two numbers a step): after
 ``min_samples`` samples, and at the end of every epoch whatever the data set's size. At the end the
 report, per reason, summed over the ranks, goes to the log and to ``path`` (the run folder).
+
+What is counted, once each: a sample the training step would have received but could not use
+(the batch's ``num_skipped``: counted where the batch is delivered, so a sample that dataloader
+workers read ahead and read again later counts once), and an entry dropped before training (once,
+however many ranks read the files; checked at the start against all the entries). Counts are of
+reads: a sample bad in every pass is skipped, and counted, once per pass that reaches it (``epochs``
+says how many this run started), against the samples read in those passes.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class DataReport(L.Callback):
         self.before: Counter = Counter()  # dropped before training (the data module's own count)
         self.before_total = 0
         self.totals = (0, 0)  # (seen, skipped) over all ranks, as of the last step
+        self.epochs = 0  # training epochs (passes) this run started
 
     # --- counting ---------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -50,6 +58,9 @@ class DataReport(L.Callback):
         dropped = sum(self.before.values())
         if self.before_total and dropped > self.max_skip_fraction * self.before_total:
             self._fail(dropped, self.before_total, self.before, "before training")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not isinstance(batch, dict):
@@ -103,13 +114,16 @@ class DataReport(L.Callback):
             media = trainer.strategy.reduce(media, reduce_op="sum")
         return {"samples": seen, "skipped": bad, "skipped_by_reason": dict(self._reasons(trainer)),
                 "media_from_cache": int(media[0]), "media_decoded": int(media[1]),
-                "truncated_on_rank0": self.truncated, "max_skip_fraction": self.max_skip_fraction}
+                "truncated_on_rank0": self.truncated, "max_skip_fraction": self.max_skip_fraction,
+                "epochs": self.epochs}
 
     @staticmethod
     def describe(report: dict) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped_by_reason"].items())) or "none"
+        passes = report.get("epochs", 1)
+        over = f"; over {passes} epochs (a sample bad in each is skipped in each)" if passes > 1 else ""
         return (f"{report['samples']} samples read, {report['skipped']} skipped ({reasons}); input media: "
-                f"{report['media_from_cache']} from the feature cache, {report['media_decoded']} decoded")
+                f"{report['media_from_cache']} from the feature cache, {report['media_decoded']} decoded" + over)
 
     def summary(self) -> str:
         """What this rank knows (for messages after training: no collectives)."""

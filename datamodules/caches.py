@@ -31,7 +31,9 @@ def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str
     captions: list[str] = []
     for objective in ("caption", "generate", "instruct"):
         try:
-            convs, _ = read_source(source["name"], source["modality"], source["root"], objective)
+            # caption and generate read the same <name>.json: its bad entries are named once
+            convs, _ = read_source(source["name"], source["modality"], source["root"], objective,
+                                   warn=objective != "generate")
         except FileNotFoundError as e:
             log.info("feature cache: %s", e)
             continue

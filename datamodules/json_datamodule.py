@@ -14,10 +14,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.nextgpt_layout import read_source
+from datamodules.nextgpt_layout import json_files, read_source
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.prompts import Conversation
+from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class NextGPTDataModule(SourceDataModule):
         convs: list[Conversation] = []
         source_of: list[int] = []
         for k, src in enumerate(self.sources):
-            c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective)
+            # every rank reads the files (and counts their skips alike, once in the report); rank 0 names them
+            c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective,
+                                     warn=trainer_topology(self.trainer)[0] == 0)
             c = [self.pair_style.apply(conv) for conv in c]
             convs += c
             source_of += [k] * len(c)
@@ -87,7 +90,10 @@ class NextGPTDataModule(SourceDataModule):
             self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
         features = self._media_features() if self.feature_cache else {}
         if not convs:
-            raise ValueError(f"no usable samples in sources {[s['name'] for s in self.sources]} for objective {self.objective!r}")
+            files = [str(f) for src in self.sources for f in json_files(src["name"], src["root"], self.objective)]
+            raise DataError(f"no usable sample for objective {self.objective!r} in {', '.join(files)}: "
+                            + (f"every entry was skipped ({dict(self.skipped_entries)})" if self.skipped_entries
+                               else "the files hold no entries"))
         order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(self.val_fraction * len(convs)))
         make = lambda idx: ConversationDataset(  # noqa: E731

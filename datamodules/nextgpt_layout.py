@@ -8,12 +8,16 @@ Each reader turns JSON entries into modality-neutral ``Conversation``s for one t
   ``<name>_generation.json``
 
 A malformed entry is skipped and counted by reason, with the file and index in the log; a
-missing JSON file is an error that names the path.
+missing JSON file is an error that names the path. Media names are relative to the source's media
+folder and must stay inside it (:func:`media_path`): an entry naming a file elsewhere is skipped.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import stat
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -37,7 +41,49 @@ GENERATE_REQUESTS = ("Generate {a} {m}: {c}", "Please make {a} {m} of {c}", "Sho
 
 
 class Skip(Exception):
-    """An entry that can not be used; its message is the reason counted."""
+    """An entry that can not be used; its message is the reason counted, ``detail`` (which file,
+    which name) only goes into the log line."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.detail = detail
+
+    def describe(self) -> str:
+        return f"{self} ({self.detail})" if self.detail else str(self)
+
+
+OUTSIDE_ROOT = "media path outside the data root"
+
+
+def media_path(root: str | Path, name: str | Path) -> Path:
+    """``root / name`` for a media name read from a data file, refused (:class:`Skip`, reason
+    :data:`OUTSIDE_ROOT`) unless it lies inside ``root``.
+
+    Both are resolved first (``..`` and symlinks followed), so an absolute name, a ``..`` that climbs
+    out, and a symlink inside the media folder that points outside it are all refused: a data file
+    can not make training read, or a shard carry, a file from elsewhere on the machine. A media
+    folder that is itself a symlink (``images -> /mnt/big/images``) is fine: the root is resolved
+    too. To use files kept elsewhere, link or mount their folder as the media folder, not each file.
+    The path returned is the joined one (not the resolved one), so cache keys and log lines keep
+    the names the data uses. Every reader of a data file's media names goes through here.
+    """
+    path = Path(root) / name
+    plain = os.fspath(name)
+    if "/" not in plain and os.sep not in plain and plain not in ("", ".", ".."):  # a file name: one lstat
+        try:
+            if not stat.S_ISLNK(os.lstat(path).st_mode):
+                return path
+        except OSError:  # not there: nothing is read through it (the sample fails as a missing file)
+            return path
+    base, real = _resolved_root(str(Path(root).absolute())), path.resolve()
+    if not real.is_relative_to(base):
+        raise Skip(OUTSIDE_ROOT, f"{str(name)!r} is {real}, not inside {base}")
+    return path
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved_root(root: str) -> Path:
+    return Path(root).resolve()
 
 
 def _article(word: str) -> str:
@@ -66,8 +112,10 @@ def _key(entry: dict, mod: Modality, fallback: str) -> str:
     return fallback
 
 
-def _media(root: Path, mod: Modality, name: str) -> str:
-    return str(root / mod.media_folder / name)
+def _media(root: Path | None, mod: Modality, name: str) -> str:
+    """The file of a media name, inside the source's media folder; ``root=None``: names of shard
+    members (already packed, not files), taken as they are."""
+    return name if root is None else str(media_path(root / mod.media_folder, name))
 
 
 def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
@@ -153,8 +201,11 @@ def read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
 
 
-def read_source(name: str, modality: str, root: str | Path, objective: str) -> tuple[list[Conversation], Counter]:
-    """All usable conversations of one source for ``objective``, and the skip counts by reason."""
+def read_source(name: str, modality: str, root: str | Path, objective: str,
+                warn: bool = True) -> tuple[list[Conversation], Counter]:
+    """All usable conversations of one source for ``objective``, and the skip counts by reason.
+    ``warn=False``: count skipped entries without a log line each (a second read of a file whose
+    entries were already reported, e.g. by another rank)."""
     from nextgpt.runs import DataError
 
     mod = modality_registry.get(modality)
@@ -177,5 +228,6 @@ def read_source(name: str, modality: str, root: str | Path, objective: str) -> t
                 convs.append(reader(entry, mod, root, i))
             except Skip as e:
                 skipped[str(e)] += 1
-                log.warning("skipped %s entry %d: %s", path, i, e)
+                if warn:
+                    log.warning("skipped %s entry %d: %s", path, i, e.describe())
     return convs, skipped

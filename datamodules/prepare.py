@@ -37,6 +37,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -48,7 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from datamodules.nextgpt_layout import Skip, _text, _turns, read_source, read_utf8
+from datamodules.identity import source_identity
+from datamodules.nextgpt_layout import Skip, _text, _turns, media_path, read_source, read_utf8
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
 
@@ -119,26 +121,11 @@ def read_nextgpt_pairs(root: str | Path, name: str, modality: str) -> tuple[list
 
 
 def read_nextgpt_instruct(root: str | Path, name: str, modality: str) -> tuple[list[Record], Counter]:
-    """``_comprehension`` and ``_generation`` conversations, with the generated media attached.
-
-    The conversations come from :func:`read_source`; its records keep no output file, so the
-    ``output_<modality>`` files are looked up again from ``_generation.json`` by the key that reader
-    gives them (``<file stem>-out``).
-    """
-    mod = modality_registry.get(modality)
+    """``_comprehension`` and ``_generation`` conversations, with the generated media attached
+    (the conversations of :func:`read_source` keep their ``output_<modality>`` files, checked to lie
+    inside the media folder like every media name)."""
     convs, skipped = read_source(name, modality, root, "instruct")
-    outputs: dict[str, str] = {}
-    gen = Path(root) / f"{name}_generation.json"
-    for entry in _load_entries(gen):
-        file = entry.get(mod.output_field) if isinstance(entry, dict) else None
-        if isinstance(file, str) and file.strip():
-            outputs[f"{Path(file).stem}-out"] = file.strip()
-    records = []
-    for c in convs:
-        known = getattr(c, "media_out", None)  # readers that keep the output files need no lookup
-        out = known or ([(modality, Path(root) / mod.media_folder / outputs[c.key])] if c.key in outputs else [])
-        records.append(conversation_record(c, out))
-    return records, skipped
+    return [conversation_record(c) for c in convs], skipped
 
 
 def _load_entries(path: Path) -> list[Any]:
@@ -192,7 +179,8 @@ def _conversation_entry(entry: dict, index: int, media_root: Path) -> tuple[Conv
     Inputs: ``<m>`` (LLaVA's ``image``, VideoChat's ``video``) or ``input_<m>``, a file or a list.
     Outputs: ``output_<m>`` files and ``<m>_captions``. Media are matched to the placeholders in the
     order these appear in the turns; an entry with media but no placeholder at all gets them
-    prepended to its first human turn (some LLaVA entries omit ``<image>``).
+    prepended to its first human turn (some LLaVA entries omit ``<image>``). Media names are relative
+    to ``media_root`` and must stay inside it (:func:`~datamodules.nextgpt_layout.media_path`).
     """
     turns = _turns(entry) if "conversations" in entry else _qa_turns(entry)
     ins: dict[str, list[Path]] = {}
@@ -200,8 +188,9 @@ def _conversation_entry(entry: dict, index: int, media_root: Path) -> tuple[Conv
     caps: dict[str, list[str]] = {}
     for mod in (modality_registry.get(n) for n in modality_registry.names()):
         files = _as_list(entry.get(mod.name), mod.name) + _as_list(entry.get(mod.input_field), mod.input_field)
-        ins[mod.name] = [media_root / f for f in files]
-        outs[mod.name] = [media_root / f for f in _as_list(entry.get(mod.output_field), mod.output_field)]
+        ins[mod.name] = [media_path(media_root, f) for f in files]
+        outs[mod.name] = [media_path(media_root, f)
+                          for f in _as_list(entry.get(mod.output_field), mod.output_field)]
         caps[mod.name] = _as_list(entry.get(mod.captions_field), mod.captions_field)
         if outs[mod.name] and not caps[mod.name]:
             raise Skip(f"{mod.output_field} without {mod.captions_field}")
@@ -235,7 +224,7 @@ def read_conversations(json_file: str | Path, media_root: str | Path) -> tuple[l
             records.append(conversation_record(conv, media_out))
         except Skip as e:
             skipped[str(e)] += 1
-            log.warning("skipped %s entry %d: %s", path, i, e)
+            log.warning("skipped %s entry %d: %s", path, i, e.describe())
     return records, skipped
 
 
@@ -255,7 +244,7 @@ def read_alpaca(json_file: str | Path) -> tuple[list[Record], Counter]:
             records.append(conversation_record(conv))
         except Skip as e:
             skipped[str(e)] += 1
-            log.warning("skipped %s entry %d: %s", path, i, e)
+            log.warning("skipped %s entry %d: %s", path, i, e.describe())
     return records, skipped
 
 
@@ -340,7 +329,7 @@ def write_shards(
     A record whose media file is missing or empty is skipped with a warning naming key and file
     (``strict=True`` raises instead): one lost file should not stop a conversion of millions.
     ``skipped`` (entries the readers already dropped) is added to the index's skip counts.
-    ``source``: signatures of the files the records came from (``source_signature``), kept in the
+    ``source``: signatures of the files the records came from (``datamodules.identity.source_identity``), kept in the
     index so a reader can tell when the source has changed since.
     """
     from tqdm import tqdm
@@ -355,6 +344,8 @@ def write_shards(
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds {len(old)} shards of {name!r} ({old[0].name} ...); "
                               "pass overwrite=True (--overwrite) to replace them")
+    for partial in out.glob(f"{glob.escape(name)}-*.tar.tmp"):  # a killed writer's (one writer a folder)
+        partial.unlink()
     counts: Counter = Counter(skipped or {})
     taken: set[str] = set()
     sink = _ShardSink(out, name, shard_size)
@@ -402,31 +393,18 @@ def write_shards(
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-SET_OBJECTIVE = {"pairs": "caption", "instruct": "instruct"}  # the objective whose JSON files a set is written from
-
-
-def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, str]:
-    """Signatures (size, modification time, first and last MiB) of the NExT-GPT JSON files a shard
-    set is written from: cheap to take at every start, different after any edit of the file."""
-    from datamodules.nextgpt_layout import json_files
-    from nextgpt.cache.store import file_signature
-
-    out = {}
-    for path in json_files(name, root, SET_OBJECTIVE[shard_set]):
-        if path.is_file():
-            out[path.name] = f"{file_signature(path)}-{path.stat().st_mtime_ns}"
-    return out
-
-
 def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path, *, sets: Sequence[str] = NEXTGPT_SETS,
-                    shard_size: int = 1000, overwrite: bool = False, strict: bool = False) -> dict[str, list[Path]]:
-    """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source."""
+                    shard_size: int = 1000, overwrite: bool = False, strict: bool = False,
+                    identity: Mapping[str, Any] | None = None, media: str = "listing") -> dict[str, list[Path]]:
+    """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source.
+    Each index records the source's identity (``datamodules.identity``: its resolved root, JSON files
+    and media), taken before reading (``identity``: already taken, for a one-set call)."""
     readers = {"pairs": read_nextgpt_pairs, "instruct": read_nextgpt_instruct}
     written = {}
     for s in sets:
         if s not in readers:
             raise ValueError(f"unknown shard set {s!r}; known: {list(readers)}")
-        signature = source_signature(root, name, s)
+        signature = dict(identity) if identity is not None and len(sets) == 1 else source_identity(root, name, modality, s, media)
         records, skipped = readers[s](root, name, modality)
         written[s] = write_shards(records, out, name=f"{name}-{s}", shard_size=shard_size, overwrite=overwrite,
                                   strict=strict, total=len(records), skipped=skipped, source=signature)

@@ -14,10 +14,12 @@ and deterministic, so resume stays exact too.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,11 +29,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
+from datamodules.identity import SET_OBJECTIVE, differences, root_folder, source_identity, version_folder
+from datamodules.nextgpt_layout import json_files, read_utf8
+from datamodules.prepare import INDEX_SUFFIX, prepare_nextgpt
 from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
+from nextgpt.atomic import Busy, building, holding, install
 from nextgpt.batch import Collator, ConversationDataset, Item
 from nextgpt.cache.encode import StoreLookup
+from nextgpt.runs import DataError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +50,59 @@ def shard_set(objective: str) -> str:
     return "instruct" if objective == "instruct" else "pairs"
 
 
-def source_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path) -> list[Path]:
+def _index(folder: Path, name: str, objective: str) -> Path:
+    return folder / f"{name}-{shard_set(objective)}{INDEX_SUFFIX}"
+
+
+def _recorded(folder: Path, name: str, objective: str) -> dict | None:
+    """The source identity a complete shard folder's index recorded (``{}``: none recorded; ``None``:
+    the folder holds no complete shard set)."""
+    index = _index(folder, name, objective)
+    if not index.is_file():
+        return None
+    return json.loads(read_utf8(index)).get("source") or {}
+
+
+def _versions(src: Mapping[str, Any], objective: str, shards_root: str | Path) -> list[Path]:
+    """Complete shard folders written from this source's root, newest first: the versions under
+    its root folder, and the plain ``${paths.shards}/<name>/`` (``python -m datamodules.prepare``)
+    where its index records this root."""
+    name, folder = src["name"], root_folder(shards_root, src["name"], src["root"])
+    found = [p for p in folder.glob(f"{shard_set(objective)}-*") if p.is_dir() and _recorded(p, name, objective) is not None]
+    plain = Path(shards_root) / name
+    recorded = _recorded(plain, name, objective)
+    if recorded and recorded.get("root") == str(Path(src["root"]).resolve()):
+        found.append(plain)
+    return sorted(found, key=lambda p: _index(p, name, objective).stat().st_mtime_ns, reverse=True)
+
+
+def locate_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path, source_changed: str = "rewrite",
+                 media: str = "listing") -> tuple[Path | None, dict | None]:
+    """(the folder of the shards a source contributes to ``objective``, or ``None`` while there are
+    none for its current data; the source's identity, ``None`` without a root). Given ``shards``: that
+    folder. With a ``root``: the version written from exactly its current data (``datamodules.identity``),
+    or under ``source_changed=keep`` the newest written from that root. Without: ``${paths.shards}/<name>``."""
+    if src.get("shards"):
+        return Path(src["shards"]), None
+    if not src.get("root"):
+        return Path(shards_root) / src["name"], None
+    ident = source_identity(src["root"], src["name"], src["modality"], shard_set(objective), media)
+    versions = _versions(src, objective, shards_root)
+    for folder in versions:
+        if _recorded(folder, src["name"], objective) == ident:
+            return folder, ident
+    if source_changed == "keep" and versions:
+        return versions[0], ident
+    return None, ident
+
+
+def source_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path, source_changed: str = "rewrite",
+                  media: str = "listing") -> list[Path]:
     """The shard files a source contributes to ``objective`` (empty when none are written yet)."""
     if src.get("urls"):
         return expand_shards(src["urls"])
-    folder = Path(src.get("shards") or Path(shards_root) / src["name"])
-    return sorted(folder.glob(f"{src['name']}-{shard_set(objective)}-*.tar")) if folder.is_dir() else []
+    folder, _ = locate_shards(src, objective, shards_root, source_changed, media)
+    return sorted(folder.glob(f"{src['name']}-{shard_set(objective)}-*.tar")) if folder and folder.is_dir() else []
 
 
 class ShardDataModule(SourceDataModule):
@@ -81,9 +135,13 @@ class ShardDataModule(SourceDataModule):
         mix: str = "weighted",
         pairs: Mapping[str, Any] | None = None,
         pack: bool = False,
+        media_identity: str = "listing",
     ):
         super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
                          cache_fallback, pairs, pack)
+        self.media_identity = media_identity
+        self.folders: dict[str, Path] = {}  # source name -> the shard folder setup chose
+        self._holds = contextlib.ExitStack()  # shared locks on the shard versions this run reads
         if source_changed not in SOURCE_CHANGED:
             raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
         self.source_changed = source_changed
@@ -95,53 +153,100 @@ class ShardDataModule(SourceDataModule):
         self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
-        """Write the shards of sources that have the NExT-GPT layout but no shards yet, and rewrite
-        (or, with ``source_changed="error"``, refuse) those whose source JSON changed since."""
-        from datamodules.prepare import prepare_nextgpt
-
+        """Write the shards of sources that have the NExT-GPT layout and no shards of their current
+        data yet (``datamodules.identity``); ``source_changed``: what to do when only shards of an
+        earlier state of the source exist (rewrite: write the current; error: stop; keep: train on them)."""
         for src in self.sources:
             if src.get("urls"):
                 continue
-            root = src.get("root")
-            folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
-            existing = source_shards(src, self.objective, self.shards_root)
-            if existing:
-                changed = self.source_changes(src, folder)
-                if not changed:
-                    continue
-                what = f"{', '.join(changed)} changed since the {shard_set(self.objective)} shards in {folder} were written"
+            if src.get("shards"):
+                self._prepare_given(src)
+                continue
+            folder, ident = self._folder(src)
+            if folder is not None:
+                if ident is not None and _recorded(folder, src["name"], self.objective) != ident:
+                    log.warning("data: %s differs from the shards in %s (%s); training on them "
+                                "(dataset.source_changed=keep)", src["root"], folder,
+                                "; ".join(differences(_recorded(folder, src["name"], self.objective), ident)))
+                continue
+            if not src.get("root") or not Path(src["root"]).is_dir():
+                raise DataError(f"dataset source {src['name']!r}: the data root {src.get('root')} does not exist, and "
+                                f"no shards in {Path(self.shards_root) / src['name']} were written from it "
+                                "(set paths.data_root=DIR, or dataset.sources[i].shards=DIR for shards alone)")
+            older = _versions(src, self.objective, self.shards_root)
+            if older:
+                what = "; ".join(differences(_recorded(older[0], src["name"], self.objective), ident))
                 if self.source_changed == "error":
-                    from nextgpt.runs import RunError
+                    raise RunError(f"dataset source {src['name']!r} changed since its {shard_set(self.objective)} "
+                                   f"shards in {older[0]} were written ({what}); write them anew "
+                                   "(dataset.source_changed=rewrite) or train on them (keep)")
+                log.info("data: %s changed since the shards in %s were written (%s): writing shards of its current "
+                         "data", src["root"], older[0], what)
+            self._write_version(src, ident)
 
-                    raise RunError(f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
-                                   "rewrite, or python -m datamodules.prepare --overwrite)")
-                if self.source_changed == "keep":
-                    log.warning("data: %s; training on the old shards (dataset.source_changed=keep)", what)
+    def _folder(self, src: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
+        return locate_shards(src, self.objective, self.shards_root, self.source_changed, self.media_identity)
+
+    def _write(self, src: Mapping[str, Any], out: Path, ident: Mapping[str, Any] | None) -> None:
+        """The source's shard set into ``out``; a source with no usable sample is an error that
+        names its JSON files (nothing is written)."""
+        log.info("data: writing %s shards of %r from %s into %s", shard_set(self.objective), src["name"], src["root"], out)
+        prepare_nextgpt(src["root"], src["name"], src["modality"], out, sets=[shard_set(self.objective)],
+                        shard_size=self.shard_size, overwrite=True, identity=ident, media=self.media_identity)
+        index = json.loads(read_utf8(_index(out, src["name"], self.objective)))
+        if not index["total"]:
+            files = ", ".join(str(f) for f in json_files(src["name"], src["root"], SET_OBJECTIVE[shard_set(self.objective)]))
+            raise DataError(f"dataset source {src['name']!r}: no usable sample in {files}: "
+                            + (f"every entry was skipped ({index['skipped']})" if index["skipped"] else "they hold no entries"))
+
+    def _write_version(self, src: Mapping[str, Any], ident: Mapping[str, Any]) -> None:
+        """Write the shards of the source's current data as a version of their own (never over shards
+        another run may be reading), under a lock that concurrent writers of this root wait on; then
+        remove the older versions that no run holds."""
+        target = version_folder(self.shards_root, src["name"], shard_set(self.objective), ident)
+        def waiting(holder: str) -> None:
+            log.info("data: waiting for %s, which is writing shards of %s", holder, src["root"])
+
+        with holding(target.parent / ".writer.lock", on_wait=waiting):
+            if _recorded(target, src["name"], self.objective) is None:
+                with building(target, "writing") as tmp:
+                    self._write(src, tmp, ident)
+                    install(tmp, target)
+            for old in _versions(src, self.objective, self.shards_root):
+                if old == target or old.parent != target.parent:
                     continue
-                log.info("data: %s: rewriting them", what)
-            if not root or not (Path(root) / f"{src['name']}.json").is_file():
-                raise FileNotFoundError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout "
-                                        f"at {root}/{src['name']}.json to write them from")
-            log.info("data: writing %s shards of %r from %s into %s", shard_set(self.objective), src["name"], root, folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            prepare_nextgpt(root, src["name"], src["modality"], folder, sets=[shard_set(self.objective)],
-                            shard_size=self.shard_size, overwrite=True)
+                try:
+                    with holding(Path(f"{old}.lock"), wait=False):
+                        shutil.rmtree(old)
+                    Path(f"{old}.lock").unlink(missing_ok=True)
+                    log.info("data: removed the older shards %s (no run reads them)", old)
+                except Busy:
+                    log.info("data: keeping the older shards %s: a run still reads them", old)
 
-    def source_changes(self, src: Mapping[str, Any], folder: Path) -> list[str]:
-        """The source JSON files whose signature differs from the one the shard index recorded
-        (none when the source is not there: shards alone are a valid data set)."""
-        from datamodules.nextgpt_layout import read_utf8
-        from datamodules.prepare import INDEX_SUFFIX, source_signature
-
-        root = src.get("root")
-        if not root or not Path(root).is_dir():
-            return []
-        index = folder / f"{src['name']}-{shard_set(self.objective)}{INDEX_SUFFIX}"
-        recorded = json.loads(read_utf8(index)).get("source") if index.is_file() else None
-        now = source_signature(root, src["name"], shard_set(self.objective))
-        if not recorded:  # shards from elsewhere, or written before signatures were kept
-            return []
-        return sorted(str(Path(root) / f) for f in set(now) | set(recorded) if now.get(f) != recorded.get(f))
+    def _prepare_given(self, src: Mapping[str, Any]) -> None:
+        """Shards in a folder the config names (``dataset.sources[i].shards``): written there when
+        missing, rewritten in place when the source's data changed (``source_changed``)."""
+        folder, root = Path(src["shards"]), src.get("root")
+        recorded = _recorded(folder, src["name"], self.objective)
+        ident = (source_identity(root, src["name"], src["modality"], shard_set(self.objective), self.media_identity)
+                 if root and Path(root).is_dir() else None)
+        if recorded is not None:
+            changed = differences(recorded, ident) if recorded and ident else []
+            if not changed:
+                return
+            what = f"{'; '.join(changed)} changed since the shards in {folder} were written"
+            if self.source_changed == "error":
+                raise RunError(f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
+                               "rewrite, or python -m datamodules.prepare --overwrite)")
+            if self.source_changed == "keep":
+                log.warning("data: %s; training on the old shards (dataset.source_changed=keep)", what)
+                return
+            log.info("data: %s: rewriting them", what)
+        if ident is None:
+            raise DataError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout at "
+                            f"{root}/{src['name']}.json to write them from")
+        with holding(folder / ".writer.lock"):
+            self._write(src, folder, ident)
 
     def setup(self, stage: str | None = None) -> None:
         if self.stream is not None:
@@ -154,10 +259,10 @@ class ShardDataModule(SourceDataModule):
         path_modality: dict[Path, str] = {}
         stores: dict[Path, Any] = {}
         for src in self.sources:
-            found = source_shards(src, self.objective, self.shards_root)
+            found = self._shards(src)
             if not found:
-                raise FileNotFoundError(f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
-                                        f"({src.get('urls') or Path(self.shards_root) / src['name']})")
+                raise DataError(f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
+                                f"({src.get('urls') or src.get('shards') or src.get('root')})")
             weight = int(src.get("weight", 1))
             paths += found * weight
             per_source.append(found)
@@ -180,6 +285,27 @@ class ShardDataModule(SourceDataModule):
             self._pending_state = None
         log.info("data: %r", self.stream)
 
+    def _shards(self, src: Mapping[str, Any]) -> list[Path]:
+        """The source's shard files, chosen once per run; a version written from a data root is
+        held (a shared lock) so that no writer removes it while this run reads it."""
+        if src.get("urls"):
+            return expand_shards(src["urls"])
+        if src["name"] not in self.folders:
+            folder, ident = self._folder(src)
+            if folder is None:
+                return []
+            if ident is not None and folder.parent.name != src["name"]:  # a version under its root folder
+                self._holds.enter_context(holding(Path(f"{folder}.lock"), shared=True))
+                if _recorded(folder, src["name"], self.objective) is None:
+                    raise DataError(f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
+                                    "run started; run it again")
+            self.folders[src["name"]] = folder
+        folder = self.folders[src["name"]]
+        return sorted(folder.glob(f"{src['name']}-{shard_set(self.objective)}-*.tar"))
+
+    def teardown(self, stage: str | None = None) -> None:
+        self._holds.close()
+
     def caption_cache_bases(self) -> list[tuple[str, Path]]:
         """(modality, folder) where each source's caption embeddings are cached: beside its shards.
         Streamed captions are embedded as they come and added there (see nextgpt.cache.captions)."""
@@ -188,7 +314,7 @@ class ShardDataModule(SourceDataModule):
 
         out = []
         for src in self.sources:
-            found = source_shards(src, self.objective, self.shards_root)
+            found = self._shards(src)
             if found:
                 out.append((src["modality"], cache_base(shard_folder(src, found), self.cache_fallback)))
         return out
@@ -255,15 +381,11 @@ class ShardDataModule(SourceDataModule):
     def skipped_before_training(self) -> tuple[Counter, int]:
         """(samples the shard writer dropped, by reason, e.g. media files that were missing; all
         samples written or dropped)."""
-        from datamodules.nextgpt_layout import read_utf8
-        from datamodules.prepare import INDEX_SUFFIX
-
         skipped: Counter = Counter()
         for src in self.sources:
-            if src.get("urls"):
+            if src.get("urls") or src["name"] not in self.folders:
                 continue
-            folder = Path(src.get("shards") or Path(self.shards_root) / src["name"])
-            index = folder / f"{src['name']}-{shard_set(self.objective)}{INDEX_SUFFIX}"
+            index = _index(self.folders[src["name"]], src["name"], self.objective)
             if index.is_file():
                 dropped = json.loads(read_utf8(index)).get("skipped", {})
                 skipped.update({f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))

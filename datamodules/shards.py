@@ -45,6 +45,11 @@ with ``shard:key``; the next good sample follows. Media decoding belongs to the 
 :class:`~nextgpt.encoders.preprocess.MediaDecodeError` and :class:`SkipSample` raised by it count
 as skips too. Code that decodes elsewhere calls :meth:`ShardStream.record_skip`. Past
 ``min_samples`` seen, a skipped fraction above ``max_skip_fraction`` raises :class:`TooManySkipped`.
+A skip is counted, logged and held against the limit once, where the sample is handed over: read in
+this process, as it is read; read by a dataloader worker, when the training side receives the next
+sample (:meth:`ShardStream.mark_consumed`). Workers read ahead, and what they read but the trainer
+never received is read again by the next epoch's workers: counted in the worker, it was counted
+(and warned about) twice, and the limit checked on read-ahead (4 of 33 for 1 bad sample in 11).
 """
 from __future__ import annotations
 
@@ -112,6 +117,7 @@ class StreamPosition(NamedTuple):
     seen: int = 1  # raw samples this consumer read since its previous yield, this one included
     skipped: tuple[tuple[str, int], ...] = ()  # and how many of those it skipped, by reason
     in_worker: bool = False
+    skip_notes: tuple[str, ...] = ()  # the log lines of those skips (a worker's, logged by mark_consumed)
 
 
 @dataclass
@@ -126,6 +132,7 @@ class ShardSample:
     position: StreamPosition | None = None
     item: Any = None  # what the stream's transform made of it
     features: dict[str, np.ndarray] = field(default_factory=dict)  # cached encoder features of members not read
+    skip_notes: tuple[str, ...] = ()  # a worker's skips before this sample, not yet logged (TrackingCollate)
 
     @property
     def where(self) -> str:
@@ -425,6 +432,7 @@ class ShardStream(IterableDataset):
         self._rotation: dict[int, int] = {}  # rank -> slot that delivers the next batch
         self._topology: tuple[int, int] | None = None  # (world_size, num_workers) the progress is for
         self._tracked = False  # mark_consumed was called: yields no longer move the progress
+        self._unlogged: list[str] = []  # in a worker: skips since the last good sample, logged when consumed
 
     def __repr__(self) -> str:
         return f"ShardStream({len(self.paths)} shards, {self.total} samples, objective={self.objective!r}, shuffle={self.shuffle})"
@@ -444,8 +452,19 @@ class ShardStream(IterableDataset):
             pairs = pairs[np.random.default_rng([self.seed, epoch, gi]).permutation(len(pairs))]
         return pairs
 
+    def _share(self, consumer: int, consumers: int) -> tuple[int, int]:
+        """(first index, stride) of a consumer's samples in a pass: ``consumer`` of ``consumers``, or,
+        where an endless stream's pass holds fewer samples than there are consumers, ``consumer mod
+        total`` of ``total``: every rank and worker gets work (some samples repeat within the pass, as a
+        distributed sampler pads), none waits forever for a sample it will never own. A finite
+        stream (a cache pass) keeps the exact split: a consumer without a sample just ends."""
+        if self.total >= consumers or self.epochs is not None:
+            return consumer, consumers
+        return consumer % self.total, self.total
+
     def _owned(self, consumer: int, consumers: int, first_epoch: int, after: int) -> Iterator[tuple[int, int, int, int, int]]:
         """(pass, group, global index, shard, sample) of one consumer's samples, after ``after`` in ``first_epoch``."""
+        consumer, consumers = self._share(consumer, consumers)
         passes = itertools.count(first_epoch) if self.epochs is None else range(first_epoch, self.epoch + self.epochs)
         for epoch in passes:
             start = after + 1 if epoch == first_epoch else 0
@@ -512,9 +531,9 @@ class ShardStream(IterableDataset):
         """This rank's consumers have handed over every sample of pass ``epoch`` (a resumed end of pass)."""
         consumers = world * workers
         for slot in range(workers):
-            c = rank * workers + slot
+            c, stride = (rank * workers + slot, consumers) if self.mix == "balanced" else self._share(rank * workers + slot, consumers)
             e, last = self._progress.get((rank, slot), (epoch - 1, -1))
-            nxt = c if e < epoch else last + consumers
+            nxt = c if e < epoch else last + stride
             if e <= epoch and nxt < self._pass_length(consumers):
                 return False
         return True
@@ -546,9 +565,20 @@ class ShardStream(IterableDataset):
         seen, skipped = 0, Counter()
         last_epoch = None
         batch: list[ShardSample] = []
+        in_pass, delivered, tried = None, False, 0  # this consumer's current pass, whether it gave a sample
         try:
             for epoch, gi, g, s, j in owned:
                 last_epoch = epoch
+                if epoch != in_pass:
+                    if in_pass is not None and not delivered and (in_pass != first_epoch or after < 0):
+                        for line in self._unlogged[:20]:  # a worker's: no sample will carry them to the trainer
+                            log.warning("skipped %s", line)
+                        raise TooManySkipped(
+                            f"no usable sample in a whole pass: all {tried} samples that rank {rank} (worker {worker}) "
+                            f"reads from {self!r} were skipped; by reason: {dict(self.skipped)}. Check the shards "
+                            "(python -m datamodules.prepare) and their source")
+                    in_pass, delivered, tried = epoch, False, 0
+                tried += 1
                 if (epoch, gi) != group:
                     if balanced and group is not None:  # a block ends: its batch, even a short or empty one
                         yield batch
@@ -566,7 +596,7 @@ class ShardStream(IterableDataset):
                     continue
                 sample.position = StreamPosition(epoch, g, rank, slot, world, workers, seen,
                                                  tuple(sorted(skipped.items())), info is not None)
-                seen, skipped = 0, Counter()
+                seen, skipped, delivered = 0, Counter(), True
                 if not self._tracked:
                     self._progress[(rank, slot)] = (epoch, g)
                     self._topology = topology
@@ -599,6 +629,8 @@ class ShardStream(IterableDataset):
         except MediaDecodeError as e:
             self._skip(where, "undecodable media", str(e), skipped)
             return None
+        if self._unlogged:
+            sample.skip_notes, self._unlogged = tuple(self._unlogged), []
         self._count_seen()
         return sample
 
@@ -685,7 +717,8 @@ class ShardStream(IterableDataset):
         entry = {"id": conv_key, mod.name_field: member, "caption": caption}
         generate = self.pair_objective == "generate"
         try:
-            conv = (_pairs_generate if generate else _pairs_caption)(entry, mod, Path(), 0)
+            # root None: the name is a tar member, not a file under a data root
+            conv = (_pairs_generate if generate else _pairs_caption)(entry, mod, None, 0)
         except Skip as e:
             raise SkipSample(str(e)) from None
         if generate and not self.output_media:  # text -> X: the media is not needed
@@ -707,13 +740,18 @@ class ShardStream(IterableDataset):
     # --- bad samples --------------------------------------------------------------------------
     def _count_seen(self) -> None:
         self.seen += 1
-        self._check()
+        if get_worker_info() is None:  # a worker's copy also counts read-ahead: checked in mark_consumed
+            self._check()
 
     def _skip(self, where: str, reason: str, detail: str, pending: Counter | None = None) -> None:
         self.skipped[reason] += 1
         if pending is not None:
             pending[reason] += 1
-        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+        line = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+        if get_worker_info() is None:
+            log.warning("skipped %s", line)
+        else:  # logged once, by mark_consumed, if and when the trainer receives the next sample
+            self._unlogged.append(line)
         self._count_seen()
 
     def record_skip(self, where: str, reason: str, detail: str = "") -> None:
@@ -741,7 +779,9 @@ class ShardStream(IterableDataset):
         self.epoch = int(epoch)
 
     def mark_consumed(self, positions: Iterable[StreamPosition | Sequence[Any]]) -> None:
-        """Record samples the training step received (in order); from then on only these move the state."""
+        """Record samples the training step received (in order); from then on only these move the state.
+        A worker's skips before each of them are counted, logged and held against the limit here, once
+        (the worker only passed them on: it may have read them ahead of a restart that reads them again)."""
         for p in positions:
             p = StreamPosition(*p)
             self._tracked = True
@@ -751,6 +791,9 @@ class ShardStream(IterableDataset):
             if p.in_worker:  # counted in a worker's copy of the stream: bring the counts here
                 self.seen += p.seen
                 self.skipped.update(dict(p.skipped))
+                for line in p.skip_notes:
+                    log.warning("skipped %s", line)
+        self._check()
 
     def state_dict(self, gather: bool = True) -> dict[str, Any]:
         """Everything an exact restart needs; under ``torch.distributed`` (and ``gather``) every rank
@@ -821,7 +864,9 @@ class TrackingCollate:
     def __call__(self, samples: list[ShardSample]) -> Any:
         items = [s.item if s.item is not None else s for s in samples]
         batch = self.collate(items) if self.collate is not None else items
-        positions = [s.position for s in samples]
+        # a worker's skips travel with the next sample's position, their log lines with them
+        positions = [s.position._replace(skip_notes=s.skip_notes) if s.skip_notes else s.position
+                     for s in samples]
         if isinstance(batch, dict):
             batch["stream_positions"] = positions
             return batch

@@ -16,14 +16,23 @@ def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
         return []
     if cfg.dataset.get("loader", "json") == "shards":
         errors = []
+        keep = cfg.dataset.get("source_changed", "rewrite") == "keep"
         for i, src in enumerate(cfg.dataset.sources):
+            has_json = bool(src.get("root")) and (Path(src.root) / f"{src.name}.json").is_file()
             if src.get("urls"):
                 if not source_shards(src, objective, cfg.paths.shards):
                     errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
-            elif not source_shards(src, objective, cfg.paths.shards) and not (Path(src.root) / f"{src.name}.json").is_file():
-                errors.append(f"dataset.sources[{i}].root={src.root!r}: no shards in "
-                              f"{Path(cfg.paths.shards) / src.name} and no {Path(src.root) / (src.name + '.json')} "
-                              f"to write them from (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)")
+            elif src.get("shards"):
+                if not source_shards(src, objective, cfg.paths.shards) and not has_json:
+                    errors.append(f"dataset.sources[{i}].shards={src.shards!r}: no shards there and no "
+                                  f"{src.get('root')}/{src.name}.json to write them from")
+            elif not has_json and not (keep and src.get("root") and source_shards(src, objective, cfg.paths.shards, "keep",
+                                                                                  "none")):
+                what = (f"{Path(src.root) / (src.name + '.json')} does not exist" if src.get("root")
+                        else "no data root")
+                errors.append(f"dataset.sources[{i}].root={src.get('root')!r}: {what} (dataset {cfg.dataset.name!r}; set "
+                              "paths.data_root=DIR; shards are only read for the data root they were written from: "
+                              "dataset.sources[i].shards=DIR names a folder of shards alone)")
         return errors
     return [
         f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nextgpt import modality as modality_registry
+from nextgpt.overrides import appended_key_errors
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = (1, 2, 3)
@@ -399,6 +400,8 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
         c.str_("dataset.mix", ("weighted", "balanced"))
     if c.get("dataset.source_changed") is not None:
         c.str_("dataset.source_changed", ("rewrite", "error", "keep"))
+    if c.get("dataset.media_identity") is not None:
+        c.str_("dataset.media_identity", ("listing", "none"))
     if c.get("dataset.max_skip_fraction") is not None:
         c.float_("dataset.max_skip_fraction", 0.0, 1.0, hi_open=False)
     fc = c.get("dataset.feature_cache")
@@ -486,8 +489,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("paths.bundles", "paths.checkpoints", "paths.output_dir"):
         c.str_(key)
     _check_plan(c)
+    c.errors += appended_key_errors(cfg, given_overrides(), CONFIG_DIR)
     if c.errors:
         raise ConfigError(c.errors)
+
+
+def given_overrides() -> list[str]:
+    """The command line's overrides of this Hydra job (or of ``compose``); none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _check_plan(c: _Checker) -> None:
@@ -706,6 +717,26 @@ def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
     return errors
 
 
+OUTPUT_KEYS = ("paths.bundles", "paths.checkpoints")  # folders a run writes its results into
+
+
+def unwritable_errors(cfg: DictConfig) -> list[str]:
+    """Output folders that can not be created or written (found before anything loads, not after
+    training)."""
+    import tempfile
+
+    errors = []
+    for key in OUTPUT_KEYS:
+        folder = Path(OmegaConf.select(cfg, key))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            errors.append(f"{key}={str(folder)!r}: can not be written ({e.strerror or e}); the run would train and then "
+                          "lose its result")
+    return errors
+
+
 def validate_paths(cfg: DictConfig, data_errors: Iterable[str] = ()) -> None:
     """Check that everything the run reads exists, naming the key and the path when not.
     ``data_errors``: what the data side found missing (:func:`datamodules.sources.data_path_errors`)."""
@@ -736,8 +767,9 @@ def main_guard(fn):
             sys.exit(2)
         except Exception as e:
             from nextgpt.runs import RunError
+            from nextgpt.safeload import UnsafeFileError
 
-            if not isinstance(e, RunError):
+            if not isinstance(e, (RunError, UnsafeFileError)):
                 raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -12,6 +12,7 @@ sweep never share a bundle, and ``-m stage=1,2,3 stage.optim.lr=1e-4,4e-4`` chai
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+from nextgpt.atomic import Busy, holding
+from nextgpt.safeload import UnsafeFileError, check_checkpoint_folder, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +141,37 @@ class RunDir:
         return last + steps
 
 
+def hold_run(run: RunDir, held: contextlib.ExitStack) -> None:
+    """Take the run's lock (``<run folder>.lock``) for as long as ``held`` lasts; a run that another
+    process is training is refused, naming that process. A killed run's lock is free at once."""
+    lock = run.path.with_name(f"{run.path.name}.lock")
+    try:
+        held.enter_context(holding(lock, wait=False))
+    except Busy as e:
+        raise RunError(f"run {run.path} is being trained by {e.holder} (lock {lock}); the same run is never "
+                       "trained twice at once: wait for it to end (the same command then resumes or refuses it)") from None
+
+
 def _step_of(path: Path) -> int:
     digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
     return int(digits[-1]) if digits else -1
 
 
 def readable_checkpoint(path: Path) -> str | None:
-    """Why ``path`` can not be resumed from (``None`` when it can): a truncated or foreign file."""
-    import torch
-
+    """Why ``path`` can not be resumed from (``None`` when it can): a truncated or foreign file.
+    Raises ``UnsafeFileError`` for a file that asks for more than tensors and plain data: nothing
+    in it runs (``nextgpt.safeload``), and it is never passed on to Lightning or DeepSpeed."""
     try:
         if path.is_dir():  # a distributed (sharded) checkpoint
             if not (path / ".metadata").is_file():
                 return "its .metadata file is missing"
-            torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+            check_checkpoint_folder(path)
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = load_checkpoint(path, mmap=True)
             if not isinstance(ckpt, dict) or "global_step" not in ckpt:
                 return "it is not a Lightning checkpoint"
+    except UnsafeFileError:
+        raise
     except Exception as e:  # torch raises several types for a damaged file
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
     return None
@@ -162,10 +179,8 @@ def readable_checkpoint(path: Path) -> str | None:
 
 def checkpoint_step(path: str | Path) -> int:
     """The global step a checkpoint (file or sharded folder) was saved at."""
-    import torch
-
     path = Path(path)
-    ckpt = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+    ckpt = load_checkpoint(path / "meta.pt" if path.is_dir() else path, mmap=not path.is_dir())
     return int(ckpt.get("global_step", 0))
 
 

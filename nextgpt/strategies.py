@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from nextgpt.safeload import check_checkpoint_folder, load_checkpoint
+
 
 class WrapByClassName:
     """Which modules become their own FSDP unit: those whose class name ends with a suffix.
@@ -114,7 +116,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
+        check_checkpoint_folder(path)  # torch.distributed.checkpoint unpickles .metadata freely
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -140,7 +143,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                                      options=StateDictOptions(cpu_offload=True))
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return load_checkpoint(path / _METADATA_FILENAME)
 
 
 def deepspeed_preflight(cfg, plan) -> dict[str, Any]:

@@ -78,3 +78,11 @@ def served_process(args: list[str], ready_url: str, log_path: Path, env: dict[st
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def shard_dir(root: Path, name: str, shard_set: str = "pairs") -> Path:
+    """The folder of a source's shards written by a run under ``root`` (a version named by the
+    source's identity, ``datamodules.identity``); the newest when there are several."""
+    found = sorted((root / "data" / "shards" / name).rglob(f"{name}-{shard_set}.shards.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert found, f"no {shard_set} shards of {name!r} under {root / 'data' / 'shards'}"
+    return found[-1].parent

@@ -93,7 +93,8 @@ def derive_sample(src: Path, dst: Path) -> Path:
 # workers one by one (the longest file no longer runs alone at the end).
 SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test_runs.py",
                 "tests/integration/test_shards_cli.py", "tests/integration/test_train_cli.py",
-                "tests/unit/test_config.py"}
+                "tests/unit/test_config.py", "tests/integration/test_trust.py",
+                "tests/integration/test_bad_data_paths.py"}
 # files that share a costly session fixture run on one worker: the trained demo bundle
 SHARED_GROUPS = {"tests/integration/test_web_demo.py": "demo_bundle", "tests/integration/test_serve.py": "demo_bundle"}
 

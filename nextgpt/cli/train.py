@@ -1,6 +1,7 @@
 """What train.py does once Hydra has composed the config: validate, prepare, instantiate, fit."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.prepare import source_signature
+from datamodules.identity import forget, source_identity
 from datamodules.shard_datamodule import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
 from nextgpt.config import (
+    ConfigError,
     launch_rank,
     previous_bundle,
     resolve_batch,
+    unwritable_errors,
     validate,
     validate_paths,
 )
@@ -27,6 +30,7 @@ from nextgpt.runs import (
     bundle_root,
     checkpoint_step,
     choose_start,
+    hold_run,
     report_other_runs,
     run_identity,
     run_key,
@@ -100,15 +104,13 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def data_signatures(cfg: DictConfig) -> dict[str, str]:
-    """Signatures of the NExT-GPT JSON files the run reads (directly, or to write shards from):
-    an edited data set is another run."""
-    out = {}
-    for src in cfg.dataset.sources:
-        if src.get("root") and not src.get("urls") and Path(src.root).is_dir():
-            out.update({str(Path(src.root) / f): sig for f, sig in
-                        source_signature(src.root, src.name, shard_set(cfg.stage.objective)).items()})
-    return out
+def data_signatures(cfg: DictConfig) -> dict[str, Any]:
+    """The identity of every data source the run reads from a data root (``datamodules.identity``:
+    resolved root, JSON files, media): another root or edited data is another run."""
+    forget()  # media listings are taken once per run
+    media = str(cfg.dataset.get("media_identity", "listing"))
+    return {src.name: source_identity(src.root, src.name, src.modality, shard_set(cfg.stage.objective), media)
+            for src in cfg.dataset.sources if src.get("root") and not src.get("urls") and Path(src.root).is_dir()}
 
 
 def check_memory_plan(cfg: DictConfig) -> None:
@@ -135,10 +137,11 @@ def check_memory_plan(cfg: DictConfig) -> None:
         log.warning("the plan exceeds the device memory; starting anyway (plan.allow_over_memory=true)")
 
 
-def prepare_run(cfg: DictConfig) -> tuple[RunDir, dict, str | None]:
+def prepare_run(cfg: DictConfig, held: contextlib.ExitStack) -> tuple[RunDir, dict, str | None]:
     """Give the run its identity (a key over its training config), its checkpoint folder, its sweep
     tag and its bundle folder, and decide where it starts: (run, identity, checkpoint or None).
-    Only global rank 0 changes files here; the other ranks reach the same decision."""
+    Only global rank 0 changes files here, holding the run's lock (in ``held``) so that the same run
+    started twice at once is refused; the other ranks reach the same decision."""
     init_from = previous_bundle(cfg)
     identity = run_identity(cfg, init_from, data=data_signatures(cfg))
     key = run_key(identity)
@@ -146,6 +149,8 @@ def prepare_run(cfg: DictConfig) -> tuple[RunDir, dict, str | None]:
     cfg.run.key, cfg.run.dir = key, str(run.path)
     cfg.run.bundle = str(bundle_root(cfg, cfg.run.tag) / f"stage{int(cfg.stage.number)}")
     rank_zero = launch_rank() == 0
+    if rank_zero:
+        hold_run(run, held)
     start = choose_start(run, identity, cfg.get("resume", True), mutate=rank_zero)
     if start is None and rank_zero:
         report_other_runs(run.path.parent, key, identity)
@@ -164,7 +169,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepare_backbones(cfg)
     validate_paths(cfg, data_path_errors(cfg, cfg.stage.objective))
     check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
-    run, identity, ckpt_path = prepare_run(cfg)  # may refuse (a finished run): before anything loads
+    if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
+        raise ConfigError(errors)
+    with contextlib.ExitStack() as held:
+        run, identity, ckpt_path = prepare_run(cfg, held)  # may refuse (a finished or running run): before anything loads
+        return fit(cfg, plan, run, identity, ckpt_path)
+
+
+def fit(cfg: DictConfig, plan: Any, run: RunDir, identity: dict, ckpt_path: str | None) -> dict[str, float]:
+    """Build the data, the stage and the trainer, train, and mark the run finished."""
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
@@ -182,7 +195,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module.start_step = checkpoint_step(ckpt_path)  # what this run trains is counted from here
         log.info("resuming stage %s from %s (step %d)", cfg.stage.number, ckpt_path, module.start_step)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import ENV, free_port, train
+from tests.cli import ENV, free_port, shard_dir, train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def cache_cli(root: Path, cache: Path, *args: str, env: dict | None = None, torc
 
 
 def store_dir(root: Path) -> Path:
-    (found,) = (root / "data" / "shards" / "synthetic_image" / ".nextgpt_cache").glob("imagebind_image_pairs-*")
+    (found,) = (shard_dir(root, "synthetic_image") / ".nextgpt_cache").glob("imagebind_image_pairs-*")
     return found
 
 
@@ -72,9 +72,9 @@ def test_stage1_from_shards_reads_cached_features_and_never_the_media(tiny_cache
     assert res.returncode == 0, res.stderr[-3000:]
     n = len(json.loads((src / "synthetic_image.json").read_text()))
     assert len(store_keys(store_dir(tmp_path))) == n
-    (text,) = (tmp_path / "data" / "shards" / "synthetic_image" / ".nextgpt_cache").glob("text_image-*")
+    (text,) = (shard_dir(tmp_path, "synthetic_image") / ".nextgpt_cache").glob("text_image-*")
     assert len(set(store_keys(text))) == len({e["caption"] for e in json.loads((src / "synthetic_image.json").read_text())})
-    assert spoil_media(tmp_path / "data" / "shards" / "synthetic_image") == n
+    assert spoil_media(shard_dir(tmp_path, "synthetic_image")) == n
     res = train(tmp_path, tiny_cache, "stage=1", *shards_args, "trainer.max_steps=3", *QUIET)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli import bundle_meta, train
+from tests.cli import bundle_meta, shard_dir, train
 
 pytestmark = pytest.mark.slow
 
@@ -198,12 +198,14 @@ def test_editing_the_source_json_rewrites_its_shards(tiny_cache, tmp_path):
                   "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
                   "dataset.num_workers=0", *QUIET]
     ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *shard_args))
-    shards = tmp_path / "data" / "shards" / "synthetic_image"
+    shards = shard_dir(tmp_path, "synthetic_image")
     before = json.loads((shards / "synthetic_image-pairs.shards.json").read_text())
     fixed = [{**e, "caption": f"edited caption {i}"} for i, e in enumerate(entries(src)[:-4])]  # 4 dropped, all changed
     (src / "synthetic_image.json").write_text(json.dumps(fixed))
     out = ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=2", *shard_args))
-    assert "changed since the pairs shards" in out and "rewriting them" in out
+    assert "changed since the shards" in out and "writing shards of its current data" in out
+    assert f"removed the older shards {shards}" in out and not shards.exists()  # no run held them
+    shards = shard_dir(tmp_path, "synthetic_image")  # the version of the edited data
     after = json.loads((shards / "synthetic_image-pairs.shards.json").read_text())
     assert after["total"] == before["total"] - 4
     import tarfile

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.cli import train
+from tests.cli import shard_dir, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
@@ -15,8 +15,8 @@ def test_stage1_cc3m_from_shards(tiny_cache, sample_root, tmp_path):
     res = train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={sample_root}", "trainer.max_steps=3",
                 "logger=csv", "stage.batch_size=4", "dataset.num_workers=0")
     assert res.returncode == 0, res.stderr[-3000:]
-    shards = sorted((tmp_path / "data" / "shards" / "cc3m").glob("cc3m-pairs-*.tar"))
-    index = json.loads((tmp_path / "data" / "shards" / "cc3m" / "cc3m-pairs.shards.json").read_text())
+    shards = sorted(shard_dir(tmp_path, "cc3m").glob("cc3m-pairs-*.tar"))
+    index = json.loads((shard_dir(tmp_path, "cc3m") / "cc3m-pairs.shards.json").read_text())
     expected = len(json.loads((sample_root / "cc3m" / "cc3m.json").read_text()))
     assert shards and index["total"] == expected
     assert "writing pairs shards of 'cc3m'" in res.stderr + res.stdout

@@ -59,8 +59,8 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
                     "+callbacks.crash.step=3")
     assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stderr
-    runs = list((tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1").iterdir())
-    assert len(runs) == 1, runs  # one run folder, named by the run's key
+    runs = [p for p in (tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs  # one run folder, named by the run's key (and its lock file beside it)
     last = runs[0] / "last.ckpt"
     assert last.is_file() and not (tmp_path / "bundles" / "stage1").exists()
     ckpt = torch.load(last, map_location="cpu", weights_only=False)

@@ -172,7 +172,9 @@ def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) ->
         {"id": "l2", "image": first_img, "conversations": [{"from": "human", "value": "<image> <image>"},
                                                            {"from": "gpt", "value": "two?"}]},  # skipped
     ]
-    mosit = [{"id": "m1", "input_image": f"images/{first_img}", "output_audio": f"../synthetic_audio/audios/{first_aud}",
+    # media names stay inside --media-root (a "../" name is refused): the root holds both sources
+    mosit = [{"id": "m1", "input_image": f"synthetic_image/images/{first_img}",
+              "output_audio": f"synthetic_audio/audios/{first_aud}",
               "audio_captions": "a beep", "conversations": [
                   {"from": "human", "value": "<image>\nMake a sound for it"}, {"from": "gpt", "value": "Here: <audio>"}]}]
     alpaca = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}, {"instruction": "Echo", "input": "hi", "output": "hi"}]
@@ -182,7 +184,7 @@ def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) ->
         files[name].write_text(json.dumps(data))
     out = tmp_path / "shards"
     assert prepare.main(["--format", "llava", "--json", str(files["llava"]), "--media-root", str(img), "--out", str(out)]) == 0
-    assert prepare.main(["--format", "mosit", "--json", str(files["mosit"]), "--media-root", str(synthetic / "synthetic_image"),
+    assert prepare.main(["--format", "mosit", "--json", str(files["mosit"]), "--media-root", str(synthetic),
                          "--out", str(out)]) == 0
     assert prepare.main(["--format", "alpaca", "--json", str(files["alpaca"]), "--out", str(out), "--name", "alp"]) == 0
     assert prepare.main(["--format", "nextgpt", "--root", str(synthetic / "synthetic_audio"), "--name", "synthetic_audio",
