@@ -63,7 +63,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     assert len(runs) == 1, runs  # one run folder, named by the run's key (and its lock file beside it)
     last = runs[0] / "last.ckpt"
     assert last.is_file() and not (tmp_path / "bundles" / "stage1").exists()
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     # the checkpoint holds the trainable tensors only, never a frozen backbone weight
     assert set(ckpt["state_dict"]) == {"model.input_projector.proj.weight", "model.input_projector.proj.bias",
