@@ -57,7 +57,7 @@ def zero_row_cost(stage: int, batch: int, repeats: int) -> tuple[float, float]:
     from nextgpt.config import compose
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     cache = REPO / ".cache"
     build_all(cache / "tiny_backbones")

@@ -131,7 +131,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     cache = REPO / ".cache"
     build_all(cache / "tiny_backbones")

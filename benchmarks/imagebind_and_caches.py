@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")

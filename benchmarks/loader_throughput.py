@@ -30,7 +30,7 @@ def main() -> None:
     from nextgpt.config import compose
     from nextgpt.stages import Stage1EncodingAlignment
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")

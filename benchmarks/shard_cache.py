@@ -49,7 +49,7 @@ def main() -> None:
     from nextgpt.model import load_encoder
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     cache = Path(os.environ.get("NEXTGPT_CACHE", ROOT / ".cache"))
     build_all(cache / "tiny_backbones")

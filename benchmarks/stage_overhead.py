@@ -86,7 +86,7 @@ def main() -> None:
     from nextgpt.checkpointing import memory_kept_by
     from nextgpt.config import compose
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)

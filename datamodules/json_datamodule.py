@@ -66,7 +66,7 @@ class NextGPTDataModule(SourceDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            from nextgpt.tiny.synthetic import write_synthetic
+            from nextgpt.world.synthetic import write_synthetic
 
             write_synthetic(Path(self.synthetic["root"]), num_per_modality=int(self.synthetic["num_per_modality"]),
                             seed=int(self.synthetic["seed"]))

@@ -259,7 +259,17 @@ class Generator:
         """One signal group's hidden states -> output projector -> decoder pipeline -> array."""
         ids = torch.tensor(feed, device=self.device)
         states = hidden + self.model.embed_tokens(ids).to(hidden.dtype)
-        cond = self.model.output_projectors[name](states.unsqueeze(0))
+        return self.decode_conditioning(name, self.model.output_projectors[name](states.unsqueeze(0)), seed)
+
+    def decode_caption(self, name: str, caption: str, seed: int) -> np.ndarray:
+        """The decoder alone, conditioned on ``caption`` through its own text encoder: what the
+        output projector's conditioning is trained to match (the ceiling of generation through it)."""
+        conditioner = self.conditioners[name].to(self.device)
+        with torch.no_grad():
+            return self.decode_conditioning(name, conditioner.encode([caption]), seed)
+
+    def decode_conditioning(self, name: str, cond: torch.Tensor, seed: int) -> np.ndarray:
+        """A decoder pipeline run on one conditioning (its text encoder's space), as an array."""
         conditioner = self.conditioners[name].to(self.device)
         pipe = self.pipeline(name)
         out = pipe(

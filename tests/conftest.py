@@ -94,7 +94,7 @@ def derive_sample(src: Path, dst: Path) -> Path:
 SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test_runs.py",
                 "tests/integration/test_shards_cli.py", "tests/integration/test_train_cli.py",
                 "tests/unit/test_config.py", "tests/integration/test_trust.py",
-                "tests/integration/test_bad_data_paths.py"}
+                "tests/integration/test_bad_data_paths.py", "tests/integration/test_world_eval.py"}
 # files that share a costly session fixture run on one worker: the trained demo bundle
 SHARED_GROUPS = {"tests/integration/test_web_demo.py": "demo_bundle", "tests/integration/test_serve.py": "demo_bundle"}
 
@@ -132,7 +132,7 @@ CACHE_DIR = Path(os.environ.get("NEXTGPT_CACHE", REPO_ROOT / ".cache"))
 def tiny_cache() -> Path:
     """Tiny backbones and the synthetic data set under the project cache (built once)."""
     from nextgpt.tiny import build_all
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     build_all(CACHE_DIR / "tiny_backbones")
     write_synthetic(CACHE_DIR / "synthetic", num_per_modality=24, seed=0)

@@ -29,8 +29,8 @@ from nextgpt.config import (
     register_resolvers,
 )
 from nextgpt.model import load_conditioners, load_encoder
-from nextgpt.tiny import build_all
-from nextgpt.tiny.synthetic import write_synthetic
+from nextgpt.world.build import prepare
+from nextgpt.world.synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ def main() -> None:
     @hydra.main(config_path=config_dir, config_name="cache", version_base="1.3")
     @main_guard
     def run(cfg) -> None:
-        if cfg.model.get("build_tiny"):
-            build_all(Path(cfg.paths.backbones))
+        prepare(cfg.model, cfg.paths)
         errors = backbone_path_errors(cfg) + data_path_errors(cfg, "caption")
         if errors:
             raise ConfigError(errors)

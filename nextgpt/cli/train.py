@@ -36,15 +36,14 @@ from nextgpt.runs import (
     run_key,
     sweep_tag,
 )
-from nextgpt.tiny import build_all
+from nextgpt.world.build import prepare
 
 log = logging.getLogger(__name__)
 
 
 def prepare_backbones(cfg: DictConfig) -> None:
-    """Build the tiny random backbones once, when the model config asks for them."""
-    if cfg.model.get("build_tiny"):
-        build_all(Path(cfg.paths.backbones))
+    """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
+    prepare(cfg.model, cfg.paths)
 
 
 def denoise_targets(cfg: DictConfig) -> dict:

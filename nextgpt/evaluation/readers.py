@@ -147,13 +147,43 @@ def read_msrvtt(root: str | Path, annotations: str = "test_videodatainfo.json", 
     return samples
 
 
-READERS: dict[str, Callable[..., list[Sample]]] = {"coco": read_coco, "audiocaps": read_audiocaps, "msrvtt": read_msrvtt}
+# --- the toy world ----------------------------------------------------------------------------------
+WORLD_FOLDERS = {"image": "images", "audio": "audios", "video": "videos"}
+
+
+def read_world(root: str | Path, modality: str, seed: int = 1000, num: int = 160) -> list[Sample]:
+    """Held-out items of the toy world (``nextgpt.world``): ``num`` items per modality drawn with a
+    ``seed`` no training set uses, written under ``root`` on first use (deterministic). Images of
+    two shapes are left out: the score reads one shape's attributes, and which one an answer names
+    first is not an error of the model."""
+    from nextgpt.world.synthetic import dataset_name, write_synthetic
+
+    if modality not in WORLD_FOLDERS:
+        raise BenchmarkError(f"the world has no {modality!r} items; it has {sorted(WORLD_FOLDERS)}")
+    write_synthetic(Path(root), num_per_modality=int(num), seed=int(seed))
+    folder = Path(root) / dataset_name(modality)
+    entries = _load_json(folder / f"{dataset_name(modality)}.json")
+    out = []
+    for e in entries:
+        caption = e["caption"]
+        if modality == "image" and " and a " in caption:
+            continue
+        key = str(e.get("id", e.get("audio_id")))
+        out.append(Sample(key, modality, _existing(folder / WORLD_FOLDERS[modality] / e[f"{modality}_name"]), [caption]))
+    return out
+
+
+read_world.writes_root = True  # type: ignore[attr-defined]  # the reader makes its benchmark folder
+
+
+READERS: dict[str, Callable[..., list[Sample]]] = {"coco": read_coco, "audiocaps": read_audiocaps, "msrvtt": read_msrvtt,
+                                                   "world": read_world}
 
 
 def read_benchmark(reader: str, root: str | Path, **options: Any) -> list[Sample]:
     if reader not in READERS:
         raise BenchmarkError(f"unknown benchmark reader {reader!r}; known: {sorted(READERS)}")
-    if not Path(root).is_dir():
+    if not Path(root).is_dir() and not getattr(READERS[reader], "writes_root", False):
         raise BenchmarkError(f"benchmark folder not found: {root}")
     samples = READERS[reader](root, **options)
     if not samples:

@@ -29,6 +29,8 @@ def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], gener
         metrics.update(_caption_metrics(cfg, wanted, answered, records))
     else:
         metrics.update(_generation_metrics(cfg, wanted, samples, answered, records, out, per_sample))
+    if "world_attributes" in wanted:
+        metrics["world_attributes"] = _world_attributes(cfg, samples, answered, records, generator, out, per_sample)
     if "trigger_rate" in wanted:
         metrics["trigger_rate"] = _trigger(cfg, answered, records)
     for loss in ("align_loss", "caption_ce"):
@@ -56,6 +58,55 @@ def _caption_metrics(cfg: DictConfig, wanted: list[str], answered: Sequence, rec
     for m, v in scores.items():
         out[m] = value(unavailable=str(v)) if isinstance(v, Unavailable) else value(v, samples=len(answered))
     return out
+
+
+def _world_attributes(cfg: DictConfig, samples: Sequence, answered: Sequence, records: Mapping[str, dict], generator,
+                      out: Path, per_sample: dict) -> dict:
+    """How often the answer states each attribute of the item (``nextgpt.world``): read from the
+    generated caption (X -> text), or from the generated media by the world's analysers (text -> X),
+    over every sample (an unanswered one counts as wrong), beside chance and, for generation, the
+    decoder alone given the true caption (what the output projector can reach at best)."""
+    from nextgpt.world.analysers import file_attributes
+    from nextgpt.world.attributes import caption_attributes, chance
+
+    task = cfg.task
+    name = str(task.modality)
+
+    def stated(sample) -> dict:
+        rec = records.get(sample.id)
+        if rec is None or rec.get("error"):
+            return {}
+        if task.kind == "caption":
+            return caption_attributes(rec["caption"], name)
+        path = media_file(rec, name, out)
+        return file_attributes(path, name) if path is not None and path.is_file() else {}
+
+    def accuracy(found: Mapping[str, dict]) -> dict[str, float]:
+        truth = {s.id: caption_attributes(s.caption, name) for s in samples}
+        return {a: sum(found[s.id].get(a) == truth[s.id][a] for s in samples) / len(samples) for a in truth[samples[0].id]}
+
+    found = {s.id: stated(s) for s in tqdm(samples, desc=f"{task.name}: world attributes", unit="sample")}
+    acc = accuracy(found)
+    per_sample["world_attributes"] = {s.id: found[s.id] for s in samples}
+    extra: dict = {"by_attribute": acc, "chance": chance(name), "samples": len(samples)}
+    if task.kind != "caption":
+        if generator is None:
+            extra["ceiling"] = NO_MODEL.format(what="the decoder-alone ceiling")
+        else:
+            from nextgpt import modality as modality_registry
+
+            mod = modality_registry.get(name)
+            folder = out / "decoder_alone"
+            folder.mkdir(parents=True, exist_ok=True)
+            alone = {}
+            for s in tqdm(samples, desc=f"{task.name}: decoder alone", unit="sample"):
+                path = folder / f"{s.id}{mod.output_suffix}"
+                if not path.is_file():
+                    array = generator.decode_caption(name, s.caption, int(cfg.seed))
+                    mod.write(array, path, generator.pipeline(name), {"caption": s.caption, "decoder_alone": True})
+                alone[s.id] = file_attributes(path, name)
+            extra["ceiling"] = accuracy(alone)
+    return value(sum(acc.values()) / len(acc), **extra)
 
 
 def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -> dict:

@@ -122,7 +122,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
         "checkpoint": None if cfg.predictions else str(cfg.checkpoint), "predictions": cfg.predictions,
         "samples": len(samples), "answered": sum(1 for s in samples if s.id in records and not records[s.id].get("error")),
         "limit": cfg.limit, "metrics": metrics,
-        "paper": OmegaConf.to_container(task.get("paper") or {}, resolve=True),
+        "paper": OmegaConf.to_container(task.paper, resolve=True) if task.get("paper") else {},
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "per_sample.json").write_text(json.dumps(per_sample, indent=2))

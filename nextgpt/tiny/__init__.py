@@ -10,7 +10,7 @@ SD text 32, CLAP projection 16, T2V text 40, SD 2 text 48, SDXL text 24 + 32 wit
 tests can prove the project reads widths from the loaded configs instead of hard-coding them.
 
 Usage: ``python -m nextgpt.tiny --out DIR [--force]`` (:mod:`nextgpt.tiny.__main__`) or :func:`build_all`.
-The synthetic data set these models are tested on is written by :mod:`nextgpt.tiny.synthetic`.
+The synthetic data set these models are tested on is written by :mod:`nextgpt.world.synthetic`.
 """
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def caption_conversations(rng: random.Random, n: int) -> list[str]:
     Why: the real Vicuna has read plenty of text like CC3M captions; the tiny one reads these.
     Media placeholders are left out (the base tokenizer has no <Img> token, like Vicuna's).
     """
-    from nextgpt.tiny import synthetic as syn
+    from nextgpt.world import synthetic as syn
 
     def caption() -> str:
         kind = rng.random()

@@ -45,7 +45,7 @@ def decode_media(sample: ShardSample) -> list[tuple[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from nextgpt.tiny.synthetic import write_synthetic
+    from nextgpt.world.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root, num_per_modality=4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nextgpt.tiny.synthetic import (
+from nextgpt.world.synthetic import (
     BACKGROUNDS,
     CAPTION_VOCABULARY,
     COLOURS,
