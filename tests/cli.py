@@ -23,6 +23,23 @@ def train(root: Path, cache: Path, *args: str, timeout: int = 600) -> subprocess
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV})
 
 
+def ok(res: subprocess.CompletedProcess) -> str:
+    """The command succeeded; its whole output."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    return out
+
+
+def refused(res: subprocess.CompletedProcess, *needles: str) -> str:
+    """The command stopped with exit 2 and a message holding every needle, and no traceback."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-4000:]
+    for needle in needles:
+        assert needle in out, (needle, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nextgpt import modality as modality_registry
 from nextgpt.encoders.imagebind import ImageBindModel
-from nextgpt.world.synthetic import CAPTION_VOCABULARY, MEDIA_DIRS, EXTENSIONS, dataset_name, write_synthetic
+from nextgpt.world.synthetic import CAPTION_VOCABULARY, MEDIA_DIRS, dataset_name, write_synthetic
 
 log = logging.getLogger(__name__)
 

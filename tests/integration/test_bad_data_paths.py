@@ -16,19 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cli import ENV, train
+from tests.cli import ENV, ok, train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["logger=csv", "callbacks.generation_samples=null", "stage.batch_size=4", "trainer.max_steps=-1"]
 OUTSIDE = "media path outside the data root"
-
-
-def ok(res) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    return out
 
 
 def secret_png(path: Path) -> bytes:
@@ -38,16 +32,23 @@ def secret_png(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def escaping_source(tmp_path: Path, cache: Path, good: int = 10) -> tuple[Path, Path, list[str]]:
-    """``data/img`` in the NExT-GPT layout: ``good`` pairs, then four whose image names leave
-    ``data/img/images`` (``..``, ``..`` behind a sub folder, an absolute path, a symlink in the
-    media folder pointing out), all naming ``data/secret.png``."""
+def good_pairs(tmp_path: Path, cache: Path, good: int) -> tuple[Path, list[dict]]:
+    """``data/img`` in the NExT-GPT layout with the first ``good`` synthetic image pairs' files (the
+    entries are returned, not written)."""
     src = tmp_path / "data" / "img"
     (src / "images").mkdir(parents=True)
     synthetic = cache / "synthetic" / "synthetic_image"
     entries = json.loads((synthetic / "synthetic_image.json").read_text())[:good]
     for e in entries:
         shutil.copy(synthetic / "images" / e["image_name"], src / "images" / e["image_name"])
+    return src, entries
+
+
+def escaping_source(tmp_path: Path, cache: Path, good: int = 10) -> tuple[Path, Path, list[str]]:
+    """``data/img`` in the NExT-GPT layout: ``good`` pairs, then four whose image names leave
+    ``data/img/images`` (``..``, ``..`` behind a sub folder, an absolute path, a symlink in the
+    media folder pointing out), all naming ``data/secret.png``."""
+    src, entries = good_pairs(tmp_path, cache, good)
     secret = tmp_path / "data" / "secret.png"
     secret_png(secret)
     (src / "images" / "link.png").symlink_to(secret)
@@ -140,12 +141,7 @@ def test_prepare_cli_refuses_llava_media_outside_the_media_root(tiny_cache, tmp_
 # --- one bad sample, counted and warned about once per pass ----------------------------------------
 def one_undecodable(tmp_path: Path, cache: Path, good: int = 10) -> tuple[Path, int]:
     """``good`` pairs and, fourth, one whose image file is not an image."""
-    src = tmp_path / "data" / "img"
-    (src / "images").mkdir(parents=True)
-    synthetic = cache / "synthetic" / "synthetic_image"
-    entries = json.loads((synthetic / "synthetic_image.json").read_text())[:good]
-    for e in entries:
-        shutil.copy(synthetic / "images" / e["image_name"], src / "images" / e["image_name"])
+    src, entries = good_pairs(tmp_path, cache, good)
     entries.insert(3, {"id": "broken", "image_name": "broken.png", "caption": "not an image"})
     (src / "images" / "broken.png").write_bytes(b"not an image")
     (src / "img.json").write_text(json.dumps(entries))

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cli import recorded_batches, train
+from tests.cli import ok, recorded_batches, train
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["callbacks.generation_samples=null", "+callbacks.keys._target_=tests.helpers.RecordKeys"]
-
-
-def ok(res) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    return out
 
 
 def test_overfit_trains_on_one_batch_again_and_again(tiny_cache, tmp_path):

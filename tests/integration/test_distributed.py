@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli import ENV, bundle_meta, free_port, recorded_batches, train
+from tests.cli import ENV, bundle_meta, free_port, ok, recorded_batches, train
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -28,12 +28,6 @@ QUIET = ["logger=csv", "callbacks.generation_samples=null"]
 NO_DROPOUT = ["model.output_projector.dropout=0", "model.lora.dropout=0"]
 RECORD = "+callbacks.keys._target_=tests.helpers.RecordKeys"
 MODALITY = {"img": "image", "aud": "audio", "vid": "video"}
-
-
-def ok(res: subprocess.CompletedProcess) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    return out
 
 
 def modalities(keys: list[str]) -> set[str]:

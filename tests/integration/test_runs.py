@@ -10,27 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli import bundle_meta, shard_dir, train
+from tests.cli import bundle_meta, ok, refused, shard_dir, train
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["logger=csv", "callbacks.generation_samples=null", "stage.batch_size=4"]
-
-
-def ok(res) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    return out
-
-
-def refused(res, *needles: str) -> str:
-    """The run stopped with exit 2 and a message holding every needle, and no traceback."""
-    out = res.stdout + res.stderr
-    assert res.returncode == 2, out[-4000:]
-    for needle in needles:
-        assert needle in out, (needle, out[-3000:])
-    assert "Traceback" not in out, out[-3000:]
-    return out
 
 
 def runs_of(root: Path, stage: int = 1) -> list[Path]:

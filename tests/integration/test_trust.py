@@ -16,28 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import ENV, train
+from tests.cli import ENV, ok, refused, train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["logger=csv", "callbacks.generation_samples=null", "stage.batch_size=4"]
 DDP = ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
-
-
-def refused(res: subprocess.CompletedProcess, *needles: str) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 2, out[-4000:]
-    for needle in needles:
-        assert needle in out, (needle, out[-3000:])
-    assert "Traceback" not in out, out[-3000:]
-    return out
-
-
-def ok(res: subprocess.CompletedProcess) -> str:
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    return out
 
 
 class Payload:
