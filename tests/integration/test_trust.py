@@ -166,7 +166,8 @@ def test_an_unwritable_bundle_folder_is_found_before_training(tiny_cache, tmp_pa
 def test_the_same_run_started_twice_at_once_is_refused_naming_the_first(tiny_cache, tmp_path):
     """Two identical commands at once: the second exits 2 naming the first's pid; once the first is
     killed, the same command resumes its run (the lock died with it)."""
-    args = ["stage=1", "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=5", *QUIET]
+    args = ["stage=1", "trainer.max_steps=100000", "trainer.max_epochs=-1", "callbacks.model_checkpoint.every_n_train_steps=5",
+            *QUIET]  # runs until it is killed
     cmd = [sys.executable, "train.py", *args, f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}", "print_config=false"]
     first = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
