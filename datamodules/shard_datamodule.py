@@ -54,6 +54,10 @@ def _index(folder: Path, name: str, objective: str) -> Path:
     return folder / f"{name}-{shard_set(objective)}{INDEX_SUFFIX}"
 
 
+def _tars(folder: Path, name: str, objective: str) -> list[Path]:
+    return sorted(folder.glob(f"{name}-{shard_set(objective)}-*.tar"))
+
+
 def _recorded(folder: Path, name: str, objective: str) -> dict | None:
     """The source identity a complete shard folder's index recorded (``{}``: none recorded; ``None``:
     the folder holds no complete shard set)."""
@@ -102,7 +106,7 @@ def source_shards(src: Mapping[str, Any], objective: str, shards_root: str | Pat
     if src.get("urls"):
         return expand_shards(src["urls"])
     folder, _ = locate_shards(src, objective, shards_root, source_changed, media)
-    return sorted(folder.glob(f"{src['name']}-{shard_set(objective)}-*.tar")) if folder and folder.is_dir() else []
+    return _tars(folder, src["name"], objective) if folder and folder.is_dir() else []
 
 
 class ShardDataModule(SourceDataModule):
@@ -164,10 +168,10 @@ class ShardDataModule(SourceDataModule):
                 continue
             folder, ident = self._folder(src)
             if folder is not None:
-                if ident is not None and _recorded(folder, src["name"], self.objective) != ident:
+                recorded = _recorded(folder, src["name"], self.objective)
+                if ident is not None and recorded != ident:
                     log.warning("data: %s differs from the shards in %s (%s); training on them "
-                                "(dataset.source_changed=keep)", src["root"], folder,
-                                "; ".join(differences(_recorded(folder, src["name"], self.objective), ident)))
+                                "(dataset.source_changed=keep)", src["root"], folder, "; ".join(differences(recorded, ident)))
                 continue
             if not src.get("root") or not Path(src["root"]).is_dir():
                 raise DataError(f"dataset source {src['name']!r}: the data root {src.get('root')} does not exist, and "
@@ -294,14 +298,13 @@ class ShardDataModule(SourceDataModule):
             folder, ident = self._folder(src)
             if folder is None:
                 return []
-            if ident is not None and folder.parent.name != src["name"]:  # a version under its root folder
+            if ident is not None and folder.parent == root_folder(self.shards_root, src["name"], src["root"]):  # a version
                 self._holds.enter_context(holding(Path(f"{folder}.lock"), shared=True))
                 if _recorded(folder, src["name"], self.objective) is None:
                     raise DataError(f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
                                     "run started; run it again")
             self.folders[src["name"]] = folder
-        folder = self.folders[src["name"]]
-        return sorted(folder.glob(f"{src['name']}-{shard_set(self.objective)}-*.tar"))
+        return _tars(self.folders[src["name"]], src["name"], self.objective)
 
     def teardown(self, stage: str | None = None) -> None:
         self._holds.close()

@@ -106,7 +106,6 @@ def _finish_wandb() -> None:
 def data_signatures(cfg: DictConfig) -> dict[str, Any]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
-    forget()  # media listings are taken once per run
     media = str(cfg.dataset.get("media_identity", "listing"))
     return {src.name: source_identity(src.root, src.name, src.modality, shard_set(cfg.stage.objective), media)
             for src in cfg.dataset.sources if src.get("root") and not src.get("urls") and Path(src.root).is_dir()}
@@ -158,6 +157,7 @@ def prepare_run(cfg: DictConfig, held: contextlib.ExitStack) -> tuple[RunDir, di
 
 def train(cfg: DictConfig) -> dict[str, float]:
     _single_log_stream()
+    forget()  # media listings are taken afresh once per run (a sweep runs several in one process)
     validate(cfg)  # types and ranges: before anything is built or loaded
     cfg.run.tag = sweep_tag()  # a sweep job's own chain of bundles
     plan = resolve_batch(cfg)  # sets trainer.accumulate_grad_batches from stage.global_batch_size

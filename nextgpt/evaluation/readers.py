@@ -148,18 +148,15 @@ def read_msrvtt(root: str | Path, annotations: str = "test_videodatainfo.json", 
 
 
 # --- the toy world ----------------------------------------------------------------------------------
-WORLD_FOLDERS = {"image": "images", "audio": "audios", "video": "videos"}
-
-
 def read_world(root: str | Path, modality: str, seed: int = 1000, num: int = 160) -> list[Sample]:
     """Held-out items of the toy world (``nextgpt.world``): ``num`` items per modality drawn with a
     ``seed`` no training set uses, written under ``root`` on first use (deterministic). Images of
     two shapes are left out: the score reads one shape's attributes, and which one an answer names
     first is not an error of the model."""
-    from nextgpt.world.synthetic import dataset_name, write_synthetic
+    from nextgpt.world.synthetic import MEDIA_DIRS, dataset_name, write_synthetic
 
-    if modality not in WORLD_FOLDERS:
-        raise BenchmarkError(f"the world has no {modality!r} items; it has {sorted(WORLD_FOLDERS)}")
+    if modality not in MEDIA_DIRS:
+        raise BenchmarkError(f"the world has no {modality!r} items; it has {sorted(MEDIA_DIRS)}")
     write_synthetic(Path(root), num_per_modality=int(num), seed=int(seed))
     folder = Path(root) / dataset_name(modality)
     entries = _load_json(folder / f"{dataset_name(modality)}.json")
@@ -169,7 +166,7 @@ def read_world(root: str | Path, modality: str, seed: int = 1000, num: int = 160
         if modality == "image" and " and a " in caption:
             continue
         key = str(e.get("id", e.get("audio_id")))
-        out.append(Sample(key, modality, _existing(folder / WORLD_FOLDERS[modality] / e[f"{modality}_name"]), [caption]))
+        out.append(Sample(key, modality, _existing(folder / MEDIA_DIRS[modality] / e[f"{modality}_name"]), [caption]))
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nextgpt.world.synthetic import MEDIA_DIRS
 from tests.cli import ENV
 from tests.conftest import REPO_ROOT
 
@@ -59,7 +60,7 @@ def test_generated_media_are_read_back_by_the_analysers(tmp_path, modality, task
                     f"read_world({str(tmp_path / 'cache' / 'world_heldout')!r}, {modality!r}, num=30)"], cwd=REPO_ROOT,
                    check=True)
     folder = tmp_path / "cache" / "world_heldout" / f"synthetic_{modality}"
-    media = folder / {"image": "images", "video": "videos"}[modality]
+    media = folder / MEDIA_DIRS[modality]
     items = [e for e in heldout(tmp_path, modality) if " and a " not in e["caption"]]
     given = tmp_path / "given"
     given.mkdir()
