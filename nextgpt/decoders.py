@@ -86,6 +86,30 @@ def read_model_index(path: str | Path) -> dict:
     return json.loads(index.read_text())
 
 
+def vae_scale_factor(path: str | Path) -> int:
+    """How much the folder's VAE shrinks each side: 2 ** (levels - 1), as the pipelines compute it."""
+    config = json.loads((Path(path) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def target_spec(path: str | Path, generate: dict) -> dict:
+    """What a denoising-loss target loader needs to size media for the decoder at ``path``: its generation
+    settings, and for a pipeline with a vocoder (AudioLDM) the vocoder's ``sampling_rate`` and, when
+    ``generate`` does not set it, the pipeline's default ``audio_length_in_s`` (UNet sample size x VAE
+    scale factor mel frames of ``prod(upsample_rates)`` samples)."""
+    spec = dict(generate)
+    vocoder = Path(path) / "vocoder" / "config.json"
+    if vocoder.is_file():
+        from nextgpt.mel import MelFrontEnd
+
+        mel = MelFrontEnd.from_vocoder(vocoder)
+        spec.setdefault("sampling_rate", mel.sampling_rate)
+        if spec.get("audio_length_in_s") is None:
+            unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+            spec["audio_length_in_s"] = int(unet["sample_size"]) * vae_scale_factor(path) * mel.hop / mel.sampling_rate
+    return spec
+
+
 def conditioning_mismatch(index: dict, conditioning: str) -> str | None:
     """Why ``conditioning`` can not read the pipeline of ``index`` (a model_index.json), or None."""
     cls = str(index.get("_class_name"))

@@ -7,6 +7,10 @@ the noise (``epsilon``) or the velocity (``v_prediction``, e.g. SD 2). The curre
 regressed the noise for a v-prediction model; here the target follows the scheduler config.
 Gradients flow through the frozen UNet into the output projector only.
 
+Audio (AudioLDM): the target is a waveform, which the decoder's own front end (:mod:`nextgpt.mel`,
+read off its vocoder config) turns into the log-mel image its VAE encodes, (B, 1, frames, mels), with
+the frame count the pipeline generates for that length.
+
 An SDXL UNet also reads the pooled text embedding and six size/crop ids (``added_cond_kwargs``):
 the pooled row is split off our ``sdxl`` conditioning (:func:`nextgpt.decoders.split_pooled`), and the
 ids say what the pipeline says at generation for an uncropped image of the training resolution:
@@ -20,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nextgpt.decoders import pooled_width, read_model_index, split_pooled
+from nextgpt.decoders import pooled_width, read_model_index, split_pooled, vae_scale_factor
+from nextgpt.mel import MelFrontEnd
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -51,6 +56,9 @@ class DenoisingObjective:
         # the training schedule: DDPM on the pipeline's betas, keeping its prediction_type
         self.scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.pooled_width = pooled_width(path) if conditioning == "sdxl" else None
+        # a pipeline with a vocoder denoises log-mel images of waveforms (AudioLDM)
+        self.mel = MelFrontEnd.from_vocoder(self.path / "vocoder") if (index.get("vocoder") or [None, None])[1] else None
+        self.scale = vae_scale_factor(path)
 
     def to(self, device: torch.device | str) -> "DenoisingObjective":
         self.vae.to(device)
@@ -59,7 +67,10 @@ class DenoisingObjective:
 
     @torch.no_grad()
     def latents(self, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1]: (B, 3, H, W) images or (B, 3, F, H, W) videos -> scaled VAE latents."""
+        """Pixels in [-1, 1]: (B, 3, H, W) images or (B, 3, F, H, W) videos, or (B, samples) waveforms
+        for a decoder with a vocoder -> scaled VAE latents."""
+        if self.mel is not None:
+            media = self.mel(media, multiple=self.scale)
         video = media.ndim == 5
         x = media.permute(0, 2, 1, 3, 4).flatten(0, 1) if video else media
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist

@@ -18,7 +18,7 @@ import torch
 
 Loader = Callable[[Path], torch.Tensor]
 Writer = Callable[[np.ndarray, Path, Any, dict], Path]
-# target media for the denoising loss, in the decoder's pixel space, sized by its generation settings
+# target media for the denoising loss, in the decoder's pixel (or waveform) space, sized by its generation settings
 TargetLoader = Callable[[Path, Mapping[str, Any]], torch.Tensor]
 
 
@@ -184,6 +184,15 @@ def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
     return torch.stack([_pixels(_fit(Image.Image.convert(f, "RGB"), *size)) for f in picks], dim=1)
 
 
+def _target_audio(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+    """(samples,): the first ``audio_length_in_s`` of the clip, mono at the decoder's ``sampling_rate``
+    (:func:`nextgpt.decoders.target_spec` adds both); the denoising loss takes its log-mel (nextgpt.mel)."""
+    from nextgpt.encoders.preprocess.audio import load_waveform
+
+    wave = load_waveform(path, sample_rate=int(spec["sampling_rate"]), seconds=float(spec["audio_length_in_s"]))
+    return wave.clamp(-1.0, 1.0)
+
+
 # --- writers: generated arrays -> files, with the generation metadata -----------------------
 def _sidecar(path: Path, meta: dict) -> None:
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta, indent=2, default=str))
@@ -246,7 +255,7 @@ AUDIO = register(
     Modality(
         name="audio", tag="Aud", signal_prefix="AUD", default_num_signal_tokens=8, encoder_modality="audio",
         media_folder="audios", extensions=(".wav", ".flac", ".mp3", ".ogg"), output_suffix=".wav",
-        pipeline_output="audios", loader=_load_audio, writer=_write_wav,
+        pipeline_output="audios", loader=_load_audio, writer=_write_wav, target_loader=_target_audio,
     )
 )
 VIDEO = register(

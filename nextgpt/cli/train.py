@@ -15,6 +15,7 @@ from datamodules.identity import forget, source_identity
 from datamodules.shard_datamodule import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
+from nextgpt.decoders import target_spec
 from nextgpt.config import (
     ConfigError,
     launch_rank,
@@ -50,7 +51,7 @@ def denoise_targets(cfg: DictConfig) -> dict:
     """modality -> decoder generation settings, for the modalities whose denoising loss is on."""
     if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
         return {}
-    return {name: OmegaConf.to_container(m.decoder.generate, resolve=True)
+    return {name: target_spec(m.decoder.path, OmegaConf.to_container(m.decoder.generate, resolve=True))
             for name, m in modality_registry.generated(cfg.model.modalities).items() if m.decoder.get("denoise")}
 
 

@@ -65,14 +65,14 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
 
     cfg = tiny_config("stage=2", "stage.loss.denoise=1.0")
     module = build_stage(cfg)
-    assert sorted(module.denoisers) == ["image", "video"]  # audio's target front end is not implemented
+    assert sorted(module.denoisers) == ["audio", "image", "video"]
     from nextgpt.batch import Collator, ConversationDataset
     from nextgpt.cli.train import denoise_targets
 
     targets = denoise_targets(cfg)
     ds = ConversationDataset([], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512,
                              denoise_targets=targets)
-    assert set(targets) == {"image", "video"}
+    assert set(targets) == {"image", "audio", "video"}
     from datamodules.nextgpt_layout import (
         read_source,  # two text-to-X samples per modality, with target media
     )
@@ -82,8 +82,9 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
         convs += read_source(src.name, src.modality, src.root, "generate")[0][:2]
     ds.conversations = convs
     batch = Collator(module.tokenizer.pad_token_id, 4)([ds[i] for i in range(len(ds))])
-    assert set(batch["output_media"]) == {"image", "video"}
+    assert set(batch["output_media"]) == {"image", "audio", "video"}
     assert batch["output_media"]["image"].shape == (2, 3, 32, 32) and batch["output_media"]["video"].shape == (2, 3, 8, 32, 32)
+    assert batch["output_media"]["audio"].shape == (2, 4096)  # 0.256 s at the vocoder's 16 kHz
 
     model = module.model
     frozen_decoders = {f"{m}.{n}": p.detach().clone() for m, d in module.denoisers.items()
@@ -103,8 +104,29 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     OmegaConf.to_container(cfg)  # the config still serialises
 
 
-def test_denoise_on_audio_is_refused_by_the_schema(tiny_config):
+def test_denoise_without_a_target_loader_is_refused_by_the_schema(tiny_config, monkeypatch):
+    import dataclasses
+
+    from nextgpt import modality
     from nextgpt.config import ConfigError, validate
 
+    validate(tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true"))  # audio has one (nextgpt.mel)
+    monkeypatch.setitem(modality._REGISTRY, "audio", dataclasses.replace(modality.get("audio"), target_loader=None))
     with pytest.raises(ConfigError, match="model.modalities.audio.decoder.denoise=True: no denoising-loss target loader"):
         validate(tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true"))
+
+
+def test_audio_denoising_regresses_the_noise_of_its_log_mel_latents(tiny_cache):
+    """The AudioLDM loss by hand: waveform -> log-mel -> VAE latents, noised, the UNet reads the CLAP-width
+    conditioning as its class embedding; the gradient reaches the conditioning."""
+    obj = DenoisingObjective(tiny_cache / "tiny_backbones" / "audioldm", "text_embeds")
+    wave = torch.sin(torch.arange(4096) * 0.3)[None].repeat(2, 1) * 0.5
+    cond = torch.randn(2, 1, 16, requires_grad=True)
+    loss = obj.loss(cond, wave, torch.Generator().manual_seed(3))
+    latents, noise, t, abar = same_draws(obj, wave, 3)
+    assert latents.shape == (2, 8, 128, 8)
+    pred = obj.unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t, encoder_hidden_states=None,
+                    class_labels=cond.squeeze(1)).sample
+    torch.testing.assert_close(loss, F.mse_loss(pred, noise), rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert cond.grad is not None and cond.grad.abs().sum() > 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from nextgpt.encoders.preprocess.common import (
     clip_starts,
     existing_source,
 )
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,16 +432,15 @@ def _read_clip_audio(p: Source, reader: _SoundfileAudio | _AvAudio, sample_rate:
     return out, [(bisect.bisect_right(starts, a) - 1, a, b) for a, b in spans]
 
 
-def _decode_clip_audio(p: Source, sample_rate: int, num_clips: int,
-                       clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
-    """:func:`_read_clip_audio` through soundfile, else (it can not open or read the file) through PyAV."""
+def _with_reader(p: Source, read: Callable[[_SoundfileAudio | _AvAudio], T]) -> T:
+    """``read(reader)`` through soundfile, else (it can not open or read the file) through PyAV."""
     try:
         reader: _SoundfileAudio | _AvAudio = _SoundfileAudio(p)
     except Exception as e:
         sf_error: Exception | None = e
     else:
         try:
-            return _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration)
+            return read(reader)
         except MediaDecodeError:
             raise
         except Exception as e:  # libsndfile opened it but can not decode it: PyAV may
@@ -452,13 +454,37 @@ def _decode_clip_audio(p: Source, sample_rate: int, num_clips: int,
     except Exception as e:
         raise MediaDecodeError(p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
     try:
-        return _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration)
+        return read(reader)
     except MediaDecodeError:
         raise
     except Exception as e:  # a stream failing after its first frames
         raise MediaDecodeError(p.label, f"audio cannot be decoded ({type(e).__name__}: {e})") from e
     finally:
         reader.close()
+
+
+def _decode_clip_audio(p: Source, sample_rate: int, num_clips: int,
+                       clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
+    return _with_reader(p, lambda reader: _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration))
+
+
+def load_waveform(path: MediaSource, *, sample_rate: int, seconds: float, name: str | None = None) -> torch.Tensor:
+    """(samples,) the first ``seconds`` of mono audio at ``sample_rate`` (zero-padded when shorter), as a
+    decoder's training target: only those samples (and the resampling filter's reach) are read."""
+    p = existing_source(path, name)
+    want = int(round(seconds * sample_rate))
+
+    def read(reader: _SoundfileAudio | _AvAudio) -> torch.Tensor:
+        need = min(reader.n, math.ceil(want * reader.sr / sample_rate) + reader.sr // 50 + 64)
+        if need <= 0:
+            raise MediaDecodeError(p.label, "audio has no samples")
+        (x,) = reader.read([(0, need)])
+        if not np.isfinite(x).all():
+            raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
+        return resample(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], reader.sr, sample_rate)[0]
+
+    y = _with_reader(p, read)[:want]
+    return F.pad(y, (0, want - len(y))) if len(y) < want else y
 
 
 def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000,
