@@ -159,7 +159,7 @@ DEMO_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MOD
 
 @pytest.fixture(scope="session")  # session: trained once, whichever sample folder the tests run on
 def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's tiny three-stage demo, trained into tmp (about 1.5 min on 2 idle cores).
+    """The tiny three-stage demo (experiment=tiny_demo), trained into tmp (about 1.5 min on 2 idle cores).
     $NEXTGPT_DEMO_BUNDLE names an already trained stage-3 bundle to use instead (for quick reruns)."""
     import subprocess
     import sys
@@ -167,7 +167,7 @@ def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     if os.environ.get("NEXTGPT_DEMO_BUNDLE"):
         return Path(os.environ["NEXTGPT_DEMO_BUNDLE"])
     root = tmp_path_factory.mktemp("demo_train")
-    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=demo", f"paths.root={root}",
+    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=tiny_demo", f"paths.root={root}",
            f"paths.cache_dir={tiny_cache}", "logger=csv", "print_config=false"]  # csv: no W&B start-up per stage
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **DEMO_ENV}, capture_output=True, text=True,
                           timeout=900, check=False)

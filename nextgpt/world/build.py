@@ -2,12 +2,15 @@
 
 ``${paths.world_backbones}/`` (default ``${paths.cache_dir}/world_backbones``) holds what has been
 trained on the world so far: ``imagebind/imagebind_tiny.pth`` (``nextgpt.world.imagebind``), in the
-format and loading path of ``imagebind_huge.pth``, and ``report.json`` with each backbone's quality
-line. ``model=world`` reads the encoder from here and everything else from the tiny backbones.
-The build is deterministic for its settings, versioned (``WORLD_BUILD_VERSION``) and atomic (a
-temporary folder renamed into place; concurrent builders take turns).
+format and loading path of ``imagebind_huge.pth``; ``sd/``, the tiny Stable Diffusion pipeline trained
+on world images (``nextgpt.world.decoders``), saved with ``save_pretrained``; and ``report.json``
+with each backbone's quality line. The decoders start from the tiny random ones in
+``${paths.backbones}``. ``model=world`` reads these and everything else (the LLM, AudioLDM,
+text-to-video) from the tiny backbones. The build is deterministic for its settings, versioned
+(``WORLD_BUILD_VERSION``) and atomic (a temporary folder renamed into place; concurrent builders
+take turns).
 
-    python -m nextgpt.world.build --out .cache/world_backbones [--small] [--force]
+    python -m nextgpt.world.build --out .cache/world_backbones [--backbones .cache/tiny_backbones] [--small] [--force]
 """
 from __future__ import annotations
 
@@ -24,20 +27,35 @@ import torch
 from nextgpt.atomic import building, exclusive, install
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.tiny import IMAGEBIND_FILE, build_all, imagebind_layout_hash, tiny_imagebind_config
+from nextgpt.world.decoders import WorldDecoderSettings, train_world_decoder
 from nextgpt.world.imagebind import WorldImageBindSettings, train_world_imagebind
 
 log = logging.getLogger(__name__)
 
-WORLD_BUILD_VERSION = "1"  # bump when what is built changes: cached builds of another version are rebuilt
+WORLD_BUILD_VERSION = "2"  # bump when what is built changes: cached builds of another version are rebuilt
 MARKER = ".complete"
 
 
-def _marker(settings: WorldImageBindSettings) -> str:
+# modality -> (folder, pipeline class) of the decoders trained on the world (text-to-video: next)
+DECODERS = {"image": ("sd", "StableDiffusionPipeline")}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSettings:
+    imagebind: WorldImageBindSettings = WorldImageBindSettings()
+    decoders: WorldDecoderSettings = WorldDecoderSettings()
+
+    @classmethod
+    def small(cls) -> "WorldSettings":
+        return cls(WorldImageBindSettings.small(), WorldDecoderSettings.small())
+
+
+def _marker(settings: WorldSettings) -> str:
     return json.dumps({"version": WORLD_BUILD_VERSION, "imagebind_layout": imagebind_layout_hash(),
-                       "imagebind": dataclasses.asdict(settings)}, sort_keys=True)
+                       **dataclasses.asdict(settings)}, sort_keys=True)
 
 
-def is_complete(out: Path, settings: WorldImageBindSettings) -> bool:
+def is_complete(out: Path, settings: WorldSettings) -> bool:
     try:
         return (Path(out) / MARKER).read_text() == _marker(settings)
     except OSError:
@@ -48,22 +66,31 @@ def imagebind_path(out: str | Path) -> Path:
     return Path(out) / "imagebind" / IMAGEBIND_FILE
 
 
-def build_world(out: str | Path, *, small: bool = False, force: bool = False) -> Path:
-    """Train the world backbones into ``out`` unless a build of these settings is there; returns ``out``."""
+def build_world(out: str | Path, backbones: str | Path = ".cache/tiny_backbones", *, small: bool = False,
+                force: bool = False) -> Path:
+    """Train the world backbones into ``out`` (the decoders starting from the tiny ones in ``backbones``,
+    built there first when missing) unless a build of these settings is there; returns ``out``."""
+    import diffusers
+
     out = Path(out).absolute()
-    settings = WorldImageBindSettings.small() if small else WorldImageBindSettings()
+    settings = WorldSettings.small() if small else WorldSettings()
     if not force and is_complete(out, settings):
         return out
+    tiny = build_all(Path(backbones))
     with exclusive(out):
         if not force and is_complete(out, settings):  # built by another process meanwhile
             return out
         start = time.perf_counter()
         with building(out) as tmp:
-            torch.manual_seed(settings.seed)
+            torch.manual_seed(settings.imagebind.seed)
             model = ImageBindModel(tiny_imagebind_config())
-            report = {"imagebind": train_world_imagebind(model, settings, work=out.parent)}
+            report = {"imagebind": train_world_imagebind(model, settings.imagebind, work=out.parent)}
             imagebind_path(tmp).parent.mkdir(parents=True)
             torch.save(model.state_dict(), imagebind_path(tmp))
+            for modality, (folder, cls) in DECODERS.items():
+                pipe = getattr(diffusers, cls).from_pretrained(tiny[folder])
+                report[folder] = train_world_decoder(pipe, modality, settings.decoders, work=out.parent)
+                pipe.save_pretrained(tmp / folder)
             report["seconds"] = round(time.perf_counter() - start, 1)
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
             (tmp / MARKER).write_text(_marker(settings))
@@ -77,17 +104,18 @@ def prepare(model_cfg, paths_cfg) -> None:
     if model_cfg.get("build_tiny") or model_cfg.get("build_world"):
         build_all(Path(paths_cfg.backbones))
     if model_cfg.get("build_world"):
-        build_world(Path(paths_cfg.world_backbones), small=model_cfg.get("build_world") == "small")
+        build_world(Path(paths_cfg.world_backbones), Path(paths_cfg.backbones), small=model_cfg.get("build_world") == "small")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nextgpt.world.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(".cache/world_backbones"))
+    p.add_argument("--backbones", type=Path, default=Path(".cache/tiny_backbones"), help="the tiny backbones the decoders start from")
     p.add_argument("--small", action="store_true", help="the small build the tests use")
     p.add_argument("--force", action="store_true", help="build again even when a complete build is there")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = build_world(args.out, small=args.small, force=args.force)
+    out = build_world(args.out, args.backbones, small=args.small, force=args.force)
     print(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
     return 0
 

@@ -96,3 +96,12 @@ def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats
     got, chance_ = report["retrieval_top1"], report["chance"]
     assert sum(got.values()) > 1.5 * sum(chance_.values()), report
     assert report["final_loss"] < 2.4  # from about 2.8 (the in-batch InfoNCE of a random model)
+    # the world Stable Diffusion: saved with save_pretrained, read back by the project's decoder loader,
+    # a clean-sample (DDIM) model whose UNet also pools the text, trained (its losses fell)
+    from nextgpt.decoders import load_pipeline
+
+    sd = json.loads((out / "report.json").read_text())["sd"]
+    pipe = load_pipeline(out / "sd")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.scheduler.config.prediction_type == "sample"
+    assert pipe.unet.config.addition_embed_type == "text"
+    assert sd["vae_mse"] < 0.1 and set(sd["generated_attributes"]) == {"colour", "shape", "position"}, sd
