@@ -38,7 +38,7 @@ class MelFrontEnd:
     fmax: float | None = None  # None: sampling_rate / 2
 
     @classmethod
-    def from_vocoder(cls, config: dict | str | Path) -> "MelFrontEnd":
+    def from_vocoder(cls, config: dict | str | Path) -> MelFrontEnd:
         """The front end of a vocoder config (a dict, ``vocoder/config.json`` or its folder)."""
         if not isinstance(config, dict):
             path = Path(config)

@@ -42,11 +42,11 @@ DECODERS = {"image": ("sd", "StableDiffusionPipeline")}
 
 @dataclasses.dataclass(frozen=True)
 class WorldSettings:
-    imagebind: WorldImageBindSettings = WorldImageBindSettings()
-    decoders: WorldDecoderSettings = WorldDecoderSettings()
+    imagebind: WorldImageBindSettings = dataclasses.field(default_factory=WorldImageBindSettings)
+    decoders: WorldDecoderSettings = dataclasses.field(default_factory=WorldDecoderSettings)
 
     @classmethod
-    def small(cls) -> "WorldSettings":
+    def small(cls) -> WorldSettings:
         return cls(WorldImageBindSettings.small(), WorldDecoderSettings.small())
 
 

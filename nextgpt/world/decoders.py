@@ -55,7 +55,7 @@ class WorldDecoderSettings:
     heldout_seed: int = 1001
 
     @classmethod
-    def small(cls) -> "WorldDecoderSettings":
+    def small(cls) -> WorldDecoderSettings:
         return cls(items=128, heldout=12, vae_steps=40, unet_steps=60, batch=16, inference_steps=8)
 
 

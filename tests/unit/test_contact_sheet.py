@@ -2,6 +2,7 @@
 bright at its pitch, a video's frames in order; an unreadable file is named, not fatal."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_each_row_shows_its_media(run):
     video = sheet[2 * (TILE + PAD) : 2 * (TILE + PAD) + TILE // 2, x:]
     green = (video[..., 1].astype(int) - video[..., 0] > 100) & (video[..., 1] > 120)
     cols = [np.nonzero(green[:, i * (TILE // 2 + 2) : i * (TILE // 2 + 2) + TILE // 2].any(0))[0].mean() for i in range(8)]
-    assert all(b > a for a, b in zip(cols, cols[1:]))  # the square moves right, frame after frame
+    assert all(b > a for a, b in itertools.pairwise(cols))  # the square moves right, frame after frame
 
 
 def test_a_tone_is_bright_at_its_frequency():

@@ -16,7 +16,7 @@ AUDIOLDM_VOCODER = {"model_in_dim": 64, "sampling_rate": 16000, "upsample_rates"
 
 
 def tone(freq: float, seconds: float, rate: int = 16000, amplitude: float = 0.5) -> torch.Tensor:
-    t = torch.arange(int(round(seconds * rate)), dtype=torch.float64) / rate
+    t = torch.arange(round(seconds * rate), dtype=torch.float64) / rate
     return (amplitude * torch.sin(2 * math.pi * freq * t)).float()
 
 

@@ -472,7 +472,7 @@ def load_waveform(path: MediaSource, *, sample_rate: int, seconds: float, name: 
     """(samples,) the first ``seconds`` of mono audio at ``sample_rate`` (zero-padded when shorter), as a
     decoder's training target: only those samples (and the resampling filter's reach) are read."""
     p = existing_source(path, name)
-    want = int(round(seconds * sample_rate))
+    want = round(seconds * sample_rate)
 
     def read(reader: _SoundfileAudio | _AvAudio) -> torch.Tensor:
         need = min(reader.n, math.ceil(want * reader.sr / sample_rate) + reader.sr // 50 + 64)
