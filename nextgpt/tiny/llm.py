@@ -11,25 +11,29 @@ from nextgpt.tiny.tokenizers import build_llm_tokenizer
 LLM_HIDDEN = 64
 
 
-def pretrain_tiny_llm(model, tokenizer, *, seed: int = 0, steps: int = 250, batch_size: int = 32, lr: float = 3e-3) -> list[float]:
+def pretrain_tiny_llm(model, tokenizer, *, seed: int = 0, steps: int = 250, batch_size: int = 32, lr: float = 3e-3,
+                      texts: list[str] | None = None, desc: str | None = None) -> list[float]:
     """A few hundred language-modelling steps on ``tiny_corpus``: the tiny stand-in for Vicuna's pre-training.
 
     Why: a randomly initialised LLM predicts a near-uniform distribution whatever its input (logits
     of std ~0.1), so no soft prompt or projector can steer it, and stage-1 alignment would have
     nothing to align to. After this it knows the caption language and the Vicuna template, as the
-    real frozen LLM knows English. Returns the loss curve (deterministic for a seed).
+    real frozen LLM knows English. Returns the loss curve (deterministic for a seed). ``texts``: other
+    texts to train on (``nextgpt.world.llm`` continues with world turns); ``desc``: a progress bar.
     """
     import torch
+    from tqdm import tqdm
 
     rng = random.Random(seed)
-    texts = tiny_corpus(seed + 1, n_sentences=3000)[3:] + caption_conversations(rng, 3000)
+    if texts is None:
+        texts = tiny_corpus(seed + 1, n_sentences=3000)[3:] + caption_conversations(rng, 3000)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
     losses = []
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, unit="step", disable=desc is None):
         batch = tokenizer([rng.choice(texts) + tokenizer.eos_token for _ in range(batch_size)], padding=True,
                           truncation=True, max_length=64, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

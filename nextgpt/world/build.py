@@ -2,11 +2,12 @@
 
 ``${paths.world_backbones}/`` (default ``${paths.cache_dir}/world_backbones``) holds what has been
 trained on the world so far: ``imagebind/imagebind_tiny.pth`` (``nextgpt.world.imagebind``), in the
-format and loading path of ``imagebind_huge.pth``; ``sd/``, the tiny Stable Diffusion pipeline trained
-on world images (``nextgpt.world.decoders``), saved with ``save_pretrained``; and ``report.json``
-with each backbone's quality line. The decoders start from the tiny random ones in
-``${paths.backbones}``. ``model=world`` reads these and everything else (the LLM, AudioLDM,
-text-to-video) from the tiny backbones. The build is deterministic for its settings, versioned
+format and loading path of ``imagebind_huge.pth``; ``llm/``, the tiny Llama pre-trained further on
+world turns whose answers depend on the request (``nextgpt.world.llm``); ``sd/``, the tiny Stable
+Diffusion pipeline trained on world images (``nextgpt.world.decoders``); both saved with
+``save_pretrained``; and ``report.json`` with each backbone's quality line. The LLM and the decoders
+start from the tiny random ones in ``${paths.backbones}``. ``model=world`` reads these and the
+rest (AudioLDM, text-to-video) from the tiny backbones. The build is deterministic for its settings, versioned
 (``WORLD_BUILD_VERSION``) and atomic (a temporary folder renamed into place; concurrent builders
 take turns).
 
@@ -29,10 +30,11 @@ from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.tiny import IMAGEBIND_FILE, build_all, imagebind_layout_hash, tiny_imagebind_config
 from nextgpt.world.decoders import WorldDecoderSettings, train_world_decoder
 from nextgpt.world.imagebind import WorldImageBindSettings, train_world_imagebind
+from nextgpt.world.llm import WorldLLMSettings, build_world_llm
 
 log = logging.getLogger(__name__)
 
-WORLD_BUILD_VERSION = "2"  # bump when what is built changes: cached builds of another version are rebuilt
+WORLD_BUILD_VERSION = "3"  # bump when what is built changes: cached builds of another version are rebuilt
 MARKER = ".complete"
 
 
@@ -44,10 +46,11 @@ DECODERS = {"image": ("sd", "StableDiffusionPipeline")}
 class WorldSettings:
     imagebind: WorldImageBindSettings = dataclasses.field(default_factory=WorldImageBindSettings)
     decoders: WorldDecoderSettings = dataclasses.field(default_factory=WorldDecoderSettings)
+    llm: WorldLLMSettings = dataclasses.field(default_factory=WorldLLMSettings)
 
     @classmethod
     def small(cls) -> WorldSettings:
-        return cls(WorldImageBindSettings.small(), WorldDecoderSettings.small())
+        return cls(WorldImageBindSettings.small(), WorldDecoderSettings.small(), WorldLLMSettings.small())
 
 
 def _marker(settings: WorldSettings) -> str:
@@ -87,6 +90,7 @@ def build_world(out: str | Path, backbones: str | Path = ".cache/tiny_backbones"
             report = {"imagebind": train_world_imagebind(model, settings.imagebind, work=out.parent)}
             imagebind_path(tmp).parent.mkdir(parents=True)
             torch.save(model.state_dict(), imagebind_path(tmp))
+            report["llm"] = build_world_llm(tiny["llm"], tmp / "llm", settings.llm)
             for modality, (folder, cls) in DECODERS.items():
                 pipe = getattr(diffusers, cls).from_pretrained(tiny[folder])
                 report[folder] = train_world_decoder(pipe, modality, settings.decoders, work=out.parent)

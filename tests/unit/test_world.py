@@ -105,3 +105,11 @@ def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.scheduler.config.prediction_type == "sample"
     assert pipe.unet.config.addition_embed_type == "text"
     assert sd["vae_mse"] < 0.1 and set(sd["generated_attributes"]) == {"colour", "shape", "position"}, sd
+    # the world LLM: the tiny Llama's files, read back by from_pretrained, pre-trained further (its loss fell)
+    from transformers import AutoModelForCausalLM
+
+    llm = json.loads((out / "report.json").read_text())["llm"]
+    assert type(AutoModelForCausalLM.from_pretrained(out / "llm")).__name__ == "LlamaForCausalLM"
+    assert set(llm["restatement_of_held_out_requests"]) == {"image/colour", "image/shape", "image/position", "audio/pitch",
+                                                            "audio/loudness", "audio/pattern", "video/colour", "video/direction"}
+    assert llm["final_loss"] < 3.0, llm
