@@ -29,8 +29,6 @@ from nextgpt.config import (
     register_resolvers,
 )
 from nextgpt.model import load_conditioners, load_encoder
-from nextgpt.world.build import prepare
-from nextgpt.world.synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +75,16 @@ def main() -> None:
     @hydra.main(config_path=config_dir, config_name="cache", version_base="1.3")
     @main_guard
     def run(cfg) -> None:
-        prepare(cfg.model, cfg.paths)
+        if cfg.model.get("build_tiny") or cfg.model.get("build_world"):
+            from nextgpt.world.build import prepare
+
+            prepare(cfg.model, cfg.paths)
         errors = backbone_path_errors(cfg) + data_path_errors(cfg, "caption")
         if errors:
             raise ConfigError(errors)
         if cfg.dataset.get("synthetic"):
+            from nextgpt.world.synthetic import write_synthetic
+
             write_synthetic(Path(cfg.dataset.synthetic.root), num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
                             seed=int(cfg.dataset.synthetic.seed))
         for directory, n in build_caches(cfg).items():

@@ -37,14 +37,16 @@ from nextgpt.runs import (
     run_key,
     sweep_tag,
 )
-from nextgpt.world.build import prepare
 
 log = logging.getLogger(__name__)
 
 
 def prepare_backbones(cfg: DictConfig) -> None:
     """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
-    prepare(cfg.model, cfg.paths)
+    if cfg.model.get("build_tiny") or cfg.model.get("build_world"):  # the real-weights path never imports the world
+        from nextgpt.world.build import prepare
+
+        prepare(cfg.model, cfg.paths)
 
 
 def denoise_targets(cfg: DictConfig) -> dict:

@@ -36,3 +36,13 @@ def test_wordings_are_apart():
     joined = "\n".join(world_turns(random.Random(1), 500))
     for w in HELD_OUT_REQUESTS:
         assert w.split("{")[0].strip() not in joined
+
+
+def test_the_real_weights_path_never_imports_the_world():
+    import subprocess
+    import sys
+
+    code = ("import sys, nextgpt.cli.train, nextgpt.cli.evaluate, nextgpt.cli.cache, nextgpt.generate, nextgpt.serve; "
+            "print(sorted(m for m in sys.modules if m.startswith('nextgpt.world')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
