@@ -15,8 +15,9 @@ LLM's pre-training (the same class and files, loaded with ``from_pretrained`` an
 - the tiny corpus as before, so nothing it knew is lost.
 
 The request wordings are :data:`PRETRAINING_REQUESTS`: none is a stage-training template
-(``GENERATION_REQUESTS``), and :data:`HELD_OUT_REQUESTS` are in neither, for testing that wordings
-never trained on still work. Quality line: greedy restatement of held-out requests (worded as in
+(``GENERATION_REQUESTS``; "Show me a ..." is close to one of the pair requests), and
+:data:`HELD_OUT_REQUESTS` are in no training text at all, for testing that wordings never trained
+on still work. Quality line: greedy restatement of held-out requests (worded as in
 :data:`HELD_OUT_REQUESTS`), scored by the world's caption attributes.
 """
 from __future__ import annotations
