@@ -29,7 +29,8 @@ def test_stage2_trains_and_decodes_with_sd2_and_sdxl(tiny_cache, tmp_path):
         (group / f"{name}.yaml").write_text("# @package model.modalities.image.decoder\n" + OmegaConf.to_yaml(keys))
     res = train(tmp_path, tiny_cache, "-m", "stage=1,2", "+image_decoder=sd2,sdxl",
                 f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "++stage.loss.denoise=1.0",
-                "model.modalities.video.decoder.denoise=false", "stage.batch_size=4", "trainer.max_steps=2",
+                "model.modalities.video.decoder.denoise=false", "model.modalities.audio.decoder.denoise=false",
+                "stage.batch_size=4", "trainer.max_steps=2",
                 "trainer.log_every_n_steps=1", "logger=csv", "callbacks.generation_samples=null")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
