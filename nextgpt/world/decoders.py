@@ -10,8 +10,8 @@ output projectors steer them. This trains the same pipelines (the same diffusers
    schedule and ``prediction_type``, the caption dropped (the empty prompt) for 10 % of the items so
    that classifier-free guidance has an unconditional branch.
 
-Images (Stable Diffusion) and videos (text-to-video, UNet3D) share the trainer: a video is a stack of
-frames through the same 2D VAE. Quality line: the world analysers (``nextgpt.world.analysers``) read
+Images only so far (Stable Diffusion); text-to-video's UNet3D is next. Quality line: the world
+analysers (``nextgpt.world.analysers``) read
 the attributes back from media the trained pipeline generates for held-out captions, beside the
 random pipeline's and chance.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nextgpt.world.analysers import image_attributes, video_attributes
+from nextgpt.world.analysers import image_attributes
 from nextgpt.world.attributes import caption_attributes, chance
 from nextgpt.world.synthetic import MEDIA_DIRS, dataset_name, write_synthetic
 
@@ -59,7 +59,6 @@ class WorldDecoderSettings:
         return cls(items=128, heldout=12, vae_steps=40, unet_steps=60, batch=16, inference_steps=8)
 
 
-ANALYSE = {"image": image_attributes, "video": video_attributes}
 
 
 def _fit(img, size: tuple[int, int]):
@@ -72,43 +71,26 @@ def _pixels(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def load_media(folder: Path, modality: str, limit: int, size: tuple[int, int], frames: int | None = None,
-               single: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """The written world items of ``modality`` at the decoder's size, in [-1, 1]: (N, 3, H, W) images or
-    (N, 3, F, H, W) videos, and their captions. ``single``: only one-shape images (held-out scoring)."""
+def load_media(folder: Path, limit: int, size: tuple[int, int], single: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """The written world images at the decoder's size, in [-1, 1], (N, 3, H, W), and their captions.
+    ``single``: only one-shape images (held-out scoring)."""
     from PIL import Image
 
-    from nextgpt.world.analysers import read_video
-
-    name = dataset_name(modality)
+    name = dataset_name("image")
     entries = json.loads((folder / name / f"{name}.json").read_text())
     if single:
         entries = [e for e in entries if " and a " not in e["caption"]]
     rows, captions = [], []
     for e in entries[:limit]:
-        path = folder / name / MEDIA_DIRS[modality] / e[f"{modality}_name"]
-        if modality == "image":
-            with Image.open(path) as im:
-                rows.append(_pixels(_fit(im, size)))
-        else:
-            clip = read_video(path)
-            picks = np.linspace(0, len(clip) - 1, frames).round().astype(int)
-            rows.append(torch.stack([_pixels(_fit(Image.fromarray(clip[i]), size)) for i in picks], dim=1))
+        with Image.open(folder / name / MEDIA_DIRS["image"] / e["image_name"]) as im:
+            rows.append(_pixels(_fit(im, size)))
         captions.append(e["caption"])
     return torch.stack(rows), captions
 
 
-def _frames_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, F, H, W) -> (B*F, C, H, W); images pass through."""
-    return x.permute(0, 2, 1, 3, 4).flatten(0, 1) if x.ndim == 5 else x
-
-
 def _latents(vae, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-    dist = vae.encode(_frames_first(x)).latent_dist
-    z = dist.sample() if sample else dist.mean
-    if x.ndim == 5:
-        z = z.view(x.shape[0], x.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4)
-    return z
+    dist = vae.encode(x).latent_dist
+    return dist.sample() if sample else dist.mean
 
 
 def train_vae(vae, media: torch.Tensor, settings: WorldDecoderSettings, label: str) -> float:
@@ -118,9 +100,8 @@ def train_vae(vae, media: torch.Tensor, settings: WorldDecoderSettings, label: s
     vae.train()
     losses = []
     bar = tqdm(range(settings.vae_steps), desc=f"world {label}: VAE", unit="step")
-    frames = _frames_first(media)
     for _ in bar:
-        x = frames[rng.choice(len(frames), size=min(settings.batch, len(frames)), replace=False)]
+        x = media[rng.choice(len(media), size=min(settings.batch, len(media)), replace=False)]
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         mse = F.mse_loss(recon, x)
@@ -132,7 +113,7 @@ def train_vae(vae, media: torch.Tensor, settings: WorldDecoderSettings, label: s
         bar.set_postfix(mse=f"{np.mean(losses[-10:]):.4f}")
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(frames[i : i + 64]).latent_dist.mean for i in range(0, min(len(frames), 512), 64)])
+        z = torch.cat([vae.encode(media[i : i + 64]).latent_dist.mean for i in range(0, min(len(media), 512), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return float(np.mean(losses[-10:]))
 
@@ -192,8 +173,7 @@ def generated_accuracy(pipe, modality: str, captions: Sequence[str], settings: W
     for caption in captions:
         out = pipe(caption, num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance_scale,
                    generator=gen, output_type="np", **(extra or {}))
-        media = out.images[0] if modality == "image" else out.frames[0]
-        seen, truth = ANALYSE[modality](np.asarray(media) * 255.0), caption_attributes(caption, modality)
+        seen, truth = image_attributes(np.asarray(out.images[0]) * 255.0), caption_attributes(caption, modality)
         for attr, value in truth.items():
             hits.setdefault(attr, []).append(seen[attr] == value)
     return {attr: float(np.mean(v)) for attr, v in hits.items()}
@@ -239,16 +219,14 @@ def train_world_decoder(pipe, modality: str, settings: WorldDecoderSettings = Wo
     start = time.perf_counter()
     size = (int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1),) * 2
     extra = {"height": size[0], "width": size[1]}
-    frames = None
-    if modality == "video":
-        frames = 8
-        extra["num_frames"] = frames
+    if modality != "image":
+        raise ValueError(f"world decoders are trained for images only so far, not {modality!r}")
     with tempfile.TemporaryDirectory(prefix=f"world-{modality}-", dir=work) as tmp:
         tmp = Path(tmp)
         write_synthetic(tmp / "train", num_per_modality=settings.items, seed=settings.train_seed)
         write_synthetic(tmp / "heldout", num_per_modality=settings.heldout * 2, seed=settings.heldout_seed)
-        media, captions = load_media(tmp / "train", modality, settings.items, size, frames)
-        _, heldout = load_media(tmp / "heldout", modality, settings.heldout, size, frames, single=True)
+        media, captions = load_media(tmp / "train", settings.items, size)
+        _, heldout = load_media(tmp / "heldout", settings.heldout, size, single=True)
     before = generated_accuracy(pipe, modality, heldout, settings, extra)
     world_unet(pipe)
     with_sample_prediction(pipe)
