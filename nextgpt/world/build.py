@@ -1,13 +1,13 @@
 """The world-trained backbones, built once per machine and cached like the tiny ones.
 
 ``${paths.world_backbones}/`` (default ``${paths.cache_dir}/world_backbones``) holds what has been
-trained on the world so far: ``imagebind/imagebind_tiny.pth`` (``nextgpt.world.imagebind``), in the
+trained on the world: ``imagebind/imagebind_tiny.pth`` (``nextgpt.world.imagebind``), in the
 format and loading path of ``imagebind_huge.pth``; ``llm/``, the tiny Llama pre-trained further on
-world turns whose answers depend on the request (``nextgpt.world.llm``); ``sd/``, the tiny Stable
-Diffusion pipeline trained on world images (``nextgpt.world.decoders``); both saved with
-``save_pretrained``; and ``report.json`` with each backbone's quality line. The LLM and the decoders
-start from the tiny random ones in ``${paths.backbones}``. ``model=world`` reads these and the
-rest (AudioLDM, text-to-video) from the tiny backbones. The build is deterministic for its settings, versioned
+world turns whose answers depend on the request (``nextgpt.world.llm``); ``sd/``, ``audioldm/`` and
+``t2v/``, the tiny Stable Diffusion, AudioLDM and text-to-video pipelines trained on world images,
+tones and clips (``nextgpt.world.decoders``), all saved with ``save_pretrained``; and
+``report.json`` with each backbone's quality line. The LLM and the decoders start from the tiny
+random ones in ``${paths.backbones}``; ``model=world`` reads them all. The build is deterministic for its settings, versioned
 (``WORLD_BUILD_VERSION``) and atomic (a temporary folder renamed into place; concurrent builders
 take turns).
 
@@ -28,29 +28,30 @@ import torch
 from nextgpt.atomic import building, exclusive, install
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.tiny import IMAGEBIND_FILE, build_all, imagebind_layout_hash, tiny_imagebind_config
-from nextgpt.world.decoders import WorldDecoderSettings, train_world_decoder
+from nextgpt.world.decoders import WorldDecodersSettings, train_world_decoder
 from nextgpt.world.imagebind import WorldImageBindSettings, train_world_imagebind
 from nextgpt.world.llm import WorldLLMSettings, build_world_llm
 
 log = logging.getLogger(__name__)
 
-WORLD_BUILD_VERSION = "3"  # bump when what is built changes: cached builds of another version are rebuilt
+WORLD_BUILD_VERSION = "4"  # bump when what is built changes: cached builds of another version are rebuilt
 MARKER = ".complete"
 
 
-# modality -> (folder, pipeline class) of the decoders trained on the world (text-to-video: next)
-DECODERS = {"image": ("sd", "StableDiffusionPipeline")}
+# modality -> (folder, pipeline class) of the decoders trained on the world
+DECODERS = {"image": ("sd", "StableDiffusionPipeline"), "audio": ("audioldm", "AudioLDMPipeline"),
+            "video": ("t2v", "TextToVideoSDPipeline")}
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldSettings:
     imagebind: WorldImageBindSettings = dataclasses.field(default_factory=WorldImageBindSettings)
-    decoders: WorldDecoderSettings = dataclasses.field(default_factory=WorldDecoderSettings)
+    decoders: WorldDecodersSettings = dataclasses.field(default_factory=WorldDecodersSettings)
     llm: WorldLLMSettings = dataclasses.field(default_factory=WorldLLMSettings)
 
     @classmethod
     def small(cls) -> WorldSettings:
-        return cls(WorldImageBindSettings.small(), WorldDecoderSettings.small(), WorldLLMSettings.small())
+        return cls(WorldImageBindSettings.small(), WorldDecodersSettings.small(), WorldLLMSettings.small())
 
 
 def _marker(settings: WorldSettings) -> str:
@@ -93,7 +94,7 @@ def build_world(out: str | Path, backbones: str | Path = ".cache/tiny_backbones"
             report["llm"] = build_world_llm(tiny["llm"], tmp / "llm", settings.llm)
             for modality, (folder, cls) in DECODERS.items():
                 pipe = getattr(diffusers, cls).from_pretrained(tiny[folder])
-                report[folder] = train_world_decoder(pipe, modality, settings.decoders, work=out.parent)
+                report[folder] = train_world_decoder(pipe, modality, settings.decoders.of(modality), work=out.parent)
                 pipe.save_pretrained(tmp / folder)
             report["seconds"] = round(time.perf_counter() - start, 1)
             (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -25,7 +25,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -379,9 +379,10 @@ def _build(modality: str, folder: Path, num: int, seed: int) -> None:
 
 
 def write_synthetic(
-    out: Path, *, num_per_modality: int = 24, seed: int = 0, force: bool = False
+    out: Path, *, num_per_modality: int = 24, seed: int = 0, force: bool = False,
+    modalities: Sequence[str] = MODALITIES,
 ) -> dict[str, Path]:
-    """Write the three synthetic data sets under ``out`` and return their folders.
+    """Write the synthetic data sets under ``out`` (all three, or only ``modalities``) and return their folders.
 
     Idempotent: a modality whose folder already carries a marker with the same parameters is left
     untouched (unless ``force``). Each folder is built in a temporary directory beside it and
@@ -393,7 +394,10 @@ def write_synthetic(
         raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    folders = {m: out / dataset_name(m) for m in MODALITIES}
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"no synthetic data for modalities {unknown}; the world has {list(MODALITIES)}")
+    folders = {m: out / dataset_name(m) for m in modalities}
     for m, dest in folders.items():
         params = _params(m, num_per_modality, seed)
         if not force and _is_complete(dest, params):

@@ -105,6 +105,15 @@ def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.scheduler.config.prediction_type == "sample"
     assert pipe.unet.config.addition_embed_type == "text"
     assert sd["vae_mse"] < 0.1 and set(sd["generated_attributes"]) == {"colour", "shape", "position"}, sd
+    # the world AudioLDM (its own HiFi-GAN vocoder at AudioLDM's hop) and text-to-video (a UNet3D): the
+    # same, each read back by its pipeline class and trained (the vocoder, VAE and UNet losses are reported)
+    for folder, cls, attrs in (("audioldm", "AudioLDMPipeline", {"pitch", "loudness", "pattern"}),
+                               ("t2v", "TextToVideoSDPipeline", {"colour", "direction"})):
+        decoder = json.loads((out / "report.json").read_text())[folder]
+        pipe = load_pipeline(out / folder)
+        assert type(pipe).__name__ == cls and pipe.scheduler.config.prediction_type == "sample"
+        assert set(decoder["generated_attributes"]) == set(decoder["random_decoder"]) == attrs, decoder
+        assert np.isfinite([decoder["final_loss"], decoder["vae_mse"], decoder.get("vocoder_loss", 0.0)]).all(), decoder
     # the world LLM: the tiny Llama's files, read back by from_pretrained, pre-trained further (its loss fell)
     from transformers import AutoModelForCausalLM
 
