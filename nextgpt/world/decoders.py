@@ -75,7 +75,7 @@ class WorldDecodersSettings:
 
     @classmethod
     def small(cls) -> WorldDecodersSettings:
-        short = dict(items=128, heldout=12, vae_steps=40, unet_steps=60, batch=16, inference_steps=8)
+        short = {"items": 128, "heldout": 12, "vae_steps": 40, "unet_steps": 60, "batch": 16, "inference_steps": 8}
         return cls(image=WorldDecoderSettings(**short),
                    audio=WorldDecoderSettings(**{**short, "vocoder_steps": 40, "guidance_scale": 2.5, "high_noise": 0.5}),
                    video=WorldDecoderSettings(**{**short, "items": 32, "unet_steps": 20, "batch": 8}))

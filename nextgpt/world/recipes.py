@@ -121,9 +121,9 @@ class ImageRecipe:
 # so only multiples of 16000 / hop can come out. At 160 (100 Hz) the world's pitches (220, 440 and
 # 1,760 Hz, +-0.15 octave) come out as 200, 400 and 1,800 Hz, each nearest its class; at a hop of
 # 64 (250 Hz) the middle pitch came out as 250 Hz, read as low (measured).
-WORLD_VOCODER = dict(model_in_dim=32, sampling_rate=16000, upsample_initial_channel=64, upsample_rates=[8, 5, 4],
-                     upsample_kernel_sizes=[16, 10, 8], resblock_kernel_sizes=[3, 7],
-                     resblock_dilation_sizes=[[1, 3], [1, 3]], normalize_before=False)
+WORLD_VOCODER = {"model_in_dim": 32, "sampling_rate": 16000, "upsample_initial_channel": 64, "upsample_rates": [8, 5, 4],
+                 "upsample_kernel_sizes": [16, 10, 8], "resblock_kernel_sizes": [3, 7],
+                 "resblock_dilation_sizes": [[1, 3], [1, 3]], "normalize_before": False}
 
 
 def _stft_loss(y: torch.Tensor, x: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
