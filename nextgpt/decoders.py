@@ -56,6 +56,15 @@ COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def encode_captions(conditioning: str, encoders: Sequence[Any], tokenizers: Sequence[Any], captions: Sequence[str],
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """(N, seq, width) ``conditioning`` of ``captions`` as the pipeline computes it: each tokenizer pads to
+    its ``model_max_length``, and ``CONDITIONINGS`` reads the encoders (gradients as the caller's context says)."""
+    tokens = [tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").to(device) for tok in tokenizers]
+    return CONDITIONINGS[conditioning](encoders, tokens)
+
+
 def join_pooled(seq: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """(N, seq, width) token states + (N, pooled) -> (N, seq + 1, width), pooled zero-padded in the last row."""
     width, pooled_width = seq.shape[-1], pooled.shape[-1]
@@ -174,9 +183,7 @@ class TextConditioner:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
         """(N, seq, width) conditioning of ``captions``, exactly as the pipeline computes it."""
-        tokens = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").to(self.device) for tok in self.tokenizers]
-        return CONDITIONINGS[self.conditioning](self.text_encoders, tokens).float()
+        return encode_captions(self.conditioning, self.text_encoders, self.tokenizers, captions, self.device).float()
 
     @property
     def shape(self) -> tuple[int, int]:

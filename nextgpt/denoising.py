@@ -40,6 +40,30 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported by the denoising loss")
 
 
+def unet_conditioning(conditioning_kind: str, cond: torch.Tensor, size: tuple[int, int] | None = None,
+                      pooled: int | None = None) -> dict[str, Any]:
+    """A (groups, seq, width) conditioning of ``conditioning_kind`` -> the UNet's conditioning arguments,
+    as the pipeline passes them (``size``, ``pooled``: the media's (height, width) and the pooled width, sdxl only)."""
+    if conditioning_kind == "text_embeds":
+        return {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)}
+    if conditioning_kind == "sdxl":
+        embeds, pooled_embeds = split_pooled(cond, pooled)
+        h, w = (int(x) for x in size)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(len(cond), 6)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids}}
+    return {"encoder_hidden_states": cond}
+
+
+def to_frames(media: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) videos -> (B * F, C, H, W) frames for a 2D VAE; images and mels pass through."""
+    return media.permute(0, 2, 1, 3, 4).flatten(0, 1) if media.ndim == 5 else media
+
+
+def from_frames(z: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    """Frame latents back in the layout of ``media``: (B, C, F, h, w) for videos, as text-to-video's latents."""
+    return z.view(media.shape[0], media.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4) if media.ndim == 5 else z
+
+
 class DenoisingObjective:
     """A decoder's frozen VAE + UNet + training noise schedule. Not an ``nn.Module`` on purpose:
     nothing here is trained, checkpointed or sharded."""
@@ -71,13 +95,8 @@ class DenoisingObjective:
         for a decoder with a vocoder -> scaled VAE latents."""
         if self.mel is not None:
             media = self.mel(media, multiple=self.scale)
-        video = media.ndim == 5
-        x = media.permute(0, 2, 1, 3, 4).flatten(0, 1) if video else media
-        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) * self.vae.config.scaling_factor
-        if video:
-            z = z.view(media.shape[0], media.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4)
-        return z
+        dist = self.vae.encode(to_frames(media).to(self.vae.dtype)).latent_dist
+        return from_frames(dist.sample(generator) * self.vae.config.scaling_factor, media)
 
     def loss(self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """MSE between the UNet's prediction, conditioned on ``conditioning`` (groups, seq, width),
@@ -98,12 +117,4 @@ class DenoisingObjective:
 
     def unet_kwargs(self, conditioning: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
         """Our (groups, seq, width) conditioning -> the UNet's conditioning arguments for media of ``size``."""
-        cond = conditioning.to(self.unet.dtype)
-        if self.conditioning == "text_embeds":
-            return {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)}
-        if self.conditioning == "sdxl":
-            embeds, pooled = split_pooled(cond, self.pooled_width)
-            h, w = (int(x) for x in size)
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(len(cond), 6)
-            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        return {"encoder_hidden_states": cond}
+        return unet_conditioning(self.conditioning, conditioning.to(self.unet.dtype), size, self.pooled_width)

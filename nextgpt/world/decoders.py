@@ -179,7 +179,7 @@ def train_world_decoder(pipe, modality: str, settings: WorldDecoderSettings = Wo
         write_synthetic(train, num_per_modality=settings.items, seed=settings.train_seed, modalities=[modality])
         write_synthetic(heldout_dir, num_per_modality=settings.heldout * 2, seed=settings.heldout_seed,
                         modalities=[modality])
-        _, heldout = recipe.media(pipe, heldout_dir, settings.heldout, single=True)
+        heldout = [e["caption"] for e in recipe.entries(heldout_dir, settings.heldout, single=True)]
         before = generated_accuracy(pipe, recipe, heldout, settings)
         recipe.rebuild(pipe)
         report.update(recipe.train_extra(pipe, train, settings))

@@ -9,8 +9,10 @@ text-to-video; a recipe says, for its pipeline class,
 - ``media``: the world items in the VAE's input space, read through the project's own
   denoising-loss target loaders (``nextgpt.modality``), so the decoder learns exactly what the
   denoising loss later shows it;
-- ``vae_view`` / ``encode``: how items become VAE batches and UNet latents (video: frame by frame);
-- ``condition``: the UNet's text conditioning, computed as the pipeline computes it;
+- ``vae_view`` / ``encode`` (shared, ``Recipe``): how items become VAE batches and UNet latents
+  (video: frame by frame, ``nextgpt.denoising.to_frames``);
+- ``condition`` (shared): the UNet's text conditioning of the pipeline's ``conditioning`` kind,
+  through the same ``encode_captions`` / ``unet_conditioning`` the denoising loss uses;
 - ``generate``: one generation through the pipeline's ``__call__``, read back by the world analysers;
 - ``train_extra``: what else the pipeline needs (AudioLDM: its HiFi-GAN vocoder).
 """
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextgpt import modality as modalities
+from nextgpt.decoders import encode_captions
+from nextgpt.denoising import from_frames, to_frames, unet_conditioning
 from nextgpt.mel import MelFrontEnd
 from nextgpt.world.analysers import audio_attributes, image_attributes, video_attributes
 from nextgpt.world.attributes import caption_attributes
@@ -48,24 +51,44 @@ def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _entries(folder: Path, modality: str) -> list[dict]:
-    name = dataset_name(modality)
-    return json.loads((folder / name / f"{name}.json").read_text())
-
-
 def _path(folder: Path, modality: str, entry: dict) -> Path:
     name = dataset_name(modality)
     return folder / name / MEDIA_DIRS[modality] / entry[modalities.get(modality).name_field]
 
 
-def _clip_condition(pipe, captions: list[str]) -> dict:
-    tokens = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    return {"encoder_hidden_states": pipe.text_encoder(tokens.input_ids).last_hidden_state}
+class Recipe:
+    """What the three recipes share: the world items of a written folder, the VAE's view of media
+    (video frame by frame, as ``nextgpt.denoising`` encodes them), and the UNet's text conditioning
+    computed by the project's own ``encode_captions`` and ``unet_conditioning`` (the pipeline's way,
+    the same code the denoising loss conditions with)."""
+
+    modality: str
+    conditioning: str = "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.decoders.CONDITIONINGS)
+
+    def entries(self, folder: Path, limit: int, *, single: bool = False) -> list[dict]:
+        """The first ``limit`` items written under ``folder``; ``single``: images of one shape only
+        (their caption names all that is drawn; no caption of another modality joins two things)."""
+        name = dataset_name(self.modality)
+        entries = json.loads((folder / name / f"{name}.json").read_text())
+        return [e for e in entries if not (single and " and a " in e["caption"])][:limit]
+
+    def vae_view(self, x: torch.Tensor) -> torch.Tensor:
+        return to_frames(x)
+
+    def encode(self, vae, x: torch.Tensor) -> torch.Tensor:
+        """Unscaled VAE means in the layout the pipeline's UNet denoises."""
+        return from_frames(vae.encode(to_frames(x)).latent_dist.mean, x)
+
+    def condition(self, pipe, captions: list[str]) -> dict:
+        cond = encode_captions(self.conditioning, [pipe.text_encoder], [pipe.tokenizer], captions)
+        return unet_conditioning(self.conditioning, cond)
+
+    def train_extra(self, pipe, folder: Path, settings) -> dict:
+        return {}
 
 
-class ImageRecipe:
-    """Stable Diffusion: a three-level UNet with a pooled text view (``world_unet``), 32 x 32 images."""
+class ImageRecipe(Recipe):
+    """Stable Diffusion: a three-level UNet with a pooled text view (``rebuild``), 32 x 32 images."""
 
     modality = "image"
 
@@ -89,32 +112,19 @@ class ImageRecipe:
         pipe.register_modules(unet=UNet2DConditionModel.from_config(config).eval())
         with_sample_prediction(pipe)
 
-    def media(self, pipe, folder: Path, limit: int, *, single: bool = False) -> tuple[torch.Tensor, list[str]]:
-        """(N, 3, H, W) in [-1, 1]; ``single``: one-shape images only (their caption names all that is drawn)."""
-        entries = [e for e in _entries(folder, "image") if not (single and " and a " in e["caption"])][:limit]
+    def media(self, pipe, folder: Path, limit: int) -> tuple[torch.Tensor, list[str]]:
+        """(N, 3, H, W) in [-1, 1]."""
+        entries = self.entries(folder, limit)
         spec = {"width": self.size(pipe), "height": self.size(pipe)}
         image = modalities.get("image")
         return (torch.stack([image.load_target(_path(folder, "image", e), spec) for e in entries]),
                 [e["caption"] for e in entries])
-
-    def vae_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def encode(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return vae.encode(x).latent_dist.mean
-
-    def condition(self, pipe, captions: list[str]) -> dict:
-        return _clip_condition(pipe, captions)
 
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
         size = self.size(pipe)
         out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                    height=size, width=size, output_type="np")
         return image_attributes(np.asarray(out.images[0]) * 255.0)
-
-    def train_extra(self, pipe, folder: Path, settings) -> dict:
-        return {}
-
 
 # AudioLDM's vocoder for the world: a hop of 160 samples at 16 kHz, AudioLDM's own. The hop matters:
 # a convolutional vocoder fed a steady tone's identical mel frames emits a signal periodic in the hop,
@@ -167,10 +177,12 @@ def train_vocoder(vocoder, waves: torch.Tensor, steps: int, batch: int, lr: floa
     return float(np.mean(losses[-20:]))
 
 
-class AudioRecipe:
-    """AudioLDM: HiFi-GAN at AudioLDM's hop (``WORLD_VOCODER``), a three-level mel VAE and UNet, 0.64 s."""
+class AudioRecipe(Recipe):
+    """AudioLDM: HiFi-GAN at AudioLDM's hop (``WORLD_VOCODER``), a three-level mel VAE and UNet, 0.64 s;
+    CLAP's L2-normalised ``text_embeds`` as the UNet's class labels, no cross-attention."""
 
     modality = "audio"
+    conditioning = "text_embeds"
     vocoder_seconds = 1.0  # of each clip, for the vocoder's crops
 
     def front_end(self, pipe) -> MelFrontEnd:
@@ -212,32 +224,19 @@ class AudioRecipe:
         return torch.stack([load_waveform(_path(folder, "audio", e), sample_rate=rate, seconds=seconds).clamp(-1, 1)
                             for e in entries])
 
-    def media(self, pipe, folder: Path, limit: int, *, single: bool = False) -> tuple[torch.Tensor, list[str]]:
+    def media(self, pipe, folder: Path, limit: int) -> tuple[torch.Tensor, list[str]]:
         """(N, 1, frames, mels) log-mel of the first ``seconds(pipe)`` of each clip, the VAE's input."""
-        entries = _entries(folder, "audio")[:limit]
+        entries = self.entries(folder, limit)
         mel = self.front_end(pipe)
         waves = self.waves(folder, entries, mel.sampling_rate, self.seconds(pipe))
         return mel(waves, multiple=vae_scale(pipe.vae)), [e["caption"] for e in entries]
-
-    def vae_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def encode(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return vae.encode(x).latent_dist.mean
-
-    def condition(self, pipe, captions: list[str]) -> dict:
-        """As AudioLDMPipeline: CLAP's L2-normalised ``text_embeds`` as the class labels, no cross-attention."""
-        tokens = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        embeds = pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds
-        return {"encoder_hidden_states": None, "class_labels": F.normalize(embeds, dim=-1)}
 
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
         out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np")
         return audio_attributes(np.asarray(out.audios[0]), int(pipe.vocoder.config.sampling_rate))
 
     def train_extra(self, pipe, folder: Path, settings) -> dict:
-        entries = _entries(folder, "audio")[: settings.items]
+        entries = self.entries(folder, settings.items)
         waves = self.waves(folder, entries, int(pipe.vocoder.config.sampling_rate), self.vocoder_seconds)
         loss = train_vocoder(pipe.vocoder, waves, settings.vocoder_steps, settings.vocoder_batch, settings.vocoder_lr,
                              settings.seed)
@@ -250,7 +249,7 @@ class AudioRecipe:
                 "vocoder_attributes": {k: float(np.mean([h[k] == t[k] for h, t in zip(heard, truth)])) for k in truth[0]}}
 
 
-class VideoRecipe:
+class VideoRecipe(Recipe):
     """Text-to-video: a three-level frame VAE (8 x 8 latents of 32 x 32 frames) and a UNet3D, 8 frames."""
 
     modality = "video"
@@ -282,32 +281,18 @@ class VideoRecipe:
         pipe.vae_scale_factor = vae_scale(vae)
         with_sample_prediction(pipe)
 
-    def media(self, pipe, folder: Path, limit: int, *, single: bool = False) -> tuple[torch.Tensor, list[str]]:
+    def media(self, pipe, folder: Path, limit: int) -> tuple[torch.Tensor, list[str]]:
         """(N, 3, frames, H, W) in [-1, 1]: ``frames`` frames spread over each clip."""
-        entries = _entries(folder, "video")[:limit]
+        entries = self.entries(folder, limit)
         spec = {"num_frames": self.frames, "width": self.size, "height": self.size}
         video = modalities.get("video")
         return (torch.stack([video.load_target(_path(folder, "video", e), spec) for e in entries]),
                 [e["caption"] for e in entries])
 
-    def vae_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).flatten(0, 1)  # (N * frames, 3, H, W)
-
-    def encode(self, vae, x: torch.Tensor) -> torch.Tensor:
-        n, f = x.shape[0], x.shape[2]
-        z = vae.encode(self.vae_view(x)).latent_dist.mean
-        return z.unflatten(0, (n, f)).transpose(1, 2)  # (N, C, frames, h, w), as TextToVideoSDPipeline's latents
-
-    def condition(self, pipe, captions: list[str]) -> dict:
-        return _clip_condition(pipe, captions)
-
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
         out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                    num_frames=self.frames, height=self.size, width=self.size, output_type="np")
         return video_attributes(np.asarray(out.frames[0]) * 255.0)
-
-    def train_extra(self, pipe, folder: Path, settings) -> dict:
-        return {}
 
 
 RECIPES = {r.modality: r for r in (ImageRecipe(), AudioRecipe(), VideoRecipe())}
