@@ -139,6 +139,15 @@ def tiny_cache() -> Path:
     return CACHE_DIR
 
 
+@pytest.fixture(scope="session")
+def world_small(tiny_cache) -> Path:
+    """The small world build (``python -m nextgpt.world.build --small``, about 90 s), built once per
+    machine under the project cache; concurrent workers wait on its lock."""
+    from nextgpt.world.build import build_world
+
+    return build_world(CACHE_DIR / "world_small", tiny_cache / "tiny_backbones", small=True)
+
+
 @pytest.fixture
 def tiny_config(tiny_cache, tmp_path):
     """Compose a config on the tiny model with every output under tmp_path."""

@@ -1,39 +1,53 @@
-"""Learning regression: a short world run learns, step for step as it did when the golden losses were
-stored (as Megatron-LM's functional tests). A change that breaks learning (the alignment loss, the
-data, the trainable set, the optimizer) moves the losses off the golden track.
+"""Learning regression: a short world run learns what it should, and step for step as it did when
+the golden losses were stored (as Megatron-LM's functional tests). A change that breaks learning (the
+alignment loss, the data, the trainable set, the optimizer) moves the losses off the golden track;
+one that breaks function fails the scorecard checks.
 
-Not yet here (issue 23): that the stage-2 projector says *which* caption it was asked for.
-``benchmarks/world_probe.py`` measures it: the projector's conditioning stays at chance (it learns
-the mean target) while a linear read-out of the world LLM's signal-token states finds the caption
-(figures in the README), so the projector's training is what limits it.
+The run: the small world build (``model.build_world=small``, shared with the build test), 64 world
+items per modality, stage 1 (240 steps) then stage 2 (160 steps), seed 0, one process; then
+``evaluate.py -m`` on each bundle with held-out items, asked in words no training text holds:
+stage 1 names the colour of images and videos above chance, stage 2 answers with the asked
+modality's signal tokens above chance.
 
-The run: the small world build (``model.build_world=small``), 32 world items per modality, stage 1
-(24 steps) then stage 2 (160 steps), seed 0, one process. Golden values live in
-``tests/golden/learning.json``; ``NEXTGPT_UPDATE_GOLDEN=1`` rewrites them from a run (say why in
-the commit). The tolerance covers float differences between CPUs, not a change of behaviour.
+Not here: that the stage-2 projector says *which* caption it was asked for (the demo's 1,800 steps;
+``benchmarks/world_probe.py`` and the README's scorecard measure it).
+
+Golden values live in ``tests/golden/learning.json``; ``NEXTGPT_UPDATE_GOLDEN=1`` rewrites them from
+a run (say why in the commit). The tolerance covers float differences between CPUs, not a change of
+behaviour.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli import ok, train
+from tests.cli import ENV, ok, train
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "learning.json"
-STEPS = {1: 24, 2: 160}
-RTOL = 0.05  # relative, per step: CPU kernels differ in the last bits; a real change moves losses by far more
+STEPS = {1: 240, 2: 160}
+RTOL = 0.01  # relative, per step: reruns on one machine differ by <= 2e-4; the alignment against the neighbour
+# sample's caption (a pairing bug) moves stage 2's alignment by a median 0.8%, 90th percentile 2.3%
+SCORED = 24  # held-out items per task
+# Wordings that no training text holds (checked below): stage 1 is asked to caption, stage 2 to
+# generate, in words of neither the stage data nor the world LLM's pre-training.
+CAPTION_WORDING = "In a few words, say what this ${task.modality} holds."
+REQUEST_WORDING = "Send me the ${task.modality} of {caption}, would you?"
 
 
-def settings(work: Path) -> list[str]:
-    return ["model=world", "model.build_world=small", f"paths.world_backbones={work / 'world_small'}",
-            "dataset=world", "dataset.synthetic.num_per_modality=32", f"dataset.synthetic.root={work / 'world_data'}",
+def settings(work: Path, world: Path) -> list[str]:
+    return ["model=world", "model.build_world=small", f"paths.world_backbones={world}",
+            "dataset=world", "dataset.synthetic.num_per_modality=64", f"dataset.synthetic.root={work / 'world_data'}",
             "dataset.num_workers=0", "stage.batch_size=8", "stage.optim.lr=1e-2", "seed=0", "logger=csv",
             "trainer.log_every_n_steps=1", "trainer.max_epochs=1000"]
 
@@ -46,11 +60,22 @@ def step_losses(root: Path, stage: int) -> dict[str, list[float]]:
     return {k.removeprefix("train/"): [float(r[k]) for r in rows] for k in rows[0] if k.startswith("train/") and rows[0][k]}
 
 
+def scorecard(root: Path, cache: Path, stage: int, tasks: list[str], *overrides: str) -> dict[str, dict]:
+    """``python evaluate.py -m task=...`` on the stage's bundle: each task's metrics."""
+    out = root / f"eval{stage}"
+    res = subprocess.run([sys.executable, "evaluate.py", "-m", f"task={','.join(tasks)}",
+                          f"checkpoint={root / 'bundles' / f'stage{stage}'}", f"limit={SCORED}", f"paths.cache_dir={cache}",
+                          f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${task.name}", *overrides],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return {t: json.loads((out / t / "results.json").read_text())["metrics"] for t in tasks}
+
+
 @pytest.fixture(scope="module")
-def world_run(tiny_cache, tmp_path_factory):
+def world_run(world_small, tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     for stage, steps in STEPS.items():
-        ok(train(root, tiny_cache, f"stage={stage}", f"trainer.max_steps={steps}", *settings(root),
+        ok(train(root, tiny_cache, f"stage={stage}", f"trainer.max_steps={steps}", *settings(root, world_small),
                  f"hydra.run.dir={root / 'runs' / f'stage{stage}'}", timeout=900))
     return root, {stage: step_losses(root, stage) for stage in STEPS}
 
@@ -70,3 +95,37 @@ def test_losses_follow_the_golden_track(world_run):
     first, last = losses[2]["align"][:4], losses[2]["align"][-4:]
     assert np.mean(last) < 0.5 * np.mean(first), losses[2]["align"]  # and it learns: the alignment halves at least
 
+
+
+def test_the_new_wordings_are_in_no_training_text():
+    from datamodules.nextgpt_layout import CAPTION_INSTRUCTIONS, GENERATE_REQUESTS
+    from nextgpt.world.llm import PRETRAINING_REQUESTS, world_turns
+    from nextgpt.world.synthetic import AUDIO_COMPREHENSION_INSTRUCTIONS, COMPREHENSION_INSTRUCTIONS, GENERATION_REQUESTS
+
+    trained = [*CAPTION_INSTRUCTIONS, *GENERATE_REQUESTS, *PRETRAINING_REQUESTS, *COMPREHENSION_INSTRUCTIONS,
+               *AUDIO_COMPREHENSION_INSTRUCTIONS, *GENERATION_REQUESTS]
+    stems = {w.split("{")[0].split(" ")[0].lower() for w in trained}
+    pretraining = "\n".join(world_turns(random.Random(0), 2000))
+    for wording in (CAPTION_WORDING, REQUEST_WORDING):
+        assert wording.split(" ")[0].lower() not in stems, wording
+        assert wording.split("$")[0] not in pretraining
+
+
+def test_stage1_captions_held_out_media_above_chance_when_asked_in_new_words(world_run, tiny_cache):
+    """Colour is what 240 steps of the small world learn to name (held-out figures at this size:
+    image 0.33, video 0.46, chance 0.14; audio captions need the demo's length, see the README)."""
+    root, _ = world_run
+    cards = scorecard(root, tiny_cache, 1, ["world_i2t", "world_v2t"], f"++task.prompt='{CAPTION_WORDING}'")
+    colour = [cards[t]["world_attributes"]["by_attribute"]["colour"] for t in cards]
+    assert np.mean(colour) > 1 / 7 + 0.15, cards
+    assert all(c["trigger_rate"]["value"] == 1.0 for c in cards.values()), cards  # a caption, no signal tokens
+
+
+def test_stage2_answers_new_requests_with_the_asked_modality(world_run, tiny_cache):
+    """Exactly the asked modality's signal group, for requests worded as no training text words them
+    (at this size: image 0.62, audio 0.29, video 1.00; chance 1/3)."""
+    root, _ = world_run
+    cards = scorecard(root, tiny_cache, 2, ["world_t2i", "world_t2a", "world_t2v"], f"++task.prompt='{REQUEST_WORDING}'",
+                      "++task.generation.decode=false", "++task.metrics=[trigger_rate]")
+    rates = {t: c["trigger_rate"]["value"] for t, c in cards.items()}
+    assert np.mean(list(rates.values())) > 1 / 3 + 0.15, cards

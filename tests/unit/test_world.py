@@ -77,7 +77,7 @@ def test_noise_scores_near_chance_not_near_perfect():
     assert hits / 150 < 0.45
 
 
-def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats_chance(tmp_path):
+def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats_chance(world_small):
     """`python -m nextgpt.world.build --small`: trained, cached (a second call is a no-op), saved in
     imagebind_huge.pth's format and loaded by the project's own loader; held-out caption retrieval
     above chance (the full build's figures are in the README)."""
@@ -86,10 +86,10 @@ def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats
     from nextgpt.encoders.imagebind import ImageBindConfig, load_imagebind
     from nextgpt.world.build import build_world, imagebind_path
 
-    out = build_world(tmp_path / "world", small=True)
+    out = world_small  # built by the session fixture, as the learning test uses it
     report = json.loads((out / "report.json").read_text())["imagebind"]
     stamp = imagebind_path(out).stat().st_mtime_ns
-    assert build_world(tmp_path / "world", small=True) == out and imagebind_path(out).stat().st_mtime_ns == stamp
+    assert build_world(out, out.parent / "tiny_backbones", small=True) == out and imagebind_path(out).stat().st_mtime_ns == stamp
     model = load_imagebind(imagebind_path(out), ImageBindConfig.tiny())
     saved = torch.load(imagebind_path(out), weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
