@@ -2,6 +2,7 @@
 
     python -m nextgpt.convert from_legacy checkpoint=ckpt/7b_tiva_v0/pytorch_model.pt out=bundles/nextgpt_7b_tiva_v0
     python -m nextgpt.convert from_legacy checkpoint=PATH out=DIR model=tiny      # any train.py override
+    python -m nextgpt.convert from_legacy checkpoint=PATH out=DIR --allow-unused  # import what maps, list the rest
     python -m nextgpt.convert to_legacy bundle=bundles/stage3 out=pytorch_model.pt
     python -m nextgpt.convert to_hf bundle=bundles/stage3 out=export/nextgpt_hf
 
@@ -9,7 +10,9 @@
 model, markers and template) and the overrides given, builds that model (with LoRA when the
 checkpoint has LoRA tensors), maps every tensor (``nextgpt.convert.legacy``) and writes a stage
 bundle plus ``import_report.json``: each key mapped or skipped and why, and how far the old
-vocabulary rows moved from the base LLM's.
+vocabulary rows moved from the base LLM's. A key that maps to nothing in the model (another
+layout, a modality the config lacks) stops the import with its name and no bundle is written;
+``--allow-unused`` imports the rest and lists those keys as ``skipped`` in the report.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger("nextgpt.convert")
 COMMANDS = ("from_legacy", "to_legacy", "to_hf")
 OWN_KEYS = {"from_legacy": ("checkpoint", "out"), "to_legacy": ("bundle", "out"), "to_hf": ("bundle", "out")}
+FLAGS = {"from_legacy": ("--allow-unused",), "to_legacy": (), "to_hf": ()}
 
 
 class UsageError(ValueError):
@@ -34,7 +38,9 @@ def parse(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
     command, own, overrides = argv[0], {}, []
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
-        if sep and key in OWN_KEYS[command]:
+        if arg in FLAGS[command]:
+            own[arg.lstrip("-").replace("-", "_")] = "true"
+        elif sep and key in OWN_KEYS[command]:
             own[key] = value
         elif command == "from_legacy":
             overrides.append(arg)
@@ -46,7 +52,7 @@ def parse(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
     return command, own, overrides
 
 
-def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] = ()) -> Path:
+def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] = (), *, allow_unused: bool = False) -> Path:
     import torch
     from omegaconf import OmegaConf
 
@@ -89,6 +95,13 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     if has_lora:
         model.apply_lora(model_cfg["lora"])
     imported = from_legacy(ckpt, model)
+    skipped = imported.report["skipped"]
+    if skipped and not allow_unused:
+        listed = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:6])
+        raise ConvertError(f"checkpoint={checkpoint}: {len(skipped)} of its {len(ckpt)} tensors map to nothing in this model "
+                           f"and would be lost: {listed}{'; ...' if len(skipped) > 6 else ''}. Nothing was written; "
+                           "fix the config (model.modalities, model.lora) or pass --allow-unused to import the rest "
+                           "and list these in import_report.json")
     model.load_state_dict(imported.state, strict=False)
     config = OmegaConf.to_container(cfg, resolve=True)
     meta = {"stage": stage, "imported_from": str(checkpoint.resolve()), "legacy_import": {
@@ -98,7 +111,8 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     (out / "import_report.json").write_text(json.dumps(report, indent=2))
     rows = report["old_vocabulary_rows"]
     print(f"imported {checkpoint} -> {out} (stage {stage}): {len(report['mapped'])} keys mapped, "
-          f"{len(report['skipped'])} skipped ({out / 'import_report.json'} says why)")
+          f"{len(report['skipped'])} skipped" + (f" under --allow-unused ({out / 'import_report.json'} lists them and why)"
+                                                  if report["skipped"] else ""))
     if rows.get("kept"):
         print(f"the checkpoint's old vocabulary rows moved from the base LLM's (embed: {rows['embed_rows_changed']} rows, "
               f"max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, "
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, own, overrides = parse(list(sys.argv[1:] if argv is None else argv))
         if command == "from_legacy":
-            import_legacy(own["checkpoint"], own["out"], overrides)
+            import_legacy(own["checkpoint"], own["out"], overrides, allow_unused=own.get("allow_unused") == "true")
         elif command == "to_legacy":
             export_legacy(own["bundle"], own["out"])
         else:

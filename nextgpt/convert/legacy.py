@@ -9,11 +9,16 @@ and the named ones of its ``NextGPTModel``:
 - the resized ``embed_tokens`` / ``lm_head`` matrices, under ``llama_model.model.`` /
   ``llama_model.`` or, with peft (stage 3), ``llama_model.base_model.model.(model.)``; its new rows
   from the base vocabulary's size on, in its order ``<Img> </Img> [IMG0..] [VID0..] [AUD0..]``;
-- in stage 3, peft 0.3's LoRA tensors (``...q_proj.lora_A.weight``).
+- in stage 3, peft 0.3's LoRA tensors, which carry the adapter's name:
+  ``llama_model.base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight``
+  (``lora_A`` / ``lora_B`` are ``ModuleDict``s keyed by adapter since peft 0.3, the version the
+  original pins). The adapter-less form of older peft (``...q_proj.lora_A.weight``) is read too.
 
 Here the new tokens live in a small table (``NewTokenTable``) beside the frozen matrices and the
-LoRA tensors carry peft's adapter name (``lora_A.default.weight``). Rows are matched by token
-name, never by position. The original also trained its old vocabulary rows; where they moved from
+LoRA tensors are this model's own peft adapter ``default``. Rows are matched by token name, never
+by position. Every key of the checkpoint is mapped or reported in :attr:`Imported.report`
+``skipped`` with the reason; the importer (``python -m nextgpt.convert from_legacy``) refuses a
+checkpoint with skipped keys unless told ``--allow-unused``. The original also trained its old vocabulary rows; where they moved from
 the base LLM's, the import keeps them (``base_rows``), so the imported model computes what the
 original computed.
 """
@@ -33,7 +38,8 @@ PROJECTOR_PARTS = {"fc": "in_fc", "tfm": "transformer", "model": "out_fc"}
 EMBED_KEYS = {False: "llama_model.model.embed_tokens.weight", True: "llama_model.base_model.model.model.embed_tokens.weight"}
 HEAD_KEYS = {False: "llama_model.lm_head.weight", True: "llama_model.base_model.model.lm_head.weight"}
 LEGACY_MODALITY_ORDER = ("image", "video", "audio")  # the order the original adds its signal tokens in
-_LORA = re.compile(r"^llama_model\.(?P<path>.+)\.(?P<ab>lora_[AB])\.weight$")
+_LORA = re.compile(r"^llama_model\.(?P<path>.+)\.(?P<ab>lora_[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+DEFAULT_ADAPTER = "default"  # peft's name for the adapter get_peft_model adds
 _PROJ = re.compile(r"^(?P<prefix>gen_text_hidden_fcs(?:_video|_audio)?)\.0\.(?P<rest>.+)$")
 
 
@@ -73,7 +79,13 @@ def is_legacy_key(key: str) -> bool:
 
 def _lora_name(legacy_key: str) -> str | None:
     m = _LORA.match(legacy_key)
-    return f"llm.{m['path']}.{m['ab']}.default.weight" if m else None
+    return f"llm.{m['path']}.{m['ab']}.{DEFAULT_ADAPTER}.weight" if m else None
+
+
+def _lora_layout_free(legacy_key: str) -> str:
+    """A LoRA key without its adapter name: what the peft 0.3 and the older layout share."""
+    m = _LORA.match(legacy_key)
+    return f"{m['path']}.{m['ab']}" if m else legacy_key
 
 
 def _projector_name(legacy_key: str) -> tuple[str, str] | None:
@@ -222,9 +234,11 @@ def to_legacy(model, keys: list[str] | None = None, dtypes: Mapping[str, str] | 
                                  ("head", model.llm.get_output_embeddings().weight, HEAD_KEYS)):
         rows = [getattr(tables[where[t][0]], part)[where[t][1]].to(matrix.dtype) for t in names]
         out[keymap[peft]] = torch.cat([matrix[:base_vocab], torch.stack(rows)])
+    given = {_lora_layout_free(k): k for k in keys or () if _LORA.match(k)}
     for name, p in own.items():
-        if ".lora_A.default." in name or ".lora_B.default." in name:
-            out["llama_model." + name[len("llm."):].replace(".default.weight", ".weight")] = p
+        if f".lora_A.{DEFAULT_ADAPTER}." in name or f".lora_B.{DEFAULT_ADAPTER}." in name:
+            key = "llama_model." + name[len("llm."):]  # peft 0.3's layout, as the original saves it
+            out[given.get(_lora_layout_free(key), key)] = p
     if keys is not None:
         lost = [k for k in keys if k not in out]
         if lost:

@@ -1,12 +1,17 @@
 """Weights in and out: the original's delta checkpoint imports into a bundle that computes what the
 original computed, goes back bit for bit, and exports to a Hugging Face folder.
 
-The checkpoint is built here at tiny size from the original's own module structure
-(``model/layers.py:TextFcLayer``, ``anyToImageVideoAudio.py``: ``llama_proj``, the resized LLaMA
-matrices, peft LoRA on q/k/v/o) and saved with its key layout (``agent.py:save_model``), peft
-0.3's LoRA names included.
+The checkpoint is made at tiny size by the original's own procedure, never written by hand:
+``OriginalNextGPT`` composes the model as ``anyToImageVideoAudio.py`` does (the LLaMA frozen, or
+wrapped by peft's ``get_peft_model`` in stage 3; the tokenizer extended and the matrices resized;
+``llama_proj``; ``gen_text_hidden_fcs{,_video,_audio}`` of ``TextFcLayer``), its trainable
+tensors are moved as training moves them, and ``save_model`` keeps what ``agent.py:save_model``
+keeps: ``named_parameters()`` that require grad, plus the projectors by name. So the keys carry
+peft's adapter name (``...q_proj.lora_A.default.weight``) exactly as the release does.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -39,56 +44,100 @@ class TextFcLayer(nn.Module):
 PREFIX = {"image": "gen_text_hidden_fcs", "video": "gen_text_hidden_fcs_video", "audio": "gen_text_hidden_fcs_audio"}
 
 
-@pytest.fixture(scope="module")
-def original(tiny_cache, tmp_path_factory):
-    """(checkpoint path, the original model's parts, overrides, our reference model)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class OriginalNextGPT(nn.Module):
+    """``NextGPTModel.__init__`` of the original, in its order, at the sizes of ``model_cfg``."""
+
+    def __init__(self, model_cfg: dict, ours, tokenizer, names: list[str], *, freeze_lm: bool):
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        super().__init__()
+        self.llama_model = AutoModelForCausalLM.from_pretrained(model_cfg["llm"]["path"], dtype=torch.float32)
+        if freeze_lm:  # stages 1-2
+            for p in self.llama_model.parameters():
+                p.requires_grad = False
+        else:  # stage 3: peft's LoRA on q/k/v/o
+            lora = model_cfg["lora"]
+            self.llama_model = get_peft_model(self.llama_model, LoraConfig(
+                task_type=TaskType.CAUSAL_LM, inference_mode=False, r=lora["r"], lora_alpha=lora["alpha"],
+                lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        tokenizer.add_tokens(names)  # _add_image_token / _add_video_token / _add_audio_token
+        self.llama_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # transformers 4.29 (the original's pin) resized into new modules, which require grad whatever the
+        # old ones did; since transformers#26865 (4.35) they keep the old flag. Do what 4.29 did:
+        self.llama_model.get_input_embeddings().weight.requires_grad_(True)
+        self.llama_model.get_output_embeddings().weight.requires_grad_(True)
+        hidden = self.llama_model.config.hidden_size
+        self.llama_proj = nn.Linear(ours.encoder.embed_dim, hidden)
+        op = model_cfg["output_projector"]
+        for m, prefix in PREFIX.items():
+            p = ours.output_projectors[m]
+            setattr(self, prefix, nn.ModuleList([TextFcLayer(
+                hidden, p.out_fc.out_features, p.queries.shape[0], op["d_model"], op["nhead"], op["num_encoder_layers"],
+                op["num_decoder_layers"], op["dim_feedforward"])]))
+
+    @torch.no_grad()
+    def train_a_little(self, base_vocab: int) -> None:
+        """Move every trainable tensor as training does: the new rows and, a little, the old ones (the
+        original trained whole matrices), the adapters (peft starts lora_B at zero), the projectors."""
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if n.endswith("embed_tokens.weight") or n.endswith("lm_head.weight"):
+                p[base_vocab:] = torch.randn_like(p[base_vocab:]) * 0.05
+                p[:base_vocab] += torch.randn_like(p[:base_vocab]) * 1e-3
+            elif ".lora_B." in n:
+                p.normal_(0, 0.05)
+
+    def save_model(self) -> dict[str, torch.Tensor]:
+        """``agent.py:save_model``: what requires grad, and the projectors by name."""
+        ckpt = OrderedDict()
+        for k, v in self.named_parameters():
+            if v.requires_grad or "gen_text_hidden_fcs" in k or "llama_proj" in k:
+                ckpt[k] = v.detach().clone()
+        return ckpt
+
+
+def make_original(tiny_cache, tmp, *, freeze_lm: bool) -> dict:
+    from transformers import AutoTokenizer
 
     from nextgpt.config import compose
 
-    tmp = tmp_path_factory.mktemp("legacy")
     overrides = ["model=tiny", f"paths.root={tmp}", f"paths.cache_dir={tiny_cache}"]
-    cfg = compose(["experiment=nextgpt_legacy", "stage=3", *overrides], output_dir=str(tmp))
+    cfg = compose(["experiment=nextgpt_legacy", f"stage={2 if freeze_lm else 3}", *overrides], output_dir=str(tmp))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ours, _, _ = build_nextgpt(model_cfg)  # only for the shapes and the base LLM
     torch.manual_seed(0)
-    llm_path = model_cfg["llm"]["path"]
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg["llm"]["path"])
     base_vocab = len(tokenizer)
-    counts = {m: int(v["num_signal_tokens"]) for m, v in model_cfg["modalities"].items()}
-    names = legacy_tokens(counts)
-    tokenizer.add_tokens(names)
-    llama = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
-    llama.resize_token_embeddings(len(tokenizer))
-    with torch.no_grad():  # the original trained every row: new ones, and the old ones moved a little
-        for w in (llama.get_input_embeddings().weight, llama.get_output_embeddings().weight):
-            w[base_vocab:] = torch.randn_like(w[base_vocab:]) * 0.05
-            w[:base_vocab] += torch.randn_like(w[:base_vocab]) * 1e-3
-    lora = model_cfg["lora"]
-    llama = get_peft_model(llama, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
-                                             target_modules=list(lora["target_modules"])))
-    with torch.no_grad():
-        for n, p in llama.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # trained adapters (peft starts them at zero)
-    llama.eval()
-    hidden = llama.config.hidden_size
-    llama_proj = nn.Linear(ours.encoder.embed_dim, hidden)
-    op = model_cfg["output_projector"]
-    fcs = {m: TextFcLayer(hidden, p.out_fc.out_features, p.queries.shape[0], op["d_model"], op["nhead"],
-                          op["num_encoder_layers"], op["num_decoder_layers"], op["dim_feedforward"]).eval()
-           for m, p in ours.output_projectors.items()}
-    ckpt = {f"llama_proj.{k}": v for k, v in llama_proj.state_dict().items()}
-    for m, layer in fcs.items():
-        ckpt.update({f"{PREFIX[m]}.0.{k}": v for k, v in layer.state_dict().items()})
-    for k, v in llama.state_dict().items():
-        if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight") or ".lora_" in k:
-            ckpt["llama_model." + k.replace(".default.weight", ".weight")] = v  # peft 0.3's names
+    names = legacy_tokens({m: int(v["num_signal_tokens"]) for m, v in model_cfg["modalities"].items()})
+    model = OriginalNextGPT(model_cfg, ours, tokenizer, names, freeze_lm=freeze_lm).eval()
+    model.train_a_little(base_vocab)
+    ckpt = model.save_model()
     path = tmp / "pytorch_model.pt"
-    torch.save({k: v.clone() for k, v in ckpt.items()}, path)
-    return {"path": path, "ckpt": ckpt, "llama": llama, "llama_proj": llama_proj, "fcs": fcs, "tokenizer": tokenizer,
+    torch.save(ckpt, path)
+    return {"path": path, "ckpt": ckpt, "model": model, "llama": model.llama_model, "llama_proj": model.llama_proj,
+            "fcs": {m: getattr(model, p)[0] for m, p in PREFIX.items()}, "tokenizer": tokenizer,
             "base_vocab": base_vocab, "names": names, "overrides": overrides, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def original(tiny_cache, tmp_path_factory):
+    """The original's stage-3 checkpoint (LoRA), its model, and the overrides that compose ours."""
+    return make_original(tiny_cache, tmp_path_factory.mktemp("legacy"), freeze_lm=False)
+
+
+def test_the_original_procedure_saves_what_the_release_holds(original):
+    """The layout of the released stage-3 delta: peft's adapter name on every LoRA tensor, the whole
+    resized matrices under peft's prefix, the projectors; nothing of the frozen LLaMA besides."""
+    keys = list(original["ckpt"])
+    lora = [k for k in keys if ".lora_" in k]
+    assert lora and all(k.startswith("llama_model.base_model.model.model.layers.") and
+                        (k.endswith(".lora_A.default.weight") or k.endswith(".lora_B.default.weight")) for k in lora)
+    assert {"llama_model.base_model.model.model.embed_tokens.weight", "llama_model.base_model.model.lm_head.weight",
+            "llama_proj.weight", "gen_text_hidden_fcs_audio.0.query_embs"} <= set(keys)
+    assert len(lora) == 2 * 4 * original["llama"].config.num_hidden_layers  # A and B of q/k/v/o in every layer
+    assert not [k for k in keys if "norm" in k and "tfm" not in k]
 
 
 @pytest.fixture(scope="module")
@@ -179,34 +228,86 @@ def test_cli_refuses_bad_arguments_with_the_name_at_fault(tmp_path, capsys):
     assert main(["frobnicate"]) == 2 and "usage:" in capsys.readouterr().err
 
 
-def test_a_stage2_checkpoint_without_lora_or_moved_rows(original, tmp_path):
-    """Stages 1-2 of the original froze the LLM: no peft prefix, no LoRA; old rows as the base LLM's."""
+def test_a_stage2_checkpoint_without_lora_or_moved_rows(tiny_cache, tmp_path):
+    """Stages 1-2 of the original froze the LLM: no peft prefix, no LoRA. Here its old rows are put
+    back to the base LLM's (as if they had not moved) and the projectors saved in fp16: the bundle
+    keeps no base rows and gives back every key in its own dtype."""
     import json
 
     from transformers import AutoModelForCausalLM
 
-    V = original["base_vocab"]
-    ckpt = {}
-    for k, v in original["ckpt"].items():
-        if ".lora_" in k:
-            continue
-        k = k.replace("llama_model.base_model.model.", "llama_model.")
-        ckpt[k] = v.clone()
-    from nextgpt.config import compose
-
-    cfg = compose(["experiment=nextgpt_legacy", *original["overrides"]], output_dir=str(tmp_path))
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.llm.path, dtype=torch.float32)
+    o = make_original(tiny_cache, tmp_path, freeze_lm=True)
+    ckpt, V = dict(o["ckpt"]), o["base_vocab"]
+    assert not [k for k in ckpt if ".lora_" in k or "base_model" in k]
+    assert {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight"} <= set(ckpt)
+    base = AutoModelForCausalLM.from_pretrained(o["llama"].name_or_path, dtype=torch.float32)
     ckpt["llama_model.model.embed_tokens.weight"][:V] = base.get_input_embeddings().weight[:V].detach()
     ckpt["llama_model.lm_head.weight"][:V] = base.get_output_embeddings().weight[:V].detach()
     ckpt = {k: v.half() if k.startswith("gen_text_hidden_fcs") else v for k, v in ckpt.items()}  # mixed dtypes
     path = tmp_path / "stage2.pt"
     torch.save(ckpt, path)
-    bundle = import_legacy(path, tmp_path / "b2", original["overrides"])
+    bundle = import_legacy(path, tmp_path / "b2", o["overrides"])
     report = json.loads((bundle / "import_report.json").read_text())
     assert json.loads((bundle / "meta.json").read_text())["stage"] == 2
     assert not report["old_vocabulary_rows"]["kept"] and not (bundle / "base_rows.safetensors").exists()
     back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
     assert list(back) == list(ckpt) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ckpt.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_trip_is_bit_exact_in_half_precision(original, dtype, tmp_path):
+    """The release is saved from an fp16 DeepSpeed engine; bf16 is today's default: either comes back
+    bit for bit through the fp32 bundle."""
+    ckpt = {k: v.to(dtype) for k, v in original["ckpt"].items()}
+    path = tmp_path / "half.pt"
+    torch.save(ckpt, path)
+    bundle = import_legacy(path, tmp_path / "b", original["overrides"])
+    back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
+    assert list(back) == list(ckpt)
+    for k, v in ckpt.items():
+        assert back[k].dtype == dtype and torch.equal(back[k], v), k
+
+
+def test_an_unused_key_stops_the_import_by_name_unless_allowed(original, tmp_path, capsys):
+    import json
+
+    ckpt = dict(original["ckpt"])
+    extra = "llama_model.base_model.model.model.norm.weight"
+    ckpt[extra] = torch.ones(original["llama"].config.hidden_size)
+    path = tmp_path / "extra.pt"
+    torch.save(ckpt, path)
+    out = tmp_path / "b"
+    args = ["from_legacy", f"checkpoint={path}", f"out={out}", *original["overrides"]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert extra in err and "1 of its" in err and "--allow-unused" in err and not out.exists(), err
+    assert main([*args, "--allow-unused"]) == 0
+    report = json.loads((out / "import_report.json").read_text())
+    assert list(report["skipped"]) == [extra] and set(report["mapped"]) == set(original["ckpt"])
+    assert "1 skipped under --allow-unused" in capsys.readouterr().out
+
+
+def test_the_adapter_less_lora_layout_of_older_peft_imports_and_goes_back_as_it_came(original, tmp_path):
+    ckpt = {k.replace(".default.weight", ".weight"): v for k, v in original["ckpt"].items()}
+    path = tmp_path / "old_peft.pt"
+    torch.save(ckpt, path)
+    bundle = import_legacy(path, tmp_path / "b", original["overrides"])
+    back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
+    assert list(back) == list(ckpt) and all(torch.equal(back[k], v) for k, v in ckpt.items())
+
+
+def test_a_bundle_trained_here_exports_in_the_releases_layout(original, bundle, tmp_path):
+    """Without the import's key list (a bundle trained by this project), ``to_legacy`` writes what the
+    original's ``save_model`` writes: the same keys, peft's adapter names included."""
+    import json
+
+    from nextgpt.convert.legacy import to_legacy
+
+    model, _, _, _ = load_bundle_model(bundle)
+    fresh = to_legacy(model)
+    assert set(fresh) == set(original["ckpt"])
+    assert all(torch.equal(fresh[k], v) for k, v in original["ckpt"].items())
+    assert json.loads((bundle / "meta.json").read_text())["legacy_import"]["keys"] == list(original["ckpt"])
 
 
 @pytest.mark.parametrize("ckpt,needles", [
