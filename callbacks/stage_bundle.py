@@ -29,6 +29,9 @@ class StageBundle(L.Callback):
             return
         # every rank takes part in gathering sharded tensors (FSDP2 / ZeRO-3); global rank 0 writes
         state = bundle_state_dict(pl_module.model, pl_module.bundle_names)
+        # trained old vocabulary rows (model.vocab_rows=all), else an imported bundle's own rows
+        base_rows = (pl_module.model.vocab_rows_state() if "vocab_rows" in pl_module.trainable_groups
+                     else getattr(pl_module.model, "base_rows", None))
         if trainer.is_global_zero:
             config = pl_module.hparams.get("run_config") or {}
             meta = {
@@ -41,7 +44,6 @@ class StageBundle(L.Callback):
                 "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
                 **bundle_identity(pl_module.model, pl_module.model_cfg),
             }
-            save_bundle(self.directory, None, config, meta, state=state,
-                        base_rows=getattr(pl_module.model, "base_rows", None))  # an imported bundle's own rows
+            save_bundle(self.directory, None, config, meta, state=state, base_rows=base_rows)
             rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
         trainer.strategy.barrier()

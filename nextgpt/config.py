@@ -325,10 +325,12 @@ def _check_model(c: _Checker) -> list[str]:
         for i, t in enumerate(targets or []):
             if not isinstance(t, str) or not t:
                 c.fail(f"model.lora.target_modules[{i}]", t, "must be a module name")
-    from nextgpt.tokens import MARKER_STYLES
+    from nextgpt.tokens import MARKER_STYLES, VOCAB_ROWS
 
     if c.get("model.markers") is not None:
         c.str_("model.markers", MARKER_STYLES)
+    if c.get("model.vocab_rows") is not None:
+        c.str_("model.vocab_rows", VOCAB_ROWS)
     mods = c.mapping("model.modalities") or {}
     if not mods:
         c.fail("model.modalities", mods, "must name at least one modality")

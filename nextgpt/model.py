@@ -84,7 +84,18 @@ class NextGPT(nn.Module):
                    "new_tokens.markers": self.new_tokens.markers, "new_tokens.signals": self.new_tokens.signals}
         groups = {g: [f"{g}.{n}" for n, _ in m.named_parameters()] for g, m in modules.items()}
         groups["lora"] = [f"llm.{n}" for n, _ in self.llm.named_parameters() if ".lora_" in n]  # peft's adapters
+        matrices = {id(self.llm.get_input_embeddings().weight), id(self.llm.get_output_embeddings().weight)}
+        groups["vocab_rows"] = [f"llm.{n}" for n, p in self.llm.named_parameters() if id(p) in matrices]  # model.vocab_rows=all
         return groups
+
+    def vocab_rows_state(self) -> dict[str, torch.Tensor]:
+        """The LLM's own (old-vocabulary) rows of its embedding and head, whole: what a bundle keeps
+        as ``base_rows.safetensors``. Every rank must call it under FSDP2 / ZeRO-3 (it gathers)."""
+        from nextgpt.strategies import full_tensor
+
+        n = self.layout.first_new_id
+        return {"embed": full_tensor(self.llm.get_input_embeddings().weight)[:n].detach().clone(),
+                "head": full_tensor(self.llm.get_output_embeddings().weight)[:n].detach().clone()}
 
     def set_trainable(self, groups: Iterable[str]) -> list[str]:
         """Make exactly ``groups`` trainable, everything else frozen; returns the trainable names.

@@ -71,6 +71,7 @@ class NextGPTStage(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
+        self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
         self.sharding_cfg = dict(sharding) if sharding else None
         self.cache_dir = Path(cache_dir) if cache_dir else Path(".cache") / "features"  # for caches with no data folder
         self.init_from = init_from
@@ -96,8 +97,10 @@ class NextGPTStage(L.LightningModule):
         else:
             rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
         self.trainable_names = model.set_trainable(self.trainable_groups)
-        # what the stage bundle keeps: what this stage trains and what it carried over
-        self.bundle_names = sorted(set(self.trainable_names) | set(loaded))
+        # what the stage bundle keeps: what this stage trains and what it carried over; trained
+        # vocabulary rows go into the bundle's base_rows file instead (their names change with LoRA)
+        matrices = set(model.parameter_groups()["vocab_rows"])
+        self.bundle_names = sorted((set(self.trainable_names) | set(loaded)) - matrices)
         self.shard(model)
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
@@ -287,6 +290,13 @@ class Stage3InstructionTuning(NextGPTStage):
     trainable_groups = ("lora", "input_projector", "output_projectors", "new_tokens.markers", "new_tokens.signals")
     use_lora = True
     aligns = True
+
+
+def trainable_groups_of(stage: int, model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stage's trainable groups, plus the LLM's embedding and head matrices under
+    ``model.vocab_rows=all`` (every stage of the original trained them)."""
+    groups = STAGES[stage].trainable_groups
+    return groups + ("vocab_rows",) if model_cfg.get("vocab_rows", "new") == "all" else groups
 
 
 STAGES: dict[int, type[NextGPTStage]] = {cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)}

@@ -42,6 +42,11 @@ class TokenLayout:
 
 
 MARKER_STYLES = ("per_modality", "shared")
+# model.vocab_rows: which rows of the LLM's embedding and head train. "new": only the new tokens'
+# (NewTokenTable; the LLM's matrices stay frozen, the project's default); "all": every row, as the
+# original did (it resized the matrices after freezing the LLM, and transformers 4.29 made resized
+# matrices trainable modules). The trained old rows go into the bundle as base_rows.safetensors.
+VOCAB_ROWS = ("new", "all")
 
 
 def marker_tokens(name: str, style: str = "per_modality") -> tuple[str, str]:

@@ -94,7 +94,7 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     model, _, _ = build_nextgpt(model_cfg)
     if has_lora:
         model.apply_lora(model_cfg["lora"])
-    imported = from_legacy(ckpt, model)
+    imported = from_legacy(ckpt, model, all_rows=model_cfg.get("vocab_rows", "new") == "all")
     skipped = imported.report["skipped"]
     if skipped and not allow_unused:
         listed = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:6])
@@ -114,10 +114,10 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
           f"{len(report['skipped'])} skipped" + (f" under --allow-unused ({out / 'import_report.json'} lists them and why)"
                                                   if report["skipped"] else ""))
     if rows.get("kept"):
-        print(f"the checkpoint's old vocabulary rows moved from the base LLM's (embed: {rows['embed_rows_changed']} rows, "
-              f"max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, "
-              f"max {rows['head_max_abs_change']:.3g}): kept in {out / 'base_rows.safetensors'}, so the bundle computes "
-              "what the original computed")
+        print(f"the checkpoint's old vocabulary rows (embed: {rows['embed_rows_changed']} rows moved from the base "
+              f"LLM's, max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, max "
+              f"{rows['head_max_abs_change']:.3g}): kept in {out / 'base_rows.safetensors'} (model.vocab_rows="
+              f"{model_cfg.get('vocab_rows', 'new')}), so the bundle computes what the original computed")
     return out
 
 

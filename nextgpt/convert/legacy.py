@@ -102,9 +102,11 @@ def _projector_name(legacy_key: str) -> tuple[str, str] | None:
     return modality, f"output_projectors.{modality}.{PROJECTOR_PARTS[part]}.{tail}"
 
 
-def from_legacy(ckpt: Mapping[str, torch.Tensor], model) -> Imported:
+def from_legacy(ckpt: Mapping[str, torch.Tensor], model, *, all_rows: bool = False) -> Imported:
     """Map every tensor of an original checkpoint onto ``model`` (a NextGPT, with LoRA applied when
-    the checkpoint has LoRA tensors). Nothing is loaded into ``model``; ``Imported.state`` is."""
+    the checkpoint has LoRA tensors). Nothing is loaded into ``model``; ``Imported.state`` is.
+    ``all_rows`` (``model.vocab_rows=all``): the old vocabulary rows are trained weights and are
+    kept whether they moved or not; otherwise only when they moved."""
     own = dict(model.named_parameters())
     layout = model.layout
     base_vocab = int(layout.first_new_id)
@@ -185,8 +187,8 @@ def from_legacy(ckpt: Mapping[str, torch.Tensor], model) -> Imported:
             "base_vocab": base_vocab,
         })
         moved = rows_report["embed_rows_changed"] or rows_report["head_rows_changed"]
-        rows_report["kept"] = bool(moved)
-        if moved:
+        rows_report["kept"] = bool(moved) or all_rows
+        if rows_report["kept"]:
             base_rows = {"embed": embed[:base_vocab].detach().clone(), "head": head[:base_vocab].detach().clone()}
     report = {"mapped": mapped, "skipped": skipped, "old_vocabulary_rows": rows_report, "peft_prefix": peft,
               "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in ckpt.items()},

@@ -124,7 +124,7 @@ def meta_model(model_cfg: Mapping[str, Any], stage: int):
 
     from nextgpt.encoders.imagebind import ImageBindModel
     from nextgpt.model import NextGPT, encoder_arch, torch_dtype
-    from nextgpt.stages import STAGES
+    from nextgpt.stages import STAGES, trainable_groups_of
     from nextgpt.tokens import TokenLayout, nextgpt_tokens
 
     config, source = llm_config(str(model_cfg["llm"]["path"]))
@@ -146,7 +146,7 @@ def meta_model(model_cfg: Mapping[str, Any], stage: int):
                         output_shapes=shapes, output_projector=dict(model_cfg["output_projector"]))
         if STAGES[stage].use_lora:
             model.apply_lora(model_cfg["lora"])
-    model.set_trainable(STAGES[stage].trainable_groups)
+    model.set_trainable(trainable_groups_of(stage, model_cfg))
     return model, config.get_text_config(), source, text_encoders
 
 

@@ -246,7 +246,10 @@ def test_a_stage2_checkpoint_without_lora_or_moved_rows(tiny_cache, tmp_path):
     ckpt = {k: v.half() if k.startswith("gen_text_hidden_fcs") else v for k, v in ckpt.items()}  # mixed dtypes
     path = tmp_path / "stage2.pt"
     torch.save(ckpt, path)
-    bundle = import_legacy(path, tmp_path / "b2", o["overrides"])
+    kept = import_legacy(path, tmp_path / "all", o["overrides"])  # experiment=nextgpt_legacy: model.vocab_rows=all
+    assert json.loads((kept / "import_report.json").read_text())["old_vocabulary_rows"]["kept"]
+    assert (kept / "base_rows.safetensors").is_file()  # trained weights there, moved or not
+    bundle = import_legacy(path, tmp_path / "b2", [*o["overrides"], "model.vocab_rows=new"])
     report = json.loads((bundle / "import_report.json").read_text())
     assert json.loads((bundle / "meta.json").read_text())["stage"] == 2
     assert not report["old_vocabulary_rows"]["kept"] and not (bundle / "base_rows.safetensors").exists()
