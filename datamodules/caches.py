@@ -67,7 +67,7 @@ def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, e
         if pending:
             x = torch.stack([t for _, t in pending]).to(device, dtype=next(encoder.parameters()).dtype)
             with torch.no_grad():
-                feats = encoder.encode(mod.encoder_modality, x, renormalize=True).float().cpu().numpy()
+                feats = encoder.features(mod.encoder_modality, x).float().cpu().numpy()
             rows_keys.extend(k for k, _ in pending)
             rows.append(feats.astype(dtype))
             pending = []

@@ -297,6 +297,8 @@ def _check_model(c: _Checker) -> list[str]:
         c.fail("model.llm.activation_checkpointing", c.get("model.llm.activation_checkpointing"), "must be true or false")
     c.str_("model.encoder.checkpoint")
     c.str_("model.encoder.dtype", DTYPES)
+    if c.get("model.encoder.renormalize") not in (None, True, False):
+        c.fail("model.encoder.renormalize", c.get("model.encoder.renormalize"), "must be true or false")
     arch = c.mapping("model.encoder.arch")
     if arch is not None:
         try:

@@ -142,7 +142,7 @@ class NextGPT(nn.Module):
             trunk = modality_registry.get(name).encoder_modality
             x = media[name] if name in media else self.encoder.empty_input(trunk)
             with torch.no_grad():
-                feats[name] = self.encoder.encode(trunk, x, renormalize=True)
+                feats[name] = self.encoder.features(trunk, x)
         return self.project_features(feats)
 
     def project_features(self, features: Mapping[str, torch.Tensor], *,
@@ -294,7 +294,9 @@ def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     from nextgpt.encoders.imagebind import load_imagebind
 
     arch = encoder_arch(encoder_cfg, modalities)
-    return load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
+    encoder = load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
+    encoder.renormalize_features = bool(encoder_cfg.get("renormalize", True))
+    return encoder
 
 
 def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextConditioner] | None = None):

@@ -155,7 +155,9 @@ class PairStyle:
     {caption}"), a stage-2 answer that is the signal group alone. ``legacy``: the original's
     stage 1 ``<X> {caption_prompt}`` -> ``{caption}``, and stage 2 ``{caption}`` -> ``{caption}`` +
     signal group (cross-entropy on the echoed caption too). ``clean_captions``: the original's
-    :func:`clean_caption` on every pair caption (the alignment target's text included).
+    :func:`clean_caption` on the captions the LLM reads and writes; the alignment target stays the
+    raw caption, as the original's (``process_embeddings.py`` encodes the caption as the data gives
+    it, and CLAP's tokenizer is case-sensitive).
     """
 
     style: str = "ours"
@@ -184,7 +186,7 @@ class PairStyle:
                 human, answer = caption, f"{caption} {modality_registry.get(name).placeholder}"
             else:
                 human = human.replace(raw, caption)
-            return dataclasses.replace(conv, turns=[(human, answer)], captions_out=[(name, caption)])
+            return dataclasses.replace(conv, turns=[(human, answer)])  # captions_out: the raw target text
         return conv
 
 

@@ -24,13 +24,15 @@ PREPROCESS_VERSION = 1
 
 
 def imagebind_fingerprint(encoder_cfg: Mapping[str, Any], modality: str) -> str:
-    """ImageBind weights + architecture + output dtype + the modality's preprocessing."""
+    """ImageBind weights + architecture + output dtype + the modality's preprocessing (+ the
+    original's un-renormalised features, ``model.encoder.renormalize=false``)."""
     from nextgpt.encoders.imagebind import ImageBindConfig
 
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     mod = modality_registry.get(modality)
+    original_norm = () if encoder_cfg.get("renormalize", True) else ("not renormalised",)  # the default keeps its caches
     return fingerprint("imagebind", repr(arch), file_signature(encoder_cfg["checkpoint"]), encoder_cfg.get("dtype"),
-                       mod.name, mod.encoder_modality, PREPROCESS_VERSION)
+                       mod.name, mod.encoder_modality, PREPROCESS_VERSION, *original_norm)
 
 
 def media_store(source: Mapping[str, Any], encoder_cfg: Mapping[str, Any], fallback: str | Path) -> FeatureStore:
@@ -94,7 +96,7 @@ def compute_media(store: FeatureStore, items: Mapping[str, str], encoder, modali
             return [], np.zeros((0,)), failed
         with torch.no_grad():
             x = torch.stack(tensors).to(device, dtype=next(encoder.parameters()).dtype)
-            feats = encoder.encode(mod.encoder_modality, x, renormalize=True)
+            feats = encoder.features(mod.encoder_modality, x)
         return done, feats.float().cpu().numpy(), failed
 
     return store.complete(list(items), compute, batch_size=batch_size, dtype=dtype,

@@ -570,6 +570,16 @@ class ImageBindModel(nn.Module):
             out = F.normalize(out, dim=-1, p=2)
         return out
 
+    # model.encoder.renormalize (load_encoder sets it): the project L2-normalises every feature it
+    # feeds the input projector; the original (false) feeds the postprocessed output as it is:
+    # audio x 20, and clip averages of unit vectors (norm <= 1) for video
+    renormalize_features: bool = True
+
+    def features(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """What NExT-GPT feeds its input projector: :meth:`encode`, renormalised or not by
+        ``model.encoder.renormalize``. Training, the feature caches and generation all call this."""
+        return self.encode(modality, x, renormalize=self.renormalize_features)
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dict in, dict out, like the original ``ImageBindModel.forward``."""
         return {m: self.encode(m, x) for m, x in inputs.items() if x is not None}

@@ -201,3 +201,33 @@ def test_huge_key_set() -> None:
     assert 7.0e8 < n_params < 7.4e8  # ViT-H/14 (~631M) + ViT-B audio (~86M) = 719,065,088
     assert model.embed_dim == 1024
     assert math.prod(ImageBindConfig.huge().audio_patch_layout) + 1 == 229
+
+
+def test_the_original_feeds_its_projector_unrenormalised_features(tiny_cache, tmp_path) -> None:
+    """``experiment=nextgpt_legacy`` sets ``model.encoder.renormalize=false``: the input projector gets
+    ImageBind's postprocessed output as the original's ``llama_proj`` did (audio at norm 20, video the
+    mean of unit clip vectors); the default gets unit vectors. The feature caches key on it."""
+    from omegaconf import OmegaConf
+
+    from nextgpt.cache.encode import imagebind_fingerprint
+    from nextgpt.config import compose
+    from nextgpt.model import build_nextgpt
+
+    seen = {}
+    for renormalize, overrides in ((False, ["experiment=nextgpt_legacy"]), (True, [])):
+        cfg = compose([*overrides, "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
+                      output_dir=str(tmp_path))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        assert model_cfg["encoder"]["renormalize"] is renormalize
+        model, _, _ = build_nextgpt(model_cfg)
+        fed = {}
+        hook = model.input_projector.register_forward_pre_hook(lambda _, args: fed.setdefault("x", args[0]))
+        x = _inputs(model.encoder.cfg)["audio"][:, :1]  # one clip per item
+        with torch.no_grad():
+            model.encode_media({"audio": x})
+        hook.remove()
+        norms = fed["x"].norm(dim=-1)
+        want = 1.0 if renormalize else AUDIO_LOGIT_SCALE
+        torch.testing.assert_close(norms, torch.full_like(norms, want), atol=1e-4, rtol=0)
+        seen[renormalize] = imagebind_fingerprint(model_cfg["encoder"], "audio")
+    assert seen[True] != seen[False]

@@ -85,6 +85,7 @@ def test_the_experiment_sets_every_row_of_the_original(legacy_cfg):
     assert legacy_cfg.dataset.mix == "balanced"
     assert list(legacy_cfg.stage.optim.betas) == [0.9, 0.95] and legacy_cfg.stage.optim.lr == 5e-4
     assert legacy_cfg.stage.optim.scheduler.warmup_type == "log"
+    assert legacy_cfg.model.vocab_rows == "all" and legacy_cfg.model.encoder.renormalize is False
 
 
 def test_caption_cleaning_is_the_originals_process_caption():
@@ -122,7 +123,9 @@ def test_stage2_sample_echoes_the_caption_before_the_signal_tokens(legacy_cfg, t
     raw = Conversation("k", [("Generate an image: A Red circle", "<image>")], captions_out=[("image", "A Red circle")],
                        kind="generate")
     conv = PairStyle(**legacy_cfg.dataset.pairs).apply(raw)
-    assert conv.captions_out == [("image", "a red circle")]  # the alignment target's text too
+    # the LLM reads and writes the cleaned caption; the alignment target is the raw one, as the
+    # original's process_embeddings.py encodes it (CLAP is case-sensitive)
+    assert conv.captions_out == [("image", "A Red circle")]
     pieces = piece_texts(legacy_cfg, tok, conv)
     assert pieces == [("### Human: ", False), ("a red circle\n### Assistant: ", False),
                       (f"a red circle{SIGNALS['image']}\n###", True)]
