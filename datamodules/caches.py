@@ -29,11 +29,12 @@ def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str
     """Every media item (key -> path) and every caption of one source, over all JSON kinds present."""
     media: dict[str, str] = {}
     captions: list[str] = []
-    for objective in ("caption", "generate", "instruct"):
+    foreign = (source.get("format") or "nextgpt") != "nextgpt"  # an original stage-3 file: instruct only
+    for objective in ("instruct",) if foreign else ("caption", "generate", "instruct"):
         try:
             # caption and generate read the same <name>.json: its bad entries are named once
             convs, _ = read_source(source["name"], source["modality"], source["root"], objective,
-                                   warn=objective != "generate")
+                                   warn=objective != "generate", fmt=source.get("format"), file=source.get("file"))
         except FileNotFoundError as e:
             log.info("feature cache: %s", e)
             continue

@@ -72,12 +72,16 @@ def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, s
     return out
 
 
-def source_identity(root: str | Path, name: str, modality: str, shard_set: str, media: str = "listing") -> dict[str, Any]:
-    """The identity of one source's shard set (see the module docstring)."""
+def source_identity(root: str | Path, name: str, modality: str, shard_set: str, media: str = "listing",
+                    file: str | Path | None = None) -> dict[str, Any]:
+    """The identity of one source's shard set (see the module docstring); ``file``: the JSON file of
+    a source in one of the original's stage-3 formats, signed the same way."""
     if media not in MEDIA_IDENTITIES:
         raise ValueError(f"dataset.media_identity={media!r}: must be one of {list(MEDIA_IDENTITIES)}")
     resolved = Path(root).resolve()
     ident: dict[str, Any] = {"root": str(resolved), "json": source_signature(resolved, name, shard_set)}
+    if file is not None and Path(file).is_file():
+        ident["json"] = {Path(file).name: f"{file_signature(Path(file))}-{Path(file).stat().st_mtime_ns}"}
     if media == "listing":
         folder = resolved / modality_registry.get(modality).media_folder
         key = (str(folder), modality)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.nextgpt_layout import json_files, read_source
+from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.prompts import Conversation
@@ -82,7 +82,7 @@ class NextGPTDataModule(SourceDataModule):
         for k, src in enumerate(self.sources):
             # every rank reads the files (and counts their skips alike, once in the report); rank 0 names them
             c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective,
-                                     warn=trainer_topology(self.trainer)[0] == 0)
+                                     warn=trainer_topology(self.trainer)[0] == 0, fmt=src.get("format"), file=src.get("file"))
             c = [self.pair_style.apply(conv) for conv in c]
             convs += c
             source_of += [k] * len(c)
@@ -90,7 +90,7 @@ class NextGPTDataModule(SourceDataModule):
             self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
         features = self._media_features() if self.feature_cache else {}
         if not convs:
-            files = [str(f) for src in self.sources for f in json_files(src["name"], src["root"], self.objective)]
+            files = [str(f) for src in self.sources for f, _ in source_files(src, self.objective)]
             raise DataError(f"no usable sample for objective {self.objective!r} in {', '.join(files)}: "
                             + (f"every entry was skipped ({dict(self.skipped_entries)})" if self.skipped_entries
                                else "the files hold no entries"))

@@ -201,18 +201,35 @@ def read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
 
 
+def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
+    """(JSON file, entry reader) of one ``dataset.sources`` entry for ``objective``: the NExT-GPT
+    folder layout by default, or the one file of an original stage-3 format (``format``, ``file``)."""
+    from datamodules.original_formats import READERS
+    from nextgpt.runs import DataError
+
+    fmt = source.get("format") or "nextgpt"
+    if fmt == "nextgpt":
+        return list(zip(json_files(source["name"], source["root"], objective), (r for _, r in OBJECTIVE_FILES[objective])))
+    if objective != "instruct":
+        raise DataError(f"dataset source {source['name']!r} (format {fmt}) is stage-3 instruction data; objective "
+                        f"{objective!r} reads text-X pairs (the NExT-GPT folder layout)")
+    return [(Path(source["file"]), lambda e, mod, root, i: READERS[fmt](e, mod.name, root, i))]
+
+
 def read_source(name: str, modality: str, root: str | Path, objective: str,
-                warn: bool = True) -> tuple[list[Conversation], Counter]:
+                warn: bool = True, *, fmt: str | None = None, file: str | None = None) -> tuple[list[Conversation], Counter]:
     """All usable conversations of one source for ``objective``, and the skip counts by reason.
     ``warn=False``: count skipped entries without a log line each (a second read of a file whose
-    entries were already reported, e.g. by another rank)."""
+    entries were already reported, e.g. by another rank). ``fmt`` / ``file``: a source in one of the
+    original's stage-3 formats (:mod:`datamodules.original_formats`)."""
     from nextgpt.runs import DataError
 
     mod = modality_registry.get(modality)
     root = Path(root)
     convs: list[Conversation] = []
     skipped: Counter = Counter()
-    for (pattern, reader), path in zip(OBJECTIVE_FILES[objective], json_files(name, root, objective)):
+    source = {"name": name, "root": root, "format": fmt, "file": file}
+    for path, reader in source_files(source, objective):
         if not path.is_file():
             raise FileNotFoundError(f"dataset source {name!r} ({modality}): {path} does not exist")
         try:

@@ -34,9 +34,12 @@ def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
                               "paths.data_root=DIR; shards are only read for the data root they were written from: "
                               "dataset.sources[i].shards=DIR names a folder of shards alone)")
         return errors
-    return [
-        f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set paths.data_root=DIR)"
-        for i, src in enumerate(cfg.dataset.sources)
-        for path in json_files(src.name, src.root, objective)
-        if not path.is_file()
-    ]
+    errors = []
+    for i, src in enumerate(cfg.dataset.sources):
+        if src.get("format", "nextgpt") != "nextgpt":  # one of the original's stage-3 files
+            if not Path(str(src.file)).is_file():
+                errors.append(f"dataset.sources[{i}].file={src.file!r}: no such file (format {src.format})")
+            continue
+        errors += [f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set "
+                   "paths.data_root=DIR)" for path in json_files(src.name, src.root, objective) if not path.is_file()]
+    return errors

@@ -26,6 +26,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 CONDITIONINGS = ("last_hidden_state", "text_embeds", "sdxl")  # nextgpt.decoders.CONDITIONINGS
 LOSS_TERMS = ("ce", "align", "denoise")
 LOADERS = ("json", "shards")
+# dataset.sources[i].format: the NExT-GPT folder layout, or one of the original's stage-3 files
+# (datamodules/original_formats.py)
+SOURCE_FORMATS = ("nextgpt", "t2x", "llava", "alpaca", "mosit")
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
                   "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload", "single_device")
@@ -393,6 +396,13 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
         weight = src.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             c.fail(f"{key}.weight", weight, "must be a positive integer (passes over the source per epoch)")
+        fmt = src.get("format") or "nextgpt"
+        if fmt not in SOURCE_FORMATS:
+            c.fail(f"{key}.format", fmt, f"must be one of {list(SOURCE_FORMATS)}")
+        elif fmt != "nextgpt":
+            c.str_(f"{key}.file")  # the original's JSON file; its media names are relative to root
+            if loader != "json":
+                c.fail(f"{key}.format", fmt, "the original's stage-3 files are read by dataset.loader=json")
         mod = c.str_(f"{key}.modality")
         if mod and mod not in modality_registry.names():
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")

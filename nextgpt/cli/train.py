@@ -110,7 +110,8 @@ def data_signatures(cfg: DictConfig) -> dict[str, Any]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
     media = str(cfg.dataset.get("media_identity", "listing"))
-    return {src.name: source_identity(src.root, src.name, src.modality, shard_set(cfg.stage.objective), media)
+    return {src.name: source_identity(src.root, src.name, src.modality, shard_set(cfg.stage.objective), media,
+                                      file=src.get("file") if src.get("format", "nextgpt") != "nextgpt" else None)
             for src in cfg.dataset.sources if src.get("root") and not src.get("urls") and Path(src.root).is_dir()}
 
 
