@@ -321,7 +321,7 @@ def _check_model(c: _Checker) -> list[str]:
     if c.get("model.output_projector.norm_first") not in (None, True, False):
         c.fail("model.output_projector.norm_first", c.get("model.output_projector.norm_first"), "must be true or false")
     if c.get("model.output_projector.query_std") is not None:
-        c.float_("model.output_projector.query_std", 0.0, lo_open=True, hi=None)
+        c.float_("model.output_projector.query_std", 0.0, hi=None)  # 0: zero queries (the current code)
     c.int_("model.lora.r", 1)
     c.float_("model.lora.alpha", 0.0, lo_open=True, hi=None)
     c.float_("model.lora.dropout", 0.0, 1.0)
@@ -334,6 +334,13 @@ def _check_model(c: _Checker) -> list[str]:
 
     if c.get("model.markers") is not None:
         c.str_("model.markers", MARKER_STYLES)
+    if c.get("model.generation") is not None:  # decoding defaults of python -m nextgpt.generate
+        if c.get("model.generation.max_new_tokens") is not None:
+            c.int_("model.generation.max_new_tokens", 1)
+        if c.get("model.generation.temperature") is not None:
+            c.float_("model.generation.temperature", 0.0, None)
+        if c.get("model.generation.top_p") is not None:
+            c.float_("model.generation.top_p", 0.0, 1.0, lo_open=True, hi_open=False)
     if c.get("model.vocab_rows") is not None:
         c.str_("model.vocab_rows", VOCAB_ROWS)
     mods = c.mapping("model.modalities") or {}

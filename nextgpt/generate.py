@@ -71,6 +71,8 @@ def modality_of_file(path: str | Path) -> str:
     raise GenerationInputError(f"{path}: unsupported media type {suffix!r}; supported: {known}")
 
 
+DECODING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+
 class Generator:
     """A NextGPT model ready to answer, plus its decoder pipelines (loaded once, on first use)."""
 
@@ -102,6 +104,14 @@ class Generator:
         self.bundle, self.stage, self.untrained = Path(bundle), -1, []
         self._setup(model, tokenizer, conditioners, model_cfg, device)
         return self
+
+    def decoding_defaults(self) -> dict[str, Any]:
+        """``model.generation`` of the bundle's config (``experiment=nextgpt_legacy`` samples as the
+        original's inference.py does), over greedy decoding of 64 tokens."""
+        from omegaconf import OmegaConf
+
+        given = OmegaConf.to_container(self.model_cfg.get("generation") or OmegaConf.create({}), resolve=True)
+        return {**DECODING_DEFAULTS, **{k: given[k] for k in DECODING_DEFAULTS if given.get(k) is not None}}
 
     def _setup(self, model, tokenizer, conditioners, model_cfg, device) -> None:
         from omegaconf import OmegaConf
@@ -366,9 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--media", nargs="*", default=[], help="input media of any kind (by suffix)")
     p.add_argument("--interactive", action="store_true", help="a multi-turn chat on the terminal")
     p.add_argument("--out", default="outputs/generate", help="where generated files go")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's model.generation, else 64")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the bundle's model.generation, else 0")
+    p.add_argument("--top-p", type=float, help="default: the bundle's model.generation, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--weights", help="where the real backbone weights are now, if they moved since training")
@@ -382,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen = Generator(args.bundle, args.device, weights=args.weights, backbones=args.backbones)
     except (BundleError, FileNotFoundError) as e:
         p.error(f"--bundle {args.bundle}: {e}")
+    for key, value in gen.decoding_defaults().items():  # what the command line leaves open
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.interactive:
         return _interactive(gen, args)
     report = []

@@ -240,3 +240,21 @@ def test_cli_interactive_chat_survives_errors(bundle, tiny_cache, tmp_path, monk
     out = capsys.readouterr().out
     assert "[0] 'What is this?'" in out and "error: /nowhere.wav: no such media file" in out
     assert "(new conversation)" in out and "[0] 'hello'" in out
+
+
+def test_decoding_defaults_come_from_the_bundles_model_generation(generator, tiny_cache, tmp_path):
+    """``experiment=nextgpt_legacy`` decodes as the original's inference.py (sampled, temperature 0.1,
+    200 tokens); a bundle without ``model.generation`` decodes greedily; flags given win."""
+    from nextgpt.config import compose
+
+    assert generator.decoding_defaults() == {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+    cfg = compose(["experiment=nextgpt_legacy", "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
+                  output_dir=str(tmp_path))
+    legacy = Generator.from_model(generator.model, generator.tokenizer, generator.conditioners, cfg.model)
+    assert legacy.decoding_defaults() == {"max_new_tokens": 200, "temperature": 0.1, "top_p": 1.0}
+    bad = compose(["model=tiny", "+model.generation.top_p=1.5", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
+                  output_dir=str(tmp_path))
+    from nextgpt.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="model.generation.top_p"):
+        validate(bad)
