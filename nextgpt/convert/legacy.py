@@ -232,10 +232,12 @@ def to_legacy(model, keys: list[str] | None = None, dtypes: Mapping[str, str] | 
     if missing:
         raise ConvertError(f"the original's tokens {missing[:4]} are not in this model's vocabulary (model.markers=shared "
                            "puts <Img> </Img> around every modality, as the original)")
+    kept = getattr(model, "base_rows", None) or {}  # a bundle's own old rows, in the dtype it stored them in
     for part, matrix, keymap in (("embed", model.llm.get_input_embeddings().weight, EMBED_KEYS),
                                  ("head", model.llm.get_output_embeddings().weight, HEAD_KEYS)):
-        rows = [getattr(tables[where[t][0]], part)[where[t][1]].to(matrix.dtype) for t in names]
-        out[keymap[peft]] = torch.cat([matrix[:base_vocab], torch.stack(rows)])
+        old = kept[part] if part in kept else matrix[:base_vocab]  # not the LLM's copy: a bf16 LLM rounds fp16 rows
+        rows = [getattr(tables[where[t][0]], part)[where[t][1]].to(old.dtype) for t in names]
+        out[keymap[peft]] = torch.cat([old.to(matrix.device), torch.stack(rows)])
     given = {_lora_layout_free(k): k for k in keys or () if _LORA.match(k)}
     for name, p in own.items():
         if f".lora_A.{DEFAULT_ADAPTER}." in name or f".lora_B.{DEFAULT_ADAPTER}." in name:

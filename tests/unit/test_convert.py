@@ -337,3 +337,15 @@ def test_cli_names_a_missing_backbone_folder_before_building(tiny_cache, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"model.llm.path='{tmp_path / 'nonexistent'}'" in err and "does not exist" in err, err
     assert "Repo id" not in err and not out.exists()
+
+
+def test_a_half_precision_release_into_a_bf16_llm_comes_back_bit_for_bit(original, tmp_path):
+    """The 7B config loads the LLM in bf16 while the release was saved from an fp16 engine: the
+    export takes the kept rows from the bundle, not from the bf16 matrices, and loses no bit."""
+    ckpt = {k: v.half() for k, v in original["ckpt"].items()}
+    path = tmp_path / "fp16.pt"
+    torch.save(ckpt, path)
+    bundle = import_legacy(path, tmp_path / "b", [*original["overrides"], "model.llm.dtype=bfloat16"])
+    back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
+    lost = [k for k, v in ckpt.items() if back[k].dtype != v.dtype or not torch.equal(back[k], v)]
+    assert not lost, lost[:5]
