@@ -13,16 +13,16 @@ folder and must stay inside it (:func:`media_path`): an entry naming a file else
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
-import stat
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from datamodules.entries import OUTSIDE_ROOT, Skip, _media, _text, media_path  # noqa: F401  (re-exported)
+from datamodules.original_formats import READERS as ORIGINAL_READERS
 from nextgpt import modality as modality_registry
 from nextgpt.modality import Modality
 from nextgpt.prompts import Conversation
@@ -40,52 +40,6 @@ CAPTION_INSTRUCTIONS = (
 GENERATE_REQUESTS = ("Generate {a} {m}: {c}", "Please make {a} {m} of {c}", "Show me {a} {m} of {c}")
 
 
-class Skip(Exception):
-    """An entry that can not be used; its message is the reason counted, ``detail`` (which file,
-    which name) only goes into the log line."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.detail = detail
-
-    def describe(self) -> str:
-        return f"{self} ({self.detail})" if self.detail else str(self)
-
-
-OUTSIDE_ROOT = "media path outside the data root"
-
-
-def media_path(root: str | Path, name: str | Path) -> Path:
-    """``root / name`` for a media name read from a data file, refused (:class:`Skip`, reason
-    :data:`OUTSIDE_ROOT`) unless it lies inside ``root``.
-
-    Both are resolved first (``..`` and symlinks followed), so an absolute name, a ``..`` that climbs
-    out, and a symlink inside the media folder that points outside it are all refused: a data file
-    can not make training read, or a shard carry, a file from elsewhere on the machine. A media
-    folder that is itself a symlink (``images -> /mnt/big/images``) is fine: the root is resolved
-    too. To use files kept elsewhere, link or mount their folder as the media folder, not each file.
-    The path returned is the joined one (not the resolved one), so cache keys and log lines keep
-    the names the data uses. Every reader of a data file's media names goes through here.
-    """
-    path = Path(root) / name
-    plain = os.fspath(name)
-    if "/" not in plain and os.sep not in plain and plain not in ("", ".", ".."):  # a file name: one lstat
-        try:
-            if not stat.S_ISLNK(os.lstat(path).st_mode):
-                return path
-        except OSError:  # not there: nothing is read through it (the sample fails as a missing file)
-            return path
-    base, real = _resolved_root(str(Path(root).absolute())), path.resolve()
-    if not real.is_relative_to(base):
-        raise Skip(OUTSIDE_ROOT, f"{str(name)!r} is {real}, not inside {base}")
-    return path
-
-
-@functools.lru_cache(maxsize=256)
-def _resolved_root(root: str) -> Path:
-    return Path(root).resolve()
-
-
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -94,28 +48,11 @@ def _pick(options: tuple[str, ...], key: str) -> str:
     return options[zlib.crc32(key.encode()) % len(options)]
 
 
-def _text(entry: dict, field: str) -> str:
-    value = entry.get(field)
-    if value is None:
-        raise Skip(f"missing {field}")
-    if not isinstance(value, str):
-        raise Skip(f"{field} is {type(value).__name__}, not a string")
-    if not value.strip():
-        raise Skip(f"empty {field}")
-    return value.strip()
-
-
 def _key(entry: dict, mod: Modality, fallback: str) -> str:
     for field in ("id", f"{mod.name}_id"):
         if entry.get(field) is not None:
             return str(entry[field])
     return fallback
-
-
-def _media(root: Path | None, mod: Modality, name: str) -> str:
-    """The file of a media name, inside the source's media folder; ``root=None``: names of shard
-    members (already packed, not files), taken as they are."""
-    return name if root is None else str(media_path(root / mod.media_folder, name))
 
 
 def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
@@ -204,7 +141,6 @@ def read_utf8(path: Path) -> str:
 def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
     """(JSON file, entry reader) of one ``dataset.sources`` entry for ``objective``: the NExT-GPT
     folder layout by default, or the one file of an original stage-3 format (``format``, ``file``)."""
-    from datamodules.original_formats import READERS
     from nextgpt.runs import DataError
 
     fmt = source.get("format") or "nextgpt"
@@ -213,7 +149,7 @@ def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
     if objective != "instruct":
         raise DataError(f"dataset source {source['name']!r} (format {fmt}) is stage-3 instruction data; objective "
                         f"{objective!r} reads text-X pairs (the NExT-GPT folder layout)")
-    return [(Path(source["file"]), lambda e, mod, root, i: READERS[fmt](e, mod.name, root, i))]
+    return [(Path(source["file"]), lambda e, mod, root, i: ORIGINAL_READERS[fmt](e, mod.name, root, i))]
 
 
 def read_source(name: str, modality: str, root: str | Path, objective: str,

@@ -27,13 +27,13 @@ A malformed entry is skipped and counted with its reason, as in :mod:`datamodule
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from datamodules.nextgpt_layout import Skip, _media, _text
+from datamodules.entries import Skip, _media, _text
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
-
 
 
 def _messages(entry: dict) -> list[dict]:
