@@ -197,7 +197,7 @@ def main() -> None:
         for impl in ("old", "new"):
             out = folder / f"{kind}_{impl}.pt"
             results[impl] = measure(kind, impl, path, warm, out)
-            results[impl]["tensor"] = torch.load(out)
+            results[impl]["tensor"] = torch.load(out, weights_only=True)
         diff = (results["old"]["tensor"] - results["new"]["tensor"]).abs().max().item()
         for impl in ("old", "new"):
             r = results[impl]

@@ -162,7 +162,7 @@ def test_fully_shard_step_equals_one_process(stage, tiny_cache, tmp_path):
                           f"--master-port={free_port()}", str(script), str(stage), str(two), str(tiny_cache)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = torch.load(one), torch.load(two)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     info = b["info"]
     assert info["world"] == 2 and any(".layers." in u for u in info["units"]), info["units"]
     assert info["frozen_sharded"] and info["frozen_local_fraction"] <= 0.55, info

@@ -36,8 +36,12 @@ pytestmark = pytest.mark.slow
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "learning.json"
 STEPS = {1: 240, 2: 160}
-RTOL = 0.01  # relative, per step: reruns on one machine differ by <= 2e-4; the alignment against the neighbour
-# sample's caption (a pairing bug) moves stage 2's alignment by a median 0.8%, 90th percentile 2.3%
+# Two checks per loss term against the golden track. Stage 2's trajectory is chaotic in the last
+# float bits: one run under xdist in a clean-clone CI differed from the golden by a median 0.16 %
+# per step (90th percentile 0.64 %, max 2.3 %), a serial rerun by <= 2e-4. Alignment against the
+# neighbouring sample's caption (a pairing bug) moved it by a median 0.62 % and 0.76 % in two runs.
+RTOL = 0.05  # every step: a gross change (targets zeroed: up to 94 %) fails here
+MEDIAN_RTOL = 0.004  # the median step: a subtle one (the pairing bug) fails here
 SCORED = 24  # held-out items per task
 # Wordings that no training text holds (checked below): stage 1 is asked to caption, stage 2 to
 # generate, in words of neither the stage data nor the world LLM's pre-training.
@@ -92,6 +96,8 @@ def test_losses_follow_the_golden_track(world_run):
             got = losses[stage][term]
             assert len(got) == len(want), (stage, term, len(got), len(want))
             np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-4, err_msg=f"stage {stage} train/{term}")
+            drift = float(np.median(np.abs(np.subtract(got, want)) / np.maximum(np.abs(want), 1e-4)))
+            assert drift <= MEDIAN_RTOL, f"stage {stage} train/{term}: median relative drift {drift:.4f} > {MEDIAN_RTOL}"
     first, last = losses[2]["align"][:4], losses[2]["align"][-4:]
     assert np.mean(last) < 0.5 * np.mean(first), losses[2]["align"]  # and it learns: the alignment halves at least
 
