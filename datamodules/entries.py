@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from nextgpt.modality import Modality
@@ -71,3 +72,27 @@ def _media(root: Path | None, mod: Modality, name: str) -> str:
     """The file of a media name, inside the source's media folder; ``root=None``: names of shard
     members (already packed, not files), taken as they are."""
     return name if root is None else str(media_path(root / mod.media_folder, name))
+
+
+def pair_turns(messages: list, answer: Callable[[dict], str] = lambda m: m["value"]) -> list[tuple[str, str]]:
+    """LLaVA-style ``{"from": "human" | "gpt", "value"}`` messages as (human, answer) turns; ``answer``
+    gives the text of a gpt message (a reader may append to it)."""
+    turns, human = [], None
+    for msg in messages:
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            raise Skip("conversation message is not {from, value: str}")
+        role = msg.get("from")
+        if role == "human":
+            if human is not None:
+                raise Skip("two human messages in a row")
+            human = msg["value"]
+        elif role == "gpt":
+            if human is None:
+                raise Skip("gpt message without a human message before it")
+            turns.append((human, answer(msg)))
+            human = None
+        else:
+            raise Skip(f"unknown speaker {role!r}")
+    if not turns:
+        raise Skip("no complete human/gpt turn")
+    return turns

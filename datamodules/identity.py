@@ -65,11 +65,12 @@ SET_OBJECTIVE = {"pairs": "caption", "instruct": "instruct"}  # the objective wh
 def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, str]:
     """Signatures (size, modification time, first and last MiB) of the NExT-GPT JSON files a shard
     set is written from: cheap to take at every start, different after any edit of the file."""
-    out = {}
-    for path in json_files(name, root, SET_OBJECTIVE[shard_set]):
-        if path.is_file():
-            out[path.name] = f"{file_signature(path)}-{path.stat().st_mtime_ns}"
-    return out
+    return {path.name: signed(path) for path in json_files(name, root, SET_OBJECTIVE[shard_set]) if path.is_file()}
+
+
+def signed(path: Path) -> str:
+    """One data file's signature: size, first and last MiB, and its modification time."""
+    return f"{file_signature(path)}-{path.stat().st_mtime_ns}"
 
 
 def source_identity(root: str | Path, name: str, modality: str, shard_set: str, media: str = "listing",
@@ -79,9 +80,9 @@ def source_identity(root: str | Path, name: str, modality: str, shard_set: str, 
     if media not in MEDIA_IDENTITIES:
         raise ValueError(f"dataset.media_identity={media!r}: must be one of {list(MEDIA_IDENTITIES)}")
     resolved = Path(root).resolve()
-    ident: dict[str, Any] = {"root": str(resolved), "json": source_signature(resolved, name, shard_set)}
-    if file is not None and Path(file).is_file():
-        ident["json"] = {Path(file).name: f"{file_signature(Path(file))}-{Path(file).stat().st_mtime_ns}"}
+    json_sig = ({Path(file).name: signed(Path(file))} if file is not None and Path(file).is_file()
+                else source_signature(resolved, name, shard_set))
+    ident: dict[str, Any] = {"root": str(resolved), "json": json_sig}
     if media == "listing":
         folder = resolved / modality_registry.get(modality).media_folder
         key = (str(folder), modality)

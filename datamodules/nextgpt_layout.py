@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datamodules.entries import OUTSIDE_ROOT, Skip, _media, _text, media_path  # noqa: F401  (re-exported)
+from datamodules.entries import OUTSIDE_ROOT, Skip, _media, _text, media_path, pair_turns  # noqa: F401  (re-exported)
 from datamodules.original_formats import READERS as ORIGINAL_READERS
 from nextgpt import modality as modality_registry
 from nextgpt.modality import Modality
@@ -75,25 +75,7 @@ def _turns(entry: dict) -> list[tuple[str, str]]:
     conv = entry.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise Skip("missing or empty conversations")
-    turns, human = [], None
-    for msg in conv:
-        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
-            raise Skip("conversation message is not {from, value: str}")
-        role = msg.get("from")
-        if role == "human":
-            if human is not None:
-                raise Skip("two human messages in a row")
-            human = msg["value"]
-        elif role == "gpt":
-            if human is None:
-                raise Skip("gpt message without a human message before it")
-            turns.append((human, msg["value"]))
-            human = None
-        else:
-            raise Skip(f"unknown speaker {role!r}")
-    if not turns:
-        raise Skip("no complete human/gpt turn")
-    return turns
+    return pair_turns(conv)
 
 
 def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:

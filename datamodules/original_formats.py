@@ -31,36 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datamodules.entries import Skip, _media, _text
+from datamodules.entries import Skip, _media, _text, pair_turns
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
 
 
-def _messages(entry: dict) -> list[dict]:
-    conv = entry.get("conversation", entry.get("conversations"))
+def _messages(entry: dict) -> list:
+    conv = entry.get("conversation", entry.get("conversations"))  # the legacy files say "conversation"
     if not isinstance(conv, list) or not conv:
         raise Skip("missing or empty conversation(s)")
-    for msg in conv:
-        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str) or msg.get("from") not in ("human", "gpt"):
-            raise Skip("conversation message is not {from: human|gpt, value: str}")
     return conv
-
-
-def _pair_up(messages: list[dict], gpt_text: Callable[[dict], str] = lambda m: m["value"]) -> list[tuple[str, str]]:
-    turns, human = [], None
-    for msg in messages:
-        if msg["from"] == "human":
-            if human is not None:
-                raise Skip("two human messages in a row")
-            human = msg["value"]
-        else:
-            if human is None:
-                raise Skip("gpt message without a human message before it")
-            turns.append((human, gpt_text(msg)))
-            human = None
-    if not turns:
-        raise Skip("no complete human/gpt turn")
-    return turns
 
 
 def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
@@ -76,7 +56,7 @@ def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
         captions_out.append((out, _text(msg, "caption")))
         return f"{msg['value'].rstrip()} {modality_registry.get(out).placeholder}"
 
-    turns = _pair_up(messages, answer)
+    turns = pair_turns(messages, answer)
     if not captions_out:
         raise Skip("no turn with an output modality (t2x entries generate media)")
     return Conversation(f"t2x-{Path(str(entry.get('mm_name', index))).name}", turns, captions_out=captions_out)
@@ -84,7 +64,7 @@ def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
 
 def _llava(entry: dict, modality: str, root: Path, index: int) -> Conversation:
     mod = modality_registry.get("image")
-    turns = _pair_up(_messages(entry))
+    turns = pair_turns(_messages(entry))
     name = entry.get("image", entry.get("image_name"))
     if name is None:  # a text-only LLaVA conversation
         return Conversation(f"llava-{entry.get('id', index)}", turns)
@@ -104,7 +84,7 @@ def _alpaca(entry: dict, modality: str, root: Path, index: int) -> Conversation:
             raise Skip("input / output are not strings")
         human = f"{instruction}\n{extra.strip()}" if extra.strip() else instruction
         return Conversation(f"alpaca-{index}", [(human, entry["output"])])
-    return Conversation(f"alpaca-{index}", _pair_up(_messages(entry)))
+    return Conversation(f"alpaca-{index}", pair_turns(_messages(entry)))
 
 
 def _names(value: Any, field: str) -> list[str]:
@@ -115,7 +95,7 @@ def _names(value: Any, field: str) -> list[str]:
 
 
 def _mosit(entry: dict, modality: str, root: Path, index: int) -> Conversation:
-    turns = _pair_up(_messages(entry))
+    turns = pair_turns(_messages(entry))
     media_in, captions_out = [], []
     # the order of the placeholders in the text is the order of the media and captions
     for mod in map(modality_registry.get, modality_registry.names()):
@@ -130,21 +110,13 @@ def _mosit(entry: dict, modality: str, root: Path, index: int) -> Conversation:
         if n_in != len(ins):
             raise Skip(f"{n_in} {mod.placeholder} in the requests but {len(ins)} {mod.input_field}")
         media_in += [(mod.name, _media(root, mod, n)) for n in ins]
-    return Conversation(f"mosit-{entry.get('id', index)}", turns, media_in=_in_text_order(turns, media_in),
-                        captions_out=_out_text_order(turns, captions_out))
-
-
-def _in_text_order(turns: list[tuple[str, str]], items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Items of several modalities, each modality's in its own order, in the order their
-    placeholders appear in the human values (what the encoder pairs media with)."""
-    return _text_order([h for h, _ in turns], items)
-
-
-def _out_text_order(turns: list[tuple[str, str]], items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return _text_order([a for _, a in turns], items)
+    return Conversation(f"mosit-{entry.get('id', index)}", turns, media_in=_text_order([h for h, _ in turns], media_in),
+                        captions_out=_text_order([a for _, a in turns], captions_out))
 
 
 def _text_order(texts: list[str], items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Items of several modalities, each modality's in its own order, in the order their
+    placeholders appear in ``texts`` (what the encoder pairs media and captions with)."""
     queues: dict[str, list[tuple[str, str]]] = {}
     for item in items:
         queues.setdefault(item[0], []).append(item)
@@ -153,7 +125,7 @@ def _text_order(texts: list[str], items: list[tuple[str, str]]) -> list[tuple[st
     for text in texts:
         at = 0
         while True:
-            found = [(text.find(p, at), p) for p in marks if text.find(p, at) >= 0]
+            found = [(pos, p) for p in marks if (pos := text.find(p, at)) >= 0]
             if not found:
                 break
             pos, p = min(found)

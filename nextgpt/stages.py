@@ -30,6 +30,7 @@ from nextgpt.losses import (
     modality_mean,
 )
 from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
+from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def trainable_groups_of(stage: int, model_cfg: Mapping[str, Any]) -> tuple[str, 
     """The stage's trainable groups, plus the LLM's embedding and head matrices under
     ``model.vocab_rows=all`` (every stage of the original trained them)."""
     groups = STAGES[stage].trainable_groups
-    return groups + ("vocab_rows",) if model_cfg.get("vocab_rows", "new") == "all" else groups
+    return groups + ("vocab_rows",) if trains_all_rows(model_cfg) else groups
 
 
 STAGES: dict[int, type[NextGPTStage]] = {cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)}

@@ -61,6 +61,7 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key
     from nextgpt.model import build_nextgpt
     from nextgpt.tiny import build_all
+    from nextgpt.tokens import trains_all_rows
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
@@ -94,7 +95,7 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     model, _, _ = build_nextgpt(model_cfg)
     if has_lora:
         model.apply_lora(model_cfg["lora"])
-    imported = from_legacy(ckpt, model, all_rows=model_cfg.get("vocab_rows", "new") == "all")
+    imported = from_legacy(ckpt, model, all_rows=trains_all_rows(model_cfg))
     skipped = imported.report["skipped"]
     if skipped and not allow_unused:
         listed = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:6])
