@@ -1,9 +1,10 @@
 """Evaluate a stage bundle, or score given outputs.
 
-    python evaluate.py checkpoint=bundles/stage3 dataset=synthetic              # held-out losses
-    python evaluate.py task=t2i_coco checkpoint=bundles/stage3 limit=1000       # a benchmark task
-    python evaluate.py task=i2t_coco predictions=captions.json                  # another system's outputs
+python evaluate.py checkpoint=bundles/stage3 dataset=synthetic              # held-out losses
+python evaluate.py task=t2i_coco checkpoint=bundles/stage3 limit=1000       # a benchmark task
+python evaluate.py task=i2t_coco predictions=captions.json                  # another system's outputs
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,10 @@ def check_task_args(argv: list[str]) -> None:
     for arg in argv:
         m = _TASK_ARG.match(arg)
         if m and m["name"] not in known:
-            print(f"error: invalid config:\n  task={m['name']!r}: unknown evaluation task; available: {known}", file=sys.stderr)
+            print(
+                f"error: invalid config:\n  task={m['name']!r}: unknown evaluation task; available: {known}",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
 

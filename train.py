@@ -1,4 +1,5 @@
 """Train one NExT-GPT stage: `python train.py stage=2 dataset=webvid`, `python train.py -m stage=1,2,3`."""
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ code) would hold by the end.
 
     .venv/bin/python benchmarks/caption_memory.py [--captions 20000] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,22 +48,35 @@ def main() -> None:
     Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
     words = "red green blue circle square triangle top left right bottom centre black white grey".split()
     rng = np.random.default_rng(0)
-    records = (pair_record(f"c{i:06d}", "image", f"caption {i} " + " ".join(rng.choice(words, 6)), image)
-               for i in range(args.captions))
+    records = (
+        pair_record(f"c{i:06d}", "image", f"caption {i} " + " ".join(rng.choice(words, 6)), image)
+        for i in range(args.captions)
+    )
     write_shards(records, tmp / "shards", name="captions-pairs", shard_size=5000)
     cfg = compose([f"paths.cache_dir={cache}", "stage=2"], output_dir=str(tmp))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    module = STAGES[2](model=model_cfg, optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
-                       loss=OmegaConf.to_container(cfg.stage.loss), cache_dir=str(tmp / "features"))
+    module = STAGES[2](
+        model=model_cfg,
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss),
+        cache_dir=str(tmp / "features"),
+    )
     module.configure_model()
-    dm = ShardDataModule([{"name": "captions", "modality": "image", "shards": str(tmp / "shards")}], "generate",
-                         model_cfg, batch_size=args.batch, cache_fallback=str(tmp / "fb"))
+    dm = ShardDataModule(
+        [{"name": "captions", "modality": "image", "shards": str(tmp / "shards")}],
+        "generate",
+        model_cfg,
+        batch_size=args.batch,
+        cache_fallback=str(tmp / "fb"),
+    )
     dm.setup("fit")
     module.targets.open_for(dm, device="cpu")  # as the stage does at the start of a fit
     opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
     shape = module.conditioners["image"].shape
     steps = -(-args.captions // args.batch)
-    print(f"{args.captions} unique captions, batch {args.batch}, {steps} steps; target {shape[0]} x {shape[1]}")
+    print(
+        f"{args.captions} unique captions, batch {args.batch}, {steps} steps; target {shape[0]} x {shape[1]}"
+    )
     print(f"{'step':>6} {'RSS MiB':>8} {'in memory':>10} {'on disk':>8} {'s':>6}")
     t0 = time.perf_counter()
     start = rss_mib()
@@ -76,12 +90,16 @@ def main() -> None:
         peak = max(peak, rss_mib())
         if step % max(1, steps // 8) == 0 or step == steps - 1:
             on_disk = sum(len(s) for stores in module.targets.stores.values() for s in stores)
-            print(f"{step:6d} {rss_mib():8.0f} {module.targets.buffered:10d} {on_disk:8d} {time.perf_counter() - t0:6.1f}")
+            print(
+                f"{step:6d} {rss_mib():8.0f} {module.targets.buffered:10d} {on_disk:8d} {time.perf_counter() - t0:6.1f}"
+            )
     module.targets.flush()
     old = args.captions * shape[0] * shape[1] * 4 / 2**20
-    print(f"RSS {start:.0f} MiB at the start, peak {peak:.0f} MiB (+{peak - start:.0f}); embeddings in memory at most "
-          f"{module.targets.buffer_rows} ({module.targets.buffer_rows * shape[0] * shape[1] * 2 / 2**20:.1f} MiB fp16); "
-          f"an unbounded dict of float32 targets would hold {old:.0f} MiB by the end")
+    print(
+        f"RSS {start:.0f} MiB at the start, peak {peak:.0f} MiB (+{peak - start:.0f}); embeddings in memory at most "
+        f"{module.targets.buffer_rows} ({module.targets.buffer_rows * shape[0] * shape[1] * 2 / 2**20:.1f} MiB fp16); "
+        f"an unbounded dict of float32 targets would hold {old:.0f} MiB by the end"
+    )
 
 
 if __name__ == "__main__":

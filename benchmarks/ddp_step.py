@@ -7,6 +7,7 @@ unused-parameter search) against that search (`find_unused_parameters=true`).
 All runs use the tiny models and the synthetic data (built on first use), in one invocation, so
 the ratios compare like with like on this noisy machine; absolute times are CPU times of a toy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,22 @@ sys.path.insert(0, str(REPO))
 def timed_run(root: Path, cache: Path, stage: int, steps: int, *args: str) -> list[float]:
     """Per-step wall times (s) of `python train.py ...`, from the StepTimer callback."""
     times = root / "steps.jsonl"
-    cmd = [sys.executable, "train.py", f"stage={stage}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-           "logger=csv", "callbacks.generation_samples=null", "callbacks.model_checkpoint=null", f"paths.root={root}",
-           f"paths.cache_dir={cache}", "print_config=false", "+callbacks.timer._target_=callbacks.step_timer.StepTimer",
-           f"+callbacks.timer.path={times}", *args]
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"stage={stage}",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        "logger=csv",
+        "callbacks.generation_samples=null",
+        "callbacks.model_checkpoint=null",
+        f"paths.root={root}",
+        f"paths.cache_dir={cache}",
+        "print_config=false",
+        "+callbacks.timer._target_=callbacks.step_timer.StepTimer",
+        f"+callbacks.timer.path={times}",
+        *args,
+    ]
     if stage > 1:
         cmd.append(f"init_from={cache / 'bench_init' / 'bundles' / f'stage{stage - 1}'}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
@@ -62,16 +75,26 @@ def zero_row_cost(stage: int, batch: int, repeats: int) -> tuple[float, float]:
     cache = REPO / ".cache"
     build_all(cache / "tiny_backbones")
     write_synthetic(cache / "synthetic", num_per_modality=24, seed=0)
-    cfg = compose([f"stage={stage}", f"paths.cache_dir={cache}", "model.output_projector.dropout=0"],
-                  output_dir=tempfile.mkdtemp())
-    module = STAGES[stage](model=OmegaConf.to_container(cfg.model, resolve=True),
-                           optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
-                           loss=OmegaConf.to_container(cfg.stage.loss, resolve=True))
+    cfg = compose(
+        [f"stage={stage}", f"paths.cache_dir={cache}", "model.output_projector.dropout=0"],
+        output_dir=tempfile.mkdtemp(),
+    )
+    module = STAGES[stage](
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss, resolve=True),
+    )
     module.configure_model()
     src = cfg.dataset.sources[0]  # one modality per batch: the other modalities are absent
     convs, _ = read_source(src.name, src.modality, src.root, cfg.stage.objective)
-    batch = collate_conversations(convs[:batch], module.tokenizer, module.model.layout, cfg.dataset.template,
-                                  num_media_tokens=int(cfg.model.input_projector.num_tokens), max_length=512)
+    batch = collate_conversations(
+        convs[:batch],
+        module.tokenizer,
+        module.model.layout,
+        cfg.dataset.template,
+        num_media_tokens=int(cfg.model.input_projector.num_tokens),
+        max_length=512,
+    )
     module.model.train()
     out = {}
     for every in (True, False):
@@ -101,12 +124,21 @@ def main() -> None:
     runs = {
         f"1 process, batch {2 * args.batch}": [f"stage.batch_size={2 * args.batch}"],
         f"DDP 2 x {args.batch} (every module each step)": ddp,
-        f"DDP 2 x {args.batch}, find_unused_parameters=true": [*ddp, "trainer.strategy.find_unused_parameters=true"],
-        f"FSDP2 2 x {args.batch}": ["strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-                                    f"stage.batch_size={args.batch}"],
+        f"DDP 2 x {args.batch}, find_unused_parameters=true": [
+            *ddp,
+            "trainer.strategy.find_unused_parameters=true",
+        ],
+        f"FSDP2 2 x {args.batch}": [
+            "strategy=fsdp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            f"stage.batch_size={args.batch}",
+        ],
     }
-    print(f"stage {args.stage}, {args.steps} steps per run (median of steps 3..), global batch {2 * args.batch}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"stage {args.stage}, {args.steps} steps per run (median of steps 3..), global batch {2 * args.batch}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(runs.items()):
@@ -115,10 +147,14 @@ def main() -> None:
             print(f"  {name:48s} {medians[name] * 1000:8.1f} ms/step")
     names = list(medians)
     print(f"DDP / 1 process: x{medians[names[1]] / medians[names[0]]:.2f} step time")
-    print(f"find_unused_parameters=true / every module each step: x{medians[names[2]] / medians[names[1]]:.2f}")
+    print(
+        f"find_unused_parameters=true / every module each step: x{medians[names[2]] / medians[names[1]]:.2f}"
+    )
     every, only = zero_row_cost(args.stage, args.batch, args.repeats)
-    print(f"forward+backward on one-modality batches of {args.batch}: every modality's modules {every * 1000:.1f} ms, "
-          f"only the batch's {only * 1000:.1f} ms (zero-row calls cost x{every / only:.3f})")
+    print(
+        f"forward+backward on one-modality batches of {args.batch}: every modality's modules {every * 1000:.1f} ms, "
+        f"only the batch's {only * 1000:.1f} ms (zero-row calls cost x{every / only:.3f})"
+    )
 
 
 if __name__ == "__main__":

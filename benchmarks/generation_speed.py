@@ -3,6 +3,7 @@ text-to-X request goes (the LLM against each decoder). Needs a stage-3 bundle: `
 
     .venv/bin/python benchmarks/generation_speed.py [--bundle bundles/stage3] [--tokens 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,19 @@ def main() -> None:
     for use_cache in (True, False):
         best = 0.0
         for _ in range(args.repeats):
-            res = gen.chat("Tell me about shapes.", max_new_tokens=args.tokens, ignore_eos=True, decode=False,
-                           use_cache=use_cache)
+            res = gen.chat(
+                "Tell me about shapes.",
+                max_new_tokens=args.tokens,
+                ignore_eos=True,
+                decode=False,
+                use_cache=use_cache,
+            )
             best = max(best, res.new_tokens / res.timing["llm"])
         rates[use_cache] = best
-        print(f"KV cache {'on ' if use_cache else 'off'}: {best:8.1f} tokens/s ({args.tokens} new tokens, best of {args.repeats})")
+        print(
+            f"KV cache {'on ' if use_cache else 'off'}: {best:8.1f} tokens/s ({args.tokens} new "
+            f"tokens, best of {args.repeats})"
+        )
     print(f"speed-up from the KV cache: x{rates[True] / rates[False]:.2f}")
     with tempfile.TemporaryDirectory() as out:
         for name, prompt in REQUESTS.items():

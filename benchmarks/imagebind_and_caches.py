@@ -5,6 +5,7 @@ that feature caches give a tiny stage-1 and stage-2 epoch, all measured in one r
 
 Ratios only mean something within one run of this script on one machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,14 +91,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         import shutil
 
-        shutil.copytree(cache / "synthetic", Path(tmp) / "synthetic", ignore=shutil.ignore_patterns(".nextgpt_cache"))
+        shutil.copytree(
+            cache / "synthetic", Path(tmp) / "synthetic", ignore=shutil.ignore_patterns(".nextgpt_cache")
+        )
         overrides = [f"paths.root={tmp}", f"paths.cache_dir={cache}", f"paths.synthetic_root={tmp}/synthetic"]
         cache_cfg = compose(overrides, config_name="cache", output_dir=tmp)
         t0 = time.perf_counter()
         build_caches(cache_cfg)
         build_s = time.perf_counter() - t0
         results = {}
-        for stage, cls, objective in ((1, Stage1EncodingAlignment, "caption"), (2, Stage2DecodingAlignment, "generate")):
+        for stage, cls, objective in (
+            (1, Stage1EncodingAlignment, "caption"),
+            (2, Stage2DecodingAlignment, "generate"),
+        ):
             cfg = compose([*overrides, f"stage={stage}"], output_dir=tmp)
             model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
             sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True)
@@ -105,16 +111,24 @@ def main() -> None:
             module.configure_model()
             times = {}
             for use_cache in (False, True):
-                dm = NextGPTDataModule(sources=sources, objective=objective, model=model_cfg, batch_size=8,
-                                       feature_cache=use_cache, cache_fallback=str(Path(tmp) / "fb"))
+                dm = NextGPTDataModule(
+                    sources=sources,
+                    objective=objective,
+                    model=model_cfg,
+                    batch_size=8,
+                    feature_cache=use_cache,
+                    cache_fallback=str(Path(tmp) / "fb"),
+                )
                 dm.setup("fit")
                 if stage == 2 and use_cache:
                     module.targets.open_for(dm, device=module.device)
                 loader = dm._loader(dm.train_set, shuffle=False)
                 times[use_cache] = epoch_time(module, loader, no_caption_cache=(stage == 2 and not use_cache))
             results[stage] = times
-            print(f"stage {stage} tiny epoch ({len(dm.train_set)} samples): without cache {times[False]:.2f} s, "
-                  f"with cache {times[True]:.2f} s, speed-up x{times[False] / times[True]:.2f}")
+            print(
+                f"stage {stage} tiny epoch ({len(dm.train_set)} samples): without cache {times[False]:.2f} s, "
+                f"with cache {times[True]:.2f} s, speed-up x{times[False] / times[True]:.2f}"
+            )
         print(f"building all caches of the synthetic set (72 media, 54 captions) took {build_s:.2f} s")
 
 

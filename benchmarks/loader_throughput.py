@@ -5,6 +5,7 @@ model's stage-1 training step consumes samples: the loader must not be the bottl
 
 Both rates are measured in this one run on this machine; only their ratio means much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([f"paths.root={tmp}", f"paths.cache_dir={cache}", "stage=1"], output_dir=tmp)
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        module = Stage1EncodingAlignment(model=model_cfg, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss))
+        module = Stage1EncodingAlignment(
+            model=model_cfg, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss)
+        )
         module.configure_model()
         opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
         print(f"{'modality':8} {'loader samples/s':>17} {'train step samples/s':>21} {'loader / step':>14}")
         for name, root in data.items():
             src = {"name": root.name, "modality": name, "root": str(root), "weight": 1}
-            prepare_nextgpt(root, root.name, name, Path(tmp) / "shards" / root.name, sets=["pairs"], shard_size=6)
-            dm = ShardDataModule([src], "caption", model_cfg, batch_size=args.batch_size, num_workers=args.workers,
-                                 shards_root=str(Path(tmp) / "shards"), shuffle=True)
+            prepare_nextgpt(
+                root, root.name, name, Path(tmp) / "shards" / root.name, sets=["pairs"], shard_size=6
+            )
+            dm = ShardDataModule(
+                [src],
+                "caption",
+                model_cfg,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                shards_root=str(Path(tmp) / "shards"),
+                shuffle=True,
+            )
             dm.setup("fit")
             dm.stream.epochs = None  # endless, so the timed window never waits on an epoch boundary
             batches, n, t0 = [], 0, None

@@ -11,6 +11,7 @@ after imports and a warm-up call), then the peak of tracemalloc (numpy and Pytho
 tensors are not traced) over a second call. Outputs of old and new are compared, and the frames each
 video path decodes are counted. Figures are for this machine, this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ def old_load_audio(path: Path, num_clips: int = 3, clip_duration: float = 2.0, s
     clips = []
     for start in _clip_starts(duration, clip_duration, num_clips):
         end = start + Fraction(clip_duration)
-        clip = waveform[:, int(start * sample_rate): int(end * sample_rate)]
+        clip = waveform[:, int(start * sample_rate) : int(end * sample_rate)]
         clip -= clip.mean()
         fbank = kaldi_fbank(clip, sample_rate, 128).transpose(0, 1)
         pad = 204 - fbank.shape[1]
@@ -143,8 +144,12 @@ def child(kind: str, impl: str, path: Path, warm: Path, out: Path) -> None:
     torch.set_num_threads(1)
     from nextgpt.encoders.preprocess import load_audio, load_video
 
-    fn = {("audio", "old"): old_load_audio, ("audio", "new"): load_audio,
-          ("video", "old"): old_load_video, ("video", "new"): load_video}[kind, impl]
+    fn = {
+        ("audio", "old"): old_load_audio,
+        ("audio", "new"): load_audio,
+        ("video", "old"): old_load_video,
+        ("video", "new"): load_video,
+    }[kind, impl]
     fn(warm)  # imports, kernels, codec setup: the baseline below includes them
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -171,7 +176,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--audio-minutes", type=float, default=60.0)
     ap.add_argument("--video-minutes", type=float, default=60.0)
-    ap.add_argument("--keep", type=Path, default=None, help="write (and reuse) the media here instead of a temp dir")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="write (and reuse) the media here instead of a temp dir"
+    )
     ap.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -185,12 +192,18 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     wav, mp4 = folder / f"long_{args.audio_minutes:g}min.wav", folder / f"long_{args.video_minutes:g}min.mp4"
     warm_wav, warm_mp4 = folder / "warm.wav", folder / "warm.mp4"
-    for path, write, minutes in ((wav, write_wav, args.audio_minutes), (mp4, write_mp4, args.video_minutes),
-                                 (warm_wav, write_wav, 0.2), (warm_mp4, write_mp4, 0.2)):
+    for path, write, minutes in (
+        (wav, write_wav, args.audio_minutes),
+        (mp4, write_mp4, args.video_minutes),
+        (warm_wav, write_wav, 0.2),
+        (warm_mp4, write_mp4, 0.2),
+    ):
         if not path.exists():
             t0 = time.perf_counter()
             write(path, minutes)
-            print(f"wrote {path.name}: {path.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s")
+            print(
+                f"wrote {path.name}: {path.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s"
+            )
     rows = []
     for kind, path, warm in (("audio", wav, warm_wav), ("video", mp4, warm_mp4)):
         results = {}
@@ -201,12 +214,25 @@ def main() -> None:
         diff = (results["old"]["tensor"] - results["new"]["tensor"]).abs().max().item()
         for impl in ("old", "new"):
             r = results[impl]
-            rows.append((kind, impl, r["wall_s"], r["rss_peak_mb"] - r["rss_base_mb"], r["rss_peak_mb"],
-                         r["traced_peak_mb"], diff))
-    print(f"\naudio: {wav.name} (44.1 kHz stereo PCM_16, {wav.stat().st_size / 2**20:.0f} MiB); "
-          f"video: {mp4.name} (64x48 25 fps H.264, {mp4.stat().st_size / 2**20:.0f} MiB)")
+            rows.append(
+                (
+                    kind,
+                    impl,
+                    r["wall_s"],
+                    r["rss_peak_mb"] - r["rss_base_mb"],
+                    r["rss_peak_mb"],
+                    r["traced_peak_mb"],
+                    diff,
+                )
+            )
+    print(
+        f"\naudio: {wav.name} (44.1 kHz stereo PCM_16, {wav.stat().st_size / 2**20:.0f} MiB); "
+        f"video: {mp4.name} (64x48 25 fps H.264, {mp4.stat().st_size / 2**20:.0f} MiB)"
+    )
     header = ("media", "impl", "wall s", "RSS +MiB", "RSS peak", "traced MiB", "max |old-new|")
-    print(f"{header[0]:6} {header[1]:4} {header[2]:>8} {header[3]:>9} {header[4]:>9} {header[5]:>11} {header[6]:>14}")
+    print(
+        f"{header[0]:6} {header[1]:4} {header[2]:>8} {header[3]:>9} {header[4]:>9} {header[5]:>11} {header[6]:>14}"
+    )
     for kind, impl, wall, rss_up, rss, traced, diff in rows:
         print(f"{kind:6} {impl:4} {wall:8.2f} {rss_up:9.0f} {rss:9.0f} {traced:11.2f} {diff:14.3g}")
     from nextgpt.encoders import preprocess as pre
@@ -219,8 +245,10 @@ def main() -> None:
     _, before = pre._grab_sequential(src, wanted)
     _, after = pre._grab(src, wanted, index)
     keys = 0 if index.keyframes is None else len(index.keyframes)
-    print(f"video frames decoded: old {before}, new {after} of {index.count} ({keys} keyframes); "
-          f"both first demux every packet (count, and for new the timestamps): {probe:.2f} s of the new time")
+    print(
+        f"video frames decoded: old {before}, new {after} of {index.count} ({keys} keyframes); "
+        f"both first demux every packet (count, and for new the timestamps): {probe:.2f} s of the new time"
+    )
     if not math.isfinite(rows[0][-1]) or rows[0][-1] > 1e-3 or rows[-1][-1] > 0:
         print("WARNING: old and new outputs differ beyond the tested tolerance")
 

@@ -10,6 +10,7 @@ on request (the LLM, then the decoder).
 The server runs one request at a time on purpose (no mixing), so at concurrency 8 throughput
 stays the single-stream figure while latency grows with the queue: the ratio shows it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,21 @@ def start_server(bundle: Path, port: int, out: Path) -> subprocess.Popen:
     import httpx
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "nextgpt.serve", f"bundle={bundle}", f"port={port}",
-                             f"out={out}", "model_name=bench", "log_level=warning", "max_queue=64"],
-                            cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nextgpt.serve",
+            f"bundle={bundle}",
+            f"port={port}",
+            f"out={out}",
+            "model_name=bench",
+            "log_level=warning",
+            "max_queue=64",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -57,8 +70,13 @@ def run(client, messages: list, n: int, concurrency: int, max_tokens: int) -> di
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = sorted(pool.map(one, range(n)))
     wall = time.perf_counter() - start
-    return {"requests_per_s": n / wall, "p50_s": statistics.median(latencies),
-            "p95_s": latencies[min(int(0.95 * n), n - 1)], "requests": n, "concurrency": concurrency}
+    return {
+        "requests_per_s": n / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[min(int(0.95 * n), n - 1)],
+        "requests": n,
+        "concurrency": concurrency,
+    }
 
 
 def main() -> None:
@@ -77,17 +95,30 @@ def main() -> None:
         image = folder / "images" / json.loads((folder / "synthetic_image.json").read_text())[0]["image_name"]
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     kinds = {
-        "text about an image": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                             {"type": "text", "text": "Describe this image."}]}],
-        "image on request": [{"role": "user", "content": "Please make an image of a red circle at the top left "
-                                                         "on a black background"}],
+        "text about an image": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe this image."},
+                ],
+            }
+        ],
+        "image on request": [
+            {
+                "role": "user",
+                "content": "Please make an image of a red circle at the top left on a black background",
+            }
+        ],
     }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = start_server(args.bundle, port, args.out)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600
+        )
         results = {}
         for kind, messages in kinds.items():
             run(client, messages, 2, 1, args.max_tokens)  # warm-up: decoder pipelines load on first use
@@ -95,14 +126,18 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"server latency and throughput, bundle {args.bundle}, {args.requests} requests each, "
-          f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs")
+    print(
+        f"server latency and throughput, bundle {args.bundle}, {args.requests} requests each, "
+        f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs"
+    )
     print(f"{'request':22s} {'conc':>4s} {'req/s':>7s} {'p50 s':>7s} {'p95 s':>7s}")
     for kind, by_conc in results.items():
         for c, r in by_conc.items():
             print(f"{kind:22s} {c:4d} {r['requests_per_s']:7.2f} {r['p50_s']:7.3f} {r['p95_s']:7.3f}")
-        print(f"{kind:22s} throughput ratio conc 8 / conc 1: "
-              f"{by_conc[8]['requests_per_s'] / by_conc[1]['requests_per_s']:.2f}")
+        print(
+            f"{kind:22s} throughput ratio conc 8 / conc 1: "
+            f"{by_conc[8]['requests_per_s'] / by_conc[1]['requests_per_s']:.2f}"
+        )
     print(json.dumps(results))
 
 

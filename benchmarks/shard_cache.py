@@ -8,6 +8,7 @@
 
     .venv/bin/python benchmarks/shard_cache.py [--per-modality 48] [--skip-huge]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,13 @@ def main() -> None:
     cfg = compose([f"paths.cache_dir={cache}"], output_dir=str(tmp))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     encoder = load_encoder(model_cfg["encoder"])
-    print(f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {args.per_modality} items a modality")
-    print(f"{'modality':8} {'uncached samples/s/worker':>26} {'cached':>8} {'workers for 233/s: uncached':>28} {'cached':>7}")
+    print(
+        f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {args.per_modality} items a modality"
+    )
+    print(
+        f"{'modality':8} {'uncached samples/s/worker':>26} {'cached':>8} "
+        f"{'workers for 233/s: uncached':>28} {'cached':>7}"
+    )
     rates = {}
     for name in ("image", "audio", "video"):
         src = syn / f"synthetic_{name}"
@@ -69,25 +75,43 @@ def main() -> None:
         store = shard_media_store(shards, name, "pairs", model_cfg["encoder"], tmp / "fb")
         compute_shard_media(store, sorted(shards.glob("*.tar")), name, encoder, batch_size=16)
         for cached in (False, True):
-            dm = ShardDataModule([{"name": src.name, "modality": name, "shards": str(shards)}], "caption", model_cfg,
-                                 batch_size=8, num_workers=1, shuffle=True, feature_cache=cached,
-                                 cache_fallback=str(tmp / "fb"))
+            dm = ShardDataModule(
+                [{"name": src.name, "modality": name, "shards": str(shards)}],
+                "caption",
+                model_cfg,
+                batch_size=8,
+                num_workers=1,
+                shuffle=True,
+                feature_cache=cached,
+                cache_fallback=str(tmp / "fb"),
+            )
             dm.setup("fit")
             rates[(name, cached)] = loader_rate(dm, batches=max(2, args.per_modality // 8 - 2))
         u, c = rates[(name, False)], rates[(name, True)]
-        print(f"{name:8} {u:26.1f} {c:8.1f} {GPU_STEP_SAMPLES_PER_S / u:28.1f} {GPU_STEP_SAMPLES_PER_S / c:7.2f}")
+        print(
+            f"{name:8} {u:26.1f} {c:8.1f} {GPU_STEP_SAMPLES_PER_S / u:28.1f} {GPU_STEP_SAMPLES_PER_S / c:7.2f}"
+        )
 
     # a tiny stage-1 epoch from the image shards: loader + forward + backward + step
-    module = STAGES[1](model=model_cfg, optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
-                       loss=OmegaConf.to_container(cfg.stage.loss))
+    module = STAGES[1](
+        model=model_cfg,
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss),
+    )
     module.configure_model()
     opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
     for name in ("image", "video"):
         epoch = {}
         for cached in (False, True):
-            dm = ShardDataModule([{"name": f"synthetic_{name}", "modality": name, "shards": str(tmp / "shards" / name)}],
-                                 "caption", model_cfg, batch_size=8, num_workers=0, feature_cache=cached,
-                                 cache_fallback=str(tmp / "fb"))
+            dm = ShardDataModule(
+                [{"name": f"synthetic_{name}", "modality": name, "shards": str(tmp / "shards" / name)}],
+                "caption",
+                model_cfg,
+                batch_size=8,
+                num_workers=0,
+                feature_cache=cached,
+                cache_fallback=str(tmp / "fb"),
+            )
             dm.setup("fit")
             t0 = time.perf_counter()
             for batch in dm.train_dataloader():
@@ -97,8 +121,10 @@ def main() -> None:
                 loss.backward()
                 opt.step()
             epoch[cached] = time.perf_counter() - t0
-        print(f"tiny stage-1 epoch on {args.per_modality} {name} items from shards: uncached {epoch[False]:.2f} s, "
-              f"cached {epoch[True]:.2f} s (x{epoch[False] / epoch[True]:.1f})")
+        print(
+            f"tiny stage-1 epoch on {args.per_modality} {name} items from shards: uncached {epoch[False]:.2f} s, "
+            f"cached {epoch[True]:.2f} s (x{epoch[False] / epoch[True]:.1f})"
+        )
 
     if args.skip_huge:
         return
@@ -115,8 +141,10 @@ def main() -> None:
             huge.encode(modality(name).encoder_modality, x, renormalize=True)
         t2 = time.perf_counter()
         cached_cost = 1.0 / rates[(name, True)]
-        print(f"  {name:6} decode {t1 - t0:6.3f} s + encode {t2 - t1:7.2f} s = {t2 - t0:7.2f} s an item uncached; "
-              f"cached {cached_cost * 1000:.2f} ms an item: x{(t2 - t0) / cached_cost:,.0f}")
+        print(
+            f"  {name:6} decode {t1 - t0:6.3f} s + encode {t2 - t1:7.2f} s = {t2 - t0:7.2f} s an item uncached; "
+            f"cached {cached_cost * 1000:.2f} ms an item: x{(t2 - t0) / cached_cost:,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ chance whatever its alignment loss.
 
 Overrides are the train.py ones the bundle was trained with (model=world dataset=world ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ from nextgpt.world.synthetic import dataset_name, write_synthetic
 @torch.no_grad()
 def states(module, template: str, root: Path, limit: int):
     """(signal-token states, projector conditioning, captions) of the one-shape image requests under root."""
-    convs, _ = read_source(dataset_name("image"), "image", root / dataset_name("image"), "generate", warn=False)
+    convs, _ = read_source(
+        dataset_name("image"), "image", root / dataset_name("image"), "generate", warn=False
+    )
     convs = [c for c in convs if " and a " not in c.captions_out[0][1]][:limit]
     tokens = int(module.model_cfg["input_projector"]["num_tokens"])
     ds = ConversationDataset(convs, module.tokenizer, module.model.layout, template, tokens, 512)
@@ -45,13 +48,25 @@ def states(module, template: str, root: Path, limit: int):
     out = module.model(**batch)
     signal = torch.tensor(module.model.layout.signal_ids["image"])
     mask = torch.isin(batch["input_ids"], signal)
-    return out.hidden[mask].view(len(convs), -1).float(), out.conditioning["image"].float(), batch["output_captions"]["image"]
+    return (
+        out.hidden[mask].view(len(convs), -1).float(),
+        out.conditioning["image"].float(),
+        batch["output_captions"]["image"],
+    )
 
 
 def scores(picked: list[str], asked: list[str]) -> dict[str, float]:
-    return {"top1": float(np.mean([p == a for p, a in zip(picked, asked)])),
-            "colour": float(np.mean([caption_attributes(p, "image")["colour"] == caption_attributes(a, "image")["colour"]
-                                     for p, a in zip(picked, asked)]))}
+    return {
+        "top1": float(np.mean([p == a for p, a in zip(picked, asked, strict=False)])),
+        "colour": float(
+            np.mean(
+                [
+                    caption_attributes(p, "image")["colour"] == caption_attributes(a, "image")["colour"]
+                    for p, a in zip(picked, asked, strict=False)
+                ]
+            )
+        ),
+    }
 
 
 def main() -> None:
@@ -77,10 +92,16 @@ def main() -> None:
     targets = encoder.encode(distinct).float().flatten(1)
     mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
     design = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1)], 1)
-    weights = torch.linalg.solve(design.T @ design + 10 * torch.eye(design.shape[1]), design.T @ encoder.encode(fit_caps).float().flatten(1))
+    weights = torch.linalg.solve(
+        design.T @ design + 10 * torch.eye(design.shape[1]),
+        design.T @ encoder.encode(fit_caps).float().flatten(1),
+    )
     readout = torch.cat([(x_held - mu) / sd, torch.ones(len(x_held), 1)], 1) @ weights
     nearest = lambda v: [distinct[int(j)] for j in torch.cdist(v, targets).argmin(1)]  # noqa: E731
-    print(f"{len(asked)} held-out requests, {len(distinct)} distinct captions: chance top-1 {1 / len(distinct):.3f}, colour {1 / 7:.3f}")
+    print(
+        f"{len(asked)} held-out requests, {len(distinct)} distinct captions: chance top-1 "
+        f"{1 / len(distinct):.3f}, colour {1 / 7:.3f}"
+    )
     print(f"output projector (the bundle):         {scores(nearest(cond.flatten(1)), asked)}")
     print(f"linear read-out of the LLM's states:   {scores(nearest(readout), asked)}")
 

@@ -15,6 +15,7 @@ however many ranks read the files; checked at the start against all the entries)
 reads: a sample bad in every pass is skipped, and counted, once per pass that reaches it (``epochs``
 says how many this run started), against the samples read in those passes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ class TooMuchBadData(RunError):
 
 
 class DataReport(L.Callback):
-    def __init__(self, max_skip_fraction: float = 0.1, min_samples: int = 20, path: str | None = None,
-                 dataset: str = "the data set"):
+    def __init__(
+        self,
+        max_skip_fraction: float = 0.1,
+        min_samples: int = 20,
+        path: str | None = None,
+        dataset: str = "the data set",
+    ):
         if not 0.0 <= float(max_skip_fraction) <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.max_skip_fraction, self.min_samples = float(max_skip_fraction), int(min_samples)
@@ -44,7 +50,9 @@ class DataReport(L.Callback):
         self.dataset = dataset
         self.reasons: Counter = Counter()  # this rank's skips by reason
         self.seen = self.skipped = self.truncated = 0  # this rank's counts
-        self.from_cache = self.decoded = 0  # input media items: cached ImageBind features / decoded and encoded
+        self.from_cache = self.decoded = (
+            0  # input media items: cached ImageBind features / decoded and encoded
+        )
         self.before: Counter = Counter()  # dropped before training (the data module's own count)
         self.before_total = 0
         self.totals = (0, 0)  # (seen, skipped) over all ranks, as of the last step
@@ -68,13 +76,19 @@ class DataReport(L.Callback):
         skipped = int(batch.get("num_skipped", 0))
         self.seen += len(batch.get("keys", ())) + skipped
         self.skipped += skipped
-        self.reasons.update(batch.get("skipped_by_reason") or ({"unusable sample": skipped} if skipped else {}))
+        self.reasons.update(
+            batch.get("skipped_by_reason") or ({"unusable sample": skipped} if skipped else {})
+        )
         self.truncated += int(batch.get("num_truncated", 0))
         self.from_cache += int(batch.get("media_from_cache", 0))
         self.decoded += int(batch.get("media_decoded", 0))
         seen, bad = self._global(trainer)
-        pl_module.log_dict({"data/skipped": float(bad), "data/truncated": float(self.truncated)}, on_step=True,
-                           batch_size=1, rank_zero_only=True)
+        pl_module.log_dict(
+            {"data/skipped": float(bad), "data/truncated": float(self.truncated)},
+            on_step=True,
+            batch_size=1,
+            rank_zero_only=True,
+        )
         if seen >= self.min_samples:
             self._check(trainer, seen, bad)
 
@@ -91,7 +105,9 @@ class DataReport(L.Callback):
 
     # --- totals over ranks ------------------------------------------------------------------
     def _global(self, trainer: L.Trainer) -> tuple[int, int]:
-        values = torch.tensor([self.seen, self.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
+        values = torch.tensor(
+            [self.seen, self.skipped], dtype=torch.float64, device=trainer.strategy.root_device
+        )
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values, reduce_op="sum")
         before = sum(self.before.values())
@@ -109,26 +125,38 @@ class DataReport(L.Callback):
     def report(self, trainer: L.Trainer) -> dict:
         """Every rank must call this (it gathers the ranks' reasons)."""
         seen, bad = self._global(trainer)
-        media = torch.tensor([self.from_cache, self.decoded], dtype=torch.float64, device=trainer.strategy.root_device)
+        media = torch.tensor(
+            [self.from_cache, self.decoded], dtype=torch.float64, device=trainer.strategy.root_device
+        )
         if trainer.world_size > 1:
             media = trainer.strategy.reduce(media, reduce_op="sum")
-        return {"samples": seen, "skipped": bad, "skipped_by_reason": dict(self._reasons(trainer)),
-                "media_from_cache": int(media[0]), "media_decoded": int(media[1]),
-                "truncated_on_rank0": self.truncated, "max_skip_fraction": self.max_skip_fraction,
-                "epochs": self.epochs}
+        return {
+            "samples": seen,
+            "skipped": bad,
+            "skipped_by_reason": dict(self._reasons(trainer)),
+            "media_from_cache": int(media[0]),
+            "media_decoded": int(media[1]),
+            "truncated_on_rank0": self.truncated,
+            "max_skip_fraction": self.max_skip_fraction,
+            "epochs": self.epochs,
+        }
 
     @staticmethod
     def describe(report: dict) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped_by_reason"].items())) or "none"
         passes = report.get("epochs", 1)
         over = f"; over {passes} epochs (a sample bad in each is skipped in each)" if passes > 1 else ""
-        return (f"{report['samples']} samples read, {report['skipped']} skipped ({reasons}); input media: "
-                f"{report['media_from_cache']} from the feature cache, {report['media_decoded']} decoded" + over)
+        return (
+            f"{report['samples']} samples read, {report['skipped']} skipped ({reasons}); input media: "
+            f"{report['media_from_cache']} from the feature cache, {report['media_decoded']} decoded" + over
+        )
 
     def summary(self) -> str:
         """What this rank knows (for messages after training: no collectives)."""
         seen, bad = self.totals
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((self.reasons + self.before).items())) or "none skipped"
+        reasons = (
+            ", ".join(f"{k}: {v}" for k, v in sorted((self.reasons + self.before).items())) or "none skipped"
+        )
         return f"{seen} samples read, {bad} skipped ({reasons})"
 
     def _check(self, trainer: L.Trainer, seen: int, bad: int) -> None:
@@ -138,6 +166,8 @@ class DataReport(L.Callback):
     def _fail(self, bad: int, seen: int, reasons: Counter, when: str) -> None:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
         raise TooMuchBadData(
-            f"dataset {self.dataset!r}: {bad} of {seen} samples were unusable {when} ({bad / seen:.0%} > dataset.max_skip_fraction="
+            f"dataset {self.dataset!r}: {bad} of {seen} samples were unusable {when} "
+            f"({bad / seen:.0%} > dataset.max_skip_fraction="
             f"{self.max_skip_fraction}); by reason: {detail}. Fix the data set (the log names each sample) or raise "
-            "dataset.max_skip_fraction")
+            "dataset.max_skip_fraction"
+        )

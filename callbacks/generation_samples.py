@@ -5,12 +5,14 @@ images, audio and video as media); with any logger they are also written as file
 ``<dir>/step<N>/`` with a ``samples.jsonl`` line per prompt, and the number of signal groups
 emitted is logged as a metric, so CSV and TensorBoard runs can follow it too.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,14 +21,29 @@ log = logging.getLogger(__name__)
 
 
 class GenerationSamples(L.Callback):
-    def __init__(self, prompts: Sequence[Any], directory: str, every_n_steps: int = 0, every_n_validations: int = 0,
-                 max_new_tokens: int = 48, seed: int = 0):
+    def __init__(
+        self,
+        prompts: Sequence[Any],
+        directory: str,
+        every_n_steps: int = 0,
+        every_n_validations: int = 0,
+        max_new_tokens: int = 48,
+        seed: int = 0,
+    ):
         """``prompts``: strings, or ``{"prompt": str, "media": [paths]}``. Samples are drawn every
         ``every_n_steps`` optimizer steps and/or every ``every_n_validations`` validation runs
         (0: off), and always when the stage ends."""
-        self.prompts = [{"prompt": p["prompt"], "media": list(p.get("media") or [])} if isinstance(p, Mapping)
-                        else {"prompt": str(p), "media": []} for p in prompts]
-        self.directory, self.every_n_steps, self.every_n_validations = Path(directory), every_n_steps, every_n_validations
+        self.prompts = [
+            {"prompt": p["prompt"], "media": list(p.get("media") or [])}
+            if isinstance(p, Mapping)
+            else {"prompt": str(p), "media": []}
+            for p in prompts
+        ]
+        self.directory, self.every_n_steps, self.every_n_validations = (
+            Path(directory),
+            every_n_steps,
+            every_n_validations,
+        )
         self._validations = 0
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self._generator = None
@@ -39,9 +56,14 @@ class GenerationSamples(L.Callback):
 
         if self._generator is None:
             conditioners = pl_module.conditioners or load_conditioners(pl_module.model_cfg)
-            self._generator = Generator.from_model(pl_module.model, pl_module.tokenizer, conditioners,
-                                                   pl_module.model_cfg, pl_module.device,
-                                                   bundle=f"stage{pl_module.stage} (training)")
+            self._generator = Generator.from_model(
+                pl_module.model,
+                pl_module.tokenizer,
+                conditioners,
+                pl_module.model_cfg,
+                pl_module.device,
+                bundle=f"stage{pl_module.stage} (training)",
+            )
         return self._generator
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -65,8 +87,10 @@ class GenerationSamples(L.Callback):
 
         if is_sharded(trainer.strategy):  # the generator needs the whole model on one rank
             if not self._warned and trainer.is_global_zero:
-                log.info("generation samples are off under a sharded strategy (FSDP2 / ZeRO-3): sample from the "
-                         "stage bundle instead (python -m nextgpt.generate --bundle ...)")
+                log.info(
+                    "generation samples are off under a sharded strategy (FSDP2 / ZeRO-3): sample from the "
+                    "stage bundle instead (python -m nextgpt.generate --bundle ...)"
+                )
             self._warned = True
             return []
         if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
@@ -79,14 +103,27 @@ class GenerationSamples(L.Callback):
         try:
             for i, item in enumerate(self.prompts):
                 try:
-                    res = gen.chat(item["prompt"], item.get("media", []), max_new_tokens=self.max_new_tokens,
-                                   seed=self.seed, out_dir=out / f"sample{i}")
+                    res = gen.chat(
+                        item["prompt"],
+                        item.get("media", []),
+                        max_new_tokens=self.max_new_tokens,
+                        seed=self.seed,
+                        out_dir=out / f"sample{i}",
+                    )
                 except ValueError as e:  # a bad sample prompt must not stop training
                     log.warning("generation sample %d (%r) failed: %s", i, item["prompt"], e)
                     continue
-                rows.append({"step": trainer.global_step, "prompt": item["prompt"], "media": list(item.get("media", [])),
-                             "answer": res.text, "signal_groups": res.signal_groups, "notes": res.notes,
-                             "files": {k: [str(f) for f in v] for k, v in res.files.items()}})
+                rows.append(
+                    {
+                        "step": trainer.global_step,
+                        "prompt": item["prompt"],
+                        "media": list(item.get("media", [])),
+                        "answer": res.text,
+                        "signal_groups": res.signal_groups,
+                        "notes": res.notes,
+                        "files": {k: [str(f) for f in v] for k, v in res.files.items()},
+                    }
+                )
         finally:
             pl_module.model.train(was_training)
         out.mkdir(parents=True, exist_ok=True)

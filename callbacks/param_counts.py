@@ -1,4 +1,5 @@
 """Print and log trainable / frozen parameter counts when a fit starts."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -11,7 +12,8 @@ class ParamCounts(L.Callback):
         frozen = sum(p.numel() for p in pl_module.parameters() if not p.requires_grad)
         total = trainable + frozen
         rank_zero_info(
-            f"parameters: trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%), frozen {frozen:,}, total {total:,}"
+            f"parameters: trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%), frozen "
+            f"{frozen:,}, total {total:,}"
         )
         for logger in trainer.loggers:
             logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})

@@ -1,4 +1,5 @@
 """Write the stage bundle (trainable weights + resolved config) when a stage finishes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,13 +26,18 @@ class StageBundle(L.Callback):
             return
         trained = trainer.global_step - getattr(pl_module, "start_step", 0)
         if trained <= 0:
-            rank_zero_info(f"stage {pl_module.stage}: trained no step in this run; {self.directory} is left as it is")
+            rank_zero_info(
+                f"stage {pl_module.stage}: trained no step in this run; {self.directory} is left as it is"
+            )
             return
         # every rank takes part in gathering sharded tensors (FSDP2 / ZeRO-3); global rank 0 writes
         state = bundle_state_dict(pl_module.model, pl_module.bundle_names)
         # trained old vocabulary rows (model.vocab_rows=all), else an imported bundle's own rows
-        base_rows = (pl_module.model.vocab_rows_state() if "vocab_rows" in pl_module.trainable_groups
-                     else getattr(pl_module.model, "base_rows", None))
+        base_rows = (
+            pl_module.model.vocab_rows_state()
+            if "vocab_rows" in pl_module.trainable_groups
+            else getattr(pl_module.model, "base_rows", None)
+        )
         if trainer.is_global_zero:
             config = pl_module.hparams.get("run_config") or {}
             meta = {

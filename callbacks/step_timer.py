@@ -1,6 +1,7 @@
 """Wall time of every optimizer step: logged as ``perf/step_seconds`` and ``perf/samples_per_second``,
 and, with ``path``, written as JSON lines with the loss and (on CUDA) the peak memory so far
 (benchmarks read them)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ class StepTimer(L.Callback):
             return
         seconds = time.perf_counter() - self._start
         samples = self._samples * trainer.world_size  # the ranks' batches are equal in count
-        pl_module.log_dict({"perf/step_seconds": seconds, "perf/samples_per_second": samples / seconds},
-                           on_step=True, batch_size=1)
+        pl_module.log_dict(
+            {"perf/step_seconds": seconds, "perf/samples_per_second": samples / seconds},
+            on_step=True,
+            batch_size=1,
+        )
         if self.path is not None and trainer.is_global_zero:
             import torch
 

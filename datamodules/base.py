@@ -1,10 +1,12 @@
 """What the two data modules share: sources of one objective read for one model, delivered as batches
 of the collator contract (:mod:`nextgpt.batch`), with an epoch progress that checkpoints carry
 so a resumed run continues with exactly the next batches."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 
@@ -25,9 +27,21 @@ class SourceDataModule(L.LightningDataModule):
     # files are written once, by global rank 0 (a cluster's nodes usually share the file system)
     prepare_data_per_node = False
 
-    def __init__(self, sources: Sequence[Mapping[str, Any]], objective: str, model: Mapping[str, Any], template: str,
-                 batch_size: int, num_workers: int, max_length: int, seed: int, feature_cache: bool,
-                 cache_fallback: str | None, pairs: Mapping[str, Any] | None = None, pack: bool = False):
+    def __init__(
+        self,
+        sources: Sequence[Mapping[str, Any]],
+        objective: str,
+        model: Mapping[str, Any],
+        template: str,
+        batch_size: int,
+        num_workers: int,
+        max_length: int,
+        seed: int,
+        feature_cache: bool,
+        cache_fallback: str | None,
+        pairs: Mapping[str, Any] | None = None,
+        pack: bool = False,
+    ):
         super().__init__()
         # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
         self.pack_length = int(max_length) if pack else None
@@ -37,9 +51,16 @@ class SourceDataModule(L.LightningDataModule):
         self.pair_style = PairStyle(**dict(pairs or {}))
         self.sources = [dict(s) for s in sources]
         self.objective, self.model_cfg, self.template = objective, model, template
-        self.batch_size, self.num_workers, self.max_length, self.seed = batch_size, num_workers, max_length, seed
+        self.batch_size, self.num_workers, self.max_length, self.seed = (
+            batch_size,
+            num_workers,
+            max_length,
+            seed,
+        )
         self.feature_cache = feature_cache
-        self.cache_fallback = cache_fallback or str(Path(".cache") / "features")  # where unwritable data caches go
+        self.cache_fallback = cache_fallback or str(
+            Path(".cache") / "features"
+        )  # where unwritable data caches go
         self.conversations_by_source: list = []
         self.progress = EpochProgress()
 

@@ -4,12 +4,14 @@ and the ImageBind and caption-embedding caches of shard sources, written beside 
 The stores, their fingerprints and the encoding of files live in :mod:`nextgpt.cache`; this
 module only knows how to walk the data (JSON layout or shards) and which process takes which share.
 """
+
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +35,15 @@ def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str
     for objective in ("instruct",) if foreign else ("caption", "generate", "instruct"):
         try:
             # caption and generate read the same <name>.json: its bad entries are named once
-            convs, _ = read_source(source["name"], source["modality"], source["root"], objective,
-                                   warn=objective != "generate", fmt=source.get("format"), file=source.get("file"))
+            convs, _ = read_source(
+                source["name"],
+                source["modality"],
+                source["root"],
+                objective,
+                warn=objective != "generate",
+                fmt=source.get("format"),
+                file=source.get("file"),
+            )
         except FileNotFoundError as e:
             log.info("feature cache: %s", e)
             continue
@@ -45,8 +54,18 @@ def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str
     return media, captions
 
 
-def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, encoder, *, batch_size: int,
-                        dtype: str = "float16", rank: int = 0, world_size: int = 1, part_size: int = 4096) -> int:
+def compute_shard_media(
+    store: FeatureStore,
+    paths: list[Path],
+    modality: str,
+    encoder,
+    *,
+    batch_size: int,
+    dtype: str = "float16",
+    rank: int = 0,
+    world_size: int = 1,
+    part_size: int = 4096,
+) -> int:
     """Encode the input media of shards into ``store``: this process's share of the samples
     (``rank`` of ``world_size``, split as training splits them), skipping members already cached
     (their bytes are not even read), so an interrupted pass resumes and several processes fill one
@@ -55,8 +74,16 @@ def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, e
 
     mod = modality_registry.get(modality)
     device = next(encoder.parameters()).device
-    stream = ShardStream(paths, objective="caption", modality=modality, rank=rank, world_size=world_size, epochs=1,
-                         max_skip_fraction=None, feature_lookup=StoreLookup({p: store for p in paths}))
+    stream = ShardStream(
+        paths,
+        objective="caption",
+        modality=modality,
+        rank=rank,
+        world_size=world_size,
+        epochs=1,
+        max_skip_fraction=None,
+        feature_lookup=StoreLookup({p: store for p in paths}),
+    )
     pending: list[tuple[str, torch.Tensor]] = []
     rows_keys: list[str] = []
     rows: list[np.ndarray] = []
@@ -81,10 +108,12 @@ def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, e
             rows_keys, rows = [], []
 
     share = -(-stream.total // world_size)
-    with tqdm(total=share, desc=f"ImageBind {modality} {store.directory.name} (rank {rank})", unit="item") as bar:
+    with tqdm(
+        total=share, desc=f"ImageBind {modality} {store.directory.name} (rank {rank})", unit="item"
+    ) as bar:
         for sample in stream:
             bar.update(1)
-            for name, member in sample.conversation.media_in:
+            for _, member in sample.conversation.media_in:
                 if member in sample.features or member in store.failed or member in failed:
                     continue
                 data = io.BytesIO(sample.media[member])
@@ -104,8 +133,9 @@ def compute_shard_media(store: FeatureStore, paths: list[Path], modality: str, e
     return added
 
 
-def build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback: Path, rank: int, world: int,
-                       device: str = "cpu") -> dict[str, int]:
+def build_shard_caches(
+    cfg, model_cfg, encoder, conditioners, fallback: Path, rank: int, world: int, device: str = "cpu"
+) -> dict[str, int]:
     """ImageBind features of every shard source's pair-shard members (stage 1) and the decoder text
     embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
     written first, as a training run would. Several processes (``torchrun --nproc-per-node N -m
@@ -121,36 +151,71 @@ def build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback: Path, ra
             log.warning("feature cache: no pair shards of %r: skipped", source["name"])
             continue
         if encoder is not None:
-            store = shard_media_store(shard_folder(source, paths), source["modality"], "pairs", model_cfg["encoder"],
-                                      fallback)
-            added = compute_shard_media(store, paths, source["modality"], encoder, batch_size=int(cfg.cache.batch_size),
-                                        dtype=cfg.cache.dtype, rank=rank, world_size=world)
+            store = shard_media_store(
+                shard_folder(source, paths), source["modality"], "pairs", model_cfg["encoder"], fallback
+            )
+            added = compute_shard_media(
+                store,
+                paths,
+                source["modality"],
+                encoder,
+                batch_size=int(cfg.cache.batch_size),
+                dtype=cfg.cache.dtype,
+                rank=rank,
+                world_size=world,
+            )
             store.refresh()
             report[str(store.directory)] = len(store)
-            log.info("%s: %d ImageBind features (%d new here, %d failed) in %s", source["name"], len(store), added,
-                     len(store.failed), store.directory)
+            log.info(
+                "%s: %d ImageBind features (%d new here, %d failed) in %s",
+                source["name"],
+                len(store),
+                added,
+                len(store.failed),
+                store.directory,
+            )
         conditioner = conditioners.get(source["modality"])
         if conditioner is not None:  # this process's share of the captions (no media read: text-to-X pairs)
-            stream = ShardStream(paths, objective="generate", modality=source["modality"], rank=rank, world_size=world,
-                                 epochs=1, max_skip_fraction=None)
+            stream = ShardStream(
+                paths,
+                objective="generate",
+                modality=source["modality"],
+                rank=rank,
+                world_size=world,
+                epochs=1,
+                max_skip_fraction=None,
+            )
             captions = [cap for sample in stream for _, cap in sample.conversation.captions_out]
-            store = FeatureStore.at(cache_base(shard_folder(source, paths), fallback), f"text_{source['modality']}",
-                                    conditioner.fingerprint())
+            store = FeatureStore.at(
+                cache_base(shard_folder(source, paths), fallback),
+                f"text_{source['modality']}",
+                conditioner.fingerprint(),
+            )
             added = compute_captions(store, captions, conditioner.to(device), dtype=cfg.cache.dtype)
             store.refresh()
             report[str(store.directory)] = len(store)
-            log.info("%s: %d caption embeddings (%d new here) in %s", source["name"], len(store), added, store.directory)
+            log.info(
+                "%s: %d caption embeddings (%d new here) in %s",
+                source["name"],
+                len(store),
+                added,
+                store.directory,
+            )
     return report
 
 
-def wait_for_shards(source: Mapping[str, Any], shards_root: str, rank: int, timeout: float = 3600.0) -> list[Path]:
+def wait_for_shards(
+    source: Mapping[str, Any], shards_root: str, rank: int, timeout: float = 3600.0
+) -> list[Path]:
     """The source's pair shards; on ranks > 0, once rank 0 has written them (their index is there)."""
     import time
 
     deadline = time.monotonic() + (timeout if rank else 0)
     while True:
         paths = source_shards(source, "caption", shards_root)
-        ready = source.get("urls") or (paths and (paths[0].parent / f"{source['name']}-pairs{INDEX_SUFFIX}").is_file())
+        ready = source.get("urls") or (
+            paths and (paths[0].parent / f"{source['name']}-pairs{INDEX_SUFFIX}").is_file()
+        )
         if ready or time.monotonic() > deadline:
             return paths
         time.sleep(2.0)
@@ -159,8 +224,12 @@ def wait_for_shards(source: Mapping[str, Any], shards_root: str, rank: int, time
 def write_missing_shards(cfg) -> None:
     from omegaconf import OmegaConf
 
-    dm = ShardDataModule(sources=OmegaConf.to_container(cfg.dataset.sources, resolve=True), objective="caption",
-                         model=OmegaConf.to_container(cfg.model, resolve=True), shards_root=cfg.paths.shards,
-                         shard_size=int(cfg.dataset.get("shard_size", 1000)),
-                         source_changed=str(cfg.dataset.get("source_changed", "rewrite")))
+    dm = ShardDataModule(
+        sources=OmegaConf.to_container(cfg.dataset.sources, resolve=True),
+        objective="caption",
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        shards_root=cfg.paths.shards,
+        shard_size=int(cfg.dataset.get("shard_size", 1000)),
+        source_changed=str(cfg.dataset.get("source_changed", "rewrite")),
+    )
     dm.prepare_data()

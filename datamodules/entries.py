@@ -1,5 +1,6 @@
 """What every reader of a data file shares: the reason an entry is skipped (:class:`Skip`), and the
 checks on the names and text fields it holds (a media name stays inside its folder)."""
+
 from __future__ import annotations
 
 import functools

@@ -20,13 +20,15 @@ The identity of a source (``source_identity``) is:
   per source per run. ``dataset.media_identity=none`` leaves media out, for stores whose media never
   change in place (a changed file then goes unnoticed until its JSON changes too).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from datamodules.nextgpt_layout import json_files
 from nextgpt import modality as modality_registry
@@ -59,13 +61,18 @@ def media_listing(folder: Path) -> dict[str, Any]:
     return {"files": files, "bytes": size, "digest": digest.hexdigest()[:16]}
 
 
-SET_OBJECTIVE = {"pairs": "caption", "instruct": "instruct"}  # the objective whose JSON files a set is written from
+SET_OBJECTIVE = {
+    "pairs": "caption",
+    "instruct": "instruct",
+}  # the objective whose JSON files a set is written from
 
 
 def source_signature(root: str | Path, name: str, shard_set: str) -> dict[str, str]:
     """Signatures (size, modification time, first and last MiB) of the NExT-GPT JSON files a shard
     set is written from: cheap to take at every start, different after any edit of the file."""
-    return {path.name: signed(path) for path in json_files(name, root, SET_OBJECTIVE[shard_set]) if path.is_file()}
+    return {
+        path.name: signed(path) for path in json_files(name, root, SET_OBJECTIVE[shard_set]) if path.is_file()
+    }
 
 
 def signed(path: Path) -> str:
@@ -73,15 +80,24 @@ def signed(path: Path) -> str:
     return f"{file_signature(path)}-{path.stat().st_mtime_ns}"
 
 
-def source_identity(root: str | Path, name: str, modality: str, shard_set: str, media: str = "listing",
-                    file: str | Path | None = None) -> dict[str, Any]:
+def source_identity(
+    root: str | Path,
+    name: str,
+    modality: str,
+    shard_set: str,
+    media: str = "listing",
+    file: str | Path | None = None,
+) -> dict[str, Any]:
     """The identity of one source's shard set (see the module docstring); ``file``: the JSON file of
     a source in one of the original's stage-3 formats, signed the same way."""
     if media not in MEDIA_IDENTITIES:
         raise ValueError(f"dataset.media_identity={media!r}: must be one of {list(MEDIA_IDENTITIES)}")
     resolved = Path(root).resolve()
-    json_sig = ({Path(file).name: signed(Path(file))} if file is not None and Path(file).is_file()
-                else source_signature(resolved, name, shard_set))
+    json_sig = (
+        {Path(file).name: signed(Path(file))}
+        if file is not None and Path(file).is_file()
+        else source_signature(resolved, name, shard_set)
+    )
     ident: dict[str, Any] = {"root": str(resolved), "json": json_sig}
     if media == "listing":
         folder = resolved / modality_registry.get(modality).media_folder
@@ -111,14 +127,24 @@ def differences(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> l
     if not recorded:
         return ["no identity recorded"]
     if "root" not in recorded:  # an index written before identities: JSON signatures only
-        recorded = {"root": now.get("root"), "json": dict(recorded), **({"media": now["media"]} if "media" in now else {})}
+        recorded = {
+            "root": now.get("root"),
+            "json": dict(recorded),
+            **({"media": now["media"]} if "media" in now else {}),
+        }
     out = []
     if recorded.get("root") != now.get("root"):
         out.append(f"data root {recorded.get('root')} -> {now.get('root')}")
     old_json, new_json = recorded.get("json") or {}, now.get("json") or {}
-    out += [f"{Path(now['root']) / f}" for f in sorted(set(old_json) | set(new_json)) if old_json.get(f) != new_json.get(f)]
+    out += [
+        f"{Path(now['root']) / f}"
+        for f in sorted(set(old_json) | set(new_json))
+        if old_json.get(f) != new_json.get(f)
+    ]
     if "media" in now and recorded.get("media") != now.get("media"):
         old, new = recorded.get("media") or {}, now["media"]
-        out.append(f"media ({old.get('files', '?')} files, {old.get('bytes', '?')} bytes -> {new['files']} files, "
-                   f"{new['bytes']} bytes)")
+        out.append(
+            f"media ({old.get('files', '?')} files, {old.get('bytes', '?')} bytes -> {new['files']} files, "
+            f"{new['bytes']} bytes)"
+        )
     return out

@@ -3,12 +3,14 @@
 Media are decoded and tokenised in the dataloader workers; an unreadable sample is skipped
 (returned as ``None``), named in the log and counted in the batch (``num_skipped``).
 """
+
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -50,11 +52,25 @@ class NextGPTDataModule(SourceDataModule):
         pack: bool = False,
         mix: str = "weighted",
     ):
-        super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback, pairs, pack)
+        super().__init__(
+            sources,
+            objective,
+            model,
+            template,
+            batch_size,
+            num_workers,
+            max_length,
+            seed,
+            feature_cache,
+            cache_fallback,
+            pairs,
+            pack,
+        )
         if mix not in ("weighted", "balanced"):
-            raise ValueError(f"dataset.mix={mix!r}: must be weighted (batches mix the sources) or balanced "
-                             "(one source per batch, in turn)")
+            raise ValueError(
+                f"dataset.mix={mix!r}: must be weighted (batches mix the sources) or balanced "
+                "(one source per batch, in turn)"
+            )
         self.mix = mix
         self.train_sources: list[int] = []  # the source index of each training sample
         self.val_fraction = val_fraction
@@ -68,8 +84,11 @@ class NextGPTDataModule(SourceDataModule):
         if self.synthetic:
             from nextgpt.world.synthetic import write_synthetic
 
-            write_synthetic(Path(self.synthetic["root"]), num_per_modality=int(self.synthetic["num_per_modality"]),
-                            seed=int(self.synthetic["seed"]))
+            write_synthetic(
+                Path(self.synthetic["root"]),
+                num_per_modality=int(self.synthetic["num_per_modality"]),
+                seed=int(self.synthetic["seed"]),
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -81,8 +100,15 @@ class NextGPTDataModule(SourceDataModule):
         source_of: list[int] = []
         for k, src in enumerate(self.sources):
             # every rank reads the files (and counts their skips alike, once in the report); rank 0 names them
-            c, skipped = read_source(src["name"], src["modality"], src["root"], self.objective,
-                                     warn=trainer_topology(self.trainer)[0] == 0, fmt=src.get("format"), file=src.get("file"))
+            c, skipped = read_source(
+                src["name"],
+                src["modality"],
+                src["root"],
+                self.objective,
+                warn=trainer_topology(self.trainer)[0] == 0,
+                fmt=src.get("format"),
+                file=src.get("file"),
+            )
             c = [self.pair_style.apply(conv) for conv in c]
             convs += c
             source_of += [k] * len(c)
@@ -91,20 +117,36 @@ class NextGPTDataModule(SourceDataModule):
         features = self._media_features() if self.feature_cache else {}
         if not convs:
             files = [str(f) for src in self.sources for f, _ in source_files(src, self.objective)]
-            raise DataError(f"no usable sample for objective {self.objective!r} in {', '.join(files)}: "
-                            + (f"every entry was skipped ({dict(self.skipped_entries)})" if self.skipped_entries
-                               else "the files hold no entries"))
+            raise DataError(
+                f"no usable sample for objective {self.objective!r} in {', '.join(files)}: "
+                + (
+                    f"every entry was skipped ({dict(self.skipped_entries)})"
+                    if self.skipped_entries
+                    else "the files hold no entries"
+                )
+            )
         order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(self.val_fraction * len(convs)))
         make = lambda idx: ConversationDataset(  # noqa: E731
-            [convs[i] for i in idx], self.tokenizer, self.layout, self.template,
-            int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length, features, self.denoise_targets,
+            [convs[i] for i in idx],
+            self.tokenizer,
+            self.layout,
+            self.template,
+            int(self.model_cfg["input_projector"]["num_tokens"]),
+            self.max_length,
+            features,
+            self.denoise_targets,
         )
         self.train_set = make(order[n_val:])
         self.train_sources = [source_of[i] for i in order[n_val:]]
         self.val_set = make(order[:n_val]) if n_val else None
-        log.info("data: %d train / %d val conversations (%s); skipped entries: %s", len(self.train_set),
-                 n_val, self.objective, dict(self.skipped_entries) or "none")
+        log.info(
+            "data: %d train / %d val conversations (%s); skipped entries: %s",
+            len(self.train_set),
+            n_val,
+            self.objective,
+            dict(self.skipped_entries) or "none",
+        )
 
     def _media_features(self) -> dict[str, tuple[Any, str]]:
         """Cached ImageBind features of the sources' media, where a cache exists for this encoder:
@@ -120,21 +162,37 @@ class NextGPTDataModule(SourceDataModule):
                 continue
             store = media_store(src, self.model_cfg["encoder"], self.cache_fallback)
             if not store.exists:
-                log.info("data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "
-                         "encoding media on the fly", src["name"])
+                log.info(
+                    "data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "
+                    "encoding media on the fly",
+                    src["name"],
+                )
                 continue
             missing = set(store.missing(items))
             if missing:
-                log.info("data: feature cache %s is partial (%d of %d items missing: encoded on the fly; "
-                         "python -m nextgpt.cache completes it)", store.directory, len(missing), len(items))
-            log.info("data: using ImageBind feature cache %s for %r (%d items, %d failed)", store.directory,
-                     src["name"], len(store), len(store.failed))
+                log.info(
+                    "data: feature cache %s is partial (%d of %d items missing: encoded on the fly; "
+                    "python -m nextgpt.cache completes it)",
+                    store.directory,
+                    len(missing),
+                    len(items),
+                )
+            log.info(
+                "data: using ImageBind feature cache %s for %r (%d items, %d failed)",
+                store.directory,
+                src["name"],
+                len(store),
+                len(store.failed),
+            )
             out.update({p: (store, k) for k, p in items.items() if k not in missing})
         return out
 
     def _loader(self, dataset: ConversationDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
             collate_fn=Collator(self.tokenizer.pad_token_id, dataset.num_media_tokens, self.pack_length),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
@@ -145,13 +203,26 @@ class NextGPTDataModule(SourceDataModule):
         # overfitting (trainer.overfit_batches, debug=overfit): the same first batches every epoch
         overfit = bool(getattr(self.trainer, "overfit_batches", 0))
         if self.mix == "balanced":
-            sampler = BalancedStepSampler(self.train_sources, self.batch_size, rank=rank, world_size=world,
-                                          shuffle=not overfit, seed=self.seed)
+            sampler = BalancedStepSampler(
+                self.train_sources,
+                self.batch_size,
+                rank=rank,
+                world_size=world,
+                shuffle=not overfit,
+                seed=self.seed,
+            )
         else:
-            sampler = StepSampler(len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed)
+            sampler = StepSampler(
+                len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed
+            )
         loader = DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=Collator(self.tokenizer.pad_token_id, self.train_set.num_media_tokens, self.pack_length),
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=Collator(
+                self.tokenizer.pad_token_id, self.train_set.num_media_tokens, self.pack_length
+            ),
             persistent_workers=self.num_workers > 0,
         )
         return StepWindows(loader, accumulate, progress=self.progress)

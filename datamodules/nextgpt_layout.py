@@ -11,6 +11,7 @@ A malformed entry is skipped and counted by reason, with the file and index in t
 missing JSON file is an error that names the path. Media names are relative to the source's media
 folder and must stay inside it (:func:`media_path`): an entry naming a file elsewhere is skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,16 +60,25 @@ def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conver
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     instruction = _pick(CAPTION_INSTRUCTIONS, key).format(m=mod.name)
-    return Conversation(key, [(f"{mod.placeholder}\n{instruction}", caption)], media_in=[(mod.name, _media(root, mod, file))],
-                        kind="caption")
+    return Conversation(
+        key,
+        [(f"{mod.placeholder}\n{instruction}", caption)],
+        media_in=[(mod.name, _media(root, mod, file))],
+        kind="caption",
+    )
 
 
 def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
-    return Conversation(key, [(request, mod.placeholder)], captions_out=[(mod.name, caption)],
-                        media_out=[(mod.name, _media(root, mod, file))], kind="generate")
+    return Conversation(
+        key,
+        [(request, mod.placeholder)],
+        captions_out=[(mod.name, caption)],
+        media_out=[(mod.name, _media(root, mod, file))],
+        kind="generate",
+    )
 
 
 def _turns(entry: dict) -> list[tuple[str, str]]:
@@ -89,11 +99,18 @@ def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversatio
     n_in = sum(h.count(mod.placeholder) for h, _ in turns)
     n_out = sum(a.count(mod.placeholder) for _, a in turns)
     if n_in != len(media_in) or n_out != len(captions_out):
-        raise Skip(f"{n_in} input / {n_out} output placeholders but {len(media_in)} / {len(captions_out)} media")
+        raise Skip(
+            f"{n_in} input / {n_out} output placeholders but {len(media_in)} / {len(captions_out)} media"
+        )
     file = entry.get(mod.input_field) or entry.get(mod.output_field) or f"{index}"
     direction = "out" if captions_out else "in"  # comprehension and generation share file names
-    return Conversation(f"{Path(str(file)).stem}-{direction}", turns, media_in=media_in, captions_out=captions_out,
-                        media_out=media_out)
+    return Conversation(
+        f"{Path(str(file)).stem}-{direction}",
+        turns,
+        media_in=media_in,
+        captions_out=captions_out,
+        media_out=media_out,
+    )
 
 
 Reader = Callable[[dict, Modality, Path, int], Conversation]
@@ -127,15 +144,31 @@ def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
 
     fmt = source.get("format") or "nextgpt"
     if fmt == "nextgpt":
-        return list(zip(json_files(source["name"], source["root"], objective), (r for _, r in OBJECTIVE_FILES[objective])))
+        return list(
+            zip(
+                json_files(source["name"], source["root"], objective),
+                (r for _, r in OBJECTIVE_FILES[objective]),
+                strict=False,
+            )
+        )
     if objective != "instruct":
-        raise DataError(f"dataset source {source['name']!r} (format {fmt}) is stage-3 instruction data; objective "
-                        f"{objective!r} reads text-X pairs (the NExT-GPT folder layout)")
+        raise DataError(
+            f"dataset source {source['name']!r} (format {fmt}) is stage-3 instruction data; objective "
+            f"{objective!r} reads text-X pairs (the NExT-GPT folder layout)"
+        )
     return [(Path(source["file"]), lambda e, mod, root, i: ORIGINAL_READERS[fmt](e, mod.name, root, i))]
 
 
-def read_source(name: str, modality: str, root: str | Path, objective: str,
-                warn: bool = True, *, fmt: str | None = None, file: str | None = None) -> tuple[list[Conversation], Counter]:
+def read_source(
+    name: str,
+    modality: str,
+    root: str | Path,
+    objective: str,
+    warn: bool = True,
+    *,
+    fmt: str | None = None,
+    file: str | None = None,
+) -> tuple[list[Conversation], Counter]:
     """All usable conversations of one source for ``objective``, and the skip counts by reason.
     ``warn=False``: count skipped entries without a log line each (a second read of a file whose
     entries were already reported, e.g. by another rank). ``fmt`` / ``file``: a source in one of the
@@ -155,7 +188,9 @@ def read_source(name: str, modality: str, root: str | Path, objective: str,
         except json.JSONDecodeError as e:
             raise DataError(f"dataset source {name!r}: {path} is not valid JSON: {e}") from e
         if not isinstance(entries, list):
-            raise DataError(f"dataset source {name!r}: {path} holds a {type(entries).__name__}, expected a list")
+            raise DataError(
+                f"dataset source {name!r}: {path} holds a {type(entries).__name__}, expected a list"
+            )
         for i, entry in enumerate(entries):
             try:
                 if not isinstance(entry, dict):

@@ -25,6 +25,7 @@ modality-neutral ``Conversation`` for the ``instruct`` objective (stage 3):
 
 A malformed entry is skipped and counted with its reason, as in :mod:`datamodules.nextgpt_layout`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -59,7 +60,9 @@ def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
     turns = pair_turns(messages, answer)
     if not captions_out:
         raise Skip("no turn with an output modality (t2x entries generate media)")
-    return Conversation(f"t2x-{Path(str(entry.get('mm_name', index))).name}", turns, captions_out=captions_out)
+    return Conversation(
+        f"t2x-{Path(str(entry.get('mm_name', index))).name}", turns, captions_out=captions_out
+    )
 
 
 def _llava(entry: dict, modality: str, root: Path, index: int) -> Conversation:
@@ -70,7 +73,10 @@ def _llava(entry: dict, modality: str, root: Path, index: int) -> Conversation:
         return Conversation(f"llava-{entry.get('id', index)}", turns)
     media_in = [("image", _media(root, mod, _text({"image": name}, "image")))]
     if not any(mod.placeholder in h for h, _ in turns):
-        turns[0] = (f"{mod.placeholder}\n{turns[0][0]}", turns[0][1])  # the legacy files put the image before the text
+        turns[0] = (
+            f"{mod.placeholder}\n{turns[0][0]}",
+            turns[0][1],
+        )  # the legacy files put the image before the text
     if sum(h.count(mod.placeholder) for h, _ in turns) != 1:
         raise Skip("more than one <image> for one image")
     return Conversation(f"llava-{entry.get('id', Path(name).stem)}", turns, media_in=media_in)
@@ -110,8 +116,12 @@ def _mosit(entry: dict, modality: str, root: Path, index: int) -> Conversation:
         if n_in != len(ins):
             raise Skip(f"{n_in} {mod.placeholder} in the requests but {len(ins)} {mod.input_field}")
         media_in += [(mod.name, _media(root, mod, n)) for n in ins]
-    return Conversation(f"mosit-{entry.get('id', index)}", turns, media_in=_text_order([h for h, _ in turns], media_in),
-                        captions_out=_text_order([a for _, a in turns], captions_out))
+    return Conversation(
+        f"mosit-{entry.get('id', index)}",
+        turns,
+        media_in=_text_order([h for h, _ in turns], media_in),
+        captions_out=_text_order([a for _, a in turns], captions_out),
+    )
 
 
 def _text_order(texts: list[str], items: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -135,4 +145,8 @@ def _text_order(texts: list[str], items: list[tuple[str, str]]) -> list[tuple[st
 
 
 READERS: dict[str, Callable[[dict, str, Path, int], Conversation]] = {
-    "t2x": _t2x, "llava": _llava, "alpaca": _alpaca, "mosit": _mosit}
+    "t2x": _t2x,
+    "llava": _llava,
+    "alpaca": _alpaca,
+    "mosit": _mosit,
+}

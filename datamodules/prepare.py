@@ -34,6 +34,7 @@ CLI::
     python -m datamodules.prepare --format nextgpt --root DIR --name cc3m --modality image --out SHARDS
     python -m datamodules.prepare --format llava|alpaca|mosit --json FILE --media-root DIR --out SHARDS
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,10 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from datamodules.identity import source_identity
 from datamodules.nextgpt_layout import Skip, _text, _turns, media_path, read_source, read_utf8
@@ -173,7 +174,9 @@ def _qa_turns(entry: dict) -> list[tuple[str, str]]:
     return turns
 
 
-def _conversation_entry(entry: dict, index: int, media_root: Path) -> tuple[Conversation, list[tuple[str, Path]]]:
+def _conversation_entry(
+    entry: dict, index: int, media_root: Path
+) -> tuple[Conversation, list[tuple[str, Path]]]:
     """One LLaVA-style entry: ``conversations`` (or VideoChat ``QA``) plus media fields.
 
     Inputs: ``<m>`` (LLaVA's ``image``, VideoChat's ``video``) or ``input_<m>``, a file or a list.
@@ -187,10 +190,13 @@ def _conversation_entry(entry: dict, index: int, media_root: Path) -> tuple[Conv
     outs: dict[str, list[Path]] = {}
     caps: dict[str, list[str]] = {}
     for mod in (modality_registry.get(n) for n in modality_registry.names()):
-        files = _as_list(entry.get(mod.name), mod.name) + _as_list(entry.get(mod.input_field), mod.input_field)
+        files = _as_list(entry.get(mod.name), mod.name) + _as_list(
+            entry.get(mod.input_field), mod.input_field
+        )
         ins[mod.name] = [media_path(media_root, f) for f in files]
-        outs[mod.name] = [media_path(media_root, f)
-                          for f in _as_list(entry.get(mod.output_field), mod.output_field)]
+        outs[mod.name] = [
+            media_path(media_root, f) for f in _as_list(entry.get(mod.output_field), mod.output_field)
+        ]
         caps[mod.name] = _as_list(entry.get(mod.captions_field), mod.captions_field)
         if outs[mod.name] and not caps[mod.name]:
             raise Skip(f"{mod.output_field} without {mod.captions_field}")
@@ -342,8 +348,10 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     old = _existing_shards(out, name)
     if old and not overwrite:
-        raise FileExistsError(f"{out} already holds {len(old)} shards of {name!r} ({old[0].name} ...); "
-                              "pass overwrite=True (--overwrite) to replace them")
+        raise FileExistsError(
+            f"{out} already holds {len(old)} shards of {name!r} ({old[0].name} ...); "
+            "pass overwrite=True (--overwrite) to replace them"
+        )
     for partial in out.glob(f"{glob.escape(name)}-*.tar.tmp"):  # a killed writer's (one writer a folder)
         partial.unlink()
     counts: Counter = Counter(skipped or {})
@@ -366,7 +374,9 @@ def write_shards(
                 continue
             key = tar_key(rec.key, taken)
             sample["__key__"] = key
-            sample["json"] = json.dumps({"key": rec.key, **rec.data, "source": name}, ensure_ascii=False).encode()
+            sample["json"] = json.dumps(
+                {"key": rec.key, **rec.data, "source": name}, ensure_ascii=False
+            ).encode()
             sink.write(sample)
         sink.finish()
     except BaseException:
@@ -386,16 +396,32 @@ def write_shards(
     tmp = out / f".{name}{INDEX_SUFFIX}.tmp"
     tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, out / f"{name}{INDEX_SUFFIX}")
-    log.info("wrote %d samples in %d shards to %s (skipped: %s)", index["total"], len(paths), out, dict(counts) or "none")
+    log.info(
+        "wrote %d samples in %d shards to %s (skipped: %s)",
+        index["total"],
+        len(paths),
+        out,
+        dict(counts) or "none",
+    )
     return paths
 
 
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path, *, sets: Sequence[str] = NEXTGPT_SETS,
-                    shard_size: int = 1000, overwrite: bool = False, strict: bool = False,
-                    identity: Mapping[str, Any] | None = None, media: str = "listing") -> dict[str, list[Path]]:
+def prepare_nextgpt(
+    root: str | Path,
+    name: str,
+    modality: str,
+    out: str | Path,
+    *,
+    sets: Sequence[str] = NEXTGPT_SETS,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    strict: bool = False,
+    identity: Mapping[str, Any] | None = None,
+    media: str = "listing",
+) -> dict[str, list[Path]]:
     """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source.
     Each index records the source's identity (``datamodules.identity``: its resolved root, JSON files
     and media), taken before reading (``identity``: already taken, for a one-set call)."""
@@ -404,10 +430,23 @@ def prepare_nextgpt(root: str | Path, name: str, modality: str, out: str | Path,
     for s in sets:
         if s not in readers:
             raise ValueError(f"unknown shard set {s!r}; known: {list(readers)}")
-        signature = dict(identity) if identity is not None and len(sets) == 1 else source_identity(root, name, modality, s, media)
+        signature = (
+            dict(identity)
+            if identity is not None and len(sets) == 1
+            else source_identity(root, name, modality, s, media)
+        )
         records, skipped = readers[s](root, name, modality)
-        written[s] = write_shards(records, out, name=f"{name}-{s}", shard_size=shard_size, overwrite=overwrite,
-                                  strict=strict, total=len(records), skipped=skipped, source=signature)
+        written[s] = write_shards(
+            records,
+            out,
+            name=f"{name}-{s}",
+            shard_size=shard_size,
+            overwrite=overwrite,
+            strict=strict,
+            total=len(records),
+            skipped=skipped,
+            source=signature,
+        )
     return written
 
 
@@ -422,10 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("--format nextgpt")
     g.add_argument("--root", type=Path, help="dataset folder holding <name>.json and its media folder")
     g.add_argument("--modality", help=f"one of {modality_registry.names()}")
-    g.add_argument("--sets", default=",".join(NEXTGPT_SETS), help="comma list of: pairs (stages 1-2), instruct (stage 3)")
+    g.add_argument(
+        "--sets", default=",".join(NEXTGPT_SETS), help="comma list of: pairs (stages 1-2), instruct (stage 3)"
+    )
     g = p.add_argument_group("--format llava | alpaca | mosit")
     g.add_argument("--json", type=Path, help="instruction JSON (or .jsonl) file")
-    g.add_argument("--media-root", type=Path, default=None, help="folder the media paths in the JSON are relative to")
+    g.add_argument(
+        "--media-root", type=Path, default=None, help="folder the media paths in the JSON are relative to"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -434,8 +477,16 @@ def main(argv: list[str] | None = None) -> int:
                 p.error("--format nextgpt needs --root, --name and --modality")
             modality_registry.get(args.modality)
             sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-            written = prepare_nextgpt(args.root, args.name, args.modality, args.out, sets=sets,
-                                      shard_size=args.shard_size, overwrite=args.overwrite, strict=args.strict)
+            written = prepare_nextgpt(
+                args.root,
+                args.name,
+                args.modality,
+                args.out,
+                sets=sets,
+                shard_size=args.shard_size,
+                overwrite=args.overwrite,
+                strict=args.strict,
+            )
             shards = [s for paths in written.values() for s in paths]
         else:
             if not args.json:
@@ -444,8 +495,16 @@ def main(argv: list[str] | None = None) -> int:
                 records, skipped = read_alpaca(args.json)
             else:
                 records, skipped = read_conversations(args.json, args.media_root or args.json.parent)
-            shards = write_shards(records, args.out, name=args.name or args.json.stem, shard_size=args.shard_size,
-                                  overwrite=args.overwrite, strict=args.strict, total=len(records), skipped=skipped)
+            shards = write_shards(
+                records,
+                args.out,
+                name=args.name or args.json.stem,
+                shard_size=args.shard_size,
+                overwrite=args.overwrite,
+                strict=args.strict,
+                total=len(records),
+                skipped=skipped,
+            )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

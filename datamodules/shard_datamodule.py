@@ -12,6 +12,7 @@ Sources are ``{name, modality, weight, root?, shards?, urls?}``:
 ``weight`` (a positive integer) is how many times a source is read per pass: the mixture is exact
 and deterministic, so resume stays exact too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ import logging
 import math
 import shutil
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +74,11 @@ def _versions(src: Mapping[str, Any], objective: str, shards_root: str | Path) -
     its root folder, and the plain ``${paths.shards}/<name>/`` (``python -m datamodules.prepare``)
     where its index records this root."""
     name, folder = src["name"], root_folder(shards_root, src["name"], src["root"])
-    found = [p for p in folder.glob(f"{shard_set(objective)}-*") if p.is_dir() and _recorded(p, name, objective) is not None]
+    found = [
+        p
+        for p in folder.glob(f"{shard_set(objective)}-*")
+        if p.is_dir() and _recorded(p, name, objective) is not None
+    ]
     plain = Path(shards_root) / name
     recorded = _recorded(plain, name, objective)
     if recorded and recorded.get("root") == str(Path(src["root"]).resolve()):
@@ -80,8 +86,13 @@ def _versions(src: Mapping[str, Any], objective: str, shards_root: str | Path) -
     return sorted(found, key=lambda p: _index(p, name, objective).stat().st_mtime_ns, reverse=True)
 
 
-def locate_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path, source_changed: str = "rewrite",
-                 media: str = "listing") -> tuple[Path | None, dict | None]:
+def locate_shards(
+    src: Mapping[str, Any],
+    objective: str,
+    shards_root: str | Path,
+    source_changed: str = "rewrite",
+    media: str = "listing",
+) -> tuple[Path | None, dict | None]:
     """(the folder of the shards a source contributes to ``objective``, or ``None`` while there are
     none for its current data; the source's identity, ``None`` without a root). Given ``shards``: that
     folder. With a ``root``: the version written from exactly its current data (``datamodules.identity``),
@@ -100,8 +111,13 @@ def locate_shards(src: Mapping[str, Any], objective: str, shards_root: str | Pat
     return None, ident
 
 
-def source_shards(src: Mapping[str, Any], objective: str, shards_root: str | Path, source_changed: str = "rewrite",
-                  media: str = "listing") -> list[Path]:
+def source_shards(
+    src: Mapping[str, Any],
+    objective: str,
+    shards_root: str | Path,
+    source_changed: str = "rewrite",
+    media: str = "listing",
+) -> list[Path]:
     """The shard files a source contributes to ``objective`` (empty when none are written yet)."""
     if src.get("urls"):
         return expand_shards(src["urls"])
@@ -141,8 +157,20 @@ class ShardDataModule(SourceDataModule):
         pack: bool = False,
         media_identity: str = "listing",
     ):
-        super().__init__(sources, objective, model, template, batch_size, num_workers, max_length, seed, feature_cache,
-                         cache_fallback, pairs, pack)
+        super().__init__(
+            sources,
+            objective,
+            model,
+            template,
+            batch_size,
+            num_workers,
+            max_length,
+            seed,
+            feature_cache,
+            cache_fallback,
+            pairs,
+            pack,
+        )
         self.media_identity = media_identity
         self.folders: dict[str, Path] = {}  # source name -> the shard folder setup chose
         self._holds = contextlib.ExitStack()  # shared locks on the shard versions this run reads
@@ -170,22 +198,36 @@ class ShardDataModule(SourceDataModule):
             if folder is not None:
                 recorded = _recorded(folder, src["name"], self.objective)
                 if ident is not None and recorded != ident:
-                    log.warning("data: %s differs from the shards in %s (%s); training on them "
-                                "(dataset.source_changed=keep)", src["root"], folder, "; ".join(differences(recorded, ident)))
+                    log.warning(
+                        "data: %s differs from the shards in %s (%s); training on them "
+                        "(dataset.source_changed=keep)",
+                        src["root"],
+                        folder,
+                        "; ".join(differences(recorded, ident)),
+                    )
                 continue
             if not src.get("root") or not Path(src["root"]).is_dir():
-                raise DataError(f"dataset source {src['name']!r}: the data root {src.get('root')} does not exist, and "
-                                f"no shards in {Path(self.shards_root) / src['name']} were written from it "
-                                "(set paths.data_root=DIR, or dataset.sources[i].shards=DIR for shards alone)")
+                raise DataError(
+                    f"dataset source {src['name']!r}: the data root {src.get('root')} does not exist, and "
+                    f"no shards in {Path(self.shards_root) / src['name']} were written from it "
+                    "(set paths.data_root=DIR, or dataset.sources[i].shards=DIR for shards alone)"
+                )
             older = _versions(src, self.objective, self.shards_root)
             if older:
                 what = "; ".join(differences(_recorded(older[0], src["name"], self.objective), ident))
                 if self.source_changed == "error":
-                    raise RunError(f"dataset source {src['name']!r} changed since its {shard_set(self.objective)} "
-                                   f"shards in {older[0]} were written ({what}); write them anew "
-                                   "(dataset.source_changed=rewrite) or train on them (keep)")
-                log.info("data: %s changed since the shards in %s were written (%s): writing shards of its current "
-                         "data", src["root"], older[0], what)
+                    raise RunError(
+                        f"dataset source {src['name']!r} changed since its {shard_set(self.objective)} "
+                        f"shards in {older[0]} were written ({what}); write them anew "
+                        "(dataset.source_changed=rewrite) or train on them (keep)"
+                    )
+                log.info(
+                    "data: %s changed since the shards in %s were written (%s): writing shards of its current "
+                    "data",
+                    src["root"],
+                    older[0],
+                    what,
+                )
             self._write_version(src, ident)
 
     def _folder(self, src: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
@@ -194,20 +236,44 @@ class ShardDataModule(SourceDataModule):
     def _write(self, src: Mapping[str, Any], out: Path, ident: Mapping[str, Any] | None) -> None:
         """The source's shard set into ``out``; a source with no usable sample is an error that
         names its JSON files (nothing is written)."""
-        log.info("data: writing %s shards of %r from %s into %s", shard_set(self.objective), src["name"], src["root"], out)
-        prepare_nextgpt(src["root"], src["name"], src["modality"], out, sets=[shard_set(self.objective)],
-                        shard_size=self.shard_size, overwrite=True, identity=ident, media=self.media_identity)
+        log.info(
+            "data: writing %s shards of %r from %s into %s",
+            shard_set(self.objective),
+            src["name"],
+            src["root"],
+            out,
+        )
+        prepare_nextgpt(
+            src["root"],
+            src["name"],
+            src["modality"],
+            out,
+            sets=[shard_set(self.objective)],
+            shard_size=self.shard_size,
+            overwrite=True,
+            identity=ident,
+            media=self.media_identity,
+        )
         index = json.loads(read_utf8(_index(out, src["name"], self.objective)))
         if not index["total"]:
-            files = ", ".join(str(f) for f in json_files(src["name"], src["root"], SET_OBJECTIVE[shard_set(self.objective)]))
-            raise DataError(f"dataset source {src['name']!r}: no usable sample in {files}: "
-                            + (f"every entry was skipped ({index['skipped']})" if index["skipped"] else "they hold no entries"))
+            files = ", ".join(
+                str(f) for f in json_files(src["name"], src["root"], SET_OBJECTIVE[shard_set(self.objective)])
+            )
+            raise DataError(
+                f"dataset source {src['name']!r}: no usable sample in {files}: "
+                + (
+                    f"every entry was skipped ({index['skipped']})"
+                    if index["skipped"]
+                    else "they hold no entries"
+                )
+            )
 
     def _write_version(self, src: Mapping[str, Any], ident: Mapping[str, Any]) -> None:
         """Write the shards of the source's current data as a version of their own (never over shards
         another run may be reading), under a lock that concurrent writers of this root wait on; then
         remove the older versions that no run holds."""
         target = version_folder(self.shards_root, src["name"], shard_set(self.objective), ident)
+
         def waiting(holder: str) -> None:
             log.info("data: waiting for %s, which is writing shards of %s", holder, src["root"])
 
@@ -232,23 +298,32 @@ class ShardDataModule(SourceDataModule):
         missing, rewritten in place when the source's data changed (``source_changed``)."""
         folder, root = Path(src["shards"]), src.get("root")
         recorded = _recorded(folder, src["name"], self.objective)
-        ident = (source_identity(root, src["name"], src["modality"], shard_set(self.objective), self.media_identity)
-                 if root and Path(root).is_dir() else None)
+        ident = (
+            source_identity(
+                root, src["name"], src["modality"], shard_set(self.objective), self.media_identity
+            )
+            if root and Path(root).is_dir()
+            else None
+        )
         if recorded is not None:
             changed = differences(recorded, ident) if recorded and ident else []
             if not changed:
                 return
             what = f"{'; '.join(changed)} changed since the shards in {folder} were written"
             if self.source_changed == "error":
-                raise RunError(f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
-                               "rewrite, or python -m datamodules.prepare --overwrite)")
+                raise RunError(
+                    f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
+                    "rewrite, or python -m datamodules.prepare --overwrite)"
+                )
             if self.source_changed == "keep":
                 log.warning("data: %s; training on the old shards (dataset.source_changed=keep)", what)
                 return
             log.info("data: %s: rewriting them", what)
         if ident is None:
-            raise DataError(f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout at "
-                            f"{root}/{src['name']}.json to write them from")
+            raise DataError(
+                f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout at "
+                f"{root}/{src['name']}.json to write them from"
+            )
         with holding(folder / ".writer.lock"):
             self._write(src, folder, ident)
 
@@ -265,8 +340,10 @@ class ShardDataModule(SourceDataModule):
         for src in self.sources:
             found = self._shards(src)
             if not found:
-                raise DataError(f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
-                                f"({src.get('urls') or src.get('shards') or src.get('root')})")
+                raise DataError(
+                    f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
+                    f"({src.get('urls') or src.get('shards') or src.get('root')})"
+                )
             weight = int(src.get("weight", 1))
             paths += found * weight
             per_source.append(found)
@@ -274,15 +351,31 @@ class ShardDataModule(SourceDataModule):
             log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
             if self.feature_cache and self.objective == "caption":
                 stores.update(self._feature_store(src, found))
-        self.items = ConversationDataset([], self.tokenizer, self.layout, self.template,
-                                         int(self.model_cfg["input_projector"]["num_tokens"]), self.max_length)
+        self.items = ConversationDataset(
+            [],
+            self.tokenizer,
+            self.layout,
+            self.template,
+            int(self.model_cfg["input_projector"]["num_tokens"]),
+            self.max_length,
+        )
         self.stream = ShardStream(
-            paths, objective=self.objective, pair_objective=None if self.objective == "instruct" else self.objective, seed=self.seed,
-            shuffle=self.shuffle, epochs=None, transform=self._item, max_skip_fraction=self.max_skip_fraction,
-            min_samples=self.min_samples, path_modality=path_modality, allow_repeats=True,
+            paths,
+            objective=self.objective,
+            pair_objective=None if self.objective == "instruct" else self.objective,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            epochs=None,
+            transform=self._item,
+            max_skip_fraction=self.max_skip_fraction,
+            min_samples=self.min_samples,
+            path_modality=path_modality,
+            allow_repeats=True,
             feature_lookup=StoreLookup(stores) if stores else None,
-            mix=self.mix, sources=per_source if self.mix == "balanced" else None,
-            source_weights=[int(src.get("weight", 1)) for src in self.sources], batch_size=self.batch_size,
+            mix=self.mix,
+            sources=per_source if self.mix == "balanced" else None,
+            source_weights=[int(src.get("weight", 1)) for src in self.sources],
+            batch_size=self.batch_size,
         )
         if self._pending_state is not None:
             self.stream.load_state_dict(self._pending_state)
@@ -298,11 +391,15 @@ class ShardDataModule(SourceDataModule):
             folder, ident = self._folder(src)
             if folder is None:
                 return []
-            if ident is not None and folder.parent == root_folder(self.shards_root, src["name"], src["root"]):  # a version
+            if ident is not None and folder.parent == root_folder(
+                self.shards_root, src["name"], src["root"]
+            ):  # a version
                 self._holds.enter_context(holding(Path(f"{folder}.lock"), shared=True))
                 if _recorded(folder, src["name"], self.objective) is None:
-                    raise DataError(f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
-                                    "run started; run it again")
+                    raise DataError(
+                        f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
+                        "run started; run it again"
+                    )
             self.folders[src["name"]] = folder
         return _tars(self.folders[src["name"]], src["name"], self.objective)
 
@@ -327,18 +424,33 @@ class ShardDataModule(SourceDataModule):
         each of its shards; none when there is no cache for this encoder."""
         from nextgpt.cache.encode import shard_folder, shard_media_store
 
-        store = shard_media_store(shard_folder(src, shards), src["modality"], "pairs", self.model_cfg["encoder"],
-                                  self.cache_fallback)
+        store = shard_media_store(
+            shard_folder(src, shards),
+            src["modality"],
+            "pairs",
+            self.model_cfg["encoder"],
+            self.cache_fallback,
+        )
         if not store.exists:
-            log.info("data: no ImageBind feature cache for %r (python -m nextgpt.cache dataset=... builds one); "
-                     "decoding and encoding its media on the fly", src["name"])
+            log.info(
+                "data: no ImageBind feature cache for %r (python -m nextgpt.cache dataset=... builds one); "
+                "decoding and encoding its media on the fly",
+                src["name"],
+            )
             return {}
-        log.info("data: using ImageBind feature cache %s for %r: %d items cached (%d failed); the media of cached "
-                 "items are not read", store.directory, src["name"], len(store), len(store.failed))
+        log.info(
+            "data: using ImageBind feature cache %s for %r: %d items cached (%d failed); the media of cached "
+            "items are not read",
+            store.directory,
+            src["name"],
+            len(store),
+            len(store.failed),
+        )
         return {p: store for p in shards}
 
     def _item(self, sample: ShardSample) -> Item:
         """Tokenise a streamed sample; its media come from the feature cache or the tar members' bytes."""
+
         def load(name: str, member: str):
             if member in sample.features:
                 return torch.from_numpy(np.asarray(sample.features[member], dtype=np.float32)), True
@@ -360,9 +472,12 @@ class ShardDataModule(SourceDataModule):
     def train_dataloader(self) -> StepWindows:
         _, world, accumulate = trainer_topology(self.trainer)
         loader = DataLoader(
-            self.stream, batch_size=None if self.mix == "balanced" else self.batch_size,  # balanced: it yields batches
+            self.stream,
+            batch_size=None if self.mix == "balanced" else self.batch_size,  # balanced: it yields batches
             num_workers=self.num_workers,
-            collate_fn=TrackingCollate(Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens, self.pack_length)),
+            collate_fn=TrackingCollate(
+                Collator(self.tokenizer.pad_token_id, self.items.num_media_tokens, self.pack_length)
+            ),
             persistent_workers=False,
         )
         return StepWindows(loader, accumulate, limit=self.batches_per_epoch(world), progress=self.progress)
@@ -391,8 +506,12 @@ class ShardDataModule(SourceDataModule):
             index = _index(self.folders[src["name"]], src["name"], self.objective)
             if index.is_file():
                 dropped = json.loads(read_utf8(index)).get("skipped", {})
-                skipped.update({f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))
-                                for k, v in dropped.items()})
+                skipped.update(
+                    {
+                        f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))
+                        for k, v in dropped.items()
+                    }
+                )
         return skipped, (self.stream.total if self.stream is not None else 0) + sum(skipped.values())
 
     @property

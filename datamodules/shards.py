@@ -51,6 +51,7 @@ sample (:meth:`ShardStream.mark_consumed`). Workers read ahead, and what they re
 never received is read again by the next epoch's workers: counted in the worker, it was counted
 (and warned about) twice, and the limit checked on read-ahead (4 of 33 for 1 bad sample in 11).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -86,8 +87,14 @@ PAIR_OBJECTIVES = ("caption", "generate")
 _HAS_MEDIA_OUT = "media_out" in {f.name for f in fields(Conversation)}
 
 
-def _conversation(key: str, turns: list[tuple[str, str]], media_in: list[tuple[str, str]],
-                  captions_out: list[tuple[str, str]], media_out: list[tuple[str, str]], kind: str = "") -> Conversation:
+def _conversation(
+    key: str,
+    turns: list[tuple[str, str]],
+    media_in: list[tuple[str, str]],
+    captions_out: list[tuple[str, str]],
+    media_out: list[tuple[str, str]],
+    kind: str = "",
+) -> Conversation:
     """A Conversation with output media members where the dataclass has that field."""
     extra = {"media_out": media_out} if _HAS_MEDIA_OUT and media_out else {}
     return Conversation(key, turns, media_in=media_in, captions_out=captions_out, kind=kind, **extra)
@@ -131,13 +138,14 @@ class ShardSample:
     source: str | None = None  # the record's "source" (shard set name), when written by prepare
     position: StreamPosition | None = None
     item: Any = None  # what the stream's transform made of it
-    features: dict[str, np.ndarray] = field(default_factory=dict)  # cached encoder features of members not read
+    features: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # cached encoder features of members not read
     skip_notes: tuple[str, ...] = ()  # a worker's skips before this sample, not yet logged (TrackingCollate)
 
     @property
     def where(self) -> str:
         return f"{self.shard}:{self.key}"
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,8 +247,13 @@ class _TarSamples:
         except (tarfile.TarError, OSError) as e:
             raise ValueError(f"shard {path} is not a readable tar: {e}") from e
         if len(self.samples) != expected:
-            log.warning("shard %s holds %d samples, its index says %d: the %s are skipped", path, len(self.samples),
-                        expected, "missing ones" if len(self.samples) < expected else "extra ones")
+            log.warning(
+                "shard %s holds %d samples, its index says %d: the %s are skipped",
+                path,
+                len(self.samples),
+                expected,
+                "missing ones" if len(self.samples) < expected else "extra ones",
+            )
 
     def sample(self, i: int) -> tuple[str, dict[str, tarfile.TarInfo]]:
         if i >= len(self.samples):
@@ -292,21 +305,44 @@ class _SourceOrder:
     groups of ``shuffle_shards`` in a permuted order, (shard, sample) pairs permuted within a group,
     as the weighted stream orders a pass. ``at(j)`` is the j-th sample over all cycles."""
 
-    def __init__(self, paths: list[int], counts: Sequence[int], seed: int, shuffle: bool, shuffle_shards: int,
-                 source: int):
-        self.paths, self.counts, self.seed, self.shuffle, self.k, self.source = paths, counts, seed, shuffle, shuffle_shards, source
+    def __init__(
+        self,
+        paths: list[int],
+        counts: Sequence[int],
+        seed: int,
+        shuffle: bool,
+        shuffle_shards: int,
+        source: int,
+    ):
+        self.paths, self.counts, self.seed, self.shuffle, self.k, self.source = (
+            paths,
+            counts,
+            seed,
+            shuffle,
+            shuffle_shards,
+            source,
+        )
         self.size = sum(counts[p] for p in paths)
         self._cycle: int | None = None
-        self._groups: list[tuple[int, int, list[int]]] = []  # (start, end, shard indices) of the current cycle
+        self._groups: list[
+            tuple[int, int, list[int]]
+        ] = []  # (start, end, shard indices) of the current cycle
         self._cached: tuple[int, np.ndarray] | None = None  # (group start, its permuted pairs)
 
     def _layout(self, cycle: int) -> None:
         order = list(self.paths)
         if self.shuffle:
-            order = [self.paths[i] for i in np.random.default_rng([self.seed, 7919, self.source, cycle]).permutation(len(order))]
-        groups = [order[i : i + self.k] for i in range(0, len(order), self.k)] if self.shuffle else [[p] for p in order]
+            order = [
+                self.paths[i]
+                for i in np.random.default_rng([self.seed, 7919, self.source, cycle]).permutation(len(order))
+            ]
+        groups = (
+            [order[i : i + self.k] for i in range(0, len(order), self.k)]
+            if self.shuffle
+            else [[p] for p in order]
+        )
         self._groups, start = [], 0
-        for gi, group in enumerate(groups):
+        for group in groups:
             size = sum(self.counts[p] for p in group)
             self._groups.append((start, start + size, group))
             start += size
@@ -320,9 +356,13 @@ class _SourceOrder:
         gi = bisect.bisect_right(self._starts, r) - 1
         lo, _, group = self._groups[gi]
         if self._cached is None or self._cached[0] != lo:
-            pairs = np.concatenate([np.stack([np.full(self.counts[p], p), np.arange(self.counts[p])], 1) for p in group])
+            pairs = np.concatenate(
+                [np.stack([np.full(self.counts[p], p), np.arange(self.counts[p])], 1) for p in group]
+            )
             if self.shuffle:
-                pairs = pairs[np.random.default_rng([self.seed, 7919, self.source, cycle, gi]).permutation(len(pairs))]
+                pairs = pairs[
+                    np.random.default_rng([self.seed, 7919, self.source, cycle, gi]).permutation(len(pairs))
+                ]
             self._cached = (lo, pairs)
         shard, sample = self._cached[1][r - lo]
         return int(shard), int(sample)
@@ -413,8 +453,17 @@ class ShardStream(IterableDataset):
             if len(weights) != len(per_source) or min(weights) < 1:
                 raise ValueError(f"source_weights must be one positive integer per source, got {weights}")
             self.rotation = [i for i, w in enumerate(weights) for _ in range(w)]
-            self.orders = [_SourceOrder([k for k, src in enumerate(self.source_of) if src == i], self.counts, self.seed,
-                                        self.shuffle, self.shuffle_shards, i) for i in range(len(per_source))]
+            self.orders = [
+                _SourceOrder(
+                    [k for k, src in enumerate(self.source_of) if src == i],
+                    self.counts,
+                    self.seed,
+                    self.shuffle,
+                    self.shuffle_shards,
+                    i,
+                )
+                for i in range(len(per_source))
+            ]
             empty = [i for i, o in enumerate(self.orders) if not o.size]
             if empty:
                 raise ValueError(f"balanced mix: source(s) {empty} hold no samples")
@@ -422,8 +471,10 @@ class ShardStream(IterableDataset):
         for name in self.path_modality.values():
             modality_registry.get(name)
         self.fingerprint = hashlib.sha1(
-            json.dumps([[p.name, n] for p, n in zip(self.paths, self.counts)]
-                       + ([mix, self.source_of, source_weights, batch_size] if mix == "balanced" else [])).encode()
+            json.dumps(
+                [[p.name, n] for p, n in zip(self.paths, self.counts, strict=False)]
+                + ([mix, self.source_of, source_weights, batch_size] if mix == "balanced" else [])
+            ).encode()
         ).hexdigest()
         self.epoch = 0
         self.seen = 0
@@ -435,7 +486,10 @@ class ShardStream(IterableDataset):
         self._unlogged: list[str] = []  # in a worker: skips since the last good sample, logged when consumed
 
     def __repr__(self) -> str:
-        return f"ShardStream({len(self.paths)} shards, {self.total} samples, objective={self.objective!r}, shuffle={self.shuffle})"
+        return (
+            f"ShardStream({len(self.paths)} shards, {self.total} samples, "
+            f"objective={self.objective!r}, shuffle={self.shuffle})"
+        )
 
     # --- order -------------------------------------------------------------------------------
     def _groups(self, epoch: int) -> list[list[int]]:
@@ -447,7 +501,9 @@ class ShardStream(IterableDataset):
         return [order[i : i + k] for i in range(0, len(order), k)]
 
     def _group_order(self, epoch: int, gi: int, group: list[int]) -> np.ndarray:
-        pairs = np.concatenate([np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1) for s in group])
+        pairs = np.concatenate(
+            [np.stack([np.full(self.counts[s], s), np.arange(self.counts[s])], 1) for s in group]
+        )
         if self.shuffle:
             pairs = pairs[np.random.default_rng([self.seed, epoch, gi]).permutation(len(pairs))]
         return pairs
@@ -462,10 +518,16 @@ class ShardStream(IterableDataset):
             return consumer, consumers
         return consumer % self.total, self.total
 
-    def _owned(self, consumer: int, consumers: int, first_epoch: int, after: int) -> Iterator[tuple[int, int, int, int, int]]:
+    def _owned(
+        self, consumer: int, consumers: int, first_epoch: int, after: int
+    ) -> Iterator[tuple[int, int, int, int, int]]:
         """(pass, group, global index, shard, sample) of one consumer's samples, after ``after`` in ``first_epoch``."""
         consumer, consumers = self._share(consumer, consumers)
-        passes = itertools.count(first_epoch) if self.epochs is None else range(first_epoch, self.epoch + self.epochs)
+        passes = (
+            itertools.count(first_epoch)
+            if self.epochs is None
+            else range(first_epoch, self.epoch + self.epochs)
+        )
         for epoch in passes:
             start = after + 1 if epoch == first_epoch else 0
             offset = 0
@@ -484,11 +546,14 @@ class ShardStream(IterableDataset):
         """Balanced mix: batches each consumer yields per pass (every source's turns until the
         largest, per its weight, is used up once)."""
         per_block = consumers * self.batch_size
-        rounds = max(math.ceil(o.size / (self.rotation.count(i) * per_block)) for i, o in enumerate(self.orders))
+        rounds = max(
+            math.ceil(o.size / (self.rotation.count(i) * per_block)) for i, o in enumerate(self.orders)
+        )
         return rounds * len(self.rotation)
 
-    def _owned_balanced(self, consumer: int, consumers: int, first_epoch: int,
-                        after: int) -> Iterator[tuple[int, int, int, int, int]]:
+    def _owned_balanced(
+        self, consumer: int, consumers: int, first_epoch: int, after: int
+    ) -> Iterator[tuple[int, int, int, int, int]]:
         """(pass, block, global index, shard, sample) of one consumer's samples, block by block.
 
         Block t of a pass is ``consumers x batch_size`` consecutive samples of source
@@ -496,14 +561,23 @@ class ShardStream(IterableDataset):
         so each consumer's share of a block is one batch of one source. A source's samples run on
         across blocks and passes through its own reshuffled cycles."""
         per_block, blocks = consumers * self.batch_size, self.blocks_per_pass(consumers)
-        turns = [self.rotation[: t % len(self.rotation)].count(self.rotation[t % len(self.rotation)]) for t in range(blocks)]
+        turns = [
+            self.rotation[: t % len(self.rotation)].count(self.rotation[t % len(self.rotation)])
+            for t in range(blocks)
+        ]
         per_round = {i: self.rotation.count(i) for i in set(self.rotation)}
-        passes = itertools.count(first_epoch) if self.epochs is None else range(first_epoch, self.epoch + self.epochs)
+        passes = (
+            itertools.count(first_epoch)
+            if self.epochs is None
+            else range(first_epoch, self.epoch + self.epochs)
+        )
         for epoch in passes:
             start = after + 1 if epoch == first_epoch else 0
             for t in range(blocks):
                 src = self.rotation[t % len(self.rotation)]
-                earlier = (t // len(self.rotation)) * per_round[src] + turns[t]  # blocks of src before t in this pass
+                earlier = (t // len(self.rotation)) * per_round[src] + turns[
+                    t
+                ]  # blocks of src before t in this pass
                 base = (epoch * (blocks // len(self.rotation)) * per_round[src] + earlier) * per_block
                 for i in range(self.batch_size):
                     u = consumer + consumers * i
@@ -513,7 +587,11 @@ class ShardStream(IterableDataset):
                         yield epoch, t, g, shard, sample
 
     def _pass_length(self, consumers: int) -> int:
-        return self.blocks_per_pass(consumers) * consumers * self.batch_size if self.mix == "balanced" else self.total
+        return (
+            self.blocks_per_pass(consumers) * consumers * self.batch_size
+            if self.mix == "balanced"
+            else self.total
+        )
 
     # --- topology -----------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -531,7 +609,11 @@ class ShardStream(IterableDataset):
         """This rank's consumers have handed over every sample of pass ``epoch`` (a resumed end of pass)."""
         consumers = world * workers
         for slot in range(workers):
-            c, stride = (rank * workers + slot, consumers) if self.mix == "balanced" else self._share(rank * workers + slot, consumers)
+            c, stride = (
+                (rank * workers + slot, consumers)
+                if self.mix == "balanced"
+                else self._share(rank * workers + slot, consumers)
+            )
             e, last = self._progress.get((rank, slot), (epoch - 1, -1))
             nxt = c if e < epoch else last + stride
             if e <= epoch and nxt < self._pass_length(consumers):
@@ -551,7 +633,11 @@ class ShardStream(IterableDataset):
             )
         resumed = bool(self._progress)
         slot = (worker + self._rotation.get(rank, 0)) % workers if resumed else worker
-        if self.epochs is not None and resumed and self._finished(self.epoch + self.epochs - 1, rank, world, workers):
+        if (
+            self.epochs is not None
+            and resumed
+            and self._finished(self.epoch + self.epochs - 1, rank, world, workers)
+        ):
             self.epoch += self.epochs  # restarted exactly at the end of its passes: run the next ones
         first_epoch, after = self.epoch, -1
         e, last = self._progress.get((rank, slot), (self.epoch - 1, -1))
@@ -560,7 +646,9 @@ class ShardStream(IterableDataset):
         consumer, consumers = rank * workers + slot, world * workers
         balanced = self.mix == "balanced"
         owned = (self._owned_balanced if balanced else self._owned)(consumer, consumers, first_epoch, after)
-        readers: dict[int, _TarSamples] = {}  # open shards: those of the current group (weighted), a few recent (balanced)
+        readers: dict[
+            int, _TarSamples
+        ] = {}  # open shards: those of the current group (weighted), a few recent (balanced)
         group = None
         seen, skipped = 0, Counter()
         last_epoch = None
@@ -571,12 +659,15 @@ class ShardStream(IterableDataset):
                 last_epoch = epoch
                 if epoch != in_pass:
                     if in_pass is not None and not delivered and (in_pass != first_epoch or after < 0):
-                        for line in self._unlogged[:20]:  # a worker's: no sample will carry them to the trainer
+                        for line in self._unlogged[
+                            :20
+                        ]:  # a worker's: no sample will carry them to the trainer
                             log.warning("skipped %s", line)
                         raise TooManySkipped(
                             f"no usable sample in a whole pass: all {tried} samples that rank {rank} (worker {worker}) "
                             f"reads from {self!r} were skipped; by reason: {dict(self.skipped)}. Check the shards "
-                            "(python -m datamodules.prepare) and their source")
+                            "(python -m datamodules.prepare) and their source"
+                        )
                     in_pass, delivered, tried = epoch, False, 0
                 tried += 1
                 if (epoch, gi) != group:
@@ -594,8 +685,17 @@ class ShardStream(IterableDataset):
                 sample = self._read(readers[s], j, skipped)
                 if sample is None:
                     continue
-                sample.position = StreamPosition(epoch, g, rank, slot, world, workers, seen,
-                                                 tuple(sorted(skipped.items())), info is not None)
+                sample.position = StreamPosition(
+                    epoch,
+                    g,
+                    rank,
+                    slot,
+                    world,
+                    workers,
+                    seen,
+                    tuple(sorted(skipped.items())),
+                    info is not None,
+                )
                 seen, skipped, delivered = 0, Counter(), True
                 if not self._tracked:
                     self._progress[(rank, slot)] = (epoch, g)
@@ -657,20 +757,32 @@ class ShardStream(IterableDataset):
             caption = obj.get("caption") if obj is not None else None
         modality = self.path_modality.get(reader.path, self.modality)
         if modality is None:
-            raise ValueError(f"{shard}:{key} is a plain text-X pair (no prepare record): give the stream modality=")
+            raise ValueError(
+                f"{shard}:{key} is a plain text-X pair (no prepare record): give the stream modality="
+            )
         mod = modality_registry.get(modality)
         media = [ext for ext in members if "." + ext.rsplit(".", 1)[-1] in mod.extensions]
         return self._pair(reader, key, members, caption, mod.name, media[0] if media else None, None, key)
 
-    def _record(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], obj: dict) -> ShardSample:
+    def _record(
+        self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], obj: dict
+    ) -> ShardSample:
         kind, source = obj["kind"], obj.get("source") if isinstance(obj.get("source"), str) else None
         conv_key = obj["key"] if isinstance(obj.get("key"), str) and obj["key"] else key
         if kind == "pair":
             media = obj.get("media")
             if not (isinstance(media, list) and len(media) == 2 and all(isinstance(x, str) for x in media)):
                 raise SkipSample("wrong JSON type", "media is not [modality, member extension]")
-            return self._pair(reader, key, members, obj.get("caption"), _modality(media[0]).name, media[1].lower(),
-                              source, conv_key)
+            return self._pair(
+                reader,
+                key,
+                members,
+                obj.get("caption"),
+                _modality(media[0]).name,
+                media[1].lower(),
+                source,
+                conv_key,
+            )
         if kind != "conversation":
             raise SkipSample("unknown record kind", repr(kind))
         turns = _pairs_of_str(obj.get("turns"), "turns")
@@ -684,7 +796,9 @@ class ShardStream(IterableDataset):
                 raise SkipSample("empty caption", f"{name} output caption")
         want_in = _placeholder_counts(h for h, _ in turns)
         want_out = _placeholder_counts(a for _, a in turns)
-        if want_in != Counter(_modality(m).name for m, _ in media_in) or want_out != Counter(m for m, _ in captions_out):
+        if want_in != Counter(_modality(m).name for m, _ in media_in) or want_out != Counter(
+            m for m, _ in captions_out
+        ):
             raise SkipSample("placeholder mismatch", f"placeholders in {dict(want_in)} out {dict(want_out)}")
         media_out = _pairs_of_str(obj.get("media_out", []), "media_out") if self.output_media else []
         data, features = {}, {}
@@ -697,12 +811,26 @@ class ShardStream(IterableDataset):
                 features[member] = cached
             else:
                 data[member] = reader.read(members[ext.lower()])
-        conv = _conversation(conv_key, turns, [(m, f"{key}.{e.lower()}") for m, e in media_in], captions_out,
-                             [(m, f"{key}.{e.lower()}") for m, e in media_out])
+        conv = _conversation(
+            conv_key,
+            turns,
+            [(m, f"{key}.{e.lower()}") for m, e in media_in],
+            captions_out,
+            [(m, f"{key}.{e.lower()}") for m, e in media_out],
+        )
         return ShardSample(conv, data, reader.path.name, key, source, features=features)
 
-    def _pair(self, reader: _TarSamples, key: str, members: dict[str, tarfile.TarInfo], caption: Any, modality: str,
-              ext: str | None, source: str | None, conv_key: str) -> ShardSample:
+    def _pair(
+        self,
+        reader: _TarSamples,
+        key: str,
+        members: dict[str, tarfile.TarInfo],
+        caption: Any,
+        modality: str,
+        ext: str | None,
+        source: str | None,
+        conv_key: str,
+    ) -> ShardSample:
         if caption is None:
             raise SkipSample("missing caption")
         if not isinstance(caption, str):
@@ -710,8 +838,10 @@ class ShardStream(IterableDataset):
         if not caption.strip():
             raise SkipSample("empty caption")
         if self.pair_objective is None:
-            raise ValueError(f"{reader.path.name}:{key} is a text-X pair in an {self.objective!r} stream:"
-                             f" set pair_objective to one of {PAIR_OBJECTIVES} or leave pair shards out")
+            raise ValueError(
+                f"{reader.path.name}:{key} is a text-X pair in an {self.objective!r} stream:"
+                f" set pair_objective to one of {PAIR_OBJECTIVES} or leave pair shards out"
+            )
         mod = modality_registry.get(modality)
         member = f"{key}.{ext}" if ext else f"{key}.?"
         entry = {"id": conv_key, mod.name_field: member, "caption": caption}
@@ -722,13 +852,24 @@ class ShardStream(IterableDataset):
         except Skip as e:
             raise SkipSample(str(e)) from None
         if generate and not self.output_media:  # text -> X: the media is not needed
-            return ShardSample(_conversation(conv.key, conv.turns, [], conv.captions_out, [], conv.kind), {},
-                               reader.path.name, key, source)
+            return ShardSample(
+                _conversation(conv.key, conv.turns, [], conv.captions_out, [], conv.kind),
+                {},
+                reader.path.name,
+                key,
+                source,
+            )
         if ext is None or ext not in members:
             raise SkipSample("missing media member", f"no {modality} member" if ext is None else member)
         media = [(modality, member)]
-        conv = _conversation(conv.key, conv.turns, [] if generate else media, conv.captions_out,
-                             media if generate else [], conv.kind)
+        conv = _conversation(
+            conv.key,
+            conv.turns,
+            [] if generate else media,
+            conv.captions_out,
+            media if generate else [],
+            conv.kind,
+        )
         cached = None if generate else self._cached(reader, member)
         if cached is not None:  # its feature is cached: the member is never read
             return ShardSample(conv, {}, reader.path.name, key, source, features={member: cached})
@@ -762,7 +903,11 @@ class ShardStream(IterableDataset):
 
     def _check(self) -> None:
         bad = sum(self.skipped.values())
-        if self.max_skip_fraction is None or self.seen < self.min_samples or bad <= self.max_skip_fraction * self.seen:
+        if (
+            self.max_skip_fraction is None
+            or self.seen < self.min_samples
+            or bad <= self.max_skip_fraction * self.seen
+        ):
             return
         raise TooManySkipped(
             f"{bad} of {self.seen} samples skipped ({bad / self.seen:.1%} > max_skip_fraction "
@@ -801,13 +946,20 @@ class ShardStream(IterableDataset):
         progress = dict(self._progress)
         rotation = dict(self._rotation)
         skipped, seen = Counter(self.skipped), self.seen
-        if (gather and self.rank is None and torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
+        if (
+            gather
+            and self.rank is None
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             rank = torch.distributed.get_rank()
             mine = {
                 "progress": {k: v for k, v in progress.items() if k[0] == rank},
                 "rotation": {rank: rotation[rank]} if rank in rotation else {},
-                "topology": self._topology, "skipped": dict(skipped), "seen": seen,
+                "topology": self._topology,
+                "skipped": dict(skipped),
+                "seen": seen,
             }
             parts: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, mine)
@@ -836,14 +988,20 @@ class ShardStream(IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"shard stream state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError("the saved shard stream state is for other shards (names or sample counts differ):"
-                             f" {len(self.paths)} shards from {self.paths[0].parent} now")
+            raise ValueError(
+                "the saved shard stream state is for other shards (names or sample counts differ):"
+                f" {len(self.paths)} shards from {self.paths[0].parent} now"
+            )
         for name in ("seed", "shuffle", "shuffle_shards"):
             if state[name] != getattr(self, name):
-                raise ValueError(f"the saved shard stream state has {name}={state[name]!r}, this stream {getattr(self, name)!r}")
+                raise ValueError(
+                    f"the saved shard stream state has {name}={state[name]!r}, this stream {getattr(self, name)!r}"
+                )
         self.epoch = int(state["epoch"])
         self._topology = tuple(state["topology"]) if state["topology"] else None
-        self._progress = {tuple(int(x) for x in k.split(":")): (int(v[0]), int(v[1])) for k, v in state["progress"].items()}
+        self._progress = {
+            tuple(int(x) for x in k.split(":")): (int(v[0]), int(v[1])) for k, v in state["progress"].items()
+        }
         self._rotation = {int(r): int(v) for r, v in state["rotation"].items()}
         self.seen, self.skipped = int(state["seen"]), Counter(state["skipped"])
         self._tracked = False
@@ -865,8 +1023,9 @@ class TrackingCollate:
         items = [s.item if s.item is not None else s for s in samples]
         batch = self.collate(items) if self.collate is not None else items
         # a worker's skips travel with the next sample's position, their log lines with them
-        positions = [s.position._replace(skip_notes=s.skip_notes) if s.skip_notes else s.position
-                     for s in samples]
+        positions = [
+            s.position._replace(skip_notes=s.skip_notes) if s.skip_notes else s.position for s in samples
+        ]
         if isinstance(batch, dict):
             batch["stream_positions"] = positions
             return batch

@@ -1,4 +1,5 @@
 """Checks of a dataset config against the files it names, before anything loads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,15 +25,23 @@ def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
                     errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
             elif src.get("shards"):
                 if not source_shards(src, objective, cfg.paths.shards) and not has_json:
-                    errors.append(f"dataset.sources[{i}].shards={src.shards!r}: no shards there and no "
-                                  f"{src.get('root')}/{src.name}.json to write them from")
-            elif not has_json and not (keep and src.get("root") and source_shards(src, objective, cfg.paths.shards, "keep",
-                                                                                  "none")):
-                what = (f"{Path(src.root) / (src.name + '.json')} does not exist" if src.get("root")
-                        else "no data root")
-                errors.append(f"dataset.sources[{i}].root={src.get('root')!r}: {what} (dataset {cfg.dataset.name!r}; set "
-                              "paths.data_root=DIR; shards are only read for the data root they were written from: "
-                              "dataset.sources[i].shards=DIR names a folder of shards alone)")
+                    errors.append(
+                        f"dataset.sources[{i}].shards={src.shards!r}: no shards there and no "
+                        f"{src.get('root')}/{src.name}.json to write them from"
+                    )
+            elif not has_json and not (
+                keep and src.get("root") and source_shards(src, objective, cfg.paths.shards, "keep", "none")
+            ):
+                what = (
+                    f"{Path(src.root) / (src.name + '.json')} does not exist"
+                    if src.get("root")
+                    else "no data root"
+                )
+                errors.append(
+                    f"dataset.sources[{i}].root={src.get('root')!r}: {what} (dataset {cfg.dataset.name!r}; set "
+                    "paths.data_root=DIR; shards are only read for the data root they were written from: "
+                    "dataset.sources[i].shards=DIR names a folder of shards alone)"
+                )
         return errors
     errors = []
     for i, src in enumerate(cfg.dataset.sources):
@@ -40,6 +49,10 @@ def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
             if not Path(str(src.file)).is_file():
                 errors.append(f"dataset.sources[{i}].file={src.file!r}: no such file (format {src.format})")
             continue
-        errors += [f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set "
-                   "paths.data_root=DIR)" for path in json_files(src.name, src.root, objective) if not path.is_file()]
+        errors += [
+            f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {cfg.dataset.name!r}; set "
+            "paths.data_root=DIR)"
+            for path in json_files(src.name, src.root, objective)
+            if not path.is_file()
+        ]
     return errors

@@ -17,12 +17,14 @@ Three rules hold for every training loader, so that many processes train exactly
   loader's: Lightning builds the loader before it restores a checkpoint when the LR schedule asks
   for ``estimated_stepping_batches``, and then never hands the loader its saved state.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -62,8 +64,14 @@ class StepWindows:
     Lightning reads ``sampler`` to call ``set_epoch`` on it, as for a plain DataLoader.
     """
 
-    def __init__(self, loader: Iterable[dict[str, Any]], size: int, *, limit: int | None = None,
-                 progress: EpochProgress | None = None):
+    def __init__(
+        self,
+        loader: Iterable[dict[str, Any]],
+        size: int,
+        *,
+        limit: int | None = None,
+        progress: EpochProgress | None = None,
+    ):
         if size < 1:
             raise ValueError(f"accumulation window size must be >= 1, got {size}")
         self.loader, self.size, self.limit = loader, int(size), limit
@@ -134,7 +142,9 @@ class StepSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            ).tolist()
         else:
             order = list(range(self.n))
         total = len(self) * self.world_size
@@ -155,8 +165,16 @@ class BalancedStepSampler(StepSampler):
     rank ``r`` takes every ``world_size``-th index, so each rank's batch of a step comes from the
     block's source. ``skip`` and the rank split work as in :class:`StepSampler`."""
 
-    def __init__(self, sources: list[int], batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        sources: list[int],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
         super().__init__(len(sources), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -173,7 +191,9 @@ class BalancedStepSampler(StepSampler):
         cycle = 0
         while True:
             if self.shuffle:
-                gen = torch.Generator().manual_seed(((self.seed + self.epoch) * 1_000_003 + k) * 1_009 + cycle)
+                gen = torch.Generator().manual_seed(
+                    ((self.seed + self.epoch) * 1_000_003 + k) * 1_009 + cycle
+                )
                 yield from (members[j] for j in torch.randperm(len(members), generator=gen).tolist())
             else:
                 yield from members

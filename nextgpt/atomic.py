@@ -3,6 +3,7 @@ renamed into it (one rename on one file system), so a reader never sees half a f
 killed writer leaves only a temporary folder behind. Used by every writer of a folder that others
 read while it may be rewritten: the tiny backbones, the synthetic data, stage bundles.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,14 @@ class Busy(RuntimeError):
 
 
 def _describe_self() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "command": " ".join(sys.argv)[:300]})
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv)[:300],
+        }
+    )
 
 
 def holder_of(path: str | Path) -> str:
@@ -112,8 +119,9 @@ def holder_of(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def holding(path: str | Path, *, shared: bool = False, wait: bool = True,
-            on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def holding(
+    path: str | Path, *, shared: bool = False, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold a ``flock`` on the file ``path`` (created; its folder too): exclusive, or ``shared``
     with other shared holders. Busy: wait (``on_wait(holder)`` is told who holds it first) or raise
     ``Busy``. An exclusive holder writes who it is into the file. The kernel frees the lock when
@@ -140,8 +148,14 @@ def holding(path: str | Path, *, shared: bool = False, wait: bool = True,
         os.close(fd)
 
 
-def install(tmp: Path, dest: str | Path, *, complete: Callable[[Path], bool] | None = None, force: bool = False,
-            keep_old_as: Path | None = None) -> bool:
+def install(
+    tmp: Path,
+    dest: str | Path,
+    *,
+    complete: Callable[[Path], bool] | None = None,
+    force: bool = False,
+    keep_old_as: Path | None = None,
+) -> bool:
     """Rename the finished folder ``tmp`` to ``dest``; returns whether ``tmp`` is what ``dest`` now is.
 
     ``complete(dest)``: whether a folder at ``dest`` is already a finished result; a concurrent writer

@@ -6,12 +6,14 @@ library never reaches into the data pipeline. A sample is tokenised with its med
 signal groups (:func:`nextgpt.prompts.encode_conversation`); an unreadable sample becomes a
 :class:`Skipped` with the reason the run's data report counts.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -54,9 +56,17 @@ def skip_reason(error: Exception) -> str:
 class ConversationDataset(Dataset):
     """Decodes a conversation's media and tokenises it; ``None`` when a media file is unreadable."""
 
-    def __init__(self, conversations: Sequence[Conversation], tokenizer, layout, template: str,
-                 num_media_tokens: int, max_length: int, features: Mapping[str, tuple[Any, str]] | None = None,
-                 denoise_targets: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(
+        self,
+        conversations: Sequence[Conversation],
+        tokenizer,
+        layout,
+        template: str,
+        num_media_tokens: int,
+        max_length: int,
+        features: Mapping[str, tuple[Any, str]] | None = None,
+        denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
         self.conversations = list(conversations)
         self.denoise_targets = dict(denoise_targets or {})  # modality -> decoder generation settings
         self.features = dict(features or {})  # media path -> (FeatureStore, key): cached ImageBind features
@@ -88,14 +98,27 @@ class ConversationDataset(Dataset):
         """Tokenise ``conv`` and read its input media with ``load(modality, path) -> (tensor, cached)``;
         the shard pipeline passes a loader that reads tar members instead of files."""
         enc = encode_conversation(
-            conv, self.tokenizer, self.layout, self.template,
-            num_media_tokens=self.num_media_tokens, max_length=self.max_length, slot_id=self.slot_id,
+            conv,
+            self.tokenizer,
+            self.layout,
+            self.template,
+            num_media_tokens=self.num_media_tokens,
+            max_length=self.max_length,
+            slot_id=self.slot_id,
         )
         media = [(name, *load(name, conv.media_in[i][1])) for _, name, i in enc.media_slots]
         captions = [conv.captions_out[i] for _, _, i in enc.signal_groups]
         targets = [self._target(conv, i) for _, _, i in enc.signal_groups]
-        return Item(conv.key, enc.input_ids, enc.labels, media, [s for s, _, _ in enc.media_slots], captions,
-                    enc.truncated, targets)
+        return Item(
+            conv.key,
+            enc.input_ids,
+            enc.labels,
+            media,
+            [s for s, _, _ in enc.media_slots],
+            captions,
+            enc.truncated,
+            targets,
+        )
 
     def _target(self, conv: Conversation, index: int) -> torch.Tensor | None:
         """The output group's target media for the denoising loss, when wanted and readable."""
@@ -103,7 +126,9 @@ class ConversationDataset(Dataset):
         if name not in self.denoise_targets or index >= len(conv.media_out) or not conv.media_out[index][1]:
             return None
         try:
-            return modality_registry.get(name).load_target(conv.media_out[index][1], self.denoise_targets[name])
+            return modality_registry.get(name).load_target(
+                conv.media_out[index][1], self.denoise_targets[name]
+            )
         except (ValueError, OSError) as e:
             log.warning("no denoising target for sample %r: %s", conv.key, e)
             return None
@@ -152,8 +177,11 @@ class Collator:
 
     def __call__(self, items: Sequence[Item | Skipped | None]) -> dict[str, Any]:
         good = [it for it in items if isinstance(it, Item)]
-        reasons = Counter(it.reason if isinstance(it, Skipped) else "unusable sample" for it in items
-                          if not isinstance(it, Item))
+        reasons = Counter(
+            it.reason if isinstance(it, Skipped) else "unusable sample"
+            for it in items
+            if not isinstance(it, Item)
+        )
         if not good:
             return {**self.empty(len(items)), "skipped_by_reason": dict(reasons)}
         rows = self.rows(good)
@@ -174,27 +202,35 @@ class Collator:
             offset = 0
             for it in row:
                 n = len(it.input_ids)
-                input_ids[r, offset:offset + n] = torch.tensor(it.input_ids)
-                labels[r, offset:offset + n] = torch.tensor(it.labels)
+                input_ids[r, offset : offset + n] = torch.tensor(it.input_ids)
+                labels[r, offset : offset + n] = torch.tensor(it.labels)
                 labels[r, offset] = IGNORE_INDEX  # nothing before it in its own row predicts it
-                attention[r, offset:offset + n] = 1
-                positions[r, offset:offset + n] = torch.arange(n)
-                for start, (name, tensor, cached) in zip(it.slot_starts, it.media):
+                attention[r, offset : offset + n] = 1
+                positions[r, offset : offset + n] = torch.arange(n)
+                for start, (name, tensor, cached) in zip(it.slot_starts, it.media, strict=False):
                     media_mask[r, offset + start : offset + start + self.num_media_tokens] = True
                     target = features if cached else media
                     sequence.append((name, len(target.setdefault(name, [])), cached))
                     target[name].append(tensor)
-                for (name, caption), target in zip(it.captions_out, it.targets or [None] * len(it.captions_out)):
+                for (name, caption), target in zip(
+                    it.captions_out, it.targets or [None] * len(it.captions_out), strict=False
+                ):
                     captions.setdefault(name, []).append(caption)
                     targets.setdefault(name, []).append(target)
                 keys.append(it.key)
                 offset += n
             positions[r, offset:] = torch.arange(length - offset)  # the padding: a segment of its own
-        output_media = {n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)}
+        output_media = {
+            n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)
+        }
         counts = {"tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
         counts.update({f"align/{n}": len(c) for n, c in captions.items()})
         counts.update({f"denoise/{n}": int(t.shape[0]) for n, t in output_media.items()})
-        packed = {"attention_mask": None, "position_ids": positions} if self.pack_length else {"attention_mask": attention}
+        packed = (
+            {"attention_mask": None, "position_ids": positions}
+            if self.pack_length
+            else {"attention_mask": attention}
+        )
         return {
             "keys": keys,
             "input_ids": input_ids,
@@ -219,22 +255,41 @@ class Collator:
     def empty(self, num_skipped: int) -> dict[str, Any]:
         """One padding token, no label, no media: the step runs and learns nothing from it."""
         return {
-            "keys": [], "input_ids": torch.full((1, 1), self.pad_id, dtype=torch.long),
+            "keys": [],
+            "input_ids": torch.full((1, 1), self.pad_id, dtype=torch.long),
             "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.ones((1, 1), dtype=torch.long), "media_mask": torch.zeros((1, 1), dtype=torch.bool),
-            "media": {}, "media_features": {}, "media_sequence": [], "output_captions": {}, "output_media": {},
-            "counts": {"tokens": 0}, "num_skipped": num_skipped, "skipped_by_reason": {}, "num_truncated": 0,
+            "attention_mask": torch.ones((1, 1), dtype=torch.long),
+            "media_mask": torch.zeros((1, 1), dtype=torch.bool),
+            "media": {},
+            "media_features": {},
+            "media_sequence": [],
+            "output_captions": {},
+            "output_media": {},
+            "counts": {"tokens": 0},
+            "num_skipped": num_skipped,
+            "skipped_by_reason": {},
+            "num_truncated": 0,
         }
 
 
-def collate_conversations(conversations: Sequence[Conversation], tokenizer, layout, template: str, *,
-                          num_media_tokens: int, max_length: int, device: str | torch.device = "cpu") -> dict[str, Any]:
+def collate_conversations(
+    conversations: Sequence[Conversation],
+    tokenizer,
+    layout,
+    template: str,
+    *,
+    num_media_tokens: int,
+    max_length: int,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """One batch of ``conversations`` built exactly as training builds it, on ``device``.
 
     For inference and evaluation: an unreadable media file raises (naming the file) instead of
     being skipped, since the caller asked for that sample."""
     ds = ConversationDataset(conversations, tokenizer, layout, template, num_media_tokens, max_length)
-    batch = Collator(tokenizer.pad_token_id, num_media_tokens)([ds.build_item(c, ds.load_input) for c in conversations])
+    batch = Collator(tokenizer.pad_token_id, num_media_tokens)(
+        [ds.build_item(c, ds.load_input) for c in conversations]
+    )
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             batch[key] = value.to(device)

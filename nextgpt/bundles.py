@@ -5,14 +5,16 @@ trainable-group weights only (projectors, new-token rows, LoRA): what this stage
 it carried over from earlier stages; the frozen backbones are rebuilt from the config. Stage N starts
 from stage N-1's bundle, so a bundle must load into the next stage's model with every key used.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,9 +53,15 @@ def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> d
     return out
 
 
-def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[str, Any], meta: Mapping[str, Any],
-                names: Iterable[str] | None = None, state: Mapping[str, torch.Tensor] | None = None,
-                base_rows: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_bundle(
+    directory: str | Path,
+    model: nn.Module | None,
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    names: Iterable[str] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    base_rows: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the bundle atomically (temp dir + rename), so a crash never leaves half a bundle.
 
     ``names``: the parameters to keep, normally what this stage trained plus what it loaded from
@@ -65,16 +73,29 @@ def save_bundle(directory: str | Path, model: nn.Module | None, config: Mapping[
     directory = Path(directory)
     state = dict(state) if state is not None else bundle_state_dict(model, names)
     with building(directory, "writing") as tmp:
-        _write_bundle(tmp, state, config, meta, base_rows if base_rows is not None else getattr(model, "base_rows", None))
+        _write_bundle(
+            tmp,
+            state,
+            config,
+            meta,
+            base_rows if base_rows is not None else getattr(model, "base_rows", None),
+        )
         kept = next_version(directory) if directory.exists() else None
-        install(tmp, directory, keep_old_as=kept)  # a result is never silently replaced: the previous one becomes a version
+        install(
+            tmp, directory, keep_old_as=kept
+        )  # a result is never silently replaced: the previous one becomes a version
     if kept is not None:
         log.warning("kept the previous bundle %s as %s", directory, kept)
     return directory
 
 
-def _write_bundle(tmp: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], meta: Mapping[str, Any],
-                  base_rows: Mapping[str, torch.Tensor] | None) -> None:
+def _write_bundle(
+    tmp: Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    base_rows: Mapping[str, torch.Tensor] | None,
+) -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -103,10 +124,12 @@ def next_version(directory: Path) -> Path:
 def token_layout(layout) -> dict[str, Any]:
     """The new tokens' strings and ids per group: a bundle's rows belong to exactly these."""
     ids = range(layout.first_new_id, layout.vocab_size)
-    names = dict(zip(ids, [*layout.markers, *layout.signals]))
-    return {"first_new_id": int(layout.first_new_id),
-            "markers": {names[i]: i for i in ids[: len(layout.markers)]},
-            "signals": {m: {names[i]: i for i in group} for m, group in layout.signal_ids.items()}}
+    names = dict(zip(ids, [*layout.markers, *layout.signals], strict=False))
+    return {
+        "first_new_id": int(layout.first_new_id),
+        "markers": {names[i]: i for i in ids[: len(layout.markers)]},
+        "signals": {m: {names[i]: i for i in group} for m, group in layout.signal_ids.items()},
+    }
 
 
 def _tokens(group: Mapping[str, int] | None) -> str:
@@ -117,7 +140,9 @@ def _tokens(group: Mapping[str, int] | None) -> str:
     return f"{len(toks)} ({shown}, ids {min(group.values())}-{max(group.values())})"
 
 
-def _json_hash(path: Path, drop: tuple[str, ...] = ("_name_or_path", "transformers_version", "_diffusers_version")) -> str | None:
+def _json_hash(
+    path: Path, drop: tuple[str, ...] = ("_name_or_path", "transformers_version", "_diffusers_version")
+) -> str | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -138,15 +163,24 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     llm = Path(str(model_cfg["llm"]["path"]))
     encoder = Path(str(model_cfg["encoder"]["checkpoint"]))
     out: dict[str, Any] = {
-        "model.llm": {"config": _json_hash(llm / "config.json"), "tokenizer": _json_hash(llm / "tokenizer_config.json")},
-        "model.encoder": {"arch": hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16],
-                          "weights": file_signature(encoder) if encoder.is_file() else None},
+        "model.llm": {
+            "config": _json_hash(llm / "config.json"),
+            "tokenizer": _json_hash(llm / "tokenizer_config.json"),
+        },
+        "model.encoder": {
+            "arch": hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "weights": file_signature(encoder) if encoder.is_file() else None,
+        },
     }
     for name, m in modality_registry.generated(model_cfg["modalities"]).items():
         path = Path(str(m["decoder"]["path"]))
-        entry = {"index": _json_hash(path / "model_index.json"),
-                 "text_encoder": _json_hash(path / "text_encoder" / "config.json")}
-        if (path / "text_encoder_2").is_dir():  # SDXL's second encoder (absent elsewhere: older bundles match)
+        entry = {
+            "index": _json_hash(path / "model_index.json"),
+            "text_encoder": _json_hash(path / "text_encoder" / "config.json"),
+        }
+        if (
+            path / "text_encoder_2"
+        ).is_dir():  # SDXL's second encoder (absent elsewhere: older bundles match)
             entry["text_encoder_2"] = _json_hash(path / "text_encoder_2" / "config.json")
         out[f"model.modalities.{name}.decoder"] = entry
     return out
@@ -156,37 +190,53 @@ def bundle_identity(model: nn.Module, model_cfg: Mapping[str, Any]) -> dict[str,
     return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(model_cfg)}
 
 
-def check_identity(directory: Path, meta: Mapping[str, Any], model: nn.Module, model_cfg: Mapping[str, Any] | None) -> None:
+def check_identity(
+    directory: Path, meta: Mapping[str, Any], model: nn.Module, model_cfg: Mapping[str, Any] | None
+) -> None:
     """Refuse a bundle whose tokens or backbones are not this model's, naming what differs."""
     want = meta.get("token_layout")
     if want is not None and hasattr(model, "layout"):
         have = token_layout(model.layout)
         faults = []
         if want["first_new_id"] != have["first_new_id"]:
-            faults.append(f"its new tokens start at id {want['first_new_id']}, this model's at {have['first_new_id']} "
-                          "(another tokenizer)")
+            faults.append(
+                f"its new tokens start at id {want['first_new_id']}, this model's at {have['first_new_id']} "
+                "(another tokenizer)"
+            )
         if want["markers"] != have["markers"]:
             faults.append(f"marker tokens {_tokens(want['markers'])} vs {_tokens(have['markers'])}")
         for m in sorted(set(want["signals"]) | set(have["signals"])):
             a, b = want["signals"].get(m), have["signals"].get(m)
             if a != b:
-                faults.append(f"{m} signal tokens {_tokens(a)} vs {_tokens(b)} in this model (model.modalities.{m}."
-                              f"num_signal_tokens={len(a or {})} matches the bundle)")
+                faults.append(
+                    f"{m} signal tokens {_tokens(a)} vs {_tokens(b)} in this model (model.modalities.{m}."
+                    f"num_signal_tokens={len(a or {})} matches the bundle)"
+                )
         if faults:
-            raise BundleError(f"stage bundle {directory} was trained with another token layout: " + "; ".join(faults))
+            raise BundleError(
+                f"stage bundle {directory} was trained with another token layout: " + "; ".join(faults)
+            )
     if model_cfg is not None and meta.get("backbones"):
         have = backbone_identity(model_cfg)
-        diff = [f"{key} ({', '.join(k for k in want_v if want_v.get(k) != have.get(key, {}).get(k))})"
-                for key, want_v in meta["backbones"].items()
-                if key in have and any(v is not None and have[key].get(k) is not None and have[key].get(k) != v
-                                       for k, v in want_v.items())]
+        diff = [
+            f"{key} ({', '.join(k for k in want_v if want_v.get(k) != have.get(key, {}).get(k))})"
+            for key, want_v in meta["backbones"].items()
+            if key in have
+            and any(
+                v is not None and have[key].get(k) is not None and have[key].get(k) != v
+                for k, v in want_v.items()
+            )
+        ]
         if diff:
-            raise BundleError(f"stage bundle {directory} was trained on other backbones: {', '.join(diff)} differ; "
-                              "point those keys at the backbones it was trained with")
+            raise BundleError(
+                f"stage bundle {directory} was trained on other backbones: {', '.join(diff)} differ; "
+                "point those keys at the backbones it was trained with"
+            )
 
 
-def load_bundle_config(directory: str | Path, *, weights: str | Path | None = None,
-                       backbones: str | Path | None = None):
+def load_bundle_config(
+    directory: str | Path, *, weights: str | Path | None = None, backbones: str | Path | None = None
+):
     """The bundle's resolved training config, with backbone paths that moved found again (below)."""
     from omegaconf import OmegaConf
 
@@ -199,11 +249,19 @@ def load_bundle_config(directory: str | Path, *, weights: str | Path | None = No
 
 
 def backbone_keys(model_cfg) -> list[str]:
-    return ["model.llm.path", "model.encoder.checkpoint",
-            *(f"model.modalities.{m}.decoder.path" for m in modality_registry.generated(model_cfg.get("modalities", {})))]
+    return [
+        "model.llm.path",
+        "model.encoder.checkpoint",
+        *(
+            f"model.modalities.{m}.decoder.path"
+            for m in modality_registry.generated(model_cfg.get("modalities", {}))
+        ),
+    ]
 
 
-def relocate_backbones(cfg, bundle: Path, *, weights: str | Path | None = None, backbones: str | Path | None = None) -> None:
+def relocate_backbones(
+    cfg, bundle: Path, *, weights: str | Path | None = None, backbones: str | Path | None = None
+) -> None:
     """A bundle's config names backbones by the absolute paths of the machine it was trained on.
     Where one is gone, look for it under the ``paths.weights`` / ``paths.backbones`` of this machine
     (given, or ``$NEXTGPT_WEIGHTS``, ``$NEXTGPT_CACHE/tiny_backbones``, ``./pretrained``,
@@ -215,9 +273,18 @@ def relocate_backbones(cfg, bundle: Path, *, weights: str | Path | None = None, 
 
     here = Path(__file__).resolve().parents[1]
     roots = {
-        "paths.weights": [weights, os.environ.get("NEXTGPT_WEIGHTS"), Path.cwd() / "pretrained", here / "pretrained"],
-        "paths.backbones": [backbones, Path(os.environ["NEXTGPT_CACHE"]) / "tiny_backbones" if os.environ.get("NEXTGPT_CACHE")
-                            else None, Path.cwd() / ".cache" / "tiny_backbones", here / ".cache" / "tiny_backbones"],
+        "paths.weights": [
+            weights,
+            os.environ.get("NEXTGPT_WEIGHTS"),
+            Path.cwd() / "pretrained",
+            here / "pretrained",
+        ],
+        "paths.backbones": [
+            backbones,
+            Path(os.environ["NEXTGPT_CACHE"]) / "tiny_backbones" if os.environ.get("NEXTGPT_CACHE") else None,
+            Path.cwd() / ".cache" / "tiny_backbones",
+            here / ".cache" / "tiny_backbones",
+        ],
     }
     for key in backbone_keys(cfg.model):
         old = Path(str(OmegaConf.select(cfg, key)))
@@ -236,12 +303,15 @@ def relocate_backbones(cfg, bundle: Path, *, weights: str | Path | None = None, 
             raise BundleError(
                 f"stage bundle {bundle}: {key}={str(old)!r} does not exist here (the backbones moved?). Point "
                 "--weights / $NEXTGPT_WEIGHTS (real weights) or --backbones / $NEXTGPT_CACHE (tiny ones) at where they "
-                f"are now, or fix {key} in {bundle / CONFIG}")
+                f"are now, or fix {key} in {bundle / CONFIG}"
+            )
         log.info("bundle %s: %s moved: using %s", bundle, key, found)
         OmegaConf.update(cfg, key, str(found))
 
 
-def load_bundle_weights(directory: str | Path, model: nn.Module, model_cfg: Mapping[str, Any] | None = None) -> list[str]:
+def load_bundle_weights(
+    directory: str | Path, model: nn.Module, model_cfg: Mapping[str, Any] | None = None
+) -> list[str]:
     """Load a bundle's tensors into ``model``: its token layout and (given ``model_cfg``) its
     backbones must be this model's, and every bundle key must exist with the same shape."""
     from safetensors.torch import load_file
@@ -262,8 +332,11 @@ def load_bundle_weights(directory: str | Path, model: nn.Module, model_cfg: Mapp
         raise BundleError(f"stage bundle weights {path} could not be read: {e}") from e
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: bundle {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k}: bundle {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if unexpected or mismatched:
         raise BundleError(
             f"stage bundle {path} does not fit this model: "
@@ -282,13 +355,18 @@ def load_base_rows(path: Path, model: nn.Module) -> None:
     from safetensors.torch import load_file
 
     rows = load_file(str(path))
-    targets = {"embed": model.llm.get_input_embeddings().weight, "head": model.llm.get_output_embeddings().weight}
+    targets = {
+        "embed": model.llm.get_input_embeddings().weight,
+        "head": model.llm.get_output_embeddings().weight,
+    }
     for part, weight in targets.items():
         if part not in rows:
             raise BundleError(f"{path} has no {part!r} rows")
         n = model.layout.first_new_id
         if tuple(rows[part].shape) != (n, weight.shape[1]):
-            raise BundleError(f"{path}: {part} rows {tuple(rows[part].shape)} do not fit this LLM's {(n, weight.shape[1])}")
+            raise BundleError(
+                f"{path}: {part} rows {tuple(rows[part].shape)} do not fit this LLM's {(n, weight.shape[1])}"
+            )
         with torch.no_grad():
             weight[:n].copy_(rows[part].to(weight.dtype))
     model.base_rows = {k: v for k, v in rows.items()}

@@ -9,6 +9,7 @@ flows through the LLM to the projectors and new-token rows): transformers checkp
 training mode, and putting a frozen LLM in training mode would switch its dropout on. Without
 gradients (generation, evaluation) the layers run as they are.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,11 @@ def outermost_by_class_suffix(model: nn.Module, suffixes: tuple[str, ...]) -> li
     Face causal LM names its blocks ``*DecoderLayer``; the FSDP wrap policy uses this too)."""
     found: list[str] = []
     for name, module in model.named_modules():
-        if name and type(module).__name__.endswith(suffixes) and not any(name.startswith(f"{f}.") for f in found):
+        if (
+            name
+            and type(module).__name__.endswith(suffixes)
+            and not any(name.startswith(f"{f}.") for f in found)
+        ):
             found.append(name)
     return found
 
@@ -37,8 +42,10 @@ def _layers_for(llm: nn.Module, key: str) -> list[str]:
     """The decoder layers ``key`` (``model.llm.<key>=true``) acts on; an error naming it when there are none."""
     names = decoder_layers(llm)
     if not names:
-        raise ValueError(f"model.llm.{key}=true: {type(llm).__name__} has no module whose class name ends in "
-                         f"{LAYER_SUFFIX!r}")
+        raise ValueError(
+            f"model.llm.{key}=true: {type(llm).__name__} has no module whose class name ends in "
+            f"{LAYER_SUFFIX!r}"
+        )
     return names
 
 
@@ -79,8 +86,21 @@ def malloc_in_use() -> int | None:
     import ctypes.util
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (f, ctypes.c_size_t)
+            for f in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -4,15 +4,17 @@
 listing every fault as ``key=value: reason``. ``validate_paths`` then checks that what the run
 reads exists (data JSON files, backbone folders, the previous stage's bundle).
 """
+
 from __future__ import annotations
 
 import importlib
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -29,14 +31,32 @@ LOADERS = ("json", "shards")
 # dataset.sources[i].format: the NExT-GPT folder layout, or one of the original's stage-3 files
 # (datamodules/original_formats.py)
 SOURCE_FORMATS = ("nextgpt", "t2x", "llava", "alpaca", "mosit")
-STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed",
-                  "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
-                  "deepspeed_stage_3_offload", "single_device")
-STRATEGY_TARGETS = ("lightning.pytorch.strategies.DDPStrategy", "nextgpt.strategies.FSDP2Strategy",
-                    "lightning.pytorch.strategies.DeepSpeedStrategy", "lightning.pytorch.strategies.SingleDeviceStrategy")
+STRATEGY_NAMES = (
+    "auto",
+    "ddp",
+    "ddp_spawn",
+    "ddp_find_unused_parameters_true",
+    "fsdp",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "single_device",
+)
+STRATEGY_TARGETS = (
+    "lightning.pytorch.strategies.DDPStrategy",
+    "nextgpt.strategies.FSDP2Strategy",
+    "lightning.pytorch.strategies.DeepSpeedStrategy",
+    "lightning.pytorch.strategies.SingleDeviceStrategy",
+)
 # what DeepSpeed accepts when ZeRO offloads the optimizer state (it refuses a torch optimizer there)
-DEEPSPEED_CPU_OPTIMIZERS = ("deepspeed.ops.adam.DeepSpeedCPUAdam", "deepspeed.ops.adagrad.DeepSpeedCPUAdagrad",
-                            "deepspeed.ops.lion.DeepSpeedCPULion")
+DEEPSPEED_CPU_OPTIMIZERS = (
+    "deepspeed.ops.adam.DeepSpeedCPUAdam",
+    "deepspeed.ops.adagrad.DeepSpeedCPUAdagrad",
+    "deepspeed.ops.lion.DeepSpeedCPULion",
+)
 IMAGEBIND_PRESETS = ("huge", "tiny")
 
 
@@ -55,7 +75,10 @@ def launch_rank() -> int:
     for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    local, node = os.environ.get("LOCAL_RANK", ""), os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    local, node = (
+        os.environ.get("LOCAL_RANK", ""),
+        os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")),
+    )
     if local.isdigit():
         # Lightning's launcher starts local ranks with LOCAL_RANK / NODE_RANK / WORLD_SIZE only
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
@@ -86,13 +109,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("nextgpt.cwd", os.getcwd)
     if not OmegaConf.has_resolver("nextgpt.rank_suffix"):
         # "" on global rank 0 (and without a launcher), "_rank<N>" elsewhere: per-process file names
-        OmegaConf.register_new_resolver("nextgpt.rank_suffix", lambda: "" if launch_rank() == 0 else f"_rank{launch_rank()}")
+        OmegaConf.register_new_resolver(
+            "nextgpt.rank_suffix", lambda: "" if launch_rank() == 0 else f"_rank{launch_rank()}"
+        )
     if not OmegaConf.has_resolver("nextgpt.sweep_group"):
         # a multirun's jobs share one W&B group (the sweep folder's name); otherwise the default given
         OmegaConf.register_new_resolver("nextgpt.sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("nextgpt.tagged"):
         # "<name>-<tag>" (a sweep job's swept values), or the name alone
-        OmegaConf.register_new_resolver("nextgpt.tagged", lambda name, tag="": f"{name}-{tag}" if tag else str(name))
+        OmegaConf.register_new_resolver(
+            "nextgpt.tagged", lambda name, tag="": f"{name}-{tag}" if tag else str(name)
+        )
     if not OmegaConf.has_resolver("nextgpt.per_stage"):
         # ${nextgpt.per_stage:${a_mapping},${stage.number}}: the mapping's entry for this stage
         # ("1"/"2"/"3"); {} where it has none. A recipe whose value differs by stage.
@@ -124,7 +151,9 @@ def normalize_overrides(args: Iterable[str]) -> list[str]:
     return out
 
 
-def compose(overrides: Iterable[str] = (), config_name: str = "train", *, output_dir: str | None = None) -> DictConfig:
+def compose(
+    overrides: Iterable[str] = (), config_name: str = "train", *, output_dir: str | None = None
+) -> DictConfig:
     """Compose a config outside a Hydra app (tests, tools), with ``hydra:`` interpolations set."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -176,8 +205,14 @@ class _Checker:
             self.fail(key, v, f"must be >= {lo}")
         return v
 
-    def float_(self, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-               hi_open: bool = True) -> float | None:
+    def float_(
+        self,
+        key: str,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        hi_open: bool = True,
+    ) -> float | None:
         v = self.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(key, v, "must be a number")
@@ -234,7 +269,11 @@ def _check_partial(c: _Checker, key: str) -> None:
         if importlib.util.find_spec(top) is None:
             c.fail(f"{key}._target_", target, f"package {top!r} is not installed")
     if node.get("_partial_") is not True:
-        c.fail(f"{key}._partial_", node.get("_partial_"), "must be true (the stage passes the parameters / optimizer)")
+        c.fail(
+            f"{key}._partial_",
+            node.get("_partial_"),
+            "must be true (the stage passes the parameters / optimizer)",
+        )
 
 
 def _check_stage(c: _Checker) -> None:
@@ -246,11 +285,19 @@ def _check_stage(c: _Checker) -> None:
         try:
             cls = import_object(module)
             if getattr(cls, "stage", None) != number:
-                c.fail("stage.module._target_", module, f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}")
+                c.fail(
+                    "stage.module._target_",
+                    module,
+                    f"is the module of stage {getattr(cls, 'stage', '?')}, not {number}",
+                )
         except (ImportError, AttributeError, ValueError) as e:
             c.fail("stage.module._target_", module, f"can not be imported ({e})")
     if c.get("stage.module._partial_") is not True:
-        c.fail("stage.module._partial_", c.get("stage.module._partial_"), "must be true (train.py passes the model and the bundle)")
+        c.fail(
+            "stage.module._partial_",
+            c.get("stage.module._partial_"),
+            "must be true (train.py passes the model and the bundle)",
+        )
     c.str_("stage.objective", OBJECTIVES)
     c.int_("stage.batch_size", 1)
     c.float_("stage.optim.lr", 0.0, lo_open=True, hi=None)
@@ -265,7 +312,11 @@ def _check_stage(c: _Checker) -> None:
         if term == "align_by_modality":  # per-modality weights of the alignment term
             for m, w in (c.mapping("stage.loss.align_by_modality") or {}).items():
                 if m not in modality_registry.names():
-                    c.fail(f"stage.loss.align_by_modality.{m}", w, f"unknown modality; registered: {modality_registry.names()}")
+                    c.fail(
+                        f"stage.loss.align_by_modality.{m}",
+                        w,
+                        f"unknown modality; registered: {modality_registry.names()}",
+                    )
                 else:
                     c.float_(f"stage.loss.align_by_modality.{m}", 0.0, hi=None)
         elif term == "logits_chunk":  # the caption loss in chunks of this many labelled positions
@@ -285,11 +336,18 @@ def _check_model(c: _Checker) -> list[str]:
 
     c.str_("model.llm.template", TEMPLATES)
     attn = c.get("model.llm.attn_implementation")
-    if attn is not None and c.str_("model.llm.attn_implementation", ATTN_IMPLEMENTATIONS) == "flash_attention_2":
+    if (
+        attn is not None
+        and c.str_("model.llm.attn_implementation", ATTN_IMPLEMENTATIONS) == "flash_attention_2"
+    ):
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
-            c.fail("model.llm.attn_implementation", attn, "needs the flash-attn package, which is not installed; use sdpa")
+            c.fail(
+                "model.llm.attn_implementation",
+                attn,
+                "needs the flash-attn package, which is not installed; use sdpa",
+            )
     if c.get("model.llm.compile") not in (None, True, False):
         c.fail("model.llm.compile", c.get("model.llm.compile"), "must be true or false")
     if c.get("model.llm.compile") and c.get("model.llm.compile_backend") is not None:
@@ -297,7 +355,11 @@ def _check_model(c: _Checker) -> list[str]:
 
         c.str_("model.llm.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
     if c.get("model.llm.activation_checkpointing") not in (None, True, False):
-        c.fail("model.llm.activation_checkpointing", c.get("model.llm.activation_checkpointing"), "must be true or false")
+        c.fail(
+            "model.llm.activation_checkpointing",
+            c.get("model.llm.activation_checkpointing"),
+            "must be true or false",
+        )
     c.str_("model.encoder.checkpoint")
     c.str_("model.encoder.dtype", DTYPES)
     if c.get("model.encoder.renormalize") not in (None, True, False):
@@ -307,9 +369,15 @@ def _check_model(c: _Checker) -> list[str]:
         try:
             from nextgpt.encoders.imagebind import ImageBindConfig
 
-            ImageBindConfig.from_dict(OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else dict(arch))
+            ImageBindConfig.from_dict(
+                OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else dict(arch)
+            )
         except (ValueError, TypeError, KeyError) as e:
-            c.fail("model.encoder.arch", OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else arch, str(e))
+            c.fail(
+                "model.encoder.arch",
+                OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else arch,
+                str(e),
+            )
     c.int_("model.input_projector.num_tokens", 1)
     d_model = c.int_("model.output_projector.d_model", 1)
     nhead = c.int_("model.output_projector.nhead", 1)
@@ -319,13 +387,20 @@ def _check_model(c: _Checker) -> list[str]:
         c.int_(f"model.output_projector.{k}", 1)
     c.float_("model.output_projector.dropout", 0.0, 1.0)
     if c.get("model.output_projector.norm_first") not in (None, True, False):
-        c.fail("model.output_projector.norm_first", c.get("model.output_projector.norm_first"), "must be true or false")
+        c.fail(
+            "model.output_projector.norm_first",
+            c.get("model.output_projector.norm_first"),
+            "must be true or false",
+        )
     if c.get("model.output_projector.query_std") is not None:
         c.float_("model.output_projector.query_std", 0.0, hi=None)  # 0: zero queries (the current code)
     c.int_("model.lora.r", 1)
     c.float_("model.lora.alpha", 0.0, lo_open=True, hi=None)
     c.float_("model.lora.dropout", 0.0, 1.0)
-    if c.get("model.lora.target_modules") not in ("all-linear", "attention"):  # peft's / derived (nextgpt/lora.py)
+    if c.get("model.lora.target_modules") not in (
+        "all-linear",
+        "attention",
+    ):  # peft's / derived (nextgpt/lora.py)
         targets = c.sequence("model.lora.target_modules")
         for i, t in enumerate(targets or []):
             if not isinstance(t, str) or not t:
@@ -354,8 +429,11 @@ def _check_model(c: _Checker) -> list[str]:
             continue
         if c.get(f"{key}.decoder") is None:  # input-only: read, never generated
             if c.get(f"{key}.num_signal_tokens") not in (0, None):
-                c.fail(f"{key}.num_signal_tokens", c.get(f"{key}.num_signal_tokens"),
-                       "must be 0 for an input-only modality (decoder: null): nothing decodes its signal tokens")
+                c.fail(
+                    f"{key}.num_signal_tokens",
+                    c.get(f"{key}.num_signal_tokens"),
+                    "must be 0 for an input-only modality (decoder: null): nothing decodes its signal tokens",
+                )
             continue
         c.int_(f"{key}.num_signal_tokens", 1)
         c.str_(f"{key}.decoder.path")
@@ -367,7 +445,9 @@ def _check_model(c: _Checker) -> list[str]:
         if denoise is not None and not isinstance(denoise, bool):
             c.fail(f"{key}.decoder.denoise", denoise, "must be true or false")
         elif denoise and modality_registry.get(name).target_loader is None:
-            c.fail(f"{key}.decoder.denoise", denoise, f"no denoising-loss target loader for {name!r} media yet")
+            c.fail(
+                f"{key}.decoder.denoise", denoise, f"no denoising-loss target loader for {name!r} media yet"
+            )
     return [m for m in mods if m in known]
 
 
@@ -388,7 +468,9 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
         c.str_("dataset.pairs.style", PAIR_STYLES)
         c.str_("dataset.pairs.caption_prompt")
         if not isinstance(c.get("dataset.pairs.clean_captions"), bool):
-            c.fail("dataset.pairs.clean_captions", c.get("dataset.pairs.clean_captions"), "must be true or false")
+            c.fail(
+                "dataset.pairs.clean_captions", c.get("dataset.pairs.clean_captions"), "must be true or false"
+            )
     loader = c.get("dataset.loader") or "json"
     if loader not in LOADERS:
         c.fail("dataset.loader", loader, f"must be one of {list(LOADERS)}")
@@ -414,8 +496,11 @@ def _check_dataset(c: _Checker, model_modalities: list[str]) -> None:
         if mod and mod not in modality_registry.names():
             c.fail(f"{key}.modality", mod, f"unknown modality; registered: {modality_registry.names()}")
         elif mod and mod not in model_modalities:
-            how = (f"+model.modalities.{mod}={{num_signal_tokens: 0, decoder: null}} reads it as an input-only modality"
-                   if not modality_registry.get(mod).default_num_signal_tokens else f"add model.modalities.{mod}")
+            how = (
+                f"+model.modalities.{mod}={{num_signal_tokens: 0, decoder: null}} reads it as an input-only modality"
+                if not modality_registry.get(mod).default_num_signal_tokens
+                else f"add model.modalities.{mod}"
+            )
             c.fail(f"{key}.modality", mod, f"not among the model's modalities {model_modalities} ({how})")
     if c.get("dataset.mix") is not None:
         c.str_("dataset.mix", ("weighted", "balanced"))
@@ -444,32 +529,50 @@ def _check_strategy(c: _Checker) -> None:
         if target not in STRATEGY_TARGETS:
             c.fail("trainer.strategy._target_", target, f"must be one of {list(STRATEGY_TARGETS)}")
         optimizer = c.get("stage.optim.optimizer._target_")
-        if (target == "lightning.pytorch.strategies.DeepSpeedStrategy" and strategy.get("offload_optimizer")
-                and optimizer not in DEEPSPEED_CPU_OPTIMIZERS):
-            c.fail("stage.optim.optimizer._target_", optimizer,
-                   "DeepSpeed refuses a torch optimizer when trainer.strategy.offload_optimizer=true; use "
-                   "optimizer=deepspeed_cpu_adam (or one of " + ", ".join(DEEPSPEED_CPU_OPTIMIZERS) + ")")
+        if (
+            target == "lightning.pytorch.strategies.DeepSpeedStrategy"
+            and strategy.get("offload_optimizer")
+            and optimizer not in DEEPSPEED_CPU_OPTIMIZERS
+        ):
+            c.fail(
+                "stage.optim.optimizer._target_",
+                optimizer,
+                "DeepSpeed refuses a torch optimizer when trainer.strategy.offload_optimizer=true; use "
+                "optimizer=deepspeed_cpu_adam (or one of " + ", ".join(DEEPSPEED_CPU_OPTIMIZERS) + ")",
+            )
     else:
         c.fail("trainer.strategy", strategy, "must be a strategy name or a _target_ mapping")
 
 
 def _check_trainer(c: _Checker) -> None:
-    for key, lo in (("trainer.max_steps", -1), ("trainer.accumulate_grad_batches", 1), ("trainer.num_nodes", 1),
-                    ("trainer.log_every_n_steps", 1)):
+    for key, lo in (
+        ("trainer.max_steps", -1),
+        ("trainer.accumulate_grad_batches", 1),
+        ("trainer.num_nodes", 1),
+        ("trainer.log_every_n_steps", 1),
+    ):
         if c.get(key) is not None:
             c.int_(key, lo)
     if c.get("trainer.max_epochs") is not None:
         c.int_("trainer.max_epochs", -1)
     steps, epochs = c.get("trainer.max_steps"), c.get("trainer.max_epochs")
     if steps == 0 or epochs == 0:
-        c.fail("trainer.max_steps" if steps == 0 else "trainer.max_epochs", 0, "a run of 0 steps would train nothing")
+        c.fail(
+            "trainer.max_steps" if steps == 0 else "trainer.max_epochs",
+            0,
+            "a run of 0 steps would train nothing",
+        )
     clip = c.get("trainer.gradient_clip_val")
     if clip is not None:
         c.float_("trainer.gradient_clip_val", 0.0, hi=None)
     overfit = c.get("trainer.overfit_batches")
     if overfit and c.get("dataset.loader") == "shards":
-        c.fail("trainer.overfit_batches", overfit, "a shard stream runs on across epochs and never repeats a batch; "
-               "overfit on a dataset read from the NExT-GPT layout (dataset=synthetic, or a base/json dataset)")
+        c.fail(
+            "trainer.overfit_batches",
+            overfit,
+            "a shard stream runs on across epochs and never repeats a batch; "
+            "overfit on a dataset read from the NExT-GPT layout (dataset=synthetic, or a base/json dataset)",
+        )
 
 
 # loggers whose package is an optional extra: the packages any one of which they need, and the extra
@@ -486,7 +589,11 @@ def _check_loggers(c: _Checker) -> None:
         if cls in OPTIONAL_LOGGERS:
             packages, how = OPTIONAL_LOGGERS[cls]
             if not any(importlib.util.find_spec(p) is not None for p in packages):
-                c.fail(f"logger.{name}._target_", node["_target_"], f"needs {' or '.join(packages)}, not installed ({how})")
+                c.fail(
+                    f"logger.{name}._target_",
+                    node["_target_"],
+                    f"needs {' or '.join(packages)}, not installed ({how})",
+                )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -554,8 +661,10 @@ class BatchPlan:
         return self.world_size * self.per_device * self.accumulate
 
     def __str__(self) -> str:
-        return (f"world size {self.world_size} ({self.devices} device(s) x {self.num_nodes} node(s)), per-device batch "
-                f"{self.per_device}, gradient accumulation {self.accumulate}, global batch {self.global_batch}")
+        return (
+            f"world size {self.world_size} ({self.devices} device(s) x {self.num_nodes} node(s)), per-device batch "
+            f"{self.per_device}, gradient accumulation {self.accumulate}, global batch {self.global_batch}"
+        )
 
 
 def device_count(devices: Any, accelerator: Any) -> int:
@@ -581,7 +690,9 @@ def resolve_batch(cfg: DictConfig) -> BatchPlan:
     try:
         devices = device_count(cfg.trainer.devices, cfg.trainer.get("accelerator", "auto"))
     except (TypeError, ValueError):
-        raise ConfigError([f"trainer.devices={cfg.trainer.devices!r}: must be a count, a list of ids or 'auto'"]) from None
+        raise ConfigError(
+            [f"trainer.devices={cfg.trainer.devices!r}: must be a count, a list of ids or 'auto'"]
+        ) from None
     nodes, per_device = int(cfg.trainer.num_nodes), int(cfg.dataset.batch_size)
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
@@ -590,14 +701,21 @@ def resolve_batch(cfg: DictConfig) -> BatchPlan:
     if wanted is not None:
         per_step = devices * nodes * per_device
         if wanted % per_step:
-            raise ConfigError([
-                f"stage.global_batch_size={wanted}: must be a multiple of devices x nodes x dataset.batch_size = "
-                f"{devices} x {nodes} x {per_device} = {per_step} (the accumulation is global / that)"])
+            raise ConfigError(
+                [
+                    f"stage.global_batch_size={wanted}: must be a multiple of devices x nodes x dataset.batch_size = "
+                    f"{devices} x {nodes} x {per_device} = {per_step} (the accumulation is global / that)"
+                ]
+            )
         derived = wanted // per_step
         if accumulate not in (1, derived):
-            raise ConfigError([
-                f"trainer.accumulate_grad_batches={accumulate}: contradicts stage.global_batch_size={wanted}, which "
-                f"needs {derived} with {devices} x {nodes} x {per_device}; set only one of them"])
+            raise ConfigError(
+                [
+                    f"trainer.accumulate_grad_batches={accumulate}: contradicts "
+                    f"stage.global_batch_size={wanted}, which "
+                    f"needs {derived} with {devices} x {nodes} x {per_device}; set only one of them"
+                ]
+            )
         accumulate = derived
         cfg.trainer.accumulate_grad_batches = accumulate
     return BatchPlan(devices, nodes, per_device, accumulate)
@@ -618,9 +736,14 @@ def previous_bundle(cfg: DictConfig) -> str | None:
 def backbone_path_errors(cfg: DictConfig) -> list[str]:
     """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
     after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
-    checks = [("model.llm.path", cfg.model.llm.path, "config.json"), ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None)]
-    checks += [(f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json")
-               for n, m in modality_registry.generated(cfg.model.modalities).items()]
+    checks = [
+        ("model.llm.path", cfg.model.llm.path, "config.json"),
+        ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None),
+    ]
+    checks += [
+        (f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json")
+        for n, m in modality_registry.generated(cfg.model.modalities).items()
+    ]
     errors = []
     for key, path, inner in checks:
         target = Path(path) / inner if inner else Path(path)
@@ -632,8 +755,10 @@ def backbone_path_errors(cfg: DictConfig) -> list[str]:
         found = _causal_lm_errors(llm_config)
         errors += found or lora_target_errors(cfg.model.llm.path, cfg.model.lora.target_modules)
         if cfg.model.llm.template == "chat" and not _has_chat_template(Path(cfg.model.llm.path)):
-            errors.append(f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
-                          "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead")
+            errors.append(
+                f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
+                "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead"
+            )
     return errors
 
 
@@ -650,7 +775,9 @@ def decoder_conditioning_errors(cfg: DictConfig) -> list[str]:
         if index.is_file():
             why = conditioning_mismatch(json.loads(index.read_text()), str(m.decoder.conditioning))
             if why:
-                errors.append(f"model.modalities.{n}.decoder.conditioning={m.decoder.conditioning!r}: {why} ({index})")
+                errors.append(
+                    f"model.modalities.{n}.decoder.conditioning={m.decoder.conditioning!r}: {why} ({index})"
+                )
     return errors
 
 
@@ -677,27 +804,41 @@ def lora_target_errors(llm_path: str | Path, targets: Any) -> list[str]:
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # an unreadable or unsupported config: the loader reports it with its own words
-        return [f"model.llm.path={str(llm_path)!r}: its config does not build a causal LM ({type(e).__name__}: {e})"]
+        return [
+            f"model.llm.path={str(llm_path)!r}: its config does not build a causal LM ({type(e).__name__}: {e})"
+        ]
     head = llm.get_output_embeddings()
     linear = sorted({n for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
     kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
     conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if type(m).__name__ == "Conv1D"})
     if isinstance(targets, str):
         if targets == "all-linear":
-            return [] if linear or conv1d else [f"model.lora.target_modules='all-linear': {config.model_type} has no linear layer"]
+            return (
+                []
+                if linear or conv1d
+                else [f"model.lora.target_modules='all-linear': {config.model_type} has no linear layer"]
+            )
         if targets == "attention":
             from nextgpt.lora import attention_projections
 
-            return [] if attention_projections(llm) else [
-                f"model.lora.target_modules='attention': {config.model_type} has no attention block with linear layers; "
-                f"its linear layers are {kinds + conv1d} (name some of those, or all-linear)"]
+            return (
+                []
+                if attention_projections(llm)
+                else [
+                    f"model.lora.target_modules='attention': {config.model_type} has no attention "
+                    f"block with linear layers; "
+                    f"its linear layers are {kinds + conv1d} (name some of those, or all-linear)"
+                ]
+            )
         targets = [targets]
     names = [n for n, _ in llm.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return []
-    return [f"model.lora.target_modules={list(targets)}: {config.model_type} has no module named {missing}; its "
-            f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, all-linear or attention)"]
+    return [
+        f"model.lora.target_modules={list(targets)}: {config.model_type} has no module named {missing}; its "
+        f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, all-linear or attention)"
+    ]
 
 
 def _causal_lm_errors(config_file: Path) -> list[str]:
@@ -710,8 +851,10 @@ def _causal_lm_errors(config_file: Path) -> list[str]:
     except (ValueError, UnicodeDecodeError, AttributeError) as e:
         return [f"model.llm.path={str(config_file.parent)!r}: {config_file} is not a readable config ({e})"]
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return [f"model.llm.path={str(config_file.parent)!r}: its config.json has model_type={model_type!r}, which is "
-                "not a causal language model transformers knows (a Hugging Face LLM folder is expected)"]
+        return [
+            f"model.llm.path={str(config_file.parent)!r}: its config.json has model_type={model_type!r}, which is "
+            "not a causal language model transformers knows (a Hugging Face LLM folder is expected)"
+        ]
     return []
 
 
@@ -732,9 +875,11 @@ def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
         want = modality_registry.get(name).signal_tokens(int(m.num_signal_tokens))
         have = list(layout["signals"].get(name, {}))
         if want != have:
-            errors.append(f"model.modalities.{name}.num_signal_tokens={m.num_signal_tokens}: the bundle {bundle} was "
-                          f"trained with {len(have)} {name} signal tokens ({' '.join(have[:2])}{' ...' if len(have) > 2 else ''})"
-                          f", this config asks for {len(want)} ({' '.join(want[:2])}{' ...' if len(want) > 2 else ''})")
+            errors.append(
+                f"model.modalities.{name}.num_signal_tokens={m.num_signal_tokens}: the bundle {bundle} was "
+                f"trained with {len(have)} {name} signal tokens ({' '.join(have[:2])}{' ...' if len(have) > 2 else ''})"
+                f", this config asks for {len(want)} ({' '.join(want[:2])}{' ...' if len(want) > 2 else ''})"
+            )
     return errors
 
 
@@ -753,8 +898,10 @@ def unwritable_errors(cfg: DictConfig) -> list[str]:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
-            errors.append(f"{key}={str(folder)!r}: can not be written ({e.strerror or e}); the run would train and then "
-                          "lose its result")
+            errors.append(
+                f"{key}={str(folder)!r}: can not be written ({e.strerror or e}); the run would train and then "
+                "lose its result"
+            )
     return errors
 
 
@@ -767,8 +914,10 @@ def validate_paths(cfg: DictConfig, data_errors: Iterable[str] = ()) -> None:
         errors += bundle_token_errors(cfg, Path(bundle))
     if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
         key = "init_from" if cfg.init_from else "paths.bundles"
-        errors.append(f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
-                      f"{bundle}, which does not exist (run the previous stage first, or set init_from=DIR)")
+        errors.append(
+            f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
+            f"{bundle}, which does not exist (run the previous stage first, or set init_from=DIR)"
+        )
     if errors:
         raise ConfigError(errors)
 

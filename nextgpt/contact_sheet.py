@@ -7,6 +7,7 @@ side by side. Read from the ``generations.json`` that ``python -m nextgpt.genera
 
     python -m nextgpt.contact_sheet outputs/demo [--out outputs/demo/contact_sheet.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,11 @@ def _scaled(rgb: np.ndarray, height: int) -> np.ndarray:
 
 def spectrogram(wave: np.ndarray, rate: int, *, n_fft: int = 256, height: int = TILE) -> np.ndarray:
     """(height, frames, 3) grey log-magnitude spectrogram, low frequencies at the bottom, 60 dB of range."""
-    x = np.asarray(wave, np.float64).reshape(-1) if np.ndim(wave) == 1 else np.asarray(wave, np.float64).mean(-1)
+    x = (
+        np.asarray(wave, np.float64).reshape(-1)
+        if np.ndim(wave) == 1
+        else np.asarray(wave, np.float64).mean(-1)
+    )
     hop = n_fft // 4
     x = np.pad(x, (0, max(0, n_fft - len(x))))
     count = 1 + (len(x) - n_fft) // hop
@@ -133,7 +138,9 @@ def write_contact_sheet(folder: str | Path, out: str | Path | None = None) -> Pa
     folder = Path(folder)
     index = folder / "generations.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{index} does not exist (write it with python -m nextgpt.generate --out {folder})")
+        raise FileNotFoundError(
+            f"{index} does not exist (write it with python -m nextgpt.generate --out {folder})"
+        )
     out = Path(out) if out else folder / "contact_sheet.png"
     Image.fromarray(contact_sheet(json.loads(index.read_text()), folder)).save(out)
     return out

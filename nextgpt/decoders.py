@@ -16,11 +16,13 @@ reads it itself, named by ``conditioning`` in the model config:
 
 Shapes are never typed in: they are measured by encoding the empty prompt.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,10 @@ def _text_embeds(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tenso
 def _sdxl(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tensor:
     """As StableDiffusionXLPipeline.encode_prompt (no clip_skip): hidden_states[-2] of each encoder,
     concatenated, and text_encoder_2's text_embeds as the pooled embedding, in an extra last row."""
-    states = [enc(input_ids=tok["input_ids"], output_hidden_states=True) for enc, tok in zip(encoders, tokens)]
+    states = [
+        enc(input_ids=tok["input_ids"], output_hidden_states=True)
+        for enc, tok in zip(encoders, tokens, strict=False)
+    ]
     seq = torch.cat([s.hidden_states[-2] for s in states], dim=-1)
     return join_pooled(seq, states[-1].text_embeds)
 
@@ -56,12 +61,25 @@ COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def encode_captions(conditioning: str, encoders: Sequence[Any], tokenizers: Sequence[Any], captions: Sequence[str],
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def encode_captions(
+    conditioning: str,
+    encoders: Sequence[Any],
+    tokenizers: Sequence[Any],
+    captions: Sequence[str],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(N, seq, width) ``conditioning`` of ``captions`` as the pipeline computes it: each tokenizer pads to
     its ``model_max_length``, and ``CONDITIONINGS`` reads the encoders (gradients as the caller's context says)."""
-    tokens = [tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").to(device) for tok in tokenizers]
+    tokens = [
+        tok(
+            list(captions),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        for tok in tokenizers
+    ]
     return CONDITIONINGS[conditioning](encoders, tokens)
 
 
@@ -69,8 +87,10 @@ def join_pooled(seq: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """(N, seq, width) token states + (N, pooled) -> (N, seq + 1, width), pooled zero-padded in the last row."""
     width, pooled_width = seq.shape[-1], pooled.shape[-1]
     if pooled_width > width:
-        raise ValueError(f"the pooled embedding ({pooled_width} wide) does not fit in a row of the "
-                         f"{width}-wide token conditioning: the sdxl conditioning needs pooled width <= width")
+        raise ValueError(
+            f"the pooled embedding ({pooled_width} wide) does not fit in a row of the "
+            f"{width}-wide token conditioning: the sdxl conditioning needs pooled width <= width"
+        )
     return torch.cat([seq, F.pad(pooled, (0, width - pooled_width)).unsqueeze(1)], dim=1)
 
 
@@ -83,15 +103,19 @@ def pooled_width(path: str | Path) -> int:
     """The width of an SDXL folder's pooled embedding: text_encoder_2's projection_dim."""
     config = Path(path) / "text_encoder_2" / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"decoder folder {path} has no text_encoder_2/config.json, which the sdxl "
-                                "conditioning reads (is it a StableDiffusionXLPipeline folder?)")
+        raise FileNotFoundError(
+            f"decoder folder {path} has no text_encoder_2/config.json, which the sdxl "
+            "conditioning reads (is it a StableDiffusionXLPipeline folder?)"
+        )
     return int(json.loads(config.read_text())["projection_dim"])
 
 
 def read_model_index(path: str | Path) -> dict:
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"decoder folder {path} has no model_index.json (not a diffusers pipeline folder)")
+        raise FileNotFoundError(
+            f"decoder folder {path} has no model_index.json (not a diffusers pipeline folder)"
+        )
     return json.loads(index.read_text())
 
 
@@ -115,7 +139,9 @@ def target_spec(path: str | Path, generate: dict) -> dict:
         spec.setdefault("sampling_rate", mel.sampling_rate)
         if spec.get("audio_length_in_s") is None:
             unet = json.loads((Path(path) / "unet" / "config.json").read_text())
-            spec["audio_length_in_s"] = int(unet["sample_size"]) * vae_scale_factor(path) * mel.hop / mel.sampling_rate
+            spec["audio_length_in_s"] = (
+                int(unet["sample_size"]) * vae_scale_factor(path) * mel.hop / mel.sampling_rate
+            )
     return spec
 
 
@@ -130,8 +156,11 @@ def conditioning_mismatch(index: dict, conditioning: str) -> str | None:
     if conditioning == "sdxl" and not xl:
         return f"'sdxl' reads Stable Diffusion XL pipelines, not a {cls}"
     if conditioning != "sdxl" and (index.get("text_encoder_2") or [None, None])[1]:
-        return (f"a {cls} is conditioned by two text encoders" +
-                (" and a pooled embedding: use conditioning: sdxl" if xl else ", which no conditioning kind reads yet"))
+        return f"a {cls} is conditioned by two text encoders" + (
+            " and a pooled embedding: use conditioning: sdxl"
+            if xl
+            else ", which no conditioning kind reads yet"
+        )
     return None
 
 
@@ -154,7 +183,9 @@ class TextConditioner:
             raise ValueError(f"decoder {path}: conditioning {conditioning!r} does not fit: {why}")
         self.text_encoders, self.tokenizers = [], []
         for enc_name, tok_name in COMPONENTS[conditioning]:
-            enc = getattr(transformers, index[enc_name][1]).from_pretrained(self.path, subfolder=enc_name, dtype=dtype)
+            enc = getattr(transformers, index[enc_name][1]).from_pretrained(
+                self.path, subfolder=enc_name, dtype=dtype
+            )
             self.text_encoders.append(enc.eval().requires_grad_(False))
             tok_cls = getattr(transformers, index[tok_name][1])
             self.tokenizers.append(tok_cls.from_pretrained(self.path, subfolder=tok_name))
@@ -175,7 +206,7 @@ class TextConditioner:
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def to(self, device: torch.device | str) -> "TextConditioner":
+    def to(self, device: torch.device | str) -> TextConditioner:
         for enc in self.text_encoders:
             enc.to(device)
         return self
@@ -183,7 +214,9 @@ class TextConditioner:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
         """(N, seq, width) conditioning of ``captions``, exactly as the pipeline computes it."""
-        return encode_captions(self.conditioning, self.text_encoders, self.tokenizers, captions, self.device).float()
+        return encode_captions(
+            self.conditioning, self.text_encoders, self.tokenizers, captions, self.device
+        ).float()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -198,8 +231,9 @@ class TextConditioner:
         empty = self.encode([""])
         return torch.zeros_like(empty) if self.zeros_for_empty_prompt else empty
 
-    def pipeline_kwargs(self, conditioning: torch.Tensor, negative: torch.Tensor,
-                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def pipeline_kwargs(
+        self, conditioning: torch.Tensor, negative: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
         """Our (N, seq, width) conditioning and its negative (N or 1 rows) -> the pipeline's keyword
         arguments: ``prompt_embeds`` / ``negative_prompt_embeds`` (+ the pooled pair for sdxl)."""
         if negative.shape[0] != conditioning.shape[0]:
@@ -207,8 +241,12 @@ class TextConditioner:
         if self.conditioning == "sdxl":
             embeds, pooled = split_pooled(conditioning, self.pooled_width)
             neg_embeds, neg_pooled = split_pooled(negative, self.pooled_width)
-            out = {"prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds,
-                   "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
+            out = {
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": neg_embeds,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": neg_pooled,
+            }
         elif self.conditioning == "text_embeds":
             out = {"prompt_embeds": conditioning.squeeze(1), "negative_prompt_embeds": negative.squeeze(1)}
         else:

@@ -14,6 +14,7 @@ model to another folder unless ``--allow-bundles`` names the folders it may come
 asked for is resolved, symlinks followed, and must be one of them or inside one). A refusal reads
 the same whether the path exists or not, so the box tells nothing about the server's disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def _status(message: str, kind: str = "info") -> str:
     """Status-box HTML; the message is escaped (it may hold paths, placeholders, user text)."""
     icon = {"error": "\u26a0 Error: ", "ok": "\u2713 ", "info": ""}[kind]
     colour = {"error": "#b91c1c", "ok": "#15803d", "info": "inherit"}[kind]
-    return (f'<div class="nextgpt-status nextgpt-status-{kind}" style="color:{colour};padding:4px 0">'
-            f"{icon}{html.escape(message)}</div>")
+    return (
+        f'<div class="nextgpt-status nextgpt-status-{kind}" style="color:{colour};padding:4px 0">'
+        f"{icon}{html.escape(message)}</div>"
+    )
 
 
 def check_bundle_dir(path: str | Path) -> Path:
@@ -83,8 +86,10 @@ def check_bundle_dir(path: str | Path) -> Path:
         raise DemoInputError(f"{p} is a file, not a stage bundle folder")
     missing = [n for n in (WEIGHTS, CONFIG) if not (p / n).is_file()]
     if missing:
-        raise DemoInputError(f"{p} is not a stage bundle: it has no {' / '.join(missing)} "
-                             "(train.py writes bundles/stage<N>/ with both)")
+        raise DemoInputError(
+            f"{p} is not a stage bundle: it has no {' / '.join(missing)} "
+            "(train.py writes bundles/stage<N>/ with both)"
+        )
     return p
 
 
@@ -113,10 +118,17 @@ class DemoBackend:
     Kept apart from the Gradio layout so tests can drive it directly.
     """
 
-    def __init__(self, generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
-                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, device: str = "cpu",
-                 bundle_error: str | None = None, bundle_path: str | Path | None = None,
-                 allowed_bundles: Sequence[str | Path] = ()) -> None:
+    def __init__(
+        self,
+        generator: Any | None,
+        *,
+        out_dir: str | Path = DEFAULT_OUT,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+        device: str = "cpu",
+        bundle_error: str | None = None,
+        bundle_path: str | Path | None = None,
+        allowed_bundles: Sequence[str | Path] = (),
+    ) -> None:
         self.generator = generator
         self.out_dir = Path(out_dir)
         self.max_prompt_chars = int(max_prompt_chars)
@@ -142,13 +154,20 @@ class DemoBackend:
 
     def refusal(self) -> str:
         """The one message for a folder the demo may not load: it never depends on the path asked for."""
-        started = f"the bundle it was started with ({self.started_bundle})" if self.started_bundle else (
-            "no bundle (it was started without one)")
+        started = (
+            f"the bundle it was started with ({self.started_bundle})"
+            if self.started_bundle
+            else ("no bundle (it was started without one)")
+        )
         if not self.allowed_bundles:
-            return (f"refused: this demo loads only {started}; restart it with --allow-bundles DIR to let the "
-                    f"page load stage bundles from DIR")
-        return (f"refused: this demo loads only {started} and stage bundles in "
-                f"{', '.join(map(str, self.allowed_bundles))} (--allow-bundles)")
+            return (
+                f"refused: this demo loads only {started}; restart it with --allow-bundles DIR to let the "
+                f"page load stage bundles from DIR"
+            )
+        return (
+            f"refused: this demo loads only {started} and stage bundles in "
+            f"{', '.join(map(str, self.allowed_bundles))} (--allow-bundles)"
+        )
 
     def allowed_path(self, path: str | None) -> Path:
         """``path`` resolved (symlinks followed) if the demo may load it, else ``DemoInputError``
@@ -157,8 +176,9 @@ class DemoBackend:
         if not text:
             raise DemoInputError("no bundle folder given (train one with: python train.py -m stage=1,2,3)")
         real = _real(text)
-        if real is not None and (real == self.started_bundle or any(real.is_relative_to(root)
-                                                                    for root in self.allowed_bundles)):
+        if real is not None and (
+            real == self.started_bundle or any(real.is_relative_to(root) for root in self.allowed_bundles)
+        ):
             return real
         raise DemoInputError(self.refusal())
 
@@ -182,8 +202,10 @@ class DemoBackend:
         if not prompt:
             raise DemoInputError("the prompt is empty: type a question or a request")
         if len(prompt) > self.max_prompt_chars:
-            raise DemoInputError(f"the prompt is {len(prompt)} characters long; the limit is "
-                                 f"{self.max_prompt_chars} (--max-prompt-chars)")
+            raise DemoInputError(
+                f"the prompt is {len(prompt)} characters long; the limit is "
+                f"{self.max_prompt_chars} (--max-prompt-chars)"
+            )
         media = []
         for box, path in uploads.items():
             if not path:
@@ -195,20 +217,34 @@ class DemoBackend:
                 kind = modality_of_file(path)
             except ValueError:
                 exts = " ".join(modality_registry.get(box).extensions)
-                raise DemoInputError(f"{name}: unsupported {box} file type {Path(path).suffix or '(none)'!r}; "
-                                     f"the {box} box takes {exts}") from None
+                raise DemoInputError(
+                    f"{name}: unsupported {box} file type {Path(path).suffix or '(none)'!r}; "
+                    f"the {box} box takes {exts}"
+                ) from None
             if kind != box:
-                raise DemoInputError(f"{name} holds {kind}, not {box}: put it in the {kind.capitalize()} box, "
-                                     f"not the {box.capitalize()} box")
+                raise DemoInputError(
+                    f"{name} holds {kind}, not {box}: put it in the {kind.capitalize()} box, "
+                    f"not the {box.capitalize()} box"
+                )
             media.append(str(path))
         return prompt, media
 
-    def answer(self, prompt: str | None, uploads: dict[str, str | None], state: ChatState, *,
-               max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> tuple[ChatState, Any]:
+    def answer(
+        self,
+        prompt: str | None,
+        uploads: dict[str, str | None],
+        state: ChatState,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[ChatState, Any]:
         """Run one turn; returns the new state (the old one is untouched) and the result."""
         if self.generator is None:
-            raise DemoInputError(f"no model is loaded ({self.bundle_error or 'no bundle given'}): "
-                                 "load a stage bundle folder in the Bundle panel")
+            raise DemoInputError(
+                f"no model is loaded ({self.bundle_error or 'no bundle given'}): "
+                "load a stage bundle folder in the Bundle panel"
+            )
         prompt, media = self.validate(prompt, uploads)
         if not 1 <= int(max_new_tokens) <= 4096:
             raise DemoInputError(f"max new tokens must be between 1 and 4096, not {max_new_tokens}")
@@ -218,10 +254,20 @@ class DemoBackend:
         session = state.session or uuid.uuid4().hex[:12]
         out = self.out_dir / session / f"turn{len(state.turns)}"
         with self.lock:
-            res = self.generator.chat(full, media, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                      seed=int(seed), out_dir=out, history=list(state.turns), history_media=list(state.media))
+            res = self.generator.chat(
+                full,
+                media,
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                seed=int(seed),
+                out_dir=out,
+                history=list(state.turns),
+                history_media=list(state.media),
+            )
         files = [str(f) for name in modality_registry.names() for f in res.files.get(name, [])]
-        new = ChatState(session, [*state.turns, (full, res.text)], [*state.media, *media], [*state.files, *files])
+        new = ChatState(
+            session, [*state.turns, (full, res.text)], [*state.media, *media], [*state.files, *files]
+        )
         return new, res
 
 
@@ -234,83 +280,153 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e} (see the server log)"
 
 
-def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
-              max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, device: str = "cpu",
-              bundle_path: str | Path | None = None, bundle_error: str | None = None,
-              allowed_bundles: Sequence[str | Path] = ()) -> gr.Blocks:
+def build_app(
+    generator: Any | None,
+    *,
+    out_dir: str | Path = DEFAULT_OUT,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    device: str = "cpu",
+    bundle_path: str | Path | None = None,
+    bundle_error: str | None = None,
+    allowed_bundles: Sequence[str | Path] = (),
+) -> gr.Blocks:
     """The Gradio app around ``generator`` (None: start without a model, showing ``bundle_error``).
 
     The bundle box loads ``bundle_path`` (the started bundle) again, or, when ``allowed_bundles``
     names folders, any bundle in or under them; without them the box is read-only."""
     if bundle_path is None and generator is not None:
         bundle_path = getattr(generator, "bundle", "")
-    backend = DemoBackend(generator, out_dir=out_dir, max_prompt_chars=max_prompt_chars, device=device,
-                          bundle_error=bundle_error, bundle_path=bundle_path, allowed_bundles=allowed_bundles)
+    backend = DemoBackend(
+        generator,
+        out_dir=out_dir,
+        max_prompt_chars=max_prompt_chars,
+        device=device,
+        bundle_error=bundle_error,
+        bundle_path=bundle_path,
+        allowed_bundles=allowed_bundles,
+    )
     names = modality_registry.names()
     if backend.allowed_bundles:
-        bundle_note = ("Loads the started bundle again, or a stage bundle in "
-                       f"{', '.join(map(str, backend.allowed_bundles))} (--allow-bundles).")
+        bundle_note = (
+            "Loads the started bundle again, or a stage bundle in "
+            f"{', '.join(map(str, backend.allowed_bundles))} (--allow-bundles)."
+        )
     else:
-        bundle_note = ("Loading another bundle is off: this demo serves only the bundle it was started with "
-                       "(restart it with --allow-bundles DIR to let this box load bundles from DIR).")
+        bundle_note = (
+            "Loading another bundle is off: this demo serves only the bundle it was started with "
+            "(restart it with --allow-bundles DIR to let this box load bundles from DIR)."
+        )
     skip = gr.skip()
 
     with gr.Blocks(title="NExT-GPT demo", analytics_enabled=False) as app:
         app.backend = backend  # type: ignore[attr-defined]  # for tests and embedding
-        gr.Markdown("## NExT-GPT: any-to-any chat\nAsk about attached media, or ask for an image, a sound or a "
-                    "video (\u201cPlease make an image of a red circle at the top left on a black background\u201d).")
+        gr.Markdown(
+            "## NExT-GPT: any-to-any chat\nAsk about attached media, or ask for an image, a sound or a "
+            "video (\u201cPlease make an image of a red circle at the top left on a black background\u201d)."
+        )
         header = gr.Markdown(html.escape(backend.describe(), quote=False), elem_id="model-info")
         state = gr.State(ChatState())
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, allow_file_downloads=True,
-                                     buttons=["copy"], feedback_options=None)
-                prompt = gr.Textbox(label="Message", placeholder="Type a message and press Enter",
-                                    lines=2, elem_id="prompt", submit_btn=False)
+                chatbot = gr.Chatbot(
+                    label="Chat",
+                    elem_id="chat",
+                    height=520,
+                    allow_file_downloads=True,
+                    buttons=["copy"],
+                    feedback_options=None,
+                )
+                prompt = gr.Textbox(
+                    label="Message",
+                    placeholder="Type a message and press Enter",
+                    lines=2,
+                    elem_id="prompt",
+                    submit_btn=False,
+                )
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("New conversation", elem_id="clear")
-                status = gr.HTML(_status("" if generator else backend.describe(), "info" if generator else "error"),
-                                 elem_id="status")
+                status = gr.HTML(
+                    _status("" if generator else backend.describe(), "info" if generator else "error"),
+                    elem_id="status",
+                )
             with gr.Column(scale=2):
                 uploads = {
-                    n: gr.File(label=f"{n.capitalize()} ({' '.join(modality_registry.get(n).extensions)})",
-                               type="filepath", file_count="single", elem_id=f"{n}-upload", height=110)
+                    n: gr.File(
+                        label=f"{n.capitalize()} ({' '.join(modality_registry.get(n).extensions)})",
+                        type="filepath",
+                        file_count="single",
+                        elem_id=f"{n}-upload",
+                        height=110,
+                    )
                     for n in names
                 }
                 with gr.Accordion("Generation options", open=True):
-                    max_new = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
-                                            elem_id="temperature")
+                    max_new = gr.Slider(
+                        1, 512, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                    )
+                    temperature = gr.Slider(
+                        0.0,
+                        2.0,
+                        value=0.0,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
+                        elem_id="temperature",
+                    )
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                downloads = gr.File(label="Generated files", file_count="multiple", interactive=False,
-                                    elem_id="downloads", height=140)
+                downloads = gr.File(
+                    label="Generated files",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
+                    height=140,
+                )
                 with gr.Accordion("Bundle", open=generator is None, elem_id="bundle-panel"):
                     gr.Markdown(html.escape(bundle_note, quote=False), elem_id="bundle-note")
-                    bundle_box = gr.Textbox(value=str(bundle_path or ""), label="Stage bundle folder",
-                                            elem_id="bundle", interactive=bool(backend.allowed_bundles))
+                    bundle_box = gr.Textbox(
+                        value=str(bundle_path or ""),
+                        label="Stage bundle folder",
+                        elem_id="bundle",
+                        interactive=bool(backend.allowed_bundles),
+                    )
                     load = gr.Button("Load bundle", elem_id="load-bundle")
 
         def respond(text: str, *args: Any) -> tuple:
             """One turn; every failure (bad input or not) ends up in the status box."""
-            files_in, (n_tok, temp, sd, messages, st) = args[: len(names)], args[len(names):]
+            files_in, (n_tok, temp, sd, messages, st) = args[: len(names)], args[len(names) :]
             messages = list(messages or [])
             try:
-                new, res = backend.answer(text, dict(zip(names, files_in)), st, max_new_tokens=n_tok or 64,
-                                          temperature=temp or 0.0, seed=int(sd or 0))
+                new, res = backend.answer(
+                    text,
+                    dict(zip(names, files_in, strict=False)),
+                    st,
+                    max_new_tokens=n_tok or 64,
+                    temperature=temp or 0.0,
+                    seed=int(sd or 0),
+                )
             except Exception as e:  # the app must stay up whatever happens
                 if not isinstance(e, ValueError):
                     log.exception("demo: request failed")
                 return (skip, skip, skip, *[skip] * len(names), _status(_error_text(e), "error"), skip)
             answer = new.turns[-1][1]
-            attached = new.media[len(st.media):]
-            messages.append({"role": "user", "content": [_display(text.strip()), *[{"path": p} for p in attached]]})
+            attached = new.media[len(st.media) :]
+            messages.append(
+                {"role": "user", "content": [_display(text.strip()), *[{"path": p} for p in attached]]}
+            )
             produced = [f for name in names for f in res.files.get(name, [])]
-            messages.append({"role": "assistant",
-                             "content": [_display(answer) or "(no text)", *[{"path": str(f)} for f in produced]]})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": [_display(answer) or "(no text)", *[{"path": str(f)} for f in produced]],
+                }
+            )
             note = "; ".join(getattr(res, "notes", []) or [])
-            done = f"answered in {res.seconds:.1f} s ({res.new_tokens} tokens" + (
-                f", {len(produced)} file(s) generated" if produced else "") + ")" + (f"; note: {note}" if note else "")
+            done = (
+                f"answered in {res.seconds:.1f} s ({res.new_tokens} tokens"
+                + (f", {len(produced)} file(s) generated" if produced else "")
+                + ")"
+                + (f"; note: {note}" if note else "")
+            )
             return (messages, new, "", *[None] * len(names), _status(done, "ok"), new.files or None)
 
         def reset() -> tuple:
@@ -329,39 +445,68 @@ def build_app(generator: Any | None, *, out_dir: str | Path = DEFAULT_OUT,
         for event in (send.click, prompt.submit):
             event(respond, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
         clear.click(reset, None, outputs, queue=False)
-        chatbot.clear(reset, None, outputs, queue=False)  # the chat's own trash button forgets the history too
-        load.click(load_bundle, [bundle_box], [status, header], concurrency_limit=1, concurrency_id="generate")
+        chatbot.clear(
+            reset, None, outputs, queue=False
+        )  # the chat's own trash button forgets the history too
+        load.click(
+            load_bundle, [bundle_box], [status, header], concurrency_limit=1, concurrency_id="generate"
+        )
     return app
 
 
-def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, out_dir: str | Path = DEFAULT_OUT,
-           block: bool = True) -> None:
+def launch(
+    app: gr.Blocks,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    out_dir: str | Path = DEFAULT_OUT,
+    block: bool = True,
+) -> None:
     """Serve ``app``; generated files under ``out_dir`` may be served even outside the cwd."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     # system fonts only: the default theme would fetch Google Fonts, which an offline browser waits for
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     app.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, allowed_paths=[str(Path(out_dir).resolve())], theme=theme,
-        prevent_thread_lock=not block, show_error=True, quiet=False)
+        server_name=host,
+        server_port=port,
+        allowed_paths=[str(Path(out_dir).resolve())],
+        theme=theme,
+        prevent_thread_lock=not block,
+        show_error=True,
+        quiet=False,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; ``allow_bundles`` is a list of existing folders (repeated and comma-separated
     flags together), empty when the flag is not given."""
-    p = argparse.ArgumentParser(prog="python -m nextgpt.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m nextgpt.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--bundle", required=True, help="a stage bundle folder (bundles/stage3)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--out", default=DEFAULT_OUT, help="where generated files go (one folder per session and turn)")
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help="where generated files go (one folder per session and turn)"
+    )
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--allow-bundles", action="append", default=[], metavar="DIR[,DIR...]",
-                   help="folders whose stage bundles the page's Load box may load (repeatable); without it the "
-                        "page serves only --bundle. Every visitor shares the model: allow only folders you trust")
+    p.add_argument(
+        "--allow-bundles",
+        action="append",
+        default=[],
+        metavar="DIR[,DIR...]",
+        help="folders whose stage bundles the page's Load box may load (repeatable); without it the "
+        "page serves only --bundle. Every visitor shares the model: allow only folders you trust",
+    )
     args = p.parse_args(argv)
-    folders = [Path(d.strip()).expanduser() for item in args.allow_bundles for d in item.split(",") if d.strip()]
+    folders = [
+        Path(d.strip()).expanduser() for item in args.allow_bundles for d in item.split(",") if d.strip()
+    ]
     for d in folders:
         if not d.is_dir():
             p.error(f"--allow-bundles {d}: not a folder")
@@ -382,8 +527,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoInputError as e:  # start anyway: the page says what is wrong and can load another bundle
         error = str(e)
         log.error("demo: %s", error)
-    app = build_app(generator, out_dir=args.out, max_prompt_chars=args.max_prompt_chars, device=args.device,
-                    bundle_path=args.bundle, bundle_error=error, allowed_bundles=args.allow_bundles)
+    app = build_app(
+        generator,
+        out_dir=args.out,
+        max_prompt_chars=args.max_prompt_chars,
+        device=args.device,
+        bundle_path=args.bundle,
+        bundle_error=error,
+        allowed_bundles=args.allow_bundles,
+    )
     launch(app, host=args.host, port=args.port, out_dir=args.out)
     return 0
 

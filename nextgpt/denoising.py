@@ -16,6 +16,7 @@ the pooled row is split off our ``sdxl`` conditioning (:func:`nextgpt.decoders.s
 ids say what the pipeline says at generation for an uncropped image of the training resolution:
 original = target = (height, width) of the media, crop = (0, 0).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ from nextgpt.decoders import pooled_width, read_model_index, split_pooled, vae_s
 from nextgpt.mel import MelFrontEnd
 
 
-def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def denoising_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet must predict, as its scheduler's ``prediction_type`` says."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -40,8 +43,9 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported by the denoising loss")
 
 
-def unet_conditioning(conditioning_kind: str, cond: torch.Tensor, size: tuple[int, int] | None = None,
-                      pooled: int | None = None) -> dict[str, Any]:
+def unet_conditioning(
+    conditioning_kind: str, cond: torch.Tensor, size: tuple[int, int] | None = None, pooled: int | None = None
+) -> dict[str, Any]:
     """A (groups, seq, width) conditioning of ``conditioning_kind`` -> the UNet's conditioning arguments,
     as the pipeline passes them (``size``, ``pooled``: the media's (height, width) and the pooled width, sdxl only)."""
     if conditioning_kind == "text_embeds":
@@ -49,8 +53,13 @@ def unet_conditioning(conditioning_kind: str, cond: torch.Tensor, size: tuple[in
     if conditioning_kind == "sdxl":
         embeds, pooled_embeds = split_pooled(cond, pooled)
         h, w = (int(x) for x in size)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(len(cond), 6)
-        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids}}
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(
+            len(cond), 6
+        )
+        return {
+            "encoder_hidden_states": embeds,
+            "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids},
+        }
     return {"encoder_hidden_states": cond}
 
 
@@ -61,7 +70,9 @@ def to_frames(media: torch.Tensor) -> torch.Tensor:
 
 def from_frames(z: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
     """Frame latents back in the layout of ``media``: (B, C, F, h, w) for videos, as text-to-video's latents."""
-    return z.view(media.shape[0], media.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4) if media.ndim == 5 else z
+    return (
+        z.view(media.shape[0], media.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4) if media.ndim == 5 else z
+    )
 
 
 class DenoisingObjective:
@@ -73,18 +84,26 @@ class DenoisingObjective:
 
         index = read_model_index(path)
         self.path, self.conditioning = Path(path), conditioning
-        self.vae = getattr(diffusers, index["vae"][1]).from_pretrained(path, subfolder="vae", dtype=dtype).eval()
-        self.unet = getattr(diffusers, index["unet"][1]).from_pretrained(path, subfolder="unet", dtype=dtype).eval()
+        self.vae = (
+            getattr(diffusers, index["vae"][1]).from_pretrained(path, subfolder="vae", dtype=dtype).eval()
+        )
+        self.unet = (
+            getattr(diffusers, index["unet"][1]).from_pretrained(path, subfolder="unet", dtype=dtype).eval()
+        )
         for net in (self.vae, self.unet):
             net.requires_grad_(False)
         # the training schedule: DDPM on the pipeline's betas, keeping its prediction_type
         self.scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.pooled_width = pooled_width(path) if conditioning == "sdxl" else None
         # a pipeline with a vocoder denoises log-mel images of waveforms (AudioLDM)
-        self.mel = MelFrontEnd.from_vocoder(self.path / "vocoder") if (index.get("vocoder") or [None, None])[1] else None
+        self.mel = (
+            MelFrontEnd.from_vocoder(self.path / "vocoder")
+            if (index.get("vocoder") or [None, None])[1]
+            else None
+        )
         self.scale = vae_scale_factor(path)
 
-    def to(self, device: torch.device | str) -> "DenoisingObjective":
+    def to(self, device: torch.device | str) -> DenoisingObjective:
         self.vae.to(device)
         self.unet.to(device)
         return self
@@ -98,20 +117,25 @@ class DenoisingObjective:
         dist = self.vae.encode(to_frames(media).to(self.vae.dtype)).latent_dist
         return from_frames(dist.sample(generator) * self.vae.config.scaling_factor, media)
 
-    def loss(self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """MSE between the UNet's prediction, conditioned on ``conditioning`` (groups, seq, width),
         and the scheduler's target for the noised latents of ``media``: the mean over items."""
         return self.item_losses(conditioning, media, generator).mean()
 
-    def item_losses(self, conditioning: torch.Tensor, media: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def item_losses(
+        self, conditioning: torch.Tensor, media: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(groups,) the MSE of each item, so that a step can normalise over its whole global batch."""
         latents = self.latents(media.to(self.vae.device), generator).float()
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy.to(self.unet.dtype), t, **self.unet_kwargs(conditioning, media.shape[-2:])).sample
+        pred = self.unet(
+            noisy.to(self.unet.dtype), t, **self.unet_kwargs(conditioning, media.shape[-2:])
+        ).sample
         target = denoising_target(self.scheduler, latents, noise, t).float()
         return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
 

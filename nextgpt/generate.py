@@ -11,15 +11,17 @@ guidance against the decoder's embedding of the empty prompt. Pipelines load onc
     python -m nextgpt.generate --bundle bundles/stage3 --prompt "Describe this image." --image photo.jpg
     python -m nextgpt.generate --bundle bundles/stage3 --interactive
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,11 +75,18 @@ def modality_of_file(path: str | Path) -> str:
 
 DECODING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
 
+
 class Generator:
     """A NextGPT model ready to answer, plus its decoder pipelines (loaded once, on first use)."""
 
-    def __init__(self, bundle: str | Path, device: str = "cpu", *, weights: str | Path | None = None,
-                 backbones: str | Path | None = None):
+    def __init__(
+        self,
+        bundle: str | Path,
+        device: str = "cpu",
+        *,
+        weights: str | Path | None = None,
+        backbones: str | Path | None = None,
+    ):
         from nextgpt.stages import STAGES
 
         self.bundle = Path(bundle)
@@ -90,15 +99,31 @@ class Generator:
             model.apply_lora(cfg.model.lora)
         loaded = load_bundle_weights(self.bundle, model, cfg.model)
         self._setup(model, tokenizer, conditioners, cfg.model, device)
-        self.untrained = sorted({n.split(".")[1] for n, _ in model.named_parameters()
-                                 if n.startswith("output_projectors.") and n not in loaded})
+        self.untrained = sorted(
+            {
+                n.split(".")[1]
+                for n, _ in model.named_parameters()
+                if n.startswith("output_projectors.") and n not in loaded
+            }
+        )
         if self.untrained:
-            log.warning("bundle %s (stage %d) has no trained output projector for %s: generated media will be noise",
-                        self.bundle, self.stage, self.untrained)
+            log.warning(
+                "bundle %s (stage %d) has no trained output projector for %s: generated media will be noise",
+                self.bundle,
+                self.stage,
+                self.untrained,
+            )
 
     @classmethod
-    def from_model(cls, model, tokenizer, conditioners, model_cfg: Mapping[str, Any], device: str | torch.device = "cpu",
-                   bundle: str = "<in training>") -> "Generator":
+    def from_model(
+        cls,
+        model,
+        tokenizer,
+        conditioners,
+        model_cfg: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        bundle: str = "<in training>",
+    ) -> Generator:
         """Wrap a model that is already built (e.g. the one being trained, for sample logging)."""
         self = cls.__new__(cls)
         self.bundle, self.stage, self.untrained = Path(bundle), -1, []
@@ -116,13 +141,16 @@ class Generator:
     def _setup(self, model, tokenizer, conditioners, model_cfg, device) -> None:
         from omegaconf import OmegaConf
 
-        self.model_cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict)
-                                          else model_cfg)
+        self.model_cfg = OmegaConf.create(
+            OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
+        )
         self.model, self.tokenizer, self.conditioners = model.to(device).eval(), tokenizer, conditioners
         self.device = torch.device(device)
         self.template = resolve_template(self.model_cfg.llm.template, tokenizer)
         self.num_media_tokens = int(self.model_cfg.input_projector.num_tokens)
-        self.max_context = int(getattr(self.model.llm.config.get_text_config(), "max_position_embeddings", 2048))
+        self.max_context = int(
+            getattr(self.model.llm.config.get_text_config(), "max_position_embeddings", 2048)
+        )
         self.pipelines: dict = {}
 
     def pipeline(self, name: str):
@@ -151,13 +179,24 @@ class Generator:
     def _encode_prompt(self, conv: Conversation):
         from nextgpt.batch import collate_conversations
 
-        batch = collate_conversations([conv], self.tokenizer, self.model.layout, self.template.name,
-                                      num_media_tokens=self.num_media_tokens, max_length=10**9, device=self.device)
+        batch = collate_conversations(
+            [conv],
+            self.tokenizer,
+            self.model.layout,
+            self.template.name,
+            num_media_tokens=self.num_media_tokens,
+            max_length=10**9,
+            device=self.device,
+        )
         length = batch["input_ids"].shape[1]
         if length >= self.max_context:
-            raise GenerationInputError(f"the conversation is {length} tokens; this model reads at most "
-                                       f"{self.max_context}: shorten the prompt or start a new conversation")
-        return self.model.embed_inputs(batch["input_ids"], batch["media_mask"], batch["media"], batch["media_sequence"])
+            raise GenerationInputError(
+                f"the conversation is {length} tokens; this model reads at most "
+                f"{self.max_context}: shorten the prompt or start a new conversation"
+            )
+        return self.model.embed_inputs(
+            batch["input_ids"], batch["media_mask"], batch["media"], batch["media_sequence"]
+        )
 
     @torch.no_grad()
     def chat(
@@ -212,7 +251,9 @@ class Generator:
             if name and next_id != feed[0]:
                 result.repaired_groups += 1
                 token = self.tokenizer.convert_ids_to_tokens(next_id)
-                result.notes.append(f"the {name} group began at {token}; completed from {self.tokenizer.convert_ids_to_tokens(feed[0])}")
+                result.notes.append(
+                    f"the {name} group began at {token}; completed from {self.tokenizer.convert_ids_to_tokens(feed[0])}"
+                )
             step_embeds = self.model.embed_tokens(torch.tensor([feed], device=self.device))
             if use_cache:
                 logits, hidden, past = self._step(step_embeds, past)
@@ -221,10 +262,12 @@ class Generator:
                 logits, hidden, _ = self._step(all_embeds, None)
             result.new_tokens += len(feed)
             if name:
-                pieces += [self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                           f" {modality_registry.get(name).placeholder} "]
+                pieces += [
+                    self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                    f" {modality_registry.get(name).placeholder} ",
+                ]
                 text_ids = []
-                groups.append((name, hidden[-len(feed):], feed))
+                groups.append((name, hidden[-len(feed) :], feed))
                 result.signal_groups.append(name)
             else:
                 text_ids.append(next_id)
@@ -260,8 +303,13 @@ class Generator:
                 mod = modality_registry.get(name)
                 out = Path(out_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                meta = {"prompt": prompt, "answer": result.text, "seed": seed + k, "bundle": str(self.bundle),
-                        **dict(self.model_cfg.modalities[name].decoder.get("save", {}))}
+                meta = {
+                    "prompt": prompt,
+                    "answer": result.text,
+                    "seed": seed + k,
+                    "bundle": str(self.bundle),
+                    **dict(self.model_cfg.modalities[name].decoder.get("save", {})),
+                }
                 path = out / f"{name}_{k}{mod.output_suffix}"
                 result.files.setdefault(name, []).append(mod.write(array, path, self.pipeline(name), meta))
 
@@ -316,8 +364,14 @@ class ChatSession:
     def ask(self, prompt: str, media: Sequence[str | Path] = (), **options: Any) -> GenerationResult:
         out = Path(self.out_dir) / f"turn{len(self.turns)}" if self.out_dir is not None else None
         prompt_full = with_placeholders(prompt, media)
-        res = self.generator.chat(prompt_full, media, self.turns, history_media=self.media, out_dir=out,
-                                  **{**self.options, **options})
+        res = self.generator.chat(
+            prompt_full,
+            media,
+            self.turns,
+            history_media=self.media,
+            out_dir=out,
+            **{**self.options, **options},
+        )
         self.turns.append((prompt_full, res.text))
         self.media += [str(p) for p in media]
         return res
@@ -329,15 +383,25 @@ class ChatSession:
 # --- command line ------------------------------------------------------------------------------
 def _describe(i: int, prompt: str, res: GenerationResult) -> str:
     files = {k: [str(f) for f in v] for k, v in res.files.items()}
-    lines = [f"[{i}] {prompt!r}", f"    -> {res.text!r}", f"    files: {files or 'none'} ({res.seconds:.1f} s, "
-             f"{res.new_tokens} tokens, {res.repaired_groups} repaired groups)"]
+    lines = [
+        f"[{i}] {prompt!r}",
+        f"    -> {res.text!r}",
+        f"    files: {files or 'none'} ({res.seconds:.1f} s, "
+        f"{res.new_tokens} tokens, {res.repaired_groups} repaired groups)",
+    ]
     lines += [f"    note: {n}" for n in res.notes]
     return "\n".join(lines)
 
 
 def _interactive(gen: Generator, args) -> int:
-    session = ChatSession(gen, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed)
+    session = ChatSession(
+        gen,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     pending: list[str] = list(args.media)
     print("chat: type a message; /image F, /audio F, /video F attach a file; /reset; /quit")
     while True:
@@ -377,7 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interactive", action="store_true", help="a multi-turn chat on the terminal")
     p.add_argument("--out", default="outputs/generate", help="where generated files go")
     p.add_argument("--max-new-tokens", type=int, help="default: the bundle's model.generation, else 64")
-    p.add_argument("--temperature", type=float, help="0 = greedy; default: the bundle's model.generation, else 0")
+    p.add_argument(
+        "--temperature", type=float, help="0 = greedy; default: the bundle's model.generation, else 0"
+    )
     p.add_argument("--top-p", type=float, help="default: the bundle's model.generation, else 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -400,14 +466,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = []
     for i, prompt in enumerate(args.prompt):
         try:
-            res = gen.chat(prompt, args.media, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed, out_dir=Path(args.out) / f"turn{i}")
+            res = gen.chat(
+                prompt,
+                args.media,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                out_dir=Path(args.out) / f"turn{i}",
+            )
         except (GenerationInputError, ValueError) as e:
             print(f"error: {e}")
             return 2
         print(_describe(i, prompt, res))
-        report.append({"prompt": prompt, "answer": res.text, "files": {k: [str(f) for f in v] for k, v in res.files.items()},
-                       "signal_groups": res.signal_groups, "notes": res.notes, "seconds": res.seconds})
+        report.append(
+            {
+                "prompt": prompt,
+                "answer": res.text,
+                "files": {k: [str(f) for f in v] for k, v in res.files.items()},
+                "signal_groups": res.signal_groups,
+                "notes": res.notes,
+                "seconds": res.seconds,
+            }
+        )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "generations.json").write_text(json.dumps(report, indent=2))
     return 0

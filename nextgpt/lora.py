@@ -13,6 +13,7 @@ Three ways to say it:
 An attention block is a module whose class name ends in ``Attention`` (the Hugging Face naming of
 every family here); its linear layers are ``nn.Linear`` or GPT-2's ``Conv1D``.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,10 @@ def attention_pattern(llm: nn.Module) -> str:
     """The peft ``target_modules`` regular expression (full match) for every attention linear layer."""
     blocks = attention_projections(llm)
     if not blocks:
-        raise ValueError(f"model.lora.target_modules='attention': {type(llm).__name__} has no attention block with "
-                         f"linear layers (no module class ending in 'Attention'); name the target modules instead")
+        raise ValueError(
+            f"model.lora.target_modules='attention': {type(llm).__name__} has no attention block with "
+            f"linear layers (no module class ending in 'Attention'); name the target modules instead"
+        )
     # the blocks' paths differ only by layer index: one pattern with \d+ for each index
     paths = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in blocks})
     layers = sorted({sub for subs in blocks.values() for sub in subs})
@@ -60,7 +63,9 @@ def resolve_targets(llm: nn.Module, targets: Any) -> str | list[str]:
 
 
 def describe(llm: nn.Module, targets: Any) -> list[str]:
-    """The full names of the linear modules ``targets`` selects (what peft will wrap); the tests check it against peft."""
+    """The full names of the linear modules ``targets`` selects (what peft will wrap).
+
+    The tests check it against peft."""
     resolved = resolve_targets(llm, targets)
     names = [n for n, m in llm.named_modules() if n and _is_linear(m)]
     if isinstance(resolved, str):

@@ -6,9 +6,10 @@ modality) of whatever it averages over: the whole optimizer step in training (so
 does not depend on how the step is split over ranks and micro-batches), the whole benchmark in
 evaluation.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,12 @@ from nextgpt.prompts import IGNORE_INDEX
 def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy summed over the labelled (answer) positions; divided by their count
     (``counts["tokens"]`` of the whole step) it is the step's mean."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def chunked_caption_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int) -> torch.Tensor:
@@ -35,8 +40,13 @@ def chunked_caption_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, c
     states, wanted = hidden[:, :-1][keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, states.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, states[start:start + chunk], wanted[start:start + chunk], head,
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss,
+            states[start : start + chunk],
+            wanted[start : start + chunk],
+            head,
+            use_reentrant=False,
+        )
     return total
 
 
@@ -51,19 +61,31 @@ def alignment_sum(pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
     if target is None:
         target = torch.zeros_like(pred)
     if target.shape != pred.shape:
-        raise ValueError(f"alignment targets {tuple(target.shape)} do not match the projector output {tuple(pred.shape)}")
+        raise ValueError(
+            f"alignment targets {tuple(target.shape)} do not match the projector output {tuple(pred.shape)}"
+        )
     return (pred.float() - target.to(pred.device).float()).norm(dim=-1).mean(-1).sum()
 
 
-def modality_mean(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], kind: str,
-                  zero: torch.Tensor, weights: Mapping[str, float] | None = None) -> torch.Tensor:
+def modality_mean(
+    sums: Mapping[str, torch.Tensor],
+    counts: Mapping[str, float],
+    kind: str,
+    zero: torch.Tensor,
+    weights: Mapping[str, float] | None = None,
+) -> torch.Tensor:
     """Per modality, ``sums[m]`` over its groups divided by the step's count of them
     (``counts[f"{kind}/{m}"]``), times ``weights[m]`` (default 1; the original weighs stage 3's
     video alignment x2), averaged over the modalities the step holds at all."""
     weights = weights or {}
     present = [k for k, n in counts.items() if k.startswith(f"{kind}/") and n > 0]
-    total = sum((float(weights.get(m, 1.0)) * v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0)
-                 for m, v in sums.items()), zero)
+    total = sum(
+        (
+            float(weights.get(m, 1.0)) * v / max(float(counts.get(f"{kind}/{m}", 0)), 1.0)
+            for m, v in sums.items()
+        ),
+        zero,
+    )
     return total / max(len(present), 1)
 
 

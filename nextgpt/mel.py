@@ -14,6 +14,7 @@ setting: n_fft 1024, hop 160, window 1024, 0-8000 Hz. The frame count follows th
 ``audio_length_in_s`` arithmetic: ``samples / hop`` frames, rounded up to a multiple of the VAE's
 scale factor with silence (``log(1e-5)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ class MelFrontEnd:
             hop = math.prod(int(r) for r in config["upsample_rates"])
             rate, n_mels = int(config["sampling_rate"]), int(config["model_in_dim"])
         except KeyError as e:
-            raise ValueError(f"the vocoder config has no {e.args[0]!r}: can not derive its mel front end") from None
+            raise ValueError(
+                f"the vocoder config has no {e.args[0]!r}: can not derive its mel front end"
+            ) from None
         return cls(sampling_rate=rate, n_mels=n_mels, hop=hop, n_fft=1 << math.ceil(math.log2(4 * hop)))
 
     def filter_bank(self) -> torch.Tensor:
@@ -56,8 +59,15 @@ class MelFrontEnd:
         from transformers.audio_utils import mel_filter_bank
 
         fmax = self.sampling_rate / 2 if self.fmax is None else self.fmax
-        bank = mel_filter_bank(num_frequency_bins=self.n_fft // 2 + 1, num_mel_filters=self.n_mels, min_frequency=self.fmin,
-                               max_frequency=fmax, sampling_rate=self.sampling_rate, norm="slaney", mel_scale="slaney")
+        bank = mel_filter_bank(
+            num_frequency_bins=self.n_fft // 2 + 1,
+            num_mel_filters=self.n_mels,
+            min_frequency=self.fmin,
+            max_frequency=fmax,
+            sampling_rate=self.sampling_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
         return torch.from_numpy(np.asarray(bank, dtype=np.float32))
 
     def frames(self, samples: int, multiple: int = 1) -> int:
@@ -72,8 +82,15 @@ class MelFrontEnd:
         pad = (self.n_fft - self.hop) // 2
         x = F.pad(x.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
         window = torch.hann_window(self.n_fft, device=x.device)
-        spec = torch.stft(x, self.n_fft, hop_length=self.hop, win_length=self.n_fft, window=window, center=False,
-                          return_complex=True).abs()  # (B, freq, frames)
+        spec = torch.stft(
+            x,
+            self.n_fft,
+            hop_length=self.hop,
+            win_length=self.n_fft,
+            window=window,
+            center=False,
+            return_complex=True,
+        ).abs()  # (B, freq, frames)
         mel = torch.log(torch.clamp(self.filter_bank().to(x.device).T @ spec, min=SILENCE)).transpose(1, 2)
         want = self.frames(waveform.shape[1], multiple)
         mel = mel[:, :want]

@@ -6,12 +6,14 @@ is generated), found by :func:`_register_plugins`, one ``model.modalities`` entr
 ``decoder: null`` for an input-only modality) and one dataset YAML; ``nextgpt/modalities/depth.py``
 is the example.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,7 +191,9 @@ def _target_audio(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
     (:func:`nextgpt.decoders.target_spec` adds both); the denoising loss takes its log-mel (nextgpt.mel)."""
     from nextgpt.encoders.preprocess.audio import load_waveform
 
-    wave = load_waveform(path, sample_rate=int(spec["sampling_rate"]), seconds=float(spec["audio_length_in_s"]))
+    wave = load_waveform(
+        path, sample_rate=int(spec["sampling_rate"]), seconds=float(spec["audio_length_in_s"])
+    )
     return wave.clamp(-1.0, 1.0)
 
 
@@ -237,7 +241,9 @@ def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+            video_frame = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(frame[:height, :width]), format="rgb24"
+            )
             container.mux(stream.encode(video_frame))
         container.mux(stream.encode())
     _sidecar(path, meta)
@@ -246,23 +252,50 @@ def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
 
 IMAGE = register(
     Modality(
-        name="image", tag="Img", signal_prefix="IMG", default_num_signal_tokens=4, encoder_modality="vision",
-        media_folder="images", extensions=(".jpg", ".jpeg", ".png", ".webp"), output_suffix=".png",
-        pipeline_output="images", loader=_load_image, writer=_write_png, target_loader=_target_image,
+        name="image",
+        tag="Img",
+        signal_prefix="IMG",
+        default_num_signal_tokens=4,
+        encoder_modality="vision",
+        media_folder="images",
+        extensions=(".jpg", ".jpeg", ".png", ".webp"),
+        output_suffix=".png",
+        pipeline_output="images",
+        loader=_load_image,
+        writer=_write_png,
+        target_loader=_target_image,
     )
 )
 AUDIO = register(
     Modality(
-        name="audio", tag="Aud", signal_prefix="AUD", default_num_signal_tokens=8, encoder_modality="audio",
-        media_folder="audios", extensions=(".wav", ".flac", ".mp3", ".ogg"), output_suffix=".wav",
-        pipeline_output="audios", loader=_load_audio, writer=_write_wav, target_loader=_target_audio,
+        name="audio",
+        tag="Aud",
+        signal_prefix="AUD",
+        default_num_signal_tokens=8,
+        encoder_modality="audio",
+        media_folder="audios",
+        extensions=(".wav", ".flac", ".mp3", ".ogg"),
+        output_suffix=".wav",
+        pipeline_output="audios",
+        loader=_load_audio,
+        writer=_write_wav,
+        target_loader=_target_audio,
     )
 )
 VIDEO = register(
     Modality(
-        name="video", tag="Vid", signal_prefix="VID", default_num_signal_tokens=24, encoder_modality="vision",
-        media_folder="videos", extensions=(".mp4", ".webm", ".mkv", ".avi"), output_suffix=".mp4",
-        pipeline_output="frames", loader=_load_video, writer=_write_mp4, target_loader=_target_video,
+        name="video",
+        tag="Vid",
+        signal_prefix="VID",
+        default_num_signal_tokens=24,
+        encoder_modality="vision",
+        media_folder="videos",
+        extensions=(".mp4", ".webm", ".mkv", ".avi"),
+        output_suffix=".mp4",
+        pipeline_output="frames",
+        loader=_load_video,
+        writer=_write_mp4,
+        target_loader=_target_video,
     )
 )
 

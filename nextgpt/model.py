@@ -4,11 +4,13 @@ Plain PyTorch, no Lightning. Every width comes from a loaded backbone: the LLM's
 from its config, ImageBind's from its checkpoint config, each decoder's conditioning shape from
 its own text encoder.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +60,10 @@ class NextGPT(nn.Module):
         self.new_tokens = NewTokenTable(layout, llm.get_input_embeddings(), llm.get_output_embeddings())
         self.input_projector = InputProjector(encoder.embed_dim, hidden, num_media_tokens)
         self.output_projectors = nn.ModuleDict(
-            {name: OutputProjector(hidden, width, seq, **output_projector) for name, (seq, width) in output_shapes.items()}
+            {
+                name: OutputProjector(hidden, width, seq, **output_projector)
+                for name, (seq, width) in output_shapes.items()
+            }
         )
         for module in (self.llm, self.encoder):
             module.requires_grad_(False)
@@ -68,7 +73,7 @@ class NextGPT(nn.Module):
         self.base_rows: dict[str, torch.Tensor] | None = None
 
     # --- frozen stays frozen ---------------------------------------------------------------
-    def train(self, mode: bool = True) -> "NextGPT":
+    def train(self, mode: bool = True) -> NextGPT:
         """Children without trainable parameters stay in eval mode (no dropout in frozen nets)."""
         super().train(mode)
         for child in self.children():
@@ -80,12 +85,20 @@ class NextGPT(nn.Module):
     def parameter_groups(self) -> dict[str, list[str]]:
         """Trainable group -> the names of its parameters. A stage trains a set of these groups
         (``NextGPTStage.trainable_groups``); everything else is frozen backbone."""
-        modules = {"input_projector": self.input_projector, "output_projectors": self.output_projectors,
-                   "new_tokens.markers": self.new_tokens.markers, "new_tokens.signals": self.new_tokens.signals}
+        modules = {
+            "input_projector": self.input_projector,
+            "output_projectors": self.output_projectors,
+            "new_tokens.markers": self.new_tokens.markers,
+            "new_tokens.signals": self.new_tokens.signals,
+        }
         groups = {g: [f"{g}.{n}" for n, _ in m.named_parameters()] for g, m in modules.items()}
-        groups["lora"] = [f"llm.{n}" for n, _ in self.llm.named_parameters() if ".lora_" in n]  # peft's adapters
+        groups["lora"] = [
+            f"llm.{n}" for n, _ in self.llm.named_parameters() if ".lora_" in n
+        ]  # peft's adapters
         matrices = {id(self.llm.get_input_embeddings().weight), id(self.llm.get_output_embeddings().weight)}
-        groups["vocab_rows"] = [f"llm.{n}" for n, p in self.llm.named_parameters() if id(p) in matrices]  # model.vocab_rows=all
+        groups["vocab_rows"] = [
+            f"llm.{n}" for n, p in self.llm.named_parameters() if id(p) in matrices
+        ]  # model.vocab_rows=all
         return groups
 
     def vocab_rows_state(self) -> dict[str, torch.Tensor]:
@@ -94,8 +107,10 @@ class NextGPT(nn.Module):
         from nextgpt.strategies import full_tensor
 
         n = self.layout.first_new_id
-        return {"embed": full_tensor(self.llm.get_input_embeddings().weight)[:n].detach().clone(),
-                "head": full_tensor(self.llm.get_output_embeddings().weight)[:n].detach().clone()}
+        return {
+            "embed": full_tensor(self.llm.get_input_embeddings().weight)[:n].detach().clone(),
+            "head": full_tensor(self.llm.get_output_embeddings().weight)[:n].detach().clone(),
+        }
 
     def set_trainable(self, groups: Iterable[str]) -> list[str]:
         """Make exactly ``groups`` trainable, everything else frozen; returns the trainable names.
@@ -132,7 +147,9 @@ class NextGPT(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.new_tokens.embed(input_ids, self.llm.get_input_embeddings())
 
-    def encode_media(self, media: Mapping[str, torch.Tensor], *, every_modality: bool = False) -> dict[str, torch.Tensor]:
+    def encode_media(
+        self, media: Mapping[str, torch.Tensor], *, every_modality: bool = False
+    ) -> dict[str, torch.Tensor]:
         """modality -> (N, num_media_tokens, H): frozen ImageBind, then the trainable projector."""
         # the generated modalities on zero rows (see above) and whatever the batch holds (input-only
         # modalities share the input projector, so skipping them when absent leaves nothing unused)
@@ -145,8 +162,9 @@ class NextGPT(nn.Module):
                 feats[name] = self.encoder.features(trunk, x)
         return self.project_features(feats)
 
-    def project_features(self, features: Mapping[str, torch.Tensor], *,
-                         every_modality: bool = False) -> dict[str, torch.Tensor]:
+    def project_features(
+        self, features: Mapping[str, torch.Tensor], *, every_modality: bool = False
+    ) -> dict[str, torch.Tensor]:
         """ImageBind features (fresh or cached) -> (N, num_media_tokens, H)."""
         weight = self.input_projector.proj.weight
         names = tuple(dict.fromkeys([*(self.modality_names if every_modality else ()), *features]))
@@ -177,9 +195,14 @@ class NextGPT(nn.Module):
         has_media = media_mask is not None and bool(media_mask.any())
         if not (has_media or every_modality):
             return embeds
-        projected = {False: self.encode_media(media or {}, every_modality=every_modality),
-                     True: self.project_features(media_features or {}, every_modality=every_modality)}
-        rows = [projected[bool(entry[2]) if len(entry) > 2 else False][entry[0]][entry[1]] for entry in media_sequence]
+        projected = {
+            False: self.encode_media(media or {}, every_modality=every_modality),
+            True: self.project_features(media_features or {}, every_modality=every_modality),
+        }
+        rows = [
+            projected[bool(entry[2]) if len(entry) > 2 else False][entry[0]][entry[1]]
+            for entry in media_sequence
+        ]
         # zero-row slices of every projection: they add nothing, and keep each call in the graph
         rows += [p.flatten(0, 1)[:0] for part in projected.values() for p in part.values()]
         ordered = torch.cat(rows).to(embeds.dtype)
@@ -191,8 +214,9 @@ class NextGPT(nn.Module):
         return embeds.masked_scatter(media_mask.unsqueeze(-1), ordered)
 
     # --- forward ---------------------------------------------------------------------------
-    def signal_conditioning(self, input_ids: torch.Tensor, hidden: torch.Tensor, *,
-                            every_modality: bool = False) -> dict[str, torch.Tensor]:
+    def signal_conditioning(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, *, every_modality: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Output-projector conditioning of every complete signal group present in ``input_ids``
         (with ``every_modality``: of every modality, ``(0, seq, width)`` where none is present)."""
         out = {}
@@ -225,14 +249,23 @@ class NextGPT(nn.Module):
         ``position_ids`` without ``attention_mask``: a packed batch (:class:`nextgpt.batch.Collator`).
         ``compute_logits=False``: no vocabulary logits (``logits`` is None); the loss computes those
         it needs from ``hidden`` (:func:`nextgpt.losses.chunked_caption_loss_sum`)."""
-        embeds = self.embed_inputs(input_ids, media_mask, media, media_sequence, media_features,
-                                   every_modality=every_modality)
+        embeds = self.embed_inputs(
+            input_ids, media_mask, media, media_sequence, media_features, every_modality=every_modality
+        )
         keep = {} if compute_logits else {"logits_to_keep": 1}  # transformers: the last position's only
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       output_hidden_states=True, use_cache=False, **keep)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            **keep,
+        )
         hidden = out.hidden_states[-1]
         logits = self.new_tokens.logits(hidden, out.logits) if compute_logits else None
-        return NextGPTOutput(logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=every_modality))
+        return NextGPTOutput(
+            logits, hidden, self.signal_conditioning(input_ids, hidden, every_modality=every_modality)
+        )
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the extended vocabulary from final hidden states, as the LLM's forward
@@ -252,8 +285,13 @@ class NextGPT(nn.Module):
 
         # module names, "all-linear" (peft: every Linear but the head) or "attention" (nextgpt/lora.py)
         targets = resolve_targets(self.llm, lora["target_modules"])
-        config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                            target_modules=targets, bias="none")
+        config = LoraConfig(
+            r=int(lora["r"]),
+            lora_alpha=float(lora["alpha"]),
+            lora_dropout=float(lora["dropout"]),
+            target_modules=targets,
+            bias="none",
+        )
         self.llm = get_peft_model(self.llm, config)
 
 
@@ -285,7 +323,9 @@ def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     trunks = {modality_registry.get(m).encoder_modality for m in modalities}
     if not trunks <= set(arch.modalities):
-        arch = dataclasses.replace(arch, modalities=(*arch.modalities, *sorted(trunks - set(arch.modalities))))
+        arch = dataclasses.replace(
+            arch, modalities=(*arch.modalities, *sorted(trunks - set(arch.modalities)))
+        )
     return arch
 
 
@@ -294,7 +334,9 @@ def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     from nextgpt.encoders.imagebind import load_imagebind
 
     arch = encoder_arch(encoder_cfg, modalities)
-    encoder = load_imagebind(encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32")))
+    encoder = load_imagebind(
+        encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32"))
+    )
     encoder.renormalize_features = bool(encoder_cfg.get("renormalize", True))
     return encoder
 
@@ -308,8 +350,12 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
 
     tokenizer, layout = load_tokenizer(model_cfg)
     llm_cfg = model_cfg["llm"]
-    extra = {"attn_implementation": llm_cfg["attn_implementation"]} if llm_cfg.get("attn_implementation") else {}
-    llm = AutoModelForCausalLM.from_pretrained(str(llm_cfg["path"]), dtype=torch_dtype(llm_cfg["dtype"]), **extra)
+    extra = (
+        {"attn_implementation": llm_cfg["attn_implementation"]} if llm_cfg.get("attn_implementation") else {}
+    )
+    llm = AutoModelForCausalLM.from_pretrained(
+        str(llm_cfg["path"]), dtype=torch_dtype(llm_cfg["dtype"]), **extra
+    )
     if llm_cfg.get("activation_checkpointing"):
         from nextgpt.checkpointing import checkpoint_decoder_layers
 
@@ -321,7 +367,9 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
     encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
     conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
     model = NextGPT(
-        llm, encoder, layout,
+        llm,
+        encoder,
+        layout,
         num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
         output_shapes={name: c.shape for name, c in conditioners.items()},
         output_projector=dict(model_cfg["output_projector"]),

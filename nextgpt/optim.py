@@ -6,10 +6,12 @@ trainable parameters, and the scheduler with the optimizer and the run's total n
 optimizer steps. Any callable of those shapes can be named, e.g.
 ``stage.optim.optimizer._target_=bitsandbytes.optim.AdamW8bit``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -27,8 +29,15 @@ def _warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 WARMUP_TYPES = ("linear", "log")
 
 
-def warmup_linear_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1,
-                        min_ratio: float = 0.0, warmup_type: str = "linear", min_warmup_steps: int = 0) -> LambdaLR:
+def warmup_linear_decay(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    min_ratio: float = 0.0,
+    warmup_type: str = "linear",
+    min_warmup_steps: int = 0,
+) -> LambdaLR:
     """Warm-up from ~0 to the optimizer's lr, then linear decay to ``min_ratio`` x lr at
     ``total_steps`` (DeepSpeed's ``WarmupDecayLR``, which the reference used).
 
@@ -50,8 +59,9 @@ def warmup_linear_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, w
     return LambdaLR(optimizer, factor)
 
 
-def warmup_cosine_decay(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1,
-                        min_ratio: float = 0.0) -> LambdaLR:
+def warmup_cosine_decay(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.1, min_ratio: float = 0.0
+) -> LambdaLR:
     """Linear warm-up, then half a cosine down to ``min_ratio`` x lr at ``total_steps``."""
     total = max(1, int(total_steps))
     warmup = _warmup_steps(total, warmup_ratio)
@@ -71,15 +81,21 @@ def constant(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio
     return LambdaLR(optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else 1.0)
 
 
-def build_optimizer(optim_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    optim_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     """Instantiate ``optim_cfg["optimizer"]`` (a partial) over ``params``; without that node (a
     config written before it existed), AdamW with the stage's lr, weight decay and betas."""
     import hydra
 
     node = optim_cfg.get("optimizer")
     if node is None:
-        return torch.optim.AdamW(list(params), lr=float(optim_cfg["lr"]), weight_decay=float(optim_cfg["weight_decay"]),
-                                 betas=tuple(optim_cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(
+            list(params),
+            lr=float(optim_cfg["lr"]),
+            weight_decay=float(optim_cfg["weight_decay"]),
+            betas=tuple(optim_cfg.get("betas", (0.9, 0.999))),
+        )
     factory = hydra.utils.instantiate(dict(node), _convert_="all")
     return factory(list(params))
 
@@ -91,6 +107,8 @@ def build_scheduler(optim_cfg: Mapping[str, Any], optimizer: torch.optim.Optimiz
 
     node = optim_cfg.get("scheduler")
     if node is None:
-        return warmup_linear_decay(optimizer, total_steps=total_steps, warmup_ratio=float(optim_cfg.get("warmup_ratio", 0.1)))
+        return warmup_linear_decay(
+            optimizer, total_steps=total_steps, warmup_ratio=float(optim_cfg.get("warmup_ratio", 0.1))
+        )
     factory = hydra.utils.instantiate(dict(node), _convert_="all")
     return factory(optimizer, total_steps=int(total_steps))

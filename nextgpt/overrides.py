@@ -7,6 +7,7 @@ at all: ``+stage.optim.learning_rate=0.1`` would be accepted and never read. Und
 ``_target_`` takes, or lie inside a node whose contents are free by design (a decoder's
 ``generate`` / ``save`` keyword arguments, the ImageBind ``arch``, the list of sources).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -24,13 +25,28 @@ from nextgpt import modality as modality_registry
 
 CHECKED_ROOTS = ("stage", "model", "dataset")
 # nodes whose keys are free (checked where they are used, or keyword arguments of a pipeline call)
-OPEN_NODES = ("model.modalities.*.decoder.generate", "model.modalities.*.decoder.save", "model.encoder.arch",
-              "stage.loss.align_by_modality", "dataset.sources", "dataset.synthetic")
+OPEN_NODES = (
+    "model.modalities.*.decoder.generate",
+    "model.modalities.*.decoder.save",
+    "model.encoder.arch",
+    "stage.loss.align_by_modality",
+    "dataset.sources",
+    "dataset.synthetic",
+)
 # nodes whose keys are the keyword arguments of their ``_target_``
 TARGET_NODES = ("stage.optim.optimizer", "stage.optim.scheduler")
 # the config groups and the package their files land in (``_global_``: the file names it)
-GROUP_PACKAGES = {"stage": "stage", "model": "model", "dataset": "dataset", "base": "dataset", "optimizer": None,
-                  "scheduler": None, "experiment": "", "debug": "", "hparams_search": ""}
+GROUP_PACKAGES = {
+    "stage": "stage",
+    "model": "model",
+    "dataset": "dataset",
+    "base": "dataset",
+    "optimizer": None,
+    "scheduler": None,
+    "experiment": "",
+    "debug": "",
+    "hparams_search": "",
+}
 _PACKAGE_LINE = re.compile(r"^#\s*@package\s+(\S+)")
 _OVERRIDE = re.compile(r"^(?P<plus>\+{1,2})(?P<key>[A-Za-z_][\w.\[\]]*)=")
 
@@ -92,7 +108,11 @@ def appended_key_errors(cfg: Any, overrides: Iterable[str], config_dir: Path) ->
         key = re.sub(r"\[\d+\]", "", m["key"])
         general = _generalise(key)
         parts = key.split(".")
-        if len(parts) > 2 and parts[:2] == ["model", "modalities"] and parts[2] not in modality_registry.names():
+        if (
+            len(parts) > 2
+            and parts[:2] == ["model", "modalities"]
+            and parts[2] not in modality_registry.names()
+        ):
             continue  # an unknown modality is named by the model check with the registered ones
         if general in known or any(general.startswith(f"{o}.") for o in OPEN_NODES):
             continue
@@ -104,7 +124,9 @@ def appended_key_errors(cfg: Any, overrides: Iterable[str], config_dir: Path) ->
             choices = sorted(accepted - {"params"})
             what = f"{OmegaConf.select(cfg, parent + '._target_')} takes {', '.join(choices)}"
         else:
-            siblings = sorted({k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == _generalise(parent)})
+            siblings = sorted(
+                {k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == _generalise(parent)}
+            )
             choices = siblings
             what = f"{parent} has {', '.join(siblings)}" if siblings else f"nothing reads keys under {parent}"
         close = difflib.get_close_matches(leaf, choices, n=1)

@@ -1,4 +1,5 @@
 """Input and output projectors: the only new networks NExT-GPT trains besides LoRA."""
+
 from __future__ import annotations
 
 import torch
@@ -49,9 +50,14 @@ class OutputProjector(nn.Module):
         super().__init__()
         self.in_fc = nn.Linear(in_dim, d_model)
         self.transformer = nn.Transformer(
-            d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-            dropout=dropout, batch_first=True, norm_first=norm_first,
+            d_model=d_model,
+            nhead=nhead,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=norm_first,
         )
         std = d_model**-0.5 if query_std is None else float(query_std)
         self.queries = nn.Parameter(torch.randn(out_seq, d_model) * std)

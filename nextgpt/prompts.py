@@ -5,12 +5,13 @@ A conversation is a list of (human, assistant) turns whose texts carry LLaVA-sty
 ``<Img>`` + projected media slots + ``</Img>``; in an assistant turn it becomes the modality's
 signal-token group. Loss is on assistant tokens only; prompt and media positions are -100.
 """
+
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from nextgpt import modality as modality_registry
 from nextgpt.tokens import TokenLayout
@@ -41,13 +42,23 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     # Vicuna v0, the legacy NExT-GPT default: "### Human: ...\n### Assistant: ...\n### Human: ..."
     # (the answer's closing "\n###" also opens the next turn, as in the original: "Human: " follows)
-    "vicuna_v0": Template("vicuna_v0", "", "### Human: ", "\n### Assistant: ", "\n###", "", "###",
-                          human_next="Human: "),
+    "vicuna_v0": Template(
+        "vicuna_v0", "", "### Human: ", "\n### Assistant: ", "\n###", "", "###", human_next="Human: "
+    ),
     # The original's exact pieces and tokenisation (``experiment=nextgpt_legacy``): what the released
     # weights were trained on. Stage 1 ``### Human: <Img>`` | media | ``</Img> generate a caption\n###
     # Assistant: `` | ``{caption}\n###``; an answer's signal group is ``[IMG0] [IMG1] ...`` after its text.
-    "vicuna_v0_legacy": Template("vicuna_v0_legacy", "", "### Human: ", "\n### Assistant: ", "\n###", "", "###",
-                                 human_next="Human: ", legacy=True),
+    "vicuna_v0_legacy": Template(
+        "vicuna_v0_legacy",
+        "",
+        "### Human: ",
+        "\n### Assistant: ",
+        "\n###",
+        "",
+        "###",
+        human_next="Human: ",
+        legacy=True,
+    ),
     # The LLM's own chat template (an instruct model's format): every rendered turn as the tokenizer
     # writes it, the loss on the assistant's part of each turn (its end-of-turn token included).
     # ``resolve_template`` fills in the stop string from the template itself.
@@ -57,7 +68,11 @@ TEMPLATES: dict[str, Template] = {
         "vicuna_v1_1",
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
-        "USER: ", " ASSISTANT: ", "</s>", "", "</s>",
+        "USER: ",
+        " ASSISTANT: ",
+        "</s>",
+        "",
+        "</s>",
     ),
 }
 
@@ -85,18 +100,22 @@ def chat_chunks(turns: Sequence[tuple[str, str]], tokenizer) -> list[tuple[str, 
     """The rendered conversation cut into (text, is the assistant's) chunks: each chunk is what
     rendering one more message (with the generation prompt after a user message) adds."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template "
-                                "(model.llm.template=chat needs one; name a template such as vicuna_v1_1 instead)")
+        raise ChatTemplateError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template "
+            "(model.llm.template=chat needs one; name a template such as vicuna_v1_1 instead)"
+        )
     messages = _messages(turns)
     chunks: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
         text = _render(tokenizer, messages[: i + 1], generation_prompt=msg["role"] == "user")
         if not text.startswith(done):
-            raise ChatTemplateError(f"the chat template of {getattr(tokenizer, 'name_or_path', '?')!r} renders a "
-                                    "conversation differently from its own beginning; NExT-GPT can not find the "
-                                    "assistant turns in it (use a named template: model.llm.template)")
-        chunks.append((text[len(done):], msg["role"] == "assistant"))
+            raise ChatTemplateError(
+                f"the chat template of {getattr(tokenizer, 'name_or_path', '?')!r} renders a "
+                "conversation differently from its own beginning; NExT-GPT can not find the "
+                "assistant turns in it (use a named template: model.llm.template)"
+            )
+        chunks.append((text[len(done) :], msg["role"] == "assistant"))
         done = text
     return chunks
 
@@ -173,13 +192,13 @@ class PairStyle:
         import dataclasses
 
         if conv.kind == "caption" and len(conv.turns) == 1 and conv.media_in:
-            (human, caption), = conv.turns
+            ((human, caption),) = conv.turns
             caption = clean_caption(caption) if self.clean_captions else caption
             if self.style == "legacy":
                 human = f"{modality_registry.get(conv.media_in[0][0]).placeholder} {self.caption_prompt}"
             return dataclasses.replace(conv, turns=[(human, caption)])
         if conv.kind == "generate" and len(conv.turns) == 1 and len(conv.captions_out) == 1:
-            (human, answer), = conv.turns
+            ((human, answer),) = conv.turns
             name, raw = conv.captions_out[0]
             caption = clean_caption(raw) if self.clean_captions else raw
             if self.style == "legacy":
@@ -271,8 +290,15 @@ def encode_conversation(
         text(t[pos:], labelled)
 
     if template.legacy:
-        return encode_legacy(conv, tokenizer, layout, template, num_media_tokens=num_media_tokens,
-                             max_length=max_length, slot_id=slot_id)
+        return encode_legacy(
+            conv,
+            tokenizer,
+            layout,
+            template,
+            num_media_tokens=num_media_tokens,
+            max_length=max_length,
+            slot_id=slot_id,
+        )
     if template.chat:  # the tokenizer's own format; its rendering carries the BOS where it has one
         for chunk, is_answer in chat_chunks(conv.turns, tokenizer):
             if is_answer:
@@ -306,8 +332,13 @@ def _truncate(enc: Encoded, spans: Sequence[tuple[int, int]], max_length: int) -
     for s, e in spans:
         if s < cut < e:
             cut = s
-    return Encoded(enc.input_ids[:cut], enc.labels[:cut], [s for s in enc.media_slots if s[0] < cut],
-                   [g for g in enc.signal_groups if g[0] < cut], True)
+    return Encoded(
+        enc.input_ids[:cut],
+        enc.labels[:cut],
+        [s for s in enc.media_slots if s[0] < cut],
+        [g for g in enc.signal_groups if g[0] < cut],
+        True,
+    )
 
 
 # --- the original NExT-GPT's pieces -------------------------------------------------------------
@@ -320,8 +351,12 @@ class Piece:
     media: tuple[str, int] | None = None  # (modality, index into media_in): the item's projected tokens
 
 
-def legacy_pieces(conv: Conversation, template: Template, marker_text: Mapping[str, tuple[str, str]],
-                  signal_text: Mapping[str, str]) -> list[Piece]:
+def legacy_pieces(
+    conv: Conversation,
+    template: Template,
+    marker_text: Mapping[str, tuple[str, str]],
+    signal_text: Mapping[str, str],
+) -> list[Piece]:
     """``conv`` as the pieces the original builds (``model/common/utils.py`` ``build_one_instance_stage_1/2/3``
     and ``prompt_wrap``), in order.
 
@@ -397,15 +432,37 @@ def tokenize_legacy(text: str, tokenizer, special: Mapping[str, int]) -> list[in
     return ids
 
 
-def encode_legacy(conv: Conversation, tokenizer, layout: TokenLayout, template: Template, *,
-                  num_media_tokens: int, max_length: int, slot_id: int) -> Encoded:
+def encode_legacy(
+    conv: Conversation,
+    tokenizer,
+    layout: TokenLayout,
+    template: Template,
+    *,
+    num_media_tokens: int,
+    max_length: int,
+    slot_id: int,
+) -> Encoded:
     """The original's ids and labels for ``conv`` (see :func:`legacy_pieces`): BOS and every prompt
     piece -100, each media item ``num_media_tokens`` slots (-100), answers labelled whole."""
-    marker_text = {name: tuple(tokenizer.convert_ids_to_tokens(list(ids))) for name, ids in layout.marker_ids.items()}
-    signal_strings = {name: tokenizer.convert_ids_to_tokens(list(ids)) for name, ids in layout.signal_ids.items()}
+    marker_text = {
+        name: tuple(tokenizer.convert_ids_to_tokens(list(ids))) for name, ids in layout.marker_ids.items()
+    }
+    signal_strings = {
+        name: tokenizer.convert_ids_to_tokens(list(ids)) for name, ids in layout.signal_ids.items()
+    }
     signal_text = {name: " ".join(toks) for name, toks in signal_strings.items()}
-    special = {t: i for name in layout.marker_ids for t, i in zip(marker_text[name], layout.marker_ids[name])}
-    special.update({t: i for name, ids in layout.signal_ids.items() for t, i in zip(signal_strings[name], ids)})
+    special = {
+        t: i
+        for name in layout.marker_ids
+        for t, i in zip(marker_text[name], layout.marker_ids[name], strict=False)
+    }
+    special.update(
+        {
+            t: i
+            for name, ids in layout.signal_ids.items()
+            for t, i in zip(signal_strings[name], ids, strict=False)
+        }
+    )
     ids: list[int] = []
     labels: list[int] = []
     slots: list[tuple[int, str, int]] = []

@@ -10,6 +10,7 @@ Jobs of a Hydra sweep (``-m``) write their bundles under ``${paths.bundles}/<tag
 names the job's swept values other than ``stage`` (``stage.optim.lr=0.0001``): the jobs of one
 sweep never share a bundle, and ``-m stage=1,2,3 stage.optim.lr=1e-4,4e-4`` chains within each lr.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,8 +34,15 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # top-level keys that say where files go or how progress is shown, not what is trained
 NOT_IDENTITY = ("paths", "logger", "callbacks", "print_config", "resume", "job_name", "hydra", "run", "plan")
-TRAINER_NOT_IDENTITY = ("default_root_dir", "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
-                        "num_sanity_val_steps", "val_check_interval", "check_val_every_n_epoch")
+TRAINER_NOT_IDENTITY = (
+    "default_root_dir",
+    "log_every_n_steps",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "num_sanity_val_steps",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+)
 
 
 class RunError(RuntimeError):
@@ -45,7 +54,9 @@ class DataError(RunError, ValueError):
     """Input data that can not be read as it is (the message names the file)."""
 
 
-def run_identity(cfg: DictConfig, init_from: str | None = None, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_identity(
+    cfg: DictConfig, init_from: str | None = None, data: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The resolved config that decides what a run trains, plus the identity of the bundle it
     starts from (a rewritten earlier stage makes this a new run) and ``data``, signatures of the
     data set's index files (an edited data set makes a new run too)."""
@@ -57,8 +68,12 @@ def run_identity(cfg: DictConfig, init_from: str | None = None, data: Mapping[st
     if init_from:
         meta = Path(init_from) / "meta.json"
         start = json.loads(meta.read_text()) if meta.is_file() else {}
-        ident["init_from"] = {"path": str(init_from), "run": start.get("run"), "global_step": start.get("global_step"),
-                              "written": start.get("written")}
+        ident["init_from"] = {
+            "path": str(init_from),
+            "run": start.get("run"),
+            "global_step": start.get("global_step"),
+            "written": start.get("written"),
+        }
     return ident
 
 
@@ -100,8 +115,13 @@ def sweep_tag() -> str:
     sweep_file = Path(hc.sweep.dir) / "multirun.yaml"
     given = list(OmegaConf.load(sweep_file).hydra.overrides.task) if sweep_file.is_file() else []
     swept = {o.get_key_element() for o in parser.parse_overrides(given) if o.is_sweep_override()}
-    swept |= set(OmegaConf.select(hc, "sweeper.params") or {})  # a sweeper's own search space (Optuna, hparams_search/)
-    job = {o.get_key_element(): o.get_value_element_as_str() for o in parser.parse_overrides(list(hc.overrides.task))}
+    swept |= set(
+        OmegaConf.select(hc, "sweeper.params") or {}
+    )  # a sweeper's own search space (Optuna, hparams_search/)
+    job = {
+        o.get_key_element(): o.get_value_element_as_str()
+        for o in parser.parse_overrides(list(hc.overrides.task))
+    }
     parts = [f"{k}={job[k]}" for k in sorted(swept) if k in job and k.lstrip("+~") != "stage"]
     return ",".join(parts).replace("/", "_")
 
@@ -137,7 +157,9 @@ class RunDir:
         if not self.path.is_dir():
             return []
         last = [self.path / "last.ckpt"] if (self.path / "last.ckpt").exists() else []
-        steps = sorted((p for p in self.path.glob("*.ckpt") if p.name != "last.ckpt"), key=_step_of, reverse=True)
+        steps = sorted(
+            (p for p in self.path.glob("*.ckpt") if p.name != "last.ckpt"), key=_step_of, reverse=True
+        )
         return last + steps
 
 
@@ -148,8 +170,10 @@ def hold_run(run: RunDir, held: contextlib.ExitStack) -> None:
     try:
         held.enter_context(holding(lock, wait=False))
     except Busy as e:
-        raise RunError(f"run {run.path} is being trained by {e.holder} (lock {lock}); the same run is never "
-                       "trained twice at once: wait for it to end (the same command then resumes or refuses it)") from None
+        raise RunError(
+            f"run {run.path} is being trained by {e.holder} (lock {lock}); the same run is never "
+            "trained twice at once: wait for it to end (the same command then resumes or refuses it)"
+        ) from None
 
 
 def _step_of(path: Path) -> int:
@@ -203,7 +227,8 @@ def choose_start(run: RunDir, identity: Mapping[str, Any], resume: Any, *, mutat
             f"this run already finished: {run.path} trained {rec.get('global_step')} steps on {rec.get('updated')} and "
             f"wrote {rec.get('bundle')}; there is nothing left to train. To train it again from scratch set "
             f"resume=false (the bundle is kept as a version); to continue it further raise trainer.max_steps and set "
-            f"resume={run.path}")
+            f"resume={run.path}"
+        )
     for ckpt in run.checkpoints():
         why = readable_checkpoint(ckpt)
         if why is None:
@@ -212,24 +237,34 @@ def choose_start(run: RunDir, identity: Mapping[str, Any], resume: Any, *, mutat
         if mutate:
             ckpt.rename(ckpt.with_name(f"{ckpt.name}.damaged"))
     if rec:
-        log.info("run %s has no usable checkpoint (it stopped before the first one): starting afresh", run.path)
+        log.info(
+            "run %s has no usable checkpoint (it stopped before the first one): starting afresh", run.path
+        )
     return None
 
 
 def _explicit_start(path: Path, identity: Mapping[str, Any]) -> str:
     run = RunDir(path if path.is_dir() and not (path / ".metadata").is_file() else path.parent)
     candidates = [path] if path.suffix == ".ckpt" else run.checkpoints()
-    candidates += [p for p in sorted(run.path.glob("finished-*.ckpt"), key=_step_of, reverse=True) if p not in candidates]
+    candidates += [
+        p for p in sorted(run.path.glob("finished-*.ckpt"), key=_step_of, reverse=True) if p not in candidates
+    ]
     for ckpt in candidates:
         why = readable_checkpoint(ckpt)
         if why is None:
             old = run.record.get("identity")
             changed = differences(old, identity) if old else []
-            log.info("resume=%s: continuing from %s%s", path, ckpt,
-                     ("; the config differs in: " + "; ".join(changed[:12])) if changed else "")
+            log.info(
+                "resume=%s: continuing from %s%s",
+                path,
+                ckpt,
+                ("; the config differs in: " + "; ".join(changed[:12])) if changed else "",
+            )
             return str(ckpt)
         log.warning("checkpoint %s can not be resumed from (%s)", ckpt, why)
-    raise RunError(f"resume={path}: no readable checkpoint there (looked for last.ckpt, step*.ckpt, finished-*.ckpt)")
+    raise RunError(
+        f"resume={path}: no readable checkpoint there (looked for last.ckpt, step*.ckpt, finished-*.ckpt)"
+    )
 
 
 def _aside(path: Path) -> Path:
@@ -249,5 +284,11 @@ def report_other_runs(base: Path, key: str, identity: Mapping[str, Any]) -> None
     latest = max(others, key=lambda r: r.record.get("updated", ""))
     rec = latest.record
     changed = differences(rec.get("identity", {}), identity)
-    log.info("not resuming %s (%s, step %s): this config differs in %s; starting run %s afresh", latest.path,
-             rec.get("status"), rec.get("global_step"), "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""), key)
+    log.info(
+        "not resuming %s (%s, step %s): this config differs in %s; starting run %s afresh",
+        latest.path,
+        rec.get("status"),
+        rec.get("global_step"),
+        "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""),
+        key,
+    )

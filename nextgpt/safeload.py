@@ -15,6 +15,7 @@ checked here first with the same kind of allow-list:
 A file that needs anything else is refused with ``UnsafeFileError``, naming the file and the global
 it asked for; nothing in it has run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,8 @@ class UnsafeFileError(RuntimeError):
         super().__init__(
             f"{path} was refused: reading it needs arbitrary unpickling ({detail}), which could run code from "
             "the file. Checkpoints are read as tensors and plain data only (weights_only=True); if you wrote this "
-            "file yourself with another tool, re-save its tensors with torch.save(state_dict) or safetensors")
+            "file yourself with another tool, re-save its tensors with torch.save(state_dict) or safetensors"
+        )
 
 
 def _refusal(e: BaseException) -> str | None:
@@ -94,7 +96,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         elif (module, name) == ("torch.serialization", "_get_layout"):
             allowed = True
         elif module == "pathlib":
-            allowed = name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+            allowed = name in (
+                "Path",
+                "PosixPath",
+                "WindowsPath",
+                "PurePath",
+                "PurePosixPath",
+                "PureWindowsPath",
+            )
         elif module == "collections":
             allowed = name == "OrderedDict"
         if not allowed:
@@ -123,4 +132,3 @@ def check_checkpoint_folder(path: str | Path) -> None:
     with _deepspeed_globals():
         for pt in sorted(path.rglob("*.pt")):
             load_checkpoint(pt, mmap=True)
-

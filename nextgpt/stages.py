@@ -9,12 +9,14 @@
 The model is built in ``configure_model`` (so FSDP / DeepSpeed can shard it) from a config that
 ``nextgpt.config.validate`` has already checked.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -74,7 +76,9 @@ class NextGPTStage(L.LightningModule):
         self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
         self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
         self.sharding_cfg = dict(sharding) if sharding else None
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(".cache") / "features"  # for caches with no data folder
+        self.cache_dir = (
+            Path(cache_dir) if cache_dir else Path(".cache") / "features"
+        )  # for caches with no data folder
         self.init_from = init_from
         self.model: NextGPT | None = None
         self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
@@ -94,9 +98,13 @@ class NextGPTStage(L.LightningModule):
         loaded: list[str] = []
         if self.init_from:
             loaded = load_bundle_weights(self.init_from, model, self.model_cfg)
-            rank_zero_info(f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)")
+            rank_zero_info(
+                f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)"
+            )
         else:
-            rank_zero_info(f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised")
+            rank_zero_info(
+                f"stage {self.stage}: no earlier bundle to start from; new weights are freshly initialised"
+            )
         self.trainable_names = model.set_trainable(self.trainable_groups)
         # what the stage bundle keeps: what this stage trains and what it carried over; trained
         # vocabulary rows go into the bundle's base_rows file instead (their names change with LoRA)
@@ -127,11 +135,18 @@ class NextGPTStage(L.LightningModule):
 
             cfg = self.sharding_cfg or {}
             dtype = lambda key: torch_dtype(cfg[key]) if cfg.get(key) else None  # noqa: E731
-            units = shard_model(model, self.device_mesh["data_parallel"], WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
-                                reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
-                                param_dtype=dtype("param_dtype"), reduce_dtype=dtype("reduce_dtype"))
-            rank_zero_info(f"stage {self.stage}: FSDP2 over {self.device_mesh['data_parallel'].size()} ranks, "
-                           f"{len(units)} units + the root")
+            units = shard_model(
+                model,
+                self.device_mesh["data_parallel"],
+                WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
+                reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+                param_dtype=dtype("param_dtype"),
+                reduce_dtype=dtype("reduce_dtype"),
+            )
+            rank_zero_info(
+                f"stage {self.stage}: FSDP2 over {self.device_mesh['data_parallel'].size()} ranks, "
+                f"{len(units)} units + the root"
+            )
         elif isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
             import deepspeed
 
@@ -153,8 +168,12 @@ class NextGPTStage(L.LightningModule):
         for name, m in modality_registry.generated(self.model_cfg["modalities"]).items():
             dec = m["decoder"]
             if dec.get("denoise"):
-                out[name] = DenoisingObjective(dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32")))
-        rank_zero_info(f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})")
+                out[name] = DenoisingObjective(
+                    dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32"))
+                )
+        rank_zero_info(
+            f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})"
+        )
         return out
 
     # --- alignment targets: each decoder's own text encoder (nextgpt.cache.captions) --------
@@ -169,8 +188,12 @@ class NextGPTStage(L.LightningModule):
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.aligns and dm is not None:
-            self.targets.open_for(dm, device=self.device, is_global_zero=self.trainer.is_global_zero,
-                                  barrier=self.trainer.strategy.barrier)
+            self.targets.open_for(
+                dm,
+                device=self.device,
+                is_global_zero=self.trainer.is_global_zero,
+                barrier=self.trainer.strategy.barrier,
+            )
 
     def on_train_epoch_end(self) -> None:
         if self.targets is not None:
@@ -189,24 +212,39 @@ class NextGPTStage(L.LightningModule):
     # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
     def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """This batch's share of each loss term of the step whose totals are ``counts``."""
-        chunk = self.loss_cfg.get("logits_chunk")  # no full-vocabulary logits: the labelled positions, in chunks
+        chunk = self.loss_cfg.get(
+            "logits_chunk"
+        )  # no full-vocabulary logits: the labelled positions, in chunks
         out = self.model(**batch, compute_logits=not chunk)
-        ce = (chunked_caption_loss_sum(out.hidden, batch["labels"], self.model.head_logits, int(chunk)) if chunk
-              else caption_loss_sum(out.logits, batch["labels"]))
+        ce = (
+            chunked_caption_loss_sum(out.hidden, batch["labels"], self.model.head_logits, int(chunk))
+            if chunk
+            else caption_loss_sum(out.logits, batch["labels"])
+        )
         terms = {"ce": ce / max(float(counts["tokens"]), 1.0)}
         if self.aligns:
             cond = out.conditioning
             zero = torch.zeros((), device=out.hidden.device)
             captions = batch.get("output_captions", {})
             targets = self.caption_targets({m: captions.get(m, []) for m in cond})
-            terms["align"] = modality_mean({m: alignment_sum(cond[m], targets.get(m)) for m in cond}, counts, "align", zero,
-                                           self.loss_cfg.get("align_by_modality"))
+            terms["align"] = modality_mean(
+                {m: alignment_sum(cond[m], targets.get(m)) for m in cond},
+                counts,
+                "align",
+                zero,
+                self.loss_cfg.get("align_by_modality"),
+            )
             if any(counts.get(f"denoise/{m}", 0) > 0 for m in self.denoisers):
                 media = batch.get("output_media", {})
-                noised = {m: self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
-                          for m in cond if m in self.denoisers and m in media}
+                noised = {
+                    m: self.denoisers[m].to(self.device).item_losses(cond[m], media[m]).sum()
+                    for m in cond
+                    if m in self.denoisers and m in media
+                }
                 terms["denoise"] = modality_mean(noised, counts, "denoise", zero)
-        terms["loss"] = sum(float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items())  # ce, align, denoise
+        terms["loss"] = sum(
+            float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items()
+        )  # ce, align, denoise
         return terms
 
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -216,10 +254,12 @@ class NextGPTStage(L.LightningModule):
     def step_counts(self, local: Mapping[str, float]) -> dict[str, float]:
         """The step's counts summed over all ranks (one all-reduce of a few numbers)."""
         keys = count_keys(self.model.modality_names)
-        values = torch.tensor([float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
+        values = torch.tensor(
+            [float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device
+        )
         if self._trainer is not None and self.trainer.world_size > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="sum")
-        return dict(zip(keys, values.tolist()))
+        return dict(zip(keys, values.tolist(), strict=False))
 
     def gradient_scale(self) -> float:
         """Undo the averaging the training loop applies: the data-parallel mean over ranks and
@@ -243,8 +283,13 @@ class NextGPTStage(L.LightningModule):
         for k, v in terms.items():
             self._step_terms[k] = self._step_terms.get(k, 0.0) + v.detach()
         if window["index"] == window["size"] - 1:
-            self.log_dict({f"train/{k}": v for k, v in self._step_terms.items()}, prog_bar=True, sync_dist=True,
-                          reduce_fx="sum", batch_size=1)
+            self.log_dict(
+                {f"train/{k}": v for k, v in self._step_terms.items()},
+                prog_bar=True,
+                sync_dist=True,
+                reduce_fx="sum",
+                batch_size=1,
+            )
             self._step_terms = {}
         return terms["loss"] * self.gradient_scale()
 
@@ -252,7 +297,9 @@ class NextGPTStage(L.LightningModule):
         if not batch["keys"]:  # every sample of the batch was unreadable
             return
         losses = self.compute_loss(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["keys"]), sync_dist=True)
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["keys"]), sync_dist=True
+        )
 
     # --- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
@@ -288,7 +335,13 @@ class Stage3InstructionTuning(NextGPTStage):
     """Instruction tuning: LoRA on the LLM plus both projectors and all new-token rows."""
 
     stage = 3
-    trainable_groups = ("lora", "input_projector", "output_projectors", "new_tokens.markers", "new_tokens.signals")
+    trainable_groups = (
+        "lora",
+        "input_projector",
+        "output_projectors",
+        "new_tokens.markers",
+        "new_tokens.signals",
+    )
     use_lora = True
     aligns = True
 
@@ -300,4 +353,6 @@ def trainable_groups_of(stage: int, model_cfg: Mapping[str, Any]) -> tuple[str, 
     return groups + ("vocab_rows",) if trains_all_rows(model_cfg) else groups
 
 
-STAGES: dict[int, type[NextGPTStage]] = {cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)}
+STAGES: dict[int, type[NextGPTStage]] = {
+    cls.stage: cls for cls in (Stage1EncodingAlignment, Stage2DecodingAlignment, Stage3InstructionTuning)
+}

@@ -12,10 +12,12 @@ frozen and trainable weights in every block:
 - It runs on CPU with gloo as well as on GPUs, so the sharded path is tested here; Lightning's
   FSDP1 strategy refuses to run without CUDA.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -43,8 +45,15 @@ class WrapByClassName:
         return outermost_by_class_suffix(model, self.suffixes)
 
 
-def shard_model(model: nn.Module, mesh, policy: WrapByClassName, *, reshard_after_forward: bool = True,
-                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> list[str]:
+def shard_model(
+    model: nn.Module,
+    mesh,
+    policy: WrapByClassName,
+    *,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> list[str]:
     """``fully_shard`` each unit the policy names, then the root (which holds everything else:
     the encoder, the projectors, the new-token table). Returns the unit names."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -54,8 +63,10 @@ def shard_model(model: nn.Module, mesh, policy: WrapByClassName, *, reshard_afte
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     units = policy.units(model)
     if not units:
-        raise ValueError(f"the FSDP wrap policy {policy.suffixes} matches no module of the model "
-                         "(set sharding.wrap to class-name suffixes of its blocks)")
+        raise ValueError(
+            f"the FSDP wrap policy {policy.suffixes} matches no module of the model "
+            "(set sharding.wrap to class-name suffixes of its blocks)"
+        )
     for name in units:
         fully_shard(model.get_submodule(name), **kwargs)
     fully_shard(model, **kwargs)
@@ -83,7 +94,8 @@ def is_sharded(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     return isinstance(strategy, ModelParallelStrategy) or (
-        isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False))
+        isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False)
+    )
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -95,8 +107,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any):
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         import warnings
@@ -139,8 +155,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             key = f"optimizer_{i}"
             optim_state = {key: get_optimizer_state_dict(module, optimizer)}
             load(optim_state, checkpoint_id=path)
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
         return load_checkpoint(path / _METADATA_FILENAME)
@@ -168,9 +188,14 @@ def deepspeed_preflight(cfg, plan) -> dict[str, Any]:
     if precision.startswith("bf16"):
         config["bf16"] = {"enabled": True}
     elif precision.startswith("16"):
-        config["fp16"] = {"enabled": True, "loss_scale": strategy.loss_scale, "initial_scale_power": strategy.initial_scale_power,
-                          "loss_scale_window": strategy.loss_scale_window, "hysteresis": strategy.hysteresis,
-                          "min_loss_scale": strategy.min_loss_scale}
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": strategy.loss_scale,
+            "initial_scale_power": strategy.initial_scale_power,
+            "loss_scale_window": strategy.loss_scale_window,
+            "hysteresis": strategy.hysteresis,
+            "min_loss_scale": strategy.min_loss_scale,
+        }
     try:
         ds = DeepSpeedConfig(config)
     except Exception as e:  # pydantic / DeepSpeed's own sanity checks
@@ -179,8 +204,16 @@ def deepspeed_preflight(cfg, plan) -> dict[str, Any]:
     optimizer = hydra.utils.get_class(target)
     offload = ds.zero_config.offload_optimizer
     # DeepSpeedEngine._configure_optimizer's rule for a client optimizer under ZeRO-Offload
-    if (offload is not None and str(getattr(offload.device, "value", offload.device)) in ("cpu", "nvme")
-            and ds.zero_force_ds_cpu_optimizer and not issubclass(optimizer, (DeepSpeedCPUAdam, DeepSpeedCPULion))):
-        raise ConfigError([f"stage.optim.optimizer._target_={target!r}: DeepSpeed refuses it with the optimizer state "
-                           "offloaded (trainer.strategy.offload_optimizer=true); use optimizer=deepspeed_cpu_adam"])
+    if (
+        offload is not None
+        and str(getattr(offload.device, "value", offload.device)) in ("cpu", "nvme")
+        and ds.zero_force_ds_cpu_optimizer
+        and not issubclass(optimizer, (DeepSpeedCPUAdam, DeepSpeedCPULion))
+    ):
+        raise ConfigError(
+            [
+                f"stage.optim.optimizer._target_={target!r}: DeepSpeed refuses it with the optimizer state "
+                "offloaded (trainer.strategy.offload_optimizer=true); use optimizer=deepspeed_cpu_adam"
+            ]
+        )
     return config

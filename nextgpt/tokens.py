@@ -5,10 +5,11 @@ new tokens (tens of millions of needless trainable weights, and a silently chang
 LLM). Here the LLM's matrices stay untouched: ids at or above ``TokenLayout.first_new_id``
 are looked up in ``NewTokenTable`` and their logits come from its own head rows.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -63,7 +64,9 @@ def marker_tokens(name: str, style: str = "per_modality") -> tuple[str, str]:
     return mod.open_token, mod.close_token
 
 
-def nextgpt_tokens(signal_counts: Mapping[str, int], markers: str = "per_modality") -> tuple[list[str], list[str]]:
+def nextgpt_tokens(
+    signal_counts: Mapping[str, int], markers: str = "per_modality"
+) -> tuple[list[str], list[str]]:
     """Marker and signal token strings for the given modalities, in a fixed order."""
     marker_list: list[str] = []
     signals: list[str] = []
@@ -73,7 +76,9 @@ def nextgpt_tokens(signal_counts: Mapping[str, int], markers: str = "per_modalit
     return marker_list, signals
 
 
-def add_nextgpt_tokens(tokenizer, signal_counts: Mapping[str, int], markers: str = "per_modality") -> TokenLayout:
+def add_nextgpt_tokens(
+    tokenizer, signal_counts: Mapping[str, int], markers: str = "per_modality"
+) -> TokenLayout:
     """Add the new tokens to ``tokenizer`` (as unsplittable special tokens) and say where they went.
 
     ``markers``: ``per_modality`` (``<Img>``, ``<Aud>``, ``<Vid>``, ...) or ``shared`` (``<Img>`` for
@@ -91,7 +96,9 @@ def add_nextgpt_tokens(tokenizer, signal_counts: Mapping[str, int], markers: str
     ids = tokenizer.convert_tokens_to_ids(markers + signals)
     expected = list(range(first_new_id, first_new_id + len(markers) + len(signals)))
     if ids != expected:
-        raise RuntimeError(f"new tokens got ids {ids[:4]}..., expected a contiguous block from {first_new_id}")
+        raise RuntimeError(
+            f"new tokens got ids {ids[:4]}..., expected a contiguous block from {first_new_id}"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     marker_ids: dict[str, tuple[int, int]] = {}
@@ -111,8 +118,12 @@ class TokenRows(nn.Module):
         gen = torch.Generator().manual_seed(num)
         scale_e = noise * embed_init.float().std().clamp_min(1e-6)
         scale_h = noise * head_init.float().std().clamp_min(1e-6)
-        self.embed = nn.Parameter(embed_init.float().repeat(num, 1) + scale_e * torch.randn(num, embed_init.numel(), generator=gen))
-        self.head = nn.Parameter(head_init.float().repeat(num, 1) + scale_h * torch.randn(num, head_init.numel(), generator=gen))
+        self.embed = nn.Parameter(
+            embed_init.float().repeat(num, 1) + scale_e * torch.randn(num, embed_init.numel(), generator=gen)
+        )
+        self.head = nn.Parameter(
+            head_init.float().repeat(num, 1) + scale_h * torch.randn(num, head_init.numel(), generator=gen)
+        )
 
 
 class NewTokenTable(nn.Module):
@@ -127,8 +138,11 @@ class NewTokenTable(nn.Module):
         self.first_new_id = layout.first_new_id
         embed_mean = base_embedding.weight[: layout.first_new_id].detach().float().mean(0)
         head_weight = getattr(base_head, "weight", None)
-        head_mean = (head_weight[: layout.first_new_id].detach().float().mean(0) if head_weight is not None
-                     else torch.zeros_like(embed_mean))
+        head_mean = (
+            head_weight[: layout.first_new_id].detach().float().mean(0)
+            if head_weight is not None
+            else torch.zeros_like(embed_mean)
+        )
         self.markers = TokenRows(len(layout.markers), embed_mean, head_mean)
         self.signals = TokenRows(len(layout.signals), embed_mean, head_mean)
 

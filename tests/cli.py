@@ -1,4 +1,5 @@
 """Running the user's commands as subprocesses: ``python train.py ...`` and torchrun launches."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,13 +15,27 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def train(root: Path, cache: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` with every output under ``root`` and the tiny backbones from ``cache``."""
-    cmd = [sys.executable, "train.py", *args, f"paths.root={root}", f"paths.cache_dir={cache}", "print_config=false"]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV})
+    cmd = [
+        sys.executable,
+        "train.py",
+        *args,
+        f"paths.root={root}",
+        f"paths.cache_dir={cache}",
+        "print_config=false",
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}
+    )
 
 
 def ok(res: subprocess.CompletedProcess) -> str:
@@ -61,8 +76,9 @@ def recorded_batches(path: Path) -> dict[int, list[str]]:
 
 
 @contextlib.contextmanager
-def served_process(args: list[str], ready_url: str, log_path: Path, env: dict[str, str], *, name: str,
-                   timeout: float = 180) -> Iterator[subprocess.Popen]:
+def served_process(
+    args: list[str], ready_url: str, log_path: Path, env: dict[str, str], *, name: str, timeout: float = 180
+) -> Iterator[subprocess.Popen]:
     """Start ``python ARGS`` (a server, as a user starts it), wait until ``ready_url`` answers 200,
     yield the process, and stop it afterwards; fail with the server's log when it exits or never
     answers, and when it died while in use."""
@@ -70,8 +86,13 @@ def served_process(args: list[str], ready_url: str, log_path: Path, env: dict[st
     import urllib.request
 
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -100,6 +121,9 @@ def served_process(args: list[str], ready_url: str, log_path: Path, env: dict[st
 def shard_dir(root: Path, name: str, shard_set: str = "pairs") -> Path:
     """The folder of a source's shards written by a run under ``root`` (a version named by the
     source's identity, ``datamodules.identity``); the newest when there are several."""
-    found = sorted((root / "data" / "shards" / name).rglob(f"{name}-{shard_set}.shards.json"), key=lambda p: p.stat().st_mtime_ns)
+    found = sorted(
+        (root / "data" / "shards" / name).rglob(f"{name}-{shard_set}.shards.json"),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
     assert found, f"no {shard_set} shards of {name!r} under {root / 'data' / 'shards'}"
     return found[-1].parent

@@ -1,4 +1,5 @@
 """Shared fixtures: where the real sample data lives, and skip markers."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,9 @@ def sample_root(request, tmp_path_factory) -> Path:
     lean on the names or sizes of one folder."""
     root = sample_data_dir()
     if not root.is_dir():
-        pytest.skip(f"real sample data not found at {root} (set NEXTGPT_SAMPLE_DATA to a nextgpt_sample-layout folder)")
+        pytest.skip(
+            f"real sample data not found at {root} (set NEXTGPT_SAMPLE_DATA to a nextgpt_sample-layout folder)"
+        )
     if request.param == "given":
         return root
     return derive_sample(root, tmp_path_factory.mktemp("derived_sample") / "nextgpt_sample")
@@ -49,7 +52,7 @@ def derive_sample(src: Path, dst: Path) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, target)
 
-        def rename(value):
+        def rename(value, renamed=renamed):
             if isinstance(value, str):
                 if value in renamed:
                     return renamed[value]
@@ -64,7 +67,11 @@ def derive_sample(src: Path, dst: Path) -> Path:
 
         for f in sorted(folder.glob("*.json")):
             entries = json.loads(f.read_text(encoding="utf-8"))
-            kept = [rename(e) for i, e in enumerate(entries) if i % 3 != 1] if isinstance(entries, list) else rename(entries)
+            kept = (
+                [rename(e) for i, e in enumerate(entries) if i % 3 != 1]
+                if isinstance(entries, list)
+                else rename(entries)
+            )
             (out / f.name).write_text(json.dumps(kept, indent=1), encoding="utf-8")
     pairs = dst / "cc3m" / "cc3m.json"
     if pairs.is_file():
@@ -77,8 +84,11 @@ def derive_sample(src: Path, dst: Path) -> Path:
                 if not image.is_file():
                     continue
                 key = f"{i:09d}"
-                for ext, data in (("jpg", image.read_bytes()), ("txt", e["caption"].encode()),
-                                  ("json", json.dumps({"key": key, "caption": e["caption"], "status": "success"}).encode())):
+                for ext, data in (
+                    ("jpg", image.read_bytes()),
+                    ("txt", e["caption"].encode()),
+                    ("json", json.dumps({"key": key, "caption": e["caption"], "status": "success"}).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -91,12 +101,21 @@ def derive_sample(src: Path, dst: Path) -> Path:
 # worker, so module fixtures (a trained demo bundle, tiny pipelines) are built once; the files
 # below hold many independent runs and no costly module fixture, so their tests spread over the
 # workers one by one (the longest file no longer runs alone at the end).
-SPREAD_FILES = {"tests/integration/test_distributed.py", "tests/integration/test_runs.py",
-                "tests/integration/test_shards_cli.py", "tests/integration/test_train_cli.py",
-                "tests/unit/test_config.py", "tests/integration/test_trust.py",
-                "tests/integration/test_bad_data_paths.py", "tests/integration/test_world_eval.py"}
+SPREAD_FILES = {
+    "tests/integration/test_distributed.py",
+    "tests/integration/test_runs.py",
+    "tests/integration/test_shards_cli.py",
+    "tests/integration/test_train_cli.py",
+    "tests/unit/test_config.py",
+    "tests/integration/test_trust.py",
+    "tests/integration/test_bad_data_paths.py",
+    "tests/integration/test_world_eval.py",
+}
 # files that share a costly session fixture run on one worker: the trained demo bundle
-SHARED_GROUPS = {"tests/integration/test_web_demo.py": "demo_bundle", "tests/integration/test_serve.py": "demo_bundle"}
+SHARED_GROUPS = {
+    "tests/integration/test_web_demo.py": "demo_bundle",
+    "tests/integration/test_serve.py": "demo_bundle",
+}
 
 
 def pytest_itemcollected(item):
@@ -111,8 +130,13 @@ def pytest_itemcollected(item):
 def pytest_collection_modifyitems(config, items):
     # tests of a user interface over real media (marker one_sample_folder) run on the given sample
     # folder only: the derived folder proves the data readers, which other tests cover on both
-    once = [it for it in items if "one_sample_folder" in it.keywords
-            and getattr(it, "callspec", None) is not None and it.callspec.params.get("sample_root") == "derived"]
+    once = [
+        it
+        for it in items
+        if "one_sample_folder" in it.keywords
+        and getattr(it, "callspec", None) is not None
+        and it.callspec.params.get("sample_root") == "derived"
+    ]
     if once:
         config.hook.pytest_deselected(items=once)
         items[:] = [it for it in items if it not in once]
@@ -163,7 +187,12 @@ def tiny_config(tiny_cache, tmp_path):
 
 
 # --- the README's demo bundle, trained once per session by the tests that serve it ------------
-DEMO_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+DEMO_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}
 
 
 @pytest.fixture(scope="session")  # session: trained once, whichever sample folder the tests run on
@@ -176,13 +205,30 @@ def demo_bundle(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     if os.environ.get("NEXTGPT_DEMO_BUNDLE"):
         return Path(os.environ["NEXTGPT_DEMO_BUNDLE"])
     root = tmp_path_factory.mktemp("demo_train")
-    cmd = [sys.executable, "train.py", "-m", "stage=1,2,3", "experiment=tiny_demo", f"paths.root={root}",
-           f"paths.cache_dir={tiny_cache}", "logger=csv", "print_config=false"]  # csv: no W&B start-up per stage
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **DEMO_ENV}, capture_output=True, text=True,
-                          timeout=900, check=False)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "stage=1,2,3",
+        "experiment=tiny_demo",
+        f"paths.root={root}",
+        f"paths.cache_dir={tiny_cache}",
+        "logger=csv",
+        "print_config=false",
+    ]  # csv: no W&B start-up per stage
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, **DEMO_ENV},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     bundle = root / "bundles" / "stage3"
     assert proc.returncode == 0 and (bundle / "trainable.safetensors").is_file(), (
-        f"training the demo bundle failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        f"training the demo bundle failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return bundle
 
 

@@ -1,4 +1,5 @@
 """Small Lightning callbacks the CLI tests inject through Hydra overrides."""
+
 from __future__ import annotations
 
 import lightning as L

@@ -6,11 +6,12 @@ call) and written to the cache through a bounded buffer, so no per-caption tenso
 process memory over an epoch: at most ``buffer_rows`` embeddings per modality wait in memory
 before they become a part of the store (this process's own part: ranks never write one file).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -21,8 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class CaptionTargets:
-    def __init__(self, conditioners: Mapping[str, object], spill: str | Path, *, buffer_rows: int = 4096,
-                 batch_size: int = 64, dtype: str = "float16"):
+    def __init__(
+        self,
+        conditioners: Mapping[str, object],
+        spill: str | Path,
+        *,
+        buffer_rows: int = 4096,
+        batch_size: int = 64,
+        dtype: str = "float16",
+    ):
         """``spill``: where new embeddings of a modality go when no store of it is attached."""
         self.conditioners = dict(conditioners)
         self.spill = Path(spill)
@@ -46,7 +54,10 @@ class CaptionTargets:
         if hasattr(datamodule, "caption_cache_bases"):
             for modality, base in datamodule.caption_cache_bases():
                 if modality in self.conditioners:
-                    self.attach(modality, FeatureStore.at(base, f"text_{modality}", self.conditioners[modality].fingerprint()))
+                    self.attach(
+                        modality,
+                        FeatureStore.at(base, f"text_{modality}", self.conditioners[modality].fingerprint()),
+                    )
             return
         if not is_global_zero:
             barrier()
@@ -60,7 +71,9 @@ class CaptionTargets:
                 before = len(store)
                 added = compute_captions(store, captions, conditioner)
                 state = "created" if not before else ("completed" if added else "complete")
-                log.info("caption cache %s %s: %d embeddings (%d new)", store.directory, state, len(store), added)
+                log.info(
+                    "caption cache %s %s: %d embeddings (%d new)", store.directory, state, len(store), added
+                )
             self.attach(src["modality"], store)
         if is_global_zero:
             barrier()
@@ -89,7 +102,7 @@ class CaptionTargets:
             if not caps:
                 continue
             keys = [caption_key(c) for c in caps]
-            new = {k: c for k, c in zip(keys, caps) if self._find(name, k) is None}
+            new = {k: c for k, c in zip(keys, caps, strict=False) if self._find(name, k) is None}
             if new:
                 self._compute(name, new, device)
             out[name] = torch.from_numpy(np.stack([self._find(name, k) for k in keys]).astype(np.float32))
@@ -102,7 +115,7 @@ class CaptionTargets:
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
             rows = conditioner.encode([c for _, c in chunk]).float().cpu().numpy().astype(self.dtype)
-            pending.update({k: row for (k, _), row in zip(chunk, rows)})
+            pending.update({k: row for (k, _), row in zip(chunk, rows, strict=False)})
         self.computed += len(items)
         if len(pending) >= self.buffer_rows:
             self.flush(name)
@@ -113,8 +126,11 @@ class CaptionTargets:
             pending = self.pending.get(name)
             if pending:
                 store = self._writer(name)
-                store.add(list(pending), np.stack(list(pending.values())),
-                          f"{self.conditioners[name].conditioning} of {self.conditioners[name].path}")
+                store.add(
+                    list(pending),
+                    np.stack(list(pending.values())),
+                    f"{self.conditioners[name].conditioning} of {self.conditioners[name].path}",
+                )
                 self.pending[name] = {}
 
     def refresh(self) -> None:

@@ -5,11 +5,13 @@ the preprocessing that made it (a changed encoder or preprocessing never serves 
 The passes over whole data sets (``python -m nextgpt.cache``) live in :mod:`nextgpt.cli.cache`;
 the shard-side pass in :mod:`datamodules.caches`.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,18 +32,34 @@ def imagebind_fingerprint(encoder_cfg: Mapping[str, Any], modality: str) -> str:
 
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     mod = modality_registry.get(modality)
-    original_norm = () if encoder_cfg.get("renormalize", True) else ("not renormalised",)  # the default keeps its caches
-    return fingerprint("imagebind", repr(arch), file_signature(encoder_cfg["checkpoint"]), encoder_cfg.get("dtype"),
-                       mod.name, mod.encoder_modality, PREPROCESS_VERSION, *original_norm)
+    original_norm = (
+        () if encoder_cfg.get("renormalize", True) else ("not renormalised",)
+    )  # the default keeps its caches
+    return fingerprint(
+        "imagebind",
+        repr(arch),
+        file_signature(encoder_cfg["checkpoint"]),
+        encoder_cfg.get("dtype"),
+        mod.name,
+        mod.encoder_modality,
+        PREPROCESS_VERSION,
+        *original_norm,
+    )
 
 
-def media_store(source: Mapping[str, Any], encoder_cfg: Mapping[str, Any], fallback: str | Path) -> FeatureStore:
+def media_store(
+    source: Mapping[str, Any], encoder_cfg: Mapping[str, Any], fallback: str | Path
+) -> FeatureStore:
     base = cache_base(source["root"], fallback)
-    return FeatureStore.at(base, f"imagebind_{source['modality']}", imagebind_fingerprint(encoder_cfg, source["modality"]))
+    return FeatureStore.at(
+        base, f"imagebind_{source['modality']}", imagebind_fingerprint(encoder_cfg, source["modality"])
+    )
 
 
 def caption_store(source: Mapping[str, Any], conditioner, fallback: str | Path) -> FeatureStore:
-    return FeatureStore.at(cache_base(source["root"], fallback), f"text_{source['modality']}", conditioner.fingerprint())
+    return FeatureStore.at(
+        cache_base(source["root"], fallback), f"text_{source['modality']}", conditioner.fingerprint()
+    )
 
 
 def shard_folder(source: Mapping[str, Any], shard_paths: list[Path]) -> Path:
@@ -49,11 +67,15 @@ def shard_folder(source: Mapping[str, Any], shard_paths: list[Path]) -> Path:
     return Path(shard_paths[0]).parent
 
 
-def shard_media_store(folder: str | Path, modality: str, shard_set: str, encoder_cfg: Mapping[str, Any],
-                      fallback: str | Path) -> FeatureStore:
+def shard_media_store(
+    folder: str | Path, modality: str, shard_set: str, encoder_cfg: Mapping[str, Any], fallback: str | Path
+) -> FeatureStore:
     """ImageBind features of a shard set's input media, keyed by tar member (``<key>.<ext>``)."""
-    return FeatureStore.at(cache_base(folder, fallback), f"imagebind_{modality}_{shard_set}",
-                           imagebind_fingerprint(encoder_cfg, modality))
+    return FeatureStore.at(
+        cache_base(folder, fallback),
+        f"imagebind_{modality}_{shard_set}",
+        imagebind_fingerprint(encoder_cfg, modality),
+    )
 
 
 class StoreLookup:
@@ -76,8 +98,15 @@ def media_key(root: str | Path, path: str | Path) -> str:
         return Path(path).as_posix()
 
 
-def compute_media(store: FeatureStore, items: Mapping[str, str], encoder, modality: str, *, batch_size: int,
-                  dtype: str = "float16") -> int:
+def compute_media(
+    store: FeatureStore,
+    items: Mapping[str, str],
+    encoder,
+    modality: str,
+    *,
+    batch_size: int,
+    dtype: str = "float16",
+) -> int:
     """Encode the missing ``items`` (key -> media path) with the frozen ImageBind; undecodable
     files are recorded in ``failed.json`` with the reason, and skipped."""
     mod = modality_registry.get(modality)
@@ -99,17 +128,29 @@ def compute_media(store: FeatureStore, items: Mapping[str, str], encoder, modali
             feats = encoder.features(mod.encoder_modality, x)
         return done, feats.float().cpu().numpy(), failed
 
-    return store.complete(list(items), compute, batch_size=batch_size, dtype=dtype,
-                          description=f"ImageBind {modality} features", desc=f"ImageBind {modality} {store.directory.name}")
+    return store.complete(
+        list(items),
+        compute,
+        batch_size=batch_size,
+        dtype=dtype,
+        description=f"ImageBind {modality} features",
+        desc=f"ImageBind {modality} {store.directory.name}",
+    )
 
 
-def compute_captions(store: FeatureStore, captions: Iterable[str], conditioner, *, batch_size: int = 64,
-                     dtype: str = "float16") -> int:
+def compute_captions(
+    store: FeatureStore, captions: Iterable[str], conditioner, *, batch_size: int = 64, dtype: str = "float16"
+) -> int:
     by_key = {caption_key(c): c for c in captions}
 
     def compute(keys: list[str]):
         return keys, conditioner.encode([by_key[k] for k in keys]).cpu().numpy(), {}
 
-    return store.complete(list(by_key), compute, batch_size=batch_size, dtype=dtype,
-                          description=f"{conditioner.conditioning} of {conditioner.path}",
-                          desc=f"captions {store.directory.name}")
+    return store.complete(
+        list(by_key),
+        compute,
+        batch_size=batch_size,
+        dtype=dtype,
+        description=f"{conditioner.conditioning} of {conditioner.path}",
+        desc=f"captions {store.directory.name}",
+    )

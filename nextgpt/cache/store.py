@@ -21,14 +21,15 @@ gives a new fingerprint, hence a new folder: stale features are never served. No
 names a path: the folder can be copied to another machine (or the data moved with it) and used
 there, since the fingerprint hashes the weights' contents and the keys are relative to the data.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class FeatureStore:
         self.reload()
 
     @classmethod
-    def at(cls, base: str | Path, kind: str, fp: str) -> "FeatureStore":
+    def at(cls, base: str | Path, kind: str, fp: str) -> FeatureStore:
         return cls(Path(base) / f"{kind}-{fp}")
 
     @property
@@ -164,14 +165,21 @@ class FeatureStore:
     def _write_meta(self, shape: Sequence[int], dtype: str, description: str) -> None:
         if not self.exists:
             self.directory.mkdir(parents=True, exist_ok=True)
-            meta = {"kind": self.directory.name.rsplit("-", 1)[0], "fingerprint": self.directory.name.rsplit("-", 1)[-1],
-                    "shape": list(shape), "dtype": dtype, "description": description}
+            meta = {
+                "kind": self.directory.name.rsplit("-", 1)[0],
+                "fingerprint": self.directory.name.rsplit("-", 1)[-1],
+                "shape": list(shape),
+                "dtype": dtype,
+                "description": description,
+            }
             tmp = self.directory / f".meta.json.{self.writer}.tmp"
             tmp.write_text(json.dumps(meta, indent=2))
             os.replace(tmp, self.directory / "meta.json")  # two writers write the same thing
         self.meta = json.loads((self.directory / "meta.json").read_text())
         if list(self.meta["shape"]) != list(shape):
-            raise ValueError(f"feature cache {self.directory} holds rows of shape {self.meta['shape']}, got {list(shape)}")
+            raise ValueError(
+                f"feature cache {self.directory} holds rows of shape {self.meta['shape']}, got {list(shape)}"
+            )
 
     def add(self, keys: Sequence[str], rows: np.ndarray, description: str = "") -> None:
         """Append one part of this writer's, atomically: the rows first, then the key list."""

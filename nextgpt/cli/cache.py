@@ -7,6 +7,7 @@ embedding by each configured decoder's own text encoder.
 Runs on the training config tree, so ``dataset=``, ``model=`` and ``paths.*`` mean what they
 mean for ``train.py``. Stages 1-3 find the caches by the same fingerprints and use them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,10 @@ def build_caches(cfg) -> dict[str, int]:
     """The ``python -m nextgpt.cache`` pass over every source of ``cfg.dataset``."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     fallback = Path(cfg.paths.cache_dir) / "features"
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun -m nextgpt.cache
+    rank, world = (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )  # torchrun -m nextgpt.cache
     device = cfg.cache.device
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -53,17 +57,31 @@ def build_caches(cfg) -> dict[str, int]:
         media, captions = source_contents(source)
         if encoder is not None:
             store = media_store(source, model_cfg["encoder"], fallback)
-            added = compute_media(store, media, encoder, source["modality"], batch_size=int(cfg.cache.batch_size),
-                                  dtype=cfg.cache.dtype)
+            added = compute_media(
+                store,
+                media,
+                encoder,
+                source["modality"],
+                batch_size=int(cfg.cache.batch_size),
+                dtype=cfg.cache.dtype,
+            )
             report[str(store.directory)] = len(store)
-            log.info("%s: %d ImageBind features (%d new, %d failed) in %s", source["name"], len(store), added,
-                     len(store.failed), store.directory)
+            log.info(
+                "%s: %d ImageBind features (%d new, %d failed) in %s",
+                source["name"],
+                len(store),
+                added,
+                len(store.failed),
+                store.directory,
+            )
         conditioner = conditioners.get(source["modality"])
         if conditioner is not None:
             store = caption_store(source, conditioner.to(device), fallback)
             added = compute_captions(store, captions, conditioner, dtype=cfg.cache.dtype)
             report[str(store.directory)] = len(store)
-            log.info("%s: %d caption embeddings (%d new) in %s", source["name"], len(store), added, store.directory)
+            log.info(
+                "%s: %d caption embeddings (%d new) in %s", source["name"], len(store), added, store.directory
+            )
     return report
 
 
@@ -85,8 +103,11 @@ def main() -> None:
         if cfg.dataset.get("synthetic"):
             from nextgpt.world.synthetic import write_synthetic
 
-            write_synthetic(Path(cfg.dataset.synthetic.root), num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
-                            seed=int(cfg.dataset.synthetic.seed))
+            write_synthetic(
+                Path(cfg.dataset.synthetic.root),
+                num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
+                seed=int(cfg.dataset.synthetic.seed),
+            )
         for directory, n in build_caches(cfg).items():
             print(f"{n:8d}  {directory}")
 

@@ -4,6 +4,7 @@
 decoder's own text encoder on a training-layout data set (needs no extra weights); the benchmark
 tasks of the paper: :mod:`nextgpt.evaluation`.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,16 +35,30 @@ def evaluate(cfg: DictConfig) -> dict:
     return run_benchmark(cfg)
 
 
-def heldout_datamodule(d: DictConfig, objective: str, model_cfg: dict, template: str, batch_size: int) -> NextGPTDataModule:
+def heldout_datamodule(
+    d: DictConfig, objective: str, model_cfg: dict, template: str, batch_size: int
+) -> NextGPTDataModule:
     """The dataset's own ``datamodule`` node with the bundle's prompt template; a shard dataset's
     samples are read from the NExT-GPT layout they are written from (in their JSON order, so
     ``limit=N`` is the same N samples on every run)."""
     node = d.datamodule
     if d.get("loader", "json") != "json":
-        node = {"_target_": "datamodules.json_datamodule.NextGPTDataModule", "sources": d.sources, "max_length": d.max_length,
-                "num_workers": d.num_workers, "feature_cache": d.feature_cache}
-    return hydra.utils.instantiate(node, objective=objective, model=model_cfg, template=template, batch_size=batch_size, seed=0,
-                                   _convert_="all")
+        node = {
+            "_target_": "datamodules.json_datamodule.NextGPTDataModule",
+            "sources": d.sources,
+            "max_length": d.max_length,
+            "num_workers": d.num_workers,
+            "feature_cache": d.feature_cache,
+        }
+    return hydra.utils.instantiate(
+        node,
+        objective=objective,
+        model=model_cfg,
+        template=template,
+        batch_size=batch_size,
+        seed=0,
+        _convert_="all",
+    )
 
 
 def heldout_loss(cfg: DictConfig) -> dict:
@@ -52,8 +67,12 @@ def heldout_loss(cfg: DictConfig) -> dict:
     stage_cls = STAGES[int(run.stage.number)]
     objective = cfg.objective or run.stage.objective
     model_cfg = OmegaConf.to_container(run.model, resolve=True)
-    module = stage_cls(model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle))
-    module.aligns = objective != "caption"  # a stage-1 bundle asked about text-to-X is scored on alignment too
+    module = stage_cls(
+        model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle)
+    )
+    module.aligns = (
+        objective != "caption"
+    )  # a stage-1 bundle asked about text-to-X is scored on alignment too
     module.configure_model()
     module.to(cfg.device).eval()
     d = cfg.dataset
@@ -76,8 +95,13 @@ def heldout_loss(cfg: DictConfig) -> dict:
             n_samples += batch["input_ids"].shape[0]
             skipped += int(batch["num_skipped"])
     result = {
-        "checkpoint": str(bundle), "stage": int(run.stage.number), "task": cfg.task.name, "objective": objective, "dataset": d.name,
-        "samples": n_samples, "skipped": skipped,
+        "checkpoint": str(bundle),
+        "stage": int(run.stage.number),
+        "task": cfg.task.name,
+        "objective": objective,
+        "dataset": d.name,
+        "samples": n_samples,
+        "skipped": skipped,
         **{f"{k}": v / max(n_batches, 1) for k, v in sums.items()},
     }
     if "ce" in result:

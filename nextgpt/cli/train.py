@@ -1,4 +1,5 @@
 """What train.py does once Hydra has composed the config: validate, prepare, instantiate, fit."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,6 @@ from datamodules.identity import forget, source_identity
 from datamodules.shard_datamodule import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
-from nextgpt.decoders import target_spec
 from nextgpt.config import (
     ConfigError,
     launch_rank,
@@ -25,6 +25,7 @@ from nextgpt.config import (
     validate,
     validate_paths,
 )
+from nextgpt.decoders import target_spec
 from nextgpt.runs import (
     RunDir,
     RunError,
@@ -43,7 +44,9 @@ log = logging.getLogger(__name__)
 
 def prepare_backbones(cfg: DictConfig) -> None:
     """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
-    if cfg.model.get("build_tiny") or cfg.model.get("build_world"):  # the real-weights path never imports the world
+    if cfg.model.get("build_tiny") or cfg.model.get(
+        "build_world"
+    ):  # the real-weights path never imports the world
         from nextgpt.world.build import prepare
 
         prepare(cfg.model, cfg.paths)
@@ -53,15 +56,23 @@ def denoise_targets(cfg: DictConfig) -> dict:
     """modality -> decoder generation settings, for the modalities whose denoising loss is on."""
     if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
         return {}
-    return {name: target_spec(m.decoder.path, OmegaConf.to_container(m.decoder.generate, resolve=True))
-            for name, m in modality_registry.generated(cfg.model.modalities).items() if m.decoder.get("denoise")}
+    return {
+        name: target_spec(m.decoder.path, OmegaConf.to_container(m.decoder.generate, resolve=True))
+        for name, m in modality_registry.generated(cfg.model.modalities).items()
+        if m.decoder.get("denoise")
+    }
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model."""
     extra = {"denoise_targets": denoise_targets(cfg)} if cfg.dataset.get("loader", "json") == "json" else {}
-    return hydra.utils.instantiate(cfg.dataset.datamodule, objective=cfg.stage.objective, model=OmegaConf.to_container(cfg.model),
-                                   _convert_="all", **extra)
+    return hydra.utils.instantiate(
+        cfg.dataset.datamodule,
+        objective=cfg.stage.objective,
+        model=OmegaConf.to_container(cfg.model),
+        _convert_="all",
+        **extra,
+    )
 
 
 def build_module(cfg: DictConfig, init_from: str | None) -> L.LightningModule:
@@ -69,8 +80,10 @@ def build_module(cfg: DictConfig, init_from: str | None) -> L.LightningModule:
     the bundle it starts from."""
     factory = hydra.utils.instantiate(cfg.stage.module)
     return factory(
-        model=OmegaConf.to_container(cfg.model), optim=OmegaConf.to_container(cfg.stage.optim),
-        loss=OmegaConf.to_container(cfg.stage.loss), init_from=init_from,
+        model=OmegaConf.to_container(cfg.model),
+        optim=OmegaConf.to_container(cfg.stage.optim),
+        loss=OmegaConf.to_container(cfg.stage.loss),
+        init_from=init_from,
         sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
         cache_dir=str(Path(cfg.paths.cache_dir) / "features"),
         run_config=OmegaConf.to_container(cfg),
@@ -82,8 +95,11 @@ def instantiate_all(node: Any) -> list:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
-                                   logger=instantiate_all(cfg.get("logger")) or False)
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_all(cfg.get("callbacks")),
+        logger=instantiate_all(cfg.get("logger")) or False,
+    )
 
 
 def _single_log_stream() -> None:
@@ -110,9 +126,18 @@ def data_signatures(cfg: DictConfig) -> dict[str, Any]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
     media = str(cfg.dataset.get("media_identity", "listing"))
-    return {src.name: source_identity(src.root, src.name, src.modality, shard_set(cfg.stage.objective), media,
-                                      file=src.get("file") if src.get("format", "nextgpt") != "nextgpt" else None)
-            for src in cfg.dataset.sources if src.get("root") and not src.get("urls") and Path(src.root).is_dir()}
+    return {
+        src.name: source_identity(
+            src.root,
+            src.name,
+            src.modality,
+            shard_set(cfg.stage.objective),
+            media,
+            file=src.get("file") if src.get("format", "nextgpt") != "nextgpt" else None,
+        )
+        for src in cfg.dataset.sources
+        if src.get("root") and not src.get("urls") and Path(src.root).is_dir()
+    }
 
 
 def check_memory_plan(cfg: DictConfig) -> None:
@@ -175,7 +200,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
-        run, identity, ckpt_path = prepare_run(cfg, held)  # may refuse (a finished or running run): before anything loads
+        run, identity, ckpt_path = prepare_run(
+            cfg, held
+        )  # may refuse (a finished or running run): before anything loads
         return fit(cfg, plan, run, identity, ckpt_path)
 
 
@@ -185,15 +212,23 @@ def fit(cfg: DictConfig, plan: Any, run: RunDir, identity: dict, ckpt_path: str 
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     rank_zero_info(f"stage {cfg.stage.number} batch: {plan}")
-    rank_zero_info(f"stage {cfg.stage.number} run {cfg.run.key}: checkpoints in {cfg.run.dir}, bundle {cfg.run.bundle}")
+    rank_zero_info(
+        f"stage {cfg.stage.number} run {cfg.run.key}: checkpoints in {cfg.run.dir}, bundle {cfg.run.bundle}"
+    )
     L.seed_everything(cfg.seed, workers=True)
     init_from = previous_bundle(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, init_from)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
-        run.write(key=cfg.run.key, status="running", stage=int(cfg.stage.number), identity=identity,
-                  resumed_from=ckpt_path, bundle=None)
+        run.write(
+            key=cfg.run.key,
+            status="running",
+            stage=int(cfg.stage.number),
+            identity=identity,
+            resumed_from=ckpt_path,
+            bundle=None,
+        )
     if ckpt_path:
         module.start_step = checkpoint_step(ckpt_path)  # what this run trains is counted from here
         log.info("resuming stage %s from %s (step %d)", cfg.stage.number, ckpt_path, module.start_step)
@@ -203,18 +238,27 @@ def fit(cfg: DictConfig, plan: Any, run: RunDir, identity: dict, ckpt_path: str 
         _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.interrupted:
-        raise RunError(f"stage {cfg.stage.number} was interrupted at step {trainer.global_step}; rerun the same "
-                       f"command to resume it from {cfg.run.dir}")
+        raise RunError(
+            f"stage {cfg.stage.number} was interrupted at step {trainer.global_step}; rerun the same "
+            f"command to resume it from {cfg.run.dir}"
+        )
     trained = trainer.global_step - module.start_step
     if trained <= 0:
         report = next((c.summary() for c in trainer.callbacks if hasattr(c, "summary")), "no data report")
-        raise RunError(f"stage {cfg.stage.number} trained 0 steps (dataset {cfg.dataset.name!r}: {report}; "
-                       f"trainer.max_steps={cfg.trainer.max_steps}, trainer.max_epochs={cfg.trainer.max_epochs} from step "
-                       f"{module.start_step}): no bundle was written and {cfg.run.bundle} is unchanged")
+        raise RunError(
+            f"stage {cfg.stage.number} trained 0 steps (dataset {cfg.dataset.name!r}: {report}; "
+            f"trainer.max_steps={cfg.trainer.max_steps}, trainer.max_epochs={cfg.trainer.max_epochs} from step "
+            f"{module.start_step}): no bundle was written and {cfg.run.bundle} is unchanged"
+        )
     if trainer.is_global_zero:
         finish_run(run, trainer, cfg.run.bundle)
-    log.info("stage %s finished at step %d (%d trained in this run): %s", cfg.stage.number, trainer.global_step,
-             trained, metrics)
+    log.info(
+        "stage %s finished at step %d (%d trained in this run): %s",
+        cfg.stage.number,
+        trainer.global_step,
+        trained,
+        metrics,
+    )
     return metrics
 
 

@@ -14,6 +14,7 @@ vocabulary rows moved from the base LLM's. A key that maps to nothing in the mod
 layout, a modality the config lacks) stops the import with its name and no bundle is written;
 ``--allow-unused`` imports the rest and lists those keys as ``skipped`` in the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ class UsageError(ValueError):
 
 def parse(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
     if not argv or argv[0] not in COMMANDS:
-        raise UsageError(f"usage: python -m nextgpt.convert {{{'|'.join(COMMANDS)}}} key=value ... "
-                         f"(got {argv[:1] or 'nothing'})")
+        raise UsageError(
+            f"usage: python -m nextgpt.convert {{{'|'.join(COMMANDS)}}} key=value ... "
+            f"(got {argv[:1] or 'nothing'})"
+        )
     command, own, overrides = argv[0], {}, []
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
@@ -45,14 +48,18 @@ def parse(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
         elif command == "from_legacy":
             overrides.append(arg)
         else:
-            raise UsageError(f"{command}: unknown argument {arg!r}; it takes {', '.join(k + '=' for k in OWN_KEYS[command])}")
+            raise UsageError(
+                f"{command}: unknown argument {arg!r}; it takes {', '.join(k + '=' for k in OWN_KEYS[command])}"
+            )
     missing = [k for k in OWN_KEYS[command] if not own.get(k)]
     if missing:
         raise UsageError(f"{command}: missing {', '.join(k + '=' for k in missing)}")
     return command, own, overrides
 
 
-def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] = (), *, allow_unused: bool = False) -> Path:
+def import_legacy(
+    checkpoint: str | Path, out: str | Path, overrides: list[str] = (), *, allow_unused: bool = False
+) -> Path:
     import torch
     from omegaconf import OmegaConf
 
@@ -79,16 +86,20 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     if not any(is_legacy_key(k) for k in ckpt):
         keys = list(ckpt)
         raise ConvertError(
-            f"checkpoint={checkpoint}: none of its {len(keys)} keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}) "
+            f"checkpoint={checkpoint}: none of its {len(keys)} keys "
+            f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}) "
             "is in the original NExT-GPT's layout (llama_proj.*, gen_text_hidden_fcs*.0.*, llama_model.*embed_tokens / "
-            "lm_head, llama_model.*.lora_A/B.weight): not the original's pytorch_model.pt")
+            "lm_head, llama_model.*.lora_A/B.weight): not the original's pytorch_model.pt"
+        )
     has_lora = any(".lora_" in k for k in ckpt)
     stage = 3 if has_lora else 2
     cfg = compose(["experiment=nextgpt_legacy", f"stage={stage}", *overrides], output_dir=str(out.parent))
     validate(cfg)
     if cfg.model.get("build_tiny"):
         build_all(Path(cfg.paths.backbones))
-    errors = backbone_path_errors(cfg)  # validate_paths' backbone half (its stage-bundle check is for training)
+    errors = backbone_path_errors(
+        cfg
+    )  # validate_paths' backbone half (its stage-bundle check is for training)
     if errors:
         raise ConfigError(errors)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -99,26 +110,40 @@ def import_legacy(checkpoint: str | Path, out: str | Path, overrides: list[str] 
     skipped = imported.report["skipped"]
     if skipped and not allow_unused:
         listed = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:6])
-        raise ConvertError(f"checkpoint={checkpoint}: {len(skipped)} of its {len(ckpt)} tensors map to nothing in this model "
-                           f"and would be lost: {listed}{'; ...' if len(skipped) > 6 else ''}. Nothing was written; "
-                           "fix the config (model.modalities, model.lora) or pass --allow-unused to import the rest "
-                           "and list these in import_report.json")
+        raise ConvertError(
+            f"checkpoint={checkpoint}: {len(skipped)} of its {len(ckpt)} tensors map to nothing in this model "
+            f"and would be lost: {listed}{'; ...' if len(skipped) > 6 else ''}. Nothing was written; "
+            "fix the config (model.modalities, model.lora) or pass --allow-unused to import the rest "
+            "and list these in import_report.json"
+        )
     model.load_state_dict(imported.state, strict=False)
     config = OmegaConf.to_container(cfg, resolve=True)
-    meta = {"stage": stage, "imported_from": str(checkpoint.resolve()), "legacy_import": {
-        "keys": imported.report["keys"], "dtypes": imported.report["dtypes"]}, **bundle_identity(model, model_cfg)}
+    meta = {
+        "stage": stage,
+        "imported_from": str(checkpoint.resolve()),
+        "legacy_import": {"keys": imported.report["keys"], "dtypes": imported.report["dtypes"]},
+        **bundle_identity(model, model_cfg),
+    }
     save_bundle(out, None, config, meta, state=imported.state, base_rows=imported.base_rows)
     report = {k: v for k, v in imported.report.items() if k not in ("keys", "dtypes")}
     (out / "import_report.json").write_text(json.dumps(report, indent=2))
     rows = report["old_vocabulary_rows"]
-    print(f"imported {checkpoint} -> {out} (stage {stage}): {len(report['mapped'])} keys mapped, "
-          f"{len(report['skipped'])} skipped" + (f" under --allow-unused ({out / 'import_report.json'} lists them and why)"
-                                                  if report["skipped"] else ""))
+    print(
+        f"imported {checkpoint} -> {out} (stage {stage}): {len(report['mapped'])} keys mapped, "
+        f"{len(report['skipped'])} skipped"
+        + (
+            f" under --allow-unused ({out / 'import_report.json'} lists them and why)"
+            if report["skipped"]
+            else ""
+        )
+    )
     if rows.get("kept"):
-        print(f"the checkpoint's old vocabulary rows (embed: {rows['embed_rows_changed']} rows moved from the base "
-              f"LLM's, max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, max "
-              f"{rows['head_max_abs_change']:.3g}): kept in {out / 'base_rows.safetensors'} (model.vocab_rows="
-              f"{model_cfg.get('vocab_rows', 'new')}), so the bundle computes what the original computed")
+        print(
+            f"the checkpoint's old vocabulary rows (embed: {rows['embed_rows_changed']} rows moved from the base "
+            f"LLM's, max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, max "
+            f"{rows['head_max_abs_change']:.3g}): kept in {out / 'base_rows.safetensors'} (model.vocab_rows="
+            f"{model_cfg.get('vocab_rows', 'new')}), so the bundle computes what the original computed"
+        )
     return out
 
 
@@ -163,7 +188,10 @@ def export_to_hf(bundle: str | Path, out: str | Path) -> Path:
 
     model, tokenizer, model_cfg, meta = load_bundle_model(bundle)
     path = export_hf(model, tokenizer, model_cfg, meta, out)
-    print(f"wrote {path}: llm/ (LoRA merged, vocabulary {model.layout.vocab_size}), nextgpt_projectors.safetensors, README.md")
+    print(
+        f"wrote {path}: llm/ (LoRA merged, vocabulary {model.layout.vocab_size}), "
+        f"nextgpt_projectors.safetensors, README.md"
+    )
     return path
 
 
@@ -177,12 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, own, overrides = parse(list(sys.argv[1:] if argv is None else argv))
         if command == "from_legacy":
-            import_legacy(own["checkpoint"], own["out"], overrides, allow_unused=own.get("allow_unused") == "true")
+            import_legacy(
+                own["checkpoint"], own["out"], overrides, allow_unused=own.get("allow_unused") == "true"
+            )
         elif command == "to_legacy":
             export_legacy(own["bundle"], own["out"])
         else:
             export_to_hf(own["bundle"], own["out"])
-    except (UsageError, ConfigError, ConvertError, RunError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (
+        UsageError,
+        ConfigError,
+        ConvertError,
+        RunError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,11 +7,13 @@ with NExT-GPT's tokens; ``AutoModelForCausalLM.from_pretrained(<out>/llm)`` load
 ``<out>/nextgpt_projectors.safetensors``: input and output projectors and the new-token rows.
 ``<out>/README.md``: a short model card. ``<out>/nextgpt.json``: what a NextGPT needs to use them.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -28,8 +30,10 @@ def merged_llm(model):
         llm = copy.deepcopy(llm)
     layout = model.layout
     llm.resize_token_embeddings(layout.vocab_size)
-    rows = {"embed": torch.cat([model.new_tokens.markers.embed, model.new_tokens.signals.embed]),
-            "head": torch.cat([model.new_tokens.markers.head, model.new_tokens.signals.head])}
+    rows = {
+        "embed": torch.cat([model.new_tokens.markers.embed, model.new_tokens.signals.embed]),
+        "head": torch.cat([model.new_tokens.markers.head, model.new_tokens.signals.head]),
+    }
     first = layout.first_new_id
     with torch.no_grad():
         emb = llm.get_input_embeddings().weight
@@ -41,7 +45,9 @@ def merged_llm(model):
     return llm
 
 
-def export_hf(model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str, Any], out: str | Path) -> Path:
+def export_hf(
+    model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str, Any], out: str | Path
+) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -56,12 +62,15 @@ def export_hf(model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str,
     save_file(state, str(out / "nextgpt_projectors.safetensors"))
     layout = model.layout
     info = {
-        "first_new_id": layout.first_new_id, "markers": list(layout.markers), "signals": list(layout.signals),
+        "first_new_id": layout.first_new_id,
+        "markers": list(layout.markers),
+        "signals": list(layout.signals),
         "signal_ids": {m: list(ids) for m, ids in layout.signal_ids.items()},
         "marker_ids": {m: list(ids) for m, ids in layout.marker_ids.items()},
         "input_projector": {"num_tokens": model.input_projector.num_tokens},
         "output_projector": dict(model_cfg.get("output_projector", {})),
-        "template": model_cfg["llm"]["template"], "stage": meta.get("stage"),
+        "template": model_cfg["llm"]["template"],
+        "stage": meta.get("stage"),
     }
     (out / "nextgpt.json").write_text(json.dumps(info, indent=2, default=str))
     (out / "README.md").write_text(_card(model_cfg, meta, info, sum(t.numel() for t in state.values())))
@@ -70,21 +79,24 @@ def export_hf(model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str,
 
 def _card(model_cfg: Mapping[str, Any], meta: Mapping[str, Any], info: Mapping[str, Any], n_proj: int) -> str:
     decoders = {m: v["decoder"]["path"] for m, v in model_cfg["modalities"].items() if v.get("decoder")}
-    return "\n".join([
-        f"# NExT-GPT ({model_cfg.get('name', '?')}), stage {meta.get('stage', '?')}",
-        "",
-        "Exported by `python -m nextgpt.convert to_hf` (nextgpt-lightning).",
-        "",
-        "- `llm/`: the causal LM with LoRA merged and NExT-GPT's new tokens in its vocabulary "
-        f"(ids {info['first_new_id']}..{info['first_new_id'] + len(info['markers']) + len(info['signals']) - 1}); "
-        "`AutoModelForCausalLM.from_pretrained('llm')`, `AutoTokenizer.from_pretrained('llm')`.",
-        f"- `nextgpt_projectors.safetensors`: input and output projectors and the new-token rows ({n_proj:,} parameters).",
-        f"- `nextgpt.json`: token ids, projector settings, prompt template `{info['template']}`.",
-        "",
-        f"Base LLM: `{model_cfg['llm']['path']}`. Encoder: ImageBind `{model_cfg['encoder']['checkpoint']}`.",
-        "Decoders (frozen, not included): " + ", ".join(f"{m}: `{p}`" for m, p in decoders.items()) + ".",
-        "",
-        "Text only needs `llm/`; media in and out need the projectors, ImageBind and the decoders "
-        "(`python -m nextgpt.generate --bundle <the stage bundle>`).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# NExT-GPT ({model_cfg.get('name', '?')}), stage {meta.get('stage', '?')}",
+            "",
+            "Exported by `python -m nextgpt.convert to_hf` (nextgpt-lightning).",
+            "",
+            "- `llm/`: the causal LM with LoRA merged and NExT-GPT's new tokens in its vocabulary "
+            f"(ids {info['first_new_id']}..{info['first_new_id'] + len(info['markers']) + len(info['signals']) - 1}); "
+            "`AutoModelForCausalLM.from_pretrained('llm')`, `AutoTokenizer.from_pretrained('llm')`.",
+            f"- `nextgpt_projectors.safetensors`: input and output projectors and the new-token "
+            f"rows ({n_proj:,} parameters).",
+            f"- `nextgpt.json`: token ids, projector settings, prompt template `{info['template']}`.",
+            "",
+            f"Base LLM: `{model_cfg['llm']['path']}`. Encoder: ImageBind `{model_cfg['encoder']['checkpoint']}`.",
+            "Decoders (frozen, not included): " + ", ".join(f"{m}: `{p}`" for m, p in decoders.items()) + ".",
+            "",
+            "Text only needs `llm/`; media in and out need the projectors, ImageBind and the decoders "
+            "(`python -m nextgpt.generate --bundle <the stage bundle>`).",
+            "",
+        ]
+    )

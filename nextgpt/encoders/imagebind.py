@@ -21,6 +21,7 @@ L2-normalises it (audio then multiplies by the fixed logit scale 20, depth by 5)
 axis are averaged over clips *after* the postprocessor, without renormalising, exactly as
 ``ImageBindModel.forward`` does.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,11 +94,25 @@ class ImageBindConfig:
         object.__setattr__(self, "vision_kernel_size", ks)
         object.__setattr__(self, "modalities", _canonical_modalities(self.modalities))
         if len(ks) != 3 or min(ks) < 1:
-            raise ValueError(f"vision_kernel_size must be 3 positive ints (T, H, W), got {self.vision_kernel_size}")
+            raise ValueError(
+                f"vision_kernel_size must be 3 positive ints (T, H, W), got {self.vision_kernel_size}"
+            )
         for name in (
-            "out_embed_dim", "vision_embed_dim", "vision_num_blocks", "vision_num_heads", "image_size",
-            "audio_embed_dim", "audio_num_blocks", "audio_num_heads", "audio_kernel_size", "audio_stride",
-            "audio_num_mel_bins", "audio_target_len", "depth_embed_dim", "depth_num_blocks", "depth_num_heads",
+            "out_embed_dim",
+            "vision_embed_dim",
+            "vision_num_blocks",
+            "vision_num_heads",
+            "image_size",
+            "audio_embed_dim",
+            "audio_num_blocks",
+            "audio_num_heads",
+            "audio_kernel_size",
+            "audio_stride",
+            "audio_num_mel_bins",
+            "audio_target_len",
+            "depth_embed_dim",
+            "depth_num_blocks",
+            "depth_num_heads",
             "depth_kernel_size",
         ):
             value = getattr(self, name)
@@ -108,11 +123,15 @@ class ImageBindConfig:
             if dim % heads:
                 raise ValueError(f"{prefix}_embed_dim={dim} is not divisible by {prefix}_num_heads={heads}")
         if ks[0] > _VIDEO_FRAMES or ks[1] > self.image_size or ks[2] > self.image_size:
-            raise ValueError(f"vision_kernel_size {ks} does not fit a {_VIDEO_FRAMES}x{self.image_size}^2 clip")
+            raise ValueError(
+                f"vision_kernel_size {ks} does not fit a {_VIDEO_FRAMES}x{self.image_size}^2 clip"
+            )
         if self.audio_kernel_size > min(self.audio_num_mel_bins, self.audio_target_len):
             raise ValueError("audio_kernel_size is larger than the (mel bins x frames) spectrogram")
         if self.depth_kernel_size > self.image_size:
-            raise ValueError(f"depth_kernel_size {self.depth_kernel_size} is larger than the {self.image_size}^2 depth map")
+            raise ValueError(
+                f"depth_kernel_size {self.depth_kernel_size} is larger than the {self.image_size}^2 depth map"
+            )
         for name in ("audio_drop_path", "depth_drop_path"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -132,7 +151,11 @@ class ImageBindConfig:
     def vision_patch_layout(self) -> tuple[int, int, int]:
         """(T, H, W) grid of the Conv3d stem for a ``_VIDEO_FRAMES``-frame ``image_size`` clip."""
         kt, kh, kw = self.vision_kernel_size
-        return (_conv_out(_VIDEO_FRAMES, kt, kt), _conv_out(self.image_size, kh, kh), _conv_out(self.image_size, kw, kw))
+        return (
+            _conv_out(_VIDEO_FRAMES, kt, kt),
+            _conv_out(self.image_size, kh, kh),
+            _conv_out(self.image_size, kw, kw),
+        )
 
     @property
     def audio_patch_layout(self) -> tuple[int, int]:
@@ -147,30 +170,43 @@ class ImageBindConfig:
         return (_conv_out(self.image_size, k, k), _conv_out(self.image_size, k, k))
 
     @classmethod
-    def huge(cls) -> "ImageBindConfig":
+    def huge(cls) -> ImageBindConfig:
         """``imagebind_huge``: ViT-H/14 vision (1280 wide, 32 blocks), ViT-B audio, ViT-S depth, 1024-d joint space."""
         return cls(
             out_embed_dim=1024,
-            vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16,
-            audio_embed_dim=768, audio_num_blocks=12, audio_num_heads=12,
+            vision_embed_dim=1280,
+            vision_num_blocks=32,
+            vision_num_heads=16,
+            audio_embed_dim=768,
+            audio_num_blocks=12,
+            audio_num_heads=12,
             audio_drop_path=0.1,
-            depth_embed_dim=384, depth_num_blocks=12, depth_num_heads=8, depth_drop_path=0.0,
+            depth_embed_dim=384,
+            depth_num_blocks=12,
+            depth_num_heads=8,
+            depth_drop_path=0.0,
         )
 
     @classmethod
-    def tiny(cls) -> "ImageBindConfig":
+    def tiny(cls) -> ImageBindConfig:
         """Same code and input sizes as ``huge`` at 32 width / 2 blocks (depth 24 wide), for fast tests;
         the 48-d output and 24-d depth differ from every other tiny width so a swapped width can not
         pass unnoticed."""
         return cls(
             out_embed_dim=48,
-            vision_embed_dim=32, vision_num_blocks=2, vision_num_heads=2,
-            audio_embed_dim=32, audio_num_blocks=2, audio_num_heads=2,
-            depth_embed_dim=24, depth_num_blocks=2, depth_num_heads=2,
+            vision_embed_dim=32,
+            vision_num_blocks=2,
+            vision_num_heads=2,
+            audio_embed_dim=32,
+            audio_num_blocks=2,
+            audio_num_heads=2,
+            depth_embed_dim=24,
+            depth_num_blocks=2,
+            depth_num_heads=2,
         )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ImageBindConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ImageBindConfig:
         """Build from a Hydra/YAML mapping: ``{"preset": "huge"|"tiny", **overrides}`` or all fields."""
         if not isinstance(d, Mapping):
             raise ValueError(f"ImageBindConfig.from_dict expects a mapping, got {type(d).__name__}")
@@ -178,7 +214,9 @@ class ImageBindConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in items if k not in known and k != "preset")
         if unknown:
-            raise ValueError(f"unknown ImageBindConfig key(s): {', '.join(unknown)} (known: preset, {', '.join(sorted(known))})")
+            raise ValueError(
+                f"unknown ImageBindConfig key(s): {', '.join(unknown)} (known: preset, {', '.join(sorted(known))})"
+            )
         preset = items.pop("preset", None)
         for key in ("vision_kernel_size", "modalities"):  # YAML gives lists
             if key in items and items[key] is not None and not isinstance(items[key], str):
@@ -203,7 +241,9 @@ def _canonical_modalities(value: Any) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else tuple(value)
     unknown = [n for n in names if n not in _KNOWN_MODALITIES]
     if unknown:
-        raise ValueError(f"ImageBindConfig.modalities: unknown modality {unknown[0]!r} (known: {', '.join(_KNOWN_MODALITIES)})")
+        raise ValueError(
+            f"ImageBindConfig.modalities: unknown modality {unknown[0]!r} (known: {', '.join(_KNOWN_MODALITIES)})"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"ImageBindConfig.modalities lists a modality twice: {list(names)}")
     if not names:
@@ -346,8 +386,9 @@ class _SeqFirst(nn.Module):
 class _Trunk(nn.Module):
     """SimpleTransformer: optional pre-LN, blocks in (L, B, D) layout, back to (B, L, D)."""
 
-    def __init__(self, dim: int, num_blocks: int, num_heads: int, pre_ln: bool, add_bias_kv: bool,
-                 drop_path: float) -> None:
+    def __init__(
+        self, dim: int, num_blocks: int, num_heads: int, pre_ln: bool, add_bias_kv: bool, drop_path: float
+    ) -> None:
         super().__init__()
         self.pre_transformer_layer = nn.Sequential(
             nn.LayerNorm(dim, eps=_LN_EPS) if pre_ln else nn.Identity(), _SeqFirst()
@@ -418,15 +459,19 @@ def _postprocessor(logit_scale: float | None) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 def _vision_stem(cfg: ImageBindConfig) -> _PatchStem:
     k = cfg.vision_kernel_size
-    return _PatchStem(nn.Sequential(
-        _PadIm2Video(_VIDEO_FRAMES), nn.Conv3d(3, cfg.vision_embed_dim, kernel_size=k, stride=k, bias=False),
-    ))
+    return _PatchStem(
+        nn.Sequential(
+            _PadIm2Video(_VIDEO_FRAMES),
+            nn.Conv3d(3, cfg.vision_embed_dim, kernel_size=k, stride=k, bias=False),
+        )
+    )
 
 
 def _conv2d_stem(channels: int, dim: int, kernel: int, stride: int) -> _PatchStem:
     """Bias-free Conv2d then LayerNorm with torch's default eps, the audio and depth stems of the original."""
-    return _PatchStem(nn.Conv2d(channels, dim, kernel_size=kernel, stride=stride, bias=False),
-                      norm_layer=nn.LayerNorm(dim))
+    return _PatchStem(
+        nn.Conv2d(channels, dim, kernel_size=kernel, stride=stride, bias=False), norm_layer=nn.LayerNorm(dim)
+    )
 
 
 @dataclass(frozen=True)
@@ -458,31 +503,53 @@ def _square(cfg: ImageBindConfig) -> tuple[int, int]:
 _SPECS: dict[str, _ModalitySpec] = {
     # ViT-H/14 over a 2-frame clip (an image is repeated); no bias_kv, no drop path, pre-LN, no scale.
     "vision": _ModalitySpec(
-        stem=_vision_stem, stem_name="rgbt_stem", patch_layout=lambda c: c.vision_patch_layout,
-        channels=3, spatial=_square, ndims=(4, 5, 6),
+        stem=_vision_stem,
+        stem_name="rgbt_stem",
+        patch_layout=lambda c: c.vision_patch_layout,
+        channels=3,
+        spatial=_square,
+        ndims=(4, 5, 6),
         empty_shape=lambda c: (0, 3, c.image_size, c.image_size),
-        describe=lambda c: (f"(B,3,{c.image_size},{c.image_size}) images or "
-                            f"(B,S,3,T,{c.image_size},{c.image_size}) clips"),
-        pre_ln=True, add_bias_kv=False, drop_path_field=None, logit_scale=None,
+        describe=lambda c: (
+            f"(B,3,{c.image_size},{c.image_size}) images or (B,S,3,T,{c.image_size},{c.image_size}) clips"
+        ),
+        pre_ln=True,
+        add_bias_kv=False,
+        drop_path_field=None,
+        logit_scale=None,
     ),
     # ViT-B over a (mel x frames) log-mel spectrogram, overlapping 16x16 patches at stride 10.
     "audio": _ModalitySpec(
         stem=lambda c: _conv2d_stem(1, c.audio_embed_dim, c.audio_kernel_size, c.audio_stride),
-        stem_name="rgbt_stem", patch_layout=lambda c: c.audio_patch_layout,
-        channels=1, spatial=lambda c: (c.audio_num_mel_bins, c.audio_target_len), ndims=(4, 5),
+        stem_name="rgbt_stem",
+        patch_layout=lambda c: c.audio_patch_layout,
+        channels=1,
+        spatial=lambda c: (c.audio_num_mel_bins, c.audio_target_len),
+        ndims=(4, 5),
         empty_shape=lambda c: (0, 1, 1, c.audio_num_mel_bins, c.audio_target_len),
         describe=lambda c: f"(B,S,1,{c.audio_num_mel_bins},{c.audio_target_len}) spectrogram clips",
-        pre_ln=False, add_bias_kv=True, drop_path_field="audio_drop_path", logit_scale=_AUDIO_LOGIT_SCALE,
+        pre_ln=False,
+        add_bias_kv=True,
+        drop_path_field="audio_drop_path",
+        logit_scale=_AUDIO_LOGIT_SCALE,
     ),
     # ViT-S over a single-channel 224^2 disparity map, non-overlapping 16x16 patches.
     "depth": _ModalitySpec(
         stem=lambda c: _conv2d_stem(1, c.depth_embed_dim, c.depth_kernel_size, c.depth_kernel_size),
-        stem_name="depth_stem", patch_layout=lambda c: c.depth_patch_layout,
-        channels=1, spatial=_square, ndims=(4, 5),
+        stem_name="depth_stem",
+        patch_layout=lambda c: c.depth_patch_layout,
+        channels=1,
+        spatial=_square,
+        ndims=(4, 5),
         empty_shape=lambda c: (0, 1, c.image_size, c.image_size),
-        describe=lambda c: (f"(B,1,{c.image_size},{c.image_size}) depth maps or "
-                            f"(B,S,1,{c.image_size},{c.image_size}) stacks of them"),
-        pre_ln=False, add_bias_kv=True, drop_path_field="depth_drop_path", logit_scale=_DEPTH_LOGIT_SCALE,
+        describe=lambda c: (
+            f"(B,1,{c.image_size},{c.image_size}) depth maps or "
+            f"(B,S,1,{c.image_size},{c.image_size}) stacks of them"
+        ),
+        pre_ln=False,
+        add_bias_kv=True,
+        drop_path_field="depth_drop_path",
+        logit_scale=_DEPTH_LOGIT_SCALE,
     ),
 }
 assert tuple(_SPECS) == _KNOWN_MODALITIES
@@ -501,17 +568,29 @@ class ImageBindModel(nn.Module):
         # One part at a time over all branches (all stems first), as the original: the order modules
         # are created in is the order they draw their random init in, so a seed gives the same model.
         stems = {m: s.stem(cfg) for m, s in specs.items()}
-        self.modality_preprocessors = nn.ModuleDict({
-            m: _TokenPreprocessor(stems[m], math.prod(s.patch_layout(cfg)), dims[m], s.stem_name)
-            for m, s in specs.items()
-        })
-        self.modality_trunks = nn.ModuleDict({
-            m: _Trunk(dims[m], getattr(cfg, f"{m}_num_blocks"), getattr(cfg, f"{m}_num_heads"), pre_ln=s.pre_ln,
-                      add_bias_kv=s.add_bias_kv, drop_path=s.drop_path(cfg))
-            for m, s in specs.items()
-        })
+        self.modality_preprocessors = nn.ModuleDict(
+            {
+                m: _TokenPreprocessor(stems[m], math.prod(s.patch_layout(cfg)), dims[m], s.stem_name)
+                for m, s in specs.items()
+            }
+        )
+        self.modality_trunks = nn.ModuleDict(
+            {
+                m: _Trunk(
+                    dims[m],
+                    getattr(cfg, f"{m}_num_blocks"),
+                    getattr(cfg, f"{m}_num_heads"),
+                    pre_ln=s.pre_ln,
+                    add_bias_kv=s.add_bias_kv,
+                    drop_path=s.drop_path(cfg),
+                )
+                for m, s in specs.items()
+            }
+        )
         self.modality_heads = nn.ModuleDict({m: _head(dims[m], cfg.out_embed_dim) for m in specs})
-        self.modality_postprocessors = nn.ModuleDict({m: _postprocessor(s.logit_scale) for m, s in specs.items()})
+        self.modality_postprocessors = nn.ModuleDict(
+            {m: _postprocessor(s.logit_scale) for m, s in specs.items()}
+        )
 
     @property
     def embed_dim(self) -> int:
@@ -538,10 +617,11 @@ class ImageBindModel(nn.Module):
     def _check_input(self, modality: str, x: torch.Tensor) -> None:
         spec = self._spec(modality)
         item = x.shape[2:] if x.ndim >= 5 else x.shape[1:]
-        ok = (x.ndim in spec.ndims and item[0] == spec.channels
-              and tuple(item[-2:]) == spec.spatial(self.cfg))
+        ok = x.ndim in spec.ndims and item[0] == spec.channels and tuple(item[-2:]) == spec.spatial(self.cfg)
         if not ok:
-            raise ValueError(f"ImageBind {modality} input has shape {tuple(x.shape)}; expected {spec.describe(self.cfg)}")
+            raise ValueError(
+                f"ImageBind {modality} input has shape {tuple(x.shape)}; expected {spec.describe(self.cfg)}"
+            )
 
     def encode(self, modality: str, x: torch.Tensor, *, renormalize: bool = False) -> torch.Tensor:
         """Embed one modality: (B, out_embed_dim), the output NExT-GPT feeds to its input projection.
@@ -609,8 +689,12 @@ def _listing(title: str, entries: list[str]) -> str:
 def _unwrap(obj: Any) -> Any:
     """Accept a bare state dict or one nested under "model"/"state_dict"/"module"."""
     for key in ("model", "state_dict", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping) \
-                and not any(isinstance(k, str) and k.startswith(_ALL_PREFIXES) for k in obj):
+        if (
+            isinstance(obj, Mapping)
+            and key in obj
+            and isinstance(obj[key], Mapping)
+            and not any(isinstance(k, str) and k.startswith(_ALL_PREFIXES) for k in obj)
+        ):
             obj = obj[key]
     return obj
 
@@ -629,7 +713,9 @@ def _absent_modalities(p: Path, cfg: ImageBindConfig, ours: Mapping[str, Any]) -
         )
 
 
-def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torch.dtype = torch.float32) -> ImageBindModel:
+def load_imagebind(
+    path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torch.dtype = torch.float32
+) -> ImageBindModel:
     """Load Meta's ``imagebind_huge.pth`` (or a state dict saved from this class) into a frozen model.
 
     The check is strict over the keys of the branches ``cfg.modalities`` builds (missing,
@@ -650,15 +736,15 @@ def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torc
         ) from e
     state = _unwrap(state)
     if not isinstance(state, Mapping):
-        raise ImageBindCheckpointError(f"ImageBind checkpoint {p} holds a {type(state).__name__}, not a state dict")
+        raise ImageBindCheckpointError(
+            f"ImageBind checkpoint {p} holds a {type(state).__name__}, not a state dict"
+        )
     wanted = _prefixes(cfg.modalities)
     names = "/".join(cfg.modalities)
     ours = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(wanted)}
     if not ours:
         sample = ", ".join(map(str, list(state)[:5])) or "<empty>"
-        raise ImageBindCheckpointError(
-            f"ImageBind checkpoint {p} has no {names} keys (first keys: {sample})"
-        )
+        raise ImageBindCheckpointError(f"ImageBind checkpoint {p} has no {names} keys (first keys: {sample})")
     _absent_modalities(p, cfg, ours)
 
     with torch.device("meta"):
@@ -687,7 +773,9 @@ def load_imagebind(path: str | os.PathLike, cfg: ImageBindConfig, *, dtype: torc
     model.load_state_dict(ours, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # cannot happen with a strict load; guards future non-persistent buffers
-        raise ImageBindCheckpointError(f"ImageBind checkpoint {p}: tensors left uninitialised: {leftover[:_MAX_LISTED]}")
+        raise ImageBindCheckpointError(
+            f"ImageBind checkpoint {p}: tensors left uninitialised: {leftover[:_MAX_LISTED]}"
+        )
     model = model.to(dtype=dtype)
     model.requires_grad_(False)
     return model.eval()

@@ -9,12 +9,13 @@ begins mid-way is repaired and noted. Each row samples from its own generator se
 ``chat``. The groups of all rows that asked for the same decoder go through its output projector
 and its diffusers pipeline as one batch, each with its own seeded noise.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -44,7 +45,9 @@ class _Row:
     text_ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     queue: list[int] = field(default_factory=list)  # the rest of a signal group being forced
-    group: tuple[str, list[torch.Tensor], list[int]] | None = None  # (modality, hidden states, ids) in progress
+    group: tuple[str, list[torch.Tensor], list[int]] | None = (
+        None  # (modality, hidden states, ids) in progress
+    )
     groups: list[tuple[str, torch.Tensor, list[int]]] = field(default_factory=list)
     fed: str = ""  # what this step fed: "text", "signal" or "" (finished)
     done: bool = False
@@ -67,7 +70,9 @@ class BatchedGenerator:
                 if not Path(p).is_file():
                     raise GenerationInputError(f"{p}: no such media file")
             prompt = with_placeholders(r.prompt, r.media)
-            conv = Conversation("request", [(prompt, "")], media_in=[(modality_of_file(p), str(p)) for p in r.media])
+            conv = Conversation(
+                "request", [(prompt, "")], media_in=[(modality_of_file(p), str(p)) for p in r.media]
+            )
             rows.append(g._encode_prompt(conv)[0])
             prompts.append(prompt)
         length = max(e.shape[0] for e in rows)
@@ -80,8 +85,14 @@ class BatchedGenerator:
 
     def _step(self, embeds: torch.Tensor, mask: torch.Tensor, past):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -embeds.shape[1] :]
-        out = self.g.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                               output_hidden_states=True, **{CACHE: past})
+        out = self.g.model.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            output_hidden_states=True,
+            **{CACHE: past},
+        )
         hidden = out.hidden_states[-1][:, -1:]
         logits = self.g.model.new_tokens.logits(hidden, out.logits[:, -1:])[:, -1]
         return logits, hidden[:, 0], getattr(out, CACHE)
@@ -103,7 +114,9 @@ class BatchedGenerator:
         start = time.perf_counter()
         tok = g.tokenizer
         embeds, mask, prompts = self._prefill_embeds(requests)
-        rows = [_Row(GenerationResult(""), torch.Generator(device="cpu").manual_seed(r.seed)) for r in requests]
+        rows = [
+            _Row(GenerationResult(""), torch.Generator(device="cpu").manual_seed(r.seed)) for r in requests
+        ]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         logits, hidden, past = self._step(embeds, mask, None)
         while True:
@@ -112,7 +125,9 @@ class BatchedGenerator:
                 next_ids.append(self._choose(row, logits[i], max_new_tokens, temperature, top_p, pad))
             if all(row.done for row in rows):
                 break
-            live = torch.tensor([[0 if row.done else 1] for row in rows], dtype=mask.dtype, device=mask.device)
+            live = torch.tensor(
+                [[0 if row.done else 1] for row in rows], dtype=mask.dtype, device=mask.device
+            )
             mask = torch.cat([mask, live], dim=1)
             step = g.model.embed_tokens(torch.tensor(next_ids, device=g.device).unsqueeze(1))
             logits, hidden, past = self._step(step, mask, past)
@@ -132,8 +147,9 @@ class BatchedGenerator:
             row.result.seconds = (time.perf_counter() - start) / len(rows)
         return [row.result for row in rows]
 
-    def _choose(self, row: _Row, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
-                pad: int) -> int:
+    def _choose(
+        self, row: _Row, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, pad: int
+    ) -> int:
         """The token this row feeds next (``pad`` once it is finished); updates the row's text and groups."""
         g, layout, res = self.g, self.g.model.layout, row.result
         row.fed = ""
@@ -160,9 +176,13 @@ class BatchedGenerator:
         if next_id != feed[0]:
             res.repaired_groups += 1
             convert = g.tokenizer.convert_ids_to_tokens
-            res.notes.append(f"the {name} group began at {convert(next_id)}; completed from {convert(feed[0])}")
-        row.pieces += [g.tokenizer.decode(row.text_ids, skip_special_tokens=True),
-                       f" {modality_registry.get(name).placeholder} "]
+            res.notes.append(
+                f"the {name} group began at {convert(next_id)}; completed from {convert(feed[0])}"
+            )
+        row.pieces += [
+            g.tokenizer.decode(row.text_ids, skip_special_tokens=True),
+            f" {modality_registry.get(name).placeholder} ",
+        ]
         row.text_ids = []
         row.group = (name, [], feed)
         row.queue = feed[1:]
@@ -177,7 +197,9 @@ class BatchedGenerator:
             if not row.queue:
                 row.groups.append((name, torch.stack(states), feed))
                 row.group = None
-        elif row.fed == "text" and self.g.tokenizer.decode(row.text_ids).rstrip().endswith(self.g.template.stop):
+        elif row.fed == "text" and self.g.tokenizer.decode(row.text_ids).rstrip().endswith(
+            self.g.template.stop
+        ):
             row.done = True
 
     # --- the decoders ----------------------------------------------------------------------
@@ -187,7 +209,9 @@ class BatchedGenerator:
         for i, row in enumerate(rows):
             for k, (name, states, feed) in enumerate(row.groups):
                 if name not in g.model.output_projectors:
-                    row.result.notes.append(f"the model emitted a {name} group but has no {name} decoder configured")
+                    row.result.notes.append(
+                        f"the model emitted a {name} group but has no {name} decoder configured"
+                    )
                     continue
                 by_modality.setdefault(name, []).append((i, k, states, feed))
         for name, items in by_modality.items():
@@ -200,7 +224,9 @@ class BatchedGenerator:
             pipe = g.pipeline(name)
             out = pipe(
                 **conditioner.pipeline_kwargs(cond, conditioner.negative(), pipe.dtype),
-                generator=[torch.Generator(device="cpu").manual_seed(requests[i].seed + k) for i, k, _, _ in items],
+                generator=[
+                    torch.Generator(device="cpu").manual_seed(requests[i].seed + k) for i, k, _, _ in items
+                ],
                 output_type="np",
                 **dict(g.model_cfg.modalities[name].decoder.generate),
             )
@@ -213,6 +239,11 @@ class BatchedGenerator:
                 if out_path is not None:
                     path = Path(out_path(i, name, len(res.files.get(name, []))))
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    meta = {"prompt": prompts[i], "answer": res.text, "seed": requests[i].seed + k, "bundle": str(g.bundle),
-                            **dict(g.model_cfg.modalities[name].decoder.get("save", {}))}
+                    meta = {
+                        "prompt": prompts[i],
+                        "answer": res.text,
+                        "seed": requests[i].seed + k,
+                        "bundle": str(g.bundle),
+                        **dict(g.model_cfg.modalities[name].decoder.get("save", {})),
+                    }
                     res.files.setdefault(name, []).append(mod.write(arrays[j], path, pipe, meta))

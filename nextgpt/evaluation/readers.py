@@ -2,22 +2,24 @@
 
 | reader | annotation file (under the benchmark root) | media |
 |---|---|---|
-| ``coco`` | ``annotations/captions_val2014.json`` (COCO captions) or Karpathy's ``dataset_coco.json`` | ``val2014/<file_name>`` |
-| ``audiocaps`` | ``test.csv`` (audiocap_id,youtube_id,start_time,caption) | ``audio/test/<youtube_id>.wav`` (patterns configurable) |
+| ``coco`` | ``annotations/captions_val2014.json`` or Karpathy's ``dataset_coco.json``| ``val2014/<file_name>`` |
+| ``audiocaps`` | ``test.csv`` (audiocap_id,youtube_id,start_time,caption) | ``audio/test/<youtube_id>.wav`` |
 | ``msrvtt`` | ``test_videodatainfo.json`` or ``MSRVTT_data.json`` (videos + sentences) | ``TestVideo/<video_id>.mp4`` |
 
 A reader returns ``Sample``s: one per image / clip / video, with every reference caption. The
 sample id is the benchmark's own (COCO image id, YouTube id, ``video7010``), as a string; it
 keys predictions files and generated media.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,12 @@ def _existing(path: Path) -> Path | None:
 
 
 # --- COCO captions ------------------------------------------------------------------------------
-def read_coco(root: str | Path, annotations: str = "annotations/captions_val2014.json", media_dir: str = "val2014",
-              split: str | None = None) -> list[Sample]:
+def read_coco(
+    root: str | Path,
+    annotations: str = "annotations/captions_val2014.json",
+    media_dir: str = "val2014",
+    split: str | None = None,
+) -> list[Sample]:
     """COCO captions (``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``),
     or Karpathy's ``dataset_coco.json`` (``{"images": [{"cocoid", "filepath", "filename", "split",
     "sentences": [{"raw"}]}]}``), where ``split`` picks ``test``/``val``/``train``."""
@@ -63,15 +69,27 @@ def read_coco(root: str | Path, annotations: str = "annotations/captions_val2014
     data = _load_json(path)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
-        raise BenchmarkError(f"{path}: no 'images' list (expected COCO captions or Karpathy dataset_coco.json)")
+        raise BenchmarkError(
+            f"{path}: no 'images' list (expected COCO captions or Karpathy dataset_coco.json)"
+        )
     samples = []
     if images and "sentences" in images[0]:  # Karpathy split file
         for im in images:
             if split and im.get("split") != split:
                 continue
-            media = root / media_dir / im["filename"] if media_dir else root / im.get("filepath", "") / im["filename"]
-            samples.append(Sample(str(im.get("cocoid", im.get("imgid"))), "image", _existing(media),
-                                  [s["raw"].strip() for s in im["sentences"]]))
+            media = (
+                root / media_dir / im["filename"]
+                if media_dir
+                else root / im.get("filepath", "") / im["filename"]
+            )
+            samples.append(
+                Sample(
+                    str(im.get("cocoid", im.get("imgid"))),
+                    "image",
+                    _existing(media),
+                    [s["raw"].strip() for s in im["sentences"]],
+                )
+            )
         return samples
     anns = data.get("annotations")
     if not isinstance(anns, list):
@@ -90,10 +108,18 @@ def read_coco(root: str | Path, annotations: str = "annotations/captions_val2014
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 
 
-def read_audiocaps(root: str | Path, annotations: str = "test.csv", media_dir: str = "audio/test",
-                   file_patterns: Sequence[str] = ("{youtube_id}.wav", "Y{youtube_id}.wav", "{youtube_id}_{start_time}.wav",
-                                                   "{audiocap_id}.wav"),
-                   split: str | None = None) -> list[Sample]:
+def read_audiocaps(
+    root: str | Path,
+    annotations: str = "test.csv",
+    media_dir: str = "audio/test",
+    file_patterns: Sequence[str] = (
+        "{youtube_id}.wav",
+        "Y{youtube_id}.wav",
+        "{youtube_id}_{start_time}.wav",
+        "{audiocap_id}.wav",
+    ),
+    split: str | None = None,
+) -> list[Sample]:
     """AudioCaps csv (one row per caption; the test set has five per clip), grouped by YouTube id.
     The clips are not distributed with the captions: the first of ``file_patterns`` that exists
     under ``media_dir`` is the clip."""
@@ -105,7 +131,9 @@ def read_audiocaps(root: str | Path, annotations: str = "test.csv", media_dir: s
         reader = csv.DictReader(f)
         missing = [c for c in AUDIOCAPS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise BenchmarkError(f"{path}: columns {missing} missing; AudioCaps csv has {list(AUDIOCAPS_COLUMNS)}")
+            raise BenchmarkError(
+                f"{path}: columns {missing} missing; AudioCaps csv has {list(AUDIOCAPS_COLUMNS)}"
+            )
         rows = sorted(reader, key=lambda r: int(r["audiocap_id"]))
     by_clip: dict[str, list[dict]] = {}
     for r in rows:
@@ -124,15 +152,24 @@ def read_audiocaps(root: str | Path, annotations: str = "test.csv", media_dir: s
 
 
 # --- MSR-VTT ------------------------------------------------------------------------------------
-def read_msrvtt(root: str | Path, annotations: str = "test_videodatainfo.json", media_dir: str = "TestVideo",
-                split: str | None = "test", extension: str = ".mp4") -> list[Sample]:
+def read_msrvtt(
+    root: str | Path,
+    annotations: str = "test_videodatainfo.json",
+    media_dir: str = "TestVideo",
+    split: str | None = "test",
+    extension: str = ".mp4",
+) -> list[Sample]:
     """MSR-VTT's ``{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption", "sen_id"}]}``
     (``test_videodatainfo.json``, ``train_val_videodatainfo.json`` or the all-in-one
     ``MSRVTT_data.json``); ``split`` keeps the videos of that split where the file records one."""
     root = Path(root)
     path = root / annotations
     data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("videos"), list) or not isinstance(data.get("sentences"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("videos"), list)
+        or not isinstance(data.get("sentences"), list)
+    ):
         raise BenchmarkError(f"{path}: expected MSR-VTT's {{'videos': [...], 'sentences': [...]}}")
     captions: dict[str, list[str]] = {}
     for s in sorted(data["sentences"], key=lambda s: s.get("sen_id", 0)):
@@ -143,7 +180,9 @@ def read_msrvtt(root: str | Path, annotations: str = "test_videodatainfo.json", 
             continue
         vid = v["video_id"]
         if vid in captions:
-            samples.append(Sample(vid, "video", _existing(root / media_dir / f"{vid}{extension}"), captions[vid]))
+            samples.append(
+                Sample(vid, "video", _existing(root / media_dir / f"{vid}{extension}"), captions[vid])
+            )
     return samples
 
 
@@ -166,15 +205,21 @@ def read_world(root: str | Path, modality: str, seed: int = 1000, num: int = 160
         if modality == "image" and " and a " in caption:
             continue
         key = str(e.get("id", e.get("audio_id")))
-        out.append(Sample(key, modality, _existing(folder / MEDIA_DIRS[modality] / e[f"{modality}_name"]), [caption]))
+        out.append(
+            Sample(key, modality, _existing(folder / MEDIA_DIRS[modality] / e[f"{modality}_name"]), [caption])
+        )
     return out
 
 
 read_world.writes_root = True  # type: ignore[attr-defined]  # the reader makes its benchmark folder
 
 
-READERS: dict[str, Callable[..., list[Sample]]] = {"coco": read_coco, "audiocaps": read_audiocaps, "msrvtt": read_msrvtt,
-                                                   "world": read_world}
+READERS: dict[str, Callable[..., list[Sample]]] = {
+    "coco": read_coco,
+    "audiocaps": read_audiocaps,
+    "msrvtt": read_msrvtt,
+    "world": read_world,
+}
 
 
 def read_benchmark(reader: str, root: str | Path, **options: Any) -> list[Sample]:

@@ -1,10 +1,11 @@
 """What the evaluation modules share about samples and their records: the prompt of a sample, its
 file stem, batching, where a record's generated media lie, and what predictions= can not measure."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from omegaconf import DictConfig
 

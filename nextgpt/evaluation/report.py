@@ -1,10 +1,12 @@
 """Results of a benchmark task as written and logged: ``results.md`` beside the paper's numbers,
 the loggers' metrics and a W&B table of sample outputs."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -14,14 +16,25 @@ log = logging.getLogger(__name__)
 
 # metric -> (shown as, better); anything not listed is shown by its name
 METRIC_INFO: dict[str, tuple[str, str]] = {
-    "bleu1": ("BLEU-1", "higher"), "bleu2": ("BLEU-2", "higher"), "bleu3": ("BLEU-3", "higher"),
-    "bleu4": ("BLEU-4", "higher"), "meteor": ("METEOR", "higher"), "rouge_l": ("ROUGE-L", "higher"),
-    "cider": ("CIDEr", "higher"), "spice": ("SPICE", "higher"), "spider": ("SPIDEr", "higher"),
-    "fid": ("FID", "lower"), "fad": ("FAD", "lower"), "clip_score": ("CLIP score", "higher"),
-    "clap_score": ("CLAP score", "higher"), "clipsim": ("CLIPSIM", "higher"),
-    "trigger_rate": ("signal trigger rate", "higher"), "align_loss": ("alignment loss (held-out captions)", "lower"),
+    "bleu1": ("BLEU-1", "higher"),
+    "bleu2": ("BLEU-2", "higher"),
+    "bleu3": ("BLEU-3", "higher"),
+    "bleu4": ("BLEU-4", "higher"),
+    "meteor": ("METEOR", "higher"),
+    "rouge_l": ("ROUGE-L", "higher"),
+    "cider": ("CIDEr", "higher"),
+    "spice": ("SPICE", "higher"),
+    "spider": ("SPIDEr", "higher"),
+    "fid": ("FID", "lower"),
+    "fad": ("FAD", "lower"),
+    "clip_score": ("CLIP score", "higher"),
+    "clap_score": ("CLAP score", "higher"),
+    "clipsim": ("CLIPSIM", "higher"),
+    "trigger_rate": ("signal trigger rate", "higher"),
+    "align_loss": ("alignment loss (held-out captions)", "lower"),
     "caption_ce": ("caption cross-entropy (held-out)", "lower"),
 }
+
 
 def _fmt(v: float | None) -> str:
     if v is None:
@@ -38,7 +51,9 @@ def results_markdown(result: Mapping[str, Any]) -> str:
         f"- benchmark: `{result['benchmark']}`, {result['samples']} samples"
         + (f" (limit={result['limit']})" if result.get("limit") is not None else "")
         + f", {result['answered']} answered",
-        f"- {'predictions: `' + str(result['predictions']) + '`' if result.get('predictions') else 'checkpoint: `' + str(result['checkpoint']) + '`'}",
+        f"- predictions: `{result['predictions']}`"
+        if result.get("predictions")
+        else f"- checkpoint: `{result['checkpoint']}`",
         "",
         "| metric | ours | NExT-GPT (paper) | best baseline (paper) | notes |",
         "|---|---|---|---|---|",
@@ -53,19 +68,35 @@ def results_markdown(result: Mapping[str, Any]) -> str:
             notes = str(entry.get("unavailable", ""))
         else:
             ours = _fmt(entry["value"] * scale)
-            details = {k: v for k, v in entry.items() if k not in ("value", "unavailable") and not isinstance(v, (dict, list))}
+            details = {
+                k: v
+                for k, v in entry.items()
+                if k not in ("value", "unavailable") and not isinstance(v, (dict, list))
+            }
             notes = ", ".join(f"{k}: {_fmt(v) if isinstance(v, float) else v}" for k, v in details.items())
         if scale != 1 and entry.get("value") is not None:
             notes = f"×{scale:g} (paper's scale); " + notes
-        lines.append(f"| {shown}{arrow} | {ours} | {_fmt(ref.get('nextgpt'))} | {ref.get('baseline') or '–'} | "
-                     f"{notes.replace('|', '/')} |")
-    lines += ["", "Paper: Wu et al., NExT-GPT (ICML 2024), as listed in configs/task/<task>.yaml (paper:). "
-              "Numbers are comparable only on the same split, sample count and feature networks.", ""]
+        lines.append(
+            f"| {shown}{arrow} | {ours} | {_fmt(ref.get('nextgpt'))} | {ref.get('baseline') or '–'} | "
+            f"{notes.replace('|', '/')} |"
+        )
+    lines += [
+        "",
+        "Paper: Wu et al., NExT-GPT (ICML 2024), as listed in configs/task/<task>.yaml (paper:). "
+        "Numbers are comparable only on the same split, sample count and feature networks.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def log_to_loggers(cfg: DictConfig, result: dict, samples: Sequence, records: Mapping[str, dict],
-                    per_sample: Mapping[str, Mapping[str, Any]], out: Path) -> None:
+def log_to_loggers(
+    cfg: DictConfig,
+    result: dict,
+    samples: Sequence,
+    records: Mapping[str, dict],
+    per_sample: Mapping[str, Mapping[str, Any]],
+    out: Path,
+) -> None:
     """Metrics to every configured logger; a table of sample outputs to W&B."""
     logger_cfg = cfg.get("logger")
     if not logger_cfg:
@@ -75,7 +106,11 @@ def log_to_loggers(cfg: DictConfig, result: dict, samples: Sequence, records: Ma
     task = result["task"]
     scalars = {f"{task}/{k}": v["value"] for k, v in result["metrics"].items() if v.get("value") is not None}
     for lc in logger_cfg.values():
-        overrides = {"name": f"eval-{task}", "tags": ["evaluate", task]} if "Wandb" in str(lc.get("_target_", "")) else {}
+        overrides = (
+            {"name": f"eval-{task}", "tags": ["evaluate", task]}
+            if "Wandb" in str(lc.get("_target_", ""))
+            else {}
+        )
         logger = instantiate(lc, **overrides)
         logger.log_metrics(scalars, step=0)
         if "Wandb" in type(logger).__name__:
@@ -85,8 +120,14 @@ def log_to_loggers(cfg: DictConfig, result: dict, samples: Sequence, records: Ma
             logger.finalize("success")
 
 
-def _wandb_table(logger, cfg: DictConfig, samples: Sequence, records: Mapping[str, dict],
-                 per_sample: Mapping[str, Mapping[str, Any]], out: Path) -> None:
+def _wandb_table(
+    logger,
+    cfg: DictConfig,
+    samples: Sequence,
+    records: Mapping[str, dict],
+    per_sample: Mapping[str, Mapping[str, Any]],
+    out: Path,
+) -> None:
     import wandb
 
     task = cfg.task
@@ -97,10 +138,17 @@ def _wandb_table(logger, cfg: DictConfig, samples: Sequence, records: Mapping[st
     for s in samples[: int(cfg.get("wandb_samples", 16))]:
         rec = records.get(s.id) or {}
         media_in = s.media if task.kind == "caption" else None
-        row = [s.id, rec.get("prompt", ""), " | ".join(s.captions), rec.get("error") or rec.get("text", ""),
-               " ".join(rec.get("signal_groups") or [])]
+        row = [
+            s.id,
+            rec.get("prompt", ""),
+            " | ".join(s.captions),
+            rec.get("error") or rec.get("text", ""),
+            " ".join(rec.get("signal_groups") or []),
+        ]
         for name, kind in kinds.items():
-            path = media_in if (media_in is not None and name == task.modality) else media_file(rec, name, out)
+            path = (
+                media_in if (media_in is not None and name == task.modality) else media_file(rec, name, out)
+            )
             try:
                 row.append(kind(str(path)) if path is not None and Path(path).is_file() else None)
             except Exception as e:  # a media type wandb can not read here: keep the path

@@ -1,11 +1,12 @@
 """The metrics of a benchmark task over its answered samples: captioning scores, generation scores
 (FID, CLIP score, CLIPSIM, FAD, CLAP score), the signal trigger rate and the held-out losses."""
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], gener
     else:
         metrics.update(_generation_metrics(cfg, wanted, samples, answered, records, out, per_sample))
     if "world_attributes" in wanted:
-        metrics["world_attributes"] = _world_attributes(cfg, samples, answered, records, generator, out, per_sample)
+        metrics["world_attributes"] = _world_attributes(
+            cfg, samples, answered, records, generator, out, per_sample
+        )
     if "trigger_rate" in wanted:
         metrics["trigger_rate"] = _trigger(cfg, answered, records)
     for loss in ("align_loss", "caption_ce"):
@@ -45,7 +48,9 @@ def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], gener
     return {m: metrics[m] for m in wanted}, per_sample
 
 
-def _caption_metrics(cfg: DictConfig, wanted: list[str], answered: Sequence, records: Mapping[str, dict]) -> dict:
+def _caption_metrics(
+    cfg: DictConfig, wanted: list[str], answered: Sequence, records: Mapping[str, dict]
+) -> dict:
     from nextgpt.metrics.captioning import COCO_NAMES, caption_scores
 
     names = [m for m in wanted if m in COCO_NAMES]
@@ -60,8 +65,15 @@ def _caption_metrics(cfg: DictConfig, wanted: list[str], answered: Sequence, rec
     return out
 
 
-def _world_attributes(cfg: DictConfig, samples: Sequence, answered: Sequence, records: Mapping[str, dict], generator,
-                      out: Path, per_sample: dict) -> dict:
+def _world_attributes(
+    cfg: DictConfig,
+    samples: Sequence,
+    answered: Sequence,
+    records: Mapping[str, dict],
+    generator,
+    out: Path,
+    per_sample: dict,
+) -> dict:
     """How often the answer states each attribute of the item (``nextgpt.world``): read from the
     generated caption (X -> text), or from the generated media by the world's analysers (text -> X),
     over every sample (an unanswered one counts as wrong), beside chance and, for generation, the
@@ -83,7 +95,10 @@ def _world_attributes(cfg: DictConfig, samples: Sequence, answered: Sequence, re
 
     def accuracy(found: Mapping[str, dict]) -> dict[str, float]:
         truth = {s.id: caption_attributes(s.caption, name) for s in samples}
-        return {a: sum(found[s.id].get(a) == truth[s.id][a] for s in samples) / len(samples) for a in truth[samples[0].id]}
+        return {
+            a: sum(found[s.id].get(a) == truth[s.id][a] for s in samples) / len(samples)
+            for a in truth[samples[0].id]
+        }
 
     found = {s.id: stated(s) for s in tqdm(samples, desc=f"{task.name}: world attributes", unit="sample")}
     acc = accuracy(found)
@@ -103,7 +118,9 @@ def _world_attributes(cfg: DictConfig, samples: Sequence, answered: Sequence, re
                 path = folder / f"{s.id}{mod.output_suffix}"
                 if not path.is_file():
                     array = generator.decode_caption(name, s.caption, int(cfg.seed))
-                    mod.write(array, path, generator.pipeline(name), {"caption": s.caption, "decoder_alone": True})
+                    mod.write(
+                        array, path, generator.pipeline(name), {"caption": s.caption, "decoder_alone": True}
+                    )
                 alone[s.id] = file_attributes(path, name)
             extra["ceiling"] = accuracy(alone)
     return value(sum(acc.values()) / len(acc), **extra)
@@ -119,15 +136,25 @@ def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -
     return value(rates.pop("trigger_rate", None), **rates)
 
 
-def _generation_metrics(cfg: DictConfig, wanted: list[str], samples: Sequence, answered: Sequence,
-                        records: Mapping[str, dict], out: Path, per_sample: dict) -> dict:
+def _generation_metrics(
+    cfg: DictConfig,
+    wanted: list[str],
+    samples: Sequence,
+    answered: Sequence,
+    records: Mapping[str, dict],
+    out: Path,
+    per_sample: dict,
+) -> dict:
     task = cfg.task
     name = str(task.modality)
     feature_metrics = [m for m in wanted if m in GENERATION_METRICS]
     if not feature_metrics:
         return {}
     if not cfg.predictions and not bool(task.generation.get("decode", True)):
-        return {m: value(unavailable="task.generation.decode=false: no media were generated") for m in feature_metrics}
+        return {
+            m: value(unavailable="task.generation.decode=false: no media were generated")
+            for m in feature_metrics
+        }
     generated = [(s, media_file(records[s.id], name, out)) for s in answered]
     generated = [(s, p) for s, p in generated if p is not None and p.is_file()]
     coverage = {"generated": len(generated), "samples": len(samples)}
@@ -163,22 +190,37 @@ def _fid(cfg, samples, generated, per_sample) -> dict:
     def features(paths: Sequence[Path], desc: str) -> np.ndarray:
         out = []
         for chunk in tqdm(list(batches(list(paths), 16)), desc=desc, leave=False):
-            x = to_tensor([square_crop(read_image(p), size, resample=Image.BILINEAR) for p in chunk]).to(cfg.device)
+            x = to_tensor([square_crop(read_image(p), size, resample=Image.BILINEAR) for p in chunk]).to(
+                cfg.device
+            )
             out.append(model(x).cpu().numpy())
         return np.concatenate(out)
 
-    fid = frechet_distance_of(features([p for _, p in generated], "FID: generated"), features(reference, "FID: reference"))
-    note = "fewer than 2048 images per set: FID is biased upwards; compare only runs of equal size" if min(len(generated), len(reference)) < 2048 else None
-    return value(fid, reference=len(reference), backbone="InceptionV3 pool3 (pytorch-fid weights)", **({"note": note} if note else {}))
+    fid = frechet_distance_of(
+        features([p for _, p in generated], "FID: generated"), features(reference, "FID: reference")
+    )
+    note = (
+        "fewer than 2048 images per set: FID is biased upwards; compare only runs of equal size"
+        if min(len(generated), len(reference)) < 2048
+        else None
+    )
+    return value(
+        fid,
+        reference=len(reference),
+        backbone="InceptionV3 pool3 (pytorch-fid weights)",
+        **({"note": note} if note else {}),
+    )
 
 
-def _caption_similarity(metric: str, media_embeddings, embedder, generated, per_sample, backbone: str) -> dict:
+def _caption_similarity(
+    metric: str, media_embeddings, embedder, generated, per_sample, backbone: str
+) -> dict:
     """CLIP score / CLAP score: each generated item's embedding against its caption's, by the same
     joint embedder (``media_embeddings`` in ``generated``'s order)."""
     from nextgpt.metrics.embedders import clip_score
 
     scores = clip_score(media_embeddings, embedder.texts([s.caption for s, _ in generated]))
-    per_sample[metric] = {s.id: float(v) for (s, _), v in zip(generated, scores)}
+    per_sample[metric] = {s.id: float(v) for (s, _), v in zip(generated, scores, strict=False)}
     return value(float(scores.mean()), backbone=backbone)
 
 
@@ -189,8 +231,14 @@ def _clip_score(cfg, samples, generated, per_sample) -> dict:
     if not generated:
         raise Unavailable("no sample produced an image")
     clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
-    return _caption_similarity("clip_score", clip.images([read_image(p) for _, p in generated]), clip, generated,
-                               per_sample, str(cfg.feature_nets.clip))
+    return _caption_similarity(
+        "clip_score",
+        clip.images([read_image(p) for _, p in generated]),
+        clip,
+        generated,
+        per_sample,
+        str(cfg.feature_nets.clip),
+    )
 
 
 def _clipsim(cfg, samples, generated, per_sample) -> dict:
@@ -208,10 +256,13 @@ def _clipsim(cfg, samples, generated, per_sample) -> dict:
         sims = clip_score(clip.images(frames), np.repeat(text, len(frames), axis=0))
         per_frame[s.id] = [round(float(v), 4) for v in sims]
         per_video.append(float(sims.mean()))
-    per_sample["clipsim"] = {s.id: v for (s, _), v in zip(generated, per_video)}
+    per_sample["clipsim"] = {s.id: v for (s, _), v in zip(generated, per_video, strict=False)}
     per_sample["clipsim_frames"] = per_frame
-    return value(float(np.mean(per_video)), backbone=str(cfg.feature_nets.clip),
-                 frames_per_video=float(np.mean([len(v) for v in per_frame.values()])))
+    return value(
+        float(np.mean(per_video)),
+        backbone=str(cfg.feature_nets.clip),
+        frames_per_video=float(np.mean([len(v) for v in per_frame.values()])),
+    )
 
 
 def _audio_embedder(cfg):
@@ -220,7 +271,9 @@ def _audio_embedder(cfg):
         from nextgpt.metrics.vggish import load_vggish
 
         model = load_vggish(cfg.feature_nets.vggish, cfg.device)
-        return "VGGish (128-d, per 0.96 s frame)", lambda waves: np.concatenate([model.embed(w, r) for w, r in waves])
+        return "VGGish (128-d, per 0.96 s frame)", lambda waves: np.concatenate(
+            [model.embed(w, r) for w, r in waves]
+        )
     if backbone == "clap":
         from nextgpt.metrics.embedders import ClapEmbedder
 
@@ -249,11 +302,23 @@ def _clap_score(cfg, samples, generated, per_sample) -> dict:
     if not generated:
         raise Unavailable("no sample produced an audio clip")
     clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
-    return _caption_similarity("clap_score", clap.audios([read_wave(p) for _, p in generated]), clap, generated,
-                               per_sample, str(cfg.feature_nets.clap))
+    return _caption_similarity(
+        "clap_score",
+        clap.audios([read_wave(p) for _, p in generated]),
+        clap,
+        generated,
+        per_sample,
+        str(cfg.feature_nets.clap),
+    )
 
 
-GENERATION_METRICS = {"fid": _fid, "clip_score": _clip_score, "clipsim": _clipsim, "fad": _fad, "clap_score": _clap_score}
+GENERATION_METRICS = {
+    "fid": _fid,
+    "clip_score": _clip_score,
+    "clipsim": _clipsim,
+    "fad": _fad,
+    "clap_score": _clap_score,
+}
 
 
 # --- held-out losses of the benchmark's own captions (teacher-forced) --------------------------------
@@ -276,15 +341,26 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     convs = []
     for s in samples:
         if task.kind == "generate":
-            convs.append(Conversation(s.id, [(task_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]))
+            convs.append(
+                Conversation(
+                    s.id, [(task_prompt(task, s), str(task.answer))], captions_out=[(name, s.caption)]
+                )
+            )
         elif s.media is not None:
             prompt = with_placeholders(str(task.prompt), [s.media])
             convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
     total = count = 0.0
     for chunk in tqdm(list(batches(convs, int(cfg.batch_size))), desc=f"{task.name}: {loss}", leave=False):
         dev = g.device
-        batch = collate_conversations(chunk, g.tokenizer, g.model.layout, g.template.name,
-                                      num_media_tokens=g.num_media_tokens, max_length=g.max_context, device=dev)
+        batch = collate_conversations(
+            chunk,
+            g.tokenizer,
+            g.model.layout,
+            g.template.name,
+            num_media_tokens=g.num_media_tokens,
+            max_length=g.max_context,
+            device=dev,
+        )
         labels = batch["labels"]
         outs = g.model(**batch)
         if loss == "caption_ce":
@@ -299,4 +375,8 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
             count += cond.shape[0]
     if not count:
         return value(unavailable="no sample to score")
-    return value(total / count, samples=len(convs), **({"perplexity": math.exp(min(total / count, 50.0))} if loss == "caption_ce" else {}))
+    return value(
+        total / count,
+        samples=len(convs),
+        **({"perplexity": math.exp(min(total / count, 50.0))} if loss == "caption_ce" else {}),
+    )

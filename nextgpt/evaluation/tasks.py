@@ -10,13 +10,14 @@ of sample outputs when a W&B logger is configured. ``predictions=FILE|DIR`` scor
 (COCO results JSON for captioning, a folder of media named by sample id for generation) without
 loading any model.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -30,6 +31,8 @@ from nextgpt.evaluation.scoring import score
 log = logging.getLogger(__name__)
 
 KINDS = ("caption", "generate")  # caption: X -> text; generate: text -> X
+
+
 # =====================================================================================================
 # benchmark tasks
 # =====================================================================================================
@@ -37,7 +40,9 @@ def stage_bundle(cfg: DictConfig) -> Path:
     """The bundle ``checkpoint=`` names, or a ConfigError naming the key."""
     bundle = Path(cfg.checkpoint)
     if not (bundle / "trainable.safetensors").is_file():
-        raise ConfigError([f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"])
+        raise ConfigError(
+            [f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"]
+        )
     return bundle
 
 
@@ -70,7 +75,9 @@ def _samples(cfg: DictConfig, *, limit: bool = True):
 
     b = cfg.task.benchmark
     try:
-        samples = read_benchmark(b.reader, b.root, **OmegaConf.to_container(b.get("options") or {}, resolve=True))
+        samples = read_benchmark(
+            b.reader, b.root, **OmegaConf.to_container(b.get("options") or {}, resolve=True)
+        )
     except BenchmarkError as e:
         raise ConfigError([f"task.benchmark (task {cfg.task.name}): {e}"]) from None
     if limit and cfg.limit is not None:
@@ -81,9 +88,14 @@ def _samples(cfg: DictConfig, *, limit: bool = True):
 def _run_settings(cfg: DictConfig) -> dict:
     """What a run folder's outputs depend on: a resumed run must not mix two settings."""
     t = cfg.task
-    return {"task": t.name, "checkpoint": None if cfg.predictions else str(Path(cfg.checkpoint).resolve()),
-            "prompt": str(t.prompt), "generation": OmegaConf.to_container(t.generation, resolve=True), "seed": int(cfg.seed),
-            "benchmark": OmegaConf.to_container(t.benchmark, resolve=True)}
+    return {
+        "task": t.name,
+        "checkpoint": None if cfg.predictions else str(Path(cfg.checkpoint).resolve()),
+        "prompt": str(t.prompt),
+        "generation": OmegaConf.to_container(t.generation, resolve=True),
+        "seed": int(cfg.seed),
+        "benchmark": OmegaConf.to_container(t.benchmark, resolve=True),
+    }
 
 
 def _check_resume(out: Path, settings: dict) -> None:
@@ -92,8 +104,13 @@ def _check_resume(out: Path, settings: dict) -> None:
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
-            raise ConfigError([f"hydra.run.dir={out}: holds a run with other {changed} ({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); "
-                               "use a new run folder to evaluate these settings"])
+            raise ConfigError(
+                [
+                    f"hydra.run.dir={out}: holds a run with other {changed} "
+                    f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); "
+                    "use a new run folder to evaluate these settings"
+                ]
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
@@ -118,18 +135,28 @@ def run_benchmark(cfg: DictConfig) -> dict:
         records = generate_all(cfg, samples, generator, out)
     metrics, per_sample = score(cfg, samples, records, generator, out)
     result = {
-        "task": task.name, "kind": task.kind, "modality": task.modality, "benchmark": str(task.benchmark.root),
-        "checkpoint": None if cfg.predictions else str(cfg.checkpoint), "predictions": cfg.predictions,
-        "samples": len(samples), "answered": sum(1 for s in samples if s.id in records and not records[s.id].get("error")),
-        "limit": cfg.limit, "metrics": metrics,
+        "task": task.name,
+        "kind": task.kind,
+        "modality": task.modality,
+        "benchmark": str(task.benchmark.root),
+        "checkpoint": None if cfg.predictions else str(cfg.checkpoint),
+        "predictions": cfg.predictions,
+        "samples": len(samples),
+        "answered": sum(1 for s in samples if s.id in records and not records[s.id].get("error")),
+        "limit": cfg.limit,
+        "metrics": metrics,
         "paper": OmegaConf.to_container(task.paper, resolve=True) if task.get("paper") else {},
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "per_sample.json").write_text(json.dumps(per_sample, indent=2))
     (out / "results.md").write_text(results_markdown(result))
     log_to_loggers(cfg, result, samples, records, per_sample, out)
-    log.info("%s: %s (results in %s)", task.name,
-             {k: v.get("value") if v.get("value") is not None else "unavailable" for k, v in metrics.items()}, out)
+    log.info(
+        "%s: %s (results in %s)",
+        task.name,
+        {k: v.get("value") if v.get("value") is not None else "unavailable" for k, v in metrics.items()},
+        out,
+    )
     return result
 
 
@@ -155,30 +182,53 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
     done = _read_jsonl(jsonl)
     todo = [s for s in samples if s.id not in done]
     if done:
-        log.info("%s: resuming in %s: %d of %d samples already answered", task.name, out, len(samples) - len(todo), len(samples))
+        log.info(
+            "%s: resuming in %s: %d of %d samples already answered",
+            task.name,
+            out,
+            len(samples) - len(todo),
+            len(samples),
+        )
     batched = BatchedGenerator(generator)
     captioning = task.kind == "caption"
     decode = bool(gen.get("decode", True)) and not captioning
 
     def answer(chunk: Sequence) -> list[dict]:
-        requests = [Request(task_prompt(task, s) if not captioning else str(task.prompt),
-                            [s.media] if captioning else [], seed=int(cfg.seed)) for s in chunk]
+        requests = [
+            Request(
+                task_prompt(task, s) if not captioning else str(task.prompt),
+                [s.media] if captioning else [],
+                seed=int(cfg.seed),
+            )
+            for s in chunk
+        ]
 
         def out_path(i: int, name: str, k: int) -> Path:
             suffix = modality_registry.get(name).output_suffix
             return out / "generated" / f"{file_stem(chunk[i].id)}{'' if k == 0 else f'_{k}'}{suffix}"
 
-        results = batched.generate(requests, max_new_tokens=int(gen.max_new_tokens), temperature=float(gen.temperature),
-                                   top_p=float(gen.top_p), decode=decode, out_path=out_path)
-        return [_record(s, r, req.prompt, out) for s, r, req in zip(chunk, results, requests)]
+        results = batched.generate(
+            requests,
+            max_new_tokens=int(gen.max_new_tokens),
+            temperature=float(gen.temperature),
+            top_p=float(gen.top_p),
+            decode=decode,
+            out_path=out_path,
+        )
+        return [_record(s, r, req.prompt, out) for s, r, req in zip(chunk, results, requests, strict=False)]
 
-    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name}: answering", unit="sample")
+    bar = tqdm(
+        total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name}: answering", unit="sample"
+    )
     with jsonl.open("a") as f:
         for chunk in batches(todo, int(cfg.batch_size)):
             if captioning:
                 missing = [s for s in chunk if s.media is None]
                 for s in missing:
-                    done[s.id] = {"id": s.id, "error": f"media file of sample {s.id} not found under {task.benchmark.root}"}
+                    done[s.id] = {
+                        "id": s.id,
+                        "error": f"media file of sample {s.id} not found under {task.benchmark.root}",
+                    }
                     f.write(json.dumps(done[s.id]) + "\n")
                 chunk = [s for s in chunk if s.media is not None]
             try:
@@ -207,10 +257,15 @@ def _strip_placeholders(text: str) -> str:
 
 def _record(sample, res, prompt: str, out: Path) -> dict:
     return {
-        "id": sample.id, "prompt": prompt, "text": res.text, "caption": _strip_placeholders(res.text),
+        "id": sample.id,
+        "prompt": prompt,
+        "text": res.text,
+        "caption": _strip_placeholders(res.text),
         "signal_groups": list(res.signal_groups),
         "files": {k: [str(Path(p).relative_to(out)) for p in v] for k, v in res.files.items()},
-        "notes": list(res.notes), "new_tokens": res.new_tokens, "seconds": round(res.seconds, 4),
+        "notes": list(res.notes),
+        "new_tokens": res.new_tokens,
+        "seconds": round(res.seconds, 4),
     }
 
 
@@ -230,18 +285,27 @@ def _caption_file_errors(path: Path, data: list[dict], known: set[str]) -> list[
     errors = []
     twice = [i for i, n in seen.items() if n > 1]
     if twice:
-        errors.append(f"{where}: image_id given more than once: {_some(twice)}; each sample takes one caption")
+        errors.append(
+            f"{where}: image_id given more than once: {_some(twice)}; each sample takes one caption"
+        )
     unknown = [i for i in seen if i not in known]
     if unknown:
-        errors.append(f"{where}: image_id not in the benchmark: {_some(unknown)} (it has {len(known)} samples)")
-    not_text = [f"{str(d['image_id'])!r}: {json.dumps(d['caption'])}" for d in data if not isinstance(d["caption"], str)]
+        errors.append(
+            f"{where}: image_id not in the benchmark: {_some(unknown)} (it has {len(known)} samples)"
+        )
+    not_text = [
+        f"{str(d['image_id'])!r}: {json.dumps(d['caption'])}"
+        for d in data
+        if not isinstance(d["caption"], str)
+    ]
     if not_text:
         errors.append(f"{where}: caption is not a string for image_id {_some(not_text, quote=False)}")
     return errors
 
 
-def records_from_predictions(task: DictConfig, samples: Sequence, path: Path,
-                             known: Sequence[str] | None = None) -> dict[str, dict]:
+def records_from_predictions(
+    task: DictConfig, samples: Sequence, path: Path, known: Sequence[str] | None = None
+) -> dict[str, dict]:
     """Outputs of any system, keyed like ours: captions from a COCO results file, or media files
     named ``<sample id>.<ext>`` in a folder. ``known``: every sample id of the benchmark (``samples``
     may be the first ``limit=`` of them); a caption file naming another id is refused, as is an id
@@ -250,16 +314,28 @@ def records_from_predictions(task: DictConfig, samples: Sequence, path: Path,
     wanted = f"none of the samples scored: {_some([s.id for s in samples])}"
     if task.kind == "caption":
         if not path.is_file():
-            raise ConfigError([f"predictions={str(path)!r}: not a file (captioning takes a COCO results JSON "
-                               '[{"image_id": ..., "caption": ...}])'])
+            raise ConfigError(
+                [
+                    f"predictions={str(path)!r}: not a file (captioning takes a COCO results JSON "
+                    '[{"image_id": ..., "caption": ...}])'
+                ]
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError([f"predictions={str(path)!r}: not valid JSON ({e})"]) from None
-        if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d for d in data):
-            raise ConfigError([f"predictions={str(path)!r}: expected the COCO results format "
-                               '[{"image_id": ..., "caption": ...}, ...]'])
-        errors = _caption_file_errors(path, data, set(known if known is not None else (s.id for s in samples)))
+        if not isinstance(data, list) or not all(
+            isinstance(d, dict) and "image_id" in d and "caption" in d for d in data
+        ):
+            raise ConfigError(
+                [
+                    f"predictions={str(path)!r}: expected the COCO results format "
+                    '[{"image_id": ..., "caption": ...}, ...]'
+                ]
+            )
+        errors = _caption_file_errors(
+            path, data, set(known if known is not None else (s.id for s in samples))
+        )
         if errors:
             raise ConfigError(errors)
         captions = {str(d["image_id"]): d["caption"] for d in data}
@@ -270,15 +346,30 @@ def records_from_predictions(task: DictConfig, samples: Sequence, path: Path,
             raise ConfigError([f"predictions={str(path)!r}: its {len(data)} caption(s) match {wanted}"])
         return records
     if not path.is_dir():
-        raise ConfigError([f"predictions={str(path)!r}: not a folder (generation takes a folder of media named <sample id>.<ext>)"])
+        raise ConfigError(
+            [
+                f"predictions={str(path)!r}: not a folder (generation takes a folder of media named <sample id>.<ext>)"
+            ]
+        )
     mod = modality_registry.get(task.modality)
     for s in samples:
-        found = next((path / f"{file_stem(s.id)}{ext}" for ext in mod.extensions if (path / f"{file_stem(s.id)}{ext}").is_file()), None)
+        found = next(
+            (
+                path / f"{file_stem(s.id)}{ext}"
+                for ext in mod.extensions
+                if (path / f"{file_stem(s.id)}{ext}").is_file()
+            ),
+            None,
+        )
         if found is not None:
             records[s.id] = {"id": s.id, "prompt": s.caption, "files": {mod.name: [str(found.resolve())]}}
     if not records:
-        raise ConfigError([f"predictions={str(path)!r}: no file named <sample id>{{{','.join(mod.extensions)}}} "
-                           f"there: it matches {wanted}"])
+        raise ConfigError(
+            [
+                f"predictions={str(path)!r}: no file named <sample id>{{{','.join(mod.extensions)}}} "
+                f"there: it matches {wanted}"
+            ]
+        )
     return records
 
 

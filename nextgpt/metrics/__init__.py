@@ -1,6 +1,7 @@
 """Evaluation metrics. Every metric either returns a number or raises ``Unavailable`` with the
 reason (missing Java, missing feature-network weights, too few items): a metric that can not be
 computed properly is reported as unavailable, never as a substitute number."""
+
 from __future__ import annotations
 
 from typing import Any

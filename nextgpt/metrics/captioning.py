@@ -7,6 +7,7 @@ The tokeniser runs the same jar with the same flags and punctuation filter as py
 package (which may be read-only). Everything that needs Java is reported unavailable with the
 reason when ``java`` is not on the PATH; nothing falls back to another tokeniser.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,46 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from nextgpt.metrics import Unavailable
 
 log = logging.getLogger(__name__)
 
 # pycocoevalcap's punctuation filter after PTB tokenisation
-PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+PUNCTUATIONS = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+}
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 # metric name in results -> pycocoevalcap's name
-COCO_NAMES = {"bleu1": "Bleu_1", "bleu2": "Bleu_2", "bleu3": "Bleu_3", "bleu4": "Bleu_4", "meteor": "METEOR",
-              "rouge_l": "ROUGE_L", "cider": "CIDEr", "spice": "SPICE", "spider": "SPIDEr"}
+COCO_NAMES = {
+    "bleu1": "Bleu_1",
+    "bleu2": "Bleu_2",
+    "bleu3": "Bleu_3",
+    "bleu4": "Bleu_4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE_L",
+    "cider": "CIDEr",
+    "spice": "SPICE",
+    "spider": "SPIDEr",
+}
 METRICS = tuple(COCO_NAMES)
 
 
@@ -43,8 +71,10 @@ def java_unavailable_reason() -> str | None:
     """None when a working ``java`` is on the PATH, else why not."""
     java = shutil.which("java")
     if java is None:
-        return ("java not found on PATH: PTB tokenisation, METEOR and SPICE run Java programs "
-                "(install a runtime, e.g. apt-get install default-jre-headless)")
+        return (
+            "java not found on PATH: PTB tokenisation, METEOR and SPICE run Java programs "
+            "(install a runtime, e.g. apt-get install default-jre-headless)"
+        )
     try:
         subprocess.run([java, "-version"], capture_output=True, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
@@ -67,14 +97,24 @@ def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     with tempfile.TemporaryDirectory(prefix="ptb") as tmp:
         src = Path(tmp) / "captions.txt"
         src.write_bytes("\n".join(sentences).encode())
-        cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", str(src)]
+        cmd = [
+            "java",
+            "-cp",
+            str(jar),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            str(src),
+        ]
         res = subprocess.run(cmd, capture_output=True, check=False)
     if res.returncode != 0:
-        raise RuntimeError(f"PTB tokenizer failed ({res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"PTB tokenizer failed ({res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}"
+        )
     lines = res.stdout.decode().split("\n")
     lines += [""] * (len(keys) - len(lines))  # trailing empty captions
     out: dict[str, list[str]] = {k: [] for k in captions}
-    for k, line in zip(keys, lines):
+    for k, line in zip(keys, lines, strict=False):
         out[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
     return out
 
@@ -92,14 +132,19 @@ def spice_jars(corenlp_dir: str | Path | None = None) -> list[Path]:
             raise Unavailable(
                 f"SPICE needs Stanford CoreNLP 3.6.0 ({' and '.join(CORENLP_JARS)}), which pycocoevalcap downloads "
                 f"from the internet on first use; {name} is not in {where}. Put both jars in a folder and pass "
-                "metrics.spice_corenlp=DIR (from stanford-corenlp-full-2015-12-09.zip)")
+                "metrics.spice_corenlp=DIR (from stanford-corenlp-full-2015-12-09.zip)"
+            )
         corenlp.append(found)
     libs = sorted(p for p in (spice_dir / "lib").glob("*.jar") if p.name not in CORENLP_JARS)
     return [spice_dir / "spice-1.0.jar", *corenlp, *libs]
 
 
-def spice_score(gts: Mapping[str, list[str]], res: Mapping[str, list[str]], corenlp_dir: str | Path | None = None,
-                memory: str = "8G") -> tuple[float, list[float]]:
+def spice_score(
+    gts: Mapping[str, list[str]],
+    res: Mapping[str, list[str]],
+    corenlp_dir: str | Path | None = None,
+    memory: str = "8G",
+) -> tuple[float, list[float]]:
     """SPICE F-score (the mean over items, as pycocoevalcap reports it) and the per-item scores."""
     import numpy as np
 
@@ -110,11 +155,23 @@ def spice_score(gts: Mapping[str, list[str]], res: Mapping[str, list[str]], core
     with tempfile.TemporaryDirectory(prefix="spice") as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
         src.write_text(json.dumps(items))
-        cmd = ["java", f"-Xmx{memory}", "-cp", classpath, "edu.anu.spice.SpiceScorer", str(src), "-out", str(dst),
-               "-subset", "-silent"]
+        cmd = [
+            "java",
+            f"-Xmx{memory}",
+            "-cp",
+            classpath,
+            "edu.anu.spice.SpiceScorer",
+            str(src),
+            "-out",
+            str(dst),
+            "-subset",
+            "-silent",
+        ]
         proc = subprocess.run(cmd, capture_output=True, check=False)
         if proc.returncode != 0 or not dst.is_file():
-            raise Unavailable(f"SPICE failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-1500:]}")
+            raise Unavailable(
+                f"SPICE failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-1500:]}"
+            )
         results = {r["image_id"]: r["scores"]["All"]["f"] for r in json.loads(dst.read_text())}
     per_item = [float(results[i]) if results.get(i) is not None else float("nan") for i in ids]
     return float(np.nanmean(per_item)), per_item
@@ -172,7 +229,9 @@ def caption_scores(
         if "spice" in wanted:
             out["spice"] = spice
         if "spider" in wanted:
-            out["spider"] = (cider + spice) / 2 if isinstance(spice, float) else Unavailable(f"needs SPICE: {spice}")
+            out["spider"] = (
+                (cider + spice) / 2 if isinstance(spice, float) else Unavailable(f"needs SPICE: {spice}")
+            )
     return {m: out[m] for m in wanted}
 
 

@@ -4,11 +4,12 @@ CLIP score (and CLIPSIM, its per-frame mean for video) is ``100 * max(cos(text, 
 convention of the text-to-image and text-to-video papers (CLIPSIM 31.97 in NExT-GPT's table);
 CLAP score is the same for text and audio.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,17 +41,26 @@ def text_features(embedder, texts: Sequence[str], max_length: int | None = None)
     """L2-normalised text embeddings of a CLIP or CLAP embedder (``model``, ``tokenizer``, ``batch_size``)."""
     out = []
     for i in range(0, len(texts), embedder.batch_size):
-        tok = embedder.tokenizer(list(texts[i : i + embedder.batch_size]), padding=True, truncation=True,
-                                 max_length=max_length, return_tensors="pt").to(embedder.device)
-        feats = embedder.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        tok = embedder.tokenizer(
+            list(texts[i : i + embedder.batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(embedder.device)
+        feats = embedder.model.get_text_features(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+        )
         out.append(F.normalize(_features(feats), dim=-1).cpu())
     return torch.cat(out).numpy()
 
 
 def _check_folder(path: str | Path | None, what: str, key: str) -> Path:
     if not path or not (Path(path) / "config.json").is_file():
-        raise Unavailable(f"{what} weights not found at {path} (a Hugging Face folder with config.json; "
-                          f"set feature_nets.{key}=PATH)")
+        raise Unavailable(
+            f"{what} weights not found at {path} (a Hugging Face folder with config.json; "
+            f"set feature_nets.{key}=PATH)"
+        )
     return Path(path)
 
 
@@ -69,7 +79,10 @@ class ClipEmbedder:
         pre = self.path / "preprocessor_config.json"
         if pre.is_file():
             cfg = json.loads(pre.read_text())
-            self.mean, self.std = tuple(cfg.get("image_mean", self.mean)), tuple(cfg.get("image_std", self.std))
+            self.mean, self.std = (
+                tuple(cfg.get("image_mean", self.mean)),
+                tuple(cfg.get("image_std", self.std)),
+            )
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
     @torch.no_grad()
@@ -98,12 +111,16 @@ class ClapEmbedder:
 
         self.path = _check_folder(path, "CLAP", "clap")
         if not (self.path / "preprocessor_config.json").is_file():
-            raise Unavailable(f"CLAP folder {self.path} has no preprocessor_config.json (its feature extractor)")
+            raise Unavailable(
+                f"CLAP folder {self.path} has no preprocessor_config.json (its feature extractor)"
+            )
         self.model = ClapModel.from_pretrained(str(self.path)).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.extractor = ClapFeatureExtractor.from_pretrained(str(self.path))
         self.device, self.batch_size = torch.device(device), batch_size
-        self.truncation = "fusion" if getattr(self.model.config.audio_config, "enable_fusion", False) else "rand_trunc"
+        self.truncation = (
+            "fusion" if getattr(self.model.config.audio_config, "enable_fusion", False) else "rand_trunc"
+        )
 
     @torch.no_grad()
     def audios(self, waves: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
@@ -117,10 +134,16 @@ class ClapEmbedder:
             clips.append(w[: int(self.extractor.nb_max_samples)])
         out = []
         for i in range(0, len(clips), self.batch_size):
-            x = self.extractor(clips[i : i + self.batch_size], sampling_rate=rate, return_tensors="pt",
-                               truncation=self.truncation)
-            feats = self.model.get_audio_features(input_features=x["input_features"].to(self.device),
-                                                  is_longer=x.get("is_longer").to(self.device) if "is_longer" in x else None)
+            x = self.extractor(
+                clips[i : i + self.batch_size],
+                sampling_rate=rate,
+                return_tensors="pt",
+                truncation=self.truncation,
+            )
+            feats = self.model.get_audio_features(
+                input_features=x["input_features"].to(self.device),
+                is_longer=x.get("is_longer").to(self.device) if "is_longer" in x else None,
+            )
             out.append(F.normalize(_features(feats), dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.projection_dim), np.float32)
 

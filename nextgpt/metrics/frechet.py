@@ -6,6 +6,7 @@ computed as in the reference FID code: ``scipy.linalg.sqrtm`` of the covariance 
 small diagonal offset when the product is singular (fewer items than feature dimensions), and the
 imaginary residue of the square root dropped only when it is numerically negligible.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,9 @@ def _sqrtm(m: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(m)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -46,7 +49,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"the covariance square root has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}")
+            raise ValueError(
+                f"the covariance square root has an imaginary part of {np.max(np.abs(covmean.imag)):.3g}"
+            )
         covmean = covmean.real
     d = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
     return max(d, 0.0)  # rounding can take identical sets a hair below zero

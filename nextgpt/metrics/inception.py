@@ -7,6 +7,7 @@ the TensorFlow graph does (pytorch-fid's ``FIDInception*``): average pools ignor
 last block pools its pool branch with a max. Features are the 2048-d pool3 activations of images
 resized to 299 x 299 (bilinear) and scaled to [-1, 1].
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,12 +49,15 @@ class BlockA(nn.Module):  # Mixed_5b/c/d
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class BlockB(nn.Module):  # Mixed_6a: grid reduction 35 -> 17
@@ -65,11 +69,14 @@ class BlockB(nn.Module):  # Mixed_6a: grid reduction 35 -> 17
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class BlockC(nn.Module):  # Mixed_6b..e: factorised 7x7
@@ -89,7 +96,13 @@ class BlockC(nn.Module):  # Mixed_6b..e: factorised 7x7
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
 
@@ -127,12 +140,15 @@ class BlockE(nn.Module):  # Mixed_7b (average-pool branch) and Mixed_7c (max-poo
         b3 = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
-            torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+                torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -156,7 +172,9 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = BlockD(768)
         self.Mixed_7b = BlockE(1280, max_pool=False)
         self.Mixed_7c = BlockE(2048, max_pool=True)
-        self.fc = nn.Linear(FEATURE_DIM, num_classes)  # unused for FID; kept so the weights file loads strictly
+        self.fc = nn.Linear(
+            FEATURE_DIM, num_classes
+        )  # unused for FID; kept so the weights file loads strictly
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
@@ -165,8 +183,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
@@ -175,8 +204,10 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
     """The FID network with the weights at ``path`` (pytorch-fid's ``pt_inception-2015-12-05-*.pth``)."""
     path = Path(path)
     if not path.is_file():
-        raise Unavailable(f"FID InceptionV3 weights not found at {path} (pytorch-fid's "
-                          "pt_inception-2015-12-05-6726825d.pth; set feature_nets.inception=PATH)")
+        raise Unavailable(
+            f"FID InceptionV3 weights not found at {path} (pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth; set feature_nets.inception=PATH)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -187,7 +218,11 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
     unexpected = sorted(k for k in state if k not in expected)
     wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not an FID InceptionV3 state dict: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]}")
-    model.load_state_dict({**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state})
+        raise ValueError(
+            f"{path} is not an FID InceptionV3 state dict: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict(
+        {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
+    )
     return model.to(device).eval().requires_grad_(False)

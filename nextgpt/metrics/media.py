@@ -1,4 +1,5 @@
 """Reading media for the metric networks: images as RGB, audio as mono float waveforms, video frames."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,9 @@ def square_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """(N, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])).permute(
+        0, 3, 1, 2
+    )
 
 
 def read_wave(path: str | Path) -> tuple[np.ndarray, int]:
@@ -42,7 +45,11 @@ def read_wave(path: str | Path) -> tuple[np.ndarray, int]:
             stream = container.streams.audio[0]
             rate = stream.codec_context.sample_rate
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(stream) for out in resampler.resample(frame)]
+            chunks = [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(stream)
+                for out in resampler.resample(frame)
+            ]
         return np.concatenate(chunks).astype(np.float32), int(rate)
 
 

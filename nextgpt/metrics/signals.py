@@ -3,9 +3,10 @@
 For a captioning request ("describe this image") the expected answer is text, so a sample
 triggers correctly when the model emitted no signal group at all. Needs no extra weights.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def trigger_rates(groups: Sequence[Sequence[str]], expected: str | None) -> dict[str, float | int | str]:

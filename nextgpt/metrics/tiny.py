@@ -2,6 +2,7 @@
 tests (and a dry run of an evaluation) load them through the same paths as the real weights:
 a tiny CLIP and a tiny CLAP as Hugging Face folders, and full-size InceptionV3 / VGGish state dicts
 with the names of pytorch-fid's and the VGGish port's files. Their scores mean nothing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,11 +18,25 @@ def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     tok = build_clip_tokenizer(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(seed)
@@ -39,19 +54,37 @@ def build_tiny_clap(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     tok = build_roberta_tokenizer(seed)
     config = ClapConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=tok.model_max_length + 3,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        audio_config=dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=(4, 4), hidden_size=16,
-                          patch_embeds_hidden_size=8, depths=[1, 1], num_attention_heads=[2, 2], window_size=4,
-                          enable_fusion=False),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tok.model_max_length + 3,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        audio_config=dict(
+            spec_size=64,
+            num_mel_bins=16,
+            patch_size=4,
+            patch_stride=(4, 4),
+            hidden_size=16,
+            patch_embeds_hidden_size=8,
+            depths=[1, 1],
+            num_attention_heads=[2, 2],
+            window_size=4,
+            enable_fusion=False,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(seed)
     ClapModel(config).eval().save_pretrained(out)
     tok.save_pretrained(out)
-    ClapFeatureExtractor(feature_size=16, sampling_rate=48000, max_length_s=2, fft_window_size=1024,
-                         hop_length=480).save_pretrained(out)
+    ClapFeatureExtractor(
+        feature_size=16, sampling_rate=48000, max_length_s=2, fft_window_size=1024, hop_length=480
+    ).save_pretrained(out)
     return out
 
 

@@ -7,6 +7,7 @@ Hann windows every 10 ms, 512-point FFT magnitude, 64 mel bands (HTK scale, 125-
 log(mel + 0.01), cut into 0.96 s examples of 96 frames. As in the usual FAD setup the embedding
 is the last layer's 128-d output before its ReLU and without the PCA post-processing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,7 +56,9 @@ def log_mel_examples(wave: np.ndarray) -> np.ndarray:
     spectrum = np.abs(np.fft.rfft(wave[idx] * window, n=FFT))
     log_mel = np.log(spectrum @ mel_matrix() + LOG_OFFSET)
     n_examples = 1 + (n_frames - EXAMPLE_FRAMES) // EXAMPLE_FRAMES
-    return np.stack([log_mel[i * EXAMPLE_FRAMES : (i + 1) * EXAMPLE_FRAMES] for i in range(n_examples)]).astype(np.float32)
+    return np.stack(
+        [log_mel[i * EXAMPLE_FRAMES : (i + 1) * EXAMPLE_FRAMES] for i in range(n_examples)]
+    ).astype(np.float32)
 
 
 class VGGish(nn.Module):
@@ -73,8 +76,10 @@ class VGGish(nn.Module):
                 cin = int(v)
         self.features = nn.Sequential(*layers)
         self.embeddings = nn.Sequential(
-            nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(512 * 6 * 4, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
             nn.Linear(4096, EMBEDDING_DIM),
         )
 
@@ -101,8 +106,10 @@ class VGGish(nn.Module):
 def load_vggish(path: str | Path, device: str | torch.device = "cpu") -> VGGish:
     path = Path(path)
     if not path.is_file():
-        raise Unavailable(f"VGGish weights not found at {path} (the PyTorch port's vggish-10086976.pth; "
-                          "set feature_nets.vggish=PATH, or metrics.fad_backbone=clap)")
+        raise Unavailable(
+            f"VGGish weights not found at {path} (the PyTorch port's vggish-10086976.pth; "
+            "set feature_nets.vggish=PATH, or metrics.fad_backbone=clap)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("pproc.")}  # PCA parameters: unused for FAD
     model = VGGish()

@@ -6,6 +6,7 @@ NExT-GPT JSON files, ``<depth>`` placeholders in conversations (``configs/datase
 In the model: ``+model.modalities.depth={num_signal_tokens: 0, decoder: null}``. Preprocessing:
 :func:`nextgpt.encoders.preprocess.load_depth` (metric depth -> disparity -> DepthNorm, as Omnivore).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,15 @@ def _load_depth(path: Path) -> torch.Tensor:
 
 DEPTH = register(
     Modality(
-        name="depth", tag="Dep", signal_prefix="DEP", default_num_signal_tokens=0, encoder_modality="depth",
-        media_folder="depths", extensions=(".png", ".npy", ".tif", ".tiff"), output_suffix="",
-        pipeline_output="", loader=_load_depth,
+        name="depth",
+        tag="Dep",
+        signal_prefix="DEP",
+        default_num_signal_tokens=0,
+        encoder_modality="depth",
+        media_folder="depths",
+        extensions=(".png", ".npy", ".tif", ".tiff"),
+        output_suffix="",
+        pipeline_output="",
+        loader=_load_depth,
     )
 )

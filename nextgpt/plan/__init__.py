@@ -20,12 +20,14 @@ Time: 2N FLOPs per token forward and 2N backward (to the activations only; the L
 plus LoRA's weight gradients and causal attention (6·L·s·h per token), one more forward with
 checkpointing; tokens/s = MFU x peak FLOP/s x ranks / FLOPs per token, for a stated MFU.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -52,8 +54,10 @@ def llm_config(path: str):
         return AutoConfig.from_pretrained(str(folder)), str(folder / "config.json")
     card = cards.LLMS.get(folder.name)
     if card is None:
-        raise PlanError(f"model.llm.path={path!r}: no config.json there and no published config for {folder.name!r} "
-                        f"(known: {sorted(cards.LLMS)})")
+        raise PlanError(
+            f"model.llm.path={path!r}: no config.json there and no published config for {folder.name!r} "
+            f"(known: {sorted(cards.LLMS)})"
+        )
     data = dict(card)
     return AutoConfig.for_model(data.pop("model_type"), **data), f"published {folder.name} config"
 
@@ -73,12 +77,17 @@ def _text_encoder(folder: Path, sub: str, tok_sub: str):
     else:
         card = cards.PIPELINES.get(folder.name)
         if card is None:
-            raise PlanError(f"decoder path {folder}: no {sub}/config.json there and no published config for "
-                            f"{folder.name!r} (known: {sorted(cards.PIPELINES)})")
+            raise PlanError(
+                f"decoder path {folder}: no {sub}/config.json there and no published config for "
+                f"{folder.name!r} (known: {sorted(cards.PIPELINES)})"
+            )
         data = dict(card[0])
         config, max_len = AutoConfig.for_model(data.pop("model_type"), **data), card[1]
-        cls = transformers.ClapTextModelWithProjection if config.model_type == "clap_text_model" else (
-            transformers.CLIPTextModel)
+        cls = (
+            transformers.ClapTextModelWithProjection
+            if config.model_type == "clap_text_model"
+            else (transformers.CLIPTextModel)
+        )
     with torch.device("meta"):
         return cls(config), int(min(max_len, 512))
 
@@ -109,8 +118,10 @@ def denoiser_params(folder: Path) -> int:
             card = cards.PIPELINES.get(folder.name)
             config = card[slot] if card else None
             if config is None:
-                raise PlanError(f"decoder path {folder}: no {sub}/config.json and no published {sub} config to plan its "
-                                f"denoising loss")
+                raise PlanError(
+                    f"decoder path {folder}: no {sub}/config.json and no published {sub} config to plan its "
+                    f"denoising loss"
+                )
         cls = getattr(diffusers, config["_class_name"])
         with torch.device("meta"):
             model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -136,14 +147,27 @@ def meta_model(model_cfg: Mapping[str, Any], stage: int):
     markers, signals = nextgpt_tokens(counts, str(model_cfg.get("markers") or "per_modality"))
     first = int(config.get_text_config().vocab_size)
     ids = iter(range(first + len(markers), first + len(markers) + len(signals)))
-    layout = TokenLayout(first, tuple(markers), tuple(signals), {n: (first, first + 1) for n in counts},
-                         {n: tuple(next(ids) for _ in range(c)) for n, c in counts.items()})
+    layout = TokenLayout(
+        first,
+        tuple(markers),
+        tuple(signals),
+        {n: (first, first + 1) for n in counts},
+        {n: tuple(next(ids) for _ in range(c)) for n, c in counts.items()},
+    )
     shapes, text_encoders = {}, {}
     for name, m in modality_registry.generated(model_cfg["modalities"]).items():
-        shapes[name], text_encoders[name] = conditioning_shape(Path(str(m["decoder"]["path"])), str(m["decoder"]["conditioning"]))
+        shapes[name], text_encoders[name] = conditioning_shape(
+            Path(str(m["decoder"]["path"])), str(m["decoder"]["conditioning"])
+        )
     with torch.device("meta"):
-        model = NextGPT(llm, encoder, layout, num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
-                        output_shapes=shapes, output_projector=dict(model_cfg["output_projector"]))
+        model = NextGPT(
+            llm,
+            encoder,
+            layout,
+            num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
+            output_shapes=shapes,
+            output_projector=dict(model_cfg["output_projector"]),
+        )
         if STAGES[stage].use_lora:
             model.apply_lora(model_cfg["lora"])
     model.set_trainable(trainable_groups_of(stage, model_cfg))
@@ -175,43 +199,74 @@ class Plan:
         return sum(self.parts.values())
 
     def total_with(self, checkpointing: bool) -> float:
-        other = self.activations_checkpointed if checkpointing != self.checkpointing else self.parts["activations"]
+        other = (
+            self.activations_checkpointed
+            if checkpointing != self.checkpointing
+            else self.parts["activations"]
+        )
         return self.total - self.parts["activations"] + other
 
     def table(self) -> str:
         ck = "on" if self.checkpointing else "off"
-        lines = [f"memory plan: stage {self.stage}, {self.strategy} x {self.world_size} ranks, batch {self.batch_size} "
-                 f"x {self.seq_len} tokens per rank, activation checkpointing {ck}",
-                 f"  params: {self.params['trainable']:,} trainable, {self.params['frozen']:,} frozen "
-                 f"(LLM {self.params['llm']:,}; from {', '.join(self.sources)})"]
+        lines = [
+            f"memory plan: stage {self.stage}, {self.strategy} x {self.world_size} ranks, batch {self.batch_size} "
+            f"x {self.seq_len} tokens per rank, activation checkpointing {ck}",
+            f"  params: {self.params['trainable']:,} trainable, {self.params['frozen']:,} frozen "
+            f"(LLM {self.params['llm']:,}; from {', '.join(self.sources)})",
+        ]
         lines += [f"  {k:38s} {_size(v)}" for k, v in self.parts.items()]
-        lines.append(f"  {'total per rank':38s} {_size(self.total)}   (activation checkpointing "
-                     f"{'off' if self.checkpointing else 'on'}: {_size(self.total_with(not self.checkpointing)).strip()})")
+        lines.append(
+            f"  {'total per rank':38s} {_size(self.total)}   (activation checkpointing "
+            f"{'off' if self.checkpointing else 'on'}: {_size(self.total_with(not self.checkpointing)).strip()})"
+        )
         for k, v in self.host.items():
             lines.append(f"  {k + ' (host memory)':38s} {_size(v)}")
-        lines.append(f"  time: {self.flops_per_token / 1e9:.1f} GFLOP per token; at MFU {self.mfu:.0%} of "
-                     f"{self.peak_tflops:g} TFLOP/s ({self.device}): {self.tokens_per_s:,.0f} tokens/s over "
-                     f"{self.world_size} ranks")
+        lines.append(
+            f"  time: {self.flops_per_token / 1e9:.1f} GFLOP per token; at MFU {self.mfu:.0%} of "
+            f"{self.peak_tflops:g} TFLOP/s ({self.device}): {self.tokens_per_s:,.0f} tokens/s over "
+            f"{self.world_size} ranks"
+        )
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"stage": self.stage, "strategy": self.strategy, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "checkpointing": self.checkpointing,
-                "gib": {k: v / GIB for k, v in self.parts.items()}, "host_gib": {k: v / GIB for k, v in self.host.items()},
-                "total_gib": self.total / GIB, "total_other_checkpointing_gib": self.total_with(not self.checkpointing) / GIB,
-                "params": self.params, "tokens_per_s": self.tokens_per_s, "flops_per_token": self.flops_per_token}
+        return {
+            "stage": self.stage,
+            "strategy": self.strategy,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "checkpointing": self.checkpointing,
+            "gib": {k: v / GIB for k, v in self.parts.items()},
+            "host_gib": {k: v / GIB for k, v in self.host.items()},
+            "total_gib": self.total / GIB,
+            "total_other_checkpointing_gib": self.total_with(not self.checkpointing) / GIB,
+            "params": self.params,
+            "tokens_per_s": self.tokens_per_s,
+            "flops_per_token": self.flops_per_token,
+        }
 
 
 def _size(n: float) -> str:
     return f"{n / GIB:9.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:9.2f} MiB"
 
 
-def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: str, lora_inputs: int = 0,
-                     checkpointing: bool = False, logits_chunk: int | None = None) -> tuple[float, float, float]:
+def activation_bytes(
+    llm_cfg,
+    tokens: int,
+    seq: int,
+    *,
+    act_bytes: int,
+    attn: str,
+    lora_inputs: int = 0,
+    checkpointing: bool = False,
+    logits_chunk: int | None = None,
+) -> tuple[float, float, float]:
     """Bytes for ``tokens`` tokens of length ``seq``: (kept by the decoder layers, kept for the loss,
     the transient peak on top at the start of the backward pass)."""
     h, layers, heads = llm_cfg.hidden_size, llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
-    i = getattr(llm_cfg, "intermediate_size", None) or getattr(llm_cfg, "n_inner", None) or 4 * h  # GPT-2: n_inner
+    i = (
+        getattr(llm_cfg, "intermediate_size", None) or getattr(llm_cfg, "n_inner", None) or 4 * h
+    )  # GPT-2: n_inner
     per_layer = 8 * h + 4 * h * act_bytes + 3 * i * act_bytes + 5 * lora_inputs
     if attn == "eager":
         per_layer += (4 + act_bytes) * heads * seq
@@ -223,8 +278,11 @@ def activation_bytes(llm_cfg, tokens: int, seq: int, *, act_bytes: int, attn: st
     peak = max(8 * vocab, per_layer if checkpointing else 0)
     kept = layers * h * act_bytes if checkpointing else layers * per_layer
     if logits_chunk:  # stage.loss.logits_chunk: one chunk's logits at a time, recomputed in backward
-        return (tokens * kept, tokens * (4 * h + act_bytes * h) + min(logits_chunk, tokens) * 12 * vocab,
-                tokens * (per_layer if checkpointing else 0))
+        return (
+            tokens * kept,
+            tokens * (4 * h + act_bytes * h) + min(logits_chunk, tokens) * 12 * vocab,
+            tokens * (per_layer if checkpointing else 0),
+        )
     return tokens * kept, tokens * loss, tokens * peak
 
 
@@ -235,15 +293,32 @@ def _lora_inputs(model) -> int:
     first = next(iter(decoder_layers(model.llm)), None)
     if first is None:
         return 0
-    return int(sum(getattr(m, "in_features", 0) for m in model.llm.get_submodule(first).modules() if hasattr(m, "lora_A")))
+    return int(
+        sum(
+            getattr(m, "in_features", 0)
+            for m in model.llm.get_submodule(first).modules()
+            if hasattr(m, "lora_A")
+        )
+    )
 
 
 def strategy_name(cfg) -> str:
-    target = str(cfg.trainer.strategy.get("_target_", "")) if hasattr(cfg.trainer.strategy, "get") else str(cfg.trainer.strategy)
+    target = (
+        str(cfg.trainer.strategy.get("_target_", ""))
+        if hasattr(cfg.trainer.strategy, "get")
+        else str(cfg.trainer.strategy)
+    )
     if "DeepSpeed" in target:
         stage = int(cfg.trainer.strategy.get("stage", 2))
-        return "deepspeed_zero3" if stage == 3 else (
-            "deepspeed_zero2_offload" if cfg.trainer.strategy.get("offload_optimizer") else "deepspeed_zero2")
+        return (
+            "deepspeed_zero3"
+            if stage == 3
+            else (
+                "deepspeed_zero2_offload"
+                if cfg.trainer.strategy.get("offload_optimizer")
+                else "deepspeed_zero2"
+            )
+        )
     if "FSDP" in target or "ModelParallel" in target:
         return "fsdp"
     return "ddp"
@@ -284,29 +359,49 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_llm = [p for n, p in model.named_parameters() if not p.requires_grad and n.startswith("llm.")]
     frozen_enc = [p for n, p in model.named_parameters() if not p.requires_grad and n.startswith("encoder.")]
-    frozen_other = [p for n, p in model.named_parameters() if not p.requires_grad and not n.startswith(("llm.", "encoder."))]
+    frozen_other = [
+        p
+        for n, p in model.named_parameters()
+        if not p.requires_grad and not n.startswith(("llm.", "encoder."))
+    ]
     n_train = sum(p.numel() for p in trainable)
     half = "deepspeed" in strategy and "bf16" in str(cfg.trainer.get("precision", ""))
 
-    w_train = nbytes(trainable) if not half else 2.0 * n_train  # DeepSpeed keeps bf16 weights, fp32 masters aside
+    w_train = (
+        nbytes(trainable) if not half else 2.0 * n_train
+    )  # DeepSpeed keeps bf16 weights, fp32 masters aside
     grads = w_train
-    optim = 8.0 * n_train + (4.0 * n_train if half else 0.0)  # AdamW's two moments (+ DeepSpeed's fp32 masters)
-    frozen = {"frozen weights: LLM": nbytes(frozen_llm), "frozen weights: ImageBind": nbytes(frozen_enc),
-              "frozen weights: other stages' parts": nbytes(frozen_other)}  # projectors / rows this stage keeps
+    optim = 8.0 * n_train + (
+        4.0 * n_train if half else 0.0
+    )  # AdamW's two moments (+ DeepSpeed's fp32 masters)
+    frozen = {
+        "frozen weights: LLM": nbytes(frozen_llm),
+        "frozen weights: ImageBind": nbytes(frozen_enc),
+        "frozen weights: other stages' parts": nbytes(frozen_other),
+    }  # projectors / rows this stage keeps
     parts: dict[str, float] = {}
     host: dict[str, float] = {}
     shard = lambda x: x / world  # noqa: E731
     from nextgpt.checkpointing import decoder_layers
 
-    largest_layer = max((nbytes(model.llm.get_submodule(n).parameters()) for n in decoder_layers(model.llm)),
-                        default=0.0)
+    largest_layer = max(
+        (nbytes(model.llm.get_submodule(n).parameters()) for n in decoder_layers(model.llm)), default=0.0
+    )
     if strategy == "ddp":
         parts.update(frozen)
-        parts.update({"trainable weights": w_train, "gradients (+ DDP buckets)": 2 * grads, "optimizer state": optim})
+        parts.update(
+            {"trainable weights": w_train, "gradients (+ DDP buckets)": 2 * grads, "optimizer state": optim}
+        )
     elif strategy == "fsdp":
         parts.update({k: shard(v) for k, v in frozen.items()})
-        parts.update({"trainable weights": shard(w_train), "gradients": shard(grads), "optimizer state": shard(optim),
-                      "gathered layers (2 in flight)": 2 * largest_layer if world > 1 else 0.0})
+        parts.update(
+            {
+                "trainable weights": shard(w_train),
+                "gradients": shard(grads),
+                "optimizer state": shard(optim),
+                "gathered layers (2 in flight)": 2 * largest_layer if world > 1 else 0.0,
+            }
+        )
     else:
         zero3 = strategy == "deepspeed_zero3"
         parts.update({k: shard(v) if zero3 else v for k, v in frozen.items()})
@@ -322,28 +417,54 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
         if zero3:
             parts["gathered layers (prefetch)"] = 2 * largest_layer if world > 1 else 0.0
     aligns = stage in (2, 3)
-    enc_bytes = sum(sum(p.numel() for p in enc.parameters()) * 4.0 for encs in text_encoders.values() for enc in encs)
+    enc_bytes = sum(
+        sum(p.numel() for p in enc.parameters()) * 4.0 for encs in text_encoders.values() for enc in encs
+    )
     parts["decoder text encoders (fp32)"] = enc_bytes if aligns else 0.0
     if aligns and float(cfg.stage.loss.get("denoise", 0.0)) > 0:
         from nextgpt.model import torch_dtype
 
         parts["denoisers (UNet + VAE)"] = sum(
-            denoiser_params(Path(str(m.decoder.path))) * torch.empty((), dtype=torch_dtype(m.decoder.dtype)).element_size()
-            for m in modality_registry.generated(model_cfg.modalities).values() if m.decoder.get("denoise"))
+            denoiser_params(Path(str(m.decoder.path)))
+            * torch.empty((), dtype=torch_dtype(m.decoder.dtype)).element_size()
+            for m in modality_registry.generated(model_cfg.modalities).values()
+            if m.decoder.get("denoise")
+        )
     precision = str(cfg.trainer.get("precision", "32-true"))
     act_bytes = 2 if ("16" in precision or str(model_cfg.llm.dtype) in ("bfloat16", "float16")) else 4
-    attn = str(model_cfg.llm.get("attn_implementation") or getattr(llm_cfg, "_attn_implementation", None) or "sdpa")
+    attn = str(
+        model_cfg.llm.get("attn_implementation") or getattr(llm_cfg, "_attn_implementation", None) or "sdpa"
+    )
     lora_in = _lora_inputs(model) if stage == 3 else 0
     chunk = cfg.stage.loss.get("logits_chunk")
-    layers, loss, peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn, lora_inputs=lora_in,
-                                          checkpointing=ckpt, logits_chunk=chunk)
-    other_layers, _, other_peak = activation_bytes(llm_cfg, b * seq, seq, act_bytes=act_bytes, attn=attn,
-                                                   lora_inputs=lora_in, checkpointing=not ckpt, logits_chunk=chunk)
+    layers, loss, peak = activation_bytes(
+        llm_cfg,
+        b * seq,
+        seq,
+        act_bytes=act_bytes,
+        attn=attn,
+        lora_inputs=lora_in,
+        checkpointing=ckpt,
+        logits_chunk=chunk,
+    )
+    other_layers, _, other_peak = activation_bytes(
+        llm_cfg,
+        b * seq,
+        seq,
+        act_bytes=act_bytes,
+        attn=attn,
+        lora_inputs=lora_in,
+        checkpointing=not ckpt,
+        logits_chunk=chunk,
+    )
     parts["activations"] = layers + peak
     parts["logits and loss"] = loss
     # time
-    n_llm = sum(p.numel() for n, p in model.llm.named_parameters()
-                if "embed_tokens" not in n and "wte" not in n and "wpe" not in n and ".lora_" not in n)
+    n_llm = sum(
+        p.numel()
+        for n, p in model.llm.named_parameters()
+        if "embed_tokens" not in n and "wte" not in n and "wpe" not in n and ".lora_" not in n
+    )
     lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     h, L = llm_cfg.hidden_size, llm_cfg.num_hidden_layers
     forward = 2.0 * n_llm + 2.0 * L * seq * h  # weights + causal attention (half of 4·s·h per layer)
@@ -352,20 +473,38 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
     flops = forward * (3 if ckpt else 2) + 6.0 * lora_params
     name, tflops, _ = device_figures(cfg)
     mfu = float(plan_cfg.get("mfu") or MEASURED_MFU[stage])
-    return Plan(stage=stage, strategy=strategy, world_size=world, batch_size=b, seq_len=seq, parts=parts, host=host,
-                activations_checkpointed=other_layers + other_peak, checkpointing=ckpt,
-                params={"trainable": n_train, "frozen": sum(p.numel() for p in model.parameters()) - n_train,
-                        "llm": sum(p.numel() for p in model.llm.parameters())},
-                flops_per_token=flops, tokens_per_s=mfu * tflops * 1e12 * world / flops, mfu=mfu, peak_tflops=tflops,
-                device=name, sources=[source])
+    return Plan(
+        stage=stage,
+        strategy=strategy,
+        world_size=world,
+        batch_size=b,
+        seq_len=seq,
+        parts=parts,
+        host=host,
+        activations_checkpointed=other_layers + other_peak,
+        checkpointing=ckpt,
+        params={
+            "trainable": n_train,
+            "frozen": sum(p.numel() for p in model.parameters()) - n_train,
+            "llm": sum(p.numel() for p in model.llm.parameters()),
+        },
+        flops_per_token=flops,
+        tokens_per_s=mfu * tflops * 1e12 * world / flops,
+        mfu=mfu,
+        peak_tflops=tflops,
+        device=name,
+        sources=[source],
+    )
 
 
 def check_fits(plan: Plan, memory_gib: float | None, allow: bool) -> str | None:
     """None when the plan fits ``memory_gib`` (or there is no figure to check); else the refusal."""
     if memory_gib is None or plan.total <= memory_gib * GIB:
         return None
-    msg = (f"the memory plan needs {plan.total / GIB:.1f} GiB per rank, more than the device's {memory_gib:.1f} GiB:\n"
-           f"{plan.table()}\nLower stage.batch_size, set model.llm.activation_checkpointing=true (plan: "
-           f"{plan.total_with(True) / GIB:.1f} GiB), shard with strategy=fsdp or deepspeed_zero3, or set "
-           f"plan.allow_over_memory=true to start anyway")
+    msg = (
+        f"the memory plan needs {plan.total / GIB:.1f} GiB per rank, more than the device's {memory_gib:.1f} GiB:\n"
+        f"{plan.table()}\nLower stage.batch_size, set model.llm.activation_checkpointing=true (plan: "
+        f"{plan.total_with(True) / GIB:.1f} GiB), shard with strategy=fsdp or deepspeed_zero3, or set "
+        f"plan.allow_over_memory=true to start anyway"
+    )
     return None if allow else msg

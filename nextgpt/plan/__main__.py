@@ -6,12 +6,13 @@ loads (shapes from the backbones' configs, built on the meta device). A comma in
 
     python -m nextgpt.plan model=nextgpt_7b_legacy stage=1,2,3 strategy=ddp,fsdp trainer.devices=1,8
 """
+
 from __future__ import annotations
 
 import itertools
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 SWEPT = ("stage", "strategy", "trainer.devices")
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("error: --json needs a file name", file=sys.stderr)
             return 2
         out_json = argv[i + 1]
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     from nextgpt.config import ConfigError, compose, validate
     from nextgpt.plan import PlanError, make_plan
 
@@ -55,10 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plan.table(), end="\n\n")
         plans.append({"overrides": overrides, **plan.as_dict()})
     if len(plans) > 1:
-        print(f"{'stage':>5} {'strategy':24s} {'ranks':>5} {'GiB/rank':>9} {'ckpt GiB':>9} {'host GiB':>9} {'tokens/s':>10}")
+        print(
+            f"{'stage':>5} {'strategy':24s} {'ranks':>5} {'GiB/rank':>9} {'ckpt GiB':>9} "
+            f"{'host GiB':>9} {'tokens/s':>10}"
+        )
         for p in plans:
-            print(f"{p['stage']:>5} {p['strategy']:24s} {p['world_size']:>5} {p['total_gib']:9.1f} "
-                  f"{p['total_other_checkpointing_gib']:9.1f} {sum(p['host_gib'].values()):9.1f} {p['tokens_per_s']:10,.0f}")
+            print(
+                f"{p['stage']:>5} {p['strategy']:24s} {p['world_size']:>5} {p['total_gib']:9.1f} "
+                f"{p['total_other_checkpointing_gib']:9.1f} {sum(p['host_gib'].values()):9.1f} "
+                f"{p['tokens_per_s']:10,.0f}"
+            )
     if out_json:
         with open(out_json, "w") as f:
             json.dump(plans, f, indent=1)

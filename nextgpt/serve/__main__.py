@@ -8,13 +8,15 @@ and the port is tried before the model loads too.
     # then, with the official client:
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
 """
+
 from __future__ import annotations
 
 import logging
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger("nextgpt.serve")
 
@@ -65,15 +67,19 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         raise UsageError("bundle=DIR is required (a stage bundle folder written by train.py)")
     bundle = Path(args["bundle"])
     if not (bundle / "trainable.safetensors").is_file() or not (bundle / "config.yaml").is_file():
-        raise UsageError(f"bundle={bundle}: not a stage bundle folder (it needs trainable.safetensors and config.yaml; "
-                         f"train.py writes bundles/stage<N>/)")
+        raise UsageError(
+            f"bundle={bundle}: not a stage bundle folder (it needs trainable.safetensors and config.yaml; "
+            f"train.py writes bundles/stage<N>/)"
+        )
     if not 0 < args["port"] < 65536:
         raise UsageError(f"port={args['port']} is not a TCP port (1-65535)")
     for key in ("max_upload_mb", "max_queue", "max_tokens", "default_max_tokens", "keep_requests"):
         if args[key] <= 0:
             raise UsageError(f"{key}={args[key]} must be positive")
     if args["default_max_tokens"] > args["max_tokens"]:
-        raise UsageError(f"default_max_tokens={args['default_max_tokens']} exceeds max_tokens={args['max_tokens']}")
+        raise UsageError(
+            f"default_max_tokens={args['default_max_tokens']} exceeds max_tokens={args['max_tokens']}"
+        )
     return args
 
 
@@ -85,7 +91,9 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UsageError(f"host={host} port={port}: can not listen there ({e.strerror}); choose another port")
+            raise UsageError(
+                f"host={host} port={port}: can not listen there ({e.strerror}); choose another port"
+            ) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,21 +117,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if args["host"] not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serve: binding %s: the API has no authentication; anyone who reaches the port can use it",
-                    args["host"])
+        log.warning(
+            "serve: binding %s: the API has no authentication; anyone who reaches the port can use it",
+            args["host"],
+        )
     try:
         generator = Generator(args["bundle"], device, weights=args["weights"], backbones=args["backbones"])
     except (BundleError, FileNotFoundError, ValueError) as e:
         print(f"error: bundle={args['bundle']}: {e}", file=sys.stderr)
         return 2
     settings = ServeSettings(
-        out=Path(args["out"]), model_name=args["model_name"] or Path(args["bundle"]).resolve().name,
-        max_upload_bytes=int(args["max_upload_mb"] * 2**20), max_queue=args["max_queue"], max_tokens=args["max_tokens"],
-        default_max_tokens=args["default_max_tokens"], keep_requests=args["keep_requests"],
+        out=Path(args["out"]),
+        model_name=args["model_name"] or Path(args["bundle"]).resolve().name,
+        max_upload_bytes=int(args["max_upload_mb"] * 2**20),
+        max_queue=args["max_queue"],
+        max_tokens=args["max_tokens"],
+        default_max_tokens=args["default_max_tokens"],
+        keep_requests=args["keep_requests"],
     )
     app = build_app(generator, settings)
-    log.info("serving %s (stage %s) as model %r at http://%s:%d/v1", args["bundle"], generator.stage,
-             settings.model_name, args["host"], args["port"])
+    log.info(
+        "serving %s (stage %s) as model %r at http://%s:%d/v1",
+        args["bundle"],
+        generator.stage,
+        settings.model_name,
+        args["host"],
+        args["port"],
+    )
     uvicorn.run(app, host=args["host"], port=args["port"], log_level=args["log_level"])
     return 0
 

@@ -23,6 +23,7 @@ is at fault; an internal error is a 500 whose message names the exception type, 
 size limit is 413 (from ``Content-Length``, or counted while reading), JSON nested deeper than
 ``MAX_JSON_DEPTH`` is 400.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,10 +37,11 @@ import threading
 import time
 import uuid
 from base64 import b64encode
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,8 +98,12 @@ class ModelWorker:
 
     def admit(self) -> None:
         if self.pending >= self.max_queue:
-            raise RequestError(f"the server is busy: {self.pending} requests are queued (limit {self.max_queue}); "
-                               f"retry later", status=429, code="queue_full")
+            raise RequestError(
+                f"the server is busy: {self.pending} requests are queued (limit {self.max_queue}); "
+                f"retry later",
+                status=429,
+                code="queue_full",
+            )
         self.pending += 1
 
     def release(self) -> None:
@@ -119,8 +125,11 @@ def _check_uploads(uploads: list[Upload]) -> None:
         try:
             modality_registry.get(up.modality).load(up.data)
         except MediaDecodeError as e:
-            raise RequestError(f"{up.where}: the {up.modality} could not be decoded: {e.reason}", param=up.where,
-                               code="invalid_media") from None
+            raise RequestError(
+                f"{up.where}: the {up.modality} could not be decoded: {e.reason}",
+                param=up.where,
+                code="invalid_media",
+            ) from None
 
 
 def _write_uploads(uploads: list[Upload], folder: Path) -> dict[Path, str]:
@@ -137,15 +146,20 @@ def parse_json(body: bytes) -> Any:
     """A request body -> JSON, refusing (400) what is not JSON or nests deeper than ``MAX_JSON_DEPTH``."""
     openers = body.count(b"[") + body.count(b"{")  # no deeper than this: most requests skip the count
     if openers > MAX_JSON_DEPTH and (depth := json_depth(body)) > MAX_JSON_DEPTH:
-        raise RequestError(f"the request body's JSON nests arrays/objects {depth} levels deep; the limit is "
-                           f"{MAX_JSON_DEPTH}", code="json_too_deep")
+        raise RequestError(
+            f"the request body's JSON nests arrays/objects {depth} levels deep; the limit is "
+            f"{MAX_JSON_DEPTH}",
+            code="json_too_deep",
+        )
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # unbalanced brackets can pass the count; never a 500 all the same
-        raise RequestError(f"the request body's JSON nests arrays/objects deeper than {MAX_JSON_DEPTH} levels",
-                           code="json_too_deep") from None
+        raise RequestError(
+            f"the request body's JSON nests arrays/objects deeper than {MAX_JSON_DEPTH} levels",
+            code="json_too_deep",
+        ) from None
 
 
 class ChatService:
@@ -161,11 +175,19 @@ class ChatService:
 
     def parse(self, body: Any) -> ChatRequest:
         s = self.settings
-        req = parse_chat_request(body, max_upload_bytes=s.max_upload_bytes, max_new_tokens_limit=s.max_tokens,
-                                 default_max_tokens=s.default_max_tokens)
+        req = parse_chat_request(
+            body,
+            max_upload_bytes=s.max_upload_bytes,
+            max_new_tokens_limit=s.max_tokens,
+            default_max_tokens=s.default_max_tokens,
+        )
         if req.model not in ("", s.model_name):
-            raise RequestError(f"model {req.model!r} is not served here; this server serves {s.model_name!r}",
-                               status=404, param="model", code="model_not_found")
+            raise RequestError(
+                f"model {req.model!r} is not served here; this server serves {s.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def generate(self, req: ChatRequest, rid: str, on_text: Callable[[str], None] | None = None):
@@ -179,9 +201,16 @@ class ChatService:
             files = list(paths)
             try:
                 return self.generator.chat(
-                    req.prompt, files[len(req.history_media):], req.history, history_media=files[:len(req.history_media)],
-                    max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    out_dir=self.out / rid, on_text=on_text,
+                    req.prompt,
+                    files[len(req.history_media) :],
+                    req.history,
+                    history_media=files[: len(req.history_media)],
+                    max_new_tokens=req.max_new_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    out_dir=self.out / rid,
+                    on_text=on_text,
                 )
             except (GenerationInputError, MediaDecodeError) as e:
                 message = str(e)
@@ -214,21 +243,32 @@ class ChatService:
         resolved) is in that request's folder under ``out``; anything else is 404, as unknown."""
         for part, value in (("request id", rid), ("file name", name)):
             if not FILE_NAME.fullmatch(value) or ".." in value or value == ".":
-                raise RequestError(f"no such file: invalid {part} {value[:80]!r} (a plain name: letters, digits, "
-                                   f"'_', '-', '.'; no path separators, no '..')", status=404, code="not_found")
+                raise RequestError(
+                    f"no such file: invalid {part} {value[:80]!r} (a plain name: letters, digits, "
+                    f"'_', '-', '.'; no path separators, no '..')",
+                    status=404,
+                    code="not_found",
+                )
         try:
             real = (self.out / rid / name).resolve()
         except (OSError, RuntimeError):  # a symlink loop
             real = None
         if real is None or real.parent != self.out_real / rid or not real.is_file():
-            raise RequestError(f"no such file: {rid}/{name} (generated files of the newest "
-                               f"{self.settings.keep_requests} requests are kept)", status=404, code="not_found")
+            raise RequestError(
+                f"no such file: {rid}/{name} (generated files of the newest "
+                f"{self.settings.keep_requests} requests are kept)",
+                status=404,
+                code="not_found",
+            )
         return real
 
 
 def _usage(result: Any) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.new_tokens,
-            "total_tokens": result.prompt_tokens + result.new_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.new_tokens,
+        "total_tokens": result.prompt_tokens + result.new_tokens,
+    }
 
 
 def _error_response(e: RequestError) -> JSONResponse:
@@ -239,7 +279,9 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
     """The FastAPI app serving ``generator`` (loaded once, before the app starts)."""
     settings = settings or ServeSettings()
     service = ChatService(generator, settings)
-    app = FastAPI(title="nextgpt-lightning", description="OpenAI-compatible chat completions with media in and out")
+    app = FastAPI(
+        title="nextgpt-lightning", description="OpenAI-compatible chat completions with media in and out"
+    )
     app.state.service = service
     max_body = settings.max_upload_bytes * 4 // 3 + 2**20  # base64 and the JSON around it
 
@@ -258,21 +300,36 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, e: Exception):
         log.exception("serve: request failed")
-        return JSONResponse({"error": {"message": f"internal server error ({type(e).__name__}); see the server log",
-                                       "type": "server_error", "param": None, "code": "internal_error"}},
-                            status_code=500)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"internal server error ({type(e).__name__}); see the server log",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                }
+            },
+            status_code=500,
+        )
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise RequestError(f"the request body is {declared} bytes; the limit is {max_body} "
-                               f"(uploads: {settings.max_upload_bytes} bytes)", status=413, code="upload_too_large")
+            raise RequestError(
+                f"the request body is {declared} bytes; the limit is {max_body} "
+                f"(uploads: {settings.max_upload_bytes} bytes)",
+                status=413,
+                code="upload_too_large",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body:
-                raise RequestError(f"the request body exceeds the limit of {max_body} bytes", status=413,
-                                   code="upload_too_large")
+                raise RequestError(
+                    f"the request body exceeds the limit of {max_body} bytes",
+                    status=413,
+                    code="upload_too_large",
+                )
         return await run_in_threadpool(parse_json, bytes(body))  # a big body does not stall the event loop
 
     @app.get("/health")
@@ -281,8 +338,12 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "nextgpt-lightning"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nextgpt-lightning"}
+            ],
+        }
 
     @app.get("/v1/files/{rid}/{name}")
     async def files(rid: str, name: str):
@@ -297,23 +358,38 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
         base_url = str(request.base_url)
         service.worker.admit()
         if req.stream:
-            return StreamingResponse(_stream(service, req, rid, created, base_url), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(service, req, rid, created, base_url),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             result = await service.worker.run(lambda: service.generate(req, rid))
         finally:
             service.worker.release()
-        message = {"role": "assistant", "content": result.text,
-                   "media": service.media(result, rid, base_url, req.media_format)}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
-                "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason,
-                             "logprobs": None}],
-                "usage": _usage(result), "notes": result.notes}
+        message = {
+            "role": "assistant",
+            "content": result.text,
+            "media": service.media(result, rid, base_url, req.media_format),
+        }
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": settings.model_name,
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+            ],
+            "usage": _usage(result),
+            "notes": result.notes,
+        }
 
     return app
 
 
-async def _stream(service: ChatService, req: ChatRequest, rid: str, created: int, base_url: str) -> AsyncIterator[str]:
+async def _stream(
+    service: ChatService, req: ChatRequest, rid: str, created: int, base_url: str
+) -> AsyncIterator[str]:
     """Server-sent events: the role, the text as it is generated, the media and finish reason last.
 
     The streamed pieces add up to exactly the non-streamed ``content``: text is held back while it
@@ -326,8 +402,14 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, created: int
     sent = [""]
 
     def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.settings.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": service.settings.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     def on_text(text: str) -> None:  # on the model thread
@@ -335,7 +417,7 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, created: int
             raise _Cancelled
         safe = text[: max(len(text) - stop_len, 0)]
         if safe.startswith(sent[0]) and len(safe) > len(sent[0]) and not safe.endswith("\ufffd"):
-            delta, sent[0] = safe[len(sent[0]):], safe
+            delta, sent[0] = safe[len(sent[0]) :], safe
             loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
     def work() -> None:
@@ -356,22 +438,32 @@ async def _stream(service: ChatService, req: ChatRequest, rid: str, created: int
             if kind == "error":
                 if isinstance(value, _Cancelled):
                     return
-                err = value if isinstance(value, RequestError) else RequestError(
-                    f"internal server error ({type(value).__name__}); see the server log", status=500,
-                    code="internal_error")
+                err = (
+                    value
+                    if isinstance(value, RequestError)
+                    else RequestError(
+                        f"internal server error ({type(value).__name__}); see the server log",
+                        status=500,
+                        code="internal_error",
+                    )
+                )
                 if not isinstance(value, RequestError):
                     log.error("serve: streamed request failed", exc_info=value)
                 yield f"data: {json.dumps(err.body())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             result = value
-            rest = result.text[len(sent[0]):] if result.text.startswith(sent[0]) else ""
+            rest = result.text[len(sent[0]) :] if result.text.startswith(sent[0]) else ""
             if not result.text.startswith(sent[0]):
                 log.warning("serve: streamed text %r is not a prefix of the answer %r", sent[0], result.text)
             if rest:
                 yield chunk({"content": rest})
             usage = {"usage": _usage(result)} if req.options.get("include_usage") else {}
-            yield chunk({"media": service.media(result, rid, base_url, req.media_format)}, result.finish_reason, **usage)
+            yield chunk(
+                {"media": service.media(result, rid, base_url, req.media_format)},
+                result.finish_reason,
+                **usage,
+            )
             yield "data: [DONE]\n\n"
             return
     finally:

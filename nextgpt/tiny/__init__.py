@@ -12,6 +12,7 @@ tests can prove the project reads widths from the loaded configs instead of hard
 Usage: ``python -m nextgpt.tiny --out DIR [--force]`` (:mod:`nextgpt.tiny.__main__`) or :func:`build_all`.
 The synthetic data set these models are tested on is written by :mod:`nextgpt.world.synthetic`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,9 @@ from nextgpt.tiny.tokenizers import (  # noqa: F401
 )
 
 # Bump whenever anything below changes what is written: cached builds with another version are rebuilt.
-TINY_BUILD_VERSION: str = "4"  # 3: the tiny LLM is pre-trained on tiny_corpus + caption turns; 4: + SD 2, SDXL
+TINY_BUILD_VERSION: str = (
+    "4"  # 3: the tiny LLM is pre-trained on tiny_corpus + caption turns; 4: + SD 2, SDXL
+)
 
 MARKER_NAME = ".complete"
 IMAGEBIND_FILE = "imagebind_tiny.pth"

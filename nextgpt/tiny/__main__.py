@@ -1,4 +1,5 @@
 """``python -m nextgpt.tiny --out DIR [--force]``: build the tiny backbones; prints each path and its size."""
+
 from __future__ import annotations
 
 import argparse

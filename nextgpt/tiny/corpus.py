@@ -1,5 +1,6 @@
 """The text the tiny LLM is pre-trained on: an embedded English corpus (a small grammar of
 sentences about shapes, sounds and motion) and caption turns of the synthetic data set's grammar."""
+
 from __future__ import annotations
 
 import random
@@ -32,7 +33,9 @@ _SOUNDS = (
     "ring ringing chime chimes noise sound sounds siren bell drum note melody rhythm pulse pulses static"
 ).split()
 _NUMBERS = "one two three four five six seven eight nine ten".split()
-_MEDIA = "image picture photo photograph drawing video clip movie animation audio recording sound track".split()
+_MEDIA = (
+    "image picture photo photograph drawing video clip movie animation audio recording sound track".split()
+)
 _BACKGROUNDS = "white black grey dark light plain blank empty coloured colored striped".split()
 _FUNCTION_WORDS = (
     "the a an of in on at to with and or but not no yes is are was were be been being it its this that "
@@ -110,7 +113,7 @@ def tiny_corpus(seed: int = 0, n_sentences: int = 4000) -> list[str]:
     def obj() -> str:
         size = pick(_SIZES) + " " if rng.random() < 0.5 else ""
         colour = pick(_COLOURS)
-        first = (size or colour)
+        first = size or colour
         phrase = f"{_article(first)} {size}{colour} {pick(_SHAPES)}"
         r = rng.random()
         if r < 0.4:
@@ -136,8 +139,15 @@ def tiny_corpus(seed: int = 0, n_sentences: int = 4000) -> list[str]:
 
     def fill(template: str) -> str:
         return template.format(
-            obj=obj(), motion=motion(), snd=snd(), colour=pick(_COLOURS), shape=pick(_SHAPES),
-            vpos=pick(_VPOS), hpos=pick(_HPOS), num=pick(_NUMBERS), bg=pick(_BACKGROUNDS),
+            obj=obj(),
+            motion=motion(),
+            snd=snd(),
+            colour=pick(_COLOURS),
+            shape=pick(_SHAPES),
+            vpos=pick(_VPOS),
+            hpos=pick(_HPOS),
+            num=pick(_NUMBERS),
+            bg=pick(_BACKGROUNDS),
         )
 
     def filler() -> str:
@@ -150,9 +160,26 @@ def tiny_corpus(seed: int = 0, n_sentences: int = 4000) -> list[str]:
     out: list[str] = []
     # every vocabulary word at least once, in several casings, so no word is left to bytes
     vocab_words = sorted(
-        set(_COLOURS + _SHAPES + _SIZES + _VPOS + _HPOS + _DIRECTIONS + _MOTIONS + _SPEEDS + _PITCH
-            + _LOUDNESS + _SOUNDS + _NUMBERS + _MEDIA + _BACKGROUNDS + _FUNCTION_WORDS + _VERBS + _NOUNS
-            + _ADJECTIVES)
+        set(
+            _COLOURS
+            + _SHAPES
+            + _SIZES
+            + _VPOS
+            + _HPOS
+            + _DIRECTIONS
+            + _MOTIONS
+            + _SPEEDS
+            + _PITCH
+            + _LOUDNESS
+            + _SOUNDS
+            + _NUMBERS
+            + _MEDIA
+            + _BACKGROUNDS
+            + _FUNCTION_WORDS
+            + _VERBS
+            + _NOUNS
+            + _ADJECTIVES
+        )
     )
     out.append(" ".join(vocab_words))
     out.append(" ".join(w.capitalize() for w in vocab_words))
@@ -179,8 +206,6 @@ def tiny_corpus(seed: int = 0, n_sentences: int = 4000) -> list[str]:
     return out
 
 
-
-
 def caption_conversations(rng: random.Random, n: int) -> list[str]:
     """Vicuna-v0 turns whose answers are captions of the project's synthetic grammar.
 
@@ -192,10 +217,14 @@ def caption_conversations(rng: random.Random, n: int) -> list[str]:
     def caption() -> str:
         kind = rng.random()
         if kind < 0.4:
-            shapes = [(rng.choice(list(syn.COLOURS)), rng.choice(syn.SHAPES), rng.choice(list(syn.POSITIONS)))]
+            shapes = [
+                (rng.choice(list(syn.COLOURS)), rng.choice(syn.SHAPES), rng.choice(list(syn.POSITIONS)))
+            ]
             return syn.image_caption(shapes, rng.choice(list(syn.BACKGROUNDS)))
         if kind < 0.7:
-            return syn.audio_caption(rng.choice(list(syn.LOUDNESS)), rng.choice(list(syn.PITCHES)), rng.choice(syn.PATTERNS))
+            return syn.audio_caption(
+                rng.choice(list(syn.LOUDNESS)), rng.choice(list(syn.PITCHES)), rng.choice(syn.PATTERNS)
+            )
         return syn.video_caption(rng.choice(list(syn.COLOURS)), rng.choice(list(syn.DIRECTIONS)))
 
     out = []

@@ -1,6 +1,7 @@
 """The tiny diffusion pipelines: Stable Diffusion 1.5, 2.x and XL, AudioLDM and text-to-video, the
 real diffusers classes with random weights and trained tokenizers, saved with ``save_pretrained``.
 Every conditioning width differs from the others and from the LLM's."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,15 @@ SDXL_POOLED_WIDTH = 20  # text_encoder_2's projection_dim (1280 in SDXL), unlike
 SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim (256 in SDXL)
 
 
-def _clip_text_encoder(tokenizer, width: int, seed: int, *, hidden_act: str = "quick_gelu",
-                       projection_dim: int | None = None, with_projection: bool = False):
+def _clip_text_encoder(
+    tokenizer,
+    width: int,
+    seed: int,
+    *,
+    hidden_act: str = "quick_gelu",
+    projection_dim: int | None = None,
+    with_projection: bool = False,
+):
     """CLIPTextModel (or CLIPTextModelWithProjection, whose ``text_embeds`` SDXL pools) of ``width``."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -62,10 +70,15 @@ def _image_vae(seed: int, scaling_factor: float = 0.18215):
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
         scaling_factor=scaling_factor,
     ).eval()
 
@@ -77,11 +90,17 @@ def _unet(cls, blocks: str, width: int, head_dim: int | tuple[int, ...], seed: i
 
     torch.manual_seed(seed)
     return cls(
-        sample_size=16, in_channels=4, out_channels=4,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=(f"CrossAttnDownBlock{blocks}", f"DownBlock{blocks}"),
         up_block_types=(f"UpBlock{blocks}", f"CrossAttnUpBlock{blocks}"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=width, attention_head_dim=head_dim, **extra,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=width,
+        attention_head_dim=head_dim,
+        **extra,
     ).eval()
 
 
@@ -95,12 +114,23 @@ def build_tiny_stable_diffusion(out: Path, *, seed: int = 0) -> Path:
     unet = _unet(UNet2DConditionModel, "2D", SD_TEXT_WIDTH, 4, seed)
     vae = _image_vae(seed)
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
     _add_vocab_files(out / "tokenizer", seed, clip=True)
@@ -117,15 +147,34 @@ def build_tiny_sd2(out: Path, *, seed: int = 0) -> Path:
     out = Path(out)
     tokenizer = _openclip_tokenizer(seed)
     text_encoder = _clip_text_encoder(tokenizer, SD2_TEXT_WIDTH, seed, hidden_act="gelu")
-    unet = _unet(UNet2DConditionModel, "2D", SD2_TEXT_WIDTH, (2, 4), seed, use_linear_projection=True,
-                 upcast_attention=True)
+    unet = _unet(
+        UNet2DConditionModel,
+        "2D",
+        SD2_TEXT_WIDTH,
+        (2, 4),
+        seed,
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
     )
     pipe = StableDiffusionPipeline(
-        vae=_image_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=_image_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
     _add_vocab_files(out / "tokenizer", seed, clip=True)
@@ -146,25 +195,49 @@ def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
     width_1, width_2 = SDXL_TEXT_WIDTHS
     tokenizer, tokenizer_2 = build_clip_tokenizer(seed), _openclip_tokenizer(seed)
     text_encoder = _clip_text_encoder(tokenizer, width_1, seed)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, width_2, seed + 1, hidden_act="gelu",
-                                        projection_dim=SDXL_POOLED_WIDTH, with_projection=True)
+    text_encoder_2 = _clip_text_encoder(
+        tokenizer_2,
+        width_2,
+        seed + 1,
+        hidden_act="gelu",
+        projection_dim=SDXL_POOLED_WIDTH,
+        with_projection=True,
+    )
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=width_1 + width_2, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=width_1 + width_2,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + 6 * SDXL_TIME_EMBED_DIM,
     ).eval()
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_image_vae(seed, scaling_factor=0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        vae=_image_vae(seed, scaling_factor=0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
         force_zeros_for_empty_prompt=True,  # as SDXL base: no negative prompt = zero conditioning
     )
     pipe.save_pretrained(out)
@@ -209,36 +282,64 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
     mel_bins = 16
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=8, out_channels=8,
+        sample_size=32,
+        in_channels=8,
+        out_channels=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
         # AudioLDM has no text cross-attention: its attention blocks self-attend (cross dim = block width)
         # and the CLAP embedding enters as a class embedding concatenated to the time embedding.
-        cross_attention_dim=(16, 32), attention_head_dim=4,
+        cross_attention_dim=(16, 32),
+        attention_head_dim=4,
         class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=AUDIOLDM_PROJECTION_DIM,
         class_embeddings_concat=True,
     ).eval()
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=8,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=8,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
     ).eval()
     torch.manual_seed(seed)
-    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
-        model_in_dim=mel_bins, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[4, 4],
-        upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-        normalize_before=False, initializer_range=0.1,  # 0.1: waveform amplitude ~0.1 instead of ~1e-5
-    )).eval()
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=mel_bins,
+            sampling_rate=16000,
+            upsample_initial_channel=16,
+            upsample_rates=[4, 4],
+            upsample_kernel_sizes=[8, 8],
+            resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3]],
+            normalize_before=False,
+            initializer_range=0.1,  # 0.1: waveform amplitude ~0.1 instead of ~1e-5
+        )
+    ).eval()
     scheduler = DDIMScheduler(
-        beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = AudioLDMPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, vocoder=vocoder,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        vocoder=vocoder,
     )
     pipe.save_pretrained(out)
     _add_vocab_files(out / "tokenizer", seed, clip=False)
@@ -255,10 +356,15 @@ def build_tiny_text_to_video(out: Path, *, seed: int = 0) -> Path:
     unet = _unet(UNet3DConditionModel, "3D", T2V_TEXT_WIDTH, 8, seed)
     vae = _image_vae(seed)
     scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
         steps_offset=1,
     )
-    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    pipe = TextToVideoSDPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
     pipe.save_pretrained(out)
     _add_vocab_files(out / "tokenizer", seed, clip=True)
     return out

@@ -3,10 +3,12 @@ GPT-2), built from each family's own Hugging Face config class and saved with ``
 so that ``model.llm.path=<folder>`` loads them through the same path as the real ones. They share
 the tiny Llama tokenizer; the widths differ from the tiny Llama's, so nothing can lean on 64.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nextgpt.tiny.tokenizers import build_llm_tokenizer
 
@@ -14,48 +16,95 @@ HIDDEN = 48
 
 
 def _common(tok) -> dict[str, Any]:
-    return {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id}
+    return {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def _llama3(tok):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=1024, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
-                       **_common(tok))
+    return LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+        **_common(tok),
+    )
 
 
 def _mistral(tok):
     from transformers import MistralConfig
 
-    return MistralConfig(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, sliding_window=256, **_common(tok))
+    return MistralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        sliding_window=256,
+        **_common(tok),
+    )
 
 
 def _qwen2(tok):
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **_common(tok))
+    return Qwen2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        **_common(tok),
+    )
 
 
 def _gemma2(tok):
     from transformers import Gemma2Config
 
-    return Gemma2Config(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=12, max_position_embeddings=1024, sliding_window=256,
-                        **_common(tok))
+    return Gemma2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=1024,
+        sliding_window=256,
+        **_common(tok),
+    )
 
 
 def _phi3(tok):
     from transformers import Phi3Config
 
-    return Phi3Config(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=1024, original_max_position_embeddings=1024,
-                      **_common(tok))
+    return Phi3Config(
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        **_common(tok),
+    )
 
 
 def _gpt2(tok):
@@ -64,8 +113,14 @@ def _gpt2(tok):
     return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=1024, **_common(tok))
 
 
-FAMILIES: dict[str, Callable] = {"llama3": _llama3, "mistral": _mistral, "qwen2": _qwen2, "gemma2": _gemma2,
-                                 "phi3": _phi3, "gpt2": _gpt2}
+FAMILIES: dict[str, Callable] = {
+    "llama3": _llama3,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "gemma2": _gemma2,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+}
 
 
 def build_tiny_family(name: str, out: Path, *, seed: int = 0) -> Path:

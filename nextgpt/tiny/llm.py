@@ -1,5 +1,6 @@
 """The tiny Llama: random weights of the real class, pre-trained for a few seconds on the embedded
 corpus so that stage 1 has something to align to (a purely random LLM keeps near-uniform logits)."""
+
 from __future__ import annotations
 
 import random
@@ -11,8 +12,17 @@ from nextgpt.tiny.tokenizers import build_llm_tokenizer
 LLM_HIDDEN = 64
 
 
-def pretrain_tiny_llm(model, tokenizer, *, seed: int = 0, steps: int = 250, batch_size: int = 32, lr: float = 3e-3,
-                      texts: list[str] | None = None, desc: str | None = None) -> list[float]:
+def pretrain_tiny_llm(
+    model,
+    tokenizer,
+    *,
+    seed: int = 0,
+    steps: int = 250,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    texts: list[str] | None = None,
+    desc: str | None = None,
+) -> list[float]:
     """A few hundred language-modelling steps on ``tiny_corpus``: the tiny stand-in for Vicuna's pre-training.
 
     Why: a randomly initialised LLM predicts a near-uniform distribution whatever its input (logits
@@ -30,12 +40,19 @@ def pretrain_tiny_llm(model, tokenizer, *, seed: int = 0, steps: int = 250, batc
     gen = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps)
+    )
     losses = []
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=desc is None):
-        batch = tokenizer([rng.choice(texts) + tokenizer.eos_token for _ in range(batch_size)], padding=True,
-                          truncation=True, max_length=64, return_tensors="pt")
+        batch = tokenizer(
+            [rng.choice(texts) + tokenizer.eos_token for _ in range(batch_size)],
+            padding=True,
+            truncation=True,
+            max_length=64,
+            return_tensors="pt",
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))

@@ -2,6 +2,7 @@
 breaks ties between equally frequent pairs in hash-map order, so two runs could learn different
 merges), then the real transformers tokenizer classes (Llama, CLIP, RoBERTa) built from the
 learned vocab/merges."""
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,9 @@ from nextgpt.tiny.corpus import tiny_corpus
 
 TokT = TypeVar("TokT")
 
-if TYPE_CHECKING:  # heavy imports stay lazy: `python -m nextgpt.tiny --out DIR` on a complete cache is instant
+if (
+    TYPE_CHECKING
+):  # heavy imports stay lazy: `python -m nextgpt.tiny --out DIR` on a complete cache is instant
     from transformers import CLIPTokenizer, LlamaTokenizer, RobertaTokenizer
 
 LLM_VOCAB_TARGET = 1536
@@ -36,12 +39,18 @@ LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 ROBERTA_MASK = "<mask>"
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode table (the byte-level BPE alphabet, in its canonical order)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -49,10 +58,12 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=False))
 
 
-def learn_bpe(words: dict[tuple[str, ...], int], max_merges: int, min_frequency: int = 2) -> list[tuple[str, str]]:
+def learn_bpe(
+    words: dict[tuple[str, ...], int], max_merges: int, min_frequency: int = 2
+) -> list[tuple[str, str]]:
     """Learn BPE merges from ``{symbols of a word: count}``; ties go to the lexicographically smallest pair.
 
     Why not ``tokenizers.trainers.BpeTrainer``: its tie-breaking depends on hash-map order, so the same
@@ -63,7 +74,7 @@ def learn_bpe(words: dict[tuple[str, ...], int], max_merges: int, min_frequency:
     counts: dict[tuple[str, str], int] = defaultdict(int)
     where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for i, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
+        for pair in zip(seq, seq[1:], strict=False):
             counts[pair] += freqs[i]
             where[pair].add(i)
     heap = [(-c, pair) for pair, c in counts.items()]
@@ -83,7 +94,7 @@ def learn_bpe(words: dict[tuple[str, ...], int], max_merges: int, min_frequency:
         new = a + b
         for i in sorted(where.pop(pair)):
             seq, f = seqs[i], freqs[i]
-            for p in zip(seq, seq[1:]):
+            for p in zip(seq, seq[1:], strict=False):
                 counts[p] -= f
             out: list[str] = []
             j = 0
@@ -95,7 +106,7 @@ def learn_bpe(words: dict[tuple[str, ...], int], max_merges: int, min_frequency:
                     out.append(seq[j])
                     j += 1
             seqs[i] = out
-            for p in zip(out, out[1:]):
+            for p in zip(out, out[1:], strict=False):
                 counts[p] += f
                 where[p].add(i)
                 heapq.heappush(heap, (-counts[p], p))
@@ -122,7 +133,7 @@ def write_vocab_merges(folder: Path, vocab: dict[str, int], merges: list[tuple[s
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _forget_load_kwargs(tokenizer: "TokT") -> "TokT":
+def _forget_load_kwargs(tokenizer: TokT) -> TokT:
     """Drop the loader's own kwargs (transformers 5 keeps them in init_kwargs and would save them)."""
     for key in ("is_local", "local_files_only", "_commit_hash", "cache_dir", "name_or_path"):
         tokenizer.init_kwargs.pop(key, None)
@@ -156,8 +167,16 @@ def build_llm_tokenizer(seed: int = 0) -> LlamaTokenizer:
 
     vocab, merges = _llama_vocab(seed)
     return LlamaTokenizer(
-        vocab=dict(vocab), merges=list(merges), unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<unk>", add_bos_token=True, add_eos_token=False, model_max_length=1024, legacy=False,
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=1024,
+        legacy=False,
     )
 
 
@@ -166,11 +185,15 @@ def clip_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """CLIP conventions: NFC + lowercase, byte-level alphabet, ``</w>`` end-of-word, specials last."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
-    norm = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    norm = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     words: Counter[tuple[str, ...]] = Counter()
     for text in tiny_corpus(seed):
         for piece, _ in pre.pre_tokenize_str(norm.normalize_str(text)):

@@ -14,6 +14,7 @@ captions are true by construction) in ``tests/unit/test_world.py``.
 - video: per frame, the pixels far from the background; their mean colour is the colour and the
   track of their centroid, first frame to last, the direction.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,11 @@ def image_attributes(image: np.ndarray) -> dict[str, str | None]:
 
 def audio_attributes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, str | None]:
     """pitch, loudness and pattern of a mono tone."""
-    x = np.asarray(wave, dtype=np.float64).reshape(-1) if np.ndim(wave) == 1 else np.asarray(wave, np.float64).mean(-1)
+    x = (
+        np.asarray(wave, dtype=np.float64).reshape(-1)
+        if np.ndim(wave) == 1
+        else np.asarray(wave, np.float64).mean(-1)
+    )
     if x.size < 64 or not np.isfinite(x).all() or np.abs(x).max() == 0:
         return {"pitch": None, "loudness": None, "pattern": None}
     spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size)))

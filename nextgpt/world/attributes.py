@@ -7,6 +7,7 @@ first colour word, the first shape word, the first position phrase, and so on; a
 text does not name is ``None`` (scored as wrong). An image caption of two shapes is read for its
 first shape, which is also the one a reference caption names first.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,15 +31,19 @@ _PHRASES: dict[str, dict[str, str]] = {
     "pattern": {v: rf"\b{v}\b" for v in PATTERNS},
     "direction": {d: rf"\bmoving {phrase}\b" for d, phrase in DIRECTIONS.items()},
 }
-_PATTERNS = {attr: [(value, re.compile(p, re.IGNORECASE)) for value, p in table.items()]
-             for attr, table in _PHRASES.items()}
+_PATTERNS = {
+    attr: [(value, re.compile(p, re.IGNORECASE)) for value, p in table.items()]
+    for attr, table in _PHRASES.items()
+}
 
 
 def caption_attributes(text: str, modality: str) -> dict[str, str | None]:
     """attribute -> the value ``text`` names first (``None`` where it names none)."""
     out: dict[str, str | None] = {}
     for attr in ATTRIBUTES[modality]:
-        found = [(m.start(), value) for value, pattern in _PATTERNS[attr] if (m := pattern.search(text or ""))]
+        found = [
+            (m.start(), value) for value, pattern in _PATTERNS[attr] if (m := pattern.search(text or ""))
+        ]
         out[attr] = min(found)[1] if found else None
     return out
 

@@ -7,12 +7,13 @@ world turns whose answers depend on the request (``nextgpt.world.llm``); ``sd/``
 ``t2v/``, the tiny Stable Diffusion, AudioLDM and text-to-video pipelines trained on world images,
 tones and clips (``nextgpt.world.decoders``), all saved with ``save_pretrained``; and
 ``report.json`` with each backbone's quality line. The LLM and the decoders start from the tiny
-random ones in ``${paths.backbones}``; ``model=world`` reads them all. The build is deterministic for its settings, versioned
-(``WORLD_BUILD_VERSION``) and atomic (a temporary folder renamed into place; concurrent builders
-take turns).
+random ones in ``${paths.backbones}``; ``model=world`` reads them all. The build is deterministic
+for its settings, versioned (``WORLD_BUILD_VERSION``) and atomic (a temporary folder renamed
+into place; concurrent builders take turns).
 
     python -m nextgpt.world.build --out .cache/world_backbones [--backbones .cache/tiny_backbones] [--small] [--force]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ MARKER = ".complete"
 
 
 # modality -> (folder, pipeline class) of the decoders trained on the world
-DECODERS = {"image": ("sd", "StableDiffusionPipeline"), "audio": ("audioldm", "AudioLDMPipeline"),
-            "video": ("t2v", "TextToVideoSDPipeline")}
+DECODERS = {
+    "image": ("sd", "StableDiffusionPipeline"),
+    "audio": ("audioldm", "AudioLDMPipeline"),
+    "video": ("t2v", "TextToVideoSDPipeline"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +59,14 @@ class WorldSettings:
 
 
 def _marker(settings: WorldSettings) -> str:
-    return json.dumps({"version": WORLD_BUILD_VERSION, "imagebind_layout": imagebind_layout_hash(),
-                       **dataclasses.asdict(settings)}, sort_keys=True)
+    return json.dumps(
+        {
+            "version": WORLD_BUILD_VERSION,
+            "imagebind_layout": imagebind_layout_hash(),
+            **dataclasses.asdict(settings),
+        },
+        sort_keys=True,
+    )
 
 
 def is_complete(out: Path, settings: WorldSettings) -> bool:
@@ -70,8 +80,13 @@ def imagebind_path(out: str | Path) -> Path:
     return Path(out) / "imagebind" / IMAGEBIND_FILE
 
 
-def build_world(out: str | Path, backbones: str | Path = ".cache/tiny_backbones", *, small: bool = False,
-                force: bool = False) -> Path:
+def build_world(
+    out: str | Path,
+    backbones: str | Path = ".cache/tiny_backbones",
+    *,
+    small: bool = False,
+    force: bool = False,
+) -> Path:
     """Train the world backbones into ``out`` (the decoders starting from the tiny ones in ``backbones``,
     built there first when missing) unless a build of these settings is there; returns ``out``."""
     import diffusers
@@ -94,7 +109,9 @@ def build_world(out: str | Path, backbones: str | Path = ".cache/tiny_backbones"
             report["llm"] = build_world_llm(tiny["llm"], tmp / "llm", settings.llm)
             for modality, (folder, cls) in DECODERS.items():
                 pipe = getattr(diffusers, cls).from_pretrained(tiny[folder])
-                report[folder] = train_world_decoder(pipe, modality, settings.decoders.of(modality), work=out.parent)
+                report[folder] = train_world_decoder(
+                    pipe, modality, settings.decoders.of(modality), work=out.parent
+                )
                 pipe.save_pretrained(tmp / folder)
             report["seconds"] = round(time.perf_counter() - start, 1)
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -109,13 +126,22 @@ def prepare(model_cfg, paths_cfg) -> None:
     if model_cfg.get("build_tiny") or model_cfg.get("build_world"):
         build_all(Path(paths_cfg.backbones))
     if model_cfg.get("build_world"):
-        build_world(Path(paths_cfg.world_backbones), Path(paths_cfg.backbones), small=model_cfg.get("build_world") == "small")
+        build_world(
+            Path(paths_cfg.world_backbones),
+            Path(paths_cfg.backbones),
+            small=model_cfg.get("build_world") == "small",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nextgpt.world.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(".cache/world_backbones"))
-    p.add_argument("--backbones", type=Path, default=Path(".cache/tiny_backbones"), help="the tiny backbones the decoders start from")
+    p.add_argument(
+        "--backbones",
+        type=Path,
+        default=Path(".cache/tiny_backbones"),
+        help="the tiny backbones the decoders start from",
+    )
     p.add_argument("--small", action="store_true", help="the small build the tests use")
     p.add_argument("--force", action="store_true", help="build again even when a complete build is there")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ sized for the world by the modality's recipe (``nextgpt.world.recipes``):
 Quality line: the world analysers (``nextgpt.world.analysers``) read the attributes back from
 media the trained pipeline generates for held-out captions, beside the random pipeline's and chance.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,9 @@ class WorldDecoderSettings:
     batch: int = 32
     lr: float = 2e-3
     uncond: float = 0.1  # share of captions dropped to the empty prompt (classifier-free guidance)
-    high_noise: float = 0.0  # share of timesteps drawn from the noisier half, where the caption decides the layout
+    high_noise: float = (
+        0.0  # share of timesteps drawn from the noisier half, where the caption decides the layout
+    )
     inference_steps: int = 20
     guidance_scale: float = 4.0
     seed: int = 0
@@ -69,24 +72,43 @@ class WorldDecodersSettings:
     # AudioLDM: loudness is a smaller share of the loss than pitch and is learned late: generated loudness
     # 0.46 after 400 steps, 0.50 after 600, 0.94 after 800 with half the timesteps from the noisier half,
     # where the caption decides (measured)
-    audio: WorldDecoderSettings = dataclasses.field(default_factory=lambda: WorldDecoderSettings(
-        vae_steps=200, unet_steps=800, vocoder_steps=600, guidance_scale=2.5, high_noise=0.5))
-    video: WorldDecoderSettings = dataclasses.field(default_factory=lambda: WorldDecoderSettings(
-        items=512, heldout=24, vae_steps=300, unet_steps=400, batch=8, lr=3e-3))
+    audio: WorldDecoderSettings = dataclasses.field(
+        default_factory=lambda: WorldDecoderSettings(
+            vae_steps=200, unet_steps=800, vocoder_steps=600, guidance_scale=2.5, high_noise=0.5
+        )
+    )
+    video: WorldDecoderSettings = dataclasses.field(
+        default_factory=lambda: WorldDecoderSettings(
+            items=512, heldout=24, vae_steps=300, unet_steps=400, batch=8, lr=3e-3
+        )
+    )
 
     @classmethod
     def small(cls) -> WorldDecodersSettings:
-        short = {"items": 128, "heldout": 12, "vae_steps": 40, "unet_steps": 60, "batch": 16, "inference_steps": 8}
-        return cls(image=WorldDecoderSettings(**short),
-                   audio=WorldDecoderSettings(**{**short, "vocoder_steps": 40, "guidance_scale": 2.5, "high_noise": 0.5}),
-                   video=WorldDecoderSettings(**{**short, "items": 32, "unet_steps": 20, "batch": 8}))
+        short = {
+            "items": 128,
+            "heldout": 12,
+            "vae_steps": 40,
+            "unet_steps": 60,
+            "batch": 16,
+            "inference_steps": 8,
+        }
+        return cls(
+            image=WorldDecoderSettings(**short),
+            audio=WorldDecoderSettings(
+                **{**short, "vocoder_steps": 40, "guidance_scale": 2.5, "high_noise": 0.5}
+            ),
+            video=WorldDecoderSettings(**{**short, "items": 32, "unet_steps": 20, "batch": 8}),
+        )
 
     def of(self, modality: str) -> WorldDecoderSettings:
         return getattr(self, modality)
 
 
 def train_vae(vae, media: torch.Tensor, settings: WorldDecoderSettings, label: str) -> float:
-    """Autoencoder training of ``vae`` on ``media`` (a VAE batch); sets its ``scaling_factor``; returns the final MSE."""
+    """Autoencoder training of ``vae`` on ``media`` (a VAE batch).
+
+    Sets its ``scaling_factor``; returns the final MSE."""
     rng = np.random.default_rng(settings.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     vae.train()
@@ -105,13 +127,17 @@ def train_vae(vae, media: torch.Tensor, settings: WorldDecoderSettings, label: s
         bar.set_postfix(mse=f"{np.mean(losses[-10:]):.4f}")
     vae.eval()
     with torch.no_grad():
-        sample = media[torch.randperm(len(media), generator=torch.Generator().manual_seed(settings.seed))[:512]]
+        sample = media[
+            torch.randperm(len(media), generator=torch.Generator().manual_seed(settings.seed))[:512]
+        ]
         z = torch.cat([vae.encode(sample[i : i + 64]).latent_dist.mean for i in range(0, len(sample), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return float(np.mean(losses[-10:]))
 
 
-def train_denoiser(pipe, recipe, media: torch.Tensor, captions: list[str], settings: WorldDecoderSettings) -> float:
+def train_denoiser(
+    pipe, recipe, media: torch.Tensor, captions: list[str], settings: WorldDecoderSettings
+) -> float:
     """Text encoder + UNet on the pipeline's denoising objective; returns the final loss."""
     from diffusers import DDPMScheduler
 
@@ -123,7 +149,9 @@ def train_denoiser(pipe, recipe, media: torch.Tensor, captions: list[str], setti
         latents = latents * pipe.vae.config.scaling_factor
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.unet_steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=settings.lr, total_steps=settings.unet_steps, pct_start=0.1
+    )
     pipe.unet.train()
     pipe.text_encoder.train()
     losses = []
@@ -152,7 +180,9 @@ def train_denoiser(pipe, recipe, media: torch.Tensor, captions: list[str], setti
 
 
 @torch.no_grad()
-def generated_accuracy(pipe, recipe, captions: Sequence[str], settings: WorldDecoderSettings) -> dict[str, float]:
+def generated_accuracy(
+    pipe, recipe, captions: Sequence[str], settings: WorldDecoderSettings
+) -> dict[str, float]:
     """attribute -> the share of ``captions`` whose generated media the analysers read back as captioned."""
     pipe.set_progress_bar_config(disable=True)
     hits: dict[str, list[bool]] = {}
@@ -164,8 +194,9 @@ def generated_accuracy(pipe, recipe, captions: Sequence[str], settings: WorldDec
     return {attr: float(np.mean(v)) for attr, v in hits.items()}
 
 
-def train_world_decoder(pipe, modality: str, settings: WorldDecoderSettings = WorldDecoderSettings(),
-                        work: Path | None = None) -> dict:
+def train_world_decoder(
+    pipe, modality: str, settings: WorldDecoderSettings = WorldDecoderSettings(), work: Path | None = None
+) -> dict:
     """Rebuild ``pipe``'s components for the world and train them (in place) on world items of
     ``modality``; returns the quality report (generated attributes before and after, chance)."""
     if modality not in RECIPES:
@@ -176,9 +207,15 @@ def train_world_decoder(pipe, modality: str, settings: WorldDecoderSettings = Wo
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix=f"world-{modality}-", dir=work) as tmp:
         train, heldout_dir = Path(tmp) / "train", Path(tmp) / "heldout"
-        write_synthetic(train, num_per_modality=settings.items, seed=settings.train_seed, modalities=[modality])
-        write_synthetic(heldout_dir, num_per_modality=settings.heldout * 2, seed=settings.heldout_seed,
-                        modalities=[modality])
+        write_synthetic(
+            train, num_per_modality=settings.items, seed=settings.train_seed, modalities=[modality]
+        )
+        write_synthetic(
+            heldout_dir,
+            num_per_modality=settings.heldout * 2,
+            seed=settings.heldout_seed,
+            modalities=[modality],
+        )
         heldout = [e["caption"] for e in recipe.entries(heldout_dir, settings.heldout, single=True)]
         before = generated_accuracy(pipe, recipe, heldout, settings)
         recipe.rebuild(pipe)
@@ -187,10 +224,21 @@ def train_world_decoder(pipe, modality: str, settings: WorldDecoderSettings = Wo
     report["vae_mse"] = train_vae(pipe.vae, recipe.vae_view(media), settings, modality)
     report["final_loss"] = train_denoiser(pipe, recipe, media, captions, settings)
     after = generated_accuracy(pipe, recipe, heldout, settings)
-    report = {"generated_attributes": after, "random_decoder": before, "chance": chance(modality), **report,
-              "heldout_captions": len(heldout), "trained_items": len(captions),
-              "seconds": round(time.perf_counter() - start, 1)}
-    log.info("world %s decoder: generated attributes of held-out captions %s (random decoder %s, chance %s) in %.0f s",
-             modality, {k: round(v, 3) for k, v in after.items()}, {k: round(v, 3) for k, v in before.items()},
-             {k: round(v, 3) for k, v in chance(modality).items()}, report["seconds"])
+    report = {
+        "generated_attributes": after,
+        "random_decoder": before,
+        "chance": chance(modality),
+        **report,
+        "heldout_captions": len(heldout),
+        "trained_items": len(captions),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    log.info(
+        "world %s decoder: generated attributes of held-out captions %s (random decoder %s, chance %s) in %.0f s",
+        modality,
+        {k: round(v, 3) for k, v in after.items()},
+        {k: round(v, 3) for k, v in before.items()},
+        {k: round(v, 3) for k, v in chance(modality).items()},
+        report["seconds"],
+    )
     return report

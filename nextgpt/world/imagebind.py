@@ -13,6 +13,7 @@ saved beside the checkpoint only for the retrieval figures.
 Quality line, per branch: top-1 retrieval of the true caption among the distinct captions of
 held-out items (a seed no training set uses), and the same for a random model.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,11 @@ from nextgpt.world.synthetic import CAPTION_VOCABULARY, MEDIA_DIRS, dataset_name
 
 log = logging.getLogger(__name__)
 
-BRANCH = {"image": "vision", "video": "vision", "audio": "audio"}  # the ImageBind branch a world modality goes through
+BRANCH = {
+    "image": "vision",
+    "video": "vision",
+    "audio": "audio",
+}  # the ImageBind branch a world modality goes through
 _WORD = re.compile(r"[A-Za-z]+")
 
 
@@ -56,7 +61,7 @@ class WorldImageBindSettings:
     heldout_seed: int = 1001
 
     @classmethod
-    def small(cls) -> "WorldImageBindSettings":
+    def small(cls) -> WorldImageBindSettings:
         # what the learning test (tests/integration/test_learning.py) needs for a short stage 1 to
         # caption above chance: audio and video retrieval well above chance, in about 25 s
         return cls(items=(96, 192, 32), heldout=24, steps=300, batch=32, video_clips=2)
@@ -106,26 +111,38 @@ def _embed(model: ImageBindModel, modality: str, x: torch.Tensor) -> torch.Tenso
     return F.normalize(model.encode(BRANCH[modality], x.float()), dim=-1)
 
 
-def _loss(media: torch.Tensor, text: torch.Tensor, captions: Sequence[str], temperature: float = 0.1) -> torch.Tensor:
+def _loss(
+    media: torch.Tensor, text: torch.Tensor, captions: Sequence[str], temperature: float = 0.1
+) -> torch.Tensor:
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
     target = same / same.sum(1, keepdim=True)
     logits = media @ text.T / temperature
-    return 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.log_softmax(0).T, 1).mean())
+    return 0.5 * (
+        torch.sum(-target * logits.log_softmax(1), 1).mean()
+        + torch.sum(-target * logits.log_softmax(0).T, 1).mean()
+    )
 
 
 @torch.no_grad()
-def retrieval(model: ImageBindModel, captions_model: CaptionEncoder, items: Items, modality: str, batch: int = 32) -> float:
+def retrieval(
+    model: ImageBindModel, captions_model: CaptionEncoder, items: Items, modality: str, batch: int = 32
+) -> float:
     """Top-1 retrieval of each item's caption among the distinct captions of ``items``."""
     model.eval()
     distinct = sorted(set(items.captions))
     text = captions_model(distinct)
-    media = torch.cat([_embed(model, modality, items.inputs[i : i + batch]) for i in range(0, len(items.captions), batch)])
+    media = torch.cat(
+        [_embed(model, modality, items.inputs[i : i + batch]) for i in range(0, len(items.captions), batch)]
+    )
     best = (media @ text.T).argmax(1)
-    return float(np.mean([distinct[int(k)] == c for k, c in zip(best, items.captions)]))
+    return float(np.mean([distinct[int(k)] == c for k, c in zip(best, items.captions, strict=False)]))
 
 
-def train_world_imagebind(model: ImageBindModel, settings: WorldImageBindSettings = WorldImageBindSettings(),
-                          work: Path | None = None) -> dict:
+def train_world_imagebind(
+    model: ImageBindModel,
+    settings: WorldImageBindSettings = WorldImageBindSettings(),
+    work: Path | None = None,
+) -> dict:
     """Train ``model`` (in place) on world items; returns the quality report (retrieval before and after)."""
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
@@ -133,14 +150,20 @@ def train_world_imagebind(model: ImageBindModel, settings: WorldImageBindSetting
         tmp = Path(tmp)
         write_synthetic(tmp / "train", num_per_modality=max(settings.items), seed=settings.train_seed)
         write_synthetic(tmp / "heldout", num_per_modality=settings.heldout, seed=settings.heldout_seed)
-        train = {m: _load_items(tmp / "train", m, n, settings.video_clips)
-                 for m, n in zip(("image", "audio", "video"), settings.items)}
-        heldout = {m: _load_items(tmp / "heldout", m, settings.heldout, None) for m in ("image", "audio", "video")}
+        train = {
+            m: _load_items(tmp / "train", m, n, settings.video_clips)
+            for m, n in zip(("image", "audio", "video"), settings.items, strict=False)
+        }
+        heldout = {
+            m: _load_items(tmp / "heldout", m, settings.heldout, None) for m in ("image", "audio", "video")
+        }
     text = CaptionEncoder(model.embed_dim)
     before = {m: retrieval(model, text, heldout[m], m) for m in heldout}
     params = [p for p in model.parameters() if p.requires_grad] + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1
+    )
     order = ["image", "audio", "video"]
     rng = np.random.default_rng(settings.seed)
     losses = []
@@ -162,10 +185,21 @@ def train_world_imagebind(model: ImageBindModel, settings: WorldImageBindSetting
     model.eval()
     after = {m: retrieval(model, text, heldout[m], m) for m in heldout}
     chance = {m: 1.0 / len(set(heldout[m].captions)) for m in heldout}
-    report = {"retrieval_top1": after, "random_model_top1": before, "chance": chance, "steps": settings.steps,
-              "final_loss": float(np.mean(losses[-12:])), "seconds": round(time.perf_counter() - start, 1),
-              "heldout_items": settings.heldout, "trained_items": dict(zip(order, settings.items))}
-    log.info("world ImageBind: top-1 caption retrieval on held-out items %s (random model %s, chance %s) in %.0f s",
-             {m: round(v, 3) for m, v in after.items()}, {m: round(v, 3) for m, v in before.items()},
-             {m: round(v, 3) for m, v in chance.items()}, report["seconds"])
+    report = {
+        "retrieval_top1": after,
+        "random_model_top1": before,
+        "chance": chance,
+        "steps": settings.steps,
+        "final_loss": float(np.mean(losses[-12:])),
+        "seconds": round(time.perf_counter() - start, 1),
+        "heldout_items": settings.heldout,
+        "trained_items": dict(zip(order, settings.items, strict=False)),
+    }
+    log.info(
+        "world ImageBind: top-1 caption retrieval on held-out items %s (random model %s, chance %s) in %.0f s",
+        {m: round(v, 3) for m, v in after.items()},
+        {m: round(v, 3) for m, v in before.items()},
+        {m: round(v, 3) for m, v in chance.items()},
+        report["seconds"],
+    )
     return report

@@ -20,6 +20,7 @@ The request wordings are :data:`PRETRAINING_REQUESTS`: none is a stage-training 
 on still work. Quality line: greedy restatement of held-out requests (worded as in
 :data:`HELD_OUT_REQUESTS`), scored by the world's caption attributes.
 """
+
 from __future__ import annotations
 
 import random
@@ -49,10 +50,21 @@ HELD_OUT_REQUESTS: tuple[str, ...] = (
     "Send me a {n} of {c}.",
     "I wish to get a {n} of {c}.",
 )
-STOCK_ANSWERS: tuple[str, ...] = ("Sure thing!", "Sure.", "Of course!", "Certainly!", "No problem.", "Here you are.")
+STOCK_ANSWERS: tuple[str, ...] = (
+    "Sure thing!",
+    "Sure.",
+    "Of course!",
+    "Certainly!",
+    "No problem.",
+    "Here you are.",
+)
 QUESTIONS: dict[str, str] = {
-    "colour": "What colour is it?", "shape": "What shape is it?", "position": "Where is it?",
-    "pitch": "What pitch is it?", "loudness": "How loud is it?", "pattern": "Is it steady or beeping?",
+    "colour": "What colour is it?",
+    "shape": "What shape is it?",
+    "position": "Where is it?",
+    "pitch": "What pitch is it?",
+    "loudness": "How loud is it?",
+    "pattern": "Is it steady or beeping?",
     "direction": "Which way does it move?",
 }
 
@@ -63,11 +75,15 @@ def random_caption(rng: random.Random, modality: str) -> str:
         shape = (rng.choice(list(syn.COLOURS)), rng.choice(syn.SHAPES), rng.choice(list(syn.POSITIONS)))
         return syn.image_caption([shape], rng.choice(list(syn.BACKGROUNDS)))
     if modality == "audio":
-        return syn.audio_caption(rng.choice(list(syn.LOUDNESS)), rng.choice(list(syn.PITCHES)), rng.choice(syn.PATTERNS))
+        return syn.audio_caption(
+            rng.choice(list(syn.LOUDNESS)), rng.choice(list(syn.PITCHES)), rng.choice(syn.PATTERNS)
+        )
     return syn.video_caption(rng.choice(list(syn.COLOURS)), rng.choice(list(syn.DIRECTIONS)))
 
 
-def request(rng: random.Random, modality: str, caption: str, wordings: tuple[str, ...] = PRETRAINING_REQUESTS) -> str:
+def request(
+    rng: random.Random, modality: str, caption: str, wordings: tuple[str, ...] = PRETRAINING_REQUESTS
+) -> str:
     return rng.choice(wordings).format(n=rng.choice(syn.GENERATION_NOUNS[modality]), c=caption)
 
 
@@ -78,7 +94,9 @@ def world_turns(rng: random.Random, n: int) -> list[str]:
         m = rng.choice(("image", "audio", "video"))
         c = random_caption(rng, m)
         if rng.random() < 0.6:
-            out.append(f"### Human: {request(rng, m, c)}\n### Assistant: {rng.choice(STOCK_ANSWERS)} It is {c}.\n###")
+            out.append(
+                f"### Human: {request(rng, m, c)}\n### Assistant: {rng.choice(STOCK_ANSWERS)} It is {c}.\n###"
+            )
         else:
             attr = rng.choice(list(ATTRIBUTES[m]))
             value = caption_attributes(c, m)[attr]
@@ -91,12 +109,14 @@ class WorldLLMSettings:
     steps: int = 600
     batch: int = 32
     lr: float = 3e-3
-    world_share: float = 0.7  # of the texts: world turns; the rest the tiny corpus and caption turns as before
+    world_share: float = (
+        0.7  # of the texts: world turns; the rest the tiny corpus and caption turns as before
+    )
     heldout: int = 48
     seed: int = 0
 
     @classmethod
-    def small(cls) -> "WorldLLMSettings":
+    def small(cls) -> WorldLLMSettings:
         return cls(steps=600, heldout=12)  # ~17 s: restates held-out requests (the learning test needs it)
 
 
@@ -114,8 +134,10 @@ def restatement_accuracy(model, tokenizer, n: int, seed: int) -> dict[str, float
             prompt = f"### Human: {request(rng, m, c, HELD_OUT_REQUESTS)}\n### Assistant: Sure thing! It is"
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            said = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+                out = model.generate(
+                    ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            said = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
             for attr, value in caption_attributes(c, m).items():
                 hits.setdefault(f"{m}/{attr}", []).append(caption_attributes(said, m)[attr] == value)
     return {k: sum(v) / len(v) for k, v in hits.items()}
@@ -131,14 +153,29 @@ def train_world_llm(model, tokenizer, settings: WorldLLMSettings = WorldLLMSetti
     rng = random.Random(settings.seed)
     old = tiny_corpus(settings.seed + 1, n_sentences=1500)[3:] + caption_conversations(rng, 1500)
     new = world_turns(rng, round(len(old) * settings.world_share / (1 - settings.world_share)))
-    losses = pretrain_tiny_llm(model, tokenizer, seed=settings.seed, steps=settings.steps, batch_size=settings.batch,
-                               lr=settings.lr, texts=old + new, desc="world LLM")
+    losses = pretrain_tiny_llm(
+        model,
+        tokenizer,
+        seed=settings.seed,
+        steps=settings.steps,
+        batch_size=settings.batch,
+        lr=settings.lr,
+        texts=old + new,
+        desc="world LLM",
+    )
     after = restatement_accuracy(model, tokenizer, settings.heldout, settings.seed + 1001)
-    return {"restatement_of_held_out_requests": after, "before": before, "final_loss": sum(losses[-20:]) / 20,
-            "steps": settings.steps, "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "restatement_of_held_out_requests": after,
+        "before": before,
+        "final_loss": sum(losses[-20:]) / 20,
+        "steps": settings.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
-def build_world_llm(tiny_llm: str | Path, out: str | Path, settings: WorldLLMSettings = WorldLLMSettings()) -> dict:
+def build_world_llm(
+    tiny_llm: str | Path, out: str | Path, settings: WorldLLMSettings = WorldLLMSettings()
+) -> dict:
     """The tiny LLM at ``tiny_llm``, trained on the world, saved to ``out``; returns the report."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

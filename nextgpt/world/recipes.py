@@ -16,6 +16,7 @@ text-to-video; a recipe says, for its pipeline class,
 - ``generate``: one generation through the pipeline's ``__call__``, read back by the world analysers;
 - ``train_extra``: what else the pipeline needs (AudioLDM: its HiFi-GAN vocoder).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ class Recipe:
     the same code the denoising loss conditions with)."""
 
     modality: str
-    conditioning: str = "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.decoders.CONDITIONINGS)
+    conditioning: str = (
+        "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.decoders.CONDITIONINGS)
+    )
 
     def entries(self, folder: Path, limit: int, *, single: bool = False) -> list[dict]:
         """The first ``limit`` items written under ``folder``; ``single``: images of one shape only
@@ -105,9 +108,13 @@ class ImageRecipe(Recipe):
         from diffusers import UNet2DConditionModel
 
         config = dict(pipe.unet.config)
-        config.update(addition_embed_type="text", addition_embed_type_num_heads=4, block_out_channels=(16, 32, 64),
-                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+        config.update(
+            addition_embed_type="text",
+            addition_embed_type_num_heads=4,
+            block_out_channels=(16, 32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
         torch.manual_seed(0)
         pipe.register_modules(unet=UNet2DConditionModel.from_config(config).eval())
         with_sample_prediction(pipe)
@@ -117,23 +124,40 @@ class ImageRecipe(Recipe):
         entries = self.entries(folder, limit)
         spec = {"width": self.size(pipe), "height": self.size(pipe)}
         image = modalities.get("image")
-        return (torch.stack([image.load_target(_path(folder, "image", e), spec) for e in entries]),
-                [e["caption"] for e in entries])
+        return (
+            torch.stack([image.load_target(_path(folder, "image", e), spec) for e in entries]),
+            [e["caption"] for e in entries],
+        )
 
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
         size = self.size(pipe)
-        out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                   height=size, width=size, output_type="np")
+        out = pipe(
+            caption,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            height=size,
+            width=size,
+            output_type="np",
+        )
         return image_attributes(np.asarray(out.images[0]) * 255.0)
+
 
 # AudioLDM's vocoder for the world: a hop of 160 samples at 16 kHz, AudioLDM's own. The hop matters:
 # a convolutional vocoder fed a steady tone's identical mel frames emits a signal periodic in the hop,
 # so only multiples of 16000 / hop can come out. At 160 (100 Hz) the world's pitches (220, 440 and
 # 1,760 Hz, +-0.15 octave) come out as 200, 400 and 1,800 Hz, each nearest its class; at a hop of
 # 64 (250 Hz) the middle pitch came out as 250 Hz, read as low (measured).
-WORLD_VOCODER = {"model_in_dim": 32, "sampling_rate": 16000, "upsample_initial_channel": 64, "upsample_rates": [8, 5, 4],
-                 "upsample_kernel_sizes": [16, 10, 8], "resblock_kernel_sizes": [3, 7],
-                 "resblock_dilation_sizes": [[1, 3], [1, 3]], "normalize_before": False}
+WORLD_VOCODER = {
+    "model_in_dim": 32,
+    "sampling_rate": 16000,
+    "upsample_initial_channel": 64,
+    "upsample_rates": [8, 5, 4],
+    "upsample_kernel_sizes": [16, 10, 8],
+    "resblock_kernel_sizes": [3, 7],
+    "resblock_dilation_sizes": [[1, 3], [1, 3]],
+    "normalize_before": False,
+}
 
 
 def _stft_loss(y: torch.Tensor, x: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
@@ -164,7 +188,7 @@ def train_vocoder(vocoder, waves: torch.Tensor, steps: int, batch: int, lr: floa
     for _ in bar:
         idx = rng.choice(len(waves), size=min(batch, len(waves)), replace=False)
         offsets = rng.integers(0, waves.shape[1] - seg + 1, len(idx)) // mel.hop * mel.hop
-        x = torch.stack([waves[i, o : o + seg] for i, o in zip(idx, offsets)])
+        x = torch.stack([waves[i, o : o + seg] for i, o in zip(idx, offsets, strict=False)])
         y = vocoder(mel(x)[:, 0])
         loss = _stft_loss(y, x) + 1000 * y.mean(-1).pow(2).mean()
         opt.zero_grad()
@@ -201,18 +225,31 @@ class AudioRecipe(Recipe):
         vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**WORLD_VOCODER)).eval()
         torch.manual_seed(0)
         vae = AutoencoderKL(
-            in_channels=1, out_channels=1, latent_channels=8,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+            in_channels=1,
+            out_channels=1,
+            latent_channels=8,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
         ).eval()
         torch.manual_seed(0)
         unet = UNet2DConditionModel(  # AudioLDM's layout: self-attention only, CLAP as a class embedding
-            sample_size=16, in_channels=8, out_channels=8,
+            sample_size=16,
+            in_channels=8,
+            out_channels=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-            cross_attention_dim=(32, 64, 64), attention_head_dim=8, class_embed_type="simple_projection",
-            projection_class_embeddings_input_dim=pipe.text_encoder.config.projection_dim, class_embeddings_concat=True,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=(32, 64, 64),
+            attention_head_dim=8,
+            class_embed_type="simple_projection",
+            projection_class_embeddings_input_dim=pipe.text_encoder.config.projection_dim,
+            class_embeddings_concat=True,
         ).eval()
         pipe.register_modules(vocoder=vocoder, vae=vae, unet=unet)
         pipe.vae_scale_factor = vae_scale(vae)
@@ -221,8 +258,12 @@ class AudioRecipe(Recipe):
     def waves(self, folder: Path, entries: list[dict], rate: int, seconds: float) -> torch.Tensor:
         from nextgpt.encoders.preprocess.audio import load_waveform
 
-        return torch.stack([load_waveform(_path(folder, "audio", e), sample_rate=rate, seconds=seconds).clamp(-1, 1)
-                            for e in entries])
+        return torch.stack(
+            [
+                load_waveform(_path(folder, "audio", e), sample_rate=rate, seconds=seconds).clamp(-1, 1)
+                for e in entries
+            ]
+        )
 
     def media(self, pipe, folder: Path, limit: int) -> tuple[torch.Tensor, list[str]]:
         """(N, 1, frames, mels) log-mel of the first ``seconds(pipe)`` of each clip, the VAE's input."""
@@ -232,21 +273,37 @@ class AudioRecipe(Recipe):
         return mel(waves, multiple=vae_scale(pipe.vae)), [e["caption"] for e in entries]
 
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
-        out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np")
+        out = pipe(
+            caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np"
+        )
         return audio_attributes(np.asarray(out.audios[0]), int(pipe.vocoder.config.sampling_rate))
 
     def train_extra(self, pipe, folder: Path, settings) -> dict:
         entries = self.entries(folder, settings.items)
         waves = self.waves(folder, entries, int(pipe.vocoder.config.sampling_rate), self.vocoder_seconds)
-        loss = train_vocoder(pipe.vocoder, waves, settings.vocoder_steps, settings.vocoder_batch, settings.vocoder_lr,
-                             settings.seed)
+        loss = train_vocoder(
+            pipe.vocoder,
+            waves,
+            settings.vocoder_steps,
+            settings.vocoder_batch,
+            settings.vocoder_lr,
+            settings.seed,
+        )
         # the vocoder alone, on the true mel of held-in clips: the ceiling of everything behind it
         mel = self.front_end(pipe)
         with torch.no_grad():
-            heard = [audio_attributes(pipe.vocoder(mel(w[None])[:, 0])[0].numpy(), mel.sampling_rate) for w in waves[:64]]
+            heard = [
+                audio_attributes(pipe.vocoder(mel(w[None])[:, 0])[0].numpy(), mel.sampling_rate)
+                for w in waves[:64]
+            ]
         truth = [caption_attributes(e["caption"], "audio") for e in entries[:64]]
-        return {"vocoder_loss": loss,
-                "vocoder_attributes": {k: float(np.mean([h[k] == t[k] for h, t in zip(heard, truth)])) for k in truth[0]}}
+        return {
+            "vocoder_loss": loss,
+            "vocoder_attributes": {
+                k: float(np.mean([h[k] == t[k] for h, t in zip(heard, truth, strict=False)]))
+                for k in truth[0]
+            },
+        }
 
 
 class VideoRecipe(Recipe):
@@ -264,18 +321,28 @@ class VideoRecipe(Recipe):
 
         torch.manual_seed(0)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=self.latent_channels,
-            down_block_types=("DownEncoderBlock2D",) * self.vae_levels, up_block_types=("UpDecoderBlock2D",) * self.vae_levels,
-            block_out_channels=(16, 32, 32, 32)[: self.vae_levels], layers_per_block=1, norm_num_groups=8,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=self.latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * self.vae_levels,
+            up_block_types=("UpDecoderBlock2D",) * self.vae_levels,
+            block_out_channels=(16, 32, 32, 32)[: self.vae_levels],
+            layers_per_block=1,
+            norm_num_groups=8,
             sample_size=self.size,
         ).eval()
         torch.manual_seed(0)
         unet = UNet3DConditionModel(
-            sample_size=self.size // vae_scale(vae), in_channels=self.latent_channels, out_channels=self.latent_channels,
+            sample_size=self.size // vae_scale(vae),
+            in_channels=self.latent_channels,
+            out_channels=self.latent_channels,
             down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
             up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-            block_out_channels=self.unet_channels, layers_per_block=1, norm_num_groups=8,
-            cross_attention_dim=pipe.text_encoder.config.hidden_size, attention_head_dim=8,
+            block_out_channels=self.unet_channels,
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=pipe.text_encoder.config.hidden_size,
+            attention_head_dim=8,
         ).eval()
         pipe.register_modules(vae=vae, unet=unet)
         pipe.vae_scale_factor = vae_scale(vae)
@@ -286,12 +353,22 @@ class VideoRecipe(Recipe):
         entries = self.entries(folder, limit)
         spec = {"num_frames": self.frames, "width": self.size, "height": self.size}
         video = modalities.get("video")
-        return (torch.stack([video.load_target(_path(folder, "video", e), spec) for e in entries]),
-                [e["caption"] for e in entries])
+        return (
+            torch.stack([video.load_target(_path(folder, "video", e), spec) for e in entries]),
+            [e["caption"] for e in entries],
+        )
 
     def generate(self, pipe, caption: str, steps: int, guidance: float, generator) -> dict:
-        out = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                   num_frames=self.frames, height=self.size, width=self.size, output_type="np")
+        out = pipe(
+            caption,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            num_frames=self.frames,
+            height=self.size,
+            width=self.size,
+            output_type="np",
+        )
         return video_attributes(np.asarray(out.frames[0]) * 255.0)
 
 

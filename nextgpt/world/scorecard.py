@@ -7,6 +7,7 @@ generation, beside the decoder alone given the true caption (the ceiling); write
 
     python -m nextgpt.world.scorecard multirun/evaluate/... [--out outputs/demo]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,17 @@ def markdown(scores: dict[str, dict]) -> str:
     for task, metric in scores.items():
         ceiling = metric.get("ceiling") if isinstance(metric.get("ceiling"), dict) else {}
         for attr, acc in (metric.get("by_attribute") or {}).items():
-            lines.append(f"| {task} | {attr} | {_cell(acc)} | {_cell(metric.get('chance', {}).get(attr))} | {_cell(ceiling.get(attr))} |")
+            lines.append(
+                f"| {task} | {attr} | {_cell(acc)} | {_cell(metric.get('chance', {}).get(attr))} | "
+                f"{_cell(ceiling.get(attr))} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nextgpt.world.scorecard", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nextgpt.world.scorecard", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("folders", nargs="+", type=Path, help="evaluation run folders (searched for results.json)")
     p.add_argument("--out", type=Path, help="write scorecard.json and scorecard.md here")
     args = p.parse_args(argv)

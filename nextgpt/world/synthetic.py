@@ -18,6 +18,7 @@ project computes its own, as for the real data.
 
 Run: ``python -m datamodules.synthetic --out DIR [--num N] [--seed S] [--force]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -171,9 +172,11 @@ def _vocabulary() -> list[str]:
     Words keep their case; the ``<image>``-style placeholders are not words and are left out.
     """
     texts: list[str] = []
-    texts += [image_caption([(c, s, p)], b) for c in COLOURS for s in SHAPES for p in POSITIONS for b in BACKGROUNDS]
+    texts += [
+        image_caption([(c, s, p)], b) for c in COLOURS for s in SHAPES for p in POSITIONS for b in BACKGROUNDS
+    ]
     texts.append(image_caption([("red", "circle", "top left"), ("red", "circle", "top right")], "black"))
-    texts += [audio_caption(l, p, t) for l in LOUDNESS for p in PITCHES for t in PATTERNS]
+    texts += [audio_caption(loud, p, t) for loud in LOUDNESS for p in PITCHES for t in PATTERNS]
     texts += [video_caption(c, d) for c in COLOURS for d in DIRECTIONS]
     for m in MODALITIES:
         instr = AUDIO_COMPREHENSION_INSTRUCTIONS if m == "audio" else COMPREHENSION_INSTRUCTIONS
@@ -379,7 +382,11 @@ def _build(modality: str, folder: Path, num: int, seed: int) -> None:
 
 
 def write_synthetic(
-    out: Path, *, num_per_modality: int = 24, seed: int = 0, force: bool = False,
+    out: Path,
+    *,
+    num_per_modality: int = 24,
+    seed: int = 0,
+    force: bool = False,
     modalities: Sequence[str] = MODALITIES,
 ) -> dict[str, Path]:
     """Write the synthetic data sets under ``out`` (all three, or only ``modalities``) and return their folders.
@@ -420,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.synthetic", description="Write the synthetic NExT-GPT text-X pair data."
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder that receives synthetic_{image,audio,video}")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder that receives synthetic_{image,audio,video}"
+    )
     parser.add_argument("--num", type=int, default=24, help="samples per modality (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--force", action="store_true", help="rewrite even if complete")

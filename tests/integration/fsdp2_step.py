@@ -6,6 +6,7 @@ rank its half of a fixed batch, takes one AdamW step and gathers the trainable t
 plain process it takes the same step on the whole batch. Rank 0 writes the trainable tensors and
 what it saw of the sharding to ``OUT`` (a ``torch.save`` file) for the test to compare.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,11 +49,22 @@ def main(stage: int, out: Path, cache: Path) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
-    cfg = compose([f"stage={stage}", "strategy=fsdp", f"paths.cache_dir={cache}", f"paths.root={out.parent}",
-                   "model.output_projector.dropout=0", "model.lora.dropout=0"], output_dir=str(out.parent))
-    module = STAGES[stage](model=OmegaConf.to_container(cfg.model, resolve=True),
-                           optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
-                           loss=OmegaConf.to_container(cfg.stage.loss, resolve=True))
+    cfg = compose(
+        [
+            f"stage={stage}",
+            "strategy=fsdp",
+            f"paths.cache_dir={cache}",
+            f"paths.root={out.parent}",
+            "model.output_projector.dropout=0",
+            "model.lora.dropout=0",
+        ],
+        output_dir=str(out.parent),
+    )
+    module = STAGES[stage](
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss, resolve=True),
+    )
     module.configure_model()  # no trainer: built whole, then sharded below by the config's policy
     model = module.model
     with torch.no_grad():  # LoRA's B starts at 0, which zeroes A's first gradient
@@ -61,17 +73,27 @@ def main(stage: int, out: Path, cache: Path) -> None:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.01)
     convs = fixed_conversations(cfg)
     mine = convs[rank::world]
-    batch = collate_conversations(mine, module.tokenizer, model.layout, cfg.dataset.template,
-                                  num_media_tokens=int(cfg.model.input_projector.num_tokens), max_length=512)
+    batch = collate_conversations(
+        mine,
+        module.tokenizer,
+        model.layout,
+        cfg.dataset.template,
+        num_media_tokens=int(cfg.model.input_projector.num_tokens),
+        max_length=512,
+    )
     info: dict = {"world": world, "units": []}
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
-        info["units"] = shard_model(model, init_device_mesh("cpu", (world,)), WrapByClassName(cfg.sharding.wrap))
+        info["units"] = shard_model(
+            model, init_device_mesh("cpu", (world,)), WrapByClassName(cfg.sharding.wrap)
+        )
         frozen = [p for p in model.parameters() if not p.requires_grad]
         info["frozen_sharded"] = all(isinstance(p, DTensor) for p in frozen)
-        info["frozen_local_fraction"] = sum(p.to_local().numel() for p in frozen) / sum(p.numel() for p in frozen)
+        info["frozen_local_fraction"] = sum(p.to_local().numel() for p in frozen) / sum(
+            p.numel() for p in frozen
+        )
     # the step's counts: this rank's, summed over the ranks
     keys = count_keys(model.modality_names)
     counts = torch.tensor([float(batch["counts"].get(k, 0)) for k in keys], dtype=torch.float64)
@@ -82,7 +104,7 @@ def main(stage: int, out: Path, cache: Path) -> None:
     # turns a gradient of 1e-9 +- rounding into +-lr; with 1e-3 the step is smooth in the gradient
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, eps=1e-3)
     model.train()
-    loss = module.loss_terms(batch, dict(zip(keys, counts.tolist())))["loss"]
+    loss = module.loss_terms(batch, dict(zip(keys, counts.tolist(), strict=False)))["loss"]
     (loss * world).backward()  # FSDP averages the gradients over the ranks; the loss is already global
     from nextgpt.strategies import full_tensor
 

@@ -1,6 +1,7 @@
 """Bad entries seen from the user's side (``python train.py``, ``python -m datamodules.prepare``):
 media names that leave the data root are refused, never read nor packed into a shard, and each bad
 sample is counted and warned about once per pass that reaches it (not once per dataloader read)."""
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,9 @@ def members_with(shards: list[Path], data: bytes) -> list[str]:
 
 def assert_names_each_bad_entry(out: str, json_file: Path, bad: list[str], first_index: int) -> None:
     for i, name in enumerate(bad):
-        line = next((ln for ln in out.splitlines() if f"{json_file} entry {first_index + i}: {OUTSIDE}" in ln), None)
+        line = next(
+            (ln for ln in out.splitlines() if f"{json_file} entry {first_index + i}: {OUTSIDE}" in ln), None
+        )
         assert line is not None and name in line, (name, out[-3000:])
 
 
@@ -81,9 +84,19 @@ def assert_names_each_bad_entry(out: str, json_file: Path, bad: list[str], first
 def test_json_loader_refuses_media_outside_the_data_root(tiny_cache, tmp_path):
     src, _, bad = escaping_source(tmp_path, tiny_cache)
     keys = tmp_path / "keys.txt"
-    out = ok(train(tmp_path, tiny_cache, "stage=1", *QUIET, "trainer.max_epochs=1", "dataset.max_skip_fraction=0.5",
-                   f"dataset.sources=[{{name:img,modality:image,root:{src}}}]",
-                   "+callbacks.keys._target_=tests.helpers.RecordKeys", f"+callbacks.keys.path={keys}"))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            *QUIET,
+            "trainer.max_epochs=1",
+            "dataset.max_skip_fraction=0.5",
+            f"dataset.sources=[{{name:img,modality:image,root:{src}}}]",
+            "+callbacks.keys._target_=tests.helpers.RecordKeys",
+            f"+callbacks.keys.path={keys}",
+        )
+    )
     report = data_report(tmp_path)
     assert report["skipped_by_reason"] == {f"img: {OUTSIDE}": 4} and report["skipped"] == 4
     assert report["samples"] == 14 and report["media_decoded"] == 10  # the 10 good ones, read once
@@ -94,9 +107,20 @@ def test_json_loader_refuses_media_outside_the_data_root(tiny_cache, tmp_path):
 
 def test_shard_writer_refuses_media_outside_the_data_root(tiny_cache, tmp_path):
     src, secret, bad = escaping_source(tmp_path, tiny_cache)
-    out = ok(train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={tmp_path / 'data'}", *QUIET,
-                   "trainer.max_epochs=1", "dataset.num_workers=0", "dataset.max_skip_fraction=0.5",
-                   "dataset.sources=[{name:img,modality:image,root:" + str(src) + ",weight:1}]"))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "dataset=cc3m",
+            f"paths.data_root={tmp_path / 'data'}",
+            *QUIET,
+            "trainer.max_epochs=1",
+            "dataset.num_workers=0",
+            "dataset.max_skip_fraction=0.5",
+            "dataset.sources=[{name:img,modality:image,root:" + str(src) + ",weight:1}]",
+        )
+    )
     folder = tmp_path / "data" / "shards" / "img"
     (index_file,) = list(folder.rglob("img-pairs.shards.json"))
     index = json.loads(index_file.read_text())
@@ -121,14 +145,36 @@ def test_prepare_cli_refuses_llava_media_outside_the_media_root(tiny_cache, tmp_
         {"id": "up", "image": bad[0], "conversations": conv("<image>\nWhat is it?", "Shapes.")},
         {"id": "abs", "image": bad[1], "conversations": conv("<image>\nWhat is it?", "Shapes.")},
         {"id": "sub", "image": [bad[2]], "conversations": conv("<image>\nWhat is it?", "Shapes.")},
-        {"id": "out", "image": "a.png", "output_image": bad[3], "image_captions": "the secret",
-         "conversations": conv("<image>\nDraw another", "Here: <image>")},
+        {
+            "id": "out",
+            "image": "a.png",
+            "output_image": bad[3],
+            "image_captions": "the secret",
+            "conversations": conv("<image>\nDraw another", "Here: <image>"),
+        },
     ]
     json_file = tmp_path / "llava.json"
     json_file.write_text(json.dumps(entries))
-    res = subprocess.run([sys.executable, "-m", "datamodules.prepare", "--format", "llava", "--json", str(json_file),
-                          "--media-root", str(media), "--out", str(tmp_path / "shards")],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "datamodules.prepare",
+            "--format",
+            "llava",
+            "--json",
+            str(json_file),
+            "--media-root",
+            str(media),
+            "--out",
+            str(tmp_path / "shards"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **ENV},
+    )
     out = ok(res)
     (index_file,) = list((tmp_path / "shards").rglob("llava.shards.json"))
     index = json.loads(index_file.read_text())
@@ -149,15 +195,28 @@ def one_undecodable(tmp_path: Path, cache: Path, good: int = 10) -> tuple[Path, 
 
 
 @pytest.mark.parametrize("epochs", [1, 3])
-def test_one_bad_sample_is_counted_and_warned_once_per_pass_with_dataloader_workers(tiny_cache, tmp_path, epochs):
+def test_one_bad_sample_is_counted_and_warned_once_per_pass_with_dataloader_workers(
+    tiny_cache, tmp_path, epochs
+):
     """Two dataloader workers read ahead of the trainer (into the next pass, on 11 samples); what
     they read but the trainer never received is read again later: it must not be counted or
     warned about twice. Before the fix: one pass warned 3 times; three passes stopped the run
     with "4 of 33 samples skipped" (1 bad sample in 11)."""
     src, n = one_undecodable(tmp_path, tiny_cache)
-    out = ok(train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={tmp_path / 'data'}", *QUIET,
-                   f"trainer.max_epochs={epochs}", "dataset.num_workers=2", "dataset.max_skip_fraction=0.1",
-                   "dataset.sources=[{name:img,modality:image,root:" + str(src) + ",weight:1}]"))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "dataset=cc3m",
+            f"paths.data_root={tmp_path / 'data'}",
+            *QUIET,
+            f"trainer.max_epochs={epochs}",
+            "dataset.num_workers=2",
+            "dataset.max_skip_fraction=0.1",
+            "dataset.sources=[{name:img,modality:image,root:" + str(src) + ",weight:1}]",
+        )
+    )
     report = data_report(tmp_path)
     warnings = [ln for ln in out.splitlines() if "WARNING" in ln and ":broken: undecodable media" in ln]
     skips = report["skipped_by_reason"].get("undecodable media", 0)
@@ -178,8 +237,17 @@ def test_one_bad_entry_of_the_json_loader_is_counted_and_warned_once(tiny_cache,
     (src / "images" / "broken.png").unlink()
     entries[3] = {"id": "nocaption", "image_name": entries[4]["image_name"]}  # no caption: dropped when read
     (src / "img.json").write_text(json.dumps(entries))
-    out = ok(train(tmp_path, tiny_cache, "stage=1", *QUIET, "trainer.max_epochs=1", "dataset.num_workers=2",
-                   f"dataset.sources=[{{name:img,modality:image,root:{src}}}]"))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            *QUIET,
+            "trainer.max_epochs=1",
+            "dataset.num_workers=2",
+            f"dataset.sources=[{{name:img,modality:image,root:{src}}}]",
+        )
+    )
     report = data_report(tmp_path)
     assert report["skipped_by_reason"] == {"img: missing caption": 1} and report["samples"] == n
     assert len([ln for ln in out.splitlines() if "entry 3: missing caption" in ln]) == 1

@@ -1,6 +1,7 @@
 """ImageBind feature caches of shard sources: built by `python -m nextgpt.cache` (one process or
 several, completing a partial cache), read by stage 1 from shards without opening the media of
 cached items, and the same loss as decoding them."""
+
 from __future__ import annotations
 
 import io
@@ -27,14 +28,37 @@ def shard_source(tmp_path: Path, cache: Path) -> tuple[Path, list[str]]:
     """A copy of the synthetic image source and the overrides that read it as shards (dataset=cc3m)."""
     src = tmp_path / "data" / "synthetic_image"
     shutil.copytree(cache / "synthetic" / "synthetic_image", src)
-    return src, ["dataset=cc3m", "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]"]
+    return src, [
+        "dataset=cc3m",
+        "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
+    ]
 
 
-def cache_cli(root: Path, cache: Path, *args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
-               f"--master-port={free_port()}", "-m", "nextgpt.cache"] if torchrun else [sys.executable, "-m", "nextgpt.cache"])
-    return subprocess.run([*launch, *args, f"paths.root={root}", f"paths.cache_dir={cache}"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **ENV, **(env or {})})
+def cache_cli(
+    root: Path, cache: Path, *args: str, env: dict | None = None, torchrun: int = 0
+) -> subprocess.CompletedProcess:
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(torchrun),
+            f"--master-port={free_port()}",
+            "-m",
+            "nextgpt.cache",
+        ]
+        if torchrun
+        else [sys.executable, "-m", "nextgpt.cache"]
+    )
+    return subprocess.run(
+        [*launch, *args, f"paths.root={root}", f"paths.cache_dir={cache}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **ENV, **(env or {})},
+    )
 
 
 def store_dir(root: Path) -> Path:
@@ -73,19 +97,33 @@ def test_stage1_from_shards_reads_cached_features_and_never_the_media(tiny_cache
     n = len(json.loads((src / "synthetic_image.json").read_text()))
     assert len(store_keys(store_dir(tmp_path))) == n
     (text,) = (shard_dir(tmp_path, "synthetic_image") / ".nextgpt_cache").glob("text_image-*")
-    assert len(set(store_keys(text))) == len({e["caption"] for e in json.loads((src / "synthetic_image.json").read_text())})
+    assert len(set(store_keys(text))) == len(
+        {e["caption"] for e in json.loads((src / "synthetic_image.json").read_text())}
+    )
     assert spoil_media(shard_dir(tmp_path, "synthetic_image")) == n
     res = train(tmp_path, tiny_cache, "stage=1", *shards_args, "trainer.max_steps=3", *QUIET)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert f"using ImageBind feature cache {store_dir(tmp_path)} for 'synthetic_image': {n} items cached" in out
+    assert (
+        f"using ImageBind feature cache {store_dir(tmp_path)} for 'synthetic_image': {n} items cached" in out
+    )
     got = report(tmp_path)
     assert (got["skipped"], got["media_from_cache"], got["media_decoded"]) == (0, 12, 0)
     assert "12 from the feature cache, 0 decoded" in out
     # without the cache the same shards are unreadable: the cache is what kept the media closed
-    nocache = train(tmp_path / "nocache", tiny_cache, "stage=1", *shards_args, "trainer.max_steps=3", *QUIET,
-                    "dataset.feature_cache=false", f"paths.shards={tmp_path / 'data' / 'shards'}")
-    assert nocache.returncode == 2 and "undecodable media" in nocache.stdout + nocache.stderr, nocache.stderr[-2000:]
+    nocache = train(
+        tmp_path / "nocache",
+        tiny_cache,
+        "stage=1",
+        *shards_args,
+        "trainer.max_steps=3",
+        *QUIET,
+        "dataset.feature_cache=false",
+        f"paths.shards={tmp_path / 'data' / 'shards'}",
+    )
+    assert nocache.returncode == 2 and "undecodable media" in nocache.stdout + nocache.stderr, nocache.stderr[
+        -2000:
+    ]
 
 
 def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
@@ -103,19 +141,31 @@ def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
     src, _ = shard_source(tmp_path, tiny_cache)
     shards = tmp_path / "shards"
     prepare_nextgpt(src, "synthetic_image", "image", shards, sets=["pairs"])
-    cfg = compose([f"paths.cache_dir={tiny_cache}", "model.output_projector.dropout=0"], output_dir=str(tmp_path))
+    cfg = compose(
+        [f"paths.cache_dir={tiny_cache}", "model.output_projector.dropout=0"], output_dir=str(tmp_path)
+    )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     store = shard_media_store(shards, "image", "pairs", model_cfg["encoder"], tmp_path / "fallback")
     paths = sorted(shards.glob("*.tar"))
     assert compute_shard_media(store, paths, "image", load_encoder(model_cfg["encoder"]), batch_size=8) == 24
-    module = STAGES[1](model=model_cfg, optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
-                       loss=OmegaConf.to_container(cfg.stage.loss))
+    module = STAGES[1](
+        model=model_cfg,
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss),
+    )
     module.configure_model()
     module.model.eval()
     losses, kinds = {}, {}
     for cached in (True, False):
-        dm = ShardDataModule([{"name": "synthetic_image", "modality": "image", "shards": str(shards)}], "caption", model_cfg,
-                             batch_size=8, shuffle=False, feature_cache=cached, cache_fallback=str(tmp_path / "fallback"))
+        dm = ShardDataModule(
+            [{"name": "synthetic_image", "modality": "image", "shards": str(shards)}],
+            "caption",
+            model_cfg,
+            batch_size=8,
+            shuffle=False,
+            feature_cache=cached,
+            cache_fallback=str(tmp_path / "fallback"),
+        )
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
         batch = dm.on_before_batch_transfer(batch, 0)
@@ -130,13 +180,25 @@ def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
 def test_two_processes_complete_a_partial_cache_and_ddp_reads_it(tiny_cache, tmp_path):
     src, shards_args = shard_source(tmp_path, tiny_cache)
     n = len(json.loads((src / "synthetic_image.json").read_text()))
-    half = cache_cli(tmp_path, tiny_cache, *shards_args, env={"RANK": "0", "WORLD_SIZE": "2"})  # rank 0's share only
+    half = cache_cli(
+        tmp_path, tiny_cache, *shards_args, env={"RANK": "0", "WORLD_SIZE": "2"}
+    )  # rank 0's share only
     assert half.returncode == 0, half.stderr[-3000:]
     partial = store_keys(store_dir(tmp_path))
     assert 0 < len(partial) < n
     # training under DDP with the partial cache: cached items read, the rest decoded, nothing raced
-    out = train(tmp_path / "ddp", tiny_cache, "stage=1", *shards_args, "strategy=ddp", "trainer.devices=2",
-                "trainer.accelerator=cpu", "trainer.max_steps=3", *QUIET, f"paths.shards={tmp_path / 'data' / 'shards'}")
+    out = train(
+        tmp_path / "ddp",
+        tiny_cache,
+        "stage=1",
+        *shards_args,
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=3",
+        *QUIET,
+        f"paths.shards={tmp_path / 'data' / 'shards'}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = report(tmp_path / "ddp")
     assert got["media_from_cache"] > 0 and got["media_decoded"] > 0 and got["skipped"] == 0

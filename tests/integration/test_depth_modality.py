@@ -1,6 +1,7 @@
 """A modality added as a plugin: depth maps (``nextgpt/modalities/depth.py``, input-only, through
 ImageBind's depth trunk) train stage 1 from ``configs/dataset/depth.yaml`` by command-line
 overrides alone, with no file that names another modality changed for it."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,16 @@ def write_depth_set(root: Path, n: int = 12) -> list[str]:
 
 def test_stage1_trains_on_depth_maps_through_the_depth_trunk(tmp_path, tiny_cache):
     write_depth_set(tmp_path / "data")
-    res = train(tmp_path, tiny_cache, "stage=1", "dataset=depth", f"paths.data_root={tmp_path / 'data'}", DEPTH_MODEL,
-                "trainer.max_steps=3", *QUIET)
+    res = train(
+        tmp_path,
+        tiny_cache,
+        "stage=1",
+        "dataset=depth",
+        f"paths.data_root={tmp_path / 'data'}",
+        DEPTH_MODEL,
+        "trainer.max_steps=3",
+        *QUIET,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "3 trained in this run" in out
@@ -64,8 +73,10 @@ def test_the_model_encodes_depth_with_the_depth_trunk_and_generates_nothing_for_
     from nextgpt.tiny import build_all
 
     build_all(tiny_cache / "tiny_backbones")  # the fixture built them: this only checks they are there
-    cfg = compose(["stage=1", DEPTH_MODEL, f"paths.cache_dir={tiny_cache}", f"paths.root={tmp_path}"],
-                  output_dir=str(tmp_path))
+    cfg = compose(
+        ["stage=1", DEPTH_MODEL, f"paths.cache_dir={tiny_cache}", f"paths.root={tmp_path}"],
+        output_dir=str(tmp_path),
+    )
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -75,7 +86,11 @@ def test_the_model_encodes_depth_with_the_depth_trunk_and_generates_nothing_for_
     write_depth_set(tmp_path / "data", n=2)
     x = torch.stack([load_depth(p) for p in sorted((tmp_path / "data" / "depth" / "depths").glob("*.png"))])
     projected = model.encode_media({"depth": x}, every_modality=True)
-    assert projected["depth"].shape == (2, int(model_cfg["input_projector"]["num_tokens"]), model.llm.config.hidden_size)
+    assert projected["depth"].shape == (
+        2,
+        int(model_cfg["input_projector"]["num_tokens"]),
+        model.llm.config.hidden_size,
+    )
     assert set(model.modality_names) == {"image", "audio", "video"}  # zero-row runs: the generated ones
     feats = model.encoder.encode("depth", x, renormalize=True)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -88,9 +103,18 @@ def test_the_cache_pass_encodes_depth_with_the_depth_trunk(tmp_path, tiny_cache)
     from nextgpt.config import compose
 
     write_depth_set(tmp_path / "data", n=3)
-    cfg = compose(["dataset=depth", f"paths.data_root={tmp_path / 'data'}", f"paths.cache_dir={tiny_cache}",
-                   f"paths.root={tmp_path}", DEPTH_MODEL, "cache.what=[media]"], config_name="cache",
-                  output_dir=str(tmp_path))
+    cfg = compose(
+        [
+            "dataset=depth",
+            f"paths.data_root={tmp_path / 'data'}",
+            f"paths.cache_dir={tiny_cache}",
+            f"paths.root={tmp_path}",
+            DEPTH_MODEL,
+            "cache.what=[media]",
+        ],
+        config_name="cache",
+        output_dir=str(tmp_path),
+    )
     report = build_caches(cfg)
     (store,) = [d for d in report if "imagebind_depth" in d]
     assert report[store] == 3

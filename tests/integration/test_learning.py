@@ -16,6 +16,7 @@ Golden values live in ``tests/golden/learning.json``; ``NEXTGPT_UPDATE_GOLDEN=1`
 a run (say why in the commit). The tolerance covers float differences between CPUs, not a change of
 behaviour.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,10 +51,21 @@ REQUEST_WORDING = "Send me the ${task.modality} of {caption}, would you?"
 
 
 def settings(work: Path, world: Path) -> list[str]:
-    return ["model=world", "model.build_world=small", f"paths.world_backbones={world}",
-            "dataset=world", "dataset.synthetic.num_per_modality=64", f"dataset.synthetic.root={work / 'world_data'}",
-            "dataset.num_workers=0", "stage.batch_size=8", "stage.optim.lr=1e-2", "seed=0", "logger=csv",
-            "trainer.log_every_n_steps=1", "trainer.max_epochs=1000"]
+    return [
+        "model=world",
+        "model.build_world=small",
+        f"paths.world_backbones={world}",
+        "dataset=world",
+        "dataset.synthetic.num_per_modality=64",
+        f"dataset.synthetic.root={work / 'world_data'}",
+        "dataset.num_workers=0",
+        "stage.batch_size=8",
+        "stage.optim.lr=1e-2",
+        "seed=0",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "trainer.max_epochs=1000",
+    ]
 
 
 def step_losses(root: Path, stage: int) -> dict[str, list[float]]:
@@ -61,16 +73,35 @@ def step_losses(root: Path, stage: int) -> dict[str, list[float]]:
     (path,) = (root / "runs" / f"stage{stage}").rglob("metrics.csv")
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return {k.removeprefix("train/"): [float(r[k]) for r in rows] for k in rows[0] if k.startswith("train/") and rows[0][k]}
+    return {
+        k.removeprefix("train/"): [float(r[k]) for r in rows]
+        for k in rows[0]
+        if k.startswith("train/") and rows[0][k]
+    }
 
 
 def scorecard(root: Path, cache: Path, stage: int, tasks: list[str], *overrides: str) -> dict[str, dict]:
     """``python evaluate.py -m task=...`` on the stage's bundle: each task's metrics."""
     out = root / f"eval{stage}"
-    res = subprocess.run([sys.executable, "evaluate.py", "-m", f"task={','.join(tasks)}",
-                          f"checkpoint={root / 'bundles' / f'stage{stage}'}", f"limit={SCORED}", f"paths.cache_dir={cache}",
-                          f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${task.name}", *overrides],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "-m",
+            f"task={','.join(tasks)}",
+            f"checkpoint={root / 'bundles' / f'stage{stage}'}",
+            f"limit={SCORED}",
+            f"paths.cache_dir={cache}",
+            f"hydra.sweep.dir={out}",
+            "hydra.sweep.subdir=${task.name}",
+            *overrides,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ENV},
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return {t: json.loads((out / t / "results.json").read_text())["metrics"] for t in tasks}
 
@@ -79,8 +110,17 @@ def scorecard(root: Path, cache: Path, stage: int, tasks: list[str], *overrides:
 def world_run(world_small, tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     for stage, steps in STEPS.items():
-        ok(train(root, tiny_cache, f"stage={stage}", f"trainer.max_steps={steps}", *settings(root, world_small),
-                 f"hydra.run.dir={root / 'runs' / f'stage{stage}'}", timeout=900))
+        ok(
+            train(
+                root,
+                tiny_cache,
+                f"stage={stage}",
+                f"trainer.max_steps={steps}",
+                *settings(root, world_small),
+                f"hydra.run.dir={root / 'runs' / f'stage{stage}'}",
+                timeout=900,
+            )
+        )
     return root, {stage: step_losses(root, stage) for stage in STEPS}
 
 
@@ -97,19 +137,32 @@ def test_losses_follow_the_golden_track(world_run):
             assert len(got) == len(want), (stage, term, len(got), len(want))
             np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-4, err_msg=f"stage {stage} train/{term}")
             drift = float(np.median(np.abs(np.subtract(got, want)) / np.maximum(np.abs(want), 1e-4)))
-            assert drift <= MEDIAN_RTOL, f"stage {stage} train/{term}: median relative drift {drift:.4f} > {MEDIAN_RTOL}"
+            assert drift <= MEDIAN_RTOL, (
+                f"stage {stage} train/{term}: median relative drift {drift:.4f} > {MEDIAN_RTOL}"
+            )
     first, last = losses[2]["align"][:4], losses[2]["align"][-4:]
-    assert np.mean(last) < 0.5 * np.mean(first), losses[2]["align"]  # and it learns: the alignment halves at least
-
+    assert np.mean(last) < 0.5 * np.mean(first), losses[2][
+        "align"
+    ]  # and it learns: the alignment halves at least
 
 
 def test_the_new_wordings_are_in_no_training_text():
     from datamodules.nextgpt_layout import CAPTION_INSTRUCTIONS, GENERATE_REQUESTS
     from nextgpt.world.llm import PRETRAINING_REQUESTS, world_turns
-    from nextgpt.world.synthetic import AUDIO_COMPREHENSION_INSTRUCTIONS, COMPREHENSION_INSTRUCTIONS, GENERATION_REQUESTS
+    from nextgpt.world.synthetic import (
+        AUDIO_COMPREHENSION_INSTRUCTIONS,
+        COMPREHENSION_INSTRUCTIONS,
+        GENERATION_REQUESTS,
+    )
 
-    trained = [*CAPTION_INSTRUCTIONS, *GENERATE_REQUESTS, *PRETRAINING_REQUESTS, *COMPREHENSION_INSTRUCTIONS,
-               *AUDIO_COMPREHENSION_INSTRUCTIONS, *GENERATION_REQUESTS]
+    trained = [
+        *CAPTION_INSTRUCTIONS,
+        *GENERATE_REQUESTS,
+        *PRETRAINING_REQUESTS,
+        *COMPREHENSION_INSTRUCTIONS,
+        *AUDIO_COMPREHENSION_INSTRUCTIONS,
+        *GENERATION_REQUESTS,
+    ]
     stems = {w.split("{")[0].split(" ")[0].lower() for w in trained}
     pretraining = "\n".join(world_turns(random.Random(0), 2000))
     for wording in (CAPTION_WORDING, REQUEST_WORDING):
@@ -124,14 +177,23 @@ def test_stage1_captions_held_out_media_above_chance_when_asked_in_new_words(wor
     cards = scorecard(root, tiny_cache, 1, ["world_i2t", "world_v2t"], f"++task.prompt='{CAPTION_WORDING}'")
     colour = [cards[t]["world_attributes"]["by_attribute"]["colour"] for t in cards]
     assert np.mean(colour) > 1 / 7 + 0.15, cards
-    assert all(c["trigger_rate"]["value"] == 1.0 for c in cards.values()), cards  # a caption, no signal tokens
+    assert all(c["trigger_rate"]["value"] == 1.0 for c in cards.values()), (
+        cards
+    )  # a caption, no signal tokens
 
 
 def test_stage2_answers_new_requests_with_the_asked_modality(world_run, tiny_cache):
     """Exactly the asked modality's signal group, for requests worded as no training text words them
     (at this size: image 0.62, audio 0.29, video 1.00; chance 1/3)."""
     root, _ = world_run
-    cards = scorecard(root, tiny_cache, 2, ["world_t2i", "world_t2a", "world_t2v"], f"++task.prompt='{REQUEST_WORDING}'",
-                      "++task.generation.decode=false", "++task.metrics=[trigger_rate]")
+    cards = scorecard(
+        root,
+        tiny_cache,
+        2,
+        ["world_t2i", "world_t2a", "world_t2v"],
+        f"++task.prompt='{REQUEST_WORDING}'",
+        "++task.generation.decode=false",
+        "++task.metrics=[trigger_rate]",
+    )
     rates = {t: c["trigger_rate"]["value"] for t, c in cards.items()}
     assert np.mean(list(rates.values())) > 1 / 3 + 0.15, cards

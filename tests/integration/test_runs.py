@@ -1,5 +1,6 @@
 """Runs never collide, never silently do nothing, and never lose a good result: sweeps, reruns,
 resumes, corrupt and changed data, bundles that do not fit, and the errors that name the fault."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,11 @@ def entries(src: Path) -> list[dict]:
 def test_a_sweep_gives_every_job_its_own_run_and_bundle(tiny_cache, tmp_path):
     """`python train.py -m stage=1 stage.optim.lr=1e-4,4e-4 trainer.max_steps=2`: both jobs train 2 steps
     into bundles of their own, which differ."""
-    ok(train(tmp_path, tiny_cache, "-m", "stage=1", "stage.optim.lr=1e-4,4e-4", "trainer.max_steps=2", *QUIET))
+    ok(
+        train(
+            tmp_path, tiny_cache, "-m", "stage=1", "stage.optim.lr=1e-4,4e-4", "trainer.max_steps=2", *QUIET
+        )
+    )
     a, b = (tmp_path / "bundles" / f"stage.optim.lr={lr}" / "stage1" for lr in ("0.0001", "0.0004"))
     for bundle in (a, b):
         assert json.loads((bundle / "meta.json").read_text())["trained_steps"] == 2
@@ -57,7 +62,17 @@ def test_a_sweep_gives_every_job_its_own_run_and_bundle(tiny_cache, tmp_path):
 
 
 def test_a_sweep_over_lr_and_stages_chains_within_each_lr(tiny_cache, tmp_path):
-    ok(train(tmp_path, tiny_cache, "-m", "stage=1,2,3", "stage.optim.lr=1e-4,4e-4", "trainer.max_steps=1", *QUIET))
+    ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "-m",
+            "stage=1,2,3",
+            "stage.optim.lr=1e-4,4e-4",
+            "trainer.max_steps=1",
+            *QUIET,
+        )
+    )
     for lr in ("0.0001", "0.0004"):
         chain = tmp_path / "bundles" / f"stage.optim.lr={lr}"
         for stage in (2, 3):
@@ -75,8 +90,11 @@ def test_reruns_never_end_finished_having_trained_nothing(tiny_cache, tmp_path):
     ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=2", *QUIET))
     first = weights(tmp_path / "bundles" / "stage1")
     # the same command again: the run is finished, nothing to train
-    again = refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=2", *QUIET), "this run already finished",
-                    "resume=false")
+    again = refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=2", *QUIET),
+        "this run already finished",
+        "resume=false",
+    )
     assert "finished at step" not in again
     assert same(weights(tmp_path / "bundles" / "stage1"), first)
     # more steps: another run, from scratch; the first bundle is kept as a version
@@ -86,11 +104,24 @@ def test_reruns_never_end_finished_having_trained_nothing(tiny_cache, tmp_path):
     assert same(weights(tmp_path / "bundles" / "stage1.v1"), first)
     assert "kept the previous bundle" in out
     # or, by an explicit choice, continue the first run to 6 steps (its epoch ended with it: a new one starts)
-    first_run = next(r for r in runs_of(tmp_path) if json.loads((r / "run.json").read_text())["global_step"] == 2)
-    refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=6", *QUIET, f"resume={first_run}"),
-            "trained 0 steps")  # trainer.max_epochs=1 was reached already: said, not "finished"
-    out = ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=6", "trainer.max_epochs=-1", *QUIET,
-                   f"resume={first_run}"))
+    first_run = next(
+        r for r in runs_of(tmp_path) if json.loads((r / "run.json").read_text())["global_step"] == 2
+    )
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=6", *QUIET, f"resume={first_run}"),
+        "trained 0 steps",
+    )  # trainer.max_epochs=1 was reached already: said, not "finished"
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "trainer.max_steps=6",
+            "trainer.max_epochs=-1",
+            *QUIET,
+            f"resume={first_run}",
+        )
+    )
     assert "continuing from" in out and "trainer.max_steps: 2 -> 6" in out
     meta = bundle_meta(tmp_path, 1)
     assert (meta["global_step"], meta["trained_steps"]) == (6, 4)
@@ -98,9 +129,20 @@ def test_reruns_never_end_finished_having_trained_nothing(tiny_cache, tmp_path):
 
 def test_a_killed_run_loses_at_most_the_time_checkpoint_interval(tiny_cache, tmp_path):
     """No step checkpoint before step 50, but the time-based one (every 0 s here) saved last.ckpt."""
-    args = ["stage=1", "trainer.max_steps=5", *QUIET, "+callbacks.time_checkpoint.train_time_interval.seconds=0",
-            "callbacks.time_checkpoint.train_time_interval.minutes=0"]
-    crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter", "+callbacks.crash.step=3")
+    args = [
+        "stage=1",
+        "trainer.max_steps=5",
+        *QUIET,
+        "+callbacks.time_checkpoint.train_time_interval.seconds=0",
+        "callbacks.time_checkpoint.train_time_interval.minutes=0",
+    ]
+    crashed = train(
+        tmp_path,
+        tiny_cache,
+        *args,
+        "+callbacks.crash._target_=tests.helpers.CrashAfter",
+        "+callbacks.crash.step=3",
+    )
     assert crashed.returncode != 0
     (run,) = runs_of(tmp_path)
     assert (run / "last.ckpt").is_file() and not list(run.glob("step*.ckpt"))
@@ -111,8 +153,16 @@ def test_a_killed_run_loses_at_most_the_time_checkpoint_interval(tiny_cache, tmp
 
 def test_a_truncated_checkpoint_is_named_and_an_older_one_used(tiny_cache, tmp_path):
     args = ["stage=1", "trainer.max_steps=4", *QUIET, "callbacks.model_checkpoint.every_n_train_steps=1"]
-    assert train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
-                 "+callbacks.crash.step=3").returncode != 0
+    assert (
+        train(
+            tmp_path,
+            tiny_cache,
+            *args,
+            "+callbacks.crash._target_=tests.helpers.CrashAfter",
+            "+callbacks.crash.step=3",
+        ).returncode
+        != 0
+    )
     (run,) = runs_of(tmp_path)
     last = run / "last.ckpt"
     last.write_bytes(last.read_bytes()[:100])  # a kill while it was written
@@ -130,8 +180,12 @@ def test_fully_corrupt_small_data_stops_and_the_good_bundle_survives(tiny_cache,
     for e in entries(src):
         f = src / "images" / e["image_name"]
         f.write_bytes(f.read_bytes()[:30])
-    out = refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=-1", *QUIET, only_images),  # one epoch
-                  "dataset 'synthetic'", "16 of 16 samples were unusable", "undecodable media: 16")
+    out = refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=-1", *QUIET, only_images),  # one epoch
+        "dataset 'synthetic'",
+        "16 of 16 samples were unusable",
+        "undecodable media: 16",
+    )
     assert same(weights(tmp_path / "bundles" / "stage1"), good)
     assert not (tmp_path / "bundles" / "stage1.v1").exists()
     assert "bundle written" not in out
@@ -142,8 +196,11 @@ def test_mostly_missing_files_stop_the_run(tiny_cache, tmp_path):
     names = [e["image_name"] for e in entries(src)]
     for name in names[: 3 * len(names) // 4]:
         (src / "images" / name).unlink()
-    refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=8", *QUIET, only_images),
-            "samples were unusable", "missing media file")
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=8", *QUIET, only_images),
+        "samples were unusable",
+        "missing media file",
+    )
 
 
 def test_a_few_bad_samples_train_on_and_are_counted_exactly(tiny_cache, tmp_path):
@@ -153,8 +210,18 @@ def test_a_few_bad_samples_train_on_and_are_counted_exactly(tiny_cache, tmp_path
         (src / "images" / name).write_bytes(b"not an image")
     n = len(entries(src))
     steps = -(-n // 4)  # one epoch: every sample read once
-    out = ok(train(tmp_path, tiny_cache, "stage=1", f"trainer.max_steps={steps}", "dataset.max_skip_fraction=0.1", *QUIET,
-                   only_images, "trainer.log_every_n_steps=1"))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            f"trainer.max_steps={steps}",
+            "dataset.max_skip_fraction=0.1",
+            *QUIET,
+            only_images,
+            "trainer.log_every_n_steps=1",
+        )
+    )
     (run,) = runs_of(tmp_path)
     report = json.loads((run / "data_report.json").read_text())
     assert report["samples"] == n and report["skipped"] == 2
@@ -170,21 +237,35 @@ def test_missing_media_found_while_writing_shards_counts_toward_the_limit(tiny_c
     names = [e["image_name"] for e in entries(src)]
     for name in names[: len(names) // 2]:
         (src / "images" / name).unlink()
-    res = train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={tmp_path / 'data'}",
-                "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
-                "trainer.max_steps=2", "dataset.num_workers=0", *QUIET)
+    res = train(
+        tmp_path,
+        tiny_cache,
+        "stage=1",
+        "dataset=cc3m",
+        f"paths.data_root={tmp_path / 'data'}",
+        "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
+        "trainer.max_steps=2",
+        "dataset.num_workers=0",
+        *QUIET,
+    )
     refused(res, "unusable before training", "missing media file (writing shards)")
 
 
 def test_editing_the_source_json_rewrites_its_shards(tiny_cache, tmp_path):
     src, _ = image_source(tmp_path, tiny_cache)
-    shard_args = ["dataset=cc3m", f"paths.data_root={tmp_path / 'data'}",
-                  "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
-                  "dataset.num_workers=0", *QUIET]
+    shard_args = [
+        "dataset=cc3m",
+        f"paths.data_root={tmp_path / 'data'}",
+        "dataset.sources=[{name:synthetic_image,modality:image,root:" + str(src) + ",weight:1}]",
+        "dataset.num_workers=0",
+        *QUIET,
+    ]
     ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *shard_args))
     shards = shard_dir(tmp_path, "synthetic_image")
     before = json.loads((shards / "synthetic_image-pairs.shards.json").read_text())
-    fixed = [{**e, "caption": f"edited caption {i}"} for i, e in enumerate(entries(src)[:-4])]  # 4 dropped, all changed
+    fixed = [
+        {**e, "caption": f"edited caption {i}"} for i, e in enumerate(entries(src)[:-4])
+    ]  # 4 dropped, all changed
     (src / "synthetic_image.json").write_text(json.dumps(fixed))
     out = ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=2", *shard_args))
     assert "changed since the shards" in out and "writing shards of its current data" in out
@@ -197,12 +278,24 @@ def test_editing_the_source_json_rewrites_its_shards(tiny_cache, tmp_path):
     captions = []
     for shard in sorted(shards.glob("*.tar")):
         with tarfile.open(shard) as tar:
-            captions += [json.loads(tar.extractfile(m).read())["caption"] for m in tar if m.name.endswith(".json")]
+            captions += [
+                json.loads(tar.extractfile(m).read())["caption"] for m in tar if m.name.endswith(".json")
+            ]
     assert captions and all(c.startswith("edited caption") for c in captions)
     # with source_changed=error the run stops instead, naming the file
     (src / "synthetic_image.json").write_text(json.dumps(fixed[:-1]))
-    refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=3", *shard_args, "dataset.source_changed=error"),
-            str(src / "synthetic_image.json"), "changed since")
+    refused(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "trainer.max_steps=3",
+            *shard_args,
+            "dataset.source_changed=error",
+        ),
+        str(src / "synthetic_image.json"),
+        "changed since",
+    )
 
 
 # --- bundles that do not fit -------------------------------------------------------------------
@@ -211,9 +304,12 @@ def test_a_bundle_with_another_token_layout_of_equal_shapes_is_refused(tiny_cach
     ok(train(tmp_path, tiny_cache, "stage=2", "trainer.max_steps=1", *QUIET))
     # 6 + 6 signal tokens: the same 12 rows as 4 + 8, other tokens on them
     six = ["model.modalities.image.num_signal_tokens=6", "model.modalities.audio.num_signal_tokens=6"]
-    refused(train(tmp_path, tiny_cache, "stage=3", "trainer.max_steps=1", *QUIET, *six),
-            "model.modalities.image.num_signal_tokens=6: the bundle", "trained with 4 image signal tokens ([IMG0] [IMG1] ...)",
-            "asks for 6")
+    refused(
+        train(tmp_path, tiny_cache, "stage=3", "trainer.max_steps=1", *QUIET, *six),
+        "model.modalities.image.num_signal_tokens=6: the bundle",
+        "trained with 4 image signal tokens ([IMG0] [IMG1] ...)",
+        "asks for 6",
+    )
     # and when loaded by hand, past the config check, the weights loader says the same
     from omegaconf import OmegaConf
 
@@ -223,8 +319,11 @@ def test_a_bundle_with_another_token_layout_of_equal_shapes_is_refused(tiny_cach
 
     cfg = compose([f"paths.cache_dir={tiny_cache}", *six], output_dir=str(tmp_path))
     model, _, _ = build_nextgpt(OmegaConf.to_container(cfg.model, resolve=True))
-    with pytest.raises(BundleError, match=r"another token layout: .*image signal tokens 4 \(\[IMG0\]..\[IMG3\].*vs 6 "
-                                          r"\(\[IMG0\]..\[IMG5\]"):
+    with pytest.raises(
+        BundleError,
+        match=r"another token layout: .*image signal tokens 4 \(\[IMG0\]..\[IMG3\].*vs 6 "
+        r"\(\[IMG0\]..\[IMG5\]",
+    ):
         load_bundle_weights(tmp_path / "bundles" / "stage2", model)
 
 
@@ -234,8 +333,17 @@ def test_a_moved_backbone_folder_is_found_again(tiny_cache, tmp_path):
 
     moved = tmp_path / "old_cache"
     shutil.copytree(tiny_cache / "tiny_backbones", moved / "tiny_backbones")
-    ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET, f"paths.backbones={moved / 'tiny_backbones'}",
-             "model.build_tiny=false"))
+    ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "trainer.max_steps=1",
+            *QUIET,
+            f"paths.backbones={moved / 'tiny_backbones'}",
+            "model.build_tiny=false",
+        )
+    )
     shutil.rmtree(moved)
     gen = Generator(tmp_path / "bundles" / "stage1", backbones=tiny_cache / "tiny_backbones")
     assert gen.stage == 1
@@ -252,14 +360,23 @@ def test_a_moved_backbone_folder_is_found_again(tiny_cache, tmp_path):
 # --- errors that name the fault -----------------------------------------------------------------
 def test_unclear_inputs_get_messages_that_name_them(tiny_cache, tmp_path):
     src, only_images = image_source(tmp_path, tiny_cache)
-    (src / "synthetic_image.json").write_bytes("[{\"caption\": \"caf\xe9\"}]".encode("latin-1"))
-    refused(train(tmp_path, tiny_cache, "stage=1", *QUIET, only_images), str(src / "synthetic_image.json"), "not UTF-8")
-    refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=abc", *QUIET), "trainer.max_steps='abc'")
+    (src / "synthetic_image.json").write_bytes('[{"caption": "caf\xe9"}]'.encode("latin-1"))
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", *QUIET, only_images),
+        str(src / "synthetic_image.json"),
+        "not UTF-8",
+    )
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=abc", *QUIET), "trainer.max_steps='abc'"
+    )
     not_lm = tmp_path / "not_an_llm"
     not_lm.mkdir()
     (not_lm / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
-    refused(train(tmp_path, tiny_cache, "stage=1", f"model.llm.path={not_lm}", *QUIET), "model.llm.path=",
-            "not a causal language model")
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", f"model.llm.path={not_lm}", *QUIET),
+        "model.llm.path=",
+        "not a causal language model",
+    )
 
 
 def test_an_optuna_search_trains_each_trial_into_its_own_bundle(tiny_cache, tmp_path):
@@ -267,8 +384,16 @@ def test_an_optuna_search_trains_each_trial_into_its_own_bundle(tiny_cache, tmp_
     and the best value it reports is the lowest final loss of its trials."""
     import re
 
-    out = ok(train(tmp_path, tiny_cache, "hparams_search=stage_lr", "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
-                   *QUIET))
+    out = ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "hparams_search=stage_lr",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_steps=2",
+            *QUIET,
+        )
+    )
     bundles = sorted(p.name for p in (tmp_path / "bundles").iterdir())
     assert len(bundles) == 2 and all(b.startswith("stage.optim.lr=") for b in bundles), bundles
     assert all((tmp_path / "bundles" / b / "stage1" / "trainable.safetensors").is_file() for b in bundles)

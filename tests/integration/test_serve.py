@@ -8,6 +8,7 @@ the plain one, 4xx errors with messages for bad requests (hostile ones too: a sy
 files folder, JSON nested 100000 deep, a body declared larger than the limit), and 8 concurrent
 requests that each get their own answer.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,8 +38,16 @@ def served(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     work = tmp_path_factory.mktemp("serve")
     port, log_path = free_port(), work / "server.log"
     url = f"http://127.0.0.1:{port}"
-    args = ["-m", "nextgpt.serve", f"bundle={demo_bundle}", f"port={port}", f"out={work / 'out'}",
-            f"max_upload_mb={MAX_UPLOAD_MB}", "model_name=demo", "log_level=warning"]
+    args = [
+        "-m",
+        "nextgpt.serve",
+        f"bundle={demo_bundle}",
+        f"port={port}",
+        f"out={work / 'out'}",
+        f"max_upload_mb={MAX_UPLOAD_MB}",
+        "model_name=demo",
+        "log_level=warning",
+    ]
     with served_process(args, f"{url}/health", log_path, DEMO_ENV, name="server"):
         yield url, log_path
         assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
@@ -58,7 +67,10 @@ def images(tiny_cache: Path) -> list[Path]:
 
 
 def image_part(path: Path) -> dict:
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()},
+    }
 
 
 def ask_about(path: Path, question: str = "Describe this image.") -> list[dict]:
@@ -72,7 +84,10 @@ def test_text_answer_about_an_uploaded_image(client, generator, images):
     assert expected.text.strip()
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].message.media == [] and reply.choices[0].finish_reason == expected.finish_reason
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.prompt_tokens, expected.new_tokens)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        expected.prompt_tokens,
+        expected.new_tokens,
+    )
     # the image was read into the prompt: its media tokens are counted
     text_only = generator.chat("Describe this image.", [], decode=False)
     assert reply.usage.prompt_tokens >= text_only.prompt_tokens + generator.num_media_tokens
@@ -82,7 +97,9 @@ def test_an_image_generated_on_request_by_url_and_as_base64(client, generator):
     import httpx
     from PIL import Image
 
-    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": IMAGE_REQUEST}])
+    reply = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": IMAGE_REQUEST}]
+    )
     expected = generator.chat(IMAGE_REQUEST, decode=False)
     message = reply.choices[0].message
     assert expected.signal_groups == ["image"], expected.text
@@ -94,8 +111,11 @@ def test_an_image_generated_on_request_by_url_and_as_base64(client, generator):
     pixels = np.asarray(Image.open(io.BytesIO(fetched.content)).convert("RGB"))
     assert pixels.shape == (size["height"], size["width"], 3)
 
-    inline = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": IMAGE_REQUEST}],
-                                            extra_body={"media_format": "b64_json"})
+    inline = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": IMAGE_REQUEST}],
+        extra_body={"media_format": "b64_json"},
+    )
     item = inline.choices[0].message.media[0]
     assert "url" not in item
     same = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"))
@@ -105,8 +125,11 @@ def test_an_image_generated_on_request_by_url_and_as_base64(client, generator):
 def test_streamed_tokens_add_up_to_the_answer(client):
     messages = [{"role": "user", "content": IMAGE_REQUEST}]
     plain = client.chat.completions.create(model="demo", messages=messages)
-    chunks = list(client.chat.completions.create(model="demo", messages=messages, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) >= 3, deltas  # streamed as it is generated, not in one piece
     assert "".join(deltas) == plain.choices[0].message.content
@@ -121,24 +144,45 @@ def test_bad_requests_get_4xx_with_a_message(client, served, images):
     import httpx
 
     url = served[0]
-    corrupt = {"type": "image_url", "image_url": {
-        "url": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not really a png" * 4).decode()}}
-    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[0\].image_url.url: the image could "
-                                                     r"not be decoded") as bad:
-        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
-            corrupt, {"type": "text", "text": "Describe this image."}]}])
+    corrupt = {
+        "type": "image_url",
+        "image_url": {
+            "url": "data:image/png;base64,"
+            + base64.b64encode(b"\x89PNG\r\n\x1a\n not really a png" * 4).decode()
+        },
+    }
+    with pytest.raises(
+        openai.BadRequestError,
+        match=r"messages\[0\].content\[0\].image_url.url: the image could "
+        r"not be decoded",
+    ) as bad:
+        client.chat.completions.create(
+            model="demo",
+            messages=[
+                {"role": "user", "content": [corrupt, {"type": "text", "text": "Describe this image."}]}
+            ],
+        )
     assert bad.value.status_code == 400
-    too_big = {"type": "image_url", "image_url": {
-        "url": "data:image/png;base64," + base64.b64encode(os.urandom(MAX_UPLOAD_MB * 2**20 + 10)).decode()}}
+    too_big = {
+        "type": "image_url",
+        "image_url": {
+            "url": "data:image/png;base64,"
+            + base64.b64encode(os.urandom(MAX_UPLOAD_MB * 2**20 + 10)).decode()
+        },
+    }
     with pytest.raises(openai.APIStatusError, match="larger than the limit") as big:
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [too_big]}])
     assert big.value.status_code == 413
-    with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' is not served here; this server serves 'demo'"):
+    with pytest.raises(
+        openai.NotFoundError, match="model 'gpt-4o' is not served here; this server serves 'demo'"
+    ):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    for response in (httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30),
-                     httpx.post(f"{url}/v1/chat/completions", json={"model": "demo", "messages": "hi"}, timeout=30),
-                     httpx.get(f"{url}/v1/files/nothing/here.png", timeout=30),
-                     httpx.get(f"{url}/v1/nowhere", timeout=30)):
+    for response in (
+        httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=30),
+        httpx.post(f"{url}/v1/chat/completions", json={"model": "demo", "messages": "hi"}, timeout=30),
+        httpx.get(f"{url}/v1/files/nothing/here.png", timeout=30),
+        httpx.get(f"{url}/v1/nowhere", timeout=30),
+    ):
         assert 400 <= response.status_code < 500, response.text
         assert response.json()["error"]["message"] and "Traceback" not in response.text
     # the server still answers after all of it
@@ -177,8 +221,10 @@ def test_hostile_requests_get_4xx_and_files_stay_in_their_folder(client, served,
     # a body declared larger than the limit: 413 from the header, before a byte of it is read
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 999999999\r\nConnection: close\r\n\r\n{}")
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999\r\nConnection: close\r\n\r\n{}"
+        )
         raw = b""
         while chunk := s.recv(65536):
             raw += chunk
@@ -194,13 +240,16 @@ def test_eight_concurrent_requests_each_get_their_own_answer(client, generator, 
 
     def ask(job):
         path, seed, max_tokens = job
-        reply = client.chat.completions.create(model="demo", messages=ask_about(path), temperature=1.0, seed=seed,
-                                               max_tokens=max_tokens)
+        reply = client.chat.completions.create(
+            model="demo", messages=ask_about(path), temperature=1.0, seed=seed, max_tokens=max_tokens
+        )
         return reply.choices[0].message.content
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
-    expected = [generator.chat("Describe this image.", [p], temperature=1.0, seed=s, max_new_tokens=n).text
-                for p, s, n in jobs]
+    expected = [
+        generator.chat("Describe this image.", [p], temperature=1.0, seed=s, max_new_tokens=n).text
+        for p, s, n in jobs
+    ]
     assert answers == expected
     assert len(set(answers)) >= 6, answers

@@ -1,5 +1,6 @@
 """Stage 1 -> 2 -> 3 through `nextgpt.cli.train.train`: each stage starts from the previous bundle,
 bundles hold only trainable-group weights, and a missing bundle is a clear error."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ GROUP_PREFIXES = ("input_projector.", "output_projectors.", "new_tokens.markers.
 
 
 def run_stage(tiny_config, stage: int, *extra: str):
-    cfg = tiny_config(f"stage={stage}", "trainer.max_steps=3", "stage.batch_size=6", "print_config=false", *extra)
+    cfg = tiny_config(
+        f"stage={stage}", "trainer.max_steps=3", "stage.batch_size=6", "print_config=false", *extra
+    )
     train(cfg)
     return cfg
 
@@ -28,8 +31,12 @@ def test_three_stages_chain_through_bundles(tiny_config, tmp_path):
     run_stage(tiny_config, 1)
     s1 = load_file(str(bundles / "stage1" / "trainable.safetensors"))
     # stage 1 keeps what it trained: no backbone weight, no untrained output projector
-    assert set(s1) == {"input_projector.proj.weight", "input_projector.proj.bias",
-                       "new_tokens.markers.embed", "new_tokens.markers.head"}
+    assert set(s1) == {
+        "input_projector.proj.weight",
+        "input_projector.proj.bias",
+        "new_tokens.markers.embed",
+        "new_tokens.markers.head",
+    }
 
     run_stage(tiny_config, 2)
     s2 = load_file(str(bundles / "stage2" / "trainable.safetensors"))
@@ -71,13 +78,18 @@ def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):
     from nextgpt.stages import Stage1EncodingAlignment
 
     cfg = tiny_config("stage=1")
-    module = Stage1EncodingAlignment(model=OmegaConf.to_container(cfg.model, resolve=True),
-                                     optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss))
+    module = Stage1EncodingAlignment(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=dict(cfg.stage.optim),
+        loss=dict(cfg.stage.loss),
+    )
     module.configure_model()
     bad = tmp_path / "bad"
     bad.mkdir()
-    save_file({"input_projector.proj.weight": torch.zeros(3, 3), "nonsense.weight": torch.zeros(1)},
-              str(bad / "trainable.safetensors"))
+    save_file(
+        {"input_projector.proj.weight": torch.zeros(3, 3), "nonsense.weight": torch.zeros(1)},
+        str(bad / "trainable.safetensors"),
+    )
     with pytest.raises(BundleError) as err:
         load_bundle_weights(bad, module.model)
     assert "nonsense.weight" in str(err.value) and "input_projector.proj.weight" in str(err.value)

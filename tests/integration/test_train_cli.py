@@ -1,4 +1,5 @@
 """The user's literal commands, run as subprocesses of train.py."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,17 @@ def test_stage2_webvid_without_data_names_the_path(tiny_cache, tmp_path):
 @pytest.mark.real_data
 def test_stage1_on_the_real_cc3m_sample(tiny_cache, sample_root, tmp_path):
     """`python train.py stage=1 dataset=cc3m paths.data_root=DIR trainer.max_steps=2` on real images."""
-    res = train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={sample_root}",
-                "trainer.max_steps=2", "logger=csv", "stage.batch_size=4", "dataset.num_workers=0")
+    res = train(
+        tmp_path,
+        tiny_cache,
+        "stage=1",
+        "dataset=cc3m",
+        f"paths.data_root={sample_root}",
+        "trainer.max_steps=2",
+        "logger=csv",
+        "stage.batch_size=4",
+        "dataset.num_workers=0",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "bundles" / "stage1" / "meta.json").read_text())["global_step"] == 2
 
@@ -54,10 +64,20 @@ def test_stage2_on_the_real_webvid_sample(tiny_cache, sample_root, tmp_path):
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
-    args = ["stage=1", "logger=csv", "trainer.max_steps=4", "stage.batch_size=4",
-            "callbacks.model_checkpoint.every_n_train_steps=2"]
-    crashed = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter",
-                    "+callbacks.crash.step=3")
+    args = [
+        "stage=1",
+        "logger=csv",
+        "trainer.max_steps=4",
+        "stage.batch_size=4",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+    crashed = train(
+        tmp_path,
+        tiny_cache,
+        *args,
+        "+callbacks.crash._target_=tests.helpers.CrashAfter",
+        "+callbacks.crash.step=3",
+    )
     assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stderr
     runs = [p for p in (tmp_path / "checkpoints" / "tiny" / "synthetic" / "stage1").iterdir() if p.is_dir()]
     assert len(runs) == 1, runs  # one run folder, named by the run's key (and its lock file beside it)
@@ -66,8 +86,12 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_cache, tmp_path):
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     # the checkpoint holds the trainable tensors only, never a frozen backbone weight
-    assert set(ckpt["state_dict"]) == {"model.input_projector.proj.weight", "model.input_projector.proj.bias",
-                                      "model.new_tokens.markers.embed", "model.new_tokens.markers.head"}
+    assert set(ckpt["state_dict"]) == {
+        "model.input_projector.proj.weight",
+        "model.input_projector.proj.bias",
+        "model.new_tokens.markers.embed",
+        "model.new_tokens.markers.head",
+    }
 
     resumed = train(tmp_path, tiny_cache, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -86,11 +110,15 @@ def test_a_run_over_the_device_memory_is_refused_by_its_plan(tiny_cache, tmp_pat
     assert res.returncode == 2, out[-3000:]
     assert "the memory plan needs" in out and "more than the device's 0.0 GiB" in out and "activations" in out
     assert "plan.allow_over_memory=true" in out
-    assert "Loading weights" not in out and not (tmp_path / "checkpoints").exists()  # refused before any weight loads
+    assert (
+        "Loading weights" not in out and not (tmp_path / "checkpoints").exists()
+    )  # refused before any weight loads
 
 
 def test_packed_batches_train_stages_1_and_2(tiny_cache, tmp_path):
-    res = train(tmp_path, tiny_cache, "-m", "stage=1,2", "dataset.pack=true", "trainer.max_steps=2", "logger=csv")
+    res = train(
+        tmp_path, tiny_cache, "-m", "stage=1,2", "dataset.pack=true", "trainer.max_steps=2", "logger=csv"
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert out.count("(2 trained in this run)") == 2

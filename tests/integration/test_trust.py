@@ -1,6 +1,7 @@
 """Never silently wrong, from the user's side (issue 22): a checkpoint never runs code, a run
 trains on the data it names, nothing hangs, and bad input is refused before any weight loads,
 naming the file, key or folder at fault."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tiny_cache
     exit 2 naming the file; the payload's marker file is never created."""
     marker = tmp_path / "PWNED"
     evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
-    refused(train(tmp_path, tiny_cache, "stage=1", f"resume={evil}", "trainer.max_steps=2", *QUIET),
-            str(evil), "arbitrary unpickling")
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", f"resume={evil}", "trainer.max_steps=2", *QUIET),
+        str(evil),
+        "arbitrary unpickling",
+    )
     assert not marker.exists()
 
     ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET))
@@ -76,8 +80,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tiny_cache
     record = json.loads(run.read_text())
     run.write_text(json.dumps({**record, "status": "running"}))  # as a killed run leaves it
     hostile_checkpoint(run.parent / "last.ckpt", marker)
-    refused(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET), str(run.parent / "last.ckpt"),
-            "arbitrary unpickling")
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET),
+        str(run.parent / "last.ckpt"),
+        "arbitrary unpickling",
+    )
     assert not marker.exists()
 
 
@@ -88,7 +95,7 @@ def test_a_second_root_with_equal_names_and_other_bytes_trains_on_its_own_bytes(
     a = nextgpt_root(tmp_path / "a", tiny_cache, "cc3m", n=8)
     b = nextgpt_root(tmp_path / "b", tiny_cache, "cc3m", n=8)
     images = sorted((b / "cc3m" / "images").iterdir())
-    for img, other in zip(images, images[1:] + images[:1]):  # each name now holds another image
+    for img, other in zip(images, images[1:] + images[:1], strict=False):  # each name now holds another image
         img.write_bytes((a / "cc3m" / "images" / other.name).read_bytes())
     common = ["stage=1", "dataset=cc3m", "dataset.num_workers=0", "trainer.max_steps=1", *QUIET]
     ok(train(tmp_path, tiny_cache, *common, f"paths.data_root={a}"))
@@ -102,7 +109,9 @@ def test_a_second_root_with_equal_names_and_other_bytes_trains_on_its_own_bytes(
     a_bytes = {p.read_bytes() for p in (a / "cc3m" / "images").iterdir()}
     assert set(first.values()) <= a_bytes and set(theirs.values()) <= b_bytes
     by_name_a = {k.split("/", 1)[1]: v for k, v in first.items()}
-    assert any(by_name_a[k.split("/", 1)[1]] != v for k, v in theirs.items())  # same member names, other bytes
+    assert any(
+        by_name_a[k.split("/", 1)[1]] != v for k, v in theirs.items()
+    )  # same member names, other bytes
     runs = list((tmp_path / "checkpoints").rglob("run.json"))
     assert len(runs) == 2
 
@@ -123,13 +132,20 @@ def test_a_missing_or_empty_data_root_stops_naming_it(tiny_cache, tmp_path):
     refused(train(tmp_path, tiny_cache, *common, f"paths.data_root={missing}"), str(missing / "cc3m"))
 
     empty = nextgpt_root(tmp_path / "empty", tiny_cache, "cc3m", n=0)
-    refused(train(tmp_path, tiny_cache, *common, f"paths.data_root={empty}"), str(empty / "cc3m" / "cc3m.json"),
-            "no usable sample")
+    refused(
+        train(tmp_path, tiny_cache, *common, f"paths.data_root={empty}"),
+        str(empty / "cc3m" / "cc3m.json"),
+        "no usable sample",
+    )
 
     unusable = nextgpt_root(tmp_path / "unusable", tiny_cache, "cc3m", n=6)
     shutil.rmtree(unusable / "cc3m" / "images")
-    refused(train(tmp_path, tiny_cache, *common, f"paths.data_root={unusable}"),
-            str(unusable / "cc3m" / "cc3m.json"), "no usable sample", "missing media file")
+    refused(
+        train(tmp_path, tiny_cache, *common, f"paths.data_root={unusable}"),
+        str(unusable / "cc3m" / "cc3m.json"),
+        "no usable sample",
+        "missing media file",
+    )
 
 
 def test_all_bad_samples_stop_even_with_a_skip_limit_of_one(tiny_cache, tmp_path):
@@ -138,27 +154,53 @@ def test_all_bad_samples_stop_even_with_a_skip_limit_of_one(tiny_cache, tmp_path
     root = nextgpt_root(tmp_path / "bad", tiny_cache, "cc3m", n=6)
     for img in (root / "cc3m" / "images").iterdir():
         img.write_bytes(b"not an image at all")
-    res = train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={root}", "dataset.num_workers=0",
-                "dataset.max_skip_fraction=1.0", "trainer.max_steps=5", *QUIET, timeout=240)
+    res = train(
+        tmp_path,
+        tiny_cache,
+        "stage=1",
+        "dataset=cc3m",
+        f"paths.data_root={root}",
+        "dataset.num_workers=0",
+        "dataset.max_skip_fraction=1.0",
+        "trainer.max_steps=5",
+        *QUIET,
+        timeout=240,
+    )
     out = refused(res, "no usable sample in a whole pass", "undecodable media")
     assert len(out) < 200_000
 
 
 # --- inputs checked before work ---------------------------------------------------------------------
 def test_an_appended_key_nothing_reads_is_refused_before_anything_loads(tiny_cache, tmp_path):
-    out = refused(train(tmp_path, tiny_cache, "stage=1", "+stage.optim.learning_rate=0.1", *QUIET),
-                  "+stage.optim.learning_rate", "stage.optim has", "lr")
+    out = refused(
+        train(tmp_path, tiny_cache, "stage=1", "+stage.optim.learning_rate=0.1", *QUIET),
+        "+stage.optim.learning_rate",
+        "stage.optim has",
+        "lr",
+    )
     assert "trainable" not in out  # refused before the model was built
-    refused(train(tmp_path, tiny_cache, "stage=1", "+stage.optim.optimizer.bettas=[0.9,0.95]", *QUIET),
-            "did you mean stage.optim.optimizer.betas")
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "+stage.optim.optimizer.bettas=[0.9,0.95]", *QUIET),
+        "did you mean stage.optim.optimizer.betas",
+    )
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_an_unwritable_bundle_folder_is_found_before_training(tiny_cache, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    out = refused(train(tmp_path, tiny_cache, "stage=1", f"paths.bundles={blocker / 'bundles'}", "trainer.max_steps=1",
-                        *QUIET), f"paths.bundles='{blocker / 'bundles'}'", "can not be written")
+    out = refused(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            f"paths.bundles={blocker / 'bundles'}",
+            "trainer.max_steps=1",
+            *QUIET,
+        ),
+        f"paths.bundles='{blocker / 'bundles'}'",
+        "can not be written",
+    )
     assert "Epoch" not in out and not list((tmp_path / "checkpoints").rglob("*.ckpt"))
 
 
@@ -166,15 +208,35 @@ def test_an_unwritable_bundle_folder_is_found_before_training(tiny_cache, tmp_pa
 def test_the_same_run_started_twice_at_once_is_refused_naming_the_first(tiny_cache, tmp_path):
     """Two identical commands at once: the second exits 2 naming the first's pid; once the first is
     killed, the same command resumes its run (the lock died with it)."""
-    args = ["stage=1", "trainer.max_steps=100000", "trainer.max_epochs=-1", "callbacks.model_checkpoint.every_n_train_steps=5",
-            *QUIET]  # runs until it is killed
-    cmd = [sys.executable, "train.py", *args, f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}", "print_config=false"]
-    first = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "stage=1",
+        "trainer.max_steps=100000",
+        "trainer.max_epochs=-1",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        *QUIET,
+    ]  # runs until it is killed
+    cmd = [
+        sys.executable,
+        "train.py",
+        *args,
+        f"paths.root={tmp_path}",
+        f"paths.cache_dir={tiny_cache}",
+        "print_config=false",
+    ]
+    first = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not list((tmp_path / "checkpoints").rglob("step*.ckpt")):
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its first checkpoint"
+            assert first.poll() is None and time.monotonic() < deadline, (
+                "the first run ended before its first checkpoint"
+            )
             time.sleep(0.5)
         second = train(tmp_path, tiny_cache, *args)
         refused(second, f"pid {first.pid}", "is being trained by")
@@ -182,7 +244,13 @@ def test_the_same_run_started_twice_at_once_is_refused_naming_the_first(tiny_cac
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # the same run (callbacks are not part of its identity), stopped by a crash one step after it resumed
-    again = train(tmp_path, tiny_cache, *args, "+callbacks.crash._target_=tests.helpers.CrashAfter", "+callbacks.crash.step=0")
+    again = train(
+        tmp_path,
+        tiny_cache,
+        *args,
+        "+callbacks.crash._target_=tests.helpers.CrashAfter",
+        "+callbacks.crash.step=0",
+    )
     out = again.stdout + again.stderr
     assert "resuming stage 1 from" in out and "simulated crash after step" in out, out[-3000:]
 
@@ -194,6 +262,18 @@ def test_ddp_on_a_one_sample_data_set_finishes_within_a_minute(tiny_cache, tmp_p
     of a pass, and used to wait forever; now both ranks read it and the run ends."""
     root = nextgpt_root(tmp_path / "one", tiny_cache, "cc3m", n=1)
     start = time.monotonic()
-    ok(train(tmp_path, tiny_cache, "stage=1", "dataset=cc3m", f"paths.data_root={root}", "dataset.num_workers=0",
-             *DDP, "trainer.max_steps=2", *QUIET, timeout=120))
+    ok(
+        train(
+            tmp_path,
+            tiny_cache,
+            "stage=1",
+            "dataset=cc3m",
+            f"paths.data_root={root}",
+            "dataset.num_workers=0",
+            *DDP,
+            "trainer.max_steps=2",
+            *QUIET,
+            timeout=120,
+        )
+    )
     assert time.monotonic() - start < 60 + 30  # a minute of training, plus the two processes' start-up

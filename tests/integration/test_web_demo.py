@@ -8,6 +8,7 @@ each message while the app keeps answering. The backend tests check the same rul
 browser, that the bundle box loads only the started bundle and folders under --allow-bundles (with
 one refusal, whether the path exists or not), and that follow-up turns pass the history.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,16 @@ from tests.conftest import DEMO_ENV
 pytestmark = pytest.mark.slow
 
 # launch flags that work in this sandbox (no GPU, no sandboxing, no network side traffic)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 IMAGE_REQUEST = "Please make an image of a red circle at the top left on a black background"
 ENV = {**DEMO_ENV, "GRADIO_ANALYTICS_ENABLED": "False"}
 SCREENSHOT_COPY = Path("/tmp/nextgpt_web_demo.png")
@@ -43,7 +52,11 @@ def sample_images(root: Path, limit: int = 3) -> list[Path]:
     index = root / "cc3m" / "cc3m.json"
     if not index.is_file():
         pytest.skip(f"{index} not found in the real sample")
-    found = [root / "cc3m" / "images" / e["image_name"] for e in json.loads(index.read_text()) if e.get("image_name")]
+    found = [
+        root / "cc3m" / "images" / e["image_name"]
+        for e in json.loads(index.read_text())
+        if e.get("image_name")
+    ]
     found = [p for p in found if p.is_file()][:limit]
     if not found:
         pytest.skip(f"no image named in {index} exists under {root / 'cc3m' / 'images'}")
@@ -80,9 +93,26 @@ def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     out, allowed, port = work / "out", work / "bundles", free_port()
     allowed.mkdir()
     url = f"http://127.0.0.1:{port}/"
-    with served_process(["-m", "nextgpt.demo", "--bundle", str(demo_bundle), "--host", "127.0.0.1", "--port", str(port),
-                         "--out", str(out), "--allow-bundles", str(allowed)], url, work / "server.log", ENV,
-                        name="demo server"):
+    with served_process(
+        [
+            "-m",
+            "nextgpt.demo",
+            "--bundle",
+            str(demo_bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--out",
+            str(out),
+            "--allow-bundles",
+            str(allowed),
+        ],
+        url,
+        work / "server.log",
+        ENV,
+        name="demo server",
+    ):
         yield url, out, allowed
 
 
@@ -92,7 +122,9 @@ def browser():
     exe = chromium_path()
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra (playwright) is not installed")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the test extra (playwright) is not installed"
+    )
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(exe), headless=True, args=CHROMIUM_FLAGS)
         try:
@@ -169,8 +201,9 @@ def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: 
     expect(bot).to_have_count(1, timeout=120_000)
     generated = bot.last.locator("img[src*='image_0.png']")
     expect(generated).to_have_count(1, timeout=30_000)
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=generated.element_handle(),
-                           timeout=30_000)
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=generated.element_handle(), timeout=30_000
+    )
     expect(page.locator("#downloads a[href*='image_0.png']")).to_have_count(1, timeout=10_000)
     assert list(out.rglob("image_0.png")), f"no generated image under {out}"
 
@@ -242,7 +275,9 @@ def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> No
     with pytest.raises(DemoInputError, match="does not exist"):
         load_generator(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DemoInputError, match="is not a stage bundle: it has no trainable.safetensors / config.yaml"):
+    with pytest.raises(
+        DemoInputError, match="is not a stage bundle: it has no trainable.safetensors / config.yaml"
+    ):
         load_generator(tmp_path / "empty")
 
     backend = DemoBackend(generator, out_dir=tmp_path / "out", allowed_bundles=[tmp_path])
@@ -257,8 +292,9 @@ def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> No
     assert "does not exist" in app.backend.describe()
 
 
-def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(generator, demo_bundle: Path,
-                                                                      tmp_path: Path) -> None:
+def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(
+    generator, demo_bundle: Path, tmp_path: Path
+) -> None:
     import html
 
     from nextgpt.demo import DemoBackend, DemoInputError
@@ -271,7 +307,9 @@ def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(generator,
     allowed = tmp_path / "allowed"
     (allowed / "empty").mkdir(parents=True)
     shutil.copytree(demo_bundle, allowed / "stage3")
-    (allowed / "escape").symlink_to(outside, target_is_directory=True)  # inside by name, outside when resolved
+    (allowed / "escape").symlink_to(
+        outside, target_is_directory=True
+    )  # inside by name, outside when resolved
 
     def refusal(backend: DemoBackend, path) -> str:
         with pytest.raises(DemoInputError) as info:
@@ -287,12 +325,22 @@ def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(generator,
     assert len(texts) == 1, texts
     assert texts.pop().startswith("refused: this demo loads only the bundle it was started with")
     assert fixed.generator is generator, "a refused load keeps the model that was serving"
-    assert fixed.allowed_path(f"{demo_bundle}/") == demo_bundle.resolve()  # the started bundle, as typed or not
+    assert (
+        fixed.allowed_path(f"{demo_bundle}/") == demo_bundle.resolve()
+    )  # the started bundle, as typed or not
 
     # --allow-bundles DIR: bundles in DIR load; paths that leave it (.., a symlink) are refused alike
     open_ = DemoBackend(generator, out_dir=tmp_path / "out", allowed_bundles=[allowed])
-    texts = {refusal(open_, p) for p in (outside, missing, allowed / "escape", allowed / ".." / "outside",
-                                         allowed / "escape" / "nothing")}
+    texts = {
+        refusal(open_, p)
+        for p in (
+            outside,
+            missing,
+            allowed / "escape",
+            allowed / ".." / "outside",
+            allowed / "escape" / "nothing",
+        )
+    }
     assert len(texts) == 1 and "(--allow-bundles)" in texts.pop()
     assert "does not exist" in open_.load_bundle(str(allowed / "missing"))
     assert "not a stage bundle" in open_.load_bundle(str(allowed / "empty"))
@@ -320,7 +368,9 @@ def test_allow_bundles_flag_and_the_page_without_it(generator, tmp_path: Path, c
         return props["bundle"], props["bundle-note"]["value"]
 
     box, note = bundle_ui(build_app(generator, out_dir=tmp_path / "out"))
-    assert box["interactive"] is False and "Loading another bundle is off" in note and "--allow-bundles" in note
+    assert (
+        box["interactive"] is False and "Loading another bundle is off" in note and "--allow-bundles" in note
+    )
     box, note = bundle_ui(build_app(generator, out_dir=tmp_path / "out", allowed_bundles=[a]))
     assert box["interactive"] is True and str(a.resolve()) in note
 
@@ -338,8 +388,14 @@ def test_follow_up_turns_carry_history_and_media(generator, sample_root: Path, t
         bundle, stage = generator.bundle, getattr(generator, "stage", 3)
 
         def chat(self, prompt, media=(), history=(), *, history_media=(), **kw):
-            calls.append({"prompt": prompt, "media": list(media), "history": list(history),
-                          "history_media": list(history_media)})
+            calls.append(
+                {
+                    "prompt": prompt,
+                    "media": list(media),
+                    "history": list(history),
+                    "history_media": list(history_media),
+                }
+            )
             return generator.chat(prompt, media, history, history_media=history_media, **kw)
 
     image = str(sample_images(sample_root, limit=1)[0])

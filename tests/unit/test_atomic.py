@@ -1,4 +1,5 @@
 """Folders that appear whole or not at all (nextgpt.atomic), as every folder writer uses them."""
+
 from __future__ import annotations
 
 import signal
@@ -54,7 +55,7 @@ def test_concurrent_builders_take_turns(tmp_path):
         import sys, time
         from pathlib import Path
         from nextgpt.atomic import building, exclusive, install
-        dest = Path({str(tmp_path / 'out')!r})
+        dest = Path({str(tmp_path / "out")!r})
         with exclusive(dest):
             if (dest / 'done').exists():
                 print('found'); sys.exit(0)
@@ -64,7 +65,9 @@ def test_concurrent_builders_take_turns(tmp_path):
                 install(tmp, dest)
             print('built')
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outs == ["built", "found"], outs
 
@@ -78,9 +81,11 @@ def _child(code: str) -> subprocess.Popen:
 
 def test_a_killed_builders_folder_is_removed_by_the_next_builder_and_a_live_ones_kept(tmp_path):
     dest = tmp_path / "stage1"
-    code = ("import sys, time; from nextgpt.atomic import building\n"
-            f"with building({str(dest)!r}, 'writing') as tmp:\n"
-            "    (tmp / 'half').write_text('x'); print('ready', flush=True); time.sleep(600)\n")
+    code = (
+        "import sys, time; from nextgpt.atomic import building\n"
+        f"with building({str(dest)!r}, 'writing') as tmp:\n"
+        "    (tmp / 'half').write_text('x'); print('ready', flush=True); time.sleep(600)\n"
+    )
     killed, alive = _child(code), _child(code)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -100,8 +105,10 @@ def test_a_killed_builders_folder_is_removed_by_the_next_builder_and_a_live_ones
 
 def test_a_held_lock_names_its_holder_and_dies_with_it(tmp_path):
     lock = tmp_path / "run.lock"
-    code = ("import time; from nextgpt.atomic import holding\n"
-            f"with holding({str(lock)!r}):\n    print('ready', flush=True); time.sleep(600)\n")
+    code = (
+        "import time; from nextgpt.atomic import holding\n"
+        f"with holding({str(lock)!r}):\n    print('ready', flush=True); time.sleep(600)\n"
+    )
     holder = _child(code)
     try:
         with pytest.raises(Busy) as e:

@@ -1,4 +1,5 @@
 """model.llm.template=chat: the tokenizer's own chat template, loss on the assistant's tokens only."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ from nextgpt.prompts import (
 )
 from nextgpt.tokens import add_nextgpt_tokens
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SLOT = 0
 
 
@@ -41,13 +44,18 @@ def runs(labels):
 
 def test_label_mask_covers_exactly_the_assistant_tokens(tok):
     tokenizer, layout = tok
-    conv = Conversation("k", [("<image>\nWhat is this?", "A cat on a sofa."), ("Draw it at night.", "Here it is. <image>")],
-                        media_in=[("image", "x.jpg")], captions_out=[("image", "a cat on a sofa at night")])
-    enc = encode_conversation(conv, tokenizer, layout, get_template("chat"), num_media_tokens=2, max_length=512,
-                              slot_id=SLOT)
+    conv = Conversation(
+        "k",
+        [("<image>\nWhat is this?", "A cat on a sofa."), ("Draw it at night.", "Here it is. <image>")],
+        media_in=[("image", "x.jpg")],
+        captions_out=[("image", "a cat on a sofa at night")],
+    )
+    enc = encode_conversation(
+        conv, tokenizer, layout, get_template("chat"), num_media_tokens=2, max_length=512, slot_id=SLOT
+    )
     spans = runs(enc.labels)
     assert len(spans) == 2, spans
-    for i, (lab, tid) in enumerate(zip(enc.labels, enc.input_ids)):
+    for i, (lab, tid) in enumerate(zip(enc.labels, enc.input_ids, strict=False)):
         assert lab in (IGNORE_INDEX, tid), i
     decode = lambda a, b: "".join(tokenizer.decode(enc.input_ids[a:b]).split())  # noqa: E731
     assert decode(*spans[0]) == "Acatonasofa.<|im_end|>"
@@ -57,14 +65,21 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tok):
         before = enc.input_ids[:a]
         last_start = len(before) - 1 - before[::-1].index(start_id)
         assert "".join(tokenizer.decode(before[last_start:]).split()) == "<|im_start|>assistant"
-    (slot_start, name, _), = enc.media_slots
+    ((slot_start, name, _),) = enc.media_slots
     assert name == "image" and enc.input_ids[slot_start : slot_start + 2] == [SLOT, SLOT]
     assert all(enc.labels[j] == IGNORE_INDEX for j in range(slot_start - 1, slot_start + 3))
-    (g, gname, _), = enc.signal_groups
+    ((g, gname, _),) = enc.signal_groups
     assert gname == "image" and enc.labels[g : g + 4] == list(layout.signal_ids["image"])
     # the prompt for generation ends with the generation prompt, nothing labelled
-    gen = encode_conversation(Conversation("g", [("hi", "")]), tokenizer, layout, get_template("chat"),
-                              num_media_tokens=2, max_length=512, slot_id=SLOT)
+    gen = encode_conversation(
+        Conversation("g", [("hi", "")]),
+        tokenizer,
+        layout,
+        get_template("chat"),
+        num_media_tokens=2,
+        max_length=512,
+        slot_id=SLOT,
+    )
     assert set(gen.labels) == {IGNORE_INDEX}
     assert "".join(tokenizer.decode(gen.input_ids).split()).endswith("<|im_start|>assistant")
 
@@ -79,5 +94,12 @@ def test_a_tokenizer_without_a_chat_template_is_refused_by_name(tok):
     tokenizer, layout = tok
     tokenizer.chat_template = None
     with pytest.raises(ChatTemplateError, match="has no chat template"):
-        encode_conversation(Conversation("k", [("hi", "yo")]), tokenizer, layout, get_template("chat"),
-                            num_media_tokens=1, max_length=64, slot_id=SLOT)
+        encode_conversation(
+            Conversation("k", [("hi", "yo")]),
+            tokenizer,
+            layout,
+            get_template("chat"),
+            num_media_tokens=1,
+            max_length=64,
+            slot_id=SLOT,
+        )

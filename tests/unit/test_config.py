@@ -1,4 +1,5 @@
 """Every config combination composes and validates; bad values fail fast, naming key and value."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,16 +23,25 @@ STRATEGIES = sorted(p.stem for p in (CONFIG_DIR / "strategy").glob("*.yaml"))
 def test_config_groups_are_complete():
     assert {"synthetic", "cc3m", "webvid", "audiocap"} <= set(DATASETS)
     assert {"tiny", "nextgpt_7b_legacy", "nextgpt_7b_v15"} <= set(MODELS)
-    assert {"auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"} <= set(STRATEGIES)
+    assert {"auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"} <= set(
+        STRATEGIES
+    )
 
 
 def pairwise(*groups: list[str]) -> list[tuple[str, ...]]:
     """Combinations in which every pair of options of any two groups occurs at least once (a greedy
     covering array): groups interact in pairs (a strategy with a model's sizes, a dataset with a
     model's modalities), and ~40 combinations cover every pair where the full product has ~400."""
-    wanted = {(i, a, j, b) for i, j in itertools.combinations(range(len(groups)), 2)
-              for a in groups[i] for b in groups[j]}
-    pairs = lambda combo: {(i, combo[i], j, combo[j]) for i, j in itertools.combinations(range(len(combo)), 2)}  # noqa: E731
+    wanted = {
+        (i, a, j, b)
+        for i, j in itertools.combinations(range(len(groups)), 2)
+        for a in groups[i]
+        for b in groups[j]
+    }
+
+    def pairs(combo):
+        return {(i, combo[i], j, combo[j]) for i, j in itertools.combinations(range(len(combo)), 2)}  # noqa: E731
+
     chosen = []
     while wanted:
         best = max(itertools.product(*groups), key=lambda c: len(pairs(c) & wanted))
@@ -56,12 +66,18 @@ def test_every_pair_of_options_composes_and_validates(stage, dataset, model, str
 
 
 @pytest.mark.slow  # the full product; the pairwise set above covers every pair of options in the fast tier
-@pytest.mark.parametrize("stage,dataset,model,strategy", list(itertools.product(STAGES, DATASETS, MODELS, STRATEGIES)))
+@pytest.mark.parametrize(
+    "stage,dataset,model,strategy", list(itertools.product(STAGES, DATASETS, MODELS, STRATEGIES))
+)
 def test_every_combination_composes_and_validates(stage, dataset, model, strategy, tmp_path):
-    extra = {"webdataset": ["dataset.urls='/data/shards/{00000..00009}.tar'"],  # a mandatory key
-             "depth": ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"]}.get(dataset, [])  # input-only
-    cfg = compose([f"stage={stage}", f"dataset={dataset}", f"model={model}", f"strategy={strategy}", *extra],
-                  output_dir=str(tmp_path))
+    extra = {
+        "webdataset": ["dataset.urls='/data/shards/{00000..00009}.tar'"],  # a mandatory key
+        "depth": ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"],
+    }.get(dataset, [])  # input-only
+    cfg = compose(
+        [f"stage={stage}", f"dataset={dataset}", f"model={model}", f"strategy={strategy}", *extra],
+        output_dir=str(tmp_path),
+    )
     validate(cfg)  # loads nothing: the 7B configs validate on a machine without their weights
     assert cfg.stage.number == int(stage)
     assert cfg.model.name == model
@@ -72,7 +88,11 @@ def test_7b_configs_carry_the_reference_numbers(tmp_path):
     legacy = compose(["model=nextgpt_7b_legacy"], output_dir=str(tmp_path)).model
     assert legacy.lora.r == 32 and legacy.lora.alpha == 32 and legacy.lora.dropout == 0.1
     assert legacy.input_projector.num_tokens == 1 and legacy.encoder.arch.preset == "huge"
-    assert {k: v.num_signal_tokens for k, v in legacy.modalities.items()} == {"image": 4, "audio": 8, "video": 24}
+    assert {k: v.num_signal_tokens for k, v in legacy.modalities.items()} == {
+        "image": 4,
+        "audio": 8,
+        "video": 24,
+    }
     assert (legacy.output_projector.d_model, legacy.output_projector.nhead) == (512, 4)
     current = compose(["model=nextgpt_7b_v15"], output_dir=str(tmp_path)).model
     assert current.lora.r == 128 and current.lora.alpha == 256 and current.input_projector.num_tokens == 8
@@ -101,7 +121,11 @@ def test_stage_overrides_are_quoted_for_hydra():
         ("+model.modalities.smell={num_signal_tokens: 2}", "model.modalities.smell", "smell"),
         ("trainer.strategy=warp_drive", "trainer.strategy", "warp_drive"),
         ("model.output_projector.nhead=3", "model.output_projector.nhead", "3"),
-        ("model.modalities.image.decoder.conditioning=pooled", "model.modalities.image.decoder.conditioning", "pooled"),
+        (
+            "model.modalities.image.decoder.conditioning=pooled",
+            "model.modalities.image.decoder.conditioning",
+            "pooled",
+        ),
         ("model.encoder.arch.preset=giant", "model.encoder.arch", "giant"),
         ("dataset.batch_size=0", "dataset.batch_size", "0"),
     ],
@@ -117,13 +141,18 @@ def test_bad_values_name_key_and_value(override, key, value, tmp_path):
 
 def test_an_input_only_dataset_names_the_model_entry_it_needs(tmp_path):
     cfg = compose(["dataset=depth"], output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"dataset\.sources\[0\]\.modality='depth': not among the model's modalities "
-                                          r".*\+model\.modalities\.depth=\{num_signal_tokens: 0, decoder: null\}"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset\.sources\[0\]\.modality='depth': not among the model's modalities "
+        r".*\+model\.modalities\.depth=\{num_signal_tokens: 0, decoder: null\}",
+    ):
         validate(cfg)
 
 
 def test_overfitting_a_shard_stream_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer\.overfit_batches=1: a shard stream runs on across epochs"):
+    with pytest.raises(
+        ConfigError, match=r"trainer\.overfit_batches=1: a shard stream runs on across epochs"
+    ):
         validate(compose(["dataset=cc3m", "debug=overfit"], output_dir=str(tmp_path)))
 
 
@@ -140,7 +169,9 @@ def test_unknown_stage_and_strategy_are_refused_by_hydra(tmp_path):
 
 
 def _train(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -165,8 +196,14 @@ def test_train_py_fails_fast_on_bad_config(args, needle, tmp_path):
 def test_missing_data_path_is_named(tmp_path):
     """`python train.py stage=1 dataset=cc3m paths.data_root=DIR trainer.max_steps=2` on an empty DIR."""
     missing = tmp_path / "nowhere"
-    res = _train("stage=1", "dataset=cc3m", f"paths.data_root={missing}", "trainer.max_steps=2",
-                 f"paths.root={tmp_path}", "model.build_tiny=false")
+    res = _train(
+        "stage=1",
+        "dataset=cc3m",
+        f"paths.data_root={missing}",
+        "trainer.max_steps=2",
+        f"paths.root={tmp_path}",
+        "model.build_tiny=false",
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert str(missing / "cc3m" / "cc3m.json") in res.stderr
     assert "dataset.sources[0].root" in res.stderr

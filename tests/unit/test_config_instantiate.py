@@ -6,6 +6,7 @@ tiny model, every ``_target_`` node in it is checked against its class's signatu
 train.py builds (callbacks, loggers, optimizer, scheduler, data module, stage module, strategy) are
 really instantiated.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,10 +24,14 @@ from nextgpt.config import CONFIG_DIR, ConfigError, compose, validate
 from nextgpt.evaluation.readers import READERS
 
 # groups of train.yaml; evaluate.yaml's own group is task/ (below); base/ holds shared dataset keys
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"base", "hydra", "task"})
+GROUPS = sorted(
+    p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in {"base", "hydra", "task"}
+)
 # what each group needs beside its option to compose into a runnable training config
-NEEDS = {("dataset", "webdataset"): ["dataset.urls=/data/shards"],
-         ("dataset", "depth"): ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"]}
+NEEDS = {
+    ("dataset", "webdataset"): ["dataset.urls=/data/shards"],
+    ("dataset", "depth"): ["+model.modalities.depth={num_signal_tokens: 0, decoder: null}"],
+}
 # options that need hardware this machine lacks: composed, validated and signature-checked only
 NO_BUILD_HERE = {("trainer", "gpu")}
 
@@ -68,14 +73,29 @@ def check_signature(key: str, node: DictConfig) -> None:
 
 def runnable(group: str, option: str, tmp_path: Path) -> DictConfig:
     # the train config's own run fields, filled in as train.py fills them
-    overrides = [f"{group}={option}", *NEEDS.get((group, option), []), f"paths.root={tmp_path}",
-                 f"run.dir={tmp_path / 'run'}", f"run.bundle={tmp_path / 'bundle'}"]
+    overrides = [
+        f"{group}={option}",
+        *NEEDS.get((group, option), []),
+        f"paths.root={tmp_path}",
+        f"run.dir={tmp_path / 'run'}",
+        f"run.bundle={tmp_path / 'bundle'}",
+    ]
     return compose(overrides, output_dir=str(tmp_path))
 
 
 def test_every_group_is_covered():
-    assert {"callbacks", "dataset", "debug", "logger", "model", "optimizer", "scheduler", "stage", "strategy",
-            "trainer"} <= set(GROUPS)
+    assert {
+        "callbacks",
+        "dataset",
+        "debug",
+        "logger",
+        "model",
+        "optimizer",
+        "scheduler",
+        "stage",
+        "strategy",
+        "trainer",
+    } <= set(GROUPS)
     assert {"none", "default"} <= set(options("callbacks"))
 
 
@@ -85,8 +105,11 @@ def test_every_option_builds_what_it_names(group, option, tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = runnable(group, option, tmp_path)
     if (group, option) == ("logger", "tensorboard") and not any(
-            importlib.util.find_spec(p) for p in ("tensorboard", "tensorboardX")):
-        with pytest.raises(ConfigError, match=r"logger\.tensorboard\._target_=.*needs tensorboard or tensorboardX"):
+        importlib.util.find_spec(p) for p in ("tensorboard", "tensorboardX")
+    ):
+        with pytest.raises(
+            ConfigError, match=r"logger\.tensorboard\._target_=.*needs tensorboard or tensorboardX"
+        ):
             validate(cfg)  # named before anything loads, with the extra that installs it
         return
     validate(cfg)
@@ -113,8 +136,12 @@ def test_every_option_builds_what_it_names(group, option, tmp_path, monkeypatch)
     module = hydra.utils.instantiate(cfg.stage.module)
     assert isinstance(module, functools.partial) and module.func.stage == cfg.stage.number
 
-    datamodule = hydra.utils.instantiate(cfg.dataset.datamodule, objective=cfg.stage.objective,
-                                         model=OmegaConf.to_container(cfg.model), _convert_="all")
+    datamodule = hydra.utils.instantiate(
+        cfg.dataset.datamodule,
+        objective=cfg.stage.objective,
+        model=OmegaConf.to_container(cfg.model),
+        _convert_="all",
+    )
     assert datamodule.batch_size == cfg.dataset.batch_size
 
     strategy = cfg.trainer.get("strategy")
@@ -124,7 +151,9 @@ def test_every_option_builds_what_it_names(group, option, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("task", options("task"))
 def test_every_evaluation_task_composes_and_names_a_known_reader(task, tmp_path):
-    cfg = compose([f"task={task}", f"paths.root={tmp_path}"], config_name="evaluate", output_dir=str(tmp_path))
+    cfg = compose(
+        [f"task={task}", f"paths.root={tmp_path}"], config_name="evaluate", output_dir=str(tmp_path)
+    )
     OmegaConf.to_container(cfg, resolve=True)
     assert cfg.task.name == task
     if task != "heldout_loss":
@@ -156,8 +185,14 @@ def test_a_callback_option_is_one_callback_and_none_is_none(tmp_path):
 
 
 def test_the_signature_check_catches_a_key_the_class_does_not_take():
-    node = OmegaConf.create({"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "interval": "step"})
+    node = OmegaConf.create(
+        {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "interval": "step"}
+    )
     with pytest.raises(AssertionError, match="interval"):
         check_signature("callbacks.lr_monitor", node)
-    check_signature("callbacks.lr_monitor", OmegaConf.create(
-        {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "logging_interval": "step"}))
+    check_signature(
+        "callbacks.lr_monitor",
+        OmegaConf.create(
+            {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "logging_interval": "step"}
+        ),
+    )

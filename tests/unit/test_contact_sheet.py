@@ -1,5 +1,6 @@
 """The contact sheet draws what a generation run made: the image's own pixels, a tone's spectrogram
 bright at its pitch, a video's frames in order; an unreadable file is named, not fatal."""
+
 from __future__ import annotations
 
 import itertools
@@ -36,10 +37,12 @@ def run(tmp_path):
         frames[i, 12:20, 2 + 3 * i : 10 + 3 * i] = (30, 200, 40)  # a green square moving to the right
     write_video(tmp_path / "video_0.mp4", frames)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    gens = [{"prompt": "an image", "answer": "<image>", "files": {"image": [str(tmp_path / "image_0.png")]}},
-            {"prompt": "a tone", "answer": "<audio>", "files": {"audio": [str(tmp_path / "audio_0.wav")]}},
-            {"prompt": "a clip", "answer": "<video>", "files": {"video": [str(tmp_path / "video_0.mp4")]}},
-            {"prompt": "broken", "answer": "<image>", "files": {"image": [str(tmp_path / "broken.png")]}}]
+    gens = [
+        {"prompt": "an image", "answer": "<image>", "files": {"image": [str(tmp_path / "image_0.png")]}},
+        {"prompt": "a tone", "answer": "<audio>", "files": {"audio": [str(tmp_path / "audio_0.wav")]}},
+        {"prompt": "a clip", "answer": "<video>", "files": {"video": [str(tmp_path / "video_0.mp4")]}},
+        {"prompt": "broken", "answer": "<image>", "files": {"image": [str(tmp_path / "broken.png")]}},
+    ]
     (tmp_path / "generations.json").write_text(json.dumps(gens))
     return tmp_path, image
 
@@ -50,10 +53,15 @@ def test_each_row_shows_its_media(run):
     assert sheet.shape[0] == 4 * TILE + 3 * PAD
     x = TEXT_WIDTH + PAD
     scale = TILE // 32
-    np.testing.assert_array_equal(sheet[:TILE, x : x + TILE], np.kron(image, np.ones((scale, scale, 1), np.uint8)))
+    np.testing.assert_array_equal(
+        sheet[:TILE, x : x + TILE], np.kron(image, np.ones((scale, scale, 1), np.uint8))
+    )
     video = sheet[2 * (TILE + PAD) : 2 * (TILE + PAD) + TILE // 2, x:]
     green = (video[..., 1].astype(int) - video[..., 0] > 100) & (video[..., 1] > 120)
-    cols = [np.nonzero(green[:, i * (TILE // 2 + 2) : i * (TILE // 2 + 2) + TILE // 2].any(0))[0].mean() for i in range(8)]
+    cols = [
+        np.nonzero(green[:, i * (TILE // 2 + 2) : i * (TILE // 2 + 2) + TILE // 2].any(0))[0].mean()
+        for i in range(8)
+    ]
     assert all(b > a for a, b in itertools.pairwise(cols))  # the square moves right, frame after frame
 
 
@@ -66,7 +74,9 @@ def test_a_tone_is_bright_at_its_frequency():
 
 def test_unreadable_files_and_missing_runs(run, tmp_path, capsys):
     folder, _ = run
-    assert main([str(folder), "--out", str(tmp_path / "sheet.png")]) == 0 and (tmp_path / "sheet.png").is_file()
+    assert (
+        main([str(folder), "--out", str(tmp_path / "sheet.png")]) == 0 and (tmp_path / "sheet.png").is_file()
+    )
     lines, tiles = rows_of(json.loads((folder / "generations.json").read_text()), folder)[3]
     assert tiles == [] and any("broken.png: unreadable" in line for line in lines)
     assert main([str(tmp_path / "nothing")]) == 2

@@ -9,6 +9,7 @@ tensors are moved as training moves them, and ``save_model`` keeps what ``agent.
 keeps: ``named_parameters()`` that require grad, plus the projectors by name. So the keys carry
 peft's adapter name (``...q_proj.lora_A.default.weight``) exactly as the release does.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -31,8 +32,16 @@ class TextFcLayer(nn.Module):
     def __init__(self, in_dim, out_dim, num_output_tokens, d_model, nhead, n_enc, n_dec, ff):
         super().__init__()
         self.fc = nn.Linear(in_dim, d_model)
-        self.tfm = nn.Transformer(batch_first=True, norm_first=True, d_model=d_model, num_encoder_layers=n_enc,
-                                  num_decoder_layers=n_dec, dim_feedforward=ff, dropout=0.0, nhead=nhead)
+        self.tfm = nn.Transformer(
+            batch_first=True,
+            norm_first=True,
+            d_model=d_model,
+            num_encoder_layers=n_enc,
+            num_decoder_layers=n_dec,
+            dim_feedforward=ff,
+            dropout=0.0,
+            nhead=nhead,
+        )
         self.model = nn.Linear(d_model, out_dim)
         self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, d_model))
 
@@ -41,7 +50,11 @@ class TextFcLayer(nn.Module):
         return self.model(self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1)))
 
 
-PREFIX = {"image": "gen_text_hidden_fcs", "video": "gen_text_hidden_fcs_video", "audio": "gen_text_hidden_fcs_audio"}
+PREFIX = {
+    "image": "gen_text_hidden_fcs",
+    "video": "gen_text_hidden_fcs_video",
+    "audio": "gen_text_hidden_fcs_audio",
+}
 
 
 class OriginalNextGPT(nn.Module):
@@ -58,9 +71,17 @@ class OriginalNextGPT(nn.Module):
                 p.requires_grad = False
         else:  # stage 3: peft's LoRA on q/k/v/o
             lora = model_cfg["lora"]
-            self.llama_model = get_peft_model(self.llama_model, LoraConfig(
-                task_type=TaskType.CAUSAL_LM, inference_mode=False, r=lora["r"], lora_alpha=lora["alpha"],
-                lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            self.llama_model = get_peft_model(
+                self.llama_model,
+                LoraConfig(
+                    task_type=TaskType.CAUSAL_LM,
+                    inference_mode=False,
+                    r=lora["r"],
+                    lora_alpha=lora["alpha"],
+                    lora_dropout=0.0,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                ),
+            )
         tokenizer.add_tokens(names)  # _add_image_token / _add_video_token / _add_audio_token
         self.llama_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         # transformers 4.29 (the original's pin) resized into new modules, which require grad whatever the
@@ -72,9 +93,24 @@ class OriginalNextGPT(nn.Module):
         op = model_cfg["output_projector"]
         for m, prefix in PREFIX.items():
             p = ours.output_projectors[m]
-            setattr(self, prefix, nn.ModuleList([TextFcLayer(
-                hidden, p.out_fc.out_features, p.queries.shape[0], op["d_model"], op["nhead"], op["num_encoder_layers"],
-                op["num_decoder_layers"], op["dim_feedforward"])]))
+            setattr(
+                self,
+                prefix,
+                nn.ModuleList(
+                    [
+                        TextFcLayer(
+                            hidden,
+                            p.out_fc.out_features,
+                            p.queries.shape[0],
+                            op["d_model"],
+                            op["nhead"],
+                            op["num_encoder_layers"],
+                            op["num_decoder_layers"],
+                            op["dim_feedforward"],
+                        )
+                    ]
+                ),
+            )
 
     @torch.no_grad()
     def train_a_little(self, base_vocab: int) -> None:
@@ -104,7 +140,9 @@ def make_original(tiny_cache, tmp, *, freeze_lm: bool) -> dict:
     from nextgpt.config import compose
 
     overrides = ["model=tiny", f"paths.root={tmp}", f"paths.cache_dir={tiny_cache}"]
-    cfg = compose(["experiment=nextgpt_legacy", f"stage={2 if freeze_lm else 3}", *overrides], output_dir=str(tmp))
+    cfg = compose(
+        ["experiment=nextgpt_legacy", f"stage={2 if freeze_lm else 3}", *overrides], output_dir=str(tmp)
+    )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ours, _, _ = build_nextgpt(model_cfg)  # only for the shapes and the base LLM
     torch.manual_seed(0)
@@ -116,9 +154,19 @@ def make_original(tiny_cache, tmp, *, freeze_lm: bool) -> dict:
     ckpt = model.save_model()
     path = tmp / "pytorch_model.pt"
     torch.save(ckpt, path)
-    return {"path": path, "ckpt": ckpt, "model": model, "llama": model.llama_model, "llama_proj": model.llama_proj,
-            "fcs": {m: getattr(model, p)[0] for m, p in PREFIX.items()}, "tokenizer": tokenizer,
-            "base_vocab": base_vocab, "names": names, "overrides": overrides, "tmp": tmp}
+    return {
+        "path": path,
+        "ckpt": ckpt,
+        "model": model,
+        "llama": model.llama_model,
+        "llama_proj": model.llama_proj,
+        "fcs": {m: getattr(model, p)[0] for m, p in PREFIX.items()},
+        "tokenizer": tokenizer,
+        "base_vocab": base_vocab,
+        "names": names,
+        "overrides": overrides,
+        "tmp": tmp,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +180,20 @@ def test_the_original_procedure_saves_what_the_release_holds(original):
     resized matrices under peft's prefix, the projectors; nothing of the frozen LLaMA besides."""
     keys = list(original["ckpt"])
     lora = [k for k in keys if ".lora_" in k]
-    assert lora and all(k.startswith("llama_model.base_model.model.model.layers.") and
-                        (k.endswith(".lora_A.default.weight") or k.endswith(".lora_B.default.weight")) for k in lora)
-    assert {"llama_model.base_model.model.model.embed_tokens.weight", "llama_model.base_model.model.lm_head.weight",
-            "llama_proj.weight", "gen_text_hidden_fcs_audio.0.query_embs"} <= set(keys)
-    assert len(lora) == 2 * 4 * original["llama"].config.num_hidden_layers  # A and B of q/k/v/o in every layer
+    assert lora and all(
+        k.startswith("llama_model.base_model.model.model.layers.")
+        and (k.endswith(".lora_A.default.weight") or k.endswith(".lora_B.default.weight"))
+        for k in lora
+    )
+    assert {
+        "llama_model.base_model.model.model.embed_tokens.weight",
+        "llama_model.base_model.model.lm_head.weight",
+        "llama_proj.weight",
+        "gen_text_hidden_fcs_audio.0.query_embs",
+    } <= set(keys)
+    assert (
+        len(lora) == 2 * 4 * original["llama"].config.num_hidden_layers
+    )  # A and B of q/k/v/o in every layer
     assert not [k for k in keys if "norm" in k and "tfm" not in k]
 
 
@@ -151,7 +208,11 @@ def test_import_reports_every_key_and_keeps_moved_old_rows(original, bundle):
     report = json.loads((bundle / "import_report.json").read_text())
     assert set(report["mapped"]) == set(original["ckpt"]) and report["skipped"] == {}
     rows = report["old_vocabulary_rows"]
-    assert rows["kept"] and rows["embed_rows_changed"] == original["base_vocab"] and rows["embed_max_abs_change"] > 0
+    assert (
+        rows["kept"]
+        and rows["embed_rows_changed"] == original["base_vocab"]
+        and rows["embed_max_abs_change"] > 0
+    )
     assert (bundle / "base_rows.safetensors").is_file()
 
 
@@ -160,7 +221,13 @@ def test_imported_bundle_computes_what_the_original_computed(original, bundle):
     o = original
     V, names = o["base_vocab"], o["names"]
     legacy_id = {t: V + j for j, t in enumerate(names)}
-    our_id = dict(zip(tokenizer.convert_ids_to_tokens(list(range(V, len(tokenizer)))), range(V, len(tokenizer))))
+    our_id = dict(
+        zip(
+            tokenizer.convert_ids_to_tokens(list(range(V, len(tokenizer)))),
+            range(V, len(tokenizer)),
+            strict=False,
+        )
+    )
     text = o["tokenizer"]("### Human:", add_special_tokens=False)["input_ids"]
     answer = o["tokenizer"]("a red circle", add_special_tokens=False)["input_ids"]
     signals = [f"[IMG{i}]" for i in range(4)]
@@ -179,8 +246,13 @@ def test_imported_bundle_computes_what_the_original_computed(original, bundle):
         ours_ids = torch.tensor([[our_id.get(names[t - V], t) if t >= V else t for t in legacy]])
         media_mask = torch.zeros_like(ours_ids, dtype=torch.bool)
         media_mask[0, media_at] = True
-        got = model(ours_ids, media_mask=media_mask, media_features={"image": feature},
-                    media_sequence=[("image", 0, True)], every_modality=False)
+        got = model(
+            ours_ids,
+            media_mask=media_mask,
+            media_features={"image": feature},
+            media_sequence=[("image", 0, True)],
+            every_modality=False,
+        )
     tol = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.logits[..., :V], out.logits[..., :V], **tol)
     for t in names:
@@ -204,14 +276,24 @@ def test_hf_export_gives_the_unmerged_models_logits(original, bundle, tmp_path):
     tok = AutoTokenizer.from_pretrained(out / "llm")
     model, tokenizer, _, _ = load_bundle_model(bundle)
     assert len(tok) == len(tokenizer) == model.layout.vocab_size
-    assert tok.convert_tokens_to_ids(["[IMG0]", "<Img>"]) == tokenizer.convert_tokens_to_ids(["[IMG0]", "<Img>"])
-    ids = torch.tensor([tokenizer("### Human: a red circle\n### Assistant: [IMG0][IMG1][IMG2][IMG3]", add_special_tokens=True)["input_ids"]])
+    assert tok.convert_tokens_to_ids(["[IMG0]", "<Img>"]) == tokenizer.convert_tokens_to_ids(
+        ["[IMG0]", "<Img>"]
+    )
+    ids = torch.tensor(
+        [
+            tokenizer(
+                "### Human: a red circle\n### Assistant: [IMG0][IMG1][IMG2][IMG3]", add_special_tokens=True
+            )["input_ids"]
+        ]
+    )
     with torch.no_grad():
         want = model(ids, every_modality=False).logits
         got = merged(ids).logits
     V = model.layout.first_new_id
-    print(f"merged vs unmerged logits: max |diff| {float((got - want).abs().max()):.2e} (logit scale "
-          f"{float(want.abs().max()):.2f})")
+    print(
+        f"merged vs unmerged logits: max |diff| {float((got - want).abs().max()):.2e} (logit scale "
+        f"{float(want.abs().max()):.2f})"
+    )
     torch.testing.assert_close(got[..., :V], want[..., :V], atol=1e-4, rtol=1e-4)  # the original vocabulary
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # and the new tokens
     assert (out / "nextgpt_projectors.safetensors").is_file() and "stage 3" in (out / "README.md").read_text()
@@ -243,10 +325,14 @@ def test_a_stage2_checkpoint_without_lora_or_moved_rows(tiny_cache, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(o["llama"].name_or_path, dtype=torch.float32)
     ckpt["llama_model.model.embed_tokens.weight"][:V] = base.get_input_embeddings().weight[:V].detach()
     ckpt["llama_model.lm_head.weight"][:V] = base.get_output_embeddings().weight[:V].detach()
-    ckpt = {k: v.half() if k.startswith("gen_text_hidden_fcs") else v for k, v in ckpt.items()}  # mixed dtypes
+    ckpt = {
+        k: v.half() if k.startswith("gen_text_hidden_fcs") else v for k, v in ckpt.items()
+    }  # mixed dtypes
     path = tmp_path / "stage2.pt"
     torch.save(ckpt, path)
-    kept = import_legacy(path, tmp_path / "all", o["overrides"])  # experiment=nextgpt_legacy: model.vocab_rows=all
+    kept = import_legacy(
+        path, tmp_path / "all", o["overrides"]
+    )  # experiment=nextgpt_legacy: model.vocab_rows=all
     assert json.loads((kept / "import_report.json").read_text())["old_vocabulary_rows"]["kept"]
     assert (kept / "base_rows.safetensors").is_file()  # trained weights there, moved or not
     bundle = import_legacy(path, tmp_path / "b2", [*o["overrides"], "model.vocab_rows=new"])
@@ -254,7 +340,9 @@ def test_a_stage2_checkpoint_without_lora_or_moved_rows(tiny_cache, tmp_path):
     assert json.loads((bundle / "meta.json").read_text())["stage"] == 2
     assert not report["old_vocabulary_rows"]["kept"] and not (bundle / "base_rows.safetensors").exists()
     back = torch.load(export_legacy(bundle, tmp_path / "back.pt"), weights_only=True)
-    assert list(back) == list(ckpt) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ckpt.items())
+    assert list(back) == list(ckpt) and all(
+        back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ckpt.items()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -313,16 +401,30 @@ def test_a_bundle_trained_here_exports_in_the_releases_layout(original, bundle, 
     assert json.loads((bundle / "meta.json").read_text())["legacy_import"]["keys"] == list(original["ckpt"])
 
 
-@pytest.mark.parametrize("ckpt,needles", [
-    ({}, ["empty.pt", "empty state dict"]),
-    ({"encoder.layer.0.weight": torch.zeros(2, 2), "classifier.bias": torch.zeros(2)},
-     ["foreign.pt", "none of its 2 keys", "encoder.layer.0.weight", "classifier.bias", "original NExT-GPT's layout"]),
-], ids=("empty", "foreign"))
+@pytest.mark.parametrize(
+    "ckpt,needles",
+    [
+        ({}, ["empty.pt", "empty state dict"]),
+        (
+            {"encoder.layer.0.weight": torch.zeros(2, 2), "classifier.bias": torch.zeros(2)},
+            [
+                "foreign.pt",
+                "none of its 2 keys",
+                "encoder.layer.0.weight",
+                "classifier.bias",
+                "original NExT-GPT's layout",
+            ],
+        ),
+    ],
+    ids=("empty", "foreign"),
+)
 def test_cli_refuses_a_checkpoint_that_is_not_the_originals(ckpt, needles, tmp_path, capsys):
     path = tmp_path / ("empty.pt" if not ckpt else "foreign.pt")
     torch.save(ckpt, path)
     out = tmp_path / "bundle"
-    assert main(["from_legacy", f"checkpoint={path}", f"out={out}", "model=tiny", f"paths.root={tmp_path}"]) == 2
+    assert (
+        main(["from_legacy", f"checkpoint={path}", f"out={out}", "model=tiny", f"paths.root={tmp_path}"]) == 2
+    )
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert not out.exists()
@@ -330,12 +432,25 @@ def test_cli_refuses_a_checkpoint_that_is_not_the_originals(ckpt, needles, tmp_p
 
 def test_cli_names_a_missing_backbone_folder_before_building(tiny_cache, tmp_path, capsys):
     path = tmp_path / "pytorch_model.pt"
-    torch.save({"llama_proj.weight": torch.zeros(2, 2)}, path)  # the original's layout: reaches the model config
+    torch.save(
+        {"llama_proj.weight": torch.zeros(2, 2)}, path
+    )  # the original's layout: reaches the model config
     out = tmp_path / "bundle"
-    code = main(["from_legacy", f"checkpoint={path}", f"out={out}", "model=tiny", f"paths.root={tmp_path}",
-                 f"paths.cache_dir={tiny_cache}", f"model.llm.path={tmp_path / 'nonexistent'}"])
+    code = main(
+        [
+            "from_legacy",
+            f"checkpoint={path}",
+            f"out={out}",
+            "model=tiny",
+            f"paths.root={tmp_path}",
+            f"paths.cache_dir={tiny_cache}",
+            f"model.llm.path={tmp_path / 'nonexistent'}",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and f"model.llm.path='{tmp_path / 'nonexistent'}'" in err and "does not exist" in err, err
+    assert code == 2 and f"model.llm.path='{tmp_path / 'nonexistent'}'" in err and "does not exist" in err, (
+        err
+    )
     assert "Repo id" not in err and not out.exists()
 
 

@@ -1,4 +1,5 @@
 """NExT-GPT layout readers and the DataModule: bad entries and unreadable media are skipped and counted."""
+
 from __future__ import annotations
 
 import json
@@ -34,19 +35,30 @@ def test_bad_entries_are_skipped_and_counted(image_source):
     path = image_source / "synthetic_image.json"
     entries = json.loads(path.read_text())
     n = len(entries)
-    entries += [{"caption": "", "image_name": "x.png", "id": "e1"}, {"image_name": "x.png", "id": "e2"},
-                {"caption": 5, "image_name": "x.png"}, ["not", "an", "object"]]
+    entries += [
+        {"caption": "", "image_name": "x.png", "id": "e1"},
+        {"image_name": "x.png", "id": "e2"},
+        {"caption": 5, "image_name": "x.png"},
+        ["not", "an", "object"],
+    ]
     path.write_text(json.dumps(entries))
     convs, skipped = read_source("synthetic_image", "image", image_source, "caption")
     assert len(convs) == n
-    assert skipped == {"empty caption": 1, "missing caption": 1, "caption is int, not a string": 1,
-                       "entry is list, not an object": 1}
+    assert skipped == {
+        "empty caption": 1,
+        "missing caption": 1,
+        "caption is int, not a string": 1,
+        "entry is list, not an object": 1,
+    }
 
 
 def test_missing_json_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "cc3m" / "cc3m.json")):
         read_source("cc3m", "image", tmp_path / "cc3m", "caption")
-    assert [p.name for p in json_files("cc3m", tmp_path, "instruct")] == ["cc3m_comprehension.json", "cc3m_generation.json"]
+    assert [p.name for p in json_files("cc3m", tmp_path, "instruct")] == [
+        "cc3m_comprehension.json",
+        "cc3m_generation.json",
+    ]
 
 
 def test_unreadable_media_is_skipped_and_counted_in_the_batch(image_source, tiny_cache, caplog):

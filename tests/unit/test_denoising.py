@@ -1,5 +1,6 @@
 """The denoising loss regresses what the scheduler's prediction_type names, and with it switched
 on a stage still changes exactly its trainable tensors (the VAE and UNet stay frozen)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from nextgpt.denoising import DenoisingObjective, denoising_target
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_target_follows_prediction_type(kind):
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type=kind)
+    sched = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=kind,
+    )
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
@@ -70,8 +76,9 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     from nextgpt.cli.train import denoise_targets
 
     targets = denoise_targets(cfg)
-    ds = ConversationDataset([], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512,
-                             denoise_targets=targets)
+    ds = ConversationDataset(
+        [], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512, denoise_targets=targets
+    )
     assert set(targets) == {"image", "audio", "video"}
     from datamodules.nextgpt_layout import (
         read_source,  # two text-to-X samples per modality, with target media
@@ -83,12 +90,17 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     ds.conversations = convs
     batch = Collator(module.tokenizer.pad_token_id, 4)([ds[i] for i in range(len(ds))])
     assert set(batch["output_media"]) == {"image", "audio", "video"}
-    assert batch["output_media"]["image"].shape == (2, 3, 32, 32) and batch["output_media"]["video"].shape == (2, 3, 8, 32, 32)
+    assert batch["output_media"]["image"].shape == (2, 3, 32, 32) and batch["output_media"][
+        "video"
+    ].shape == (2, 3, 8, 32, 32)
     assert batch["output_media"]["audio"].shape == (2, 4096)  # 0.256 s at the vocoder's 16 kHz
 
     model = module.model
-    frozen_decoders = {f"{m}.{n}": p.detach().clone() for m, d in module.denoisers.items()
-                       for n, p in [*d.unet.named_parameters(), *d.vae.named_parameters()]}
+    frozen_decoders = {
+        f"{m}.{n}": p.detach().clone()
+        for m, d in module.denoisers.items()
+        for n, p in [*d.unet.named_parameters(), *d.vae.named_parameters()]
+    }
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     model.train()
@@ -97,7 +109,9 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     losses["loss"].backward()
     opt.step()
     after = model.state_dict()
-    assert {n for n in before if not torch.equal(before[n], after[n])} == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in before if not torch.equal(before[n], after[n])} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
     for m, d in module.denoisers.items():
         for n, p in [*d.unet.named_parameters(), *d.vae.named_parameters()]:
             assert not p.requires_grad and p.grad is None and torch.equal(p, frozen_decoders[f"{m}.{n}"])
@@ -110,9 +124,15 @@ def test_denoise_without_a_target_loader_is_refused_by_the_schema(tiny_config, m
     from nextgpt import modality
     from nextgpt.config import ConfigError, validate
 
-    validate(tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true"))  # audio has one (nextgpt.mel)
-    monkeypatch.setitem(modality._REGISTRY, "audio", dataclasses.replace(modality.get("audio"), target_loader=None))
-    with pytest.raises(ConfigError, match="model.modalities.audio.decoder.denoise=True: no denoising-loss target loader"):
+    validate(
+        tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true")
+    )  # audio has one (nextgpt.mel)
+    monkeypatch.setitem(
+        modality._REGISTRY, "audio", dataclasses.replace(modality.get("audio"), target_loader=None)
+    )
+    with pytest.raises(
+        ConfigError, match="model.modalities.audio.decoder.denoise=True: no denoising-loss target loader"
+    ):
         validate(tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true"))
 
 
@@ -125,8 +145,12 @@ def test_audio_denoising_regresses_the_noise_of_its_log_mel_latents(tiny_cache):
     loss = obj.loss(cond, wave, torch.Generator().manual_seed(3))
     latents, noise, t, abar = same_draws(obj, wave, 3)
     assert latents.shape == (2, 8, 128, 8)
-    pred = obj.unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t, encoder_hidden_states=None,
-                    class_labels=cond.squeeze(1)).sample
+    pred = obj.unet(
+        abar.sqrt() * latents + (1 - abar).sqrt() * noise,
+        t,
+        encoder_hidden_states=None,
+        class_labels=cond.squeeze(1),
+    ).sample
     torch.testing.assert_close(loss, F.mse_loss(pred, noise), rtol=1e-4, atol=1e-5)
     loss.backward()
     assert cond.grad is not None and cond.grad.abs().sum() > 0

@@ -1,5 +1,6 @@
 """ImageBind's depth branch: Meta's huge key set, the tiny forward against a direct computation,
 depth-map preprocessing, and checkpoints with (and without) depth weights."""
+
 from __future__ import annotations
 
 import io
@@ -130,14 +131,19 @@ def test_config_modalities_and_repr() -> None:
 # ---------------------------------------------------------------------------------------------
 # (b) the tiny depth forward against a direct computation with plain tensor ops
 # ---------------------------------------------------------------------------------------------
-def _attention_with_bias_kv(h: torch.Tensor, sd: dict[str, torch.Tensor], pre: str, heads: int) -> torch.Tensor:
+def _attention_with_bias_kv(
+    h: torch.Tensor, sd: dict[str, torch.Tensor], pre: str, heads: int
+) -> torch.Tensor:
     """nn.MultiheadAttention(add_bias_kv=True) written out, batch-first: the learnt bias_k / bias_v are
     one extra key / value position appended after the projections."""
     b, n, d = h.shape
     q, k, v = (h @ sd[pre + "in_proj_weight"].T + sd[pre + "in_proj_bias"]).split(d, dim=-1)
     k = torch.cat([k, sd[pre + "bias_k"].expand(b, 1, d)], dim=1)
     v = torch.cat([v, sd[pre + "bias_v"].expand(b, 1, d)], dim=1)
-    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
+
+    def split(t):
+        return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
+
     q, k, v = split(q), split(k), split(v)
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
     out = (att @ v).transpose(1, 2).reshape(b, n, d)
@@ -148,8 +154,13 @@ def _direct_depth(sd: dict[str, torch.Tensor], cfg: ImageBindConfig, x: torch.Te
     d, heads = cfg.depth_embed_dim, cfg.depth_num_heads
     p = "modality_preprocessors.depth."
     t = F.conv2d(x, sd[p + "depth_stem.proj.weight"], stride=cfg.depth_kernel_size).flatten(2).transpose(1, 2)
-    t = F.layer_norm(t, (d,), sd[p + "depth_stem.norm_layer.weight"], sd[p + "depth_stem.norm_layer.bias"])  # eps 1e-5
-    t = torch.cat([sd[p + "cls_token"].expand(x.shape[0], -1, -1), t], dim=1) + sd[p + "pos_embedding_helper.pos_embed"]
+    t = F.layer_norm(
+        t, (d,), sd[p + "depth_stem.norm_layer.weight"], sd[p + "depth_stem.norm_layer.bias"]
+    )  # eps 1e-5
+    t = (
+        torch.cat([sd[p + "cls_token"].expand(x.shape[0], -1, -1), t], dim=1)
+        + sd[p + "pos_embedding_helper.pos_embed"]
+    )
     for i in range(cfg.depth_num_blocks):  # no pre-transformer LayerNorm for depth
         b = f"modality_trunks.depth.blocks.{i}."
         h = F.layer_norm(t, (d,), sd[b + "norm_1.weight"], sd[b + "norm_1.bias"], eps=1e-6)
@@ -157,7 +168,9 @@ def _direct_depth(sd: dict[str, torch.Tensor], cfg: ImageBindConfig, x: torch.Te
         h = F.layer_norm(t, (d,), sd[b + "norm_2.weight"], sd[b + "norm_2.bias"], eps=1e-6)
         h = F.gelu(h @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
         t = t + h @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
-    cls = F.layer_norm(t, (d,), sd["modality_heads.depth.0.weight"], sd["modality_heads.depth.0.bias"], eps=1e-6)[:, 0]
+    cls = F.layer_norm(
+        t, (d,), sd["modality_heads.depth.0.weight"], sd["modality_heads.depth.0.bias"], eps=1e-6
+    )[:, 0]
     emb = F.normalize(cls @ sd["modality_heads.depth.2.weight"].T, dim=-1)
     return emb * sd["modality_postprocessors.depth.1.log_logit_scale"].exp().clamp(max=100.0)
 
@@ -166,12 +179,16 @@ def test_tiny_depth_equals_direct_computation() -> None:
     cfg = _tiny_depth_cfg()
     torch.manual_seed(3)
     model = ImageBindModel(cfg).eval()
-    with torch.no_grad():  # random LayerNorm / bias values too, so a misplaced one can not hide behind 1s and 0s
+    with (
+        torch.no_grad()
+    ):  # random LayerNorm / bias values too, so a misplaced one can not hide behind 1s and 0s
         for name, p in model.named_parameters():
             if ".depth." in name:
                 p.normal_(0.0, 0.3 if p.ndim == 1 else 0.1)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    assert sd["modality_postprocessors.depth.1.log_logit_scale"].item() == pytest.approx(math.log(DEPTH_LOGIT_SCALE))
+    assert sd["modality_postprocessors.depth.1.log_logit_scale"].item() == pytest.approx(
+        math.log(DEPTH_LOGIT_SCALE)
+    )
     x = torch.randn(3, 1, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ours = model.encode("depth", x)
@@ -188,7 +205,9 @@ def test_depth_clips_empty_input_and_errors(tiny_depth: ImageBindModel) -> None:
     x = torch.randn(2, 3, 1, s, s, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         per_item = torch.stack([tiny_depth.encode("depth", x[:, i]) for i in range(3)], 1)
-        torch.testing.assert_close(tiny_depth.encode("depth", x), per_item.mean(1), atol=1e-5, rtol=1e-5)  # not renormalised
+        torch.testing.assert_close(
+            tiny_depth.encode("depth", x), per_item.mean(1), atol=1e-5, rtol=1e-5
+        )  # not renormalised
         unit = tiny_depth.encode("depth", x, renormalize=True)
         torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
         empty = tiny_depth.empty_input("depth")
@@ -199,7 +218,10 @@ def test_depth_clips_empty_input_and_errors(tiny_depth: ImageBindModel) -> None:
     with pytest.raises(ValueError, match="depth input"):
         tiny_depth.encode("depth", torch.zeros(1, 1, 112, 112))
     default = ImageBindModel(ImageBindConfig.tiny())
-    for call in (lambda: default.encode("depth", torch.zeros(1, 1, s, s)), lambda: default.empty_input("depth")):
+    for call in (
+        lambda: default.encode("depth", torch.zeros(1, 1, s, s)),
+        lambda: default.empty_input("depth"),
+    ):
         with pytest.raises(ValueError, match="not built"):
             call()
 
@@ -225,7 +247,9 @@ def _metric(depth_m: float) -> float:
 
 
 def test_sixteen_bit_png_is_metric_depth_in_millimetres(tmp_path: Path) -> None:
-    depth_mm = np.full((240, 320), 2000, dtype=np.uint16)  # landscape: resized to 298x224, then centre-cropped
+    depth_mm = np.full(
+        (240, 320), 2000, dtype=np.uint16
+    )  # landscape: resized to 298x224, then centre-cropped
     depth_mm[:, :80] = 600  # near strip on the left: 74.5 px once resized, 37.5 px of it inside the crop
     depth_mm[:, 240:] = 6000  # far strip on the right: from resized column 223.5, i.e. 186.5 in the crop
     depth_mm[100:141, 140:181] = 0  # a hole (no sensor reading) in the middle
@@ -279,8 +303,16 @@ def test_unreadable_depth_files_name_the_file(tmp_path: Path) -> None:
     cases = {
         "truncated.png": good[: len(good) // 2],
         "text.png": b"not an image at all\n" * 10,
-        "colour.png": _png(np.stack([np.zeros((32, 32), np.uint8), np.full((32, 32), 255, np.uint8),
-                                     np.zeros((32, 32), np.uint8)], axis=2)),
+        "colour.png": _png(
+            np.stack(
+                [
+                    np.zeros((32, 32), np.uint8),
+                    np.full((32, 32), 255, np.uint8),
+                    np.zeros((32, 32), np.uint8),
+                ],
+                axis=2,
+            )
+        ),
     }
     bad_npy = io.BytesIO()
     np.save(bad_npy, np.zeros((2, 3, 4), np.float32))
@@ -324,11 +356,17 @@ def test_round_trip_with_depth_is_bit_identical(tiny_depth: ImageBindModel, tmp_
     loaded = load_imagebind(path, tiny_depth.cfg)
     assert not loaded.training and all(not p.requires_grad for p in loaded.parameters())
     assert loaded.state_dict().keys() == tiny_depth.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_depth.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), tiny_depth.state_dict().values(), strict=False)
+    )
     g = torch.Generator().manual_seed(6)
     s = tiny_depth.cfg.image_size
-    inputs = {"depth": torch.randn(2, 1, s, s, generator=g), "vision": torch.randn(2, 3, s, s, generator=g),
-              "audio": torch.randn(2, 3, 1, 128, 204, generator=g)}
+    inputs = {
+        "depth": torch.randn(2, 1, s, s, generator=g),
+        "vision": torch.randn(2, 3, s, s, generator=g),
+        "audio": torch.randn(2, 3, 1, 128, 204, generator=g),
+    }
     with torch.no_grad():
         a, b = tiny_depth(inputs), loaded(inputs)
     for m in inputs:
@@ -352,7 +390,13 @@ def test_checkpoint_without_depth_fails_clearly_only_when_depth_is_built(tmp_pat
     # a depth branch of the wrong size is a shape mismatch naming the key
     torch.manual_seed(0)
     wide = tmp_path / "wide_depth.pth"
-    torch.save(ImageBindModel(ImageBindConfig.from_dict(
-        {"preset": "tiny", "modalities": list(WITH_DEPTH), "depth_embed_dim": 32})).state_dict(), wide)
+    torch.save(
+        ImageBindModel(
+            ImageBindConfig.from_dict(
+                {"preset": "tiny", "modalities": list(WITH_DEPTH), "depth_embed_dim": 32}
+            )
+        ).state_dict(),
+        wide,
+    )
     with pytest.raises(ImageBindCheckpointError, match="modality_preprocessors.depth.cls_token"):
         load_imagebind(wide, _tiny_depth_cfg())

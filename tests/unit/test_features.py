@@ -1,4 +1,5 @@
 """Feature caches: memory-mapped parts keyed by sample, fingerprinted, completed when partial."""
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,19 @@ def cache_cfg(tiny_cache, tmp_path):
     """The synthetic image source copied to tmp_path, so caches written beside it are private."""
     from nextgpt.config import compose
 
-    shutil.copytree(tiny_cache / "synthetic" / "synthetic_image", tmp_path / "synthetic_image",
-                    ignore=shutil.ignore_patterns(".nextgpt_cache"))
-    cfg = compose([f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"], config_name="cache", output_dir=str(tmp_path))
-    cfg.dataset.sources = [{"name": "synthetic_image", "modality": "image", "root": str(tmp_path / "synthetic_image")}]
+    shutil.copytree(
+        tiny_cache / "synthetic" / "synthetic_image",
+        tmp_path / "synthetic_image",
+        ignore=shutil.ignore_patterns(".nextgpt_cache"),
+    )
+    cfg = compose(
+        [f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
+        config_name="cache",
+        output_dir=str(tmp_path),
+    )
+    cfg.dataset.sources = [
+        {"name": "synthetic_image", "modality": "image", "root": str(tmp_path / "synthetic_image")}
+    ]
     cfg.cache.batch_size = 8
     return cfg
 
@@ -71,7 +81,9 @@ def test_build_caches_then_nothing_left_to_do(cache_cfg, tmp_path):
 def test_fingerprint_follows_the_weights(tiny_cache, tmp_path):
     from nextgpt.config import compose
 
-    model = OmegaConf.to_container(compose([f"paths.cache_dir={tiny_cache}"], output_dir=str(tmp_path)).model, resolve=True)
+    model = OmegaConf.to_container(
+        compose([f"paths.cache_dir={tiny_cache}"], output_dir=str(tmp_path)).model, resolve=True
+    )
     fp = imagebind_fingerprint(model["encoder"], "image")
     assert fp == imagebind_fingerprint(model["encoder"], "image")
     assert fp != imagebind_fingerprint(model["encoder"], "video")  # other preprocessing
@@ -92,20 +104,32 @@ def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config
     json_path = tmp_path / "synthetic_image" / "synthetic_image.json"
     entries = json.loads(json_path.read_text())
     extra = dict(entries[0], id="extra_1")
-    shutil.copy(tmp_path / "synthetic_image" / "images" / entries[0]["image_name"], tmp_path / "synthetic_image" / "images" / "extra_1.png")
+    shutil.copy(
+        tmp_path / "synthetic_image" / "images" / entries[0]["image_name"],
+        tmp_path / "synthetic_image" / "images" / "extra_1.png",
+    )
     extra["image_name"] = "extra_1.png"
     json_path.write_text(json.dumps(entries + [extra]))  # the data set grew: the cache is now partial
 
     cfg = tiny_config("stage=1")
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    dm = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), objective="caption", model=model,
-                           batch_size=4, cache_fallback=str(tmp_path / "fb"))
+    dm = NextGPTDataModule(
+        sources=OmegaConf.to_container(cache_cfg.dataset.sources),
+        objective="caption",
+        model=model,
+        batch_size=4,
+        cache_fallback=str(tmp_path / "fb"),
+    )
     with caplog.at_level("INFO"):
         dm.setup("fit")
     assert "partial (1 of" in caplog.text and "using ImageBind feature cache" in caplog.text
     store_dir = next((tmp_path / "synthetic_image" / ".nextgpt_cache").glob("imagebind_image-*"))
-    assert not any("extra_1" in p.read_text() for p in store_dir.glob("*.keys.json"))  # training never writes it
-    extra_item = dm.train_set.conversations.index(next(c for c in dm.train_set.conversations if c.key == "extra_1"))
+    assert not any(
+        "extra_1" in p.read_text() for p in store_dir.glob("*.keys.json")
+    )  # training never writes it
+    extra_item = dm.train_set.conversations.index(
+        next(c for c in dm.train_set.conversations if c.key == "extra_1")
+    )
     decoded = Collator(dm.tokenizer.pad_token_id, 4)([dm.train_set[extra_item]])
     assert decoded["media"]["image"].shape[0] == 1 and decoded["media_features"] == {}  # not cached: decoded
     batch = next(iter(dm._loader(dm.train_set, shuffle=False)))
@@ -114,14 +138,20 @@ def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config
     module = Stage1EncodingAlignment(model=model, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss))
     module.configure_model()
     cached_loss = module.compute_loss(batch)["loss"]
-    raw = NextGPTDataModule(sources=OmegaConf.to_container(cache_cfg.dataset.sources), objective="caption", model=model,
-                            batch_size=4, feature_cache=False)
+    raw = NextGPTDataModule(
+        sources=OmegaConf.to_container(cache_cfg.dataset.sources),
+        objective="caption",
+        model=model,
+        batch_size=4,
+        feature_cache=False,
+    )
     raw.setup("fit")
     raw_batch = next(iter(raw._loader(raw.train_set, shuffle=False)))
     assert raw_batch["media_features"] == {} and raw_batch["keys"] == batch["keys"]
     module.model.eval()
-    torch.testing.assert_close(module.compute_loss(raw_batch)["loss"], module.compute_loss(batch)["loss"],
-                               rtol=1e-3, atol=1e-3)  # fp16 cache rows against fresh fp32 features
+    torch.testing.assert_close(
+        module.compute_loss(raw_batch)["loss"], module.compute_loss(batch)["loss"], rtol=1e-3, atol=1e-3
+    )  # fp16 cache rows against fresh fp32 features
     assert torch.isfinite(cached_loss)
 
 
@@ -134,13 +164,20 @@ def test_caption_store_is_created_by_stage2(cache_cfg, tiny_config, tmp_path):
     (tmp_path / "bundles" / "stage1").mkdir(parents=True)  # stage 2 needs a stage-1 bundle: use an empty one
     from safetensors.torch import save_file
 
-    save_file({"input_projector.proj.bias": torch.zeros(256)}, str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"))
+    save_file(
+        {"input_projector.proj.bias": torch.zeros(256)},
+        str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"),
+    )
     train(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     from nextgpt.model import load_conditioners
 
-    store = caption_store(OmegaConf.to_container(cfg.dataset.sources[0]), load_conditioners(model)["image"], tmp_path / "fb")
-    captions = {e["caption"] for e in json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text())}
+    store = caption_store(
+        OmegaConf.to_container(cfg.dataset.sources[0]), load_conditioners(model)["image"], tmp_path / "fb"
+    )
+    captions = {
+        e["caption"] for e in json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text())
+    }
     assert store.exists and len(store) == len(captions) and store.meta["shape"] == [77, 32]
 
 
@@ -155,7 +192,9 @@ def test_damaged_media_are_recorded_not_fatal(cache_cfg, tmp_path):
     (folder / text).write_text("this is not an image")
     build_caches(cache_cfg)
     model = OmegaConf.to_container(cache_cfg.model, resolve=True)
-    store = media_store(OmegaConf.to_container(cache_cfg.dataset.sources[0]), model["encoder"], tmp_path / "fb")
+    store = media_store(
+        OmegaConf.to_container(cache_cfg.dataset.sources[0]), model["encoder"], tmp_path / "fb"
+    )
     assert set(store.failed) == {f"images/{truncated}", f"images/{text}"}
     assert truncated in store.failed[f"images/{truncated}"] and text in store.failed[f"images/{text}"]
     assert len(store) == len(entries) - 2

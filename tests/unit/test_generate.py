@@ -1,4 +1,5 @@
 """Generation from a stage bundle: signal groups -> output projector -> diffusers pipeline -> files."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ def bundle(tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     cfg = compose([f"paths.root={root}", f"paths.cache_dir={tiny_cache}", "stage=3"], output_dir=str(root))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    module = Stage3InstructionTuning(model=resolved["model"], optim=resolved["stage"]["optim"], loss=resolved["stage"]["loss"])
+    module = Stage3InstructionTuning(
+        model=resolved["model"], optim=resolved["stage"]["optim"], loss=resolved["stage"]["loss"]
+    )
     module.configure_model()
     return save_bundle(root / "bundles" / "stage3", module.model, resolved, {"stage": 3})
 
@@ -38,8 +41,15 @@ def steer_to(generator: Generator, prompt: str, token_id: int) -> None:
     is the model's first choice: a stand-in for a model trained to answer with that modality."""
     from nextgpt.prompts import Conversation, encode_conversation
 
-    enc = encode_conversation(Conversation("p", [(prompt, "")]), generator.tokenizer, generator.model.layout,
-                              generator.template, num_media_tokens=1, max_length=10**6, slot_id=0)
+    enc = encode_conversation(
+        Conversation("p", [(prompt, "")]),
+        generator.tokenizer,
+        generator.model.layout,
+        generator.template,
+        num_media_tokens=1,
+        max_length=10**6,
+        slot_id=0,
+    )
     with torch.no_grad():
         out = generator.model(torch.tensor([enc.input_ids]))
         h = out.hidden[0, -1]
@@ -94,7 +104,10 @@ def test_a_group_started_midway_is_repaired(generator, tmp_path):
 
 
 def test_text_only_answer_and_cli(bundle, tmp_path, capsys):
-    assert main(["--bundle", str(bundle), "--prompt", "hello", "--out", str(tmp_path), "--max-new-tokens", "5"]) == 0
+    assert (
+        main(["--bundle", str(bundle), "--prompt", "hello", "--out", str(tmp_path), "--max-new-tokens", "5"])
+        == 0
+    )
     report = json.loads((tmp_path / "generations.json").read_text())
     assert report[0]["prompt"] == "hello" and isinstance(report[0]["answer"], str)
     assert "'hello'" in capsys.readouterr().out
@@ -158,16 +171,24 @@ def test_two_turn_mix_keeps_history(generator, tiny_cache, tmp_path):
             from nextgpt.prompts import Conversation, encode_conversation
 
             conv = Conversation("p", [*session.turns, (prompt, "")], media_in=[("image", session.media[0])])
-            enc = encode_conversation(conv, generator.tokenizer, layout, generator.template,
-                                      num_media_tokens=generator.num_media_tokens, max_length=10**6, slot_id=0)
+            enc = encode_conversation(
+                conv,
+                generator.tokenizer,
+                layout,
+                generator.template,
+                num_media_tokens=generator.num_media_tokens,
+                max_length=10**6,
+                slot_id=0,
+            )
             mask = torch.zeros(1, len(enc.input_ids), dtype=torch.bool)
             for s, _, _ in enc.media_slots:
                 mask[0, s : s + generator.num_media_tokens] = True
             from nextgpt import modality
 
             media = {"image": modality.get("image").load(session.media[0]).unsqueeze(0)}
-            h = generator.model(torch.tensor([enc.input_ids]), media_mask=mask, media=media,
-                                media_sequence=[("image", 0)]).hidden[0, -1]
+            h = generator.model(
+                torch.tensor([enc.input_ids]), media_mask=mask, media=media, media_sequence=[("image", 0)]
+            ).hidden[0, -1]
             table = generator.model.new_tokens
             row = layout.signal_ids["audio"][0] - table.first_new_id - table.markers.head.shape[0]
             table.signals.head[row] = 1e3 * h / h.norm() ** 2
@@ -224,8 +245,27 @@ def test_bundle_that_does_not_match_its_config(bundle, tmp_path):
 
 def test_cli_single_turn_with_media_flag(bundle, tiny_cache, tmp_path, capsys):
     image = synthetic_file(tiny_cache, "image")
-    assert main(["--bundle", str(bundle), "--prompt", "What is this?", "--image", str(image),
-                 "--out", str(tmp_path), "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "--bundle",
+                str(bundle),
+                "--prompt",
+                "What is this?",
+                "--image",
+                str(image),
+                "--out",
+                str(tmp_path),
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "generations.json").read_text())
     assert report[0]["prompt"] == "What is this?" and "signal_groups" in report[0]
     assert main(["--bundle", str(bundle), "--prompt", "x", "--image", str(tmp_path / "none.png")]) == 2
@@ -233,10 +273,21 @@ def test_cli_single_turn_with_media_flag(bundle, tiny_cache, tmp_path, capsys):
 
 
 def test_cli_interactive_chat_survives_errors(bundle, tiny_cache, tmp_path, monkeypatch, capsys):
-    lines = iter([f"/image {synthetic_file(tiny_cache, 'image')}", "What is this?", "/audio /nowhere.wav",
-                  "and this?", "/reset", "hello", "/quit"])
+    lines = iter(
+        [
+            f"/image {synthetic_file(tiny_cache, 'image')}",
+            "What is this?",
+            "/audio /nowhere.wav",
+            "and this?",
+            "/reset",
+            "hello",
+            "/quit",
+        ]
+    )
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert main(["--bundle", str(bundle), "--interactive", "--out", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["--bundle", str(bundle), "--interactive", "--out", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    )
     out = capsys.readouterr().out
     assert "[0] 'What is this?'" in out and "error: /nowhere.wav: no such media file" in out
     assert "(new conversation)" in out and "[0] 'hello'" in out
@@ -248,12 +299,26 @@ def test_decoding_defaults_come_from_the_bundles_model_generation(generator, tin
     from nextgpt.config import compose
 
     assert generator.decoding_defaults() == {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
-    cfg = compose(["experiment=nextgpt_legacy", "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
-                  output_dir=str(tmp_path))
+    cfg = compose(
+        [
+            "experiment=nextgpt_legacy",
+            "model=tiny",
+            f"paths.root={tmp_path}",
+            f"paths.cache_dir={tiny_cache}",
+        ],
+        output_dir=str(tmp_path),
+    )
     legacy = Generator.from_model(generator.model, generator.tokenizer, generator.conditioners, cfg.model)
     assert legacy.decoding_defaults() == {"max_new_tokens": 200, "temperature": 0.1, "top_p": 1.0}
-    bad = compose(["model=tiny", "+model.generation.top_p=1.5", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
-                  output_dir=str(tmp_path))
+    bad = compose(
+        [
+            "model=tiny",
+            "+model.generation.top_p=1.5",
+            f"paths.root={tmp_path}",
+            f"paths.cache_dir={tiny_cache}",
+        ],
+        output_dir=str(tmp_path),
+    )
     from nextgpt.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="model.generation.top_p"):

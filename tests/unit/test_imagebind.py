@@ -1,4 +1,5 @@
 """ImageBind encoder: shapes and norms, checkpoint round trip, loader errors, the huge key set."""
+
 from __future__ import annotations
 
 import math
@@ -52,11 +53,15 @@ def test_tiny_shapes_and_norms(tiny: ImageBindModel) -> None:
     torch.testing.assert_close(out["image"].norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
     # clips: mean of per-clip normalised vectors (audio scaled by 20), not renormalised - the original forward
     with torch.no_grad():
-        per_clip = torch.stack([tiny.encode("vision", x["video"][:, i : i + 1]) for i in range(x["video"].shape[1])], 1)
+        per_clip = torch.stack(
+            [tiny.encode("vision", x["video"][:, i : i + 1]) for i in range(x["video"].shape[1])], 1
+        )
         torch.testing.assert_close(per_clip.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0)
         torch.testing.assert_close(out["video"], per_clip.mean(1), atol=1e-6, rtol=1e-5)
         per_clip_audio = torch.stack([tiny.encode("audio", x["audio"][:, i : i + 1]) for i in range(3)], 1)
-        torch.testing.assert_close(per_clip_audio.norm(dim=-1), torch.full((2, 3), AUDIO_LOGIT_SCALE), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            per_clip_audio.norm(dim=-1), torch.full((2, 3), AUDIO_LOGIT_SCALE), atol=1e-4, rtol=0
+        )
         torch.testing.assert_close(out["audio"], per_clip_audio.mean(1), atol=1e-5, rtol=1e-5)
     assert (out["video"].norm(dim=-1) <= 1 + 1e-5).all()
     assert (out["audio"].norm(dim=-1) <= AUDIO_LOGIT_SCALE + 1e-4).all()
@@ -67,7 +72,9 @@ def test_tiny_shapes_and_norms(tiny: ImageBindModel) -> None:
             torch.testing.assert_close(n, torch.ones(2), atol=1e-5, rtol=0)
     # batch items are independent
     with torch.no_grad():
-        torch.testing.assert_close(tiny.encode("vision", x["image"][1:]), out["image"][1:], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            tiny.encode("vision", x["image"][1:]), out["image"][1:], atol=1e-6, rtol=1e-5
+        )
 
 
 def test_image_is_a_repeated_two_frame_clip(tiny: ImageBindModel) -> None:
@@ -90,7 +97,9 @@ def test_bad_inputs_are_rejected(tiny: ImageBindModel) -> None:
 
 def test_config_from_dict() -> None:
     assert ImageBindConfig.from_dict({"preset": "huge"}) == ImageBindConfig.huge()
-    c = ImageBindConfig.from_dict({"preset": "tiny", "vision_num_blocks": 3, "vision_kernel_size": [2, 16, 16]})
+    c = ImageBindConfig.from_dict(
+        {"preset": "tiny", "vision_num_blocks": 3, "vision_kernel_size": [2, 16, 16]}
+    )
     assert c.vision_num_blocks == 3 and c.vision_kernel_size == (2, 16, 16)
     full = {f: getattr(ImageBindConfig.tiny(), f) for f in ImageBindConfig.__dataclass_fields__}
     assert ImageBindConfig.from_dict(full) == ImageBindConfig.tiny()
@@ -215,13 +224,17 @@ def test_the_original_feeds_its_projector_unrenormalised_features(tiny_cache, tm
 
     seen = {}
     for renormalize, overrides in ((False, ["experiment=nextgpt_legacy"]), (True, [])):
-        cfg = compose([*overrides, "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
-                      output_dir=str(tmp_path))
+        cfg = compose(
+            [*overrides, "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
+            output_dir=str(tmp_path),
+        )
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         assert model_cfg["encoder"]["renormalize"] is renormalize
         model, _, _ = build_nextgpt(model_cfg)
         fed = {}
-        hook = model.input_projector.register_forward_pre_hook(lambda _, args: fed.setdefault("x", args[0]))
+        hook = model.input_projector.register_forward_pre_hook(
+            lambda _, args, fed=fed: fed.setdefault("x", args[0])
+        )
         x = _inputs(model.encoder.cfg)["audio"][:, :1]  # one clip per item
         with torch.no_grad():
             model.encode_media({"audio": x})

@@ -2,6 +2,7 @@
 from ``datamodules/`` or ``callbacks/`` (imports inside functions count), only the entry points
 (``nextgpt/cli/``, and a package's ``__main__`` that hands over to it) wire the layers together,
 and no modules import each other in a cycle. A new import that breaks either rule fails here."""
+
 from __future__ import annotations
 
 import ast
@@ -131,14 +132,25 @@ def test_no_import_cycles():
     assert cycles(import_graph(module_files())) == []
 
 
-@pytest.mark.parametrize("source,expected", [
-    ({"nextgpt/a.py": "def f():\n    from datamodules import b\n", "datamodules/b.py": ""},
-     ["nextgpt.a imports datamodules.b"]),
-    ({"nextgpt/a.py": "import callbacks.c\n", "callbacks/c.py": ""}, ["nextgpt.a imports callbacks.c"]),
-    ({"nextgpt/a.py": "from nextgpt.cli import t\n", "nextgpt/cli/t.py": "import datamodules.d\n", "datamodules/d.py": ""},
-     ["nextgpt.a imports the entry point nextgpt.cli.t"]),
-    ({"nextgpt/cli/t.py": "import datamodules.d\n", "datamodules/d.py": ""}, []),
-])
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        (
+            {"nextgpt/a.py": "def f():\n    from datamodules import b\n", "datamodules/b.py": ""},
+            ["nextgpt.a imports datamodules.b"],
+        ),
+        ({"nextgpt/a.py": "import callbacks.c\n", "callbacks/c.py": ""}, ["nextgpt.a imports callbacks.c"]),
+        (
+            {
+                "nextgpt/a.py": "from nextgpt.cli import t\n",
+                "nextgpt/cli/t.py": "import datamodules.d\n",
+                "datamodules/d.py": "",
+            },
+            ["nextgpt.a imports the entry point nextgpt.cli.t"],
+        ),
+        ({"nextgpt/cli/t.py": "import datamodules.d\n", "datamodules/d.py": ""}, []),
+    ],
+)
 def test_the_layer_check_catches_a_lazy_upward_import(tmp_path, source, expected):
     files = {}
     for rel, text in source.items():

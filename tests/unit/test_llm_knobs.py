@@ -1,5 +1,6 @@
 """The LLM knobs as keys: activation checkpointing of the decoder layers (the same loss and
 gradients, less memory kept after the forward pass, measured) and the attention implementation."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ from tests.unit.test_stages import build_stage, fixed_batch
 def stage_step(tiny_config, stage: int, *overrides: str, train: bool = True):
     """One stage built with ``overrides`` (dropout off), its loss terms on the fixed batch (after a
     warm-up pass), the memory that forward kept, and the trainable gradients: (module, terms, kept, grads)."""
-    cfg = tiny_config(f"stage={stage}", *overrides, "model.lora.dropout=0.0", "model.output_projector.dropout=0.0")
+    cfg = tiny_config(
+        f"stage={stage}", *overrides, "model.lora.dropout=0.0", "model.output_projector.dropout=0.0"
+    )
     torch.manual_seed(0)
     module = build_stage(cfg)
     module.model.train(train)
@@ -28,10 +31,14 @@ def stage_step(tiny_config, stage: int, *overrides: str, train: bool = True):
 def test_checkpointing_gives_the_same_loss_and_gradients(stage, tiny_config):
     results = []
     for ckpt in (False, True):
-        module, terms, _, grads = stage_step(tiny_config, stage, f"model.llm.activation_checkpointing={str(ckpt).lower()}")
+        module, terms, _, grads = stage_step(
+            tiny_config, stage, f"model.llm.activation_checkpointing={str(ckpt).lower()}"
+        )
         results.append((terms["loss"], grads))
-        assert all(getattr(module.model.llm.get_submodule(n), "_nextgpt_checkpointed", False) == ckpt
-                   for n in decoder_layers(module.model.llm))
+        assert all(
+            getattr(module.model.llm.get_submodule(n), "_nextgpt_checkpointed", False) == ckpt
+            for n in decoder_layers(module.model.llm)
+        )
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert grads_a.keys() == grads_b.keys() and grads_a
@@ -43,8 +50,14 @@ def test_checkpointing_keeps_less_memory_after_the_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     llm = LlamaForCausalLM(config).eval().requires_grad_(False)
     x = torch.randn(4, 256, 256, requires_grad=True)
     forward = lambda: llm(inputs_embeds=x, use_cache=False).logits.float().logsumexp(-1).mean()  # noqa: E731
@@ -58,7 +71,9 @@ def test_checkpointing_keeps_less_memory_after_the_forward():
     torch.testing.assert_close(grad_plain, grad_ckpt)
     assert kept_ckpt < kept_plain / 3, (kept_plain, kept_ckpt)
     with torch.no_grad():  # without gradients the layers run as they are
-        assert torch.equal(llm(inputs_embeds=x, use_cache=False).logits, llm(inputs_embeds=x, use_cache=False).logits)
+        assert torch.equal(
+            llm(inputs_embeds=x, use_cache=False).logits, llm(inputs_embeds=x, use_cache=False).logits
+        )
 
 
 def test_a_model_without_decoder_layers_is_refused():
@@ -81,7 +96,9 @@ def test_attention_implementation_reaches_the_llm(tiny_config):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_chunked_logits_give_the_same_loss_and_gradients_with_less_memory(stage, tiny_config):
-    results = [stage_step(tiny_config, stage, f"stage.loss.logits_chunk={chunk}")[1:] for chunk in ("null", "7")]
+    results = [
+        stage_step(tiny_config, stage, f"stage.loss.logits_chunk={chunk}")[1:] for chunk in ("null", "7")
+    ]
     (full, kept_full, grads_full), (chunked, kept_chunked, grads_chunked) = results
     assert full == pytest.approx(chunked, rel=1e-5)
     for name in grads_full:
@@ -101,7 +118,9 @@ def test_chunked_head_logits_equal_the_llms_own_with_softcapping(tmp_path):
     llm = AutoModelForCausalLM.from_pretrained(path).eval()
     assert llm.config.final_logit_softcapping
     first = llm.config.vocab_size
-    layout = TokenLayout(first, ("<Img>", "</Img>"), ("[IMG0]",), {"image": (first, first + 1)}, {"image": (first + 2,)})
+    layout = TokenLayout(
+        first, ("<Img>", "</Img>"), ("[IMG0]",), {"image": (first, first + 1)}, {"image": (first + 2,)}
+    )
 
     class NoEncoder(torch.nn.Module):
         embed_dim = 8
@@ -115,11 +134,18 @@ def test_chunked_head_logits_equal_the_llms_own_with_softcapping(tmp_path):
 def test_compiled_decoder_layers_give_the_same_loss(tiny_config):
     losses = []
     for compiled in ("false", "true"):
-        module, terms, _, grads = stage_step(tiny_config, 1, f"model.llm.compile={compiled}",
-                                             "model.llm.compile_backend=aot_eager", train=False)
+        module, terms, _, grads = stage_step(
+            tiny_config,
+            1,
+            f"model.llm.compile={compiled}",
+            "model.llm.compile_backend=aot_eager",
+            train=False,
+        )
         losses.append((terms["loss"], grads["input_projector.proj.weight"]))
         layers = [module.model.llm.get_submodule(n) for n in decoder_layers(module.model.llm)]
-        assert all((getattr(m, "_compiled_call_impl", None) is not None) == (compiled == "true") for m in layers)
+        assert all(
+            (getattr(m, "_compiled_call_impl", None) is not None) == (compiled == "true") for m in layers
+        )
     (a, ga), (b, gb) = losses
     assert a == pytest.approx(b, rel=1e-5)
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """LoRA targets derived from the architecture (``model.lora.target_modules=attention``): every
 linear layer inside the attention blocks of each family, and nothing else, wrapped by peft."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,9 @@ def test_attention_targets_are_the_attention_linears_of_every_layer(family):
     layers = llm.config.num_hidden_layers
     chosen = describe(llm, "attention")
     assert len(chosen) == layers * len(EXPECTED[family])
-    per_layer = sorted({n.split(".", 3)[-1] for n in chosen})  # "model.layers.0.self_attn.q_proj" -> "self_attn.q_proj"
+    per_layer = sorted(
+        {n.split(".", 3)[-1] for n in chosen}
+    )  # "model.layers.0.self_attn.q_proj" -> "self_attn.q_proj"
     assert per_layer == EXPECTED[family], chosen
     assert not any("mlp" in n for n in chosen)
 
@@ -43,15 +46,24 @@ def test_peft_wraps_exactly_the_derived_modules():
 
     llm = family_llm("gpt2", device="cpu")
     expected = describe(llm, "attention")
-    peft_model = get_peft_model(llm, LoraConfig(r=2, lora_alpha=4, target_modules=resolve_targets(llm, "attention")))
-    wrapped = sorted({n.split(".lora_")[0].removeprefix("base_model.model.") for n, _ in peft_model.named_parameters()
-                      if ".lora_" in n})
+    peft_model = get_peft_model(
+        llm, LoraConfig(r=2, lora_alpha=4, target_modules=resolve_targets(llm, "attention"))
+    )
+    wrapped = sorted(
+        {
+            n.split(".lora_")[0].removeprefix("base_model.model.")
+            for n, _ in peft_model.named_parameters()
+            if ".lora_" in n
+        }
+    )
     assert wrapped == sorted(expected)
     assert "transformer.h.0.mlp.c_proj" not in wrapped
 
 
 def test_a_model_without_attention_blocks_is_refused_by_name():
-    with pytest.raises(ValueError, match="model.lora.target_modules='attention': Sequential has no attention block"):
+    with pytest.raises(
+        ValueError, match="model.lora.target_modules='attention': Sequential has no attention block"
+    ):
         attention_pattern(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
@@ -60,7 +72,10 @@ def test_names_and_all_linear_pass_through():
     assert resolve_targets(llm, ["qkv_proj"]) == ["qkv_proj"]
     assert resolve_targets(llm, "all-linear") == "all-linear"
     assert "lm_head" not in describe(llm, "all-linear")
-    assert describe(llm, ["qkv_proj"]) == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
+    assert describe(llm, ["qkv_proj"]) == [
+        "model.layers.0.self_attn.qkv_proj",
+        "model.layers.1.self_attn.qkv_proj",
+    ]
 
 
 def test_preflight_accepts_attention_for_gpt2(tmp_path):

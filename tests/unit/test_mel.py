@@ -1,6 +1,7 @@
 """AudioLDM's waveform -> log-mel front end (nextgpt.mel) and the audio denoising target: the setting
 is read off the vocoder config, a tone lands in its mel band at the level its amplitude says, the
 frame grid is the one the AudioLDM pipeline denoises, and a clip file becomes the waveform target."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,11 @@ import torch
 
 from nextgpt.mel import SILENCE, MelFrontEnd
 
-AUDIOLDM_VOCODER = {"model_in_dim": 64, "sampling_rate": 16000, "upsample_rates": [5, 4, 2, 2, 2]}  # cvssp/audioldm
+AUDIOLDM_VOCODER = {
+    "model_in_dim": 64,
+    "sampling_rate": 16000,
+    "upsample_rates": [5, 4, 2, 2, 2],
+}  # cvssp/audioldm
 
 
 def tone(freq: float, seconds: float, rate: int = 16000, amplitude: float = 0.5) -> torch.Tensor:
@@ -38,7 +43,9 @@ def test_a_tone_lands_in_its_mel_band(freq):
     x = mel(tone(freq, 0.5)[None])
     assert x.shape == (1, 1, 50, 64)  # 8000 samples / hop 160
     band = int(x[0, 0, 10:40].mean(0).argmax())
-    edges = np.linspace(slaney_mel(0.0), slaney_mel(8000.0), 64 + 2)  # band k spans edges k .. k + 2, peaking at k + 1
+    edges = np.linspace(
+        slaney_mel(0.0), slaney_mel(8000.0), 64 + 2
+    )  # band k spans edges k .. k + 2, peaking at k + 1
     assert edges[band] <= slaney_mel(freq) <= edges[band + 2], (freq, band)
 
 
@@ -46,14 +53,20 @@ def test_level_follows_amplitude_and_silence_is_the_floor():
     mel = MelFrontEnd.from_vocoder(AUDIOLDM_VOCODER)
     loud, quiet = mel(tone(1000, 0.5, amplitude=0.5)[None]), mel(tone(1000, 0.5, amplitude=0.05)[None])
     band = int(loud[0, 0, 20].argmax())
-    assert float(loud[0, 0, 20, band] - quiet[0, 0, 20, band]) == pytest.approx(math.log(10.0), abs=1e-3)  # log magnitude
+    assert float(loud[0, 0, 20, band] - quiet[0, 0, 20, band]) == pytest.approx(
+        math.log(10.0), abs=1e-3
+    )  # log magnitude
     assert torch.all(mel(torch.zeros(1, 8000)) == math.log(SILENCE))
 
 
 def test_frames_round_up_to_the_vae_grid_with_silence():
     mel = MelFrontEnd.from_vocoder(AUDIOLDM_VOCODER)
     x = mel(tone(1000, 0.3)[None], multiple=4)  # 4800 samples: 30 frames -> 32
-    assert x.shape[2] == 32 and torch.all(x[0, 0, 30:] == math.log(SILENCE)) and torch.all(x[0, 0, 5:25].max(-1).values > -5)
+    assert (
+        x.shape[2] == 32
+        and torch.all(x[0, 0, 30:] == math.log(SILENCE))
+        and torch.all(x[0, 0, 5:25].max(-1).values > -5)
+    )
     with pytest.raises(ValueError, match="expected \\(batch, samples\\)"):
         mel(torch.zeros(1, 1, 8000))
 
@@ -70,9 +83,15 @@ def test_the_latent_grid_is_the_one_the_pipeline_denoises(tiny_cache, seconds):
     pipe.set_progress_bar_config(disable=True)
     seen = []
     forward = pipe.unet.forward
-    pipe.unet.forward = lambda sample, *a, **k: (seen.append(tuple(sample.shape)), forward(sample, *a, **k))[1]
-    pipe(prompt_embeds=torch.nn.functional.normalize(torch.randn(1, 16), dim=-1), num_inference_steps=1,
-         audio_length_in_s=seconds, guidance_scale=1.0)
+    pipe.unet.forward = lambda sample, *a, **k: (seen.append(tuple(sample.shape)), forward(sample, *a, **k))[
+        1
+    ]
+    pipe(
+        prompt_embeds=torch.nn.functional.normalize(torch.randn(1, 16), dim=-1),
+        num_inference_steps=1,
+        audio_length_in_s=seconds,
+        guidance_scale=1.0,
+    )
     spec = target_spec(path, {"audio_length_in_s": seconds})
     assert spec["sampling_rate"] == 16000
     obj = DenoisingObjective(path, "text_embeds")
@@ -84,8 +103,12 @@ def test_the_pipeline_default_length_is_filled_in(tiny_cache):
     from nextgpt.decoders import target_spec
 
     spec = target_spec(tiny_cache / "tiny_backbones" / "audioldm", {"num_inference_steps": 4})
-    assert spec["audio_length_in_s"] == pytest.approx(32 * 2 * 16 / 16000)  # unet sample 32 x VAE 2 x hop 16 at 16 kHz
-    assert "sampling_rate" not in target_spec(tiny_cache / "tiny_backbones" / "sd", {"height": 32})  # no vocoder
+    assert spec["audio_length_in_s"] == pytest.approx(
+        32 * 2 * 16 / 16000
+    )  # unet sample 32 x VAE 2 x hop 16 at 16 kHz
+    assert "sampling_rate" not in target_spec(
+        tiny_cache / "tiny_backbones" / "sd", {"height": 32}
+    )  # no vocoder
 
 
 def test_a_clip_becomes_the_waveform_target(tmp_path):
@@ -99,4 +122,6 @@ def test_a_clip_becomes_the_waveform_target(tmp_path):
     assert abs(np.argmax(spectrum) * 16000 / 1600 - 440) <= 10
     longer = tmp_path / "b.wav"
     sf.write(longer, tone(440, 1.0).numpy(), 16000)
-    assert modality.get("audio").load_target(longer, {"sampling_rate": 16000, "audio_length_in_s": 0.256}).shape == (4096,)
+    assert modality.get("audio").load_target(
+        longer, {"sampling_rate": 16000, "audio_length_in_s": 0.256}
+    ).shape == (4096,)

@@ -1,6 +1,7 @@
 """Metrics against known values: BLEU and CIDEr on worked examples, the Fréchet distance against a
 direct computation and known Gaussians, CLIP score symmetric and bounded; the feature networks
 load from local paths with the names of the real weight files."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ from nextgpt.metrics.embedders import clip_score
 from nextgpt.metrics.frechet import frechet_distance, frechet_distance_of, gaussian_stats
 from nextgpt.metrics.signals import trigger_rates
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java not on PATH (apt-get install default-jre-headless)")
+needs_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="java not on PATH (apt-get install default-jre-headless)"
+)
 
 
 # --- captioning ------------------------------------------------------------------------------------
@@ -32,7 +35,9 @@ def test_bleu_worked_example():
     assert s["bleu2"] == pytest.approx(bp * (1 * 6 / 7) ** 0.5, abs=1e-6)
     assert s["bleu4"] == pytest.approx(bp * (1 * 6 / 7 * 5 / 6 * 4 / 5) ** 0.25, abs=1e-6)
     # PTB tokenisation lower-cases and drops punctuation: a perfect match scores 1
-    assert caption_scores(refs, {"1": "The quick brown fox jumps over the lazy dog!"}, ["bleu4"])["bleu4"] == pytest.approx(1.0)
+    assert caption_scores(refs, {"1": "The quick brown fox jumps over the lazy dog!"}, ["bleu4"])[
+        "bleu4"
+    ] == pytest.approx(1.0)
 
 
 @needs_java
@@ -78,7 +83,9 @@ def test_frechet_matches_a_direct_computation():
 
 def test_frechet_of_known_gaussians():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])) == pytest.approx(9 + 1)
+    assert frechet_distance(
+        np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])
+    ) == pytest.approx(9 + 1)
     # diagonal: |mu1 - mu2|^2 + sum(a + b - 2 sqrt(ab))
     a, b = np.array([1.0, 2.0, 0.5]), np.array([3.0, 2.0, 0.125])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
@@ -127,7 +134,9 @@ def test_clip_and_clap_from_local_folders(tmp_path):
     assert ((0 <= s) & (s <= 100)).all()
     clap = ClapEmbedder(build_tiny_clap(tmp_path / "clap"))
     t = np.arange(16000 * 3) / 16000  # 3 s at 16 kHz: resampled to 48 kHz and cut to the 2 s window
-    aud = clap.audios([(np.sin(2 * np.pi * 440 * t), 16000), (0.1 * np.sin(2 * np.pi * 880 * t[:8000]), 16000)])
+    aud = clap.audios(
+        [(np.sin(2 * np.pi * 440 * t), 16000), (0.1 * np.sin(2 * np.pi * 880 * t[:8000]), 16000)]
+    )
     assert aud.shape == (2, 16) and clap.texts(["a beep"]).shape == (1, 16)
     with pytest.raises(Unavailable, match="feature_nets.clip"):
         ClipEmbedder(tmp_path / "nowhere")
@@ -142,9 +151,15 @@ def test_fid_inception_has_the_names_of_the_pytorch_fid_weights(tmp_path):
     names = set(model.state_dict())
     # torchvision Inception3(num_classes=1008, aux_logits=False): 23,850,960 parameters
     assert sum(p.numel() for p in model.parameters()) == 23_850_960
-    for key in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
-                "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7a.branch7x7x3_4.conv.weight",
-                "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"):
+    for key in (
+        "Conv2d_1a_3x3.conv.weight",
+        "Conv2d_4a_3x3.bn.running_var",
+        "Mixed_5b.branch5x5_2.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.bias",
+        "Mixed_7a.branch7x7x3_4.conv.weight",
+        "Mixed_7c.branch3x3dbl_3b.conv.weight",
+        "fc.weight",
+    ):
         assert key in names
     assert model.state_dict()["fc.weight"].shape == (1008, 2048)
     path = build_random_inception(tmp_path / "pt_inception.pth")

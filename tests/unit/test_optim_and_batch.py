@@ -1,4 +1,5 @@
 """Optimizer and schedule come from config; the global batch is a key; both fail before anything loads."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,7 +27,12 @@ def test_default_is_adamw_with_the_stage_numbers_and_warmup_linear_decay(tmp_pat
     opt = build_optimizer(optim, params)
     assert type(opt) is torch.optim.AdamW
     group = opt.param_groups[0]
-    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (5e-4, 0.001, (0.9, 0.999), 1e-8)
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (
+        5e-4,
+        0.001,
+        (0.9, 0.999),
+        1e-8,
+    )
     sched = build_scheduler(optim, opt, total_steps=100)
     lrs = []
     for _ in range(100):
@@ -38,9 +44,14 @@ def test_default_is_adamw_with_the_stage_numbers_and_warmup_linear_decay(tmp_pat
 
 
 def test_reference_betas_cosine_schedule_and_another_optimizer_by_override(tmp_path):
-    optim = optim_cfg(tmp_path, "stage.optim.betas=[0.9,0.95]", "scheduler=warmup_cosine",
-                      "stage.optim.optimizer._target_=torch.optim.SGD", "~stage.optim.optimizer.betas",
-                      "~stage.optim.optimizer.eps")
+    optim = optim_cfg(
+        tmp_path,
+        "stage.optim.betas=[0.9,0.95]",
+        "scheduler=warmup_cosine",
+        "stage.optim.optimizer._target_=torch.optim.SGD",
+        "~stage.optim.optimizer.betas",
+        "~stage.optim.optimizer.eps",
+    )
     opt = build_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))])
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 4e-4
     assert optim_cfg(tmp_path, "stage.optim.betas=[0.9,0.95]")["optimizer"]["betas"] == [0.9, 0.95]
@@ -58,11 +69,18 @@ def test_the_stage_optimizes_exactly_its_trainable_tensors(tiny_config):
     assert in_optimizer == trainable  # frozen backbones hold no optimizer state
 
 
-@pytest.mark.parametrize("override,key,needle", [
-    ("stage.optim.optimizer._target_=nosuchpackage.Adam", "stage.optim.optimizer._target_", "not installed"),
-    ("stage.optim.optimizer._partial_=false", "stage.optim.optimizer._partial_", "must be true"),
-    ("stage.global_batch_size=0", "stage.global_batch_size", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "override,key,needle",
+    [
+        (
+            "stage.optim.optimizer._target_=nosuchpackage.Adam",
+            "stage.optim.optimizer._target_",
+            "not installed",
+        ),
+        ("stage.optim.optimizer._partial_=false", "stage.optim.optimizer._partial_", "must be true"),
+        ("stage.global_batch_size=0", "stage.global_batch_size", ">= 1"),
+    ],
+)
 def test_bad_optimizer_and_batch_values_name_the_key(override, key, needle, tmp_path):
     cfg = compose([override], output_dir=str(tmp_path))
     with pytest.raises(ConfigError) as err:
@@ -71,31 +89,57 @@ def test_bad_optimizer_and_batch_values_name_the_key(override, key, needle, tmp_
 
 
 def test_global_batch_derives_the_accumulation(tmp_path):
-    cfg = compose(["stage=1", "trainer.devices=2", "trainer.accelerator=cpu", "stage.batch_size=4",
-                   "stage.global_batch_size=16"], output_dir=str(tmp_path))
+    cfg = compose(
+        [
+            "stage=1",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "stage.batch_size=4",
+            "stage.global_batch_size=16",
+        ],
+        output_dir=str(tmp_path),
+    )
     OmegaConf.resolve(cfg)
     plan = resolve_batch(cfg)
     assert plan == BatchPlan(devices=2, num_nodes=1, per_device=4, accumulate=2)
     assert cfg.trainer.accumulate_grad_batches == 2 and plan.global_batch == 16
-    assert str(plan) == ("world size 2 (2 device(s) x 1 node(s)), per-device batch 4, gradient accumulation 2, "
-                         "global batch 16")
+    assert str(plan) == (
+        "world size 2 (2 device(s) x 1 node(s)), per-device batch 4, gradient accumulation 2, global batch 16"
+    )
     # the reference: 8 GPUs x 18 on stage 1, no accumulation
-    ref = compose(["stage=1", "trainer=gpu", "trainer.devices=8", "stage.global_batch_size=144"], output_dir=str(tmp_path))
+    ref = compose(
+        ["stage=1", "trainer=gpu", "trainer.devices=8", "stage.global_batch_size=144"],
+        output_dir=str(tmp_path),
+    )
     OmegaConf.resolve(ref)
     assert resolve_batch(ref).accumulate == 1
 
 
 def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path):
-    cfg = compose(["trainer.devices=2", "trainer.num_nodes=3", "stage.batch_size=4", "stage.global_batch_size=100"],
-                  output_dir=str(tmp_path))
+    cfg = compose(
+        ["trainer.devices=2", "trainer.num_nodes=3", "stage.batch_size=4", "stage.global_batch_size=100"],
+        output_dir=str(tmp_path),
+    )
     OmegaConf.resolve(cfg)
-    with pytest.raises(ConfigError, match=r"stage.global_batch_size=100: must be a multiple of devices x nodes x "
-                                          r"dataset.batch_size = 2 x 3 x 4 = 24"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stage.global_batch_size=100: must be a multiple of devices x nodes x "
+        r"dataset.batch_size = 2 x 3 x 4 = 24",
+    ):
         resolve_batch(cfg)
-    both = compose(["trainer.devices=2", "stage.batch_size=4", "stage.global_batch_size=16",
-                    "trainer.accumulate_grad_batches=4"], output_dir=str(tmp_path))
+    both = compose(
+        [
+            "trainer.devices=2",
+            "stage.batch_size=4",
+            "stage.global_batch_size=16",
+            "trainer.accumulate_grad_batches=4",
+        ],
+        output_dir=str(tmp_path),
+    )
     OmegaConf.resolve(both)
-    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=4: contradicts stage.global_batch_size=16"):
+    with pytest.raises(
+        ConfigError, match="trainer.accumulate_grad_batches=4: contradicts stage.global_batch_size=16"
+    ):
         resolve_batch(both)
 
 
@@ -109,10 +153,26 @@ def test_device_counts_follow_lightning():
 @pytest.mark.slow  # a subprocess CLI
 def test_train_py_refuses_a_global_batch_that_does_not_divide_within_seconds(tmp_path):
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "train.py", "trainer.devices=2", "trainer.accelerator=cpu", "strategy=ddp",
-                          "stage.batch_size=4", "stage.global_batch_size=12", f"paths.root={tmp_path}"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "strategy=ddp",
+            "stage.batch_size=4",
+            "stage.global_batch_size=12",
+            f"paths.root={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "stage.global_batch_size=12: must be a multiple of devices x nodes x dataset.batch_size = 2 x 1 x 4 = 8" in res.stderr
+    assert (
+        "stage.global_batch_size=12: must be a multiple of devices x nodes x dataset.batch_size = 2 x 1 x 4 = 8"
+        in res.stderr
+    )
     assert "Loading weights" not in res.stderr and not (tmp_path / "bundles").exists()
     assert time.perf_counter() - t0 < 60

@@ -1,5 +1,6 @@
 """Packed batches (``dataset.pack``): several samples per row give the same loss as one sample per
 row, for stages 1 and 2, and no attention crosses a sample boundary."""
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,14 @@ def items_of(cfg, module, per_modality: int = 3) -> list[Item]:
     for src in cfg.dataset.sources:
         found, _ = read_source(src.name, src.modality, src.root, cfg.stage.objective)
         convs += rng.sample(found, min(per_modality, len(found)))
-    ds = ConversationDataset(convs, module.tokenizer, module.model.layout, cfg.dataset.template,
-                             int(cfg.model.input_projector.num_tokens), 512)
+    ds = ConversationDataset(
+        convs,
+        module.tokenizer,
+        module.model.layout,
+        cfg.dataset.template,
+        int(cfg.model.input_projector.num_tokens),
+        512,
+    )
     return [ds[i] for i in range(len(ds))]
 
 
@@ -64,7 +71,7 @@ def test_no_attention_crosses_a_sample_boundary(tiny_config):
         other = module.model(**changed).logits[0]
     starts = [0, len(items[0].input_ids), len(items[0].input_ids) + len(items[1].input_ids)]
     ends = starts[1:] + [starts[2] + len(items[2].input_ids)]
-    spans = list(zip(starts, ends))
+    spans = list(zip(starts, ends, strict=False))
     for k in (0, 2):  # the samples around it see nothing of the change
         s, e = spans[k]
         torch.testing.assert_close(other[s:e], base[s:e], rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """Checks made from configs alone, before any weight loads, that name the key to change."""
+
 from __future__ import annotations
 
 import time
@@ -10,7 +11,9 @@ from tests.cli import train
 
 
 def tiny_gpt2(path):
-    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0).save_pretrained(path)
+    GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0
+    ).save_pretrained(path)
     return path
 
 

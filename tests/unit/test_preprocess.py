@@ -1,5 +1,6 @@
 """ImageBind preprocessing: fbank/resampling against independent maths, crop geometry, clip sampling,
 short and odd media, broken files, and every file of the real sample data through the tiny encoder."""
+
 from __future__ import annotations
 
 import io
@@ -44,7 +45,7 @@ def numpy_fbank(x: np.ndarray, sr: int, n_mels: int) -> np.ndarray:
     while nfft < win:
         nfft *= 2
     n_frames = 1 + (len(x) - win) // hop
-    frames = np.stack([x[i * hop: i * hop + win] for i in range(n_frames)])
+    frames = np.stack([x[i * hop : i * hop + win] for i in range(n_frames)])
     frames = frames - frames.mean(axis=1, keepdims=True)
     prev = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
     frames = (frames - 0.97 * prev) * np.hanning(win)  # np.hanning is the symmetric Hann window
@@ -74,8 +75,12 @@ def test_kaldi_fbank_matches_numpy_reference() -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
     # (1, n) input and other mel counts / rates work; too short for one window -> no frames
     assert kaldi_fbank(torch.from_numpy(x)[None], sr, 64).shape == (ref.shape[0], 64)
-    np.testing.assert_allclose(kaldi_fbank(torch.from_numpy(x[:8000]), 8000, 40).numpy(),
-                               numpy_fbank(x[:8000], 8000, 40), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(
+        kaldi_fbank(torch.from_numpy(x[:8000]), 8000, 40).numpy(),
+        numpy_fbank(x[:8000], 8000, 40),
+        atol=1e-3,
+        rtol=0,
+    )
     assert kaldi_fbank(torch.zeros(399), sr, 128).shape == (0, 128)
 
 
@@ -169,13 +174,15 @@ def test_audio_clips_are_evenly_spaced(tmp_path: Path) -> None:
     x = np.zeros(10 * sr, np.float32)
     tone = 0.5 * np.sin(2 * np.pi * 500 * np.arange(sr // 2) / sr)
     for start in (3.0, 6.0, 8.5):  # inside clip 1, inside clip 2, after every clip
-        x[int(start * sr): int(start * sr) + tone.size] = tone
+        x[int(start * sr) : int(start * sr) + tone.size] = tone
     path = tmp_path / "ten.wav"
     sf.write(path, x, sr)
     spec = load_audio(path)
     silent = (np.log(np.finfo(np.float32).eps) - AUDIO_MEAN) / AUDIO_STD
     n_real = 1 + (2 * sr - 400) // 160  # 198 frames of signal, then zero padding (0 before normalising)
-    torch.testing.assert_close(spec[..., n_real:], torch.full_like(spec[..., n_real:], -AUDIO_MEAN / AUDIO_STD))
+    torch.testing.assert_close(
+        spec[..., n_real:], torch.full_like(spec[..., n_real:], -AUDIO_MEAN / AUDIO_STD)
+    )
     loud = [(spec[k, 0, :, :n_real].amax(0) > silent + 1).nonzero().flatten() for k in range(3)]
     assert loud[0].numel() == 0  # clip 0 (0-2 s) is silence
     # tone at 3.0 s is 0.33 s into clip 1 (frame ~33); at 6.0 s it is 0.67 s into clip 2 (frame ~67);
@@ -199,10 +206,10 @@ def write_video(path: Path, width: int, height: int, fps: int, seconds: float) -
             img = np.full((height, width, 3), 20 + int(200 * i / max(n - 1, 1)), np.uint8)
             if width >= height:
                 img[:, : width // 5] = (230, 20, 20)
-                img[:, -width // 5:] = (20, 20, 230)
+                img[:, -width // 5 :] = (20, 20, 230)
             else:
                 img[: height // 5] = (230, 20, 20)
-                img[-height // 5:] = (20, 20, 230)
+                img[-height // 5 :] = (20, 20, 230)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             for pkt in stream.encode(frame):
                 out.mux(pkt)
@@ -219,7 +226,9 @@ def test_video_shapes_crops_and_frames(tmp_path: Path, size: tuple[int, int]) ->
     assert x.shape == (15, 3, 2, 224, 224) and torch.isfinite(x).all()
     rgb = [_unnormalize(x[k, :, 1]) for k in range(3)]  # clip 0, crops 0/1/2, second frame
 
-    def band(img: np.ndarray, first: bool) -> np.ndarray:  # 20-pixel strip at the start / end of the long side
+    def band(
+        img: np.ndarray, first: bool
+    ) -> np.ndarray:  # 20-pixel strip at the start / end of the long side
         if w >= h:
             return img[:, :20] if first else img[:, -20:]
         return img[:20] if first else img[-20:]
@@ -251,7 +260,9 @@ def test_video_frame_indices_by_hand() -> None:
 # ---------------------------------------------------------------------------------------------
 def _damaged(tmp_path: Path) -> dict[str, tuple[str, Path]]:
     jpg = tmp_path / "truncated.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(jpg, quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(
+        jpg, quality=95
+    )
     data = jpg.read_bytes()
     jpg.write_bytes(data[: len(data) // 2])
     wav = tmp_path / "empty.wav"
@@ -262,8 +273,12 @@ def _damaged(tmp_path: Path) -> dict[str, tuple[str, Path]]:
         s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
     txt = tmp_path / "notes.mp4"
     txt.write_text("this is a text file, not a video\n" * 20)
-    return {"truncated jpeg": ("image", jpg), "empty wav": ("audio", wav),
-            "zero-frame mp4": ("video", mp4), "text as mp4": ("video", txt)}
+    return {
+        "truncated jpeg": ("image", jpg),
+        "empty wav": ("audio", wav),
+        "zero-frame mp4": ("video", mp4),
+        "text as mp4": ("video", txt),
+    }
 
 
 def test_damaged_files_raise_media_decode_error(tmp_path: Path) -> None:
@@ -283,9 +298,11 @@ def test_damaged_files_raise_media_decode_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # real sample data through the tiny ImageBind
 # ---------------------------------------------------------------------------------------------
-REAL = [("cc3m", "image_name", "images", "image", "vision"),
-        ("audiocap", "audio_name", "audios", "audio", "audio"),
-        ("webvid", "video_name", "videos", "video", "vision")]
+REAL = [
+    ("cc3m", "image_name", "images", "image", "vision"),
+    ("audiocap", "audio_name", "audios", "audio", "audio"),
+    ("webvid", "video_name", "videos", "video", "vision"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +313,15 @@ def tiny_model() -> ImageBindModel:
 
 @pytest.mark.real_data
 @pytest.mark.parametrize("dataset,key,folder,media,modality", REAL, ids=[r[0] for r in REAL])
-def test_real_samples_encode(sample_root: Path, tiny_model: ImageBindModel, dataset: str, key: str, folder: str,
-                             media: str, modality: str) -> None:
+def test_real_samples_encode(
+    sample_root: Path,
+    tiny_model: ImageBindModel,
+    dataset: str,
+    key: str,
+    folder: str,
+    media: str,
+    modality: str,
+) -> None:
     records = json.loads((sample_root / dataset / f"{dataset}.json").read_text())
     names = sorted({r[key] for r in records})
     assert names, f"{dataset}.json lists no {key}"
@@ -334,7 +358,9 @@ def whole_file_audio(path: Path, num_clips: int = 3, clip_duration: float = 2.0)
             stream = container.streams.audio[0]
             sr = stream.codec_context.sample_rate
             resampler = av.AudioResampler(format="fltp", layout=None, rate=sr)
-            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+            chunks = [
+                out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)
+            ]
         data = np.concatenate(chunks, axis=1).T.astype(np.float32)
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))[None]
     wave = resample(wave, sr, 16000)
@@ -343,7 +369,7 @@ def whole_file_audio(path: Path, num_clips: int = 3, clip_duration: float = 2.0)
     clips = []
     for k in range(num_clips):
         start = step * k
-        clip = wave[:, int(start * 16000): int((start + Fraction(clip_duration)) * 16000)]
+        clip = wave[:, int(start * 16000) : int((start + Fraction(clip_duration)) * 16000)]
         clip -= clip.mean()
         fbank = kaldi_fbank(clip, 16000, 128).T
         fbank = F.pad(fbank, (0, 204 - fbank.shape[1])) if fbank.shape[1] < 204 else fbank[:, :204]
@@ -374,8 +400,10 @@ def write_long_wav(path: Path, sr: int, seconds: float, channels: int = 1, subty
 SPAN_ATOL = 1e-3
 
 
-@pytest.mark.parametrize("sr,seconds,channels", [(44100, 0.5, 2), (48000, 7.0, 1), (22050, 8.0, 2), (8000, 31.7, 1),
-                                                 (16000, 12.3, 1), (44100, 61.3, 2)])
+@pytest.mark.parametrize(
+    "sr,seconds,channels",
+    [(44100, 0.5, 2), (48000, 7.0, 1), (22050, 8.0, 2), (8000, 31.7, 1), (16000, 12.3, 1), (44100, 61.3, 2)],
+)
 def test_audio_spans_match_whole_file_path(tmp_path: Path, sr: int, seconds: float, channels: int) -> None:
     """Short, overlapping-clip (< 8 s), resampled up / down / not at all: the span path gives the whole-file values."""
     path = tmp_path / "a.wav"
@@ -417,7 +445,9 @@ def test_long_wav_reads_only_the_clips(tmp_path: Path, monkeypatch: pytest.Monke
     torch.testing.assert_close(got, whole_file_audio(path), atol=SPAN_ATOL, rtol=0)
 
 
-def test_audio_read_forward_when_soundfile_can_not_seek(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_audio_read_forward_when_soundfile_can_not_seek(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An unseekable handle (or Ogg, whose libsndfile seeks are not sample exact) is read forward block by block:
     same values, no seek. A non-seekable file object is read into memory first and works as well."""
     path = tmp_path / "a.wav"
@@ -462,8 +492,14 @@ def test_audio_read_forward_when_soundfile_can_not_seek(tmp_path: Path, monkeypa
 
 def write_av_audio(path: Path, codec: str, sr: int, seconds: float) -> None:
     """Mono audio through a PyAV encoder (formats libsndfile can not open), fed 4096-sample blocks."""
-    dtypes = {"flt": np.float32, "fltp": np.float32, "s16": np.int16, "s16p": np.int16,
-              "s32": np.int32, "s32p": np.int32}
+    dtypes = {
+        "flt": np.float32,
+        "fltp": np.float32,
+        "s16": np.int16,
+        "s16p": np.int16,
+        "s32": np.int32,
+        "s32p": np.int32,
+    }
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=sr, layout="mono")
         fmt = stream.codec_context.format.name
@@ -481,7 +517,9 @@ def write_av_audio(path: Path, codec: str, sr: int, seconds: float) -> None:
             out.mux(pkt)
 
 
-@pytest.mark.parametrize("codec,suffix,seeks", [("alac", "m4a", True), ("aac", "m4a", True), ("flac", "mka", False)])
+@pytest.mark.parametrize(
+    "codec,suffix,seeks", [("alac", "m4a", True), ("aac", "m4a", True), ("flac", "mka", False)]
+)
 def test_pyav_audio_decodes_only_the_clips(tmp_path: Path, codec: str, suffix: str, seeks: bool) -> None:
     """Formats only PyAV reads: with sample-exact timestamps (MP4) each clip is decoded after a seek, the length
     from the last frames; Matroska's millisecond stamps are decoded forward instead (still span-sized memory)."""
@@ -509,11 +547,14 @@ def test_pyav_audio_decodes_only_the_clips(tmp_path: Path, codec: str, suffix: s
     torch.testing.assert_close(got, whole_file_audio(path, 4), atol=SPAN_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("codec,options", [("mpeg4", {"g": "50"}),
-                                           ("libx264", {"preset": "ultrafast", "bf": "3", "g": "60"})],
-                         ids=["mpeg4", "h264-bframes"])
-def test_long_video_decodes_only_the_clips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str,
-                                           options: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "codec,options",
+    [("mpeg4", {"g": "50"}), ("libx264", {"preset": "ultrafast", "bf": "3", "g": "60"})],
+    ids=["mpeg4", "h264-bframes"],
+)
+def test_long_video_decodes_only_the_clips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str, options: dict[str, str]
+) -> None:
     """15 minutes at 10 fps: seeking to the keyframe before each wanted frame gives the frames (bit for bit) and
     the tensor that decoding from the start gives, while decoding a small part of the video."""
     from nextgpt.encoders.preprocess import video as preprocess_video

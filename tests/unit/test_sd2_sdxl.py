@@ -3,6 +3,7 @@ regresses what their schedulers and UNets ask for, and the pipelines generate fr
 
 On the tiny SD 2 (v-prediction, linear-projection UNet, text width 48) and the tiny SDXL (two text
 encoders of widths 24 and 32, pooled width 20, a ``text_time`` UNet)."""
+
 from __future__ import annotations
 
 import json
@@ -46,15 +47,18 @@ def test_sd2_conditioning_is_the_pipelines(sd2):
     with torch.no_grad():
         embeds, negative = pipe.encode_prompt(CAPTIONS, "cpu", 1, True)
     torch.testing.assert_close(cond.encode(CAPTIONS), embeds, rtol=0, atol=0)
-    torch.testing.assert_close(cond.negative().expand_as(negative), negative, rtol=0, atol=0)  # the empty prompt
+    torch.testing.assert_close(
+        cond.negative().expand_as(negative), negative, rtol=0, atol=0
+    )  # the empty prompt
 
 
 def test_sdxl_conditioning_is_the_pipelines_plus_a_pooled_row(sdxl):
     pipe, cond = sdxl
     assert cond.shape == (77 + 1, SDXL_WIDTH) == (78, pipe.unet.config.cross_attention_dim)
     with torch.no_grad():
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(CAPTIONS, device="cpu", num_images_per_prompt=1,
-                                                                       do_classifier_free_guidance=True)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            CAPTIONS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
     ours = cond.encode(CAPTIONS)
     assert ours.shape == (2, 78, SDXL_WIDTH) and pooled.shape == (2, POOLED)
     torch.testing.assert_close(ours[:, :-1], embeds, rtol=0, atol=0)
@@ -62,8 +66,12 @@ def test_sdxl_conditioning_is_the_pipelines_plus_a_pooled_row(sdxl):
     assert torch.count_nonzero(ours[:, -1, POOLED:]) == 0  # the padding
     # no negative prompt: SDXL base (force_zeros_for_empty_prompt) guides against zeros, so do we
     kwargs = cond.pipeline_kwargs(ours, cond.negative())
-    theirs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
-              "negative_pooled_prompt_embeds": negative_pooled}
+    theirs = {
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": negative,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }
     assert set(kwargs) == set(theirs)
     for key, value in theirs.items():
         torch.testing.assert_close(kwargs[key], value, rtol=0, atol=0)
@@ -94,15 +102,25 @@ def test_a_conditioning_that_does_not_fit_the_folder_is_named(tiny_config, backb
     cfg = tiny_config("stage=2", f"model.modalities.image.decoder.path={backbones / 'sdxl'}")
     errors = backbone_path_errors(cfg)
     key = "model.modalities.image.decoder.conditioning"
-    assert any(e.startswith(f"{key}='last_hidden_state': a StableDiffusionXLPipeline") and "use conditioning: sdxl" in e
-               for e in errors), errors
+    assert any(
+        e.startswith(f"{key}='last_hidden_state': a StableDiffusionXLPipeline")
+        and "use conditioning: sdxl" in e
+        for e in errors
+    ), errors
     cfg = tiny_config("stage=2", "model.modalities.image.decoder.conditioning=sdxl")  # on the SD 1.5 folder
-    assert any(e.startswith(f"{key}='sdxl': the StableDiffusionPipeline folder has no text_encoder_2 / tokenizer_2")
-               for e in backbone_path_errors(cfg))
-    cfg = tiny_config("stage=2", f"model.modalities.image.decoder.path={backbones / 'sdxl'}",
-                      "model.modalities.image.decoder.conditioning=sdxl")
+    assert any(
+        e.startswith(f"{key}='sdxl': the StableDiffusionPipeline folder has no text_encoder_2 / tokenizer_2")
+        for e in backbone_path_errors(cfg)
+    )
+    cfg = tiny_config(
+        "stage=2",
+        f"model.modalities.image.decoder.path={backbones / 'sdxl'}",
+        "model.modalities.image.decoder.conditioning=sdxl",
+    )
     assert not [e for e in backbone_path_errors(cfg) if "conditioning" in e]
-    with pytest.raises(ValueError, match="conditioning 'last_hidden_state' does not fit: a StableDiffusionXLPipeline"):
+    with pytest.raises(
+        ValueError, match="conditioning 'last_hidden_state' does not fit: a StableDiffusionXLPipeline"
+    ):
         TextConditioner(backbones / "sdxl", "last_hidden_state")
 
 
@@ -112,7 +130,10 @@ def test_sd2_regresses_the_velocity_and_sd15_the_noise(backbones):
     cond = torch.randn(2, 77, tiny.SD2_TEXT_WIDTH)
     obj = DenoisingObjective(backbones / "sd2", "last_hidden_state")
     assert obj.scheduler.config.prediction_type == "v_prediction"
-    assert DenoisingObjective(backbones / "sd", "last_hidden_state").scheduler.config.prediction_type == "epsilon"
+    assert (
+        DenoisingObjective(backbones / "sd", "last_hidden_state").scheduler.config.prediction_type
+        == "epsilon"
+    )
     losses = obj.item_losses(cond, media, torch.Generator().manual_seed(3))
     latents, noise, t, abar = same_draws(obj, media, 3)
     velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
@@ -130,16 +151,24 @@ def test_sdxl_unet_reads_the_pooled_row_and_size_ids_and_gives_gradients(backbon
     cond = conditioner.encode(CAPTIONS).requires_grad_(True)
     loss = obj.loss(cond, media, torch.Generator().manual_seed(5))
     # by hand: the pipeline's own size/crop ids for an uncropped 32x32 image
-    time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=POOLED)
+    time_ids = pipe._get_add_time_ids(
+        (32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=POOLED
+    )
     assert time_ids.tolist() == [[32, 32, 0, 0, 32, 32]]
     latents, noise, t, _ = same_draws(obj, media, 5)
-    pred = obj.unet(obj.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond[:, :-1],
-                    added_cond_kwargs={"text_embeds": cond[:, -1, :POOLED], "time_ids": time_ids.repeat(2, 1)}).sample
+    pred = obj.unet(
+        obj.scheduler.add_noise(latents, noise, t),
+        t,
+        encoder_hidden_states=cond[:, :-1],
+        added_cond_kwargs={"text_embeds": cond[:, -1, :POOLED], "time_ids": time_ids.repeat(2, 1)},
+    ).sample
     torch.testing.assert_close(loss, F.mse_loss(pred, noise), rtol=1e-4, atol=1e-5)
     loss.backward()
     grad = cond.grad
     assert torch.isfinite(grad).all()
-    assert grad[:, :-1].abs().sum() > 0 and grad[:, -1, :POOLED].abs().sum() > 0  # the tokens and the pooled row
+    assert (
+        grad[:, :-1].abs().sum() > 0 and grad[:, -1, :POOLED].abs().sum() > 0
+    )  # the tokens and the pooled row
     assert torch.count_nonzero(grad[:, -1, POOLED:]) == 0  # the padding is read by nothing
     assert all(p.grad is None for p in obj.unet.parameters())
 
@@ -152,7 +181,9 @@ def test_pipeline_generates_from_pipeline_kwargs_as_from_the_prompt(name, reques
     kwargs = cond.pipeline_kwargs(cond.encode(CAPTIONS), cond.negative(), pipe.dtype)
     ours = pipe(**kwargs, generator=[torch.Generator().manual_seed(i) for i in range(2)], **common).images
     assert ours.shape == (2, 32, 32, 3) and np.isfinite(ours).all()
-    theirs = pipe(prompt=CAPTIONS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **common).images
+    theirs = pipe(
+        prompt=CAPTIONS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **common
+    ).images
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -165,5 +196,9 @@ def test_the_other_kinds_keep_their_pipeline_arguments(backbones):
     assert torch.equal(kwargs["negative_prompt_embeds"], sd.encode(["", ""]))
     clap = TextConditioner(backbones / "audioldm", "text_embeds")
     kwargs = clap.pipeline_kwargs(clap.encode(CAPTIONS), clap.negative(), torch.float64)
-    assert kwargs["prompt_embeds"].shape == (2, tiny.AUDIOLDM_PROJECTION_DIM) == kwargs["negative_prompt_embeds"].shape
+    assert (
+        kwargs["prompt_embeds"].shape
+        == (2, tiny.AUDIOLDM_PROJECTION_DIM)
+        == kwargs["negative_prompt_embeds"].shape
+    )
     assert kwargs["prompt_embeds"].dtype == torch.float64

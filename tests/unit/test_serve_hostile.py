@@ -1,6 +1,7 @@
 """The server against hostile requests, in process (FastAPI's TestClient; no model, no socket):
 generated files never leave their request's folder (symlinks resolved, no '..' or separators), and
 bodies too large or nested too deep get a 4xx naming the problem before ``json.loads`` sees them."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,17 @@ def test_a_generated_file_is_served(app_and_out):
         assert r.status_code == 200 and r.content == b"\x89PNG generated"
 
 
-@pytest.mark.parametrize("path", ["chatcmpl-a/leak.png", "chatcmpl-a/hostname", "chatcmpl-a/other.png",
-                                  "chatcmpl-a/loop.png", "chatcmpl-c/secret.png", "chatcmpl-a/missing.png"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "chatcmpl-a/leak.png",
+        "chatcmpl-a/hostname",
+        "chatcmpl-a/other.png",
+        "chatcmpl-a/loop.png",
+        "chatcmpl-c/secret.png",
+        "chatcmpl-a/missing.png",
+    ],
+)
 def test_symlinks_out_of_the_request_folder_are_404_like_an_unknown_file(app_and_out, path):
     client, _ = app_and_out
     r = client.get(f"/v1/files/{path}")
@@ -67,15 +77,18 @@ def test_symlinks_out_of_the_request_folder_are_404_like_an_unknown_file(app_and
         assert Path("/etc/hostname").read_bytes().strip() not in r.content
 
 
-@pytest.mark.parametrize("rid, name, where", [
-    ("chatcmpl-a", "..", "invalid file name '..'"),
-    ("chatcmpl-a", ".", "invalid file name '.'"),
-    ("..", "image_0.png", "invalid request id '..'"),
-    (".", "image_0.png", "invalid request id '.'"),
-    ("chatcmpl-a", "..image_0.png", "invalid file name"),
-    ("chatcmpl-a", "a/b", "invalid file name 'a/b'"),
-    ("chatcmpl-a", "a\\b", "invalid file name"),
-])
+@pytest.mark.parametrize(
+    "rid, name, where",
+    [
+        ("chatcmpl-a", "..", "invalid file name '..'"),
+        ("chatcmpl-a", ".", "invalid file name '.'"),
+        ("..", "image_0.png", "invalid request id '..'"),
+        (".", "image_0.png", "invalid request id '.'"),
+        ("chatcmpl-a", "..image_0.png", "invalid file name"),
+        ("chatcmpl-a", "a/b", "invalid file name 'a/b'"),
+        ("chatcmpl-a", "a\\b", "invalid file name"),
+    ],
+)
 def test_names_with_separators_or_dots_are_refused(app_and_out, rid, name, where):
     from nextgpt.serve.protocol import RequestError
 
@@ -86,9 +99,16 @@ def test_names_with_separators_or_dots_are_refused(app_and_out, rid, name, where
     assert info.value.status == 404 and where in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["/v1/files/chatcmpl-a/%2E%2E", "/v1/files/%2E%2E/image_0.png",
-                                 "/v1/files/chatcmpl-a/..%2Fsecret.png", "/v1/files/chatcmpl-a/a%5Cb",
-                                 "/v1/files/chatcmpl-a%2F..%2F..%2Fsecret.png/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/files/chatcmpl-a/%2E%2E",
+        "/v1/files/%2E%2E/image_0.png",
+        "/v1/files/chatcmpl-a/..%2Fsecret.png",
+        "/v1/files/chatcmpl-a/a%5Cb",
+        "/v1/files/chatcmpl-a%2F..%2F..%2Fsecret.png/x",
+    ],
+)
 def test_encoded_dots_and_separators_over_http_are_404(app_and_out, url):
     client, _ = app_and_out
     r = client.get(url)
@@ -113,12 +133,25 @@ def test_json_nested_too_deep_is_400_naming_the_depth(app_and_out):
     assert "messages must be a non-empty list" in error(client.post("/v1/chat/completions", content=ok), 400)
     # brackets inside strings (escaped quotes too) are text, not nesting
     text = json.dumps({"messages": "[" * 1000 + '\\"[[' * 100})
-    assert "messages must be a non-empty list" in error(client.post("/v1/chat/completions", content=text), 400)
+    assert "messages must be a non-empty list" in error(
+        client.post("/v1/chat/completions", content=text), 400
+    )
 
 
 def test_json_depth_counts_only_brackets_outside_strings():
-    cases = {b"": 0, b"1": 0, b"[]": 1, b'{"a": [1, {"b": []}]}': 4, b'["]]]", "[[[[", "\\"[["]': 1,
-             b'["\\\\", [[]]]': 3, b'"\\\\"': 0, b'["unterminated [[[[': 1, b"]]][[": 0, b"[]][[": 1, b"[" * 100: 100}
+    cases = {
+        b"": 0,
+        b"1": 0,
+        b"[]": 1,
+        b'{"a": [1, {"b": []}]}': 4,
+        b'["]]]", "[[[[", "\\"[["]': 1,
+        b'["\\\\", [[]]]': 3,
+        b'"\\\\"': 0,
+        b'["unterminated [[[[': 1,
+        b"]]][[": 0,
+        b"[]][[": 1,
+        b"[" * 100: 100,
+    }
     for body, depth in cases.items():
         assert json_depth(body) == depth, body
 
@@ -146,4 +179,5 @@ def test_an_oversized_body_is_413_before_it_is_parsed(app_and_out):
     streamed = client.post("/v1/chat/completions", content=chunks())
     assert f"the request body exceeds the limit of {limit} bytes" in error(streamed, 413)
     assert error(client.post("/v1/chat/completions", content=b"{not json"), 400).startswith(
-        "the request body is not valid JSON")
+        "the request body is not valid JSON"
+    )

@@ -1,5 +1,6 @@
 """WebDataset shards: writing (prepare), reading every record kind back, exact split over ranks and
 workers, exact mid-epoch resume, bad samples, in-memory media decoding, img2dataset shards as they are."""
+
 from __future__ import annotations
 
 import io
@@ -76,11 +77,13 @@ def check_roundtrip(sources: dict[str, Path], out: Path, shard_size: int) -> Non
             assert not skipped
             got = list(ShardStream(str(out / f"{folder.name}-{pattern}-*.tar"), objective=objective))
             assert len(got) == len(expected) > 0, (objective, folder.name)
-            for sample, ref in zip(got, expected):
+            for sample, ref in zip(got, expected, strict=False):
                 conv = sample.conversation
-                assert (conv.key, conv.turns, conv.captions_out) == (ref.key, ref.turns, ref.captions_out), sample.where
+                assert (conv.key, conv.turns, conv.captions_out) == (ref.key, ref.turns, ref.captions_out), (
+                    sample.where
+                )
                 assert [m for m, _ in conv.media_in] == [m for m, _ in ref.media_in]
-                for (_, member), (_, path) in zip(conv.media_in, ref.media_in):
+                for (_, member), (_, path) in zip(conv.media_in, ref.media_in, strict=False):
                     assert sample.media[member] == Path(path).read_bytes(), sample.where
                 assert sample.source == f"{folder.name}-{pattern}"
     index = json.loads((out / f"{next(iter(sources.values())).name}-pairs.shards.json").read_text())
@@ -97,9 +100,11 @@ def test_write_and_read_back_real_sample(sample_root: Path, tmp_path: Path) -> N
     # decoded from shard bytes == decoded from the file, for one sample of each modality
     for objective, modality, folder in (("caption", m, sample_root / d) for m, d in REAL.items()):
         sample = next(iter(ShardStream(str(tmp_path / f"{folder.name}-pairs-*.tar"), objective=objective)))
-        (name, tensor), = decode_media(sample)
+        ((name, tensor),) = decode_media(sample)
         ref = read_source(folder.name, modality, folder, objective)[0][0]
-        assert name == modality and torch.equal(tensor, shards.modality_registry.get(modality).load(ref.media_in[0][1]))
+        assert name == modality and torch.equal(
+            tensor, shards.modality_registry.get(modality).load(ref.media_in[0][1])
+        )
 
 
 @pytest.mark.real_data
@@ -112,14 +117,19 @@ def test_img2dataset_shards_read_as_pairs(sample_root: Path) -> None:
     captions = {}
     for shard in sorted(folder.glob("*.tar")):  # whatever the shards are called
         with tarfile.open(shard) as tar:
-            captions.update({Path(m.name).stem: tar.extractfile(m).read().decode().strip()
-                             for m in tar if m.name.endswith(".txt")})
+            captions.update(
+                {
+                    Path(m.name).stem: tar.extractfile(m).read().decode().strip()
+                    for m in tar
+                    if m.name.endswith(".txt")
+                }
+            )
     assert len(got) == len(captions) and not stream.skipped
     cc3m = {e["caption"] for e in json.loads((sample_root / "cc3m" / "cc3m.json").read_text())}
     for s in got:
-        (human, answer), = s.conversation.turns
+        ((human, answer),) = s.conversation.turns
         assert human.startswith("<image>\n") and answer == captions[s.key] and answer in cc3m
-        (name, tensor), = s.item
+        ((name, tensor),) = s.item
         assert name == "image" and tensor.shape == (3, 224, 224)
     generate = list(ShardStream(folder, objective="generate", modality="image"))
     assert [s.conversation.captions_out for s in generate] == [[("image", captions[s.key])] for s in generate]
@@ -132,8 +142,11 @@ def test_output_media_on_request(synthetic: Path, tmp_path: Path) -> None:
     files = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
     assert all(s.media == {} for s in ShardStream(str(tmp_path / "*-pairs-*.tar"), objective="generate"))
     for pattern, objective in (("pairs", "generate"), ("instruct", "instruct")):
-        got = [s for s in ShardStream(str(tmp_path / f"*-{pattern}-*.tar"), objective=objective, output_media=True)
-               if s.conversation.captions_out]
+        got = [
+            s
+            for s in ShardStream(str(tmp_path / f"*-{pattern}-*.tar"), objective=objective, output_media=True)
+            if s.conversation.captions_out
+        ]
         assert len(got) == len(files)
         for s in got:
             (data,) = s.media.values()
@@ -143,7 +156,10 @@ def test_output_media_on_request(synthetic: Path, tmp_path: Path) -> None:
 
 
 def test_keys_are_tar_safe_unique_and_shards_atomic(tiny_jpg: Path, tmp_path: Path) -> None:
-    recs = [pair_record(k, "image", f"caption {i}", tiny_jpg) for i, k in enumerate(["a.b/c", "a_b_c", "x y", "a.b/c"])]
+    recs = [
+        pair_record(k, "image", f"caption {i}", tiny_jpg)
+        for i, k in enumerate(["a.b/c", "a_b_c", "x y", "a.b/c"])
+    ]
     recs.append(pair_record("lost", "image", "no file", tmp_path / "missing.jpg"))
     paths = write_shards(recs, tmp_path / "out", name="set", shard_size=3)
     assert [p.name for p in paths] == ["set-000000.tar", "set-000001.tar"]
@@ -166,33 +182,101 @@ def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) ->
     aud = synthetic / "synthetic_audio" / "audios"
     first_img, first_aud = min(img.iterdir()).name, min(aud.iterdir()).name
     llava = [
-        {"id": "l1", "image": first_img, "conversations": [  # no <image>: prepended
-            {"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "Shapes."},
-            {"from": "human", "value": "Colours?"}, {"from": "gpt", "value": "Green."}]},
-        {"id": "l2", "image": first_img, "conversations": [{"from": "human", "value": "<image> <image>"},
-                                                           {"from": "gpt", "value": "two?"}]},  # skipped
+        {
+            "id": "l1",
+            "image": first_img,
+            "conversations": [  # no <image>: prepended
+                {"from": "human", "value": "What is shown?"},
+                {"from": "gpt", "value": "Shapes."},
+                {"from": "human", "value": "Colours?"},
+                {"from": "gpt", "value": "Green."},
+            ],
+        },
+        {
+            "id": "l2",
+            "image": first_img,
+            "conversations": [
+                {"from": "human", "value": "<image> <image>"},
+                {"from": "gpt", "value": "two?"},
+            ],
+        },  # skipped
     ]
     # media names stay inside --media-root (a "../" name is refused): the root holds both sources
-    mosit = [{"id": "m1", "input_image": f"synthetic_image/images/{first_img}",
-              "output_audio": f"synthetic_audio/audios/{first_aud}",
-              "audio_captions": "a beep", "conversations": [
-                  {"from": "human", "value": "<image>\nMake a sound for it"}, {"from": "gpt", "value": "Here: <audio>"}]}]
-    alpaca = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}, {"instruction": "Echo", "input": "hi", "output": "hi"}]
+    mosit = [
+        {
+            "id": "m1",
+            "input_image": f"synthetic_image/images/{first_img}",
+            "output_audio": f"synthetic_audio/audios/{first_aud}",
+            "audio_captions": "a beep",
+            "conversations": [
+                {"from": "human", "value": "<image>\nMake a sound for it"},
+                {"from": "gpt", "value": "Here: <audio>"},
+            ],
+        }
+    ]
+    alpaca = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Echo", "input": "hi", "output": "hi"},
+    ]
     files = {}
     for name, data in (("llava", llava), ("mosit", mosit), ("alpaca", alpaca)):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(data))
     out = tmp_path / "shards"
-    assert prepare.main(["--format", "llava", "--json", str(files["llava"]), "--media-root", str(img), "--out", str(out)]) == 0
-    assert prepare.main(["--format", "mosit", "--json", str(files["mosit"]), "--media-root", str(synthetic),
-                         "--out", str(out)]) == 0
-    assert prepare.main(["--format", "alpaca", "--json", str(files["alpaca"]), "--out", str(out), "--name", "alp"]) == 0
-    assert prepare.main(["--format", "nextgpt", "--root", str(synthetic / "synthetic_audio"), "--name", "synthetic_audio",
-                         "--modality", "audio", "--out", str(out), "--shard-size", "2"]) == 0
+    assert (
+        prepare.main(
+            ["--format", "llava", "--json", str(files["llava"]), "--media-root", str(img), "--out", str(out)]
+        )
+        == 0
+    )
+    assert (
+        prepare.main(
+            [
+                "--format",
+                "mosit",
+                "--json",
+                str(files["mosit"]),
+                "--media-root",
+                str(synthetic),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        prepare.main(
+            ["--format", "alpaca", "--json", str(files["alpaca"]), "--out", str(out), "--name", "alp"]
+        )
+        == 0
+    )
+    assert (
+        prepare.main(
+            [
+                "--format",
+                "nextgpt",
+                "--root",
+                str(synthetic / "synthetic_audio"),
+                "--name",
+                "synthetic_audio",
+                "--modality",
+                "audio",
+                "--out",
+                str(out),
+                "--shard-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert prepare.main(["--format", "alpaca", "--json", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json" in capsys.readouterr().err
-    got = {s.conversation.key: s for s in ShardStream([out / "llava-000000.tar", out / "mosit-000000.tar",
-                                                       out / "alp-000000.tar"], objective="instruct")}
+    got = {
+        s.conversation.key: s
+        for s in ShardStream(
+            [out / "llava-000000.tar", out / "mosit-000000.tar", out / "alp-000000.tar"], objective="instruct"
+        )
+    }
     assert sorted(got) == ["00000000", "00000001", "l1", "m1"]
     l1 = got["l1"].conversation
     assert l1.turns == [("<image>\nWhat is shown?", "Shapes."), ("Colours?", "Green.")]
@@ -209,8 +293,12 @@ def test_instruction_formats_and_cli(synthetic: Path, tmp_path: Path, capsys) ->
 # exact split over ranks x workers
 # ---------------------------------------------------------------------------------------------
 def pair_shards(folder: Path, jpg: Path, n: int, shard_size: int) -> list[str]:
-    write_shards((pair_record(f"s{i:03d}", "image", f"caption {i}", jpg) for i in range(n)), folder, name="p",
-                 shard_size=shard_size)
+    write_shards(
+        (pair_record(f"s{i:03d}", "image", f"caption {i}", jpg) for i in range(n)),
+        folder,
+        name="p",
+        shard_size=shard_size,
+    )
     return [f"s{i:03d}" for i in range(n)]
 
 
@@ -220,8 +308,9 @@ def collect_keys(items: list) -> dict:
 
 @pytest.mark.parametrize("shard_size,num_shards", [(7, 4), (4, 7)])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
-def test_split_over_ranks_and_dataloader_workers(tiny_jpg: Path, tmp_path: Path, shard_size: int, num_shards: int,
-                                                 shuffle: bool) -> None:
+def test_split_over_ranks_and_dataloader_workers(
+    tiny_jpg: Path, tmp_path: Path, shard_size: int, num_shards: int, shuffle: bool
+) -> None:
     expected = pair_shards(tmp_path, tiny_jpg, 25, shard_size)
     assert len(list(tmp_path.glob("*.tar"))) == num_shards
     got: list[str] = []
@@ -230,18 +319,23 @@ def test_split_over_ranks_and_dataloader_workers(tiny_jpg: Path, tmp_path: Path,
         loader = DataLoader(stream, batch_size=2, num_workers=3, collate_fn=TrackingCollate(collect_keys))
         for batch in loader:
             got += batch["keys"]
-            assert all(p.rank == rank and p.world_size == 2 and p.num_workers == 3 for p in batch["stream_positions"])
+            assert all(
+                p.rank == rank and p.world_size == 2 and p.num_workers == 3 for p in batch["stream_positions"]
+            )
     assert sorted(got) == expected  # none lost, none twice
 
 
 @pytest.mark.parametrize("num_samples,shard_size,world,workers", [(5, 5, 2, 3), (3, 1, 2, 4), (40, 13, 3, 2)])
-def test_split_simulated_workers_fewer_shards_than_consumers(tiny_jpg: Path, tmp_path: Path, monkeypatch, num_samples: int,
-                                                             shard_size: int, world: int, workers: int) -> None:
+def test_split_simulated_workers_fewer_shards_than_consumers(
+    tiny_jpg: Path, tmp_path: Path, monkeypatch, num_samples: int, shard_size: int, world: int, workers: int
+) -> None:
     expected = pair_shards(tmp_path, tiny_jpg, num_samples, shard_size)
     per_consumer = []
     for rank in range(world):
         for w in range(workers):
-            monkeypatch.setattr(shards, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers))
+            monkeypatch.setattr(
+                shards, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers)
+            )
             per_consumer.append(keys_of(ShardStream(tmp_path, rank=rank, world_size=world, shuffle=True)))
     assert sorted(k for ks in per_consumer for k in ks) == expected
     sizes = [len(ks) for ks in per_consumer]
@@ -254,7 +348,10 @@ def test_split_simulated_workers_fewer_shards_than_consumers(tiny_jpg: Path, tmp
 @pytest.mark.parametrize("k", [0, 5, 25, 31, 50])
 def test_resume_in_process_is_exact(tiny_jpg: Path, tmp_path: Path, k: int) -> None:
     pair_shards(tmp_path, tiny_jpg, 25, 6)
-    make = lambda: ShardStream(tmp_path, shuffle=True, shuffle_shards=2, seed=7, epochs=2)
+
+    def make():
+        return ShardStream(tmp_path, shuffle=True, shuffle_shards=2, seed=7, epochs=2)
+
     full = keys_of(make())
     assert len(full) == 50 and full[:25] != full[25:] and sorted(full[:25]) == sorted(full[25:])
     first = make()
@@ -283,7 +380,9 @@ def test_resume_with_dataloader_workers_is_exact(tiny_jpg: Path, tmp_path: Path)
     def loader(stream: ShardStream) -> DataLoader:
         return DataLoader(stream, batch_size=3, num_workers=2, collate_fn=TrackingCollate(collect_keys))
 
-    make = lambda: ShardStream(tmp_path, shuffle=True, seed=1, epochs=None, rank=0, world_size=1)
+    def make():
+        return ShardStream(tmp_path, shuffle=True, seed=1, epochs=None, rank=0, world_size=1)
+
     full = [b["keys"] for b in islice(loader(make()), 12)]  # endless: crosses pass boundaries
     first = make()
     head = []
@@ -315,26 +414,39 @@ def _saved(state: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 def _jpeg_bytes(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        buf, "JPEG"
+    )
     return buf.getvalue()
 
 
 def damaged_shard(folder: Path) -> tuple[list[str], dict[str, int]]:
     """Good img2dataset-style pairs with one sample of each kind of damage among them."""
-    pair = lambda cap, mod, ext: json.dumps({"kind": "pair", "caption": cap, "media": [mod, ext]}).encode()
+
+    def pair(cap, mod, ext):
+        return json.dumps({"kind": "pair", "caption": cap, "media": [mod, ext]}).encode()
+
     bad = {
         "truncjpeg": {"jpg": _jpeg_bytes(0)[:300], "txt": b"a truncated jpeg"},
         "textmp4": {"json": pair("a text file named .mp4", "video", "mp4"), "mp4": b"not a video\n" * 30},
-        "nocaption": {"jpg": _jpeg_bytes(1), "json": json.dumps({"url": "http://x", "status": "success"}).encode()},
+        "nocaption": {
+            "jpg": _jpeg_bytes(1),
+            "json": json.dumps({"url": "http://x", "status": "success"}).encode(),
+        },
         "emptycaption": {"jpg": _jpeg_bytes(2), "txt": b"   \n"},
         "wrongtype": {"jpg": _jpeg_bytes(3), "json": b"[1, 2, 3]"},
         "captionint": {"json": pair(123, "image", "jpg"), "jpg": _jpeg_bytes(4)},
         "nomember": {"json": pair("the jpg is missing", "image", "jpg")},
     }
-    reasons = {"undecodable media": 2, "missing caption": 1, "empty caption": 1, "wrong JSON type": 2,
-               "missing media member": 1}
+    reasons = {
+        "undecodable media": 2,
+        "missing caption": 1,
+        "empty caption": 1,
+        "wrong JSON type": 2,
+        "missing media member": 1,
+    }
     good = [f"good{i:02d}" for i in range(16)]
-    order = [k for pair_ in zip(good, list(bad) + [None] * len(good)) for k in pair_ if k]
+    order = [k for pair_ in zip(good, list(bad) + [None] * len(good), strict=False) for k in pair_ if k]
     with open(folder / "bad-000000.tar", "wb") as f, wds.TarWriter(f, encoder=False) as w:
         for key in order:
             members = bad.get(key) or {"jpg": _jpeg_bytes(10), "txt": f"good caption {key}".encode()}
@@ -362,9 +474,14 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path: Path, caplog) -> No
 
 def test_too_many_bad_samples_raise(tmp_path: Path) -> None:
     damaged_shard(tmp_path)
-    stream = ShardStream(tmp_path, modality="image", transform=decode_media, max_skip_fraction=0.1, min_samples=20)
-    with pytest.raises(TooManySkipped, match=r"\d+ of 20 samples skipped \(\d+\.\d% > max_skip_fraction 10\.0%\).*"
-                                              r"missing caption"):
+    stream = ShardStream(
+        tmp_path, modality="image", transform=decode_media, max_skip_fraction=0.1, min_samples=20
+    )
+    with pytest.raises(
+        TooManySkipped,
+        match=r"\d+ of 20 samples skipped \(\d+\.\d% > max_skip_fraction 10\.0%\).*"
+        r"missing caption",
+    ):
         list(stream)
     lenient = ShardStream(tmp_path, modality="image", transform=decode_media, max_skip_fraction=0.5)
     assert len(list(lenient)) == 16
@@ -386,8 +503,11 @@ def test_pair_shards_need_a_modality_or_pair_task(tmp_path: Path, tiny_jpg: Path
 # media from bytes
 # ---------------------------------------------------------------------------------------------
 def test_loaders_accept_bytes_and_file_objects(synthetic: Path) -> None:
-    for loader, folder in ((load_image, "synthetic_image/images"), (load_audio, "synthetic_audio/audios"),
-                           (load_video, "synthetic_video/videos")):
+    for loader, folder in (
+        (load_image, "synthetic_image/images"),
+        (load_audio, "synthetic_audio/audios"),
+        (load_video, "synthetic_video/videos"),
+    ):
         path = min((synthetic / folder).iterdir())
         ref = loader(path)
         buf = io.BytesIO(path.read_bytes())
@@ -416,7 +536,9 @@ def test_lightning_checkpoint_resume_is_exact(tiny_jpg: Path, tmp_path: Path) ->
             self.stream = ShardStream(tmp_path / "shards", shuffle=True, seed=5, epochs=None)
 
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.stream, batch_size=2, num_workers=2, collate_fn=TrackingCollate(collect_keys))
+            return DataLoader(
+                self.stream, batch_size=2, num_workers=2, collate_fn=TrackingCollate(collect_keys)
+            )
 
         def on_before_batch_transfer(self, batch, dataloader_idx: int):
             if self.trainer.training:
@@ -444,22 +566,37 @@ def test_lightning_checkpoint_resume_is_exact(tiny_jpg: Path, tmp_path: Path) ->
 
     def fit(max_steps: int, ckpt: str | None = None, **kw) -> Model:
         model = Model()
-        trainer = L.Trainer(max_steps=max_steps, limit_train_batches=4, accelerator="cpu", logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            limit_train_batches=4,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            **kw,
+        )
         trainer.fit(model, datamodule=Data(), ckpt_path=ckpt)
         return model
 
     full = fit(10, enable_checkpointing=False).seen  # 2.5 "epochs" of 4 batches over an endless stream
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1
+    )
     fit(7, callbacks=[ckpt])
-    for name, step in (("epoch=0-step=3.ckpt", 3), ("epoch=1-step=6.ckpt", 6)):  # odd step: the 2nd worker is next
+    for name, step in (
+        ("epoch=0-step=3.ckpt", 3),
+        ("epoch=1-step=6.ckpt", 6),
+    ):  # odd step: the 2nd worker is next
         assert fit(10, str(tmp_path / "ckpt" / name), enable_checkpointing=False).seen == full[step:], name
 
 
 def _ddp_rank(rank: int, folder: str, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        stream = ShardStream(folder, shuffle=True, seed=4, epochs=None)  # rank and world from torch.distributed
+        stream = ShardStream(
+            folder, shuffle=True, seed=4, epochs=None
+        )  # rank and world from torch.distributed
         head = [s.key for s in islice(iter(stream), 3 + rank)]  # ranks stop at different points
         state = stream.state_dict()  # a collective: every rank gets every rank's progress
         Path(out, f"rank{rank}.json").write_text(json.dumps({"head": head, "state": state}))
@@ -470,13 +607,26 @@ def _ddp_rank(rank: int, folder: str, init: str, out: str) -> None:
 @pytest.mark.distributed
 def test_state_is_gathered_over_ranks(tiny_jpg: Path, tmp_path: Path) -> None:
     pair_shards(tmp_path / "shards", tiny_jpg, 11, 4)
-    torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path / "shards"), f"file://{tmp_path / 'init'}", str(tmp_path)),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _ddp_rank,
+        args=(str(tmp_path / "shards"), f"file://{tmp_path / 'init'}", str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert runs[0]["state"] == runs[1]["state"] and sorted(runs[0]["state"]["progress"]) == ["0:0", "1:0"]
     for rank, run in enumerate(runs):  # each rank resumes from the one checkpoint that rank 0 would write
-        full = [s.key for s in islice(iter(ShardStream(tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank,
-                                                       world_size=2)), 12)]
+        full = [
+            s.key
+            for s in islice(
+                iter(
+                    ShardStream(
+                        tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank, world_size=2
+                    )
+                ),
+                12,
+            )
+        ]
         resumed = ShardStream(tmp_path / "shards", shuffle=True, seed=4, epochs=None, rank=rank, world_size=2)
         resumed.load_state_dict(runs[0]["state"])
         assert run["head"] + [s.key for s in islice(iter(resumed), 12 - len(run["head"]))] == full
@@ -485,38 +635,61 @@ def test_state_is_gathered_over_ranks(tiny_jpg: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the reference's data mix: one source per batch, sources taking turns
 # ---------------------------------------------------------------------------------------------
-def balanced_sources(tmp_path: Path, jpg: Path, sizes: dict[str, int], shard_size: int = 3) -> list[list[Path]]:
+def balanced_sources(
+    tmp_path: Path, jpg: Path, sizes: dict[str, int], shard_size: int = 3
+) -> list[list[Path]]:
     out = []
     for name, n in sizes.items():
         folder = tmp_path / name
-        write_shards((pair_record(f"{name}{i:03d}", "image", f"{name} caption {i}", jpg) for i in range(n)), folder,
-                     name=name, shard_size=shard_size)
+        write_shards(
+            (pair_record(f"{name}{i:03d}", "image", f"{name} caption {i}", jpg) for i in range(n)),
+            folder,
+            name=name,
+            shard_size=shard_size,
+        )
         out.append(sorted(folder.glob("*.tar")))
     return out
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
-def test_balanced_mix_gives_each_source_its_turns_one_source_a_batch(tiny_jpg: Path, tmp_path: Path, world: int,
-                                                                    workers: int) -> None:
+def test_balanced_mix_gives_each_source_its_turns_one_source_a_batch(
+    tiny_jpg: Path, tmp_path: Path, world: int, workers: int
+) -> None:
     sizes = {"big": 20, "mid": 7, "small": 3}
     sources = balanced_sources(tmp_path, tiny_jpg, sizes)
     consumers = world * max(workers, 1)
     batches: list[list[str]] = []
     for rank in range(world):
-        stream = ShardStream(tmp_path, mix="balanced", sources=sources, batch_size=2, rank=rank, world_size=world,
-                             shuffle=True, seed=5, epochs=1)
+        stream = ShardStream(
+            tmp_path,
+            mix="balanced",
+            sources=sources,
+            batch_size=2,
+            rank=rank,
+            world_size=world,
+            shuffle=True,
+            seed=5,
+            epochs=1,
+        )
         per_pass = stream.blocks_per_pass(consumers)
         assert per_pass == 3 * -(-20 // (consumers * 2))  # every source's turns until "big" is used up once
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=TrackingCollate(collect_keys))
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=workers, collate_fn=TrackingCollate(collect_keys)
+        )
         got = [b["keys"] for b in loader]
         assert len(got) == per_pass * max(workers, 1)
         batches += got
     for keys in batches:
         assert len({k.rstrip("0123456789") for k in keys}) == 1  # one source per batch
     per_source = Counter(k.rstrip("0123456789") for keys in batches for k in keys)
-    assert per_source["big"] == per_source["mid"] == per_source["small"]  # equal turns, smaller sources redrawn
+    assert (
+        per_source["big"] == per_source["mid"] == per_source["small"]
+    )  # equal turns, smaller sources redrawn
     big = [k for keys in batches for k in keys if k.startswith("big")]
-    assert sorted(set(big)) == sorted(f"big{i:03d}" for i in range(20)) and len(big) - len(set(big)) < consumers * 2
+    assert (
+        sorted(set(big)) == sorted(f"big{i:03d}" for i in range(20))
+        and len(big) - len(set(big)) < consumers * 2
+    )
     # in one process the batches of a round come from the sources in turn
     if world == 1 and workers == 0:
         assert [b[0].rstrip("0123456789") for b in batches[:6]] == ["big", "mid", "small"] * 2
@@ -528,8 +701,19 @@ def test_balanced_mix_resumes_exactly_mid_pass(tiny_jpg: Path, tmp_path: Path) -
     def loader(stream: ShardStream) -> DataLoader:
         return DataLoader(stream, batch_size=None, num_workers=2, collate_fn=TrackingCollate(collect_keys))
 
-    make = lambda: ShardStream(tmp_path, mix="balanced", sources=sources, batch_size=3, seed=1, epochs=None,  # noqa: E731
-                               rank=0, world_size=1, shuffle=True)
+    def make():
+        return ShardStream(
+            tmp_path,
+            mix="balanced",
+            sources=sources,
+            batch_size=3,
+            seed=1,
+            epochs=None,  # noqa: E731
+            rank=0,
+            world_size=1,
+            shuffle=True,
+        )
+
     full = [b["keys"] for b in islice(loader(make()), 9)]  # crosses a pass boundary
     first = make()
     head = []

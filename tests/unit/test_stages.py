@@ -1,5 +1,6 @@
 """Each stage trains exactly its group: names asserted, one step changes exactly those tensors,
 and the loss on a fixed batch falls by at least 30% within a few dozen steps."""
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,12 @@ from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.stages import STAGES
 
 LAYERS = (0, 1)  # the tiny LLM's decoder layers
-LORA = {f"llm.base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.default.weight"
-        for i in LAYERS for m in "qkvo" for ab in "AB"}
+LORA = {
+    f"llm.base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.default.weight"
+    for i in LAYERS
+    for m in "qkvo"
+    for ab in "AB"
+}
 MARKERS = {"new_tokens.markers.embed", "new_tokens.markers.head"}
 SIGNALS = {"new_tokens.signals.embed", "new_tokens.signals.head"}
 INPUT_PROJ = {"input_projector.proj.weight", "input_projector.proj.bias"}
@@ -29,8 +34,11 @@ def output_projector_names(model) -> set[str]:
 
 def build_stage(cfg):
     cls = STAGES[int(cfg.stage.number)]
-    module = cls(model=OmegaConf.to_container(cfg.model, resolve=True),
-                 optim=OmegaConf.to_container(cfg.stage.optim, resolve=True), loss=OmegaConf.to_container(cfg.stage.loss))
+    module = cls(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.stage.loss),
+    )
     module.configure_model()
     return module
 
@@ -45,8 +53,14 @@ def fixed_batch(cfg, module, per_modality: int = 2):
         outs = [c for c in found if c.captions_out]
         for group in (ins, outs):
             convs += rng.sample(group, min(per_modality, len(group)))
-    ds = ConversationDataset(convs, module.tokenizer, module.model.layout, cfg.dataset.template,
-                             int(cfg.model.input_projector.num_tokens), 512)
+    ds = ConversationDataset(
+        convs,
+        module.tokenizer,
+        module.model.layout,
+        cfg.dataset.template,
+        int(cfg.model.input_projector.num_tokens),
+        512,
+    )
     return Collator(module.tokenizer.pad_token_id, ds.num_media_tokens)([ds[i] for i in range(len(ds))])
 
 
@@ -84,7 +98,9 @@ def test_one_step_changes_exactly_the_trainable_tensors(stage_setup):
     model.train()
     loss = module.compute_loss(batch)["loss"]
     loss.backward()
-    no_grad = sorted(n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any()))
+    no_grad = sorted(
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    )
     assert not no_grad, f"trainable tensors without gradient: {no_grad}"
     opt.step()
     after = model.state_dict()

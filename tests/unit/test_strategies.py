@@ -1,6 +1,7 @@
 """Each strategy config instantiates the strategy it names; FSDP2's wrap policy finds the LLM's
 blocks in the real model; the DeepSpeed configs pass DeepSpeed's own validation with the
 optimizer they pick, and offload with a torch optimizer is refused before anything loads."""
+
 from __future__ import annotations
 
 import hydra
@@ -66,8 +67,16 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
 
     from nextgpt.strategies import deepspeed_preflight
 
-    cfg = compose([f"strategy={name}", f"model={model}", "trainer=gpu", "trainer.devices=8", "stage.global_batch_size=144"],
-                  output_dir=str(tmp_path))
+    cfg = compose(
+        [
+            f"strategy={name}",
+            f"model={model}",
+            "trainer=gpu",
+            "trainer.devices=8",
+            "stage.global_batch_size=144",
+        ],
+        output_dir=str(tmp_path),
+    )
     validate(cfg)
     OmegaConf.resolve(cfg)
     plan = resolve_batch(cfg)
@@ -83,7 +92,9 @@ def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_pat
     from nextgpt.strategies import deepspeed_preflight
 
     cfg = compose(["strategy=deepspeed_zero2_offload", "optimizer=adamw"], output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="stage.optim.optimizer._target_='torch.optim.AdamW'.*deepspeed_cpu_adam"):
+    with pytest.raises(
+        ConfigError, match="stage.optim.optimizer._target_='torch.optim.AdamW'.*deepspeed_cpu_adam"
+    ):
         validate(cfg)
     OmegaConf.resolve(cfg)
     # and DeepSpeed's own rule says the same, should the schema ever miss it

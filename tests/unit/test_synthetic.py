@@ -1,4 +1,5 @@
 """The synthetic data set: real NExT-GPT layout, and captions that are true of their media."""
+
 from __future__ import annotations
 
 import json
@@ -102,7 +103,11 @@ def test_vocabulary_covers_all_text(synth: dict[str, Path]) -> None:
 
 
 def parse_image_caption(caption: str) -> tuple[list[tuple[str, str, str]], str]:
-    colours, shapes, places = "|".join(COLOURS), "circle|square|triangle", "top left|top right|bottom left|bottom right"
+    colours, shapes, places = (
+        "|".join(COLOURS),
+        "circle|square|triangle",
+        "top left|top right|bottom left|bottom right",
+    )
     m = re.fullmatch(r"(.+) on a (black|grey) background", caption)
     assert m, caption
     parts = []
@@ -206,7 +211,11 @@ def test_video_captions_describe_motion(synth: dict[str, Path]) -> None:
         else:
             direction = "down" if dy > 0 else "up"
         assert max(abs(dx), abs(dy)) > 30
-        assert rec["caption"] == f"a {nearest_colour(colour)} square moving {direction}", (rec["caption"], dx, dy)
+        assert rec["caption"] == f"a {nearest_colour(colour)} square moving {direction}", (
+            rec["caption"],
+            dx,
+            dy,
+        )
 
 
 # --------------------------------------------------------------------------- determinism, idempotence

@@ -3,6 +3,7 @@
 Why: every CPU test of the project runs on these stand-ins for Vicuna / SD 1.5 / AudioLDM / ZeroScope,
 so they must be the same classes as the real ones, reload offline, have distinct widths, and run fast.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,7 +81,9 @@ def t2v(t2v_dir: Path):
 def _clip_condition(pipe, texts: list[str]) -> torch.Tensor:
     """SD / T2V conditioning: CLIP last_hidden_state over 77 padded tokens, (B, 77, W)."""
     tok = pipe.tokenizer
-    batch = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    batch = tok(
+        texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return pipe.text_encoder(batch.input_ids).last_hidden_state
 
@@ -88,7 +91,9 @@ def _clip_condition(pipe, texts: list[str]) -> torch.Tensor:
 def _clap_condition(pipe, texts: list[str]) -> torch.Tensor:
     """AudioLDM conditioning: L2-normalised CLAP text_embeds, (B, projection_dim) -- 2-D, no token axis."""
     tok = pipe.tokenizer
-    batch = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    batch = tok(
+        texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         out = pipe.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)
     return F.normalize(out.text_embeds, dim=-1)
@@ -207,10 +212,18 @@ def _timed(fn):
 def test_stable_diffusion_generates_from_prompt_embeds(sd) -> None:
     cond, uncond = _clip_condition(sd, [CAPTION]), _clip_condition(sd, [""])
     assert cond.shape == (1, 77, tiny.SD_TEXT_WIDTH)
-    images, dt = _timed(lambda: sd(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0), output_type="np",
-    ).images)
+    images, dt = _timed(
+        lambda: (
+            sd(
+                prompt_embeds=cond,
+                negative_prompt_embeds=uncond,
+                guidance_scale=7.5,
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
+        )
+    )
     assert images.shape == (1, 32, 32, 3)
     assert np.isfinite(images).all() and images.std() > 0
     assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
@@ -222,10 +235,18 @@ def test_audioldm_generates_from_prompt_embeds(audioldm) -> None:
     torch.testing.assert_close(cond.norm(dim=-1), torch.ones(1))
     sr = audioldm.vocoder.config.sampling_rate
     for seconds in (0.064, 0.032):
-        audio, dt = _timed(lambda: audioldm(
-            prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, num_inference_steps=2,
-            audio_length_in_s=seconds, generator=torch.Generator().manual_seed(0),
-        ).audios)
+        audio, dt = _timed(
+            lambda seconds=seconds: (
+                audioldm(
+                    prompt_embeds=cond,
+                    negative_prompt_embeds=uncond,
+                    guidance_scale=7.5,
+                    num_inference_steps=2,
+                    audio_length_in_s=seconds,
+                    generator=torch.Generator().manual_seed(0),
+                ).audios
+            )
+        )
         assert audio.shape == (1, round(seconds * sr))
         assert np.isfinite(audio).all() and np.abs(audio).max() > 1e-3
         assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
@@ -234,10 +255,21 @@ def test_audioldm_generates_from_prompt_embeds(audioldm) -> None:
 def test_text_to_video_generates_from_prompt_embeds(t2v) -> None:
     cond, uncond = _clip_condition(t2v, [CAPTION]), _clip_condition(t2v, [""])
     assert cond.shape == (1, 77, tiny.T2V_TEXT_WIDTH)
-    frames, dt = _timed(lambda: t2v(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, num_inference_steps=2,
-        num_frames=4, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np",
-    ).frames)
+    frames, dt = _timed(
+        lambda: (
+            t2v(
+                prompt_embeds=cond,
+                negative_prompt_embeds=uncond,
+                guidance_scale=7.5,
+                num_inference_steps=2,
+                num_frames=4,
+                height=32,
+                width=32,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).frames
+        )
+    )
     assert frames.shape == (1, 4, 32, 32, 3)
     assert np.isfinite(frames).all() and frames.std() > 0
     assert dt < 10.0  # ~0.05-0.5 s when the machine is idle; generous for loaded CI
@@ -249,7 +281,8 @@ def test_text_to_video_generates_from_prompt_embeds(t2v) -> None:
 def _digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -273,13 +306,20 @@ def fast_builders(monkeypatch: pytest.MonkeyPatch) -> None:
     """build_all's own logic (marker, cache, temp folder, rebuild) with each backbone builder
     replaced by one that writes a small file: the real builders are tested above, and the session's
     tiny_cache builds the real set through build_all."""
+
     def stub(out: Path, *, seed: int = 0) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.safetensors").write_bytes(f"{out.name} {seed} {time.time_ns()}".encode())
         return out
 
-    for name in ("build_tiny_llm", "build_tiny_stable_diffusion", "build_tiny_sd2", "build_tiny_sdxl",
-                 "build_tiny_audioldm", "build_tiny_text_to_video"):
+    for name in (
+        "build_tiny_llm",
+        "build_tiny_stable_diffusion",
+        "build_tiny_sd2",
+        "build_tiny_sdxl",
+        "build_tiny_audioldm",
+        "build_tiny_text_to_video",
+    ):
         monkeypatch.setattr(tiny, name, stub)
 
 
@@ -313,7 +353,8 @@ def test_build_all_writes_marker_and_is_cached(tmp_path: Path, monkeypatch: pyte
     tiny.build_all(out)
     assert weights.stat().st_mtime_ns != mtime
     assert (out / ".complete").read_text(encoding="utf-8").splitlines() == [
-        tiny.TINY_BUILD_VERSION, "imagebind 0123456789ab"
+        tiny.TINY_BUILD_VERSION,
+        "imagebind 0123456789ab",
     ]
     assert tiny.is_complete(out)
     assert [p.name for p in tmp_path.iterdir()] == ["cache"], "old cache removed"

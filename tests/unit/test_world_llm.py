@@ -1,5 +1,6 @@
 """The world LLM's pre-training text: answers that depend on their context, in request wordings that no
 stage trains on, and held-out wordings that appear nowhere in training."""
+
 from __future__ import annotations
 
 import random
@@ -31,7 +32,9 @@ def test_wordings_are_apart():
     stems = {w.split("{")[0].strip().lower() for w in GENERATION_REQUESTS}
     assert not stems & {w.split("{")[0].strip().lower() for w in PRETRAINING_REQUESTS}
     assert not set(HELD_OUT_REQUESTS) & (set(PRETRAINING_REQUESTS) | set(GENERATION_REQUESTS))
-    stage_stems = stems | {w.split("{")[0].strip().lower() for w in GENERATE_REQUESTS}  # instruction and pair wordings
+    stage_stems = stems | {
+        w.split("{")[0].strip().lower() for w in GENERATE_REQUESTS
+    }  # instruction and pair wordings
     assert not stage_stems & {w.split("{")[0].strip().lower() for w in HELD_OUT_REQUESTS}
     joined = "\n".join(world_turns(random.Random(1), 500))
     for w in HELD_OUT_REQUESTS:
@@ -42,7 +45,9 @@ def test_the_real_weights_path_never_imports_the_world():
     import subprocess
     import sys
 
-    code = ("import sys, nextgpt.cli.train, nextgpt.cli.evaluate, nextgpt.cli.cache, nextgpt.generate, nextgpt.serve; "
-            "print(sorted(m for m in sys.modules if m.startswith('nextgpt.world')))")
+    code = (
+        "import sys, nextgpt.cli.train, nextgpt.cli.evaluate, nextgpt.cli.cache, nextgpt.generate, nextgpt.serve; "
+        "print(sorted(m for m in sys.modules if m.startswith('nextgpt.world')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

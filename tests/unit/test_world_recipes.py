@@ -1,5 +1,6 @@
 """The world decoders' recipes train what their pipelines later run: the same conditioning, the same
 latent layout, the same sizes, through save_pretrained / from_pretrained (nextgpt.world.recipes)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,16 +56,29 @@ def test_rebuilt_pipelines_save_load_and_generate_at_the_world_sizes(tiny_cache,
     pipe.save_pretrained(tmp_path / folder)
     back = load_pipeline(tmp_path / folder)
     back.set_progress_bar_config(disable=True)
-    assert back.scheduler.config.prediction_type == "sample" and type(back.scheduler).__name__ == "DDIMScheduler"
-    for a, b in zip(pipe.unet.state_dict().values(), back.unet.state_dict().values()):
+    assert (
+        back.scheduler.config.prediction_type == "sample" and type(back.scheduler).__name__ == "DDIMScheduler"
+    )
+    for a, b in zip(pipe.unet.state_dict().values(), back.unet.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     seen = recipe.generate(back, "a red square moving up", 2, 2.0, torch.Generator().manual_seed(0))
-    assert set(seen) == {"image": {"colour", "shape", "position"}, "audio": {"pitch", "loudness", "pattern"},
-                         "video": {"colour", "direction"}}[modality]
-    if modality == "audio":  # AudioLDM's own hop; the denoising loss's target is the pipeline's default length
+    assert (
+        set(seen)
+        == {
+            "image": {"colour", "shape", "position"},
+            "audio": {"pitch", "loudness", "pattern"},
+            "video": {"colour", "direction"},
+        }[modality]
+    )
+    if (
+        modality == "audio"
+    ):  # AudioLDM's own hop; the denoising loss's target is the pipeline's default length
         assert np.prod(back.vocoder.config.upsample_rates) == np.prod(WORLD_VOCODER["upsample_rates"]) == 160
         spec = target_spec(tmp_path / folder, {})
-        assert spec["audio_length_in_s"] == pytest.approx(recipe.seconds(back)) and spec["sampling_rate"] == 16000
+        assert (
+            spec["audio_length_in_s"] == pytest.approx(recipe.seconds(back))
+            and spec["sampling_rate"] == 16000
+        )
         out = back("a tone", num_inference_steps=2, output_type="np").audios[0]
         assert len(out) == round(recipe.seconds(back) * 16000)
     if modality == "video":
@@ -84,7 +98,9 @@ def test_audio_media_is_the_denoising_loss_target_in_log_mel(tiny_cache):
     folder = tiny_cache / "synthetic"
     mel, captions = recipe.media(pipe, folder, 3)
     entry = json.loads((folder / dataset_name("audio") / f"{dataset_name('audio')}.json").read_text())[1]
-    wave = modality.get("audio").load_target(folder / dataset_name("audio") / MEDIA_DIRS["audio"] / entry["audio_name"],
-                                             {"sampling_rate": 16000, "audio_length_in_s": recipe.seconds(pipe)})
+    wave = modality.get("audio").load_target(
+        folder / dataset_name("audio") / MEDIA_DIRS["audio"] / entry["audio_name"],
+        {"sampling_rate": 16000, "audio_length_in_s": recipe.seconds(pipe)},
+    )
     torch.testing.assert_close(mel[1:2], recipe.front_end(pipe)(wave[None], multiple=vae_scale(pipe.vae)))
     assert captions[1] == entry["caption"] and mel.shape == (3, 1, 64, WORLD_VOCODER["model_in_dim"])

@@ -25,6 +25,7 @@ naming the file (or, for in-memory data, the ``name=`` given, else the file obje
 ``"cc3m-000003.tar:001312382.jpg"``), so data pipelines can skip or report broken samples with one
 ``except``.
 """
+
 from nextgpt.encoders.preprocess.audio import kaldi_fbank, load_audio, resample
 from nextgpt.encoders.preprocess.common import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, MediaDecodeError, MediaSource
 from nextgpt.encoders.preprocess.depth import (

@@ -1,5 +1,6 @@
 """ImageBind's audio transform: 16 kHz sinc resampling, 3 clips of 2 s, Kaldi fbank; only the clips'
 samples are read."""
+
 from __future__ import annotations
 
 import bisect
@@ -56,8 +57,13 @@ def _mel_banks(num_bins: int, padded_window: int, sample_rate: float, low_freq: 
     return F.pad(banks, (0, 1), value=0.0)
 
 
-def kaldi_fbank(waveform: torch.Tensor, sample_rate: int, num_mel_bins: int, frame_length_ms: float = 25.0,
-                frame_shift_ms: float = 10.0) -> torch.Tensor:
+def kaldi_fbank(
+    waveform: torch.Tensor,
+    sample_rate: int,
+    num_mel_bins: int,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+) -> torch.Tensor:
     """Log-mel filterbank, (frames, num_mel_bins): ``torchaudio.compliance.kaldi.fbank`` with ImageBind's options.
 
     Those are htk_compat=True, use_energy=False, window_type="hanning" (symmetric Hann), dither=0,
@@ -75,14 +81,18 @@ def kaldi_fbank(waveform: torch.Tensor, sample_rate: int, num_mel_bins: int, fra
     window_shift = int(sample_rate * frame_shift_ms * 0.001)
     window_size = int(sample_rate * frame_length_ms * 0.001)
     if window_size < 2 or window_shift < 1:
-        raise ValueError(f"frame length {frame_length_ms} ms / shift {frame_shift_ms} ms too short at {sample_rate} Hz")
+        raise ValueError(
+            f"frame length {frame_length_ms} ms / shift {frame_shift_ms} ms too short at {sample_rate} Hz"
+        )
     padded = 1 if window_size == 0 else 2 ** (window_size - 1).bit_length()
     n = waveform.shape[0]
     if n < window_size:
         return waveform.new_zeros((0, num_mel_bins))
     num_frames = 1 + (n - window_size) // window_shift
     waveform = waveform.contiguous()
-    frames = waveform.as_strided((num_frames, window_size), (window_shift * waveform.stride(0), waveform.stride(0)))
+    frames = waveform.as_strided(
+        (num_frames, window_size), (window_shift * waveform.stride(0), waveform.stride(0))
+    )
     frames = frames - frames.mean(dim=1, keepdim=True)  # remove_dc_offset
     previous = F.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)  # x[-1] := x[0]
     frames = frames - 0.97 * previous[:, :-1]  # pre-emphasis
@@ -95,7 +105,9 @@ def kaldi_fbank(waveform: torch.Tensor, sample_rate: int, num_mel_bins: int, fra
 
 
 @lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> tuple[torch.Tensor, int]:
+def _sinc_kernel(
+    orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> tuple[torch.Tensor, int]:
     """Polyphase windowed-sinc (Hann) kernels, torchaudio's ``sinc_interp_hann`` defaults; rates reduced by gcd.
 
     Computed in float32 with the same operation order as torchaudio, so results match it bit for bit.
@@ -144,7 +156,7 @@ def resample(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Ten
     shape = waveform.shape
     x = waveform.reshape(-1, shape[-1]).to(torch.float32)
     y = _sinc_blocks(F.pad(x, (width, width + orig)), orig, new)
-    return y[..., :_resampled_length(shape[-1], orig_freq, new_freq)].reshape(*shape[:-1], -1)
+    return y[..., : _resampled_length(shape[-1], orig_freq, new_freq)].reshape(*shape[:-1], -1)
 
 
 def _resample_source(a: int, b: int, orig_freq: int, new_freq: int) -> tuple[int, int, int]:
@@ -171,8 +183,7 @@ def _resample_span(x: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tens
     return _sinc_blocks(x.to(torch.float32), int(orig_freq) // g, int(new_freq) // g)
 
 
-
-_UNKNOWN_LENGTH = 2 ** 62  # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
+_UNKNOWN_LENGTH = 2**62  # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
 _BLOCK = 1 << 16  # samples per read when a file has to be read forward
 
 
@@ -207,7 +218,7 @@ def _collect(chunks: Iterable[tuple[int, np.ndarray]], ranges: list[tuple[int, i
                 break
             s, e = max(lo, pos), min(hi, end)
             if e > s:
-                pieces[j].append(x[s - pos: e - pos].copy())
+                pieces[j].append(x[s - pos : e - pos].copy())
         while done < len(ranges) and ranges[done][1] <= end:
             done += 1
         if done == len(ranges):
@@ -293,9 +304,12 @@ class _AvAudio:
             if first is None:
                 raise MediaDecodeError(p.label, "audio stream has no decodable samples")
             self.origin = None if first.pts is None else first.pts * first.time_base
-            self.seeks = (self.origin is not None and s.time_base is not None
-                          and (1 / (s.time_base * self.sr)).denominator == 1
-                          and bool(_SAMPLE_INDEXED & set(self.container.format.name.split(","))))
+            self.seeks = (
+                self.origin is not None
+                and s.time_base is not None
+                and (1 / (s.time_base * self.sr)).denominator == 1
+                and bool(_SAMPLE_INDEXED & set(self.container.format.name.split(",")))
+            )
             self.n = self._tail_length() if self.seeks else None
             if self.n is None:
                 self.seeks = False
@@ -358,7 +372,9 @@ class _AvAudio:
             at = self.origin + max(Fraction(lo, self.sr) - preroll, 0)
             run = self._from(at)
             first = next(run, None)
-            if first is not None and first[0] <= lo - preroll * self.sr / 2:  # at least half the pre-roll decoded
+            if (
+                first is not None and first[0] <= lo - preroll * self.sr / 2
+            ):  # at least half the pre-roll decoded
                 return _collect(itertools.chain([first], run), [(lo, hi)])[0]
             if at == self.origin:
                 break
@@ -367,7 +383,9 @@ class _AvAudio:
 
     def read(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
         """Spans within the pre-roll of the start come from a forward decode (what a seek there would do, exactly)."""
-        near = sum(1 for lo, _ in ranges if Fraction(lo, self.sr) <= self.PREROLL) if self.seeks else len(ranges)
+        near = (
+            sum(1 for lo, _ in ranges if Fraction(lo, self.sr) <= self.PREROLL) if self.seeks else len(ranges)
+        )
         out = _collect(_counted(self._forward()), ranges[:near]) if near else []
         if near < len(ranges):
             try:
@@ -392,8 +410,9 @@ def _clip_spans(n: int, sample_rate: int, clip_duration: float, num_clips: int) 
     return spans
 
 
-def _read_clip_audio(p: Source, reader: _SoundfileAudio | _AvAudio, sample_rate: int, num_clips: int,
-                     clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
+def _read_clip_audio(
+    p: Source, reader: _SoundfileAudio | _AvAudio, sample_rate: int, num_clips: int, clip_duration: float
+) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
     """Mono waveform at sample_rate for just the clips: (groups, clips).
 
     groups are (1, m) tensors and the resampled sample index they start at, one per run of overlapping
@@ -411,7 +430,7 @@ def _read_clip_audio(p: Source, reader: _SoundfileAudio | _AvAudio, sample_rate:
         sources = [_resample_source(a, b, sr, sample_rate) if b > a else (0, 0, a) for a, b in groups]
         ranges = _merge([(max(lo, 0), min(hi, n)) for lo, hi, _ in sources if min(hi, n) > max(lo, 0)])
         segments = reader.read(ranges)
-        short = [lo + len(x) for (lo, hi), x in zip(ranges, segments) if len(x) < hi - lo]
+        short = [lo + len(x) for (lo, hi), x in zip(ranges, segments, strict=False) if len(x) < hi - lo]
         if not short:
             break
         n = min(short)
@@ -419,15 +438,15 @@ def _read_clip_audio(p: Source, reader: _SoundfileAudio | _AvAudio, sample_rate:
         if not np.isfinite(x).all():
             raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
     out = []
-    for (a, b), (lo, hi, first) in zip(groups, sources):
+    for (a, b), (lo, hi, first) in zip(groups, sources, strict=False):
         buf = np.zeros(hi - lo, np.float32)  # zeros outside the file, as resample()'s padding
-        for (r_lo, r_hi), x in zip(ranges, segments):
+        for (r_lo, r_hi), x in zip(ranges, segments, strict=False):
             s, e = max(lo, 0, r_lo), min(hi, n, r_hi)
             if e > s:
-                piece = x[s - r_lo: e - r_lo]
-                buf[s - lo: s - lo + len(piece)] = piece
+                piece = x[s - r_lo : e - r_lo]
+                buf[s - lo : s - lo + len(piece)] = piece
         y = _resample_span(torch.from_numpy(buf)[None], sr, sample_rate) if b > a else torch.zeros(1, 0)
-        out.append((y[:, a - first: b - first], a))
+        out.append((y[:, a - first : b - first], a))
     starts = [a for a, _ in groups]
     return out, [(bisect.bisect_right(starts, a) - 1, a, b) for a, b in spans]
 
@@ -452,7 +471,9 @@ def _with_reader(p: Source, read: Callable[[_SoundfileAudio | _AvAudio], T]) -> 
     except MediaDecodeError:
         raise
     except Exception as e:
-        raise MediaDecodeError(p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})") from e
+        raise MediaDecodeError(
+            p.label, f"not a readable audio file (soundfile: {sf_error}; PyAV: {e})"
+        ) from e
     try:
         return read(reader)
     except MediaDecodeError:
@@ -463,12 +484,15 @@ def _with_reader(p: Source, read: Callable[[_SoundfileAudio | _AvAudio], T]) -> 
         reader.close()
 
 
-def _decode_clip_audio(p: Source, sample_rate: int, num_clips: int,
-                       clip_duration: float) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
+def _decode_clip_audio(
+    p: Source, sample_rate: int, num_clips: int, clip_duration: float
+) -> tuple[list[tuple[torch.Tensor, int]], list[tuple[int, int, int]]]:
     return _with_reader(p, lambda reader: _read_clip_audio(p, reader, sample_rate, num_clips, clip_duration))
 
 
-def load_waveform(path: MediaSource, *, sample_rate: int, seconds: float, name: str | None = None) -> torch.Tensor:
+def load_waveform(
+    path: MediaSource, *, sample_rate: int, seconds: float, name: str | None = None
+) -> torch.Tensor:
     """(samples,) the first ``seconds`` of mono audio at ``sample_rate`` (zero-padded when shorter), as a
     decoder's training target: only those samples (and the resampling filter's reach) are read."""
     p = existing_source(path, name)
@@ -481,15 +505,26 @@ def load_waveform(path: MediaSource, *, sample_rate: int, seconds: float, name: 
         (x,) = reader.read([(0, need)])
         if not np.isfinite(x).all():
             raise MediaDecodeError(p.label, "audio contains NaN/inf samples")
-        return resample(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], reader.sr, sample_rate)[0]
+        return resample(
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None], reader.sr, sample_rate
+        )[0]
 
     y = _with_reader(p, read)[:want]
     return F.pad(y, (0, want - len(y))) if len(y) < want else y
 
 
-def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3, clip_duration: float = 2.0, sample_rate: int = 16000,
-               num_mel_bins: int = 128, target_length: int = 204, mean: float = -4.268,
-               std: float = 9.138) -> torch.Tensor:
+def load_audio(
+    path: MediaSource,
+    *,
+    name: str | None = None,
+    num_clips: int = 3,
+    clip_duration: float = 2.0,
+    sample_rate: int = 16000,
+    num_mel_bins: int = 128,
+    target_length: int = 204,
+    mean: float = -4.268,
+    std: float = 9.138,
+) -> torch.Tensor:
     """(num_clips, 1, num_mel_bins, target_length) log-mel clips as ImageBind's ``load_and_transform_audio_data``.
 
     Deviation: channels are averaged to mono (the original feeds channel 0 of a stereo file to the fbank).
@@ -505,7 +540,7 @@ def load_audio(path: MediaSource, *, name: str | None = None, num_clips: int = 3
     clips = []
     for g, a, b in clip_spans:
         buf, start = groups[g]
-        clip = buf[:, a - start: b - start]  # a view, as in the original
+        clip = buf[:, a - start : b - start]  # a view, as in the original
         clip -= clip.mean()
         fbank = kaldi_fbank(clip, sample_rate, num_mel_bins).transpose(0, 1)  # (mel, frames)
         pad = target_length - fbank.shape[1]

@@ -1,5 +1,6 @@
 """What every media loader shares: the error type, the input forms (path, bytes, file object), CLIP
 normalisation and pytorchvideo's clip sampling."""
+
 from __future__ import annotations
 
 import io
@@ -57,7 +58,9 @@ def existing_source(source: MediaSource, name: str | None = None) -> Source:
         except Exception as e:  # a closed or broken stream
             raise MediaDecodeError(label, f"cannot read the stream ({type(e).__name__}: {e})") from e
         if not isinstance(data, (bytes, bytearray)):
-            raise MediaDecodeError(label, f"stream returned {type(data).__name__}, not bytes (open it in binary mode)")
+            raise MediaDecodeError(
+                label, f"stream returned {type(data).__name__}, not bytes (open it in binary mode)"
+            )
         src = Source(label, data=bytes(data))
     else:
         p = Path(source)
@@ -71,13 +74,14 @@ def existing_source(source: MediaSource, name: str | None = None) -> Source:
     return src
 
 
-def normalize_channels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dim: int) -> torch.Tensor:
+def normalize_channels(
+    x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dim: int
+) -> torch.Tensor:
     shape = [1] * x.ndim
     shape[dim] = -1
     m = torch.as_tensor(mean, dtype=x.dtype).view(shape)
     s = torch.as_tensor(std, dtype=x.dtype).view(shape)
     return (x - m) / s
-
 
 
 def clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[Fraction]:

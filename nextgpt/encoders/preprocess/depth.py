@@ -1,4 +1,5 @@
 """Depth maps for ImageBind's depth branch (Omnivore's disparity recipe; see :func:`load_depth`)."""
+
 from __future__ import annotations
 
 import io
@@ -43,9 +44,13 @@ def _decode_npy(p: Source) -> np.ndarray:
         arr = np.load(src, allow_pickle=False)
     except Exception as e:  # truncated header or data, pickled objects, ...
         raise MediaDecodeError(p.label, f"not a readable .npy array ({type(e).__name__}: {e})") from e
-    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise MediaDecodeError(p.label, f"depth array has dtype {getattr(arr, 'dtype', type(arr).__name__)}, "
-                                        "expected integers or floats")
+    if not isinstance(arr, np.ndarray) or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise MediaDecodeError(
+            p.label,
+            f"depth array has dtype {getattr(arr, 'dtype', type(arr).__name__)}, expected integers or floats",
+        )
     return arr
 
 
@@ -61,13 +66,18 @@ def _decode_depth_image(p: Source) -> np.ndarray:
                 rgb = np.asarray(im.convert("RGB"))
                 if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
                     # A colour-mapped visualisation can not be turned back into depth values.
-                    raise MediaDecodeError(p.label, f"depth image is in colour (mode {mode}, channels differ); "
-                                                    "expected a single-channel depth map")
+                    raise MediaDecodeError(
+                        p.label,
+                        f"depth image is in colour (mode {mode}, channels differ); "
+                        "expected a single-channel depth map",
+                    )
                 arr = rgb[..., 0].copy()
             elif mode.startswith("I;16") or mode in ("I", "F"):
                 arr = np.asarray(im).copy()
             else:
-                raise MediaDecodeError(p.label, f"depth image has mode {mode}; expected a single-channel image")
+                raise MediaDecodeError(
+                    p.label, f"depth image has mode {mode}; expected a single-channel image"
+                )
     except MediaDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, UnidentifiedImageError, ...
@@ -82,7 +92,9 @@ def _as_map(p: Source, arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
         arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
     if arr.ndim != 2:
-        raise MediaDecodeError(p.label, f"depth map has shape {arr.shape}; expected (H, W), (1, H, W) or (H, W, 1)")
+        raise MediaDecodeError(
+            p.label, f"depth map has shape {arr.shape}; expected (H, W), (1, H, W) or (H, W, 1)"
+        )
     if min(arr.shape) < 1:
         raise MediaDecodeError(p.label, f"depth map has size {arr.shape[1]}x{arr.shape[0]}")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
@@ -97,8 +109,17 @@ def _full_scale(dtype: np.dtype) -> float:
     return 65535.0 if np.issubdtype(dtype, np.integer) else 1.0
 
 
-def _normalized_disparity(values: np.ndarray, encoding: str, *, depth_scale: float, focal_length: float,
-                          baseline: float, min_depth: float, max_depth: float, max_disparity: float) -> torch.Tensor:
+def _normalized_disparity(
+    values: np.ndarray,
+    encoding: str,
+    *,
+    depth_scale: float,
+    focal_length: float,
+    baseline: float,
+    min_depth: float,
+    max_depth: float,
+    max_disparity: float,
+) -> torch.Tensor:
     """Per pixel, DepthNorm's output: disparity clamped to [0.01, max_disparity], divided by max_disparity."""
     x = torch.from_numpy(values.astype(np.float32))
     if encoding == "relative":  # already disparity / max_disparity, up to the file's full scale
@@ -119,16 +140,28 @@ def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape
     new_w, new_h = resize_size(w, h, size)
     if (new_w, new_h) != (w, h):
-        x = F.interpolate(x[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                          antialias=False)[0, 0]
+        x = F.interpolate(
+            x[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False
+        )[0, 0]
     left, top = center_crop_offsets(new_w, new_h, size)
-    return x[top: top + size, left: left + size]
+    return x[top : top + size, left : left + size]
 
 
-def load_depth(path: MediaSource, *, name: str | None = None, encoding: str | None = None,
-               depth_scale: float = 1000.0, focal_length: float = KINECT_FOCAL_LENGTH, baseline: float = KINECT_BASELINE,
-               min_depth: float = 0.01, max_depth: float = 50.0, max_disparity: float = 75.0,
-               mean: float = DEPTH_MEAN, std: float = DEPTH_STD, size: int = IMAGE_SIZE) -> torch.Tensor:
+def load_depth(
+    path: MediaSource,
+    *,
+    name: str | None = None,
+    encoding: str | None = None,
+    depth_scale: float = 1000.0,
+    focal_length: float = KINECT_FOCAL_LENGTH,
+    baseline: float = KINECT_BASELINE,
+    min_depth: float = 0.01,
+    max_depth: float = 50.0,
+    max_disparity: float = 75.0,
+    mean: float = DEPTH_MEAN,
+    std: float = DEPTH_STD,
+    size: int = IMAGE_SIZE,
+) -> torch.Tensor:
     """(1, 224, 224) float32 normalised disparity, the input of ImageBind's depth branch.
 
     What Meta does: ImageBind's ``data.py`` has no depth loader (its issues #14, #69, #122 and #134
@@ -168,17 +201,32 @@ def load_depth(path: MediaSource, *, name: str | None = None, encoding: str | No
     """
     if encoding not in (None, *_DEPTH_ENCODINGS):
         raise ValueError(f"unknown depth encoding {encoding!r}; expected one of {_DEPTH_ENCODINGS} or None")
-    if not (0 < min_depth < max_depth and depth_scale > 0 and focal_length > 0 and baseline > 0 and max_disparity > 0
-            and std > 0):
-        raise ValueError("load_depth needs 0 < min_depth < max_depth and positive depth_scale, focal_length, "
-                         "baseline, max_disparity and std")
+    if not (
+        0 < min_depth < max_depth
+        and depth_scale > 0
+        and focal_length > 0
+        and baseline > 0
+        and max_disparity > 0
+        and std > 0
+    ):
+        raise ValueError(
+            "load_depth needs 0 < min_depth < max_depth and positive depth_scale, focal_length, "
+            "baseline, max_disparity and std"
+        )
     p = existing_source(path, name)
     raw = _decode_npy(p) if _read_head(p, len(_NPY_MAGIC)) == _NPY_MAGIC else _decode_depth_image(p)
     values = _as_map(p, raw)
     if encoding is None:
         encoding = "relative" if values.dtype == np.uint8 else "depth"
-    disparity = _normalized_disparity(values, encoding, depth_scale=depth_scale, focal_length=focal_length,
-                                      baseline=baseline, min_depth=min_depth, max_depth=max_depth,
-                                      max_disparity=max_disparity)
+    disparity = _normalized_disparity(
+        values,
+        encoding,
+        depth_scale=depth_scale,
+        focal_length=focal_length,
+        baseline=baseline,
+        min_depth=min_depth,
+        max_depth=max_depth,
+        max_disparity=max_disparity,
+    )
     x = _resize_center_crop(disparity, size)
     return ((x - mean) / std).unsqueeze(0).contiguous()

@@ -1,4 +1,5 @@
 """ImageBind's image transform: bicubic resize of the short side to 224, centre crop, CLIP mean/std."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """ImageBind's video transform: 5 clips of 2 frames, short-side scale, CLIP mean/std, 3 spatial
 crops; each wanted frame is decoded from the keyframe before it."""
+
 from __future__ import annotations
 
 import math
@@ -48,11 +49,12 @@ def _uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
         y_off = {0: 0, 1: y_off, 2: h - size}[spatial_idx]
     else:
         x_off = {0: 0, 1: x_off, 2: w - size}[spatial_idx]
-    return x[..., y_off: y_off + size, x_off: x_off + size]
+    return x[..., y_off : y_off + size, x_off : x_off + size]
 
 
-def _video_frame_indices(num_frames: int, fps: float, num_clips: int, clip_duration: float,
-                         frames_per_clip: int) -> list[list[int]]:
+def _video_frame_indices(
+    num_frames: int, fps: float, num_clips: int, clip_duration: float, frames_per_clip: int
+) -> list[list[int]]:
     """Frame numbers per clip: decord-style ``[ceil(fps*start), min(ceil(fps*end), n))``, uniformly subsampled."""
     duration = num_frames / fps
     out = []
@@ -61,7 +63,9 @@ def _video_frame_indices(num_frames: int, fps: float, num_clips: int, clip_durat
         first = min(math.ceil(fps * start), num_frames - 1)
         last = min(math.ceil(fps * end), num_frames)
         idxs = list(range(first, max(last, first + 1)))
-        pick = torch.linspace(0, len(idxs) - 1, frames_per_clip).clamp(0, len(idxs) - 1).long()  # UniformTemporalSubsample
+        pick = (
+            torch.linspace(0, len(idxs) - 1, frames_per_clip).clamp(0, len(idxs) - 1).long()
+        )  # UniformTemporalSubsample
         out.append([idxs[i] for i in pick.tolist()])
     return out
 
@@ -97,7 +101,12 @@ def _probe_video(p: Source) -> _VideoIndex:
             for pkt in container.demux(stream):
                 if pkt.size <= 0:
                     continue
-                odd = pkt.pts is None or pkt.is_discard or pkt.is_corrupt or (count == 0 and not pkt.is_keyframe)
+                odd = (
+                    pkt.pts is None
+                    or pkt.is_discard
+                    or pkt.is_corrupt
+                    or (count == 0 and not pkt.is_keyframe)
+                )
                 regular = regular and not odd
                 if regular:
                     pts.append(pkt.pts)
@@ -140,7 +149,9 @@ def _grab_sequential(p: Source, wanted: set[int]) -> tuple[dict[int, np.ndarray]
                     break
     except Exception as e:
         if last_i < 0:
-            raise MediaDecodeError(p.label, f"video frames cannot be decoded ({type(e).__name__}: {e})") from e
+            raise MediaDecodeError(
+                p.label, f"video frames cannot be decoded ({type(e).__name__}: {e})"
+            ) from e
     if last_i < 0:
         raise MediaDecodeError(p.label, "video stream has no decodable frames")
     if last_i < top:  # fewer decodable frames than packets: reuse the last decoded frame
@@ -212,8 +223,16 @@ def _grab(p: Source, wanted: set[int], index: _VideoIndex | None = None) -> tupl
     return _grab_sequential(p, wanted)
 
 
-def load_video(path: MediaSource, *, name: str | None = None, num_clips: int = 5, clip_duration: float = 2.0, frames_per_clip: int = 2,
-               size: int = IMAGE_SIZE, num_crops: int = 3) -> torch.Tensor:
+def load_video(
+    path: MediaSource,
+    *,
+    name: str | None = None,
+    num_clips: int = 5,
+    clip_duration: float = 2.0,
+    frames_per_clip: int = 2,
+    size: int = IMAGE_SIZE,
+    num_crops: int = 3,
+) -> torch.Tensor:
     """(num_clips*num_crops, 3, frames_per_clip, size, size) as ImageBind's ``load_and_transform_video_data``.
 
     Clip-major order (clip 0 crops 0..2, clip 1 ...). Duration is frames / average fps as decord reports
