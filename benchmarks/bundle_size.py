@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+from nextgpt.encoders.imagebind import ImageBindModel
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.model import NextGPT
 from nextgpt.stages import STAGES
 from nextgpt.tokens import TokenLayout

@@ -35,8 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     from PIL import Image
 
-    from datamodules.prepare import pair_record, write_shards
     from datamodules.shard_datamodule import ShardDataModule
+    from datamodules.shard_writer import pair_record, write_shards
     from nextgpt.config import compose
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all

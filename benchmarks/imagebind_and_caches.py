@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+from nextgpt.encoders.imagebind import ImageBindModel
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.modality import get as modality
 
 ROOT = Path(__file__).resolve().parents[1]

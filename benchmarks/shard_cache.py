@@ -45,7 +45,8 @@ def main() -> None:
     from datamodules.shard_datamodule import ShardDataModule
     from nextgpt.cache.encode import shard_media_store
     from nextgpt.config import compose
-    from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+    from nextgpt.encoders.imagebind import ImageBindModel
+    from nextgpt.encoders.imagebind_config import ImageBindConfig
     from nextgpt.modality import get as modality
     from nextgpt.model import load_encoder
     from nextgpt.stages import STAGES

@@ -61,7 +61,7 @@ class DataReport(L.Callback):
     # --- counting ---------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = getattr(trainer, "datamodule", None)
-        if hasattr(dm, "skipped_before_training"):
+        if dm is not None and hasattr(dm, "skipped_before_training"):
             self.before, self.before_total = dm.skipped_before_training()
         dropped = sum(self.before.values())
         if self.before_total and dropped > self.max_skip_fraction * self.before_total:

@@ -12,10 +12,16 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from nextgpt.generate import Generator
+from nextgpt.model import load_conditioners
+from nextgpt.stages import NextGPTStage
+from nextgpt.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +57,6 @@ class GenerationSamples(L.Callback):
         self._warned = False
 
     def _get_generator(self, pl_module):
-        from nextgpt.generate import Generator
-        from nextgpt.model import load_conditioners
-
         if self._generator is None:
             conditioners = pl_module.conditioners or load_conditioners(pl_module.model_cfg)
             self._generator = Generator.from_model(
@@ -83,8 +86,6 @@ class GenerationSamples(L.Callback):
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
-        from nextgpt.strategies import is_sharded
-
         if is_sharded(trainer.strategy):  # the generator needs the whole model on one rank
             if not self._warned and trainer.is_global_zero:
                 log.info(
@@ -96,7 +97,9 @@ class GenerationSamples(L.Callback):
         if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
             return []
         self._last_step = trainer.global_step
-        was_training = pl_module.model.training
+        model = cast(NextGPTStage, pl_module).model  # the stages are the modules this callback samples
+        assert model is not None  # built by configure_model before any step or validation
+        was_training = model.training
         gen = self._get_generator(pl_module)
         out = self.directory / f"step{trainer.global_step:06d}"
         rows = []
@@ -125,7 +128,7 @@ class GenerationSamples(L.Callback):
                     }
                 )
         finally:
-            pl_module.model.train(was_training)
+            model.train(was_training)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "samples.jsonl", "w") as f:
             for row in rows:
@@ -138,14 +141,12 @@ class GenerationSamples(L.Callback):
 
     @staticmethod
     def _log_table(logger, rows: list[dict], step: int) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
         if not isinstance(logger, WandbLogger) or not rows:
             return
-        import wandb
+        import wandb  # deferred: wandb costs ~0.4 s to import and only a W&B-logged run needs it
 
         kinds = {"image": wandb.Image, "audio": wandb.Audio, "video": wandb.Video}
-        columns = ["step", "prompt", "answer", "signal_groups", *kinds]
+        columns: list[str | int] = ["step", "prompt", "answer", "signal_groups", *kinds]
         data = []
         for r in rows:
             media = [kinds[k](r["files"][k][0]) if r["files"].get(k) else None for k in kinds]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt.bundles import bundle_identity, bundle_state_dict, save_bundle
+from nextgpt.stages import NextGPTStage
 
 
 class StageBundle(L.Callback):
@@ -24,32 +26,35 @@ class StageBundle(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
+        stage = cast(NextGPTStage, pl_module)  # the stages are the only modules trained with this callback
         trained = trainer.global_step - getattr(pl_module, "start_step", 0)
         if trained <= 0:
             rank_zero_info(
-                f"stage {pl_module.stage}: trained no step in this run; {self.directory} is left as it is"
+                f"stage {stage.stage}: trained no step in this run; {self.directory} is left as it is"
             )
             return
+        model = stage.model
+        assert model is not None  # configure_model built it before the first step
         # every rank takes part in gathering sharded tensors (FSDP2 / ZeRO-3); global rank 0 writes
-        state = bundle_state_dict(pl_module.model, pl_module.bundle_names)
+        state = bundle_state_dict(model, stage.bundle_names)
         # trained old vocabulary rows (model.vocab_rows=all), else an imported bundle's own rows
         base_rows = (
-            pl_module.model.vocab_rows_state()
-            if "vocab_rows" in pl_module.trainable_groups
-            else getattr(pl_module.model, "base_rows", None)
+            model.vocab_rows_state()
+            if "vocab_rows" in stage.trainable_groups
+            else getattr(model, "base_rows", None)
         )
         if trainer.is_global_zero:
-            config = pl_module.hparams.get("run_config") or {}
+            config = stage.hparams.get("run_config") or {}
             meta = {
-                "stage": pl_module.stage,
+                "stage": stage.stage,
                 "global_step": trainer.global_step,
                 "trained_steps": trained,
                 "run": (config.get("run") or {}).get("key"),
-                "init_from": pl_module.init_from,
-                "trainable_groups": list(pl_module.trainable_groups),
-                "full_model_params": sum(p.numel() for p in pl_module.model.parameters()),
-                **bundle_identity(pl_module.model, pl_module.model_cfg),
+                "init_from": stage.init_from,
+                "trainable_groups": list(stage.trainable_groups),
+                "full_model_params": sum(p.numel() for p in model.parameters()),
+                **bundle_identity(model, stage.model_cfg),
             }
             save_bundle(self.directory, None, config, meta, state=state, base_rows=base_rows)
-            rank_zero_info(f"stage {pl_module.stage}: bundle written to {self.directory}")
+            rank_zero_info(f"stage {stage.stage}: bundle written to {self.directory}")
         trainer.strategy.barrier()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class StepTimer(L.Callback):
@@ -26,6 +27,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step:  # still accumulating
             return
+        assert self._start is not None  # on_train_batch_start set it for this batch
         seconds = time.perf_counter() - self._start
         samples = self._samples * trainer.world_size  # the ranks' batches are equal in count
         pl_module.log_dict(
@@ -34,8 +36,6 @@ class StepTimer(L.Callback):
             batch_size=1,
         )
         if self.path is not None and trainer.is_global_zero:
-            import torch
-
             row = {"step": self._step, "seconds": seconds, "samples": samples}
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:

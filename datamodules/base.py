@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 
 from datamodules.steps import EpochProgress
+from nextgpt.prompts import PairStyle
 
 
 def trainer_topology(trainer) -> tuple[int, int, int]:
@@ -45,8 +46,6 @@ class SourceDataModule(L.LightningDataModule):
         super().__init__()
         # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
         self.pack_length = int(max_length) if pack else None
-        from nextgpt.prompts import PairStyle
-
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
         self.pair_style = PairStyle(**dict(pairs or {}))
         self.sources = [dict(s) for s in sources]

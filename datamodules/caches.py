@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from datamodules.nextgpt_layout import read_source
-from datamodules.prepare import INDEX_SUFFIX
-from datamodules.shard_datamodule import ShardDataModule, source_shards
+from datamodules.shard_datamodule import ShardDataModule
+from datamodules.shard_versions import source_shards
+from datamodules.shard_writer import INDEX_SUFFIX
 from datamodules.shards import ShardStream
+from datamodules.shards.sample import ShardSample
 from nextgpt import modality as modality_registry
 from nextgpt.cache.encode import StoreLookup, compute_captions, media_key, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
@@ -70,8 +75,6 @@ def compute_shard_media(
     (``rank`` of ``world_size``, split as training splits them), skipping members already cached
     (their bytes are not even read), so an interrupted pass resumes and several processes fill one
     store at once (each writes parts of its own). Returns the rows added."""
-    from tqdm import tqdm
-
     mod = modality_registry.get(modality)
     device = next(encoder.parameters()).device
     stream = ShardStream(
@@ -111,7 +114,7 @@ def compute_shard_media(
     with tqdm(
         total=share, desc=f"ImageBind {modality} {store.directory.name} (rank {rank})", unit="item"
     ) as bar:
-        for sample in stream:
+        for sample in cast(Iterable[ShardSample], stream):  # a weighted stream yields samples, not batches
             bar.update(1)
             for _, member in sample.conversation.media_in:
                 if member in sample.features or member in store.failed or member in failed:
@@ -140,12 +143,10 @@ def build_shard_caches(
     embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
     written first, as a training run would. Several processes (``torchrun --nproc-per-node N -m
     nextgpt.cache ...``) each take their share."""
-    from omegaconf import OmegaConf
-
     if rank == 0:
         write_missing_shards(cfg)
     report: dict[str, int] = {}
-    for source in OmegaConf.to_container(cfg.dataset.sources, resolve=True):
+    for source in cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)):
         paths = wait_for_shards(source, cfg.paths.shards, rank)
         if not paths:
             log.warning("feature cache: no pair shards of %r: skipped", source["name"])
@@ -185,7 +186,8 @@ def build_shard_caches(
                 epochs=1,
                 max_skip_fraction=None,
             )
-            captions = [cap for sample in stream for _, cap in sample.conversation.captions_out]
+            samples = cast(Iterable[ShardSample], stream)  # a weighted stream yields samples, not batches
+            captions = [cap for sample in samples for _, cap in sample.conversation.captions_out]
             store = FeatureStore.at(
                 cache_base(shard_folder(source, paths), fallback),
                 f"text_{source['modality']}",
@@ -208,8 +210,6 @@ def wait_for_shards(
     source: Mapping[str, Any], shards_root: str, rank: int, timeout: float = 3600.0
 ) -> list[Path]:
     """The source's pair shards; on ranks > 0, once rank 0 has written them (their index is there)."""
-    import time
-
     deadline = time.monotonic() + (timeout if rank else 0)
     while True:
         paths = source_shards(source, "caption", shards_root)
@@ -222,12 +222,10 @@ def wait_for_shards(
 
 
 def write_missing_shards(cfg) -> None:
-    from omegaconf import OmegaConf
-
     dm = ShardDataModule(
-        sources=OmegaConf.to_container(cfg.dataset.sources, resolve=True),
+        sources=cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)),
         objective="caption",
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)),
         shards_root=cfg.paths.shards,
         shard_size=int(cfg.dataset.get("shard_size", 1000)),
         source_changed=str(cfg.dataset.get("source_changed", "rewrite")),

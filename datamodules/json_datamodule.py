@@ -19,6 +19,8 @@ from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
+from nextgpt.cache.encode import media_key, media_store
+from nextgpt.model import load_tokenizer
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError
 
@@ -82,9 +84,9 @@ class NextGPTDataModule(SourceDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            from nextgpt.world.synthetic import write_synthetic
+            from nextgpt.world import synthetic  # deferred: nextgpt.world stays off the real-weights path
 
-            write_synthetic(
+            synthetic.write_synthetic(
                 Path(self.synthetic["root"]),
                 num_per_modality=int(self.synthetic["num_per_modality"]),
                 seed=int(self.synthetic["seed"]),
@@ -93,8 +95,6 @@ class NextGPTDataModule(SourceDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from nextgpt.model import load_tokenizer
-
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         convs: list[Conversation] = []
         source_of: list[int] = []
@@ -153,8 +153,6 @@ class NextGPTDataModule(SourceDataModule):
         cached items are read from it, the others decoded and encoded by the model as usual.
         Training never writes a media cache (``python -m nextgpt.cache`` builds and completes them,
         any number of processes at once), so no rank loads a second ImageBind or waits for one."""
-        from nextgpt.cache.encode import media_key, media_store
-
         out: dict[str, tuple[Any, str]] = {}
         for src, convs in self.conversations_by_source:
             items = {media_key(src["root"], p): p for c in convs for _, p in c.media_in}
@@ -202,6 +200,9 @@ class NextGPTDataModule(SourceDataModule):
         rank, world, accumulate = trainer_topology(self.trainer)
         # overfitting (trainer.overfit_batches, debug=overfit): the same first batches every epoch
         overfit = bool(getattr(self.trainer, "overfit_batches", 0))
+        train_set = self.train_set
+        assert train_set is not None  # setup built it: Lightning sets up before asking for loaders
+        sampler: StepSampler
         if self.mix == "balanced":
             sampler = BalancedStepSampler(
                 self.train_sources,
@@ -213,16 +214,14 @@ class NextGPTDataModule(SourceDataModule):
             )
         else:
             sampler = StepSampler(
-                len(self.train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed
+                len(train_set), rank=rank, world_size=world, shuffle=not overfit, seed=self.seed
             )
         loader = DataLoader(
-            self.train_set,
+            train_set,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=Collator(
-                self.tokenizer.pad_token_id, self.train_set.num_media_tokens, self.pack_length
-            ),
+            collate_fn=Collator(self.tokenizer.pad_token_id, train_set.num_media_tokens, self.pack_length),
             persistent_workers=self.num_workers > 0,
         )
         return StepWindows(loader, accumulate, progress=self.progress)

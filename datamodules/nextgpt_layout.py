@@ -27,6 +27,7 @@ from datamodules.original_formats import READERS as ORIGINAL_READERS
 from nextgpt import modality as modality_registry
 from nextgpt.modality import Modality
 from nextgpt.prompts import Conversation
+from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _key(entry: dict, mod: Modality, fallback: str) -> str:
     return fallback
 
 
-def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+def _pairs_caption(entry: dict, mod: Modality, root: Path | None, index: int) -> Conversation:
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     instruction = _pick(CAPTION_INSTRUCTIONS, key).format(m=mod.name)
@@ -68,7 +69,7 @@ def _pairs_caption(entry: dict, mod: Modality, root: Path, index: int) -> Conver
     )
 
 
-def _pairs_generate(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+def _pairs_generate(entry: dict, mod: Modality, root: Path | None, index: int) -> Conversation:
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
@@ -129,8 +130,6 @@ def json_files(name: str, root: str | Path, objective: str) -> list[Path]:
 
 def read_utf8(path: Path) -> str:
     """A text file's contents; an error that names the file when it is not UTF-8."""
-    from nextgpt.runs import DataError
-
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -140,8 +139,6 @@ def read_utf8(path: Path) -> str:
 def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
     """(JSON file, entry reader) of one ``dataset.sources`` entry for ``objective``: the NExT-GPT
     folder layout by default, or the one file of an original stage-3 format (``format``, ``file``)."""
-    from nextgpt.runs import DataError
-
     fmt = source.get("format") or "nextgpt"
     if fmt == "nextgpt":
         return list(
@@ -173,8 +170,6 @@ def read_source(
     ``warn=False``: count skipped entries without a log line each (a second read of a file whose
     entries were already reported, e.g. by another rank). ``fmt`` / ``file``: a source in one of the
     original's stage-3 formats (:mod:`datamodules.original_formats`)."""
-    from nextgpt.runs import DataError
-
     mod = modality_registry.get(modality)
     root = Path(root)
     convs: list[Conversation] = []

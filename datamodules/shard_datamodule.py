@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,98 +30,28 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.identity import SET_OBJECTIVE, differences, root_folder, source_identity, version_folder
-from datamodules.nextgpt_layout import json_files, read_utf8
-from datamodules.prepare import INDEX_SUFFIX, prepare_nextgpt
-from datamodules.shards import ShardSample, ShardStream, TrackingCollate, expand_shards
+from datamodules.identity import root_folder
+from datamodules.nextgpt_layout import read_utf8
+from datamodules.shard_versions import (
+    ShardVersions,
+    index_path,
+    recorded_identity,
+    set_tars,
+    shard_set,
+)
+from datamodules.shards import ShardStream, TrackingCollate
+from datamodules.shards.files import expand_shards
+from datamodules.shards.sample import ShardSample
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
-from nextgpt.atomic import Busy, building, holding, install
+from nextgpt.atomic import holding
 from nextgpt.batch import Collator, ConversationDataset, Item
-from nextgpt.cache.encode import StoreLookup
-from nextgpt.runs import DataError, RunError
+from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
+from nextgpt.cache.store import FeatureStore, cache_base
+from nextgpt.model import load_tokenizer
+from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
-
-
-SOURCE_CHANGED = ("rewrite", "error", "keep")  # what a run does when a source's JSON changed after its shards
-
-
-def shard_set(objective: str) -> str:
-    return "instruct" if objective == "instruct" else "pairs"
-
-
-def _index(folder: Path, name: str, objective: str) -> Path:
-    return folder / f"{name}-{shard_set(objective)}{INDEX_SUFFIX}"
-
-
-def _tars(folder: Path, name: str, objective: str) -> list[Path]:
-    return sorted(folder.glob(f"{name}-{shard_set(objective)}-*.tar"))
-
-
-def _recorded(folder: Path, name: str, objective: str) -> dict | None:
-    """The source identity a complete shard folder's index recorded (``{}``: none recorded; ``None``:
-    the folder holds no complete shard set)."""
-    index = _index(folder, name, objective)
-    if not index.is_file():
-        return None
-    return json.loads(read_utf8(index)).get("source") or {}
-
-
-def _versions(src: Mapping[str, Any], objective: str, shards_root: str | Path) -> list[Path]:
-    """Complete shard folders written from this source's root, newest first: the versions under
-    its root folder, and the plain ``${paths.shards}/<name>/`` (``python -m datamodules.prepare``)
-    where its index records this root."""
-    name, folder = src["name"], root_folder(shards_root, src["name"], src["root"])
-    found = [
-        p
-        for p in folder.glob(f"{shard_set(objective)}-*")
-        if p.is_dir() and _recorded(p, name, objective) is not None
-    ]
-    plain = Path(shards_root) / name
-    recorded = _recorded(plain, name, objective)
-    if recorded and recorded.get("root") == str(Path(src["root"]).resolve()):
-        found.append(plain)
-    return sorted(found, key=lambda p: _index(p, name, objective).stat().st_mtime_ns, reverse=True)
-
-
-def locate_shards(
-    src: Mapping[str, Any],
-    objective: str,
-    shards_root: str | Path,
-    source_changed: str = "rewrite",
-    media: str = "listing",
-) -> tuple[Path | None, dict | None]:
-    """(the folder of the shards a source contributes to ``objective``, or ``None`` while there are
-    none for its current data; the source's identity, ``None`` without a root). Given ``shards``: that
-    folder. With a ``root``: the version written from exactly its current data (``datamodules.identity``),
-    or under ``source_changed=keep`` the newest written from that root. Without: ``${paths.shards}/<name>``."""
-    if src.get("shards"):
-        return Path(src["shards"]), None
-    if not src.get("root"):
-        return Path(shards_root) / src["name"], None
-    ident = source_identity(src["root"], src["name"], src["modality"], shard_set(objective), media)
-    versions = _versions(src, objective, shards_root)
-    for folder in versions:
-        if _recorded(folder, src["name"], objective) == ident:
-            return folder, ident
-    if source_changed == "keep" and versions:
-        return versions[0], ident
-    return None, ident
-
-
-def source_shards(
-    src: Mapping[str, Any],
-    objective: str,
-    shards_root: str | Path,
-    source_changed: str = "rewrite",
-    media: str = "listing",
-) -> list[Path]:
-    """The shard files a source contributes to ``objective`` (empty when none are written yet)."""
-    if src.get("urls"):
-        return expand_shards(src["urls"])
-    folder, _ = locate_shards(src, objective, shards_root, source_changed, media)
-    return _tars(folder, src["name"], objective) if folder and folder.is_dir() else []
 
 
 class ShardDataModule(SourceDataModule):
@@ -174,8 +103,7 @@ class ShardDataModule(SourceDataModule):
         self.media_identity = media_identity
         self.folders: dict[str, Path] = {}  # source name -> the shard folder setup chose
         self._holds = contextlib.ExitStack()  # shared locks on the shard versions this run reads
-        if source_changed not in SOURCE_CHANGED:
-            raise ValueError(f"source_changed must be one of {SOURCE_CHANGED}, got {source_changed!r}")
+        self.versions = ShardVersions(objective, shards_root, shard_size, source_changed, media_identity)
         self.source_changed = source_changed
         self.mix = mix
         self.shards_root, self.shuffle, self.shard_size = shards_root, shuffle, shard_size
@@ -189,154 +117,16 @@ class ShardDataModule(SourceDataModule):
         data yet (``datamodules.identity``); ``source_changed``: what to do when only shards of an
         earlier state of the source exist (rewrite: write the current; error: stop; keep: train on them)."""
         for src in self.sources:
-            if src.get("urls"):
-                continue
-            if src.get("shards"):
-                self._prepare_given(src)
-                continue
-            folder, ident = self._folder(src)
-            if folder is not None:
-                recorded = _recorded(folder, src["name"], self.objective)
-                if ident is not None and recorded != ident:
-                    log.warning(
-                        "data: %s differs from the shards in %s (%s); training on them "
-                        "(dataset.source_changed=keep)",
-                        src["root"],
-                        folder,
-                        "; ".join(differences(recorded, ident)),
-                    )
-                continue
-            if not src.get("root") or not Path(src["root"]).is_dir():
-                raise DataError(
-                    f"dataset source {src['name']!r}: the data root {src.get('root')} does not exist, and "
-                    f"no shards in {Path(self.shards_root) / src['name']} were written from it "
-                    "(set paths.data_root=DIR, or dataset.sources[i].shards=DIR for shards alone)"
-                )
-            older = _versions(src, self.objective, self.shards_root)
-            if older:
-                what = "; ".join(differences(_recorded(older[0], src["name"], self.objective), ident))
-                if self.source_changed == "error":
-                    raise RunError(
-                        f"dataset source {src['name']!r} changed since its {shard_set(self.objective)} "
-                        f"shards in {older[0]} were written ({what}); write them anew "
-                        "(dataset.source_changed=rewrite) or train on them (keep)"
-                    )
-                log.info(
-                    "data: %s changed since the shards in %s were written (%s): writing shards of its current "
-                    "data",
-                    src["root"],
-                    older[0],
-                    what,
-                )
-            self._write_version(src, ident)
-
-    def _folder(self, src: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
-        return locate_shards(src, self.objective, self.shards_root, self.source_changed, self.media_identity)
-
-    def _write(self, src: Mapping[str, Any], out: Path, ident: Mapping[str, Any] | None) -> None:
-        """The source's shard set into ``out``; a source with no usable sample is an error that
-        names its JSON files (nothing is written)."""
-        log.info(
-            "data: writing %s shards of %r from %s into %s",
-            shard_set(self.objective),
-            src["name"],
-            src["root"],
-            out,
-        )
-        prepare_nextgpt(
-            src["root"],
-            src["name"],
-            src["modality"],
-            out,
-            sets=[shard_set(self.objective)],
-            shard_size=self.shard_size,
-            overwrite=True,
-            identity=ident,
-            media=self.media_identity,
-        )
-        index = json.loads(read_utf8(_index(out, src["name"], self.objective)))
-        if not index["total"]:
-            files = ", ".join(
-                str(f) for f in json_files(src["name"], src["root"], SET_OBJECTIVE[shard_set(self.objective)])
-            )
-            raise DataError(
-                f"dataset source {src['name']!r}: no usable sample in {files}: "
-                + (
-                    f"every entry was skipped ({index['skipped']})"
-                    if index["skipped"]
-                    else "they hold no entries"
-                )
-            )
-
-    def _write_version(self, src: Mapping[str, Any], ident: Mapping[str, Any]) -> None:
-        """Write the shards of the source's current data as a version of their own (never over shards
-        another run may be reading), under a lock that concurrent writers of this root wait on; then
-        remove the older versions that no run holds."""
-        target = version_folder(self.shards_root, src["name"], shard_set(self.objective), ident)
-
-        def waiting(holder: str) -> None:
-            log.info("data: waiting for %s, which is writing shards of %s", holder, src["root"])
-
-        with holding(target.parent / ".writer.lock", on_wait=waiting):
-            if _recorded(target, src["name"], self.objective) is None:
-                with building(target, "writing") as tmp:
-                    self._write(src, tmp, ident)
-                    install(tmp, target)
-            for old in _versions(src, self.objective, self.shards_root):
-                if old == target or old.parent != target.parent:
-                    continue
-                try:
-                    with holding(Path(f"{old}.lock"), wait=False):
-                        shutil.rmtree(old)
-                    Path(f"{old}.lock").unlink(missing_ok=True)
-                    log.info("data: removed the older shards %s (no run reads them)", old)
-                except Busy:
-                    log.info("data: keeping the older shards %s: a run still reads them", old)
-
-    def _prepare_given(self, src: Mapping[str, Any]) -> None:
-        """Shards in a folder the config names (``dataset.sources[i].shards``): written there when
-        missing, rewritten in place when the source's data changed (``source_changed``)."""
-        folder, root = Path(src["shards"]), src.get("root")
-        recorded = _recorded(folder, src["name"], self.objective)
-        ident = (
-            source_identity(
-                root, src["name"], src["modality"], shard_set(self.objective), self.media_identity
-            )
-            if root and Path(root).is_dir()
-            else None
-        )
-        if recorded is not None:
-            changed = differences(recorded, ident) if recorded and ident else []
-            if not changed:
-                return
-            what = f"{'; '.join(changed)} changed since the shards in {folder} were written"
-            if self.source_changed == "error":
-                raise RunError(
-                    f"dataset source {src['name']!r}: {what}; rewrite them (dataset.source_changed="
-                    "rewrite, or python -m datamodules.prepare --overwrite)"
-                )
-            if self.source_changed == "keep":
-                log.warning("data: %s; training on the old shards (dataset.source_changed=keep)", what)
-                return
-            log.info("data: %s: rewriting them", what)
-        if ident is None:
-            raise DataError(
-                f"dataset source {src['name']!r}: no shards in {folder} and no NExT-GPT layout at "
-                f"{root}/{src['name']}.json to write them from"
-            )
-        with holding(folder / ".writer.lock"):
-            self._write(src, folder, ident)
+            self.versions.prepare(src)
 
     def setup(self, stage: str | None = None) -> None:
         if self.stream is not None:
             return
-        from nextgpt.model import load_tokenizer
-
         self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
         paths: list[Path] = []
         per_source: list[list[Path]] = []
         path_modality: dict[Path, str] = {}
-        stores: dict[Path, Any] = {}
+        stores: dict[Path, FeatureStore] = {}
         for src in self.sources:
             found = self._shards(src)
             if not found:
@@ -382,26 +172,33 @@ class ShardDataModule(SourceDataModule):
             self._pending_state = None
         log.info("data: %r", self.stream)
 
+    @property
+    def built_stream(self) -> ShardStream:
+        """The stream ``setup`` built."""
+        if self.stream is None:
+            raise RuntimeError("the shard stream is built by setup(): call it first")
+        return self.stream
+
     def _shards(self, src: Mapping[str, Any]) -> list[Path]:
         """The source's shard files, chosen once per run; a version written from a data root is
         held (a shared lock) so that no writer removes it while this run reads it."""
         if src.get("urls"):
             return expand_shards(src["urls"])
         if src["name"] not in self.folders:
-            folder, ident = self._folder(src)
+            folder, ident = self.versions.folder(src)
             if folder is None:
                 return []
             if ident is not None and folder.parent == root_folder(
                 self.shards_root, src["name"], src["root"]
             ):  # a version
                 self._holds.enter_context(holding(Path(f"{folder}.lock"), shared=True))
-                if _recorded(folder, src["name"], self.objective) is None:
+                if recorded_identity(folder, src["name"], self.objective) is None:
                     raise DataError(
                         f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
                         "run started; run it again"
                     )
             self.folders[src["name"]] = folder
-        return _tars(self.folders[src["name"]], src["name"], self.objective)
+        return set_tars(self.folders[src["name"]], src["name"], self.objective)
 
     def teardown(self, stage: str | None = None) -> None:
         self._holds.close()
@@ -409,9 +206,6 @@ class ShardDataModule(SourceDataModule):
     def caption_cache_bases(self) -> list[tuple[str, Path]]:
         """(modality, folder) where each source's caption embeddings are cached: beside its shards.
         Streamed captions are embedded as they come and added there (see nextgpt.cache.captions)."""
-        from nextgpt.cache.encode import shard_folder
-        from nextgpt.cache.store import cache_base
-
         out = []
         for src in self.sources:
             found = self._shards(src)
@@ -419,11 +213,9 @@ class ShardDataModule(SourceDataModule):
                 out.append((src["modality"], cache_base(shard_folder(src, found), self.cache_fallback)))
         return out
 
-    def _feature_store(self, src: Mapping[str, Any], shards: list[Path]) -> dict[Path, Any]:
+    def _feature_store(self, src: Mapping[str, Any], shards: list[Path]) -> dict[Path, FeatureStore]:
         """The ImageBind feature cache of a source's pair shards (``python -m nextgpt.cache``), for
         each of its shards; none when there is no cache for this encoder."""
-        from nextgpt.cache.encode import shard_folder, shard_media_store
-
         store = shard_media_store(
             shard_folder(src, shards),
             src["modality"],
@@ -466,13 +258,13 @@ class ShardDataModule(SourceDataModule):
         is used up, on each of the rank's workers."""
         if self.mix == "balanced":
             workers = max(1, self.num_workers)
-            return self.stream.blocks_per_pass(world_size * workers) * workers
-        return math.ceil(self.stream.total / (world_size * self.batch_size))
+            return self.built_stream.blocks_per_pass(world_size * workers) * workers
+        return math.ceil(self.built_stream.total / (world_size * self.batch_size))
 
     def train_dataloader(self) -> StepWindows:
         _, world, accumulate = trainer_topology(self.trainer)
         loader = DataLoader(
-            self.stream,
+            self.built_stream,
             batch_size=None if self.mix == "balanced" else self.batch_size,  # balanced: it yields batches
             num_workers=self.num_workers,
             collate_fn=TrackingCollate(
@@ -492,7 +284,7 @@ class ShardDataModule(SourceDataModule):
             batch["num_skipped"] = batch.get("num_skipped", 0) + sum(reasons.values())
             batch["skipped_by_reason"] = reasons
             if self.trainer is None or self.trainer.training:
-                self.stream.mark_consumed(positions)
+                self.built_stream.mark_consumed(positions)
         self.count_delivered()  # a Lightning epoch is a number of batches; the stream runs on across epochs
         return batch
 
@@ -503,7 +295,7 @@ class ShardDataModule(SourceDataModule):
         for src in self.sources:
             if src.get("urls") or src["name"] not in self.folders:
                 continue
-            index = _index(self.folders[src["name"]], src["name"], self.objective)
+            index = index_path(self.folders[src["name"]], src["name"], self.objective)
             if index.is_file():
                 dropped = json.loads(read_utf8(index)).get("skipped", {})
                 skipped.update(

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from datamodules.nextgpt_layout import json_files
-from datamodules.shard_datamodule import source_shards
+from datamodules.shard_versions import source_shards
 
 
 def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:

@@ -13,12 +13,13 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.utils.data import Dataset
 
 from nextgpt import modality as modality_registry
+from nextgpt.encoders.preprocess import MediaDecodeError
 from nextgpt.prompts import IGNORE_INDEX, Conversation, encode_conversation, get_template
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class Item:
     slot_starts: list[int]
     captions_out: list[tuple[str, str]]  # in signal-group order
     truncated: bool
-    targets: list[torch.Tensor | None] = None  # denoising-loss target media per signal group (None: none)
+    targets: list[torch.Tensor | None] | None = (
+        None  # denoising-loss target media per signal group (None: none)
+    )
 
 
 class Skipped(NamedTuple):
@@ -44,8 +47,6 @@ class Skipped(NamedTuple):
 
 
 def skip_reason(error: Exception) -> str:
-    from nextgpt.encoders.preprocess import MediaDecodeError
-
     if isinstance(error, FileNotFoundError) or "does not exist" in getattr(error, "reason", ""):
         return "missing media file"
     if isinstance(error, MediaDecodeError):
@@ -209,9 +210,9 @@ class Collator:
                 positions[r, offset : offset + n] = torch.arange(n)
                 for start, (name, tensor, cached) in zip(it.slot_starts, it.media, strict=False):
                     media_mask[r, offset + start : offset + start + self.num_media_tokens] = True
-                    target = features if cached else media
-                    sequence.append((name, len(target.setdefault(name, [])), cached))
-                    target[name].append(tensor)
+                    store = features if cached else media
+                    sequence.append((name, len(store.setdefault(name, [])), cached))
+                    store[name].append(tensor)
                 for (name, caption), target in zip(
                     it.captions_out, it.targets or [None] * len(it.captions_out), strict=False
                 ):
@@ -221,7 +222,9 @@ class Collator:
                 offset += n
             positions[r, offset:] = torch.arange(length - offset)  # the padding: a segment of its own
         output_media = {
-            n: torch.stack(ts) for n, ts in targets.items() if ts and all(t is not None for t in ts)
+            n: torch.stack(cast(list[torch.Tensor], ts))  # every one present (the condition)
+            for n, ts in targets.items()
+            if ts and all(t is not None for t in ts)
         }
         counts = {"tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
         counts.update({f"align/{n}": len(c) for n, c in captions.items()})

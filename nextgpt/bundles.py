@@ -11,16 +11,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nextgpt import modality as modality_registry
+from nextgpt.atomic import building, install
+from nextgpt.cache.store import file_signature
+from nextgpt.gather import full_tensor
 from nextgpt.runs import RunError
+from nextgpt.tokens import TokenLayout
+
+if TYPE_CHECKING:
+    from nextgpt.model import NextGPT
 
 WEIGHTS, CONFIG, META = "trainable.safetensors", "config.yaml", "meta.json"
 # the LLM's own vocabulary rows ("embed", "head"), only in a bundle imported from a checkpoint that
@@ -33,13 +43,11 @@ class BundleError(RunError):
     """A stage bundle that is missing, damaged, or does not fit the model (the message says why)."""
 
 
-def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def bundle_state_dict(model: NextGPT, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The named parameters (default: every trainable-group parameter); never a backbone weight.
 
     Sharded parameters (FSDP2, ZeRO-3) are gathered one at a time, only these: every rank must
     call this, and no rank ever holds more than one whole tensor beyond its shards."""
-    from nextgpt.strategies import full_tensor
-
     wanted = set(names) if names is not None else None
     groups = {n for members in model.parameter_groups().values() for n in members}
     out = {}
@@ -55,7 +63,7 @@ def bundle_state_dict(model: nn.Module, names: Iterable[str] | None = None) -> d
 
 def save_bundle(
     directory: str | Path,
-    model: nn.Module | None,
+    model: NextGPT | None,
     config: Mapping[str, Any],
     meta: Mapping[str, Any],
     names: Iterable[str] | None = None,
@@ -68,14 +76,17 @@ def save_bundle(
     the previous bundle (a stage-1 bundle then holds no untrained output projector). ``state``:
     those tensors already gathered (``bundle_state_dict``), in place of ``model``.
     """
-    from nextgpt.atomic import building, install
-
     directory = Path(directory)
-    state = dict(state) if state is not None else bundle_state_dict(model, names)
+    if state is not None:
+        gathered = dict(state)
+    elif model is not None:
+        gathered = bundle_state_dict(model, names)
+    else:
+        raise TypeError("save_bundle needs the model or its gathered state")
     with building(directory, "writing") as tmp:
         _write_bundle(
             tmp,
-            state,
+            gathered,
             config,
             meta,
             base_rows if base_rows is not None else getattr(model, "base_rows", None),
@@ -96,9 +107,6 @@ def _write_bundle(
     meta: Mapping[str, Any],
     base_rows: Mapping[str, torch.Tensor] | None,
 ) -> None:
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
     save_file(dict(state), str(tmp / WEIGHTS))
     if base_rows:  # carried from the bundle this model started from
         save_file({k: v.contiguous() for k, v in base_rows.items()}, str(tmp / BASE_ROWS))
@@ -121,7 +129,7 @@ def next_version(directory: Path) -> Path:
 
 
 # --- what a bundle must match ------------------------------------------------------------------
-def token_layout(layout) -> dict[str, Any]:
+def token_layout(layout: TokenLayout) -> dict[str, Any]:
     """The new tokens' strings and ids per group: a bundle's rows belong to exactly these."""
     ids = range(layout.first_new_id, layout.vocab_size)
     names = dict(zip(ids, [*layout.markers, *layout.signals], strict=False))
@@ -154,10 +162,6 @@ def _json_hash(
 def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Content hashes of the frozen backbones' configs (not their paths, which move): the LLM, the
     encoder architecture and weights file, each decoder's pipeline index and text encoder."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from nextgpt.cache.store import file_signature
-
     arch = model_cfg["encoder"]["arch"]
     arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
     llm = Path(str(model_cfg["llm"]["path"]))
@@ -186,7 +190,7 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bundle_identity(model: nn.Module, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def bundle_identity(model: NextGPT, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(model_cfg)}
 
 
@@ -195,8 +199,9 @@ def check_identity(
 ) -> None:
     """Refuse a bundle whose tokens or backbones are not this model's, naming what differs."""
     want = meta.get("token_layout")
-    if want is not None and hasattr(model, "layout"):
-        have = token_layout(model.layout)
+    layout = getattr(model, "layout", None)
+    if want is not None and layout is not None:
+        have = token_layout(layout)
         faults = []
         if want["first_new_id"] != have["first_new_id"]:
             faults.append(
@@ -238,8 +243,6 @@ def load_bundle_config(
     directory: str | Path, *, weights: str | Path | None = None, backbones: str | Path | None = None
 ):
     """The bundle's resolved training config, with backbone paths that moved found again (below)."""
-    from omegaconf import OmegaConf
-
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise BundleError(f"stage bundle {directory} has no {CONFIG} (expected a folder written by train.py)")
@@ -267,10 +270,6 @@ def relocate_backbones(
     (given, or ``$NEXTGPT_WEIGHTS``, ``$NEXTGPT_CACHE/tiny_backbones``, ``./pretrained``,
     ``./.cache/tiny_backbones``) at the same place relative to the old root, and use it there; else
     say which key to set."""
-    import os
-
-    from omegaconf import OmegaConf
-
     here = Path(__file__).resolve().parents[1]
     roots = {
         "paths.weights": [
@@ -310,12 +309,10 @@ def relocate_backbones(
 
 
 def load_bundle_weights(
-    directory: str | Path, model: nn.Module, model_cfg: Mapping[str, Any] | None = None
+    directory: str | Path, model: NextGPT, model_cfg: Mapping[str, Any] | None = None
 ) -> list[str]:
     """Load a bundle's tensors into ``model``: its token layout and (given ``model_cfg``) its
     backbones must be this model's, and every bundle key must exist with the same shape."""
-    from safetensors.torch import load_file
-
     path = Path(directory) / WEIGHTS
     meta_file = Path(directory) / META
     if meta_file.is_file():
@@ -350,10 +347,8 @@ def load_bundle_weights(
     return list(state)
 
 
-def load_base_rows(path: Path, model: nn.Module) -> None:
+def load_base_rows(path: Path, model: NextGPT) -> None:
     """Write a bundle's own old-vocabulary rows into the frozen LLM's matrices (see BASE_ROWS)."""
-    from safetensors.torch import load_file
-
     rows = load_file(str(path))
     targets = {
         "embed": model.llm.get_input_embeddings().weight,

@@ -12,6 +12,10 @@ gradients (generation, evaluation) the layers run as they are.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -64,7 +68,7 @@ def checkpoint_decoder_layers(llm: nn.Module) -> list[str]:
             return _inner(*args, **kwargs)
 
         layer.forward = forward
-        layer._nextgpt_checkpointed = True
+        layer._nextgpt_checkpointed = True  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     return names
 
 
@@ -82,8 +86,6 @@ def malloc_in_use() -> int | None:
     """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``: heap plus
     mmap'd blocks), or None where that is not available. PyTorch's CPU tensors come from it, so the
     difference across a forward pass is what the pass keeps alive: activations and outputs."""
-    import ctypes
-    import ctypes.util
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [
@@ -113,8 +115,6 @@ def malloc_in_use() -> int | None:
 
 def memory_kept_by(fn) -> tuple[object, int | None]:
     """Run ``fn()`` (a forward pass) and measure the CPU memory it leaves allocated: ``(out, bytes)``."""
-    import gc
-
     gc.collect()
     before = malloc_in_use()
     out = fn()

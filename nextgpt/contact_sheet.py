@@ -17,6 +17,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from nextgpt.world.analysers import read_audio, read_image, read_video
 
 TILE = 128  # the height of every picture in a row
 TEXT_WIDTH = 300
@@ -26,15 +29,14 @@ INK = (235, 235, 235)
 
 
 def image_tile(path: str | Path) -> np.ndarray:
-    from nextgpt.world.analysers import read_image
 
     return _scaled(read_image(path), TILE)
 
 
 def _resized(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize((width, height), Image.NEAREST))
+    return np.asarray(
+        Image.fromarray(np.asarray(rgb, np.uint8)).resize((width, height), Image.Resampling.NEAREST)
+    )
 
 
 def _scaled(rgb: np.ndarray, height: int) -> np.ndarray:
@@ -60,7 +62,6 @@ def spectrogram(wave: np.ndarray, rate: int, *, n_fft: int = 256, height: int = 
 
 
 def audio_tile(path: str | Path) -> np.ndarray:
-    from nextgpt.world.analysers import read_audio
 
     wave, rate = read_audio(path)
     return spectrogram(wave, rate)
@@ -68,7 +69,6 @@ def audio_tile(path: str | Path) -> np.ndarray:
 
 def video_tile(path: str | Path, frames: int = 8) -> np.ndarray:
     """Up to ``frames`` frames, evenly spread, side by side."""
-    from nextgpt.world.analysers import read_video
 
     clip = read_video(path)
     picks = np.linspace(0, len(clip) - 1, min(frames, len(clip))).round().astype(int)
@@ -82,8 +82,6 @@ TILES = {"image": image_tile, "audio": audio_tile, "video": video_tile}
 
 
 def _text_block(lines: list[str], height: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     canvas = Image.new("RGB", (TEXT_WIDTH, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     y = 2
@@ -133,8 +131,6 @@ def contact_sheet(generations: list[dict], root: Path) -> np.ndarray:
 
 def write_contact_sheet(folder: str | Path, out: str | Path | None = None) -> Path:
     """Draw ``folder/generations.json`` into ``out`` (default ``folder/contact_sheet.png``)."""
-    from PIL import Image
-
     folder = Path(folder)
     index = folder / "generations.json"
     if not index.is_file():

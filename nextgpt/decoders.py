@@ -19,13 +19,18 @@ Shapes are never typed in: they are measured by encoding the empty prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
+
+from nextgpt.cache.store import file_signature
+from nextgpt.mel import MelFrontEnd
 
 
 def _last_hidden_state(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tensor:
@@ -125,7 +130,7 @@ def vae_scale_factor(path: str | Path) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def target_spec(path: str | Path, generate: dict) -> dict:
+def target_spec(path: str | Path, generate: Mapping[str, Any]) -> dict[str, Any]:
     """What a denoising-loss target loader needs to size media for the decoder at ``path``: its generation
     settings, and for a pipeline with a vocoder (AudioLDM) the vocoder's ``sampling_rate`` and, when
     ``generate`` does not set it, the pipeline's default ``audio_length_in_s`` (UNet sample size x VAE
@@ -133,8 +138,6 @@ def target_spec(path: str | Path, generate: dict) -> dict:
     spec = dict(generate)
     vocoder = Path(path) / "vocoder" / "config.json"
     if vocoder.is_file():
-        from nextgpt.mel import MelFrontEnd
-
         mel = MelFrontEnd.from_vocoder(vocoder)
         spec.setdefault("sampling_rate", mel.sampling_rate)
         if spec.get("audio_length_in_s") is None:
@@ -172,8 +175,6 @@ class TextConditioner:
     """
 
     def __init__(self, path: str | Path, conditioning: str, dtype: torch.dtype = torch.float32):
-        import transformers
-
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown decoder conditioning {conditioning!r}; known: {sorted(CONDITIONINGS)}")
         self.path, self.conditioning = Path(path), conditioning
@@ -239,6 +240,7 @@ class TextConditioner:
         if negative.shape[0] != conditioning.shape[0]:
             negative = negative.repeat(conditioning.shape[0], *[1] * (negative.dim() - 1))
         if self.conditioning == "sdxl":
+            assert self.pooled_width is not None  # set for every sdxl conditioner
             embeds, pooled = split_pooled(conditioning, self.pooled_width)
             neg_embeds, neg_pooled = split_pooled(negative, self.pooled_width)
             out = {
@@ -256,10 +258,6 @@ class TextConditioner:
     def fingerprint(self) -> str:
         """Identifies the text encoder (config and weights) and tokenizer, for caches of its outputs;
         independent of where the folder lies, so a moved or copied pipeline keeps its caches."""
-        import hashlib
-
-        from nextgpt.cache.store import file_signature
-
         h = hashlib.sha1(self.conditioning.encode())
         for sub in (name for pair in COMPONENTS[self.conditioning] for name in pair):
             for f in sorted((self.path / sub).glob("*")):
@@ -271,7 +269,7 @@ class TextConditioner:
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The full diffusers pipeline of a decoder, loaded through ``from_pretrained``."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # deferred: diffusers costs ~2 s and only generation needs it
 
     read_model_index(path)
     pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)

@@ -19,6 +19,7 @@ original = target = (height, width) of the media, crop = (0, 0).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,15 @@ def denoising_target(
 
 
 def unet_conditioning(
-    conditioning_kind: str, cond: torch.Tensor, size: tuple[int, int] | None = None, pooled: int | None = None
+    conditioning_kind: str, cond: torch.Tensor, size: Sequence[int] | None = None, pooled: int | None = None
 ) -> dict[str, Any]:
     """A (groups, seq, width) conditioning of ``conditioning_kind`` -> the UNet's conditioning arguments,
     as the pipeline passes them (``size``, ``pooled``: the media's (height, width) and the pooled width, sdxl only)."""
     if conditioning_kind == "text_embeds":
         return {"encoder_hidden_states": None, "class_labels": cond.squeeze(1)}
     if conditioning_kind == "sdxl":
+        if size is None or pooled is None:
+            raise ValueError("the sdxl conditioning needs the media size and the pooled width")
         embeds, pooled_embeds = split_pooled(cond, pooled)
         h, w = (int(x) for x in size)
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(
@@ -80,7 +83,7 @@ class DenoisingObjective:
     nothing here is trained, checkpointed or sharded."""
 
     def __init__(self, path: str | Path, conditioning: str, dtype: torch.dtype = torch.float32):
-        import diffusers
+        import diffusers  # deferred: diffusers costs ~2 s to import and only the denoising loss needs it
 
         index = read_model_index(path)
         self.path, self.conditioning = Path(path), conditioning
@@ -139,6 +142,6 @@ class DenoisingObjective:
         target = denoising_target(self.scheduler, latents, noise, t).float()
         return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
 
-    def unet_kwargs(self, conditioning: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+    def unet_kwargs(self, conditioning: torch.Tensor, size: Sequence[int]) -> dict[str, Any]:
         """Our (groups, seq, width) conditioning -> the UNet's conditioning arguments for media of ``size``."""
         return unet_conditioning(self.conditioning, conditioning.to(self.unet.dtype), size, self.pooled_width)

@@ -21,24 +21,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nextgpt import modality as modality_registry
+from nextgpt.batch import collate_conversations
 from nextgpt.bundles import BundleError, load_bundle_config, load_bundle_weights
 from nextgpt.decoders import load_pipeline
 from nextgpt.model import build_nextgpt, torch_dtype
 from nextgpt.prompts import Conversation, placeholder_pattern, resolve_template
+from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
 def _cache_field() -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -87,8 +89,6 @@ class Generator:
         weights: str | Path | None = None,
         backbones: str | Path | None = None,
     ):
-        from nextgpt.stages import STAGES
-
         self.bundle = Path(bundle)
         if not (self.bundle / "trainable.safetensors").is_file():
             raise BundleError(f"{self.bundle} is not a stage bundle (train.py writes bundles/stage<N>/)")
@@ -133,17 +133,15 @@ class Generator:
     def decoding_defaults(self) -> dict[str, Any]:
         """``model.generation`` of the bundle's config (``experiment=nextgpt_legacy`` samples as the
         original's inference.py does), over greedy decoding of 64 tokens."""
-        from omegaconf import OmegaConf
-
-        given = OmegaConf.to_container(self.model_cfg.get("generation") or OmegaConf.create({}), resolve=True)
+        section = self.model_cfg.get("generation") or OmegaConf.create({})
+        given = cast(dict[str, Any], OmegaConf.to_container(section, resolve=True))  # a mapping section
         return {**DECODING_DEFAULTS, **{k: given[k] for k in DECODING_DEFAULTS if given.get(k) is not None}}
 
     def _setup(self, model, tokenizer, conditioners, model_cfg, device) -> None:
-        from omegaconf import OmegaConf
-
-        self.model_cfg = OmegaConf.create(
+        container = (
             OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
         )
+        self.model_cfg = cast(DictConfig, OmegaConf.create(container))  # a mapping makes a DictConfig
         self.model, self.tokenizer, self.conditioners = model.to(device).eval(), tokenizer, conditioners
         self.device = torch.device(device)
         self.template = resolve_template(self.model_cfg.llm.template, tokenizer)
@@ -177,8 +175,6 @@ class Generator:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
     def _encode_prompt(self, conv: Conversation):
-        from nextgpt.batch import collate_conversations
-
         batch = collate_conversations(
             [conv],
             self.tokenizer,

@@ -70,7 +70,8 @@ def describe(llm: nn.Module, targets: Any) -> list[str]:
     names = [n for n, m in llm.named_modules() if n and _is_linear(m)]
     if isinstance(resolved, str):
         if resolved == "all-linear":
-            head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+            get_head = getattr(llm, "get_output_embeddings", None)  # a transformers model's head
+            head = get_head() if get_head is not None else None
             return [n for n in names if llm.get_submodule(n) is not head]
         return [n for n in names if re.fullmatch(resolved, n)]
     return [n for n in names if any(n == t or n.endswith("." + t) for t in resolved)]

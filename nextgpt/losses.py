@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nextgpt.prompts import IGNORE_INDEX
 
@@ -33,8 +34,6 @@ def chunked_caption_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, c
     logits of the labelled positions only, ``chunk`` positions at a time, each chunk's recomputed in
     the backward pass (so one chunk's fp32 logits are alive at a time). ``head(hidden)`` gives the
     extended vocabulary's logits (:meth:`nextgpt.model.NextGPT.head_logits`)."""
-    from torch.utils.checkpoint import checkpoint
-
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     states, wanted = hidden[:, :-1][keep], targets[keep]

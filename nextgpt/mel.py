@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +42,15 @@ class MelFrontEnd:
     @classmethod
     def from_vocoder(cls, config: dict | str | Path) -> MelFrontEnd:
         """The front end of a vocoder config (a dict, ``vocoder/config.json`` or its folder)."""
-        if not isinstance(config, dict):
+        if isinstance(config, dict):
+            values: dict[str, Any] = config
+        else:
             path = Path(config)
             path = path / "config.json" if path.is_dir() else path
-            config = json.loads(path.read_text())
+            values = json.loads(path.read_text())
         try:
-            hop = math.prod(int(r) for r in config["upsample_rates"])
-            rate, n_mels = int(config["sampling_rate"]), int(config["model_in_dim"])
+            hop = math.prod(int(r) for r in values["upsample_rates"])
+            rate, n_mels = int(values["sampling_rate"]), int(values["model_in_dim"])
         except KeyError as e:
             raise ValueError(
                 f"the vocoder config has no {e.args[0]!r}: can not derive its mel front end"
@@ -56,7 +59,9 @@ class MelFrontEnd:
 
     def filter_bank(self) -> torch.Tensor:
         """(n_fft // 2 + 1, n_mels) Slaney-normalised triangles on the Slaney mel scale."""
-        from transformers.audio_utils import mel_filter_bank
+        from transformers.audio_utils import (  # deferred: transformers costs ~1 s; only the filter bank needs it
+            mel_filter_bank,
+        )
 
         fmax = self.sampling_rate / 2 if self.fmax is None else self.fmax
         bank = mel_filter_bank(

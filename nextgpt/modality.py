@@ -9,14 +9,23 @@ is the example.
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import nextgpt.modalities as plugins
+from nextgpt.encoders.preprocess import MediaDecodeError, load_audio, load_image, load_video
+from nextgpt.encoders.preprocess.audio import load_waveform
 
 Loader = Callable[[Path], torch.Tensor]
 Writer = Callable[[np.ndarray, Path, Any, dict], Path]
@@ -118,34 +127,13 @@ def generated(modalities_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {name: m for name, m in modalities_cfg.items() if m.get("decoder") is not None}
 
 
-# --- loaders: ImageBind preprocessing (imported lazily: they pull in PyAV / soundfile) -------
-def _load_image(path: Path) -> torch.Tensor:
-    from nextgpt.encoders.preprocess import load_image
-
-    return load_image(path)
-
-
-def _load_audio(path: Path) -> torch.Tensor:
-    from nextgpt.encoders.preprocess import load_audio
-
-    return load_audio(path)
-
-
-def _load_video(path: Path) -> torch.Tensor:
-    from nextgpt.encoders.preprocess import load_video
-
-    return load_video(path)
-
-
 # --- denoising-loss targets: media in the decoder's own pixel space ---------------------------
 def _fit(image, width: int, height: int):
     """Centre-crop to the target aspect ratio, then resize (bicubic)."""
-    from PIL import Image
-
     w, h = image.size
     scale = max(width / w, height / h)
     rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
-    image = image.resize((rw, rh), Image.BICUBIC)
+    image = image.resize((rw, rh), Image.Resampling.BICUBIC)
     left, top = (rw - width) // 2, (rh - height) // 2
     return image.crop((left, top, left + width, top + height))
 
@@ -155,10 +143,6 @@ def _pixels(image) -> torch.Tensor:
 
 
 def _target_image(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
-    from PIL import Image
-
-    from nextgpt.encoders.preprocess import MediaDecodeError
-
     try:
         with Image.open(path) as im:
             return _pixels(_fit(im.convert("RGB"), int(spec["width"]), int(spec["height"])))
@@ -168,10 +152,7 @@ def _target_image(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
 
 def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
     """(3, frames, H, W): ``num_frames`` frames spread evenly over the clip."""
-    import av
-    from PIL import Image
-
-    from nextgpt.encoders.preprocess import MediaDecodeError
+    import av  # deferred: PyAV (FFmpeg) costs ~0.06 s and the registry's importers rarely touch video
 
     try:
         with av.open(str(path)) as container:
@@ -189,8 +170,6 @@ def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
 def _target_audio(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
     """(samples,): the first ``audio_length_in_s`` of the clip, mono at the decoder's ``sampling_rate``
     (:func:`nextgpt.decoders.target_spec` adds both); the denoising loss takes its log-mel (nextgpt.mel)."""
-    from nextgpt.encoders.preprocess.audio import load_waveform
-
     wave = load_waveform(
         path, sample_rate=int(spec["sampling_rate"]), seconds=float(spec["audio_length_in_s"])
     )
@@ -207,9 +186,6 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     for key, value in meta.items():
         info.add_text(str(key), str(value))
@@ -219,7 +195,6 @@ def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
 
 
 def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
-    import soundfile as sf
 
     rate = int(pipeline.vocoder.config.sampling_rate)
     wave = np.asarray(array, dtype=np.float32).reshape(-1)
@@ -231,7 +206,7 @@ def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
 
 
 def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.06 s and the registry's importers rarely touch video
 
     frames = _to_uint8(array)  # (F, H, W, 3)
     fps = int(meta.get("fps", 8))
@@ -261,7 +236,7 @@ IMAGE = register(
         extensions=(".jpg", ".jpeg", ".png", ".webp"),
         output_suffix=".png",
         pipeline_output="images",
-        loader=_load_image,
+        loader=load_image,
         writer=_write_png,
         target_loader=_target_image,
     )
@@ -277,7 +252,7 @@ AUDIO = register(
         extensions=(".wav", ".flac", ".mp3", ".ogg"),
         output_suffix=".wav",
         pipeline_output="audios",
-        loader=_load_audio,
+        loader=load_audio,
         writer=_write_wav,
         target_loader=_target_audio,
     )
@@ -293,7 +268,7 @@ VIDEO = register(
         extensions=(".mp4", ".webm", ".mkv", ".avi"),
         output_suffix=".mp4",
         pipeline_output="frames",
-        loader=_load_video,
+        loader=load_video,
         writer=_write_mp4,
         target_loader=_target_video,
     )
@@ -303,12 +278,7 @@ VIDEO = register(
 def _register_plugins() -> None:
     """Register the modalities of ``nextgpt/modalities/*.py``, one file each, in name order (after
     the built-in three, whose order fixes the token layout of existing bundles). Imported by name
-    (a plugin imports this module, so this module can not import it at the top)."""
-    import importlib
-    import pkgutil
-
-    import nextgpt.modalities as plugins
-
+    (a plugin imports this module, so its module is imported once the registry above exists)."""
     for info in sorted(pkgutil.iter_modules(plugins.__path__), key=lambda i: i.name):
         importlib.import_module(f"{plugins.__name__}.{info.name}")
 

@@ -7,16 +7,23 @@ its own text encoder.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nextgpt import modality as modality_registry
+from nextgpt.checkpointing import checkpoint_decoder_layers, compile_decoder_layers
 from nextgpt.decoders import TextConditioner
+from nextgpt.encoders.imagebind import ImageBindModel, load_imagebind
+from nextgpt.encoders.imagebind_config import ImageBindConfig
+from nextgpt.gather import full_tensor
+from nextgpt.lora import resolve_targets
 from nextgpt.projectors import InputProjector, OutputProjector
 from nextgpt.tokens import NewTokenTable, TokenLayout, add_nextgpt_tokens
 
@@ -44,8 +51,8 @@ class NextGPT(nn.Module):
 
     def __init__(
         self,
-        llm: nn.Module,
-        encoder: nn.Module,
+        llm: PreTrainedModel,
+        encoder: ImageBindModel,
         layout: TokenLayout,
         *,
         num_media_tokens: int,
@@ -57,7 +64,7 @@ class NextGPT(nn.Module):
         self.encoder = encoder
         self.layout = layout
         hidden = llm.config.get_text_config().hidden_size
-        self.new_tokens = NewTokenTable(layout, llm.get_input_embeddings(), llm.get_output_embeddings())
+        self.new_tokens = NewTokenTable(layout, self.token_embedding(), llm.get_output_embeddings())
         self.input_projector = InputProjector(encoder.embed_dim, hidden, num_media_tokens)
         self.output_projectors = nn.ModuleDict(
             {
@@ -71,6 +78,11 @@ class NextGPT(nn.Module):
         # the LLM's old vocabulary rows of an imported checkpoint that trained them ("embed", "head"),
         # written into the frozen matrices by the bundle loader and carried into the next bundle
         self.base_rows: dict[str, torch.Tensor] | None = None
+
+    def token_embedding(self) -> nn.Embedding:
+        """The LLM's input embedding: transformers types it ``nn.Module``; every causal LM's is an
+        ``nn.Embedding`` (or a subclass, as Gemma's scaled one)."""
+        return cast(nn.Embedding, self.llm.get_input_embeddings())
 
     # --- frozen stays frozen ---------------------------------------------------------------
     def train(self, mode: bool = True) -> NextGPT:
@@ -104,11 +116,9 @@ class NextGPT(nn.Module):
     def vocab_rows_state(self) -> dict[str, torch.Tensor]:
         """The LLM's own (old-vocabulary) rows of its embedding and head, whole: what a bundle keeps
         as ``base_rows.safetensors``. Every rank must call it under FSDP2 / ZeRO-3 (it gathers)."""
-        from nextgpt.strategies import full_tensor
-
         n = self.layout.first_new_id
         return {
-            "embed": full_tensor(self.llm.get_input_embeddings().weight)[:n].detach().clone(),
+            "embed": full_tensor(self.token_embedding().weight)[:n].detach().clone(),
             "head": full_tensor(self.llm.get_output_embeddings().weight)[:n].detach().clone(),
         }
 
@@ -145,7 +155,7 @@ class NextGPT(nn.Module):
         return tuple(self.output_projectors)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.new_tokens.embed(input_ids, self.llm.get_input_embeddings())
+        return self.new_tokens.embed(input_ids, self.token_embedding())
 
     def encode_media(
         self, media: Mapping[str, torch.Tensor], *, every_modality: bool = False
@@ -279,27 +289,24 @@ class NextGPT(nn.Module):
     # --- LoRA ------------------------------------------------------------------------------
     def apply_lora(self, lora: Mapping[str, Any]) -> None:
         """Wrap the LLM with peft LoRA adapters as ``model.lora`` says (r, alpha, dropout, target_modules)."""
-        from peft import LoraConfig, get_peft_model
-
-        from nextgpt.lora import resolve_targets
+        from peft import LoraConfig, get_peft_model  # deferred: peft costs ~1.5 s; only LoRA stages need it
 
         # module names, "all-linear" (peft: every Linear but the head) or "attention" (nextgpt/lora.py)
         targets = resolve_targets(self.llm, lora["target_modules"])
         config = LoraConfig(
             r=int(lora["r"]),
-            lora_alpha=float(lora["alpha"]),
+            lora_alpha=float(lora["alpha"]),  # type: ignore[arg-type]  # peft says int; it scales by alpha / r
             lora_dropout=float(lora["dropout"]),
             target_modules=targets,
             bias="none",
         )
-        self.llm = get_peft_model(self.llm, config)
+        # a PeftModel forwards every attribute it lacks (config, embeddings) to the causal LM it wraps
+        self.llm = cast(PreTrainedModel, get_peft_model(self.llm, config))
 
 
 # --- building from config ----------------------------------------------------------------------
-def load_tokenizer(model_cfg: Mapping[str, Any]):
+def load_tokenizer(model_cfg: Mapping[str, Any]) -> tuple[PreTrainedTokenizerBase, TokenLayout]:
     """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_cfg["llm"]["path"]))
     counts = {name: int(m["num_signal_tokens"]) for name, m in model_cfg["modalities"].items()}
     layout = add_nextgpt_tokens(tokenizer, counts, markers=str(model_cfg.get("markers") or "per_modality"))
@@ -313,13 +320,9 @@ def load_conditioners(model_cfg: Mapping[str, Any]) -> dict[str, TextConditioner
     }
 
 
-def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()):
+def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> ImageBindConfig:
     """The ImageBind architecture: the branches its config names plus those ``modalities``
     (registry names) are encoded by (a model configured with depth maps builds the depth trunk)."""
-    import dataclasses
-
-    from nextgpt.encoders.imagebind import ImageBindConfig
-
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     trunks = {modality_registry.get(m).encoder_modality for m in modalities}
     if not trunks <= set(arch.modalities):
@@ -329,10 +332,8 @@ def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     return arch
 
 
-def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> nn.Module:
+def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> ImageBindModel:
     """The frozen ImageBind of :func:`encoder_arch`, loaded from its checkpoint."""
-    from nextgpt.encoders.imagebind import load_imagebind
-
     arch = encoder_arch(encoder_cfg, modalities)
     encoder = load_imagebind(
         encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32"))
@@ -341,13 +342,13 @@ def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     return encoder
 
 
-def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextConditioner] | None = None):
+def build_nextgpt(
+    model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextConditioner] | None = None
+) -> tuple[NextGPT, PreTrainedTokenizerBase, dict[str, TextConditioner]]:
     """Load every backbone through its real loading path and assemble a NextGPT.
 
     Returns (model, tokenizer, conditioners).
     """
-    from transformers import AutoModelForCausalLM
-
     tokenizer, layout = load_tokenizer(model_cfg)
     llm_cfg = model_cfg["llm"]
     extra = (
@@ -357,12 +358,8 @@ def build_nextgpt(model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextC
         str(llm_cfg["path"]), dtype=torch_dtype(llm_cfg["dtype"]), **extra
     )
     if llm_cfg.get("activation_checkpointing"):
-        from nextgpt.checkpointing import checkpoint_decoder_layers
-
         checkpoint_decoder_layers(llm)
     if llm_cfg.get("compile"):
-        from nextgpt.checkpointing import compile_decoder_layers
-
         compile_decoder_layers(llm, backend=str(llm_cfg.get("compile_backend") or "inductor"))
     encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
     conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)

@@ -10,11 +10,13 @@ optimizer steps. Any callable of those shapes can be named, e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
+import hydra
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from nextgpt.spec import OptimSpec
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -81,34 +83,21 @@ def constant(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio
     return LambdaLR(optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else 1.0)
 
 
-def build_optimizer(
-    optim_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]
-) -> torch.optim.Optimizer:
-    """Instantiate ``optim_cfg["optimizer"]`` (a partial) over ``params``; without that node (a
-    config written before it existed), AdamW with the stage's lr, weight decay and betas."""
-    import hydra
-
-    node = optim_cfg.get("optimizer")
-    if node is None:
+def build_optimizer(optim: OptimSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Instantiate ``optim.optimizer`` (a partial) over ``params``; without that node (a config
+    written before it existed), AdamW with the stage's lr, weight decay and betas."""
+    if not optim.optimizer:
         return torch.optim.AdamW(
-            list(params),
-            lr=float(optim_cfg["lr"]),
-            weight_decay=float(optim_cfg["weight_decay"]),
-            betas=tuple(optim_cfg.get("betas", (0.9, 0.999))),
+            list(params), lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
         )
-    factory = hydra.utils.instantiate(dict(node), _convert_="all")
+    factory = hydra.utils.instantiate(dict(optim.optimizer), _convert_="all")
     return factory(list(params))
 
 
-def build_scheduler(optim_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
-    """Instantiate ``optim_cfg["scheduler"]`` (a partial) for ``optimizer`` and ``total_steps``;
-    without that node, linear warm-up and decay over ``warmup_ratio``."""
-    import hydra
-
-    node = optim_cfg.get("scheduler")
-    if node is None:
-        return warmup_linear_decay(
-            optimizer, total_steps=total_steps, warmup_ratio=float(optim_cfg.get("warmup_ratio", 0.1))
-        )
-    factory = hydra.utils.instantiate(dict(node), _convert_="all")
+def build_scheduler(optim: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Instantiate ``optim.scheduler`` (a partial) for ``optimizer`` and ``total_steps``; without
+    that node, linear warm-up and decay over ``warmup_ratio``."""
+    if not optim.scheduler:
+        return warmup_linear_decay(optimizer, total_steps=total_steps, warmup_ratio=optim.warmup_ratio)
+    factory = hydra.utils.instantiate(dict(optim.scheduler), _convert_="all")
     return factory(optimizer, total_steps=int(total_steps))

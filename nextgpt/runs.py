@@ -22,8 +22,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nextgpt.atomic import Busy, holding
@@ -60,7 +63,7 @@ def run_identity(
     """The resolved config that decides what a run trains, plus the identity of the bundle it
     starts from (a rewritten earlier stage makes this a new run) and ``data``, signatures of the
     data set's index files (an edited data set makes a new run too)."""
-    full = OmegaConf.to_container(cfg, resolve=True)
+    full = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig's is a dict
     ident = {k: v for k, v in full.items() if k not in NOT_IDENTITY}
     if data:
         ident["data_files"] = dict(data)
@@ -102,10 +105,6 @@ def sweep_tag() -> str:
     """In a multirun job, ``key=value`` of every swept key but ``stage`` (comma-joined, sorted);
     otherwise ``""``. The swept keys are those of the sweep's command line (its ``multirun.yaml``,
     so it holds under any launcher) and of the sweeper's ``params`` (what an Optuna search varies)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return ""
     hc = HydraConfig.get()
@@ -116,7 +115,7 @@ def sweep_tag() -> str:
     given = list(OmegaConf.load(sweep_file).hydra.overrides.task) if sweep_file.is_file() else []
     swept = {o.get_key_element() for o in parser.parse_overrides(given) if o.is_sweep_override()}
     swept |= set(
-        OmegaConf.select(hc, "sweeper.params") or {}
+        OmegaConf.select(cast(DictConfig, hc), "sweeper.params") or {}  # HydraConf is a DictConfig
     )  # a sweeper's own search space (Optuna, hparams_search/)
     job = {
         o.get_key_element(): o.get_value_element_as_str()
@@ -124,10 +123,6 @@ def sweep_tag() -> str:
     }
     parts = [f"{k}={job[k]}" for k in sorted(swept) if k in job and k.lstrip("+~") != "stage"]
     return ",".join(parts).replace("/", "_")
-
-
-def bundle_root(cfg: DictConfig, tag: str) -> Path:
-    return Path(cfg.paths.bundles) / tag if tag else Path(cfg.paths.bundles)
 
 
 # --- a run's folder ---------------------------------------------------------------------------

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights
+from nextgpt.cache.captions import CaptionTargets
+from nextgpt.denoising import DenoisingObjective
 from nextgpt.losses import (
     alignment_sum,
     caption_loss_sum,
@@ -31,7 +35,10 @@ from nextgpt.losses import (
     count_keys,
     modality_mean,
 )
-from nextgpt.model import NextGPT, build_nextgpt, parameter_counts
+from nextgpt.model import NextGPT, build_nextgpt, parameter_counts, torch_dtype
+from nextgpt.optim import build_optimizer, build_scheduler
+from nextgpt.spec import LossSpec, OptimSpec
+from nextgpt.strategies import WrapByClassName, shard_model
 from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,6 @@ def whole_weights():
     """Build with whole weights even inside DeepSpeed's ``zero.Init`` (ZeRO-3 builds the module in
     it): ``from_pretrained`` then loads every weight as usual, and DeepSpeed partitions the built
     model when its engine starts. Outside ``zero.Init`` this does nothing."""
-    import sys
-
     zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
     active = zero is not None and getattr(zero, "top_level_context", None) is not None
     if active:
@@ -57,23 +62,28 @@ def whole_weights():
 
 class NextGPTStage(L.LightningModule):
     stage: ClassVar[int]
-    trainable_groups: ClassVar[tuple[str, ...]]
+    # the class's own groups; an instance adds "vocab_rows" under model.vocab_rows=all (trainable_groups_of)
+    trainable_groups: tuple[str, ...]
     use_lora: ClassVar[bool] = False
     aligns: bool = False  # does this stage's loss include the alignment term (evaluation may switch it on)
 
     def __init__(
         self,
         model: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        loss: Mapping[str, float],
+        optim: OptimSpec | Mapping[str, Any],
+        loss: LossSpec | Mapping[str, Any],
         init_from: str | None = None,
         sharding: Mapping[str, Any] | None = None,
         cache_dir: str | None = None,
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.model_cfg, self.optim_cfg, self.loss_cfg = dict(model), dict(optim), dict(loss)
+        self.optim = optim if isinstance(optim, OptimSpec) else OptimSpec.of(optim)
+        self.loss = loss if isinstance(loss, LossSpec) else LossSpec.of(loss)
+        # a checkpoint's hyperparameters are plain containers (read back with weights_only=True)
+        self.save_hyperparameters(ignore=["optim", "loss"])
+        self.hparams.update(optim=self.optim.as_dict(), loss=self.loss.as_dict())
+        self.model_cfg = dict(model)
         self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
         self.sharding_cfg = dict(sharding) if sharding else None
         self.cache_dir = (
@@ -82,7 +92,8 @@ class NextGPTStage(L.LightningModule):
         self.init_from = init_from
         self.model: NextGPT | None = None
         self.conditioners: dict = {}  # frozen decoder text encoders: not submodules on purpose
-        self.targets = None  # CaptionTargets: their embeddings, from disk caches or computed (bounded)
+        # the decoders' caption embeddings, from disk caches or computed (bounded); built with the model
+        self.targets: CaptionTargets | None = None
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
         self.start_step = 0
@@ -113,8 +124,6 @@ class NextGPTStage(L.LightningModule):
         self.shard(model)
         self.model, self.tokenizer = model, tokenizer
         self.conditioners = conditioners if self.aligns else {}
-        from nextgpt.cache.captions import CaptionTargets
-
         self.targets = CaptionTargets(self.conditioners, self.cache_dir / "captions")
         self.denoisers = self.load_denoisers() if self.aligns else {}
         trainable, frozen = parameter_counts(model)
@@ -126,32 +135,35 @@ class NextGPTStage(L.LightningModule):
     def shard(self, model: NextGPT) -> None:
         """Under FSDP2, shard the model by the ``sharding`` policy; under ZeRO-3, tell DeepSpeed
         which weights are read outside their own module's forward."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
-
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy):
-            from nextgpt.model import torch_dtype
-            from nextgpt.strategies import WrapByClassName, shard_model
-
+            mesh = self.device_mesh
+            assert mesh is not None, "ModelParallelStrategy sets the device mesh before configure_model"
             cfg = self.sharding_cfg or {}
             dtype = lambda key: torch_dtype(cfg[key]) if cfg.get(key) else None  # noqa: E731
             units = shard_model(
                 model,
-                self.device_mesh["data_parallel"],
+                mesh["data_parallel"],
                 WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
                 reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
                 param_dtype=dtype("param_dtype"),
                 reduce_dtype=dtype("reduce_dtype"),
             )
             rank_zero_info(
-                f"stage {self.stage}: FSDP2 over {self.device_mesh['data_parallel'].size()} ranks, "
+                f"stage {self.stage}: FSDP2 over {mesh['data_parallel'].size()} ranks, "
                 f"{len(units)} units + the root"
             )
         elif isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
-            import deepspeed
+            import deepspeed  # deferred: deepspeed is optional and ~1 s to import; only ZeRO-3 runs get here
 
             for p in model.new_tokens.parameters():  # read by NextGPT's forward, not their own
                 deepspeed.zero.register_external_parameter(model, p)
+
+    def built(self) -> NextGPT:
+        """The model, which ``configure_model`` builds before Lightning trains, validates or optimises."""
+        if self.model is None:
+            raise RuntimeError(f"stage {self.stage}: the model is not built yet (configure_model builds it)")
+        return self.model
 
     def checkpoint_keys(self) -> list[str]:
         """The state-dict keys a checkpoint keeps: the trainable tensors."""
@@ -159,10 +171,7 @@ class NextGPTStage(L.LightningModule):
 
     def load_denoisers(self) -> dict:
         """The frozen VAE + UNet of each decoder whose denoising loss is switched on."""
-        from nextgpt.denoising import DenoisingObjective
-        from nextgpt.model import torch_dtype
-
-        if float(self.loss_cfg.get("denoise", 0.0)) <= 0:
+        if self.loss.denoise <= 0:
             return {}
         out = {}
         for name, m in modality_registry.generated(self.model_cfg["modalities"]).items():
@@ -172,22 +181,25 @@ class NextGPTStage(L.LightningModule):
                     dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32"))
                 )
         rank_zero_info(
-            f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss_cfg['denoise']})"
+            f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss.denoise})"
         )
         return out
 
     # --- alignment targets: each decoder's own text encoder (nextgpt.cache.captions) --------
     def caption_targets(self, captions: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        assert self.targets is not None, "configure_model builds the caption targets"
         return self.targets.get(captions, self.device)
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if hasattr(dm, "set_epoch"):  # streamed data: a new pass order per epoch
-            dm.set_epoch(self.current_epoch)
+        set_epoch = getattr(dm, "set_epoch", None)
+        if set_epoch is not None:  # streamed data: a new pass order per epoch
+            set_epoch(self.current_epoch)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.aligns and dm is not None:
+            assert self.targets is not None, "configure_model builds the caption targets"
             self.targets.open_for(
                 dm,
                 device=self.device,
@@ -212,12 +224,11 @@ class NextGPTStage(L.LightningModule):
     # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
     def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """This batch's share of each loss term of the step whose totals are ``counts``."""
-        chunk = self.loss_cfg.get(
-            "logits_chunk"
-        )  # no full-vocabulary logits: the labelled positions, in chunks
-        out = self.model(**batch, compute_logits=not chunk)
+        model = self.built()
+        chunk = self.loss.logits_chunk  # no full-vocabulary logits: the labelled positions, in chunks
+        out = model(**batch, compute_logits=not chunk)
         ce = (
-            chunked_caption_loss_sum(out.hidden, batch["labels"], self.model.head_logits, int(chunk))
+            chunked_caption_loss_sum(out.hidden, batch["labels"], model.head_logits, int(chunk))
             if chunk
             else caption_loss_sum(out.logits, batch["labels"])
         )
@@ -232,7 +243,7 @@ class NextGPTStage(L.LightningModule):
                 counts,
                 "align",
                 zero,
-                self.loss_cfg.get("align_by_modality"),
+                self.loss.align_by_modality,
             )
             if any(counts.get(f"denoise/{m}", 0) > 0 for m in self.denoisers):
                 media = batch.get("output_media", {})
@@ -242,9 +253,8 @@ class NextGPTStage(L.LightningModule):
                     if m in self.denoisers and m in media
                 }
                 terms["denoise"] = modality_mean(noised, counts, "denoise", zero)
-        terms["loss"] = sum(
-            float(self.loss_cfg.get(k, 1.0)) * v for k, v in terms.items()
-        )  # ce, align, denoise
+        # ce, align, denoise: a sum of tensors ("ce" is always there)
+        terms["loss"] = cast(torch.Tensor, sum(self.loss.weight(k) * v for k, v in terms.items()))
         return terms
 
     def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -253,7 +263,7 @@ class NextGPTStage(L.LightningModule):
 
     def step_counts(self, local: Mapping[str, float]) -> dict[str, float]:
         """The step's counts summed over all ranks (one all-reduce of a few numbers)."""
-        keys = count_keys(self.model.modality_names)
+        keys = count_keys(self.built().modality_names)
         values = torch.tensor(
             [float(local.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device
         )
@@ -269,8 +279,6 @@ class NextGPTStage(L.LightningModule):
             return 1.0
         accumulate = int(self.trainer.accumulate_grad_batches)
         scale = float(self.trainer.world_size * accumulate)
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             scale *= accumulate
         return scale
@@ -303,11 +311,9 @@ class NextGPTStage(L.LightningModule):
 
     # --- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
-        from nextgpt.optim import build_optimizer, build_scheduler
-
-        opt = build_optimizer(self.optim_cfg, [p for p in self.model.parameters() if p.requires_grad])
+        opt = build_optimizer(self.optim, [p for p in self.built().parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        sched = build_scheduler(self.optim_cfg, opt, total)
+        sched = build_scheduler(self.optim, opt, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints hold trainable tensors only ---------------------------------------------

@@ -15,14 +15,28 @@ frozen and trainable weights in every block:
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from nextgpt.checkpointing import outermost_by_class_suffix
+from nextgpt.config import ConfigError
 from nextgpt.safeload import check_checkpoint_folder, load_checkpoint
 
 
@@ -40,8 +54,6 @@ class WrapByClassName:
 
     def units(self, model: nn.Module) -> list[str]:
         """Names of the modules to shard as units of their own (outermost matches only)."""
-        from nextgpt.checkpointing import outermost_by_class_suffix
-
         return outermost_by_class_suffix(model, self.suffixes)
 
 
@@ -56,8 +68,6 @@ def shard_model(
 ) -> list[str]:
     """``fully_shard`` each unit the policy names, then the root (which holds everything else:
     the encoder, the projectors, the new-token table). Returns the unit names."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None or reduce_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -73,26 +83,8 @@ def shard_model(
     return units
 
 
-def full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The whole value of a parameter that may be sharded (an FSDP2 ``DTensor``, a ZeRO-3
-    partition), on the CPU. Under sharding this is a collective: every rank calls it for the same
-    parameters in the same order."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(p, DTensor):
-        return p.full_tensor().detach().cpu()
-    if hasattr(p, "ds_id"):  # a DeepSpeed ZeRO-3 partition
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            return p.detach().cpu().clone()
-    return p.detach().cpu()
-
-
 def is_sharded(strategy: Any) -> bool:
     """Parameters live in shards (FSDP2, ZeRO-3): reading one whole is a collective."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     return isinstance(strategy, ModelParallelStrategy) or (
         isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False)
     )
@@ -115,8 +107,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
     def setup_environment(self) -> None:
-        import warnings
-
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         # NextGPT's output carries views (the last hidden state, logit slices) that nothing modifies
@@ -126,6 +116,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         keep = set(getattr(self.lightning_module, "checkpoint_keys", lambda: ())())
+        assert self.model is not None, "Lightning connects the model before it saves a checkpoint"
         state = self.model.state_dict()
         return {k: v for k, v in state.items() if k in keep} if keep else state
 
@@ -134,16 +125,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not path.is_dir():
             return super().load_checkpoint(checkpoint_path, weights_only=True)
         check_checkpoint_folder(path)  # torch.distributed.checkpoint unpickles .metadata freely
-        from torch.distributed.checkpoint import FileSystemReader, load
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         module = self.model
+        assert module is not None, "Lightning connects the model before it loads a checkpoint"
         wanted = {k: v for k, v in module.state_dict().items() if f"state_dict.{k}" in saved}
         missing = sorted(set(getattr(self.lightning_module, "checkpoint_keys", lambda: ())()) - set(wanted))
         if missing:
@@ -161,8 +145,6 @@ class FSDP2Strategy(ModelParallelStrategy):
                 optim_state_dict=optim_state[key],
                 options=StateDictOptions(cpu_offload=True),
             )
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
-
         return load_checkpoint(path / _METADATA_FILENAME)
 
 
@@ -170,14 +152,9 @@ def deepspeed_preflight(cfg, plan) -> dict[str, Any]:
     """The DeepSpeed config a run will hand DeepSpeed, checked by DeepSpeed itself (its
     ``DeepSpeedConfig``) together with the optimizer ``stage.optim.optimizer`` picks, before any
     weight loads. Raises ``ConfigError`` naming the keys at fault; returns the config."""
-    import copy
-
-    import hydra
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-    from deepspeed.ops.lion import DeepSpeedCPULion
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from nextgpt.config import ConfigError
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # deferred: deepspeed is optional and ~1 s to import
+    from deepspeed.ops.lion import DeepSpeedCPULion  # deferred: deepspeed is optional and ~1 s to import
+    from deepspeed.runtime.config import DeepSpeedConfig  # deferred: deepspeed is optional and ~1 s to import
 
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     config = copy.deepcopy(strategy.config)

@@ -83,18 +83,17 @@ def add_nextgpt_tokens(
 
     ``markers``: ``per_modality`` (``<Img>``, ``<Aud>``, ``<Vid>``, ...) or ``shared`` (``<Img>`` for
     every modality, as the original)."""
-    marker_style = markers
-    markers, signals = nextgpt_tokens(signal_counts, marker_style)
+    marker_list, signals = nextgpt_tokens(signal_counts, markers)
     first_new_id = len(tokenizer)
-    existing = [t for t in markers + signals if t in tokenizer.get_vocab()]
+    existing = [t for t in marker_list + signals if t in tokenizer.get_vocab()]
     if existing:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} already contains NExT-GPT tokens {existing[:5]}; "
             "load the base LLM tokenizer, not one saved with the new tokens"
         )
-    tokenizer.add_tokens(markers + signals, special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(markers + signals)
-    expected = list(range(first_new_id, first_new_id + len(markers) + len(signals)))
+    tokenizer.add_tokens(marker_list + signals, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(marker_list + signals)
+    expected = list(range(first_new_id, first_new_id + len(marker_list) + len(signals)))
     if ids != expected:
         raise RuntimeError(
             f"new tokens got ids {ids[:4]}..., expected a contiguous block from {first_new_id}"
@@ -105,9 +104,9 @@ def add_nextgpt_tokens(
     signal_ids: dict[str, tuple[int, ...]] = {}
     for name, count in signal_counts.items():
         mod = modality_registry.get(name)
-        marker_ids[name] = tuple(tokenizer.convert_tokens_to_ids(list(marker_tokens(name, marker_style))))  # type: ignore[assignment]
+        marker_ids[name] = tuple(tokenizer.convert_tokens_to_ids(list(marker_tokens(name, markers))))
         signal_ids[name] = tuple(tokenizer.convert_tokens_to_ids(mod.signal_tokens(count)))
-    return TokenLayout(first_new_id, tuple(markers), tuple(signals), marker_ids, signal_ids)
+    return TokenLayout(first_new_id, tuple(marker_list), tuple(signals), marker_ids, signal_ids)
 
 
 class TokenRows(nn.Module):

@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,lint]"
 # DeepSpeed (strategy=deepspeed_*): without build isolation, so its build sees the torch above
 # instead of pulling another one; DS_BUILD_OPS=0 leaves its C++/CUDA ops to JIT on first use.
 if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nextgpt.cache.encode import caption_store, compute_captions
 from nextgpt.cache.store import FeatureStore, caption_key
+from nextgpt.decoders import TextConditioner
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 class CaptionTargets:
     def __init__(
         self,
-        conditioners: Mapping[str, object],
+        conditioners: Mapping[str, TextConditioner],
         spill: str | Path,
         *,
         buffer_rows: int = 4096,
@@ -49,8 +51,6 @@ class CaptionTargets:
         completed when captions were added (rank 0 writes; the other ranks wait at ``barrier``, then
         read). Streamed sources (``caption_cache_bases``): the stores beside their shards, which
         the stream's new captions are added to as they come."""
-        from nextgpt.cache.encode import caption_store, compute_captions
-
         if hasattr(datamodule, "caption_cache_bases"):
             for modality, base in datamodule.caption_cache_bases():
                 if modality in self.conditioners:
@@ -94,6 +94,12 @@ class CaptionTargets:
                 return store.get(key)
         return None
 
+    def _found(self, modality: str, key: str) -> np.ndarray:
+        row = self._find(modality, key)
+        if row is None:  # get computes every caption it does not find first
+            raise KeyError(f"no {modality} embedding of caption {key}")
+        return row
+
     @torch.no_grad()
     def get(self, captions: Mapping[str, list[str]], device: torch.device | str) -> dict[str, torch.Tensor]:
         """modality -> (len(captions), seq, width) float32 targets, in the given order."""
@@ -105,7 +111,7 @@ class CaptionTargets:
             new = {k: c for k, c in zip(keys, caps, strict=False) if self._find(name, k) is None}
             if new:
                 self._compute(name, new, device)
-            out[name] = torch.from_numpy(np.stack([self._find(name, k) for k in keys]).astype(np.float32))
+            out[name] = torch.from_numpy(np.stack([self._found(name, k) for k in keys]).astype(np.float32))
         return out
 
     def _compute(self, name: str, captions: Mapping[str, str], device) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from nextgpt import modality as modality_registry
 from nextgpt.cache.store import FeatureStore, cache_base, caption_key, file_signature, fingerprint
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ PREPROCESS_VERSION = 1
 def imagebind_fingerprint(encoder_cfg: Mapping[str, Any], modality: str) -> str:
     """ImageBind weights + architecture + output dtype + the modality's preprocessing (+ the
     original's un-renormalised features, ``model.encoder.renormalize=false``)."""
-    from nextgpt.encoders.imagebind import ImageBindConfig
-
     arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
     mod = modality_registry.get(modality)
     original_norm = (

@@ -28,10 +28,12 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,6 @@ def cache_base(data_root: str | Path, fallback: str | Path) -> Path:
 def writer_id() -> str:
     """Names this process's parts: several processes (ranks, machines) add to one store at once
     without ever writing the same file."""
-    import socket
-
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:24] or "host"
     return f"{host}-{os.getpid()}"
 
@@ -141,7 +141,7 @@ class FeatureStore:
         return {"directory": self.directory}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["directory"])
+        type(self).__init__(self, state["directory"])
 
     def __len__(self) -> int:
         return len(self._index)
@@ -223,8 +223,6 @@ class FeatureStore:
     ) -> int:
         """Compute the missing ``keys`` in batches (``compute`` returns the keys it produced, their
         rows and the failures), writing a part every ``part_size`` rows. Returns rows added."""
-        from tqdm import tqdm
-
         todo = self.missing(keys)
         added = 0
         buf_keys: list[str] = []

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 from omegaconf import OmegaConf
@@ -21,22 +22,16 @@ from omegaconf import OmegaConf
 from datamodules.caches import build_shard_caches, source_contents
 from datamodules.sources import data_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
-from nextgpt.config import (
-    CONFIG_DIR,
-    ConfigError,
-    backbone_path_errors,
-    main_guard,
-    normalize_overrides,
-    register_resolvers,
-)
+from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
 from nextgpt.model import load_conditioners, load_encoder
+from nextgpt.preflight import backbone_path_errors
 
 log = logging.getLogger(__name__)
 
 
 def build_caches(cfg) -> dict[str, int]:
     """The ``python -m nextgpt.cache`` pass over every source of ``cfg.dataset``."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
     fallback = Path(cfg.paths.cache_dir) / "features"
     rank, world = (
         int(os.environ.get("RANK", 0)),
@@ -53,7 +48,7 @@ def build_caches(cfg) -> dict[str, int]:
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":
         return build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback, rank, world, device)
-    for source in OmegaConf.to_container(cfg.dataset.sources, resolve=True):
+    for source in cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)):
         media, captions = source_contents(source)
         if encoder is not None:
             store = media_store(source, model_cfg["encoder"], fallback)
@@ -94,16 +89,16 @@ def main() -> None:
     @main_guard
     def run(cfg) -> None:
         if cfg.model.get("build_tiny") or cfg.model.get("build_world"):
-            from nextgpt.world.build import prepare
+            from nextgpt.world import build  # deferred: nextgpt.world stays off the real-weights path
 
-            prepare(cfg.model, cfg.paths)
+            build.prepare(cfg.model, cfg.paths)
         errors = backbone_path_errors(cfg) + data_path_errors(cfg, "caption")
         if errors:
             raise ConfigError(errors)
         if cfg.dataset.get("synthetic"):
-            from nextgpt.world.synthetic import write_synthetic
+            from nextgpt.world import synthetic  # deferred: nextgpt.world stays off the real-weights path
 
-            write_synthetic(
+            synthetic.write_synthetic(
                 Path(cfg.dataset.synthetic.root),
                 num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
                 seed=int(cfg.dataset.synthetic.seed),

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import torch
@@ -66,7 +67,7 @@ def heldout_loss(cfg: DictConfig) -> dict:
     run = load_bundle_config(bundle)
     stage_cls = STAGES[int(run.stage.number)]
     objective = cfg.objective or run.stage.objective
-    model_cfg = OmegaConf.to_container(run.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(run.model, resolve=True))  # a mapping section
     module = stage_cls(
         model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle)
     )
@@ -79,12 +80,14 @@ def heldout_loss(cfg: DictConfig) -> dict:
     dm = heldout_datamodule(d, objective, model_cfg, run.model.llm.template, int(cfg.batch_size))
     dm.prepare_data()
     dm.setup("validate")
+    held_out = dm.train_set
+    assert held_out is not None  # setup builds it (or raises: no usable sample)
     if cfg.limit is not None:
-        dm.train_set.conversations = dm.train_set.conversations[: int(cfg.limit)]
+        held_out.conversations = held_out.conversations[: int(cfg.limit)]
     sums: dict[str, float] = {}
     n_batches = n_samples = skipped = 0
     with torch.no_grad():
-        for batch in tqdm(dm._loader(dm.train_set, shuffle=False), desc=f"evaluate {bundle.name}"):
+        for batch in tqdm(dm._loader(held_out, shuffle=False), desc=f"evaluate {bundle.name}"):
             if not batch["keys"]:  # every sample of the batch was unreadable
                 skipped += int(batch["num_skipped"])
                 continue

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -13,23 +14,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.identity import forget, source_identity
-from datamodules.shard_datamodule import shard_set
+from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
-from nextgpt.config import (
-    ConfigError,
-    launch_rank,
-    previous_bundle,
-    resolve_batch,
-    unwritable_errors,
-    validate,
-    validate_paths,
-)
+from nextgpt.config import ConfigError, launch_rank
 from nextgpt.decoders import target_spec
+from nextgpt.plan import check_fits, device_figures, make_plan
+from nextgpt.plan.meta import PlanError
+from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
     RunDir,
     RunError,
-    bundle_root,
     checkpoint_step,
     choose_start,
     hold_run,
@@ -38,16 +33,18 @@ from nextgpt.runs import (
     run_key,
     sweep_tag,
 )
+from nextgpt.schema import validate
+from nextgpt.spec import RunSpec, run_spec
+from nextgpt.stages import NextGPTStage
+from nextgpt.strategies import deepspeed_preflight
 
 log = logging.getLogger(__name__)
 
 
 def prepare_backbones(cfg: DictConfig) -> None:
     """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
-    if cfg.model.get("build_tiny") or cfg.model.get(
-        "build_world"
-    ):  # the real-weights path never imports the world
-        from nextgpt.world.build import prepare
+    if cfg.model.get("build_tiny") or cfg.model.get("build_world"):
+        from nextgpt.world.build import prepare  # deferred: the real-weights path never imports nextgpt.world
 
         prepare(cfg.model, cfg.paths)
 
@@ -57,7 +54,9 @@ def denoise_targets(cfg: DictConfig) -> dict:
     if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
         return {}
     return {
-        name: target_spec(m.decoder.path, OmegaConf.to_container(m.decoder.generate, resolve=True))
+        name: target_spec(
+            m.decoder.path, cast(dict[str, Any], OmegaConf.to_container(m.decoder.generate, resolve=True))
+        )
         for name, m in modality_registry.generated(cfg.model.modalities).items()
         if m.decoder.get("denoise")
     }
@@ -75,17 +74,17 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     )
 
 
-def build_module(cfg: DictConfig, init_from: str | None) -> L.LightningModule:
-    """``stage.module`` (a partial LightningModule) given the model, the optimizer, the loss and
-    the bundle it starts from."""
+def build_module(cfg: DictConfig, spec: RunSpec) -> NextGPTStage:
+    """``stage.module`` (a partial LightningModule) given the model, the stage's optimizer and loss,
+    and the bundle it starts from."""
     factory = hydra.utils.instantiate(cfg.stage.module)
     return factory(
         model=OmegaConf.to_container(cfg.model),
-        optim=OmegaConf.to_container(cfg.stage.optim),
-        loss=OmegaConf.to_container(cfg.stage.loss),
-        init_from=init_from,
+        optim=spec.stage.optim,
+        loss=spec.stage.loss,
+        init_from=None if spec.init_from is None else str(spec.init_from),
         sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
-        cache_dir=str(Path(cfg.paths.cache_dir) / "features"),
+        cache_dir=str(spec.paths.features),
         run_config=OmegaConf.to_container(cfg),
     )
 
@@ -115,8 +114,6 @@ def _single_log_stream() -> None:
 def _finish_wandb() -> None:
     """Close the W&B run: Lightning leaves it open, and the next job of a multirun
     (`-m stage=1,2,3`) would otherwise log into the previous stage's run."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
@@ -145,8 +142,6 @@ def check_memory_plan(cfg: DictConfig) -> None:
     settings = cfg.get("plan") or {}
     if not settings.get("check", True):
         return
-    from nextgpt.plan import PlanError, check_fits, device_figures, make_plan
-
     try:
         plan = make_plan(cfg)
     except PlanError as e:  # a backbone with no readable config: the run itself reports what is missing
@@ -164,21 +159,23 @@ def check_memory_plan(cfg: DictConfig) -> None:
         log.warning("the plan exceeds the device memory; starting anyway (plan.allow_over_memory=true)")
 
 
-def prepare_run(cfg: DictConfig, held: contextlib.ExitStack) -> tuple[RunDir, dict, str | None]:
-    """Give the run its identity (a key over its training config), its checkpoint folder, its sweep
-    tag and its bundle folder, and decide where it starts: (run, identity, checkpoint or None).
+def prepare_run(
+    cfg: DictConfig, spec: RunSpec, held: contextlib.ExitStack
+) -> tuple[RunDir, dict, str | None]:
+    """Give the run its identity (a key over its training config and what it starts from) and its
+    checkpoint folder, and decide where it starts: (run, identity, checkpoint or None). The run's
+    folders go into ``cfg.run`` for the callbacks' interpolations (``${run.dir}``, ``${run.bundle}``).
     Only global rank 0 changes files here, holding the run's lock (in ``held``) so that the same run
     started twice at once is refused; the other ranks reach the same decision."""
-    init_from = previous_bundle(cfg)
+    init_from = None if spec.init_from is None else str(spec.init_from)
     identity = run_identity(cfg, init_from, data=data_signatures(cfg))
     key = run_key(identity)
-    run = RunDir(Path(cfg.paths.checkpoints) / key)
-    cfg.run.key, cfg.run.dir = key, str(run.path)
-    cfg.run.bundle = str(bundle_root(cfg, cfg.run.tag) / f"stage{int(cfg.stage.number)}")
+    run = RunDir(spec.paths.checkpoints / key)
+    cfg.run.key, cfg.run.dir, cfg.run.bundle = key, str(run.path), str(spec.bundle)
     rank_zero = launch_rank() == 0
     if rank_zero:
         hold_run(run, held)
-    start = choose_start(run, identity, cfg.get("resume", True), mutate=rank_zero)
+    start = choose_start(run, identity, spec.resume, mutate=rank_zero)
     if start is None and rank_zero:
         report_other_runs(run.path.parent, key, identity)
     return run, identity, start
@@ -188,50 +185,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _single_log_stream()
     forget()  # media listings are taken afresh once per run (a sweep runs several in one process)
     validate(cfg)  # types and ranges: before anything is built or loaded
-    cfg.run.tag = sweep_tag()  # a sweep job's own chain of bundles
-    plan = resolve_batch(cfg)  # sets trainer.accumulate_grad_batches from stage.global_batch_size
+    spec = run_spec(cfg, tag=sweep_tag())  # everything derived from the config, once
+    cfg.run.tag = spec.tag  # for the loggers' run names
+    cfg.trainer.accumulate_grad_batches = spec.batch.accumulate  # from stage.global_batch_size
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        from nextgpt.strategies import deepspeed_preflight
-
-        deepspeed_preflight(cfg, plan)  # DeepSpeed's own config checks, before any weight loads
+        deepspeed_preflight(cfg, spec.batch)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
-    validate_paths(cfg, data_path_errors(cfg, cfg.stage.objective))
+    validate_paths(cfg, spec.init_from, data_path_errors(cfg, spec.stage.objective))
     check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
     if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
-        run, identity, ckpt_path = prepare_run(
-            cfg, held
-        )  # may refuse (a finished or running run): before anything loads
-        return fit(cfg, plan, run, identity, ckpt_path)
+        # may refuse (a finished or running run): before anything loads
+        run, identity, ckpt_path = prepare_run(cfg, spec, held)
+        return fit(cfg, spec, run, identity, ckpt_path)
 
 
-def fit(cfg: DictConfig, plan: Any, run: RunDir, identity: dict, ckpt_path: str | None) -> dict[str, float]:
+def fit(
+    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: dict, ckpt_path: str | None
+) -> dict[str, float]:
     """Build the data, the stage and the trainer, train, and mark the run finished."""
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    rank_zero_info(f"stage {cfg.stage.number} batch: {plan}")
-    rank_zero_info(
-        f"stage {cfg.stage.number} run {cfg.run.key}: checkpoints in {cfg.run.dir}, bundle {cfg.run.bundle}"
-    )
-    L.seed_everything(cfg.seed, workers=True)
-    init_from = previous_bundle(cfg)
+    number = spec.stage.number
+    rank_zero_info(f"stage {number} batch: {spec.batch}")
+    rank_zero_info(f"stage {number} run {run.path.name}: checkpoints in {run.path}, bundle {spec.bundle}")
+    L.seed_everything(spec.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, init_from)
+    module = build_module(cfg, spec)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         run.write(
-            key=cfg.run.key,
+            key=run.path.name,
             status="running",
-            stage=int(cfg.stage.number),
+            stage=number,
             identity=identity,
             resumed_from=ckpt_path,
             bundle=None,
         )
     if ckpt_path:
         module.start_step = checkpoint_step(ckpt_path)  # what this run trains is counted from here
-        log.info("resuming stage %s from %s (step %d)", cfg.stage.number, ckpt_path, module.start_step)
+        log.info("resuming stage %s from %s (step %d)", number, ckpt_path, module.start_step)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
@@ -239,22 +234,23 @@ def fit(cfg: DictConfig, plan: Any, run: RunDir, identity: dict, ckpt_path: str 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.interrupted:
         raise RunError(
-            f"stage {cfg.stage.number} was interrupted at step {trainer.global_step}; rerun the same "
-            f"command to resume it from {cfg.run.dir}"
+            f"stage {number} was interrupted at step {trainer.global_step}; rerun the same "
+            f"command to resume it from {run.path}"
         )
     trained = trainer.global_step - module.start_step
     if trained <= 0:
-        report = next((c.summary() for c in trainer.callbacks if hasattr(c, "summary")), "no data report")
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # Lightning sets it at init, undeclared
+        report = next((c.summary() for c in callbacks if hasattr(c, "summary")), "no data report")
         raise RunError(
-            f"stage {cfg.stage.number} trained 0 steps (dataset {cfg.dataset.name!r}: {report}; "
+            f"stage {number} trained 0 steps (dataset {cfg.dataset.name!r}: {report}; "
             f"trainer.max_steps={cfg.trainer.max_steps}, trainer.max_epochs={cfg.trainer.max_epochs} from step "
-            f"{module.start_step}): no bundle was written and {cfg.run.bundle} is unchanged"
+            f"{module.start_step}): no bundle was written and {spec.bundle} is unchanged"
         )
     if trainer.is_global_zero:
-        finish_run(run, trainer, cfg.run.bundle)
+        finish_run(run, trainer, str(spec.bundle))
     log.info(
         "stage %s finished at step %d (%d trained in this run): %s",
-        cfg.stage.number,
+        number,
         trainer.global_step,
         trained,
         metrics,

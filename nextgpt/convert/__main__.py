@@ -20,7 +20,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
+
+import torch
+from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from nextgpt.bundles import META, bundle_identity, load_bundle_config, load_bundle_weights, save_bundle
+from nextgpt.config import ConfigError, compose, register_resolvers
+from nextgpt.convert.hf import export_hf
+from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key, to_legacy
+from nextgpt.model import NextGPT, build_nextgpt
+from nextgpt.preflight import backbone_path_errors
+from nextgpt.runs import RunError
+from nextgpt.schema import validate
+from nextgpt.stages import STAGES
+from nextgpt.tiny import build_all
+from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger("nextgpt.convert")
 COMMANDS = ("from_legacy", "to_legacy", "to_hf")
@@ -58,18 +76,8 @@ def parse(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
 
 
 def import_legacy(
-    checkpoint: str | Path, out: str | Path, overrides: list[str] = (), *, allow_unused: bool = False
+    checkpoint: str | Path, out: str | Path, overrides: Sequence[str] = (), *, allow_unused: bool = False
 ) -> Path:
-    import torch
-    from omegaconf import OmegaConf
-
-    from nextgpt.bundles import bundle_identity, save_bundle
-    from nextgpt.config import ConfigError, backbone_path_errors, compose, validate
-    from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key
-    from nextgpt.model import build_nextgpt
-    from nextgpt.tiny import build_all
-    from nextgpt.tokens import trains_all_rows
-
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint}: no such file (the original's pytorch_model.pt)")
@@ -102,7 +110,7 @@ def import_legacy(
     )  # validate_paths' backbone half (its stage-bundle check is for training)
     if errors:
         raise ConfigError(errors)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))  # a mapping section
     model, _, _ = build_nextgpt(model_cfg)
     if has_lora:
         model.apply_lora(model_cfg["lora"])
@@ -117,7 +125,7 @@ def import_legacy(
             "and list these in import_report.json"
         )
     model.load_state_dict(imported.state, strict=False)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     meta = {
         "stage": stage,
         "imported_from": str(checkpoint.resolve()),
@@ -147,17 +155,13 @@ def import_legacy(
     return out
 
 
-def load_bundle_model(bundle: str | Path):
+def load_bundle_model(
+    bundle: str | Path,
+) -> tuple[NextGPT, PreTrainedTokenizerBase, dict[str, Any], dict[str, Any]]:
     """(model, tokenizer, config, meta) of a stage bundle, built and loaded as generation does."""
-    from omegaconf import OmegaConf
-
-    from nextgpt.bundles import META, load_bundle_config, load_bundle_weights
-    from nextgpt.model import build_nextgpt
-    from nextgpt.stages import STAGES
-
     bundle = Path(bundle)
     cfg = load_bundle_config(bundle)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))  # a mapping section
     model, tokenizer, _ = build_nextgpt(model_cfg)
     if STAGES[int(cfg.stage.number)].use_lora:
         model.apply_lora(model_cfg["lora"])
@@ -167,10 +171,6 @@ def load_bundle_model(bundle: str | Path):
 
 
 def export_legacy(bundle: str | Path, out: str | Path) -> Path:
-    import torch
-
-    from nextgpt.convert.legacy import to_legacy
-
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"out={out} exists; give a new file name")
@@ -184,8 +184,6 @@ def export_legacy(bundle: str | Path, out: str | Path) -> Path:
 
 
 def export_to_hf(bundle: str | Path, out: str | Path) -> Path:
-    from nextgpt.convert.hf import export_hf
-
     model, tokenizer, model_cfg, meta = load_bundle_model(bundle)
     path = export_hf(model, tokenizer, model_cfg, meta, out)
     print(
@@ -196,10 +194,6 @@ def export_to_hf(bundle: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nextgpt.config import ConfigError, register_resolvers
-    from nextgpt.convert.legacy import ConvertError
-    from nextgpt.runs import RunError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     register_resolvers()
     try:

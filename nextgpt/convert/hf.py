@@ -10,19 +10,19 @@ with NExT-GPT's tokens; ``AutoModelForCausalLM.from_pretrained(<out>/llm)`` load
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 
 def merged_llm(model):
     """The LLM with LoRA merged (a copy when it carries adapters) and the new tokens' rows written
     into resized matrices, at their tokenizer ids."""
-    import copy
-
     llm = model.llm
     if hasattr(llm, "merge_and_unload"):  # a peft model: merge into a copy, keep the trained model as it is
         llm = copy.deepcopy(llm).merge_and_unload()
@@ -48,8 +48,6 @@ def merged_llm(model):
 def export_hf(
     model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str, Any], out: str | Path
 ) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; give a new folder (nothing is overwritten)")

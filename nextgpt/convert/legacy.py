@@ -160,13 +160,13 @@ def from_legacy(ckpt: Mapping[str, torch.Tensor], model, *, all_rows: bool = Fal
                 skipped[key] = f"this model has no {modality} output projector (model.modalities.{modality})"
             else:
                 put(ours, key, tensor.reshape(tensor.shape[1:]) if ours.endswith(".queries") else tensor)
-        elif (ours := _lora_name(key)) is not None:
+        elif (lora_name := _lora_name(key)) is not None:
             if not any(".lora_" in n for n in own):
                 raise ConvertError(
                     f"{key}: the checkpoint has LoRA tensors but the model has no LoRA (a stage-3 "
                     "checkpoint imports as a stage-3 bundle)"
                 )
-            put(ours, key, tensor)
+            put(lora_name, key, tensor)
         else:
             skipped[key] = "not a tensor the original's NextGPTModel trains or saves by name"
 

@@ -192,7 +192,11 @@ def read_world(root: str | Path, modality: str, seed: int = 1000, num: int = 160
     ``seed`` no training set uses, written under ``root`` on first use (deterministic). Images of
     two shapes are left out: the score reads one shape's attributes, and which one an answer names
     first is not an error of the model."""
-    from nextgpt.world.synthetic import MEDIA_DIRS, dataset_name, write_synthetic
+    from nextgpt.world.synthetic import (  # deferred: the real-weights path never imports nextgpt.world
+        MEDIA_DIRS,
+        dataset_name,
+        write_synthetic,
+    )
 
     if modality not in MEDIA_DIRS:
         raise BenchmarkError(f"the world has no {modality!r} items; it has {sorted(MEDIA_DIRS)}")

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nextgpt.evaluation.records import media_file
@@ -101,8 +102,6 @@ def log_to_loggers(
     logger_cfg = cfg.get("logger")
     if not logger_cfg:
         return
-    from hydra.utils import instantiate
-
     task = result["task"]
     scalars = {f"{task}/{k}": v["value"] for k, v in result["metrics"].items() if v.get("value") is not None}
     for lc in logger_cfg.values():
@@ -128,12 +127,12 @@ def _wandb_table(
     per_sample: Mapping[str, Mapping[str, Any]],
     out: Path,
 ) -> None:
-    import wandb
+    import wandb  # deferred: wandb costs ~0.5 s to import and only a W&B logger's table needs it
 
     task = cfg.task
     kinds = {"image": wandb.Image, "audio": wandb.Audio, "video": wandb.Video}
     scored = [k for k, v in per_sample.items() if v and not isinstance(next(iter(v.values())), list)]
-    columns = ["id", "input", "references", "output", "signal_groups", *kinds, *scored]
+    columns: list[str | int] = ["id", "input", "references", "output", "signal_groups", *kinds, *scored]
     rows = []
     for s in samples[: int(cfg.get("wandb_samples", 16))]:
         rec = records.get(s.id) or {}

@@ -7,14 +7,28 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from tqdm import tqdm
 
+from nextgpt import modality as modality_registry
+from nextgpt.batch import collate_conversations
 from nextgpt.evaluation.records import NO_MODEL, batches, media_file, task_prompt
+from nextgpt.generate import with_placeholders
+from nextgpt.losses import alignment_sum, caption_loss_sum
 from nextgpt.metrics import Unavailable, value
+from nextgpt.metrics.captioning import COCO_NAMES, caption_scores
+from nextgpt.metrics.embedders import ClapEmbedder, ClipEmbedder, clip_score
+from nextgpt.metrics.frechet import frechet_distance_of
+from nextgpt.metrics.inception import load_fid_inception
+from nextgpt.metrics.media import read_image, read_video_frames, read_wave, square_crop, to_tensor
+from nextgpt.metrics.signals import trigger_rates
+from nextgpt.metrics.vggish import load_vggish
+from nextgpt.prompts import IGNORE_INDEX, Conversation
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +65,6 @@ def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], gener
 def _caption_metrics(
     cfg: DictConfig, wanted: list[str], answered: Sequence, records: Mapping[str, dict]
 ) -> dict:
-    from nextgpt.metrics.captioning import COCO_NAMES, caption_scores
-
     names = [m for m in wanted if m in COCO_NAMES]
     if not names:
         return {}
@@ -78,8 +90,8 @@ def _world_attributes(
     generated caption (X -> text), or from the generated media by the world's analysers (text -> X),
     over every sample (an unanswered one counts as wrong), beside chance and, for generation, the
     decoder alone given the true caption (what the output projector can reach at best)."""
-    from nextgpt.world.analysers import file_attributes
-    from nextgpt.world.attributes import caption_attributes, chance
+    from nextgpt.world.analysers import file_attributes  # deferred: real-weights runs never load the world
+    from nextgpt.world.attributes import caption_attributes, chance  # deferred: real weights never load world
 
     task = cfg.task
     name = str(task.modality)
@@ -108,8 +120,6 @@ def _world_attributes(
         if generator is None:
             extra["ceiling"] = NO_MODEL.format(what="the decoder-alone ceiling")
         else:
-            from nextgpt import modality as modality_registry
-
             mod = modality_registry.get(name)
             folder = out / "decoder_alone"
             folder.mkdir(parents=True, exist_ok=True)
@@ -127,12 +137,12 @@ def _world_attributes(
 
 
 def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -> dict:
-    from nextgpt.metrics.signals import trigger_rates
-
     if cfg.predictions:
         return value(unavailable=NO_MODEL.format(what="the signal-token trigger rate"))
     expected = None if cfg.task.kind == "caption" else str(cfg.task.modality)
-    rates = trigger_rates([records[s.id].get("signal_groups") or [] for s in answered], expected)
+    rates: dict[str, Any] = dict(
+        trigger_rates([records[s.id].get("signal_groups") or [] for s in answered], expected)
+    )
     return value(rates.pop("trigger_rate", None), **rates)
 
 
@@ -174,12 +184,6 @@ def _need(items: Sequence, what: str) -> None:
 
 
 def _fid(cfg, samples, generated, per_sample) -> dict:
-    from PIL import Image
-
-    from nextgpt.metrics.frechet import frechet_distance_of
-    from nextgpt.metrics.inception import load_fid_inception
-    from nextgpt.metrics.media import read_image, square_crop, to_tensor
-
     model = load_fid_inception(cfg.feature_nets.inception, cfg.device)
     reference = [s.media for s in samples if s.media is not None]
     _need([p for _, p in generated], "generated images")
@@ -190,9 +194,9 @@ def _fid(cfg, samples, generated, per_sample) -> dict:
     def features(paths: Sequence[Path], desc: str) -> np.ndarray:
         out = []
         for chunk in tqdm(list(batches(list(paths), 16)), desc=desc, leave=False):
-            x = to_tensor([square_crop(read_image(p), size, resample=Image.BILINEAR) for p in chunk]).to(
-                cfg.device
-            )
+            x = to_tensor(
+                [square_crop(read_image(p), size, resample=Image.Resampling.BILINEAR) for p in chunk]
+            ).to(cfg.device)
             out.append(model(x).cpu().numpy())
         return np.concatenate(out)
 
@@ -217,17 +221,12 @@ def _caption_similarity(
 ) -> dict:
     """CLIP score / CLAP score: each generated item's embedding against its caption's, by the same
     joint embedder (``media_embeddings`` in ``generated``'s order)."""
-    from nextgpt.metrics.embedders import clip_score
-
     scores = clip_score(media_embeddings, embedder.texts([s.caption for s, _ in generated]))
     per_sample[metric] = {s.id: float(v) for (s, _), v in zip(generated, scores, strict=False)}
     return value(float(scores.mean()), backbone=backbone)
 
 
 def _clip_score(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.embedders import ClipEmbedder
-    from nextgpt.metrics.media import read_image
-
     if not generated:
         raise Unavailable("no sample produced an image")
     clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
@@ -242,9 +241,6 @@ def _clip_score(cfg, samples, generated, per_sample) -> dict:
 
 
 def _clipsim(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.embedders import ClipEmbedder, clip_score
-    from nextgpt.metrics.media import read_video_frames
-
     if not generated:
         raise Unavailable("no sample produced a video")
     clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
@@ -268,24 +264,17 @@ def _clipsim(cfg, samples, generated, per_sample) -> dict:
 def _audio_embedder(cfg):
     backbone = str(cfg.metrics.get("fad_backbone", "vggish"))
     if backbone == "vggish":
-        from nextgpt.metrics.vggish import load_vggish
-
         model = load_vggish(cfg.feature_nets.vggish, cfg.device)
         return "VGGish (128-d, per 0.96 s frame)", lambda waves: np.concatenate(
             [model.embed(w, r) for w, r in waves]
         )
     if backbone == "clap":
-        from nextgpt.metrics.embedders import ClapEmbedder
-
         clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
         return f"CLAP audio embedding ({cfg.feature_nets.clap})", clap.audios
     raise Unavailable(f"metrics.fad_backbone={backbone!r}: must be vggish or clap")
 
 
 def _fad(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.frechet import frechet_distance_of
-    from nextgpt.metrics.media import read_wave
-
     reference = [s.media for s in samples if s.media is not None]
     _need(generated, "generated clips")
     _need(reference, "reference clips")
@@ -296,9 +285,6 @@ def _fad(cfg, samples, generated, per_sample) -> dict:
 
 
 def _clap_score(cfg, samples, generated, per_sample) -> dict:
-    from nextgpt.metrics.embedders import ClapEmbedder
-    from nextgpt.metrics.media import read_wave
-
     if not generated:
         raise Unavailable("no sample produced an audio clip")
     clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
@@ -327,11 +313,6 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
     """``align_loss``: the model is shown "prompt -> answer with the signal group" for each caption
     and its projected group is compared with the decoder's text embedding of the caption (the
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
-    from nextgpt.batch import collate_conversations
-    from nextgpt.generate import with_placeholders
-    from nextgpt.losses import alignment_sum, caption_loss_sum
-    from nextgpt.prompts import IGNORE_INDEX, Conversation
-
     task, g = cfg.task, generator
     name = str(task.modality)
     if loss == "align_loss" and task.kind != "generate":
@@ -375,8 +356,5 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
             count += cond.shape[0]
     if not count:
         return value(unavailable="no sample to score")
-    return value(
-        total / count,
-        samples=len(convs),
-        **({"perplexity": math.exp(min(total / count, 50.0))} if loss == "caption_ce" else {}),
-    )
+    extra: dict[str, Any] = {"perplexity": math.exp(min(total / count, 50.0))} if loss == "caption_ce" else {}
+    return value(total / count, samples=len(convs), **extra)

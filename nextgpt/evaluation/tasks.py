@@ -18,15 +18,20 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nextgpt import modality as modality_registry
+from nextgpt.bundles import BundleError
 from nextgpt.config import ConfigError
+from nextgpt.evaluation.batched import BatchedGenerator, Request
+from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
 from nextgpt.evaluation.records import batches, file_stem, task_prompt
 from nextgpt.evaluation.report import log_to_loggers, results_markdown
 from nextgpt.evaluation.scoring import score
+from nextgpt.generate import Generator
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +76,12 @@ def _drop_partial_line(path: Path) -> None:
 
 def _samples(cfg: DictConfig, *, limit: bool = True):
     """The benchmark's samples, the first ``limit=`` of them unless ``limit=False``."""
-    from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
-
     b = cfg.task.benchmark
     try:
         samples = read_benchmark(
-            b.reader, b.root, **OmegaConf.to_container(b.get("options") or {}, resolve=True)
+            b.reader,
+            b.root,
+            **cast(dict[str, Any], OmegaConf.to_container(b.get("options") or {}, resolve=True)),
         )
     except BenchmarkError as e:
         raise ConfigError([f"task.benchmark (task {cfg.task.name}): {e}"]) from None
@@ -160,10 +165,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
     return result
 
 
-def _load_generator(bundle: Path, device: str):
-    from nextgpt.bundles import BundleError
-    from nextgpt.generate import Generator
-
+def _load_generator(bundle: Path, device: str) -> Generator:
     try:
         return Generator(bundle, device)
     except BundleError as e:
@@ -173,8 +175,6 @@ def _load_generator(bundle: Path, device: str):
 # --- answering ---------------------------------------------------------------------------------------
 def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> dict[str, dict]:
     """Answer every sample not yet in ``samples.jsonl``; append each answer as it is produced."""
-    from nextgpt.evaluation.batched import BatchedGenerator, Request
-
     task = cfg.task
     gen = task.generation
     jsonl = out / "samples.jsonl"

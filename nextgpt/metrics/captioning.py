@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from nextgpt.metrics import Unavailable
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ METRICS = tuple(COCO_NAMES)
 
 def _package_dir() -> Path:
     try:
-        import pycocoevalcap
+        import pycocoevalcap  # deferred: optional (Unavailable without it); only caption scores need it
     except ImportError as e:
         raise Unavailable("pycocoevalcap is not installed (pip install pycocoevalcap)") from e
     return Path(next(iter(pycocoevalcap.__path__))).resolve()  # a namespace package: no __file__
@@ -146,8 +148,6 @@ def spice_score(
     memory: str = "8G",
 ) -> tuple[float, list[float]]:
     """SPICE F-score (the mean over items, as pycocoevalcap reports it) and the per-item scores."""
-    import numpy as np
-
     _require_java()
     classpath = os.pathsep.join(str(p) for p in spice_jars(corenlp_dir))
     ids = sorted(gts)
@@ -203,7 +203,7 @@ def caption_scores(
         return {m: e for m in wanted}
     out: dict[str, float | Unavailable] = {}
     if any(m.startswith("bleu") for m in wanted):
-        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.bleu.bleu import Bleu  # deferred: optional; only caption scores need it
 
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         for n in range(4):
@@ -212,11 +212,11 @@ def caption_scores(
     if "meteor" in wanted:
         out["meteor"] = _meteor(gts, res)
     if "rouge_l" in wanted:
-        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.rouge.rouge import Rouge  # deferred: optional; only caption scores need it
 
         out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     if "cider" in wanted or "spider" in wanted:
-        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.cider.cider import Cider  # deferred: optional; only caption scores need it
 
         cider = float(Cider().compute_score(gts, res)[0])
         if "cider" in wanted:
@@ -236,7 +236,7 @@ def caption_scores(
 
 
 def _meteor(gts: Mapping[str, list[str]], res: Mapping[str, list[str]]) -> float | Unavailable:
-    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.meteor.meteor import Meteor  # deferred: optional; only caption scores need it
 
     reason = java_unavailable_reason()
     if reason:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nextgpt.encoders.preprocess.resampling import resample
 from nextgpt.metrics import Unavailable
 from nextgpt.metrics.media import square_crop, to_tensor
 
@@ -68,10 +69,14 @@ class ClipEmbedder:
     """CLIPModel + its tokenizer; images are resized and centre-cropped to the model's input size."""
 
     def __init__(self, path: str | Path | None, device: str | torch.device = "cpu", batch_size: int = 32):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import (  # deferred: CLIP's classes cost ~2 s; only an embedder needs them
+            AutoTokenizer,
+            CLIPModel,
+        )
 
         self.path = _check_folder(path, "CLIP", "clip")
-        self.model = CLIPModel.from_pretrained(str(self.path)).to(device).eval().requires_grad_(False)
+        model = CLIPModel.from_pretrained(str(self.path))
+        self.model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types .to unbound
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.device, self.batch_size = torch.device(device), batch_size
         self.size = int(self.model.config.vision_config.image_size)
@@ -107,14 +112,19 @@ class ClapEmbedder:
     rather than randomly cropped, so that scores are reproducible."""
 
     def __init__(self, path: str | Path | None, device: str | torch.device = "cpu", batch_size: int = 16):
-        from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+        from transformers import (  # deferred: CLAP's classes cost ~2 s; only an embedder needs them
+            AutoTokenizer,
+            ClapFeatureExtractor,
+            ClapModel,
+        )
 
         self.path = _check_folder(path, "CLAP", "clap")
         if not (self.path / "preprocessor_config.json").is_file():
             raise Unavailable(
                 f"CLAP folder {self.path} has no preprocessor_config.json (its feature extractor)"
             )
-        self.model = ClapModel.from_pretrained(str(self.path)).to(device).eval().requires_grad_(False)
+        model = ClapModel.from_pretrained(str(self.path))
+        self.model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers types .to unbound
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.extractor = ClapFeatureExtractor.from_pretrained(str(self.path))
         self.device, self.batch_size = torch.device(device), batch_size
@@ -124,13 +134,11 @@ class ClapEmbedder:
 
     @torch.no_grad()
     def audios(self, waves: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
-        from nextgpt.encoders.preprocess import resample
-
         rate = int(self.extractor.sampling_rate)
         clips = []
         for wave, sr in waves:
-            w = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(1, -1)
-            w = resample(w, int(sr), rate)[0].numpy() if sr != rate else w[0].numpy()
+            t = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(1, -1)
+            w = resample(t, int(sr), rate)[0].numpy() if sr != rate else t[0].numpy()
             clips.append(w[: int(self.extractor.nb_max_samples)])
         out = []
         for i in range(0, len(clips), self.batch_size):
@@ -142,7 +150,7 @@ class ClapEmbedder:
             )
             feats = self.model.get_audio_features(
                 input_features=x["input_features"].to(self.device),
-                is_longer=x.get("is_longer").to(self.device) if "is_longer" in x else None,
+                is_longer=x["is_longer"].to(self.device) if "is_longer" in x else None,
             )
             out.append(F.normalize(_features(feats), dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.projection_dim), np.float32)

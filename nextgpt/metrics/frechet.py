@@ -9,6 +9,8 @@ imaginary residue of the square root dropped only when it is numerically negligi
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
 
@@ -28,8 +30,6 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _sqrtm(m: np.ndarray) -> np.ndarray:
     """Square root of a covariance product; a singular product (fewer items than dimensions) is
     handled by the caller's diagonal offset, so scipy's warning about it is not repeated."""
-    import warnings
-
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         return linalg.sqrtm(m)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 from PIL import Image
 
@@ -14,7 +15,7 @@ def read_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def square_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+def square_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to ``size`` and crop the centre square (CLIP's and our FID's view)."""
     w, h = image.size
     scale = size / min(w, h)
@@ -33,13 +34,11 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 def read_wave(path: str | Path) -> tuple[np.ndarray, int]:
     """Mono float32 waveform in [-1, 1] and its sample rate (soundfile, PyAV for compressed formats)."""
-    import soundfile as sf
-
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         return data.mean(axis=1), int(rate)
     except Exception:
-        import av
+        import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import; only what libsndfile can not read needs it
 
         with av.open(str(path)) as container:
             stream = container.streams.audio[0]
@@ -55,7 +54,7 @@ def read_wave(path: str | Path) -> tuple[np.ndarray, int]:
 
 def read_video_frames(path: str | Path, max_frames: int | None = None) -> list[Image.Image]:
     """The frames of a video as RGB images; at most ``max_frames``, evenly spaced."""
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import; only reading a video needs it
 
     with av.open(str(path)) as container:
         frames = [f.to_image() for f in container.decode(video=0)]

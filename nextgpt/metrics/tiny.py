@@ -9,11 +9,16 @@ from pathlib import Path
 
 import torch
 
+from nextgpt.metrics.inception import FIDInceptionV3
+from nextgpt.metrics.vggish import VGGish
+from nextgpt.tiny.tokenizers import build_clip_tokenizer, build_roberta_tokenizer
+
 
 def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-
-    from nextgpt.tiny import build_clip_tokenizer
+    from transformers import (  # deferred: CLIP's classes cost ~2 s; Inception/VGGish need none
+        CLIPConfig,
+        CLIPModel,
+    )
 
     out = Path(out)
     tok = build_clip_tokenizer(seed)
@@ -47,9 +52,11 @@ def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_clap(out: str | Path, seed: int = 0) -> Path:
     """CLAP with a 2 s, 48 kHz, 16-mel front end and a two-stage HTSAT of width 16."""
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
-
-    from nextgpt.tiny import build_roberta_tokenizer
+    from transformers import (  # deferred: CLAP's classes cost ~2 s; Inception/VGGish need none
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+    )
 
     out = Path(out)
     tok = build_roberta_tokenizer(seed)
@@ -95,15 +102,13 @@ def _random_bn_stats(model: torch.nn.Module, seed: int) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
             m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(1 + 0.1 * torch.rand(m.running_var.shape, generator=g))
 
 
 def build_random_inception(path: str | Path, seed: int = 0) -> Path:
     """A random FID InceptionV3 state dict, without BatchNorm step counters like the 2015 port."""
-    from nextgpt.metrics.inception import FIDInceptionV3
-
     torch.manual_seed(seed)
     model = FIDInceptionV3().eval()
     _random_bn_stats(model, seed)
@@ -114,8 +119,6 @@ def build_random_inception(path: str | Path, seed: int = 0) -> Path:
 
 
 def build_random_vggish(path: str | Path, seed: int = 0) -> Path:
-    from nextgpt.metrics.vggish import VGGish
-
     torch.manual_seed(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

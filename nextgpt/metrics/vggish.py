@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nextgpt.encoders.preprocess.resampling import resample
 from nextgpt.metrics import Unavailable
 
 SAMPLE_RATE = 16000
@@ -64,7 +65,7 @@ def log_mel_examples(wave: np.ndarray) -> np.ndarray:
 class VGGish(nn.Module):
     """``forward((N, 1, 96, 64) log-mel examples)`` -> (N, 128) embeddings."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 1
@@ -91,8 +92,6 @@ class VGGish(nn.Module):
     @torch.no_grad()
     def embed(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """One clip -> (N examples, 128)."""
-        from nextgpt.encoders.preprocess import resample
-
         w = torch.as_tensor(np.asarray(wave, dtype=np.float32))
         if w.ndim > 1:  # (samples, channels) as soundfile reads it
             w = w.mean(-1)

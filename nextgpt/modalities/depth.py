@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
+from nextgpt.encoders.preprocess import load_depth
 from nextgpt.modality import Modality, register
 
 
 def _load_depth(path: Path) -> torch.Tensor:
-    from nextgpt.encoders.preprocess import load_depth
-
     return load_depth(path)
 
 

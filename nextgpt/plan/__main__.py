@@ -14,6 +14,11 @@ import json
 import sys
 from collections.abc import Sequence
 
+from nextgpt.config import ConfigError, compose
+from nextgpt.plan import make_plan
+from nextgpt.plan.meta import PlanError
+from nextgpt.schema import validate
+
 SWEPT = ("stage", "strategy", "trainer.devices")
 
 
@@ -41,9 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         out_json = argv[i + 1]
         del argv[i : i + 2]
-    from nextgpt.config import ConfigError, compose, validate
-    from nextgpt.plan import PlanError, make_plan
-
     plans = []
     for overrides in expand(argv):
         try:

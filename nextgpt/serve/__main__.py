@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("nextgpt.serve")
-
 # key -> (type, default, help)
 OPTIONS: dict[str, tuple[type, Any, str]] = {
     "bundle": (str, None, "a stage bundle folder (bundles/stage3); required"),
@@ -108,44 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}\n(python -m nextgpt.serve --help lists the keys)", file=sys.stderr)
         return 2
-    import torch
-    import uvicorn
-
-    from nextgpt.bundles import BundleError
-    from nextgpt.generate import Generator
-    from nextgpt.serve.app import ServeSettings, build_app
-
-    device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args["host"] not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "serve: binding %s: the API has no authentication; anyone who reaches the port can use it",
-            args["host"],
-        )
-    try:
-        generator = Generator(args["bundle"], device, weights=args["weights"], backbones=args["backbones"])
-    except (BundleError, FileNotFoundError, ValueError) as e:
-        print(f"error: bundle={args['bundle']}: {e}", file=sys.stderr)
-        return 2
-    settings = ServeSettings(
-        out=Path(args["out"]),
-        model_name=args["model_name"] or Path(args["bundle"]).resolve().name,
-        max_upload_bytes=int(args["max_upload_mb"] * 2**20),
-        max_queue=args["max_queue"],
-        max_tokens=args["max_tokens"],
-        default_max_tokens=args["default_max_tokens"],
-        keep_requests=args["keep_requests"],
+    from nextgpt.serve.launch import (  # deferred: torch, fastapi, the model stack (~3 s) load after the checks
+        serve,
     )
-    app = build_app(generator, settings)
-    log.info(
-        "serving %s (stage %s) as model %r at http://%s:%d/v1",
-        args["bundle"],
-        generator.stage,
-        settings.model_name,
-        args["host"],
-        args["port"],
-    )
-    uvicorn.run(app, host=args["host"], port=args["port"], log_level=args["log_level"])
-    return 0
+
+    return serve(args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -50,6 +51,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from nextgpt import modality as modality_registry
+from nextgpt.encoders.preprocess.common import MediaDecodeError
 from nextgpt.serve.protocol import ChatRequest, RequestError, Upload, parse_chat_request
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,6 @@ def json_depth(body: bytes) -> int:
     recurses once per level). Linear: a request's base64 has no brackets and takes milliseconds; a
     hostile body of the largest size (millions of strings or escapes) takes seconds, about what
     parsing it would."""
-    import numpy as np
-
     brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
     if not brackets:
         return 0
@@ -119,8 +119,6 @@ class _Cancelled(Exception):
 
 def _check_uploads(uploads: list[Upload]) -> None:
     """Decode every upload as the model would (off the event loop); a corrupt one is the client's error."""
-    from nextgpt.encoders.preprocess.common import MediaDecodeError
-
     for up in uploads:
         try:
             modality_registry.get(up.modality).load(up.data)
@@ -192,8 +190,9 @@ class ChatService:
 
     def generate(self, req: ChatRequest, rid: str, on_text: Callable[[str], None] | None = None):
         """Runs on the model thread: the uploads to files, the answer, its media files."""
-        from nextgpt.encoders.preprocess.common import MediaDecodeError
-        from nextgpt.generate import GenerationInputError
+        from nextgpt.generate import (  # deferred: transformers and lightning (~3 s); a stand-in model needs none
+            GenerationInputError,
+        )
 
         self._prune()
         with tempfile.TemporaryDirectory(prefix="nextgpt-serve-") as tmp:  # uploads are not kept

@@ -16,11 +16,17 @@ The synthetic data set these models are tested on is written by :mod:`nextgpt.wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 # the builders and sizes, as tests and docs refer to them (nextgpt.tiny.SD_TEXT_WIDTH, ...)
 from nextgpt.atomic import building, exclusive, install
+from nextgpt.encoders.imagebind import ImageBindModel
+from nextgpt.encoders.imagebind_config import BRANCHES, ImageBindConfig
 from nextgpt.tiny.decoders import (  # noqa: F401
     AUDIOLDM_PROJECTION_DIM,
     AUDIOLDM_TEXT_HIDDEN,
@@ -61,7 +67,9 @@ IMAGEBIND_FILE = "imagebind_tiny.pth"
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Hide transformers' per-save "Writing model shards" bars during a build, then restore the setting."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import (  # deferred: transformers costs ~1 s; only a build needs it
+        logging as hf_logging,
+    )
 
     was_disabled = hf_logging.is_progress_bar_enabled() is False
     hf_logging.disable_progress_bar()
@@ -91,28 +99,18 @@ def imagebind_layout_hash() -> str:
     changes, a cached ``imagebind_tiny.pth`` would no longer load, so the cache must be rebuilt.
     Built on the meta device: no memory, and the global RNG is left untouched.
     """
-    import hashlib
-
-    import torch
-
-    from nextgpt.encoders.imagebind import ImageBindModel
-
     cfg = tiny_imagebind_config()
     try:
         with torch.device("meta"):
-            layout = sorted((k, tuple(v.shape)) for k, v in ImageBindModel(cfg).state_dict().items())
+            layout = repr(sorted((k, tuple(v.shape)) for k, v in ImageBindModel(cfg).state_dict().items()))
     except Exception:  # a model that can not be built on meta: fall back to its config
-        layout = [("config", repr(cfg))]
-    return hashlib.sha1(repr(layout).encode()).hexdigest()[:12]
+        layout = repr([("config", repr(cfg))])
+    return hashlib.sha1(layout.encode()).hexdigest()[:12]
 
 
-def tiny_imagebind_config():
+def tiny_imagebind_config() -> ImageBindConfig:
     """The tiny ImageBind with every branch, as ``imagebind_huge.pth`` holds every branch: a model
     config that reads depth maps builds the depth trunk and finds its weights in the same file."""
-    import dataclasses
-
-    from nextgpt.encoders.imagebind import BRANCHES, ImageBindConfig
-
     return dataclasses.replace(ImageBindConfig.tiny(), modalities=BRANCHES)
 
 
@@ -136,10 +134,6 @@ def is_complete(out: Path) -> bool:
 
 
 def _build_imagebind(path: Path, seed: int) -> None:
-    import torch
-
-    from nextgpt.encoders.imagebind import ImageBindModel  # written by another module
-
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = ImageBindModel(tiny_imagebind_config())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+from nextgpt.world import synthetic as syn
+
 # --------------------------------------------------------------------------------------------------------
 # Embedded English corpus
 # --------------------------------------------------------------------------------------------------------
@@ -212,7 +214,6 @@ def caption_conversations(rng: random.Random, n: int) -> list[str]:
     Why: the real Vicuna has read plenty of text like CC3M captions; the tiny one reads these.
     Media placeholders are left out (the base tokenizer has no <Img> token, like Vicuna's).
     """
-    from nextgpt.world import synthetic as syn
 
     def caption() -> str:
         kind = rng.random()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from nextgpt.tiny.tokenizers import (
     CLAP_MAX_LENGTH,
     CLIP_MAX_LENGTH,
@@ -36,8 +38,11 @@ def _clip_text_encoder(
     with_projection: bool = False,
 ):
     """CLIPTextModel (or CLIPTextModelWithProjection, whose ``text_embeds`` SDXL pools) of ``width``."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -65,11 +70,10 @@ def _openclip_tokenizer(seed: int):
 
 
 def _image_vae(seed: int, scaling_factor: float = 0.18215):
-    import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: diffusers costs ~2 s to import; only a build needs it
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    return AutoencoderKL(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -86,7 +90,6 @@ def _image_vae(seed: int, scaling_factor: float = 0.18215):
 def _unet(cls, blocks: str, width: int, head_dim: int | tuple[int, ...], seed: int, **extra):
     """A two-level UNet (2D for images, 3D for video) cross-attending to ``width``-wide text;
     ``extra``: the family's own settings (SD 2's linear projections, say)."""
-    import torch
 
     torch.manual_seed(seed)
     return cls(
@@ -106,7 +109,11 @@ def _unet(cls, blocks: str, width: int, head_dim: int | tuple[int, ...], seed: i
 
 def build_tiny_stable_diffusion(out: Path, *, seed: int = 0) -> Path:
     """Tiny StableDiffusionPipeline (CLIP text width 32, 77 positions, PNDM like SD 1.5, 32x32 images)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (  # deferred: diffusers costs ~2 s to import; only a build needs it
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     out = Path(out)
     tokenizer = build_clip_tokenizer(seed)
@@ -132,7 +139,7 @@ def build_tiny_stable_diffusion(out: Path, *, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy classes
     _add_vocab_files(out / "tokenizer", seed, clip=True)
     return out
 
@@ -142,7 +149,11 @@ def build_tiny_sd2(out: Path, *, seed: int = 0) -> Path:
     with per-block head dims, an OpenCLIP-style text encoder (GELU, ``!`` padding) of width 48, 32x32 images.
     Its conditioning is ``last_hidden_state``: diffusers' SD 2 text encoder already ends at OpenCLIP's
     penultimate layer."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (  # deferred: diffusers costs ~2 s to import; only a build needs it
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     out = Path(out)
     tokenizer = _openclip_tokenizer(seed)
@@ -176,7 +187,7 @@ def build_tiny_sd2(out: Path, *, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy classes
     _add_vocab_files(out / "tokenizer", seed, clip=True)
     return out
 
@@ -188,8 +199,11 @@ def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
     UNet arithmetic as in SDXL: the added embedding reads the pooled text (20) and six size/crop ids
     of ``addition_time_embed_dim`` 8 each: projection_class_embeddings_input_dim = 20 + 6 * 8 = 68.
     """
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (  # deferred: diffusers costs ~2 s to import; only a build needs it
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     out = Path(out)
     width_1, width_2 = SDXL_TEXT_WIDTHS
@@ -204,7 +218,7 @@ def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
         with_projection=True,
     )
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -240,7 +254,7 @@ def build_tiny_sdxl(out: Path, *, seed: int = 0) -> Path:
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,  # as SDXL base: no negative prompt = zero conditioning
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy classes
     for sub in ("tokenizer", "tokenizer_2"):
         _add_vocab_files(out / sub, seed, clip=True)
     return out
@@ -253,9 +267,13 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
     = 16/16000 s; the VAE halves the mel grid (vae_scale_factor 2) and the mel has 16 bins = vocoder
     model_in_dim; unet sample_size 32 gives a default of 32*2 frames = 0.064 s = 1024 samples.
     """
-    import torch
-    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import (
+    from diffusers import (  # deferred: diffusers costs ~2 s to import; only a build needs it
+        AudioLDMPipeline,
+        AutoencoderKL,
+        DDIMScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
         ClapTextConfig,
         ClapTextModelWithProjection,
         SpeechT5HifiGan,
@@ -281,7 +299,7 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
     text_encoder = ClapTextModelWithProjection(text_config).eval()
     mel_bins = 16
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
         sample_size=32,
         in_channels=8,
         out_channels=8,
@@ -299,7 +317,7 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
         class_embeddings_concat=True,
     ).eval()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    vae = AutoencoderKL(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
         in_channels=1,
         out_channels=1,
         latent_channels=8,
@@ -341,14 +359,18 @@ def build_tiny_audioldm(out: Path, *, seed: int = 0) -> Path:
         scheduler=scheduler,
         vocoder=vocoder,
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy classes
     _add_vocab_files(out / "tokenizer", seed, clip=False)
     return out
 
 
 def build_tiny_text_to_video(out: Path, *, seed: int = 0) -> Path:
     """Tiny TextToVideoSDPipeline (UNet3D, CLIP text width 40, 77 positions, DPM-Solver++ like ZeroScope)."""
-    from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from diffusers import (  # deferred: diffusers costs ~2 s to import; only a build needs it
+        DPMSolverMultistepScheduler,
+        TextToVideoSDPipeline,
+        UNet3DConditionModel,
+    )
 
     out = Path(out)
     tokenizer = build_clip_tokenizer(seed)
@@ -365,7 +387,7 @@ def build_tiny_text_to_video(out: Path, *, seed: int = 0) -> Path:
     pipe = TextToVideoSDPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy classes
     _add_vocab_files(out / "tokenizer", seed, clip=True)
     return out
 

@@ -10,6 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
 from nextgpt.tiny.tokenizers import build_llm_tokenizer
 
 HIDDEN = 48
@@ -25,8 +36,6 @@ def _common(tok) -> dict[str, Any]:
 
 
 def _llama3(tok):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         hidden_size=HIDDEN,
         intermediate_size=96,
@@ -47,8 +56,6 @@ def _llama3(tok):
 
 
 def _mistral(tok):
-    from transformers import MistralConfig
-
     return MistralConfig(
         hidden_size=HIDDEN,
         intermediate_size=96,
@@ -62,8 +69,6 @@ def _mistral(tok):
 
 
 def _qwen2(tok):
-    from transformers import Qwen2Config
-
     return Qwen2Config(
         hidden_size=HIDDEN,
         intermediate_size=96,
@@ -77,8 +82,6 @@ def _qwen2(tok):
 
 
 def _gemma2(tok):
-    from transformers import Gemma2Config
-
     return Gemma2Config(
         hidden_size=HIDDEN,
         intermediate_size=96,
@@ -93,8 +96,6 @@ def _gemma2(tok):
 
 
 def _phi3(tok):
-    from transformers import Phi3Config
-
     return Phi3Config(
         hidden_size=HIDDEN,
         intermediate_size=96,
@@ -108,8 +109,6 @@ def _phi3(tok):
 
 
 def _gpt2(tok):
-    from transformers import GPT2Config
-
     return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=1024, **_common(tok))
 
 
@@ -125,9 +124,6 @@ FAMILIES: dict[str, Callable] = {
 
 def build_tiny_family(name: str, out: Path, *, seed: int = 0) -> Path:
     """A tiny random ``name`` causal LM (and the tiny Llama tokenizer) saved under ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if name not in FAMILIES:
         raise ValueError(f"unknown LLM family {name!r}; known: {sorted(FAMILIES)}")
     tok = build_llm_tokenizer(seed)

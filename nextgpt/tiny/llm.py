@@ -6,6 +6,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from nextgpt.tiny.corpus import caption_conversations, tiny_corpus
 from nextgpt.tiny.tokenizers import build_llm_tokenizer
 
@@ -31,9 +34,6 @@ def pretrain_tiny_llm(
     real frozen LLM knows English. Returns the loss curve (deterministic for a seed). ``texts``: other
     texts to train on (``nextgpt.world.llm`` continues with world turns); ``desc``: a progress bar.
     """
-    import torch
-    from tqdm import tqdm
-
     rng = random.Random(seed)
     if texts is None:
         texts = tiny_corpus(seed + 1, n_sentences=3000)[3:] + caption_conversations(rng, 3000)
@@ -73,8 +73,10 @@ def build_tiny_llm(out: Path, *, seed: int = 0) -> Path:
 
     NExT-GPT's special tokens are NOT added: the project adds them at load time, as with the real Vicuna.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (  # deferred: transformers costs ~1 s; only a build needs it
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out = Path(out)
     tokenizer = build_llm_tokenizer(seed)

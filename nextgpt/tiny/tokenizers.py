@@ -13,14 +13,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from nextgpt.tiny.corpus import tiny_corpus
+from tokenizers import Regex, normalizers, pre_tokenizers
 
-TokT = TypeVar("TokT")
+from nextgpt.tiny.corpus import tiny_corpus
 
 if (
     TYPE_CHECKING
 ):  # heavy imports stay lazy: `python -m nextgpt.tiny --out DIR` on a complete cache is instant
-    from transformers import CLIPTokenizer, LlamaTokenizer, RobertaTokenizer
+    from transformers import CLIPTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, RobertaTokenizer
+
+TokT = TypeVar("TokT", bound="PreTrainedTokenizerBase")
 
 LLM_VOCAB_TARGET = 1536
 CLIP_VOCAB_TARGET = 1408
@@ -143,8 +145,6 @@ def _forget_load_kwargs(tokenizer: TokT) -> TokT:
 @functools.lru_cache(maxsize=4)
 def _llama_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """LLaMA layout: <unk> <s> </s>, <0x00>..<0xFF> byte pieces, characters, then learned pieces (▁ = space)."""
-    from tokenizers import pre_tokenizers
-
     pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     words: Counter[tuple[str, ...]] = Counter()
     for text in tiny_corpus(seed):
@@ -163,7 +163,9 @@ def build_llm_tokenizer(seed: int = 0) -> LlamaTokenizer:
     then learned pieces. Adds ``<s>`` at the start, no ``</s>``; pad is ``<unk>`` (what FastChat/LLaVA
     do with Vicuna, which has no pad token).
     """
-    from transformers import LlamaTokenizer
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
+        LlamaTokenizer,
+    )
 
     vocab, merges = _llama_vocab(seed)
     return LlamaTokenizer(
@@ -183,8 +185,6 @@ def build_llm_tokenizer(seed: int = 0) -> LlamaTokenizer:
 @functools.lru_cache(maxsize=4)
 def clip_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """CLIP conventions: NFC + lowercase, byte-level alphabet, ``</w>`` end-of-word, specials last."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
     norm = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
@@ -206,7 +206,9 @@ def clip_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
 
 def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
     """A real ``CLIPTokenizer`` (model_max_length 77) loaded from generated vocab.json/merges.txt files."""
-    from transformers import CLIPTokenizer
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
+        CLIPTokenizer,
+    )
 
     vocab, merges = clip_vocab(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,8 +219,6 @@ def build_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:
 @functools.lru_cache(maxsize=4)
 def roberta_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """GPT-2/RoBERTa conventions: byte-level BPE (Ġ = space), ``<s> <pad> </s> <unk>`` first, ``<mask>`` last."""
-    from tokenizers import pre_tokenizers
-
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
     words: Counter[tuple[str, ...]] = Counter()
     for text in tiny_corpus(seed):
@@ -231,7 +231,9 @@ def roberta_vocab(seed: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...
 
 def build_roberta_tokenizer(seed: int = 0) -> RobertaTokenizer:
     """A real ``RobertaTokenizer`` (CLAP's text tokenizer) loaded from generated vocab.json/merges.txt files."""
-    from transformers import RobertaTokenizer
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
+        RobertaTokenizer,
+    )
 
     vocab, merges = roberta_vocab(seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from nextgpt.world.synthetic import (
     BACKGROUNDS,
@@ -107,21 +109,17 @@ def video_attributes(frames: np.ndarray) -> dict[str, str | None]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
     wave, rate = sf.read(str(path), dtype="float32", always_2d=False)
     return wave, int(rate)
 
 
 def read_video(path: str | Path) -> np.ndarray:
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import; only reading a video needs it
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -23,6 +23,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,7 +90,7 @@ def build_world(
 ) -> Path:
     """Train the world backbones into ``out`` (the decoders starting from the tiny ones in ``backbones``,
     built there first when missing) unless a build of these settings is there; returns ``out``."""
-    import diffusers
+    import diffusers  # deferred: diffusers costs ~2 s to import; a finished build needs none
 
     out = Path(out).absolute()
     settings = WorldSettings.small() if small else WorldSettings()
@@ -103,7 +104,9 @@ def build_world(
         with building(out) as tmp:
             torch.manual_seed(settings.imagebind.seed)
             model = ImageBindModel(tiny_imagebind_config())
-            report = {"imagebind": train_world_imagebind(model, settings.imagebind, work=out.parent)}
+            report: dict[str, Any] = {
+                "imagebind": train_world_imagebind(model, settings.imagebind, work=out.parent)
+            }
             imagebind_path(tmp).parent.mkdir(parents=True)
             torch.save(model.state_dict(), imagebind_path(tmp))
             report["llm"] = build_world_llm(tiny["llm"], tmp / "llm", settings.llm)

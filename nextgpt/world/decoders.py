@@ -95,9 +95,7 @@ class WorldDecodersSettings:
         }
         return cls(
             image=WorldDecoderSettings(**short),
-            audio=WorldDecoderSettings(
-                **{**short, "vocoder_steps": 40, "guidance_scale": 2.5, "high_noise": 0.5}
-            ),
+            audio=WorldDecoderSettings(**short, vocoder_steps=40, guidance_scale=2.5, high_noise=0.5),
             video=WorldDecoderSettings(**{**short, "items": 32, "unet_steps": 20, "batch": 8}),
         )
 
@@ -139,7 +137,7 @@ def train_denoiser(
     pipe, recipe, media: torch.Tensor, captions: list[str], settings: WorldDecoderSettings
 ) -> float:
     """Text encoder + UNet on the pipeline's denoising objective; returns the final loss."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers costs ~2 s to import; only training needs it
 
     schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     rng = np.random.default_rng(settings.seed + 1)

@@ -146,8 +146,8 @@ def train_world_imagebind(
     """Train ``model`` (in place) on world items; returns the quality report (retrieval before and after)."""
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="world-imagebind-", dir=work) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="world-imagebind-", dir=work) as tmp_dir:
+        tmp = Path(tmp_dir)
         write_synthetic(tmp / "train", num_per_modality=max(settings.items), seed=settings.train_seed)
         write_synthetic(tmp / "heldout", num_per_modality=settings.heldout, seed=settings.heldout_seed)
         train = {

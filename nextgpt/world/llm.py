@@ -28,6 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from nextgpt.tiny.corpus import caption_conversations, tiny_corpus
+from nextgpt.tiny.llm import pretrain_tiny_llm
 from nextgpt.world import synthetic as syn
 from nextgpt.world.attributes import ATTRIBUTES, caption_attributes
 
@@ -123,8 +127,6 @@ class WorldLLMSettings:
 def restatement_accuracy(model, tokenizer, n: int, seed: int) -> dict[str, float]:
     """Greedy answers to ``n`` held-out requests per modality (wordings never trained on): the share
     whose restatement names each attribute of the request."""
-    import torch
-
     rng = random.Random(seed)
     hits: dict[str, list[bool]] = {}
     model.eval()
@@ -145,9 +147,6 @@ def restatement_accuracy(model, tokenizer, n: int, seed: int) -> dict[str, float
 
 def train_world_llm(model, tokenizer, settings: WorldLLMSettings = WorldLLMSettings()) -> dict:
     """Continue the tiny LLM's pre-training (in place) with world turns; returns the quality report."""
-    from nextgpt.tiny.corpus import caption_conversations, tiny_corpus
-    from nextgpt.tiny.llm import pretrain_tiny_llm
-
     start = time.perf_counter()
     before = restatement_accuracy(model, tokenizer, settings.heldout, settings.seed + 1001)
     rng = random.Random(settings.seed)
@@ -177,8 +176,10 @@ def build_world_llm(
     tiny_llm: str | Path, out: str | Path, settings: WorldLLMSettings = WorldLLMSettings()
 ) -> dict:
     """The tiny LLM at ``tiny_llm``, trained on the world, saved to ``out``; returns the report."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # deferred: transformers costs ~1 s to import; only a build needs it
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)

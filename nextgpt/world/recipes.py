@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from nextgpt import modality as modalities
 from nextgpt.decoders import encode_captions
 from nextgpt.denoising import from_frames, to_frames, unet_conditioning
+from nextgpt.encoders.preprocess.audio import load_waveform
 from nextgpt.mel import MelFrontEnd
 from nextgpt.world.analysers import audio_attributes, image_attributes, video_attributes
 from nextgpt.world.attributes import caption_attributes
@@ -41,7 +43,7 @@ def with_sample_prediction(pipe) -> None:
     layout there: a tiny UNet trained for minutes learns to ignore the text (measured: chance). In
     this world the caption fixes nearly the whole sample, so regressing the sample itself is the
     fastest way to the right colour in the right place."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # deferred: diffusers costs ~2 s to import; only training needs it
 
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     config.update(prediction_type="sample", clip_sample=False)
@@ -105,7 +107,9 @@ class ImageRecipe(Recipe):
         position went unlearned), and a pooled view of the text added to the time embedding
         (``addition_embed_type="text"``) so that every block hears the caption's colour. The
         pipeline still calls it with ``encoder_hidden_states`` only."""
-        from diffusers import UNet2DConditionModel
+        from diffusers import (  # deferred: diffusers costs ~2 s to import; only training needs it
+            UNet2DConditionModel,
+        )
 
         config = dict(pipe.unet.config)
         config.update(
@@ -148,7 +152,20 @@ class ImageRecipe(Recipe):
 # so only multiples of 16000 / hop can come out. At 160 (100 Hz) the world's pitches (220, 440 and
 # 1,760 Hz, +-0.15 octave) come out as 200, 400 and 1,800 Hz, each nearest its class; at a hop of
 # 64 (250 Hz) the middle pitch came out as 250 Hz, read as low (measured).
-WORLD_VOCODER = {
+class VocoderSizes(TypedDict):
+    """The SpeechT5HifiGanConfig fields the world's vocoder sets."""
+
+    model_in_dim: int
+    sampling_rate: int
+    upsample_initial_channel: int
+    upsample_rates: list[int]
+    upsample_kernel_sizes: list[int]
+    resblock_kernel_sizes: list[int]
+    resblock_dilation_sizes: list[list[int]]
+    normalize_before: bool
+
+
+WORLD_VOCODER: VocoderSizes = {
     "model_in_dim": 32,
     "sampling_rate": 16000,
     "upsample_initial_channel": 64,
@@ -218,13 +235,19 @@ class AudioRecipe(Recipe):
         return int(pipe.unet.config.sample_size) * vae_scale(pipe.vae) * mel.hop / mel.sampling_rate
 
     def rebuild(self, pipe) -> None:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+        from diffusers import (  # deferred: diffusers costs ~2 s to import; only training needs it
+            AutoencoderKL,
+            UNet2DConditionModel,
+        )
+        from transformers import (  # deferred: transformers costs ~1 s to import; only training needs it
+            SpeechT5HifiGan,
+            SpeechT5HifiGanConfig,
+        )
 
         torch.manual_seed(0)
         vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**WORLD_VOCODER)).eval()
         torch.manual_seed(0)
-        vae = AutoencoderKL(
+        vae = AutoencoderKL(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
             in_channels=1,
             out_channels=1,
             latent_channels=8,
@@ -236,7 +259,8 @@ class AudioRecipe(Recipe):
             sample_size=64,
         ).eval()
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(  # AudioLDM's layout: self-attention only, CLAP as a class embedding
+        # AudioLDM's layout: self-attention only, CLAP as a class embedding
+        unet = UNet2DConditionModel(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
             sample_size=16,
             in_channels=8,
             out_channels=8,
@@ -256,8 +280,6 @@ class AudioRecipe(Recipe):
         with_sample_prediction(pipe)
 
     def waves(self, folder: Path, entries: list[dict], rate: int, seconds: float) -> torch.Tensor:
-        from nextgpt.encoders.preprocess.audio import load_waveform
-
         return torch.stack(
             [
                 load_waveform(_path(folder, "audio", e), sample_rate=rate, seconds=seconds).clamp(-1, 1)
@@ -317,10 +339,13 @@ class VideoRecipe(Recipe):
     unet_channels = (16, 32)
 
     def rebuild(self, pipe) -> None:
-        from diffusers import AutoencoderKL, UNet3DConditionModel
+        from diffusers import (  # deferred: diffusers costs ~2 s to import; only training needs it
+            AutoencoderKL,
+            UNet3DConditionModel,
+        )
 
         torch.manual_seed(0)
-        vae = AutoencoderKL(
+        vae = AutoencoderKL(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
             in_channels=3,
             out_channels=3,
             latent_channels=self.latent_channels,
@@ -332,7 +357,7 @@ class VideoRecipe(Recipe):
             sample_size=self.size,
         ).eval()
         torch.manual_seed(0)
-        unet = UNet3DConditionModel(
+        unet = UNet3DConditionModel(  # type: ignore[attr-defined]  # .eval(): mypy reads diffusers' dummy classes
             sample_size=self.size // vae_scale(vae),
             in_channels=self.latent_channels,
             out_channels=self.latent_channels,

@@ -40,7 +40,9 @@ def _cell(v) -> str:
 def markdown(scores: dict[str, dict]) -> str:
     lines = ["| task | attribute | accuracy | chance | decoder alone (ceiling) |", "|---|---|---|---|---|"]
     for task, metric in scores.items():
-        ceiling = metric.get("ceiling") if isinstance(metric.get("ceiling"), dict) else {}
+        ceiling = metric.get("ceiling")
+        if not isinstance(ceiling, dict):
+            ceiling = {}
         for attr, acc in (metric.get("by_attribute") or {}).items():
             lines.append(
                 f"| {task} | {attr} | {_cell(acc)} | {_cell(metric.get('chance', {}).get(attr))} | "

@@ -22,6 +22,7 @@ Run: ``python -m datamodules.synthetic --out DIR [--num N] [--seed S] [--force]`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -33,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from nextgpt.atomic import building, exclusive, install
 
@@ -213,8 +217,6 @@ def _pick(rng: np.random.Generator, options: Any) -> Any:
 
 def _make_image(rng: np.random.Generator, path: Path) -> str:
     """Draw one or two flat shapes (no anti-aliasing, so colours stay exact) and caption them."""
-    from PIL import Image, ImageDraw
-
     background = _pick(rng, BACKGROUNDS)
     n_shapes = 2 if rng.random() < TWO_SHAPE_PROB else 1
     positions = [list(POSITIONS)[i] for i in rng.permutation(len(POSITIONS))[:n_shapes]]
@@ -237,8 +239,6 @@ def _make_image(rng: np.random.Generator, path: Path) -> str:
 
 def _make_audio(rng: np.random.Generator, path: Path) -> str:
     """Synthesize a sine tone (steady or 4 Hz beeping) and caption pitch, loudness, pattern."""
-    import soundfile as sf
-
     pitch = _pick(rng, PITCHES)
     loudness = _pick(rng, LOUDNESS)
     pattern = _pick(rng, PATTERNS)
@@ -264,7 +264,7 @@ def _make_audio(rng: np.random.Generator, path: Path) -> str:
 
 def _make_video(rng: np.random.Generator, path: Path) -> str:
     """Encode a coloured square crossing a dark frame (H.264, yuv420p, 8 fps) and caption it."""
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import; only writing a video needs it
 
     colour = _pick(rng, COLOURS)
     direction = _pick(rng, DIRECTIONS)
@@ -366,8 +366,6 @@ def _is_complete(folder: Path, params: dict[str, Any]) -> bool:
 
 def _build(modality: str, folder: Path, num: int, seed: int) -> None:
     """Write one modality's complete data set into an empty folder (marker last)."""
-    from tqdm import tqdm
-
     media = folder / MEDIA_DIRS[modality]
     media.mkdir(parents=True)
     items: list[Item] = []
@@ -414,7 +412,7 @@ def write_synthetic(
                 continue
             with building(dest) as tmp:
                 _build(m, tmp, num_per_modality, seed)
-                install(tmp, dest, complete=lambda d, p=params: _is_complete(d, p), force=force)
+                install(tmp, dest, complete=functools.partial(_is_complete, params=params), force=force)
     return folders
 
 

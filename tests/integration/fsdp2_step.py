@@ -106,7 +106,7 @@ def main(stage: int, out: Path, cache: Path) -> None:
     model.train()
     loss = module.loss_terms(batch, dict(zip(keys, counts.tolist(), strict=False)))["loss"]
     (loss * world).backward()  # FSDP averages the gradients over the ranks; the loss is already global
-    from nextgpt.strategies import full_tensor
+    from nextgpt.gather import full_tensor
 
     grads = {n: full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad}
     opt.step()

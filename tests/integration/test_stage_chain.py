@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 
 from nextgpt.bundles import BundleError, load_bundle_weights
 from nextgpt.cli.train import train
-from nextgpt.config import ConfigError, validate, validate_paths
+from nextgpt.config import ConfigError
+from nextgpt.preflight import validate_paths
+from nextgpt.schema import validate
+from nextgpt.spec import run_spec
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +67,12 @@ def test_missing_previous_bundle_is_named(tiny_config, tmp_path):
     cfg = tiny_config("stage=2")
     validate(cfg)
     with pytest.raises(ConfigError, match="stage 2 starts from the bundle .*stage1, which does not exist"):
-        validate_paths(cfg)
+        validate_paths(cfg, run_spec(cfg).init_from)
     cfg = tiny_config("stage=3", f"init_from={tmp_path / 'elsewhere'}")
     with pytest.raises(ConfigError, match="init_from="):
-        validate_paths(cfg)
-    validate_paths(tiny_config("stage=1"))  # stage 1 has nothing to start from: fine
+        validate_paths(cfg, run_spec(cfg).init_from)
+    cfg = tiny_config("stage=1")
+    validate_paths(cfg, run_spec(cfg).init_from)  # stage 1 has nothing to start from: fine
 
 
 def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):

@@ -243,7 +243,7 @@ def test_web_demo_in_headless_chromium(browser, server, generator, sample_root: 
 
 # --- the backend without a browser ----------------------------------------------------------------
 def test_backend_refuses_bad_input_with_clear_messages(generator, tmp_path: Path) -> None:
-    from nextgpt.demo import ChatState, DemoBackend, DemoInputError
+    from nextgpt.demo_backend import ChatState, DemoBackend, DemoInputError
 
     backend = DemoBackend(generator, out_dir=tmp_path / "out", max_prompt_chars=40)
     state = ChatState()
@@ -270,7 +270,8 @@ def test_backend_refuses_bad_input_with_clear_messages(generator, tmp_path: Path
 
 
 def test_bundle_errors_are_messages_not_crashes(generator, tmp_path: Path) -> None:
-    from nextgpt.demo import ChatState, DemoBackend, DemoInputError, build_app, load_generator
+    from nextgpt.demo import build_app
+    from nextgpt.demo_backend import ChatState, DemoBackend, DemoInputError, load_generator
 
     with pytest.raises(DemoInputError, match="does not exist"):
         load_generator(tmp_path / "missing")
@@ -297,7 +298,7 @@ def test_bundle_box_loads_only_the_started_bundle_and_allowed_folders(
 ) -> None:
     import html
 
-    from nextgpt.demo import DemoBackend, DemoInputError
+    from nextgpt.demo_backend import DemoBackend, DemoInputError
 
     outside = tmp_path / "outside"  # an existing folder that even looks like a bundle
     outside.mkdir()
@@ -378,7 +379,7 @@ def test_allow_bundles_flag_and_the_page_without_it(generator, tmp_path: Path, c
 @pytest.mark.real_data
 @pytest.mark.one_sample_folder
 def test_follow_up_turns_carry_history_and_media(generator, sample_root: Path, tmp_path: Path) -> None:
-    from nextgpt.demo import ChatState, DemoBackend
+    from nextgpt.demo_backend import ChatState, DemoBackend
 
     calls: list[dict] = []
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from nextgpt.chat_template import ChatTemplateError
 from nextgpt.prompts import (
     IGNORE_INDEX,
-    ChatTemplateError,
     Conversation,
     encode_conversation,
     get_template,

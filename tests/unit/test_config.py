@@ -11,7 +11,8 @@ import pytest
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
 
-from nextgpt.config import CONFIG_DIR, ConfigError, compose, normalize_overrides, validate
+from nextgpt.config import CONFIG_DIR, ConfigError, compose, normalize_overrides
+from nextgpt.schema import validate
 from tests.conftest import REPO_ROOT
 
 STAGES = ["1", "2", "3"]

@@ -20,8 +20,9 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nextgpt.config import CONFIG_DIR, ConfigError, compose, validate
+from nextgpt.config import CONFIG_DIR, ConfigError, compose
 from nextgpt.evaluation.readers import READERS
+from nextgpt.schema import validate
 
 # groups of train.yaml; evaluate.yaml's own group is task/ (below); base/ holds shared dataset keys
 GROUPS = sorted(

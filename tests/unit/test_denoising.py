@@ -122,7 +122,8 @@ def test_denoise_without_a_target_loader_is_refused_by_the_schema(tiny_config, m
     import dataclasses
 
     from nextgpt import modality
-    from nextgpt.config import ConfigError, validate
+    from nextgpt.config import ConfigError
+    from nextgpt.schema import validate
 
     validate(
         tiny_config("stage=2", "model.modalities.audio.decoder.denoise=true")

@@ -16,10 +16,10 @@ from PIL import Image
 from nextgpt import modality as modality_registry
 from nextgpt.encoders.imagebind import (
     ImageBindCheckpointError,
-    ImageBindConfig,
     ImageBindModel,
     load_imagebind,
 )
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.encoders.preprocess import (
     DEPTH_MEAN,
     DEPTH_STD,

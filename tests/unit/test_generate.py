@@ -319,7 +319,8 @@ def test_decoding_defaults_come_from_the_bundles_model_generation(generator, tin
         ],
         output_dir=str(tmp_path),
     )
-    from nextgpt.config import ConfigError, validate
+    from nextgpt.config import ConfigError
+    from nextgpt.schema import validate
 
     with pytest.raises(ConfigError, match="model.generation.top_p"):
         validate(bad)

@@ -9,10 +9,10 @@ import torch
 
 from nextgpt.encoders.imagebind import (
     ImageBindCheckpointError,
-    ImageBindConfig,
     ImageBindModel,
     load_imagebind,
 )
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 
 AUDIO_LOGIT_SCALE = 20.0  # the audio postprocessor's fixed logit scale in Meta's model
 

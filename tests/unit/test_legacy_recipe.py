@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from nextgpt.config import compose, validate
+from nextgpt.config import compose
 from nextgpt.projectors import OutputProjector
 from nextgpt.prompts import (
     IGNORE_INDEX,
@@ -24,6 +24,7 @@ from nextgpt.prompts import (
     legacy_pieces,
     tokenize_legacy,
 )
+from nextgpt.schema import validate
 from nextgpt.tokens import add_nextgpt_tokens
 
 SLOT = 0

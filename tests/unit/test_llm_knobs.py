@@ -82,8 +82,9 @@ def test_a_model_without_decoder_layers_is_refused():
 
 
 def test_attention_implementation_reaches_the_llm(tiny_config):
-    from nextgpt.config import ConfigError, validate
+    from nextgpt.config import ConfigError
     from nextgpt.model import build_nextgpt
+    from nextgpt.schema import validate
 
     cfg = tiny_config("stage=1", "model.llm.attn_implementation=eager")
     model, _, _ = build_nextgpt(cfg.model)

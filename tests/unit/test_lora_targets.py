@@ -79,7 +79,7 @@ def test_names_and_all_linear_pass_through():
 
 
 def test_preflight_accepts_attention_for_gpt2(tmp_path):
-    from nextgpt.config import lora_target_errors
+    from nextgpt.preflight import lora_target_errors
     from nextgpt.tiny.families import build_tiny_family
 
     path = build_tiny_family("gpt2", tmp_path / "gpt2")

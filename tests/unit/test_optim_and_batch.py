@@ -10,15 +10,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nextgpt.config import BatchPlan, ConfigError, compose, device_count, resolve_batch, validate
+from nextgpt.config import ConfigError, compose
 from nextgpt.optim import build_optimizer, build_scheduler
+from nextgpt.schema import validate
+from nextgpt.spec import BatchPlan, OptimSpec, batch_plan, device_count
 from tests.conftest import REPO_ROOT
 
 
 def optim_cfg(tmp_path, *overrides):
     cfg = compose(list(overrides), output_dir=str(tmp_path))
     validate(cfg)
-    return OmegaConf.to_container(cfg.stage.optim, resolve=True)
+    return OptimSpec.of(cfg.stage.optim)
 
 
 def test_default_is_adamw_with_the_stage_numbers_and_warmup_linear_decay(tmp_path):
@@ -54,7 +56,7 @@ def test_reference_betas_cosine_schedule_and_another_optimizer_by_override(tmp_p
     )
     opt = build_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))])
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 4e-4
-    assert optim_cfg(tmp_path, "stage.optim.betas=[0.9,0.95]")["optimizer"]["betas"] == [0.9, 0.95]
+    assert optim_cfg(tmp_path, "stage.optim.betas=[0.9,0.95]").optimizer["betas"] == [0.9, 0.95]
     sched = build_scheduler(optim, opt, total_steps=10)
     assert type(sched).__name__ == "LambdaLR"
 
@@ -100,9 +102,11 @@ def test_global_batch_derives_the_accumulation(tmp_path):
         output_dir=str(tmp_path),
     )
     OmegaConf.resolve(cfg)
-    plan = resolve_batch(cfg)
+    plan = batch_plan(cfg)
     assert plan == BatchPlan(devices=2, num_nodes=1, per_device=4, accumulate=2)
-    assert cfg.trainer.accumulate_grad_batches == 2 and plan.global_batch == 16
+    assert (
+        plan.global_batch == 16 and cfg.trainer.accumulate_grad_batches == 1
+    )  # the spec writes nothing back
     assert str(plan) == (
         "world size 2 (2 device(s) x 1 node(s)), per-device batch 4, gradient accumulation 2, global batch 16"
     )
@@ -112,7 +116,7 @@ def test_global_batch_derives_the_accumulation(tmp_path):
         output_dir=str(tmp_path),
     )
     OmegaConf.resolve(ref)
-    assert resolve_batch(ref).accumulate == 1
+    assert batch_plan(ref).accumulate == 1
 
 
 def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path):
@@ -126,7 +130,7 @@ def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path):
         match=r"stage.global_batch_size=100: must be a multiple of devices x nodes x "
         r"dataset.batch_size = 2 x 3 x 4 = 24",
     ):
-        resolve_batch(cfg)
+        batch_plan(cfg)
     both = compose(
         [
             "trainer.devices=2",
@@ -140,7 +144,7 @@ def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path):
     with pytest.raises(
         ConfigError, match="trainer.accumulate_grad_batches=4: contradicts stage.global_batch_size=16"
     ):
-        resolve_batch(both)
+        batch_plan(both)
 
 
 def test_device_counts_follow_lightning():

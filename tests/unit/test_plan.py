@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextgpt.plan import GIB, STRATEGIES, activation_bytes, check_fits, make_plan, meta_model
+from nextgpt.plan import GIB, STRATEGIES, activation_bytes, check_fits, make_plan
+from nextgpt.plan.meta import meta_model
 from tests.unit.test_stages import build_stage, fixed_batch
 
 
@@ -196,7 +197,7 @@ def test_every_llm_family_is_planned(family, tmp_path, tiny_config):
 )
 def test_the_planned_conditioning_shape_is_the_measured_one(decoder, conditioning, tiny_cache):
     from nextgpt.decoders import TextConditioner
-    from nextgpt.plan import conditioning_shape
+    from nextgpt.plan.meta import conditioning_shape
 
     folder = tiny_cache / "tiny_backbones" / decoder
     shape, encoders = conditioning_shape(folder, conditioning)

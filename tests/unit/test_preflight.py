@@ -6,7 +6,7 @@ import time
 
 from transformers import GPT2Config
 
-from nextgpt.config import lora_target_errors
+from nextgpt.preflight import lora_target_errors
 from tests.cli import train
 
 
@@ -37,7 +37,7 @@ def test_training_gpt2_with_llama_targets_is_refused_within_seconds(tiny_cache, 
 
 
 def test_chat_template_needs_one_in_the_tokenizer(tiny_config):
-    from nextgpt.config import backbone_path_errors
+    from nextgpt.preflight import backbone_path_errors
 
     cfg = tiny_config("model.llm.template=chat")
     from pathlib import Path

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nextgpt import modality as modality_registry
-from nextgpt.encoders.imagebind import ImageBindConfig, ImageBindModel
+from nextgpt.encoders.imagebind import ImageBindModel
+from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.encoders.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -525,12 +526,12 @@ def test_pyav_audio_decodes_only_the_clips(tmp_path: Path, codec: str, suffix: s
     from the last frames; Matroska's millisecond stamps are decoded forward instead (still span-sized memory)."""
     import tracemalloc
 
-    from nextgpt.encoders.preprocess import audio as preprocess_audio
+    from nextgpt.encoders.preprocess.audio_readers import AvAudio
     from nextgpt.encoders.preprocess.common import existing_source
 
     path = tmp_path / f"long.{suffix}"
     write_av_audio(path, codec, 44100, 5 * 60)
-    reader = preprocess_audio._AvAudio(existing_source(path))
+    reader = AvAudio(existing_source(path))
     try:
         assert reader.seeks is seeks
     finally:

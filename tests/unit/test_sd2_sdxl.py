@@ -97,7 +97,7 @@ def test_a_pooled_row_wider_than_the_tokens_is_refused():
 
 
 def test_a_conditioning_that_does_not_fit_the_folder_is_named(tiny_config, backbones):
-    from nextgpt.config import backbone_path_errors
+    from nextgpt.preflight import backbone_path_errors
 
     cfg = tiny_config("stage=2", f"model.modalities.image.decoder.path={backbones / 'sdxl'}")
     errors = backbone_path_errors(cfg)

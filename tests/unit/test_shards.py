@@ -21,8 +21,11 @@ from torch.utils.data import DataLoader
 
 from datamodules import prepare, shards
 from datamodules.nextgpt_layout import read_source
-from datamodules.prepare import pair_record, prepare_nextgpt, write_shards
-from datamodules.shards import ShardSample, ShardStream, SkipSample, TooManySkipped, TrackingCollate
+from datamodules.prepare import prepare_nextgpt
+from datamodules.shard_writer import pair_record, write_shards
+from datamodules.shards import ShardStream, TrackingCollate
+from datamodules.shards.sample import ShardSample, SkipSample
+from datamodules.shards.skips import TooManySkipped
 from nextgpt import modality as modality_registry
 from nextgpt.encoders.preprocess import MediaDecodeError, load_audio, load_image, load_video
 
@@ -103,7 +106,7 @@ def test_write_and_read_back_real_sample(sample_root: Path, tmp_path: Path) -> N
         ((name, tensor),) = decode_media(sample)
         ref = read_source(folder.name, modality, folder, objective)[0][0]
         assert name == modality and torch.equal(
-            tensor, shards.modality_registry.get(modality).load(ref.media_in[0][1])
+            tensor, modality_registry.get(modality).load(ref.media_in[0][1])
         )
 
 

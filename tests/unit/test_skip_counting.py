@@ -17,8 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules import shards
-from datamodules.prepare import pair_record, write_shards
-from datamodules.shards import ShardSample, ShardStream, TooManySkipped, TrackingCollate
+from datamodules.shard_writer import pair_record, write_shards
+from datamodules.shards import ShardStream, TrackingCollate
+from datamodules.shards.sample import ShardSample
+from datamodules.shards.skips import TooManySkipped
 from nextgpt import modality as modality_registry
 
 

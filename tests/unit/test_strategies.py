@@ -10,7 +10,9 @@ import pytest
 from lightning.pytorch import strategies
 from omegaconf import OmegaConf
 
-from nextgpt.config import ConfigError, compose, resolve_batch, validate
+from nextgpt.config import ConfigError, compose
+from nextgpt.schema import validate
+from nextgpt.spec import batch_plan
 from nextgpt.strategies import FSDP2Strategy, WrapByClassName
 
 EXPECTED = {
@@ -79,7 +81,7 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
     )
     validate(cfg)
     OmegaConf.resolve(cfg)
-    plan = resolve_batch(cfg)
+    plan = batch_plan(cfg)
     assert (plan.world_size, plan.per_device, plan.accumulate, plan.global_batch) == (8, 18, 1, 144)
     config = deepspeed_preflight(cfg, plan)
     assert config["bf16"] == {"enabled": True} and config["train_micro_batch_size_per_gpu"] == 18
@@ -99,4 +101,4 @@ def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_pat
     OmegaConf.resolve(cfg)
     # and DeepSpeed's own rule says the same, should the schema ever miss it
     with pytest.raises(ConfigError, match="DeepSpeed refuses it"):
-        deepspeed_preflight(cfg, resolve_batch(cfg))
+        deepspeed_preflight(cfg, batch_plan(cfg))

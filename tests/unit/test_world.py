@@ -118,7 +118,8 @@ def test_the_world_imagebind_is_built_once_loads_through_the_real_path_and_beats
     above chance (the full build's figures are in the README)."""
     import torch
 
-    from nextgpt.encoders.imagebind import ImageBindConfig, load_imagebind
+    from nextgpt.encoders.imagebind import load_imagebind
+    from nextgpt.encoders.imagebind_config import ImageBindConfig
     from nextgpt.world.build import build_world, imagebind_path
 
     out = world_small  # built by the session fixture, as the learning test uses it

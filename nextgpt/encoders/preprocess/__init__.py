@@ -26,7 +26,7 @@ naming the file (or, for in-memory data, the ``name=`` given, else the file obje
 ``except``.
 """
 
-from nextgpt.encoders.preprocess.audio import kaldi_fbank, load_audio, resample
+from nextgpt.encoders.preprocess.audio import load_audio
 from nextgpt.encoders.preprocess.common import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, MediaDecodeError, MediaSource
 from nextgpt.encoders.preprocess.depth import (
     DEPTH_MEAN,
@@ -36,6 +36,8 @@ from nextgpt.encoders.preprocess.depth import (
     load_depth,
 )
 from nextgpt.encoders.preprocess.image import load_image
+from nextgpt.encoders.preprocess.kaldi import kaldi_fbank
+from nextgpt.encoders.preprocess.resampling import resample
 from nextgpt.encoders.preprocess.video import load_video
 
 __all__ = [

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import torch
 
@@ -41,6 +41,7 @@ class Source:
         """What PIL / soundfile / PyAV accept: the path as a string, or a fresh rewound buffer."""
         if self.path is not None:
             return str(self.path)
+        assert self.data is not None  # existing_source gives every Source a path or its bytes
         buf = io.BytesIO(self.data)
         buf.name = self.label  # soundfile guesses the format from a name's suffix
         return buf
@@ -50,11 +51,12 @@ def existing_source(source: MediaSource, name: str | None = None) -> Source:
     if isinstance(source, (bytes, bytearray, memoryview)):
         src = Source(name or "<bytes>", data=bytes(source))
     elif hasattr(source, "read"):
-        label = name or str(getattr(source, "name", None) or "<stream>")
+        stream = cast(BinaryIO, source)
+        label = name or str(getattr(stream, "name", None) or "<stream>")
         try:
-            if source.seekable():
-                source.seek(0)
-            data = source.read()
+            if stream.seekable():
+                stream.seek(0)
+            data = stream.read()
         except Exception as e:  # a closed or broken stream
             raise MediaDecodeError(label, f"cannot read the stream ({type(e).__name__}: {e})") from e
         if not isinstance(data, (bytes, bytearray)):

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from nextgpt.encoders.preprocess.common import (
     IMAGE_SIZE,
@@ -34,6 +35,7 @@ _DEPTH_ENCODINGS = ("depth", "disparity", "relative")
 def _read_head(p: Source, n: int) -> bytes:
     if p.data is not None:
         return p.data[:n]
+    assert p.path is not None  # a Source without bytes has a path
     with open(p.path, "rb") as f:
         return f.read(n)
 
@@ -56,8 +58,6 @@ def _decode_npy(p: Source) -> np.ndarray:
 
 def _decode_depth_image(p: Source) -> np.ndarray:
     """A single-channel image as its stored numbers: uint8, uint16 (16-bit PNG), int32 or float32."""
-    from PIL import Image
-
     try:
         with Image.open(p.open()) as im:
             im.load()  # forces the full decode: truncated files fail here

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nextgpt.encoders.preprocess.common import (
     CLIP_MEAN,
@@ -34,12 +35,10 @@ def center_crop_offsets(w: int, h: int, size: int) -> tuple[int, int]:
 
 def load_image(path: MediaSource, *, name: str | None = None) -> torch.Tensor:
     """(3, 224, 224) float32 as ImageBind's vision transform: RGB, bicubic short side 224, centre crop, CLIP norm."""
-    from PIL import Image
-
     p = existing_source(path, name)
     try:
-        with Image.open(p.open()) as im:
-            im = im.convert("RGB")  # forces the full decode: truncated files fail here
+        with Image.open(p.open()) as src:
+            im = src.convert("RGB")  # forces the full decode: truncated files fail here
             w, h = im.size
             if w < 1 or h < 1:
                 raise ValueError(f"image has size {w}x{h}")

@@ -88,12 +88,12 @@ def _probe_video(p: Source) -> _VideoIndex:
     every counted packet has a distinct pts, none is flagged discard/corrupt and the first is a keyframe:
     then the i-th smallest pts is the i-th frame a decode from the start yields.
     """
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import and only decoding a video needs it
 
     pts, keys = array("q"), array("q")  # 8 bytes a frame: an hour at 25 fps is 0.7 MB
     regular = True
     try:
-        with av.open(p.open()) as container:
+        with av.open(p.open(), mode="r") as container:
             if not container.streams.video:
                 raise MediaDecodeError(p.label, "no video stream")
             stream = container.streams.video[0]
@@ -108,7 +108,7 @@ def _probe_video(p: Source) -> _VideoIndex:
                     or (count == 0 and not pkt.is_keyframe)
                 )
                 regular = regular and not odd
-                if regular:
+                if regular and pkt.pts is not None:  # regular: every pts so far is known
                     pts.append(pkt.pts)
                     if pkt.is_keyframe:
                         keys.append(pkt.pts)
@@ -132,13 +132,13 @@ def _probe_video(p: Source) -> _VideoIndex:
 
 def _grab_sequential(p: Source, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in presentation order, converting only ``wanted`` indices to RGB; returns (frames, decoded)."""
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import and only decoding a video needs it
 
     got: dict[int, np.ndarray] = {}
     last_i, last_frame = -1, None
     top = max(wanted)
     try:
-        with av.open(p.open()) as container:
+        with av.open(p.open(), mode="r") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
@@ -155,6 +155,7 @@ def _grab_sequential(p: Source, wanted: set[int]) -> tuple[dict[int, np.ndarray]
     if last_i < 0:
         raise MediaDecodeError(p.label, "video stream has no decodable frames")
     if last_i < top:  # fewer decodable frames than packets: reuse the last decoded frame
+        assert last_frame is not None  # last_i >= 0: a frame was decoded
         fill = last_frame.to_ndarray(format="rgb24")
         for i in wanted:
             got.setdefault(i, got.get(last_i, fill))
@@ -169,13 +170,13 @@ def _grab_seeking(p: Source, wanted: set[int], index: _VideoIndex) -> tuple[dict
     keyframe landed on (open-GOP leading frames) are dropped. Raises :class:`NoSeek` on anything a
     forward decode would do differently (a seek landing late, a wanted frame never appearing).
     """
-    import av
+    import av  # deferred: PyAV (FFmpeg) costs ~0.1 s to import and only decoding a video needs it
 
     assert index.pts is not None and index.keyframes is not None
     by_pts = {int(index.pts[i]): i for i in wanted}
     got: dict[int, np.ndarray] = {}
     decoded = 0
-    with av.open(p.open()) as container:
+    with av.open(p.open(), mode="r") as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         packets: Iterator | None = None
@@ -253,7 +254,7 @@ def load_video(
     per_clip = _video_frame_indices(index.count, index.fps, num_clips, clip_duration, frames_per_clip)
     frames, _ = _grab(p, {i for idxs in per_clip for i in idxs}, index)
     crops = [1] if num_crops == 1 else [0, 1, 2]
-    out = []
+    out: list[torch.Tensor] = []
     for idxs in per_clip:
         clip = torch.from_numpy(np.stack([frames[i] for i in idxs])).permute(3, 0, 1, 2).float()  # (C,T,H,W)
         clip = _short_side_scale(clip / 255.0, size)

@@ -1,0 +1,197 @@
+"""What a run reads and writes, checked before any weight loads: backbone folders, decoder
+conditionings, LoRA targets, the previous stage's bundle and its tokens, the output folders.
+``validate_paths`` raises one ``ConfigError`` listing every fault."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from nextgpt import modality as modality_registry
+from nextgpt.config import ConfigError
+from nextgpt.decoders import conditioning_mismatch
+from nextgpt.lora import attention_projections
+
+
+def backbone_path_errors(cfg: DictConfig) -> list[str]:
+    """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
+    after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
+    checks = [
+        ("model.llm.path", cfg.model.llm.path, "config.json"),
+        ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None),
+    ]
+    checks += [
+        (f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json")
+        for n, m in modality_registry.generated(cfg.model.modalities).items()
+    ]
+    errors = []
+    for key, path, inner in checks:
+        target = Path(path) / inner if inner else Path(path)
+        if not target.exists():
+            errors.append(f"{key}={path!r}: {target} does not exist")
+    errors += decoder_conditioning_errors(cfg)
+    llm_config = Path(cfg.model.llm.path) / "config.json"
+    if llm_config.is_file():
+        found = _causal_lm_errors(llm_config)
+        errors += found or lora_target_errors(cfg.model.llm.path, cfg.model.lora.target_modules)
+        if cfg.model.llm.template == "chat" and not _has_chat_template(Path(cfg.model.llm.path)):
+            errors.append(
+                f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
+                "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead"
+            )
+    return errors
+
+
+def decoder_conditioning_errors(cfg: DictConfig) -> list[str]:
+    """A conditioning kind that does not read its pipeline folder the way that pipeline does (SDXL's
+    two encoders and pooled embedding configured as ``last_hidden_state``, say), named by key."""
+
+    errors = []
+    for n, m in modality_registry.generated(cfg.model.modalities).items():
+        index = Path(m.decoder.path) / "model_index.json"
+        if index.is_file():
+            why = conditioning_mismatch(json.loads(index.read_text()), str(m.decoder.conditioning))
+            if why:
+                errors.append(
+                    f"model.modalities.{n}.decoder.conditioning={m.decoder.conditioning!r}: {why} ({index})"
+                )
+    return errors
+
+
+def _has_chat_template(folder: Path) -> bool:
+
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def lora_target_errors(llm_path: str | Path, targets: Any) -> list[str]:
+    """LoRA targets that match no module of the LLM, found from its config alone (the model is
+    built on the meta device: no weight is read). peft matches a name by its last components."""
+
+    try:
+        config = AutoConfig.from_pretrained(str(llm_path))
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an unreadable or unsupported config: the loader reports it with its own words
+        return [
+            f"model.llm.path={str(llm_path)!r}: its config does not build a causal LM ({type(e).__name__}: {e})"
+        ]
+    head = llm.get_output_embeddings()
+    linear = sorted({n for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if type(m).__name__ == "Conv1D"})
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return (
+                []
+                if linear or conv1d
+                else [f"model.lora.target_modules='all-linear': {config.model_type} has no linear layer"]
+            )
+        if targets == "attention":
+            return (
+                []
+                if attention_projections(llm)
+                else [
+                    f"model.lora.target_modules='attention': {config.model_type} has no attention "
+                    f"block with linear layers; "
+                    f"its linear layers are {kinds + conv1d} (name some of those, or all-linear)"
+                ]
+            )
+        targets = [targets]
+    names = [n for n, _ in llm.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    return [
+        f"model.lora.target_modules={list(targets)}: {config.model_type} has no module named {missing}; its "
+        f"linear layers are {kinds + conv1d} (set model.lora.target_modules to some of those, all-linear or attention)"
+    ]
+
+
+def _causal_lm_errors(config_file: Path) -> list[str]:
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        return [f"model.llm.path={str(config_file.parent)!r}: {config_file} is not a readable config ({e})"]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [
+            f"model.llm.path={str(config_file.parent)!r}: its config.json has model_type={model_type!r}, which is "
+            "not a causal language model transformers knows (a Hugging Face LLM folder is expected)"
+        ]
+    return []
+
+
+def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
+    """The bundle's signal tokens against those the config asks for, before any weight loads: a
+    bundle trained with 4 image and 8 audio tokens must not load into 6 + 6 (equal shapes)."""
+
+    key = "init_from" if cfg.init_from else "paths.bundles"
+    try:
+        layout = json.loads((bundle / "meta.json").read_text(encoding="utf-8")).get("token_layout")
+    except (ValueError, UnicodeDecodeError) as e:
+        return [f"{key}={str(bundle)!r}: {bundle / 'meta.json'} is damaged ({e})"]
+    if not layout:
+        return []
+    errors = []
+    for name, m in cfg.model.modalities.items():
+        want = modality_registry.get(name).signal_tokens(int(m.num_signal_tokens))
+        have = list(layout["signals"].get(name, {}))
+        if want != have:
+            errors.append(
+                f"model.modalities.{name}.num_signal_tokens={m.num_signal_tokens}: the bundle {bundle} was "
+                f"trained with {len(have)} {name} signal tokens ({' '.join(have[:2])}{' ...' if len(have) > 2 else ''})"
+                f", this config asks for {len(want)} ({' '.join(want[:2])}{' ...' if len(want) > 2 else ''})"
+            )
+    return errors
+
+
+OUTPUT_KEYS = ("paths.bundles", "paths.checkpoints")  # folders a run writes its results into
+
+
+def unwritable_errors(cfg: DictConfig) -> list[str]:
+    """Output folders that can not be created or written (found before anything loads, not after
+    training)."""
+
+    errors = []
+    for key in OUTPUT_KEYS:
+        folder = Path(OmegaConf.select(cfg, key))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            errors.append(
+                f"{key}={str(folder)!r}: can not be written ({e.strerror or e}); the run would train and then "
+                "lose its result"
+            )
+    return errors
+
+
+def validate_paths(cfg: DictConfig, bundle: Path | None, data_errors: Iterable[str] = ()) -> None:
+    """Check that everything the run reads exists, naming the key and the path when not.
+    ``bundle``: the one this stage starts from (``RunSpec.init_from``); ``data_errors``: what the
+    data side found missing (:func:`datamodules.sources.data_path_errors`)."""
+    errors = list(data_errors) + backbone_path_errors(cfg)
+    if bundle is not None and (Path(bundle) / "meta.json").is_file():
+        errors += bundle_token_errors(cfg, Path(bundle))
+    if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
+        key = "init_from" if cfg.init_from else "paths.bundles"
+        errors.append(
+            f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
+            f"{bundle}, which does not exist (run the previous stage first, or set init_from=DIR)"
+        )
+    if errors:
+        raise ConfigError(errors)
