@@ -32,7 +32,7 @@ def check_task_args(argv: list[str]) -> None:
             sys.exit(2)
 
 
-@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
 @main_guard
 def _main(cfg: DictConfig) -> float | None:
     from nextgpt.cli.evaluate import evaluate

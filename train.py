@@ -7,12 +7,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nextgpt.config import main_guard, normalize_overrides, register_resolvers
+from nextgpt.config import CONFIG_DIR, main_guard, normalize_overrides, register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 @main_guard
 def _main(cfg: DictConfig) -> float | None:
     from nextgpt.cli.train import train

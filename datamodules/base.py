@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 
 from datamodules.steps import EpochProgress
+from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.prompts import PairStyle
 
 
@@ -42,8 +43,12 @@ class SourceDataModule(L.LightningDataModule):
         cache_fallback: str | None,
         pairs: Mapping[str, Any] | None = None,
         pack: bool = False,
+        tokens: Tokens | None = None,
     ):
         super().__init__()
+        # the tokenizer and token layout the model uses too (train.py loads them once for both);
+        # None: setup loads them from model.llm.path
+        self.tokens = tokens
         # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
         self.pack_length = int(max_length) if pack else None
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
@@ -62,6 +67,10 @@ class SourceDataModule(L.LightningDataModule):
         )  # where unwritable data caches go
         self.conversations_by_source: list = []
         self.progress = EpochProgress()
+
+    def tokenizer_and_layout(self) -> Tokens:
+        """The tokenizer with NExT-GPT's tokens, and their layout: the model's own when given."""
+        return self.tokens if self.tokens is not None else load_tokenizer(self.model_cfg)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop at each epoch start (epochs count batches, see EpochProgress)."""

@@ -20,7 +20,7 @@ from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.encode import media_key, media_store
-from nextgpt.model import load_tokenizer
+from nextgpt.model import Tokens
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError
 
@@ -53,6 +53,7 @@ class NextGPTDataModule(SourceDataModule):
         pairs: Mapping[str, Any] | None = None,
         pack: bool = False,
         mix: str = "weighted",
+        tokens: Tokens | None = None,
     ):
         super().__init__(
             sources,
@@ -67,6 +68,7 @@ class NextGPTDataModule(SourceDataModule):
             cache_fallback,
             pairs,
             pack,
+            tokens,
         )
         if mix not in ("weighted", "balanced"):
             raise ValueError(
@@ -95,7 +97,7 @@ class NextGPTDataModule(SourceDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
+        self.tokenizer, self.layout = self.tokenizer_and_layout()
         convs: list[Conversation] = []
         source_of: list[int] = []
         for k, src in enumerate(self.sources):

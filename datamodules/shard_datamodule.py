@@ -48,7 +48,7 @@ from nextgpt.atomic import holding
 from nextgpt.batch import Collator, ConversationDataset, Item
 from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
-from nextgpt.model import load_tokenizer
+from nextgpt.model import Tokens
 from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class ShardDataModule(SourceDataModule):
         pairs: Mapping[str, Any] | None = None,
         pack: bool = False,
         media_identity: str = "listing",
+        tokens: Tokens | None = None,
     ):
         super().__init__(
             sources,
@@ -99,6 +100,7 @@ class ShardDataModule(SourceDataModule):
             cache_fallback,
             pairs,
             pack,
+            tokens,
         )
         self.media_identity = media_identity
         self.folders: dict[str, Path] = {}  # source name -> the shard folder setup chose
@@ -122,7 +124,7 @@ class ShardDataModule(SourceDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.stream is not None:
             return
-        self.tokenizer, self.layout = load_tokenizer(self.model_cfg)
+        self.tokenizer, self.layout = self.tokenizer_and_layout()
         paths: list[Path] = []
         per_source: list[list[Path]] = []
         path_modality: dict[Path, str] = {}

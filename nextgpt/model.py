@@ -305,7 +305,12 @@ class NextGPT(nn.Module):
 
 
 # --- building from config ----------------------------------------------------------------------
-def load_tokenizer(model_cfg: Mapping[str, Any]) -> tuple[PreTrainedTokenizerBase, TokenLayout]:
+# the LLM's tokenizer with NExT-GPT's tokens, and where those tokens sit: one pair per run, shared
+# by the data and the model
+Tokens = tuple[PreTrainedTokenizerBase, TokenLayout]
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any]) -> Tokens:
     """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_cfg["llm"]["path"]))
     counts = {name: int(m["num_signal_tokens"]) for name, m in model_cfg["modalities"].items()}
@@ -343,13 +348,16 @@ def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
 
 
 def build_nextgpt(
-    model_cfg: Mapping[str, Any], conditioners: Mapping[str, TextConditioner] | None = None
+    model_cfg: Mapping[str, Any],
+    conditioners: Mapping[str, TextConditioner] | None = None,
+    tokens: Tokens | None = None,
 ) -> tuple[NextGPT, PreTrainedTokenizerBase, dict[str, TextConditioner]]:
-    """Load every backbone through its real loading path and assemble a NextGPT.
+    """Load every backbone through its real loading path and assemble a NextGPT; ``tokens``: the
+    tokenizer and layout already loaded for this model (the data's), else loaded here.
 
     Returns (model, tokenizer, conditioners).
     """
-    tokenizer, layout = load_tokenizer(model_cfg)
+    tokenizer, layout = tokens if tokens is not None else load_tokenizer(model_cfg)
     llm_cfg = model_cfg["llm"]
     extra = (
         {"attn_implementation": llm_cfg["attn_implementation"]} if llm_cfg.get("attn_implementation") else {}

@@ -35,7 +35,7 @@ from nextgpt.losses import (
     count_keys,
     modality_mean,
 )
-from nextgpt.model import NextGPT, build_nextgpt, parameter_counts, torch_dtype
+from nextgpt.model import NextGPT, Tokens, build_nextgpt, parameter_counts, torch_dtype
 from nextgpt.optim import build_optimizer, build_scheduler
 from nextgpt.spec import LossSpec, OptimSpec
 from nextgpt.strategies import WrapByClassName, shard_model
@@ -76,12 +76,14 @@ class NextGPTStage(L.LightningModule):
         sharding: Mapping[str, Any] | None = None,
         cache_dir: str | None = None,
         run_config: Mapping[str, Any] | None = None,
+        tokens: Tokens | None = None,
     ):
         super().__init__()
         self.optim = optim if isinstance(optim, OptimSpec) else OptimSpec.of(optim)
         self.loss = loss if isinstance(loss, LossSpec) else LossSpec.of(loss)
         # a checkpoint's hyperparameters are plain containers (read back with weights_only=True)
-        self.save_hyperparameters(ignore=["optim", "loss"])
+        self.save_hyperparameters(ignore=["optim", "loss", "tokens"])
+        self.tokens = tokens  # the data's tokenizer and layout, shared (None: configure_model loads them)
         self.hparams.update(optim=self.optim.as_dict(), loss=self.loss.as_dict())
         self.model_cfg = dict(model)
         self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
@@ -103,7 +105,7 @@ class NextGPTStage(L.LightningModule):
         if self.model is not None:
             return
         with whole_weights():
-            model, tokenizer, conditioners = build_nextgpt(self.model_cfg)
+            model, tokenizer, conditioners = build_nextgpt(self.model_cfg, tokens=self.tokens)
         if self.use_lora:
             model.apply_lora(self.model_cfg["lora"])
         loaded: list[str] = []

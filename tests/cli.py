@@ -1,4 +1,5 @@
-"""Running the user's commands as subprocesses: ``python train.py ...`` and torchrun launches."""
+"""Running the user's commands: ``python train.py ...`` (in this process by default, through the
+same entry function; as a subprocess where a process is the point) and torchrun launches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +24,86 @@ ENV = {
 }
 
 
-def train(root: Path, cache: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` with every output under ``root`` and the tiny backbones from ``cache``."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        *args,
-        f"paths.root={root}",
-        f"paths.cache_dir={cache}",
-        "print_config=false",
-    ]
-    return subprocess.run(
-        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}
-    )
+# NEXTGPT_TEST_SUBPROCESS=1 runs every train() as a subprocess (to tell a test's failure from an
+# in-process side effect)
+ALWAYS_SUBPROCESS = os.environ.get("NEXTGPT_TEST_SUBPROCESS") == "1"
+
+
+def train(
+    root: Path, cache: Path, *args: str, timeout: int = 600, subprocess_: bool = False
+) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` with every output under ``root`` and the tiny backbones from ``cache``.
+
+    It runs in this process through ``train.main`` (Hydra, ``main_guard``, the same exit codes and
+    output) unless ``subprocess_``: a fresh process costs ~10 s of imports and proves nothing more,
+    except where the process is the point (the literal command line, kills, several ranks)."""
+    args = (*args, f"paths.root={root}", f"paths.cache_dir={cache}", "print_config=false")
+    if subprocess_ or ALWAYS_SUBPROCESS or several_processes(args):
+        return subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **ENV},
+        )
+    return train_in_process(list(args))
+
+
+def several_processes(args: Iterable[str]) -> bool:
+    """Does the command start several processes (Lightning's launcher re-executes ``sys.argv``,
+    which in a test is pytest's): a multi-device strategy or device count."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "strategy" and value not in ("auto", "single_device"):
+            return True
+        if key in ("trainer.devices", "trainer.num_nodes") and value not in ("1", "auto"):
+            return True
+    return False
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``train.main()`` with ``sys.argv = ["train.py", *args]`` in the repository root, its output
+    captured; exit codes as the command's: 0, 2 (``main_guard``'s refusals), 1 (an error, with
+    Hydra's traceback). The process state it touches (argv, cwd, environment, logging, Hydra's
+    global state) is restored afterwards."""
+    import io
+    import logging
+    import traceback
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import train as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    root_logger = logging.getLogger()
+    saved_handlers, saved_level = root_logger.handlers[:], root_logger.level
+    rc = 0
+    try:
+        os.environ.update(ENV)
+        os.chdir(REPO_ROOT)
+        sys.argv = ["train.py", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                entry.main()
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # reported as the command would report it
+                traceback.print_exc()
+                rc = 1
+    finally:
+        for handler in root_logger.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root_logger.handlers[:] = saved_handlers
+        root_logger.setLevel(saved_level)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(["train.py", *args], rc, out.getvalue(), err.getvalue())
 
 
 def ok(res: subprocess.CompletedProcess) -> str:

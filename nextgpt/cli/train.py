@@ -19,6 +19,7 @@ from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.decoders import target_spec
+from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.plan import check_fits, device_figures, make_plan
 from nextgpt.plan.meta import PlanError
 from nextgpt.preflight import unwritable_errors, validate_paths
@@ -62,19 +63,22 @@ def denoise_targets(cfg: DictConfig) -> dict:
     }
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model."""
+def build_datamodule(cfg: DictConfig, tokens: Tokens) -> L.LightningDataModule:
+    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model,
+    with the model's tokenizer (objects are handed to the partial, never merged into a config)."""
     extra = {"denoise_targets": denoise_targets(cfg)} if cfg.dataset.get("loader", "json") == "json" else {}
-    return hydra.utils.instantiate(
+    factory = hydra.utils.instantiate(
         cfg.dataset.datamodule,
         objective=cfg.stage.objective,
         model=OmegaConf.to_container(cfg.model),
         _convert_="all",
+        _partial_=True,
         **extra,
     )
+    return factory(tokens=tokens)
 
 
-def build_module(cfg: DictConfig, spec: RunSpec) -> NextGPTStage:
+def build_module(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> NextGPTStage:
     """``stage.module`` (a partial LightningModule) given the model, the stage's optimizer and loss,
     and the bundle it starts from."""
     factory = hydra.utils.instantiate(cfg.stage.module)
@@ -86,6 +90,7 @@ def build_module(cfg: DictConfig, spec: RunSpec) -> NextGPTStage:
         sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
         cache_dir=str(spec.paths.features),
         run_config=OmegaConf.to_container(cfg),
+        tokens=tokens,
     )
 
 
@@ -212,8 +217,9 @@ def fit(
     rank_zero_info(f"stage {number} batch: {spec.batch}")
     rank_zero_info(f"stage {number} run {run.path.name}: checkpoints in {run.path}, bundle {spec.bundle}")
     L.seed_everything(spec.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, spec)
+    tokens = load_tokenizer(cast(dict[str, Any], OmegaConf.to_container(cfg.model)))  # once: data and model
+    datamodule = build_datamodule(cfg, tokens)
+    module = build_module(cfg, spec, tokens)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         run.write(

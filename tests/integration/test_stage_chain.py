@@ -101,3 +101,29 @@ def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):
     (bad / "trainable.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BundleError, match="could not be read"):
         load_bundle_weights(bad, module.model)
+
+
+def test_a_run_loads_its_tokenizer_once_for_the_data_and_the_model(tiny_config, monkeypatch):
+    """The entry point loads the LLM's tokenizer once and hands it to the datamodule and the stage
+    (each loaded its own before); both then use the very same object."""
+    import nextgpt.model
+    from nextgpt.stages import NextGPTStage
+
+    calls: list[str] = []
+    real = nextgpt.model.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        nextgpt.model.AutoTokenizer,
+        "from_pretrained",
+        lambda path, *a, **k: calls.append(str(path)) or real(path, *a, **k),
+    )
+    seen = {}
+    configure = NextGPTStage.configure_model
+
+    def spy(self):
+        configure(self)
+        seen["module"], seen["data"] = self.tokenizer, self.trainer.datamodule.tokenizer
+
+    monkeypatch.setattr(NextGPTStage, "configure_model", spy)
+    cfg = run_stage(tiny_config, 1, "trainer.max_steps=1")
+    assert calls == [str(cfg.model.llm.path)], calls
+    assert seen["module"] is seen["data"]

@@ -8,7 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli import train
+from tests import cli
+
+
+def train(*args, **kwargs):
+    """``python train.py ...`` as a subprocess: these tests prove the command line itself."""
+    return cli.train(*args, subprocess_=True, **kwargs)
+
 
 pytestmark = pytest.mark.slow
 
