@@ -9,8 +9,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def train(
             timeout=timeout,
             env={**os.environ, **ENV},
         )
-    return train_in_process(list(args))
+    return entry_in_process("train.py", list(args), {**os.environ, **ENV})
 
 
 def several_processes(args: Iterable[str]) -> bool:
@@ -62,18 +63,43 @@ def several_processes(args: Iterable[str]) -> bool:
     return False
 
 
-def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """``train.main()`` with ``sys.argv = ["train.py", *args]`` in the repository root, its output
-    captured; exit codes as the command's: 0, 2 (``main_guard``'s refusals), 1 (an error, with
-    Hydra's traceback). The process state it touches (argv, cwd, environment, logging, Hydra's
-    global state) is restored afterwards."""
+def run_python(
+    cmd: list[str], env: Mapping[str, str] | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, env=env, ...)`` for ``[python, "train.py" | "evaluate.py", *args]``,
+    run in this process (:func:`entry_in_process`) unless it starts several processes; any other
+    command, or NEXTGPT_TEST_SUBPROCESS=1, runs as the subprocess it names."""
+    script, args = (cmd[1], list(cmd[2:])) if len(cmd) > 1 else ("", [])
+    if (
+        cmd[0] == sys.executable
+        and script in ENTRIES
+        and not ALWAYS_SUBPROCESS
+        and not several_processes(args)
+    ):
+        res = entry_in_process(script, args, dict(env if env is not None else os.environ))
+        if kwargs.get("check") and res.returncode:
+            raise subprocess.CalledProcessError(res.returncode, cmd, res.stdout, res.stderr)
+        return res
+    kwargs.setdefault("cwd", REPO_ROOT)
+    return subprocess.run(cmd, env=env, **kwargs)
+
+
+ENTRIES = ("train.py", "evaluate.py")
+
+
+def entry_in_process(script: str, args: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` as ``SCRIPT``'s ``main()`` with ``sys.argv = [SCRIPT, *args]`` and
+    ``os.environ = env`` in the repository root, its output captured; exit codes as the command's:
+    0, 2 (``main_guard``'s refusals), 1 (an error, with Hydra's traceback). The process state it
+    touches (argv, cwd, environment, logging, Hydra's global state) is restored afterwards."""
+    import importlib
     import io
     import logging
     import traceback
 
     from hydra.core.global_hydra import GlobalHydra
 
-    import train as entry
+    entry = importlib.import_module(script.removesuffix(".py"))
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
@@ -81,9 +107,10 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
     saved_handlers, saved_level = root_logger.handlers[:], root_logger.level
     rc = 0
     try:
-        os.environ.update(ENV)
+        os.environ.clear()
+        os.environ.update(env)
         os.chdir(REPO_ROOT)
-        sys.argv = ["train.py", *args]
+        sys.argv = [script, *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 entry.main()
@@ -103,7 +130,7 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(saved_env)
         GlobalHydra.instance().clear()
-    return subprocess.CompletedProcess(["train.py", *args], rc, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())
 
 
 def ok(res: subprocess.CompletedProcess) -> str:

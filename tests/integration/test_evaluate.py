@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 
 from nextgpt.bundles import save_bundle
 from nextgpt.stages import Stage2DecodingAlignment
+from tests.cli import run_python
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_evaluate_stage2_bundle(tiny_cache, tmp_path):
     module.configure_model()
     bundle = save_bundle(tmp_path / "b2", module.model, resolved, {"stage": 2})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(
+    res = run_python(
         [
             sys.executable,
             "evaluate.py",
@@ -65,7 +65,7 @@ def test_evaluate_stage2_bundle(tiny_cache, tmp_path):
     "arg,needle", [("checkpoint={tmp}/none", "{tmp}/none"), ("task=t9_nothing", "t9_nothing")]
 )
 def test_evaluate_names_what_is_wrong(tmp_path, arg, needle):
-    res = subprocess.run(
+    res = run_python(
         [sys.executable, "evaluate.py", arg.format(tmp=tmp_path), f"paths.root={tmp_path}"],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -78,7 +78,7 @@ def test_evaluate_names_what_is_wrong(tmp_path, arg, needle):
 
 
 def test_benchmark_task_names_a_missing_benchmark_folder(tmp_path):
-    res = subprocess.run(
+    res = run_python(
         [
             sys.executable,
             "evaluate.py",

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
+from tests.cli import run_python
 from tests.conftest import REPO_ROOT
 
 TASKS = ("t2i_coco", "t2a_audiocaps", "t2v_msrvtt", "i2t_coco", "a2t_audiocaps", "v2t_msrvtt")
@@ -585,6 +586,7 @@ def test_cli_writes_results_and_a_wandb_table(bundle, data_root, feature_nets, t
         "logger=wandb",
         f"hydra.run.dir={run}",
     ]
+    # a subprocess: this test proves the command line itself
     res = subprocess.run(
         args, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env
     )
@@ -647,7 +649,7 @@ def test_a_predictions_file_that_can_not_be_scored_exits_2(case, preds, extra, n
     pred_file = tmp_path / f"{case}.json"
     pred_file.write_text(json.dumps(preds))
     run = tmp_path / "run"
-    res = subprocess.run(
+    res = run_python(
         [
             sys.executable,
             "evaluate.py",

@@ -23,14 +23,13 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli import ENV, ok, train
+from tests.cli import ENV, ok, run_python, train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -83,7 +82,7 @@ def step_losses(root: Path, stage: int) -> dict[str, list[float]]:
 def scorecard(root: Path, cache: Path, stage: int, tasks: list[str], *overrides: str) -> dict[str, dict]:
     """``python evaluate.py -m task=...`` on the stage's bundle: each task's metrics."""
     out = root / f"eval{stage}"
-    res = subprocess.run(
+    res = run_python(
         [
             sys.executable,
             "evaluate.py",

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from nextgpt.world.synthetic import MEDIA_DIRS
-from tests.cli import ENV
+from tests.cli import ENV, run_python
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -23,7 +22,7 @@ SMALL = ["task.benchmark.options.num=30"]
 
 def evaluate(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "eval"
-    res = subprocess.run(
+    res = run_python(
         [
             sys.executable,
             "evaluate.py",
@@ -48,7 +47,7 @@ def heldout(tmp_path: Path, modality: str) -> list[dict]:
 
 
 def test_captions_stating_the_truth_score_one_and_others_near_zero(tmp_path):
-    subprocess.run(
+    run_python(
         [
             sys.executable,
             "-c",
@@ -90,7 +89,7 @@ def test_captions_stating_the_truth_score_one_and_others_near_zero(tmp_path):
 def test_generated_media_are_read_back_by_the_analysers(tmp_path, modality, task):
     """The held-out items' own media as the 'generated' outputs: every attribute is read back; the
     same files under each other's ids are not."""
-    subprocess.run(
+    run_python(
         [
             sys.executable,
             "-c",
