@@ -31,28 +31,31 @@ def _offline():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny_backbones")
+def built(tiny_cache: Path) -> dict[str, Path]:
+    """The session's backbones, built once by ``tiny.build_all`` (the builders under test): the
+    tests below read them; :func:`test_builds_are_byte_identical_for_a_seed` builds afresh and
+    compares."""
+    return tiny.build_all(tiny_cache / "tiny_backbones")
 
 
 @pytest.fixture(scope="module")
-def llm_dir(root: Path) -> Path:
-    return tiny.build_tiny_llm(root / "llm")
+def llm_dir(built: dict[str, Path]) -> Path:
+    return built["llm"]
 
 
 @pytest.fixture(scope="module")
-def sd_dir(root: Path) -> Path:
-    return tiny.build_tiny_stable_diffusion(root / "sd")
+def sd_dir(built: dict[str, Path]) -> Path:
+    return built["sd"]
 
 
 @pytest.fixture(scope="module")
-def audioldm_dir(root: Path) -> Path:
-    return tiny.build_tiny_audioldm(root / "audioldm")
+def audioldm_dir(built: dict[str, Path]) -> Path:
+    return built["audioldm"]
 
 
 @pytest.fixture(scope="module")
-def t2v_dir(root: Path) -> Path:
-    return tiny.build_tiny_text_to_video(root / "t2v")
+def t2v_dir(built: dict[str, Path]) -> Path:
+    return built["t2v"]
 
 
 def _load_pipe(path: Path):
