@@ -35,7 +35,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +44,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from datamodules.entries import Skip
+from datamodules.records import SourceIdentity
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def write_shards(
     strict: bool = False,
     total: int | None = None,
     skipped: Counter | None = None,
-    source: Mapping[str, str] | None = None,
+    source: SourceIdentity | None = None,
 ) -> list[Path]:
     """Write ``records`` as ``out_dir/{name}-000000.tar`` ... and the index ``{name}.shards.json``.
 

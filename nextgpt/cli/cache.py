@@ -20,6 +20,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from datamodules.caches import build_shard_caches, source_contents
+from datamodules.data_source import SourceEntry, data_sources
 from datamodules.sources import data_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
 from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
@@ -48,7 +49,9 @@ def build_caches(cfg) -> dict[str, int]:
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":
         return build_shard_caches(cfg, model_cfg, encoder, conditioners, fallback, rank, world, device)
-    for source in cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)):
+    for source in data_sources(
+        cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True))
+    ):
         media, captions = source_contents(source)
         if encoder is not None:
             store = media_store(source, model_cfg["encoder"], fallback)
@@ -56,26 +59,26 @@ def build_caches(cfg) -> dict[str, int]:
                 store,
                 media,
                 encoder,
-                source["modality"],
+                source.modality,
                 batch_size=int(cfg.cache.batch_size),
                 dtype=cfg.cache.dtype,
             )
             report[str(store.directory)] = len(store)
             log.info(
                 "%s: %d ImageBind features (%d new, %d failed) in %s",
-                source["name"],
+                source.name,
                 len(store),
                 added,
                 len(store.failed),
                 store.directory,
             )
-        conditioner = conditioners.get(source["modality"])
+        conditioner = conditioners.get(source.modality)
         if conditioner is not None:
             store = caption_store(source, conditioner.to(device), fallback)
             added = compute_captions(store, captions, conditioner, dtype=cfg.cache.dtype)
             report[str(store.directory)] = len(store)
             log.info(
-                "%s: %d caption embeddings (%d new) in %s", source["name"], len(store), added, store.directory
+                "%s: %d caption embeddings (%d new) in %s", source.name, len(store), added, store.directory
             )
     return report
 
