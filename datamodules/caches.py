@@ -11,18 +11,17 @@ import io
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from datamodules.data_source import DataSource, SourceEntry, data_sources
+from datamodules.data_source import DataSource
 from datamodules.nextgpt_layout import read_source
-from datamodules.shard_datamodule import ShardDataModule
-from datamodules.shard_versions import source_shards
+from datamodules.shard_versions import ShardVersions, source_shards
 from datamodules.shard_writer import INDEX_SUFFIX
 from datamodules.shards import ShardStream
 from datamodules.shards.sample import ShardSample
@@ -137,20 +136,39 @@ def compute_shard_media(
     return added
 
 
+@dataclass(frozen=True)
+class ShardPass:
+    """What the shard-side cache pass reads of the config: the ``dataset.sources``, where their shards
+    go (``paths.shards``, ``dataset.shard_size``, ``dataset.source_changed``) and how features are
+    computed (``cache.batch_size``, ``cache.dtype``)."""
+
+    sources: tuple[DataSource, ...]
+    shards_root: str
+    shard_size: int = 1000
+    source_changed: str = "rewrite"
+    batch_size: int = 64
+    dtype: str = "float16"
+
+
 def build_shard_caches(
-    cfg, model_cfg, encoder, conditioners, fallback: Path, rank: int, world: int, device: str = "cpu"
+    data: ShardPass,
+    model_cfg,
+    encoder,
+    conditioners,
+    fallback: Path,
+    rank: int,
+    world: int,
+    device: str = "cpu",
 ) -> dict[str, int]:
     """ImageBind features of every shard source's pair-shard members (stage 1) and the decoder text
     embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
     written first, as a training run would. Several processes (``torchrun --nproc-per-node N -m
     nextgpt.cache ...``) each take their share."""
     if rank == 0:
-        write_missing_shards(cfg)
+        write_missing_shards(data)
     report: dict[str, int] = {}
-    for source in data_sources(
-        cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True))
-    ):
-        paths = wait_for_shards(source, cfg.paths.shards, rank)
+    for source in data.sources:
+        paths = wait_for_shards(source, data.shards_root, rank)
         if not paths:
             log.warning("feature cache: no pair shards of %r: skipped", source.name)
             continue
@@ -163,8 +181,8 @@ def build_shard_caches(
                 paths,
                 source.modality,
                 encoder,
-                batch_size=int(cfg.cache.batch_size),
-                dtype=cfg.cache.dtype,
+                batch_size=data.batch_size,
+                dtype=data.dtype,
                 rank=rank,
                 world_size=world,
             )
@@ -196,7 +214,7 @@ def build_shard_caches(
                 f"text_{source.modality}",
                 conditioner.fingerprint(),
             )
-            added = compute_captions(store, captions, conditioner.to(device), dtype=cfg.cache.dtype)
+            added = compute_captions(store, captions, conditioner.to(device), dtype=data.dtype)
             store.refresh()
             report[str(store.directory)] = len(store)
             log.info(
@@ -220,13 +238,9 @@ def wait_for_shards(source: DataSource, shards_root: str, rank: int, timeout: fl
         time.sleep(2.0)
 
 
-def write_missing_shards(cfg) -> None:
-    dm = ShardDataModule(
-        sources=cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True)),
-        objective="caption",
-        model=cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)),
-        shards_root=cfg.paths.shards,
-        shard_size=int(cfg.dataset.get("shard_size", 1000)),
-        source_changed=str(cfg.dataset.get("source_changed", "rewrite")),
-    )
-    dm.prepare_data()
+def write_missing_shards(data: ShardPass) -> None:
+    """The pair shards of the sources that have none of their current data yet, as a training run
+    writes them (``ShardDataModule.prepare_data``)."""
+    versions = ShardVersions("caption", data.shards_root, data.shard_size, data.source_changed)
+    for source in data.sources:
+        versions.prepare(source)

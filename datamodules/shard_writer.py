@@ -131,7 +131,7 @@ class _ShardSink:
         self._open: tuple[IO[bytes], wds.TarWriter] | None = None  # the current shard's .tmp file, its writer
         self._count = 0
 
-    def write(self, sample: dict[str, Any]) -> None:
+    def write(self, sample: dict[str, str | bytes]) -> None:
         if self._open is None:
             final = self.out_dir / shard_name(self.name, len(self.written))
             file = open(final.with_name(final.name + ".tmp"), "wb")
@@ -201,7 +201,7 @@ def write_shards(
     sink = _ShardSink(out, name, shard_size)
     try:
         for rec in tqdm(records, total=total, desc=f"shards {name}", unit="sample"):
-            sample: dict[str, Any] = {}
+            sample: dict[str, str | bytes] = {}  # member extension (and "__key__") -> its bytes (key)
             try:
                 for ext, path in rec.files.items():
                     path = Path(path)

@@ -18,6 +18,7 @@ from datamodules.records import SourceIdentity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
+from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
@@ -198,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         deepspeed_preflight(cfg, spec.batch)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
-    validate_paths(cfg, spec.init_from, data_path_errors(cfg, spec.stage.objective))
+    validate_paths(cfg, spec.init_from, data_path_errors(dataset_files(cfg), spec.stage.objective))
     check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
     if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
         raise ConfigError(errors)
