@@ -14,9 +14,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.identity import forget, source_identity
+from datamodules.records import SourceIdentity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
+from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
@@ -26,6 +28,7 @@ from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
     RunDir,
     RunError,
+    RunIdentity,
     checkpoint_step,
     choose_start,
     hold_run,
@@ -124,7 +127,7 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def data_signatures(cfg: DictConfig) -> dict[str, Any]:
+def data_signatures(cfg: DictConfig) -> dict[str, SourceIdentity]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
     media = str(cfg.dataset.get("media_identity", "listing"))
@@ -166,7 +169,7 @@ def check_memory_plan(cfg: DictConfig) -> None:
 
 def prepare_run(
     cfg: DictConfig, spec: RunSpec, held: contextlib.ExitStack
-) -> tuple[RunDir, dict, str | None]:
+) -> tuple[RunDir, RunIdentity, str | None]:
     """Give the run its identity (a key over its training config and what it starts from) and its
     checkpoint folder, and decide where it starts: (run, identity, checkpoint or None). The run's
     folders go into ``cfg.run`` for the callbacks' interpolations (``${run.dir}``, ``${run.bundle}``).
@@ -196,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         deepspeed_preflight(cfg, spec.batch)  # DeepSpeed's own config checks, before any weight loads
     prepare_backbones(cfg)
-    validate_paths(cfg, spec.init_from, data_path_errors(cfg, spec.stage.objective))
+    validate_paths(cfg, spec.init_from, data_path_errors(dataset_files(cfg), spec.stage.objective))
     check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
     if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
         raise ConfigError(errors)
@@ -207,7 +210,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def fit(
-    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: dict, ckpt_path: str | None
+    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: RunIdentity, ckpt_path: str | None
 ) -> dict[str, float]:
     """Build the data, the stage and the trainer, train, and mark the run finished."""
     OmegaConf.resolve(cfg)
