@@ -10,8 +10,8 @@ from typing import Any
 
 import lightning as L
 
-from datamodules.data_source import DataSource, PairSettings, SourceEntry, data_sources
 from datamodules.steps import EpochProgress
+from nextgpt.data_source import DataSource, PairSettings, SourceEntry, data_sources
 from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.prompts import PairStyle
 

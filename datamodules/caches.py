@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datamodules.data_source import DataSource
 from datamodules.nextgpt_layout import read_source
 from datamodules.shard_versions import ShardVersions, source_shards
 from datamodules.shard_writer import INDEX_SUFFIX
@@ -28,6 +27,7 @@ from datamodules.shards.sample import ShardSample
 from nextgpt import modality as modality_registry
 from nextgpt.cache.encode import StoreLookup, compute_captions, media_key, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
+from nextgpt.data_source import DataSource
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from datamodules.nextgpt_layout import json_files
-from datamodules.records import MediaListing, SourceIdentity
 from nextgpt import modality as modality_registry
 from nextgpt.cache.store import file_signature
+from nextgpt.data_source import MediaListing, SourceIdentity
 
 MEDIA_IDENTITIES = ("listing", "none")
 _MEMO: dict[tuple[str, str], MediaListing] = {}

@@ -16,12 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
 from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.records import EpochState
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.encode import media_key, media_store
+from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
 from nextgpt.model import Tokens
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError

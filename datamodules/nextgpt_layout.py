@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datamodules.data_source import DataSource
 from datamodules.entries import (  # noqa: F401  (re-exported)
     OUTSIDE_ROOT,
     Skip,
@@ -35,6 +34,7 @@ from datamodules.entries import (  # noqa: F401  (re-exported)
 from datamodules.original_formats import READERS as ORIGINAL_READERS
 from datamodules.records import Entry
 from nextgpt import modality as modality_registry
+from nextgpt.data_source import DataSource
 from nextgpt.modality import Modality
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError

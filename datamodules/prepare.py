@@ -31,9 +31,10 @@ from typing import Any
 from datamodules.entries import Skip, _text, as_entry, media_path
 from datamodules.identity import source_identity
 from datamodules.nextgpt_layout import _turns, read_source, read_utf8
-from datamodules.records import Entry, SourceIdentity
+from datamodules.records import Entry
 from datamodules.shard_writer import Record, conversation_record, pair_record, write_shards
 from nextgpt import modality as modality_registry
+from nextgpt.data_source import SourceIdentity
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The JSON the data side reads and writes, as types: entries of the data files (the NExT-GPT layout,
-the original's stage-3 formats, VideoChat), shard records, source identities and the states the
+the original's stage-3 formats, VideoChat), shard records and the states the
 readers put into checkpoints.
 
 Entries come from files that others write: every key is optional here (``total=False``) and each
@@ -70,24 +70,6 @@ class ShardRecord(TypedDict, total=False):
     media_in: list[list[str]]  # [[modality, member extension], ...]
     captions_out: list[list[str]]  # [[modality, caption], ...]
     media_out: list[list[str]]
-
-
-class MediaListing(TypedDict):
-    """The files under a source's media folder: count, total size and a digest of their listing."""
-
-    files: int
-    bytes: int
-    digest: str
-
-
-class SourceIdentity(TypedDict, total=False):
-    """What a data source is (:mod:`datamodules.identity`): its resolved ``root``, the signatures of
-    its ``json`` files (file name -> signature) and, unless left out, its ``media`` listing. An index
-    written before identities records the JSON signatures alone (file name -> signature)."""
-
-    root: str
-    json: dict[str, str]
-    media: MediaListing
 
 
 # --- checkpoint states --------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.data_source import DataSource, PairSettings, SourceEntry
 from datamodules.identity import root_folder
 from datamodules.nextgpt_layout import read_utf8
 from datamodules.records import EpochState, StreamState
@@ -50,6 +49,7 @@ from nextgpt.atomic import holding
 from nextgpt.batch import Collator, ConversationDataset, Item
 from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
+from nextgpt.data_source import DataSource, PairSettings, SourceEntry
 from nextgpt.model import Tokens
 from nextgpt.runs import DataError
 

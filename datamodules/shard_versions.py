@@ -9,14 +9,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from datamodules.data_source import DataSource
 from datamodules.identity import SET_OBJECTIVE, differences, root_folder, source_identity, version_folder
 from datamodules.nextgpt_layout import json_files, read_utf8
 from datamodules.prepare import prepare_nextgpt
-from datamodules.records import SourceIdentity
 from datamodules.shard_writer import INDEX_SUFFIX
 from datamodules.shards.files import expand_shards
 from nextgpt.atomic import Busy, building, holding, install
+from nextgpt.data_source import DataSource, SourceIdentity
 from nextgpt.runs import DataError, RunError
 
 log = logging.getLogger(__name__)

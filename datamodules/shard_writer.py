@@ -44,7 +44,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from datamodules.entries import Skip
-from datamodules.records import SourceIdentity
+from nextgpt.data_source import SourceIdentity
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)

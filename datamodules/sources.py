@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.data_source import DataSource
 from datamodules.nextgpt_layout import json_files
 from datamodules.shard_versions import source_shards
+from nextgpt.data_source import DataSource
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.records import SourceIdentity
 from nextgpt.atomic import Busy, holding
+from nextgpt.data_source import SourceIdentity
 from nextgpt.safeload import UnsafeFileError, check_checkpoint_folder, load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.data_source import DataSource
 from nextgpt import modality as modality_registry
 from nextgpt.cache.store import FeatureStore, cache_base, caption_key, file_signature, fingerprint
+from nextgpt.data_source import DataSource
 from nextgpt.encoders.imagebind_config import ImageBindConfig
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.data_source import SourceEntry, data_sources
 from datamodules.sources import DatasetFiles
+from nextgpt.data_source import SourceEntry, data_sources
 
 
 def dataset_files(cfg: DictConfig) -> DatasetFiles:

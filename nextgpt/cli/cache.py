@@ -20,11 +20,11 @@ import hydra
 from omegaconf import OmegaConf
 
 from datamodules.caches import ShardPass, build_shard_caches, source_contents
-from datamodules.data_source import SourceEntry, data_sources
 from datamodules.sources import data_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
 from nextgpt.cli import dataset_files
 from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
+from nextgpt.data_source import SourceEntry, data_sources
 from nextgpt.model import load_conditioners, load_encoder
 from nextgpt.preflight import backbone_path_errors
 

@@ -14,12 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.identity import forget, source_identity
-from datamodules.records import SourceIdentity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
 from nextgpt import modality as modality_registry
 from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
+from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.plan import check_fits, device_figures, make_plan

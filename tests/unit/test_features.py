@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.data_source import DataSource
 from nextgpt.cache.encode import caption_store, imagebind_fingerprint, media_store
 from nextgpt.cache.store import FeatureStore, cache_base, file_signature
 from nextgpt.cli.cache import build_caches
+from nextgpt.data_source import DataSource
 
 
 def test_store_parts_missing_failed_and_reload(tmp_path):

@@ -93,3 +93,22 @@ def _path_or_none(value: object) -> str | None:
 def data_sources(entries: Iterable[SourceEntry | DataSource]) -> list[DataSource]:
     """The sources of a ``dataset.sources`` list."""
     return [DataSource.of(e) for e in entries]
+
+
+# --- what a source is, recorded with a run (datamodules/identity.py computes it) ----------------
+class MediaListing(TypedDict):
+    """The files under a source's media folder: count, total size and a digest of their listing."""
+
+    files: int
+    bytes: int
+    digest: str
+
+
+class SourceIdentity(TypedDict, total=False):
+    """What a data source is (:mod:`datamodules.identity`): its resolved ``root``, the signatures of
+    its ``json`` files (file name -> signature) and, unless left out, its ``media`` listing. An index
+    written before identities records the JSON signatures alone (file name -> signature)."""
+
+    root: str
+    json: dict[str, str]
+    media: MediaListing
