@@ -28,6 +28,7 @@ from datamodules.shards.sample import ShardSample
 from nextgpt import modality as modality_registry
 from nextgpt.cache.encode import StoreLookup, compute_captions, media_key, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
+from nextgpt.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def compute_shard_media(
 
 
 def build_shard_caches(
-    cfg, model_cfg, encoder, conditioners, fallback: Path, rank: int, world: int, device: str = "cpu"
+    cfg, model: ModelSpec, encoder, conditioners, fallback: Path, rank: int, world: int, device: str = "cpu"
 ) -> dict[str, int]:
     """ImageBind features of every shard source's pair-shard members (stage 1) and the decoder text
     embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
@@ -153,7 +154,7 @@ def build_shard_caches(
             continue
         if encoder is not None:
             store = shard_media_store(
-                shard_folder(source, paths), source["modality"], "pairs", model_cfg["encoder"], fallback
+                shard_folder(source, paths), source["modality"], "pairs", model.encoder, fallback
             )
             added = compute_shard_media(
                 store,
@@ -225,7 +226,7 @@ def write_missing_shards(cfg) -> None:
     dm = ShardDataModule(
         sources=cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)),
         objective="caption",
-        model=cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)),
+        model=ModelSpec.from_config(cfg.model),
         shards_root=cfg.paths.shards,
         shard_size=int(cfg.dataset.get("shard_size", 1000)),
         source_changed=str(cfg.dataset.get("source_changed", "rewrite")),

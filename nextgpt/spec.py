@@ -11,6 +11,7 @@ the code that needs it. The components take the part they need:
 | :class:`StageSpec` (with :class:`OptimSpec`, :class:`LossSpec`) | the stage LightningModule |
 | :class:`BatchPlan` | the trainer's gradient accumulation, the memory plan, DeepSpeed's batch keys |
 | :class:`PathsSpec` | the run folder, the feature caches, the bundles |
+| :class:`~nextgpt.model_spec.ModelSpec` | the model's building, the data's tokens, the memory plan |
 | :class:`RunSpec` | ``nextgpt.cli.train`` |
 
 This module is type-checked strictly (``[tool.mypy]`` in ``pyproject.toml``).
@@ -27,6 +28,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nextgpt.config import OBJECTIVES, STAGES, ConfigError
+from nextgpt.model_spec import ModelSpec
 
 
 # --- the batch ---------------------------------------------------------------------------------
@@ -251,6 +253,7 @@ class RunSpec:
     stage: StageSpec
     batch: BatchPlan
     paths: PathsSpec
+    model: ModelSpec
     seed: int
     tag: str  # a sweep job's swept values ("" outside a sweep): its own chain of bundles
     init_from: Path | None  # the bundle this stage starts from (None: stage 1 from the backbones)
@@ -278,6 +281,7 @@ def run_spec(cfg: DictConfig, tag: str = "") -> RunSpec:
         stage=stage,
         batch=batch_plan(cfg),
         paths=paths,
+        model=ModelSpec.from_config(cfg.model),
         seed=int(cfg.seed),
         tag=tag,
         init_from=previous_bundle(stage.number, cfg.get("init_from"), root),

@@ -24,7 +24,6 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights
 from nextgpt.cache.captions import CaptionTargets
 from nextgpt.denoising import DenoisingObjective
@@ -36,10 +35,10 @@ from nextgpt.losses import (
     modality_mean,
 )
 from nextgpt.model import NextGPT, Tokens, build_nextgpt, parameter_counts, torch_dtype
+from nextgpt.model_spec import ModelSpec
 from nextgpt.optim import build_optimizer, build_scheduler
 from nextgpt.spec import LossSpec, OptimSpec
 from nextgpt.strategies import WrapByClassName, shard_model
-from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class NextGPTStage(L.LightningModule):
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        model: ModelSpec | Mapping[str, Any],
         optim: OptimSpec | Mapping[str, Any],
         loss: LossSpec | Mapping[str, Any],
         init_from: str | None = None,
@@ -82,11 +81,14 @@ class NextGPTStage(L.LightningModule):
         self.optim = optim if isinstance(optim, OptimSpec) else OptimSpec.of(optim)
         self.loss = loss if isinstance(loss, LossSpec) else LossSpec.of(loss)
         # a checkpoint's hyperparameters are plain containers (read back with weights_only=True)
-        self.save_hyperparameters(ignore=["optim", "loss", "tokens"])
+        # (``model``: a ModelSpec, or the ``model`` config section it is made of)
+        self.model_spec = ModelSpec.from_config(model)
+        self.save_hyperparameters(ignore=["model", "optim", "loss", "tokens"])
         self.tokens = tokens  # the data's tokenizer and layout, shared (None: configure_model loads them)
-        self.hparams.update(optim=self.optim.as_dict(), loss=self.loss.as_dict())
-        self.model_cfg = dict(model)
-        self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
+        self.hparams.update(
+            model=self.model_spec.as_dict(), optim=self.optim.as_dict(), loss=self.loss.as_dict()
+        )
+        self.trainable_groups = trainable_groups_of(self.stage, self.model_spec)
         self.sharding_cfg = dict(sharding) if sharding else None
         self.cache_dir = (
             Path(cache_dir) if cache_dir else Path(".cache") / "features"
@@ -100,17 +102,22 @@ class NextGPTStage(L.LightningModule):
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
         self.start_step = 0
 
+    @property
+    def model_cfg(self) -> ModelSpec:
+        """The model spec, by the name the callbacks read it (``stage_bundle``, ``generation_samples``)."""
+        return self.model_spec
+
     # --- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
         with whole_weights():
-            model, tokenizer, conditioners = build_nextgpt(self.model_cfg, tokens=self.tokens)
+            model, tokenizer, conditioners = build_nextgpt(self.model_spec, tokens=self.tokens)
         if self.use_lora:
-            model.apply_lora(self.model_cfg["lora"])
+            model.apply_lora(self.model_spec.need_lora())
         loaded: list[str] = []
         if self.init_from:
-            loaded = load_bundle_weights(self.init_from, model, self.model_cfg)
+            loaded = load_bundle_weights(self.init_from, model, self.model_spec)
             rank_zero_info(
                 f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)"
             )
@@ -176,12 +183,9 @@ class NextGPTStage(L.LightningModule):
         if self.loss.denoise <= 0:
             return {}
         out = {}
-        for name, m in modality_registry.generated(self.model_cfg["modalities"]).items():
-            dec = m["decoder"]
-            if dec.get("denoise"):
-                out[name] = DenoisingObjective(
-                    dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32"))
-                )
+        for name, dec in self.model_spec.generated.items():
+            if dec.denoise:
+                out[name] = DenoisingObjective(dec.path, dec.conditioning, torch_dtype(dec.dtype))
         rank_zero_info(
             f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss.denoise})"
         )
@@ -354,11 +358,11 @@ class Stage3InstructionTuning(NextGPTStage):
     aligns = True
 
 
-def trainable_groups_of(stage: int, model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+def trainable_groups_of(stage: int, spec: ModelSpec) -> tuple[str, ...]:
     """The stage's trainable groups, plus the LLM's embedding and head matrices under
     ``model.vocab_rows=all`` (every stage of the original trained them)."""
     groups = STAGES[stage].trainable_groups
-    return groups + ("vocab_rows",) if trains_all_rows(model_cfg) else groups
+    return groups + ("vocab_rows",) if spec.trains_all_rows else groups
 
 
 STAGES: dict[int, type[NextGPTStage]] = {

@@ -11,6 +11,7 @@ from lightning.pytorch import strategies
 from omegaconf import OmegaConf
 
 from nextgpt.config import ConfigError, compose
+from nextgpt.model_spec import ModelSpec
 from nextgpt.schema import validate
 from nextgpt.spec import batch_plan
 from nextgpt.strategies import FSDP2Strategy, WrapByClassName
@@ -52,7 +53,7 @@ def test_fsdp_policy_makes_each_llm_block_a_unit(tiny_config):
     from nextgpt.model import build_nextgpt
 
     cfg = tiny_config("strategy=fsdp")
-    model, _, _ = build_nextgpt(OmegaConf.to_container(cfg.model, resolve=True))
+    model, _, _ = build_nextgpt(ModelSpec.from_config(cfg.model))
     units = WrapByClassName(cfg.sharding.wrap).units(model)
     layers = {n for n, m in model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"}
     assert layers and layers <= set(units)
