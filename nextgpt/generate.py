@@ -152,11 +152,8 @@ class Generator:
         self.pipelines: dict = {}
 
     def decoder(self, name: str) -> DecoderSpec:
-        """The decoder of a generated modality."""
-        dec = self.spec.modalities[name].decoder
-        if dec is None:
-            raise KeyError(f"model.modalities.{name} has no decoder (an input-only modality)")
-        return dec
+        """The decoder of a generated modality (a KeyError for an input-only one)."""
+        return self.spec.generated[name]
 
     def pipeline(self, name: str):
         if name not in self.pipelines:

@@ -120,13 +120,6 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def generated(modalities_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The configured modalities (``model.modalities``) the model generates: those with a decoder.
-    An input-only modality (``decoder: null``, ``num_signal_tokens: 0``) is read through its
-    ImageBind trunk and never generated: it has markers, no signal tokens, no output projector."""
-    return {name: m for name, m in modalities_cfg.items() if m.get("decoder") is not None}
-
-
 # --- denoising-loss targets: media in the decoder's own pixel space ---------------------------
 def _fit(image, width: int, height: int):
     """Centre-crop to the target aspect ratio, then resize (bicubic)."""

@@ -46,7 +46,7 @@ def _value(v: Any) -> Any:
     return v
 
 
-def _section(d: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+def _section(d: Any, key: str, where: str) -> dict[str, Any]:
     """``d[key]`` as a plain dict; a ``ConfigError`` naming ``where.key`` when it is missing."""
     if d.get(key) is None:
         raise ConfigError([f"{where}.{key}: missing (a mapping section)"])
@@ -56,13 +56,13 @@ def _section(d: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _required(d: Mapping[str, Any], key: str, where: str) -> Any:
+def _required(d: Any, key: str, where: str) -> Any:
     if d.get(key) is None:
         raise ConfigError([f"{where}.{key}: missing"])
     return d[key]
 
 
-def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+def _extra(d: Any, known: tuple[str, ...]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
 
 
@@ -90,7 +90,7 @@ class LLMSpec:
     )
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str = "model.llm") -> LLMSpec:
+    def of(cls, d: Any, where: str = "model.llm") -> LLMSpec:
         return cls(
             path=str(_required(d, "path", where)),
             template=str(_required(d, "template", where)),
@@ -128,7 +128,7 @@ class EncoderSpec:
     KEYS = ("checkpoint", "arch", "dtype", "renormalize")
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str = "model.encoder") -> EncoderSpec:
+    def of(cls, d: Any, where: str = "model.encoder") -> EncoderSpec:
         renormalize = d.get("renormalize", True)
         return cls(
             checkpoint=str(_required(d, "checkpoint", where)),
@@ -159,7 +159,7 @@ class InputProjectorSpec:
     num_tokens: int = 1
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str = "model.input_projector") -> InputProjectorSpec:
+    def of(cls, d: Any, where: str = "model.input_projector") -> InputProjectorSpec:
         return cls(num_tokens=int(_required(d, "num_tokens", where)))
 
     def as_dict(self) -> dict[str, Any]:
@@ -194,7 +194,7 @@ class OutputProjectorSpec:
     )
 
     @classmethod
-    def of(cls, d: Mapping[str, Any]) -> OutputProjectorSpec:
+    def of(cls, d: Any) -> OutputProjectorSpec:
         known = cls.KEYS
 
         def num(key: str) -> int | None:
@@ -231,7 +231,7 @@ class LoraSpec:
     target_modules: str | tuple[str, ...]
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str = "model.lora") -> LoraSpec:
+    def of(cls, d: Any, where: str = "model.lora") -> LoraSpec:
         targets = _required(d, "target_modules", where)
         return cls(
             r=int(_required(d, "r", where)),
@@ -265,7 +265,7 @@ class DecoderSpec:
     KEYS = ("path", "conditioning", "denoise", "dtype", "generate", "save")
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str) -> DecoderSpec:
+    def of(cls, d: Any, where: str) -> DecoderSpec:
         return cls(
             path=str(_required(d, "path", where)),
             conditioning=str(_required(d, "conditioning", where)),
@@ -296,7 +296,7 @@ class ModalitySpec:
     decoder: DecoderSpec | None = None
 
     @classmethod
-    def of(cls, d: Mapping[str, Any], where: str) -> ModalitySpec:
+    def of(cls, d: Any, where: str) -> ModalitySpec:
         dec = d.get("decoder")
         return cls(
             num_signal_tokens=int(d.get("num_signal_tokens") or 0),
@@ -321,7 +321,7 @@ class GenerationSpec:
     top_p: float | None = None
 
     @classmethod
-    def of(cls, d: Mapping[str, Any]) -> GenerationSpec:
+    def of(cls, d: Any) -> GenerationSpec:
         return cls(
             max_new_tokens=None if d.get("max_new_tokens") is None else int(d["max_new_tokens"]),
             temperature=None if d.get("temperature") is None else float(d["temperature"]),

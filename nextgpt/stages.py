@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypedDict, cast
 
 import lightning as L
 import torch
@@ -37,7 +37,7 @@ from nextgpt.losses import (
 from nextgpt.model import NextGPT, Tokens, build_nextgpt, parameter_counts, torch_dtype
 from nextgpt.model_spec import ModelSpec
 from nextgpt.optim import build_optimizer, build_scheduler
-from nextgpt.spec import LossSpec, OptimSpec
+from nextgpt.spec import LossSpec, OptimSpec, ShardingSpec
 from nextgpt.strategies import WrapByClassName, shard_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,40 @@ def whole_weights():
             zero.restore_init_context()
 
 
+class StepWindow(TypedDict):
+    """``batch["window"]`` (``datamodules.steps``): the counts summed over the micro-batches of one
+    optimizer step, and this micro-batch's place among them."""
+
+    counts: dict[str, float]
+    index: int
+    size: int
+
+
+class StageBatch(TypedDict, total=False):
+    """What a stage reads of a batch (``nextgpt.batch.Collator``'s output, plus ``window`` where the
+    loader groups the micro-batches of a step); the rest goes to ``NextGPT.forward`` by name."""
+
+    keys: list[str]
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    media_mask: torch.Tensor
+    media: dict[str, torch.Tensor]
+    media_features: dict[str, torch.Tensor]
+    media_sequence: list[tuple[str, int, bool]]
+    output_captions: dict[str, list[str]]  # a modality's captions, one per output group
+    output_media: dict[str, torch.Tensor]  # a modality's target media, for the denoising loss
+    counts: dict[str, float]  # label tokens and output groups of the batch ("tokens", "align/<m>", ...)
+    window: StepWindow
+    num_skipped: int
+    skipped_by_reason: dict[str, int]
+    num_truncated: int
+    media_from_cache: int
+    media_decoded: int
+    padding: float
+
+
 class NextGPTStage(L.LightningModule):
     stage: ClassVar[int]
     # the class's own groups; an instance adds "vocab_rows" under model.vocab_rows=all (trainable_groups_of)
@@ -72,7 +106,7 @@ class NextGPTStage(L.LightningModule):
         optim: OptimSpec | Mapping[str, Any],
         loss: LossSpec | Mapping[str, Any],
         init_from: str | None = None,
-        sharding: Mapping[str, Any] | None = None,
+        sharding: ShardingSpec | None = None,
         cache_dir: str | None = None,
         run_config: Mapping[str, Any] | None = None,
         tokens: Tokens | None = None,
@@ -83,13 +117,16 @@ class NextGPTStage(L.LightningModule):
         # a checkpoint's hyperparameters are plain containers (read back with weights_only=True)
         # (``model``: a ModelSpec, or the ``model`` config section it is made of)
         self.model_spec = ModelSpec.from_config(model)
-        self.save_hyperparameters(ignore=["model", "optim", "loss", "tokens"])
+        self.save_hyperparameters(ignore=["model", "optim", "loss", "sharding", "tokens"])
         self.tokens = tokens  # the data's tokenizer and layout, shared (None: configure_model loads them)
         self.hparams.update(
-            model=self.model_spec.as_dict(), optim=self.optim.as_dict(), loss=self.loss.as_dict()
+            model=self.model_spec.as_dict(),
+            optim=self.optim.as_dict(),
+            loss=self.loss.as_dict(),
+            sharding=None if sharding is None else sharding.as_dict(),
         )
         self.trainable_groups = trainable_groups_of(self.stage, self.model_spec)
-        self.sharding_cfg = dict(sharding) if sharding else None
+        self.sharding = sharding
         self.cache_dir = (
             Path(cache_dir) if cache_dir else Path(".cache") / "features"
         )  # for caches with no data folder
@@ -148,15 +185,15 @@ class NextGPTStage(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             mesh = self.device_mesh
             assert mesh is not None, "ModelParallelStrategy sets the device mesh before configure_model"
-            cfg = self.sharding_cfg or {}
-            dtype = lambda key: torch_dtype(cfg[key]) if cfg.get(key) else None  # noqa: E731
+            sharding = self.sharding or ShardingSpec()
+            dtype = lambda name: torch_dtype(name) if name else None  # noqa: E731
             units = shard_model(
                 model,
                 mesh["data_parallel"],
-                WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
-                reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
-                param_dtype=dtype("param_dtype"),
-                reduce_dtype=dtype("reduce_dtype"),
+                WrapByClassName(sharding.wrap),
+                reshard_after_forward=sharding.reshard_after_forward,
+                param_dtype=dtype(sharding.param_dtype),
+                reduce_dtype=dtype(sharding.reduce_dtype),
             )
             rank_zero_info(
                 f"stage {self.stage}: FSDP2 over {mesh['data_parallel'].size()} ranks, "
@@ -228,7 +265,7 @@ class NextGPTStage(L.LightningModule):
     # Training takes the counts of the step's every micro-batch on every rank (``StepWindows``
     # attaches them; one all-reduce sums the ranks), so 2 ranks x batch b, 1 rank x batch 2b and
     # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
-    def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: StageBatch, counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """This batch's share of each loss term of the step whose totals are ``counts``."""
         model = self.built()
         chunk = self.loss.logits_chunk  # no full-vocabulary logits: the labelled positions, in chunks
@@ -263,7 +300,7 @@ class NextGPTStage(L.LightningModule):
         terms["loss"] = cast(torch.Tensor, sum(self.loss.weight(k) * v for k, v in terms.items()))
         return terms
 
-    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: StageBatch) -> dict[str, torch.Tensor]:
         """The loss terms of one batch on its own (evaluation, tests): means over this batch."""
         return self.loss_terms(batch, batch["counts"])
 
@@ -289,8 +326,8 @@ class NextGPTStage(L.LightningModule):
             scale *= accumulate
         return scale
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        window = batch.get("window") or {"counts": batch["counts"], "index": 0, "size": 1}
+    def training_step(self, batch: StageBatch, batch_idx: int):
+        window: StepWindow = batch.get("window") or {"counts": batch["counts"], "index": 0, "size": 1}
         terms = self.loss_terms(batch, self.step_counts(window["counts"]))
         # log the step's loss over its global batch: this micro-batch's shares, summed over the
         # window here and over the ranks by the logger's all-reduce
@@ -307,7 +344,7 @@ class NextGPTStage(L.LightningModule):
             self._step_terms = {}
         return terms["loss"] * self.gradient_scale()
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: StageBatch, batch_idx: int) -> None:
         if not batch["keys"]:  # every sample of the batch was unreadable
             return
         losses = self.compute_loss(batch)

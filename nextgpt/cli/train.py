@@ -83,7 +83,7 @@ def build_module(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> NextGPTStage
         optim=spec.stage.optim,
         loss=spec.stage.loss,
         init_from=None if spec.init_from is None else str(spec.init_from),
-        sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
+        sharding=spec.sharding,
         cache_dir=str(spec.paths.features),
         run_config=OmegaConf.to_container(cfg),
         tokens=tokens,
@@ -190,7 +190,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg.run.tag = spec.tag  # for the loggers' run names
     cfg.trainer.accumulate_grad_batches = spec.batch.accumulate  # from stage.global_batch_size
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        deepspeed_preflight(cfg, spec.batch)  # DeepSpeed's own config checks, before any weight loads
+        # DeepSpeed's own config checks, before any weight loads
+        deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
     prepare_backbones(cfg, spec.model)
     validate_paths(spec, cfg.get("init_from"), data_path_errors(cfg, spec.stage.objective))
     check_memory_plan(cfg, spec)  # may refuse (it would not fit): before anything loads

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from nextgpt.config import ConfigError, compose
 from nextgpt.model_spec import ModelSpec
 from nextgpt.schema import validate
-from nextgpt.spec import batch_plan
+from nextgpt.spec import batch_plan, run_spec
 from nextgpt.strategies import FSDP2Strategy, WrapByClassName
 
 EXPECTED = {
@@ -84,7 +84,9 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
     OmegaConf.resolve(cfg)
     plan = batch_plan(cfg)
     assert (plan.world_size, plan.per_device, plan.accumulate, plan.global_batch) == (8, 18, 1, 144)
-    config = deepspeed_preflight(cfg, plan)
+    config = deepspeed_preflight(
+        hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), run_spec(cfg)
+    )
     assert config["bf16"] == {"enabled": True} and config["train_micro_batch_size_per_gpu"] == 18
     picked = hydra.utils.get_class(cfg.stage.optim.optimizer._target_)
     assert issubclass(picked, DeepSpeedCPUAdam) == name.endswith("offload")
@@ -102,4 +104,6 @@ def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_pat
     OmegaConf.resolve(cfg)
     # and DeepSpeed's own rule says the same, should the schema ever miss it
     with pytest.raises(ConfigError, match="DeepSpeed refuses it"):
-        deepspeed_preflight(cfg, batch_plan(cfg))
+        deepspeed_preflight(
+            hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), run_spec(cfg)
+        )
