@@ -55,9 +55,7 @@ def denoise_targets(spec: RunSpec) -> dict[str, dict[str, Any]]:
     """modality -> decoder generation settings, for the modalities whose denoising loss is on."""
     if spec.stage.loss.denoise <= 0:
         return {}
-    return {
-        name: target_spec(dec.path, dec.generate) for name, dec in spec.model.generated.items() if dec.denoise
-    }
+    return {name: target_spec(dec) for name, dec in spec.model.generated.items() if dec.denoise}
 
 
 def build_datamodule(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> L.LightningDataModule:
