@@ -22,6 +22,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import TypedDict
 
 import lightning as L
 import torch
@@ -33,6 +34,19 @@ log = logging.getLogger(__name__)
 
 class TooMuchBadData(RunError):
     """More than ``max_skip_fraction`` of the samples were unusable: likely broken data, not bad luck."""
+
+
+class Summary(TypedDict, total=False):
+    """What :class:`DataReport` writes at the end of training (``path``, JSON) and logs."""
+
+    samples: int  # read, over all ranks (and dropped before training)
+    skipped: int
+    skipped_by_reason: dict[str, int]
+    media_from_cache: int  # input media items served by the ImageBind feature cache
+    media_decoded: int  # ... decoded and encoded by the model
+    truncated_on_rank0: int
+    max_skip_fraction: float
+    epochs: int
 
 
 class DataReport(L.Callback):
@@ -122,7 +136,7 @@ class DataReport(L.Callback):
             total = sum((Counter(p) for p in parts), Counter())
         return total + self.before
 
-    def report(self, trainer: L.Trainer) -> dict:
+    def report(self, trainer: L.Trainer) -> Summary:
         """Every rank must call this (it gathers the ranks' reasons)."""
         seen, bad = self._global(trainer)
         media = torch.tensor(
@@ -142,7 +156,7 @@ class DataReport(L.Callback):
         }
 
     @staticmethod
-    def describe(report: dict) -> str:
+    def describe(report: Summary) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report["skipped_by_reason"].items())) or "none"
         passes = report.get("epochs", 1)
         over = f"; over {passes} epochs (a sample bad in each is skipped in each)" if passes > 1 else ""

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 
+from datamodules.data_source import DataSource, PairSettings, SourceEntry, data_sources
 from datamodules.steps import EpochProgress
 from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.model_spec import ModelSpec
@@ -32,7 +33,7 @@ class SourceDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        sources: Sequence[Mapping[str, Any]],
+        sources: Sequence[SourceEntry | DataSource],
         objective: str,
         model: ModelSpec | Mapping[str, Any],
         template: str,
@@ -42,7 +43,7 @@ class SourceDataModule(L.LightningDataModule):
         seed: int,
         feature_cache: bool,
         cache_fallback: str | None,
-        pairs: Mapping[str, Any] | None = None,
+        pairs: PairSettings | None = None,
         pack: bool = False,
         tokens: Tokens | None = None,
     ):
@@ -53,8 +54,8 @@ class SourceDataModule(L.LightningDataModule):
         # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
         self.pack_length = int(max_length) if pack else None
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
-        self.pair_style = PairStyle(**dict(pairs or {}))
-        self.sources = [dict(s) for s in sources]
+        self.pair_style = PairStyle(**(pairs or PairSettings()))
+        self.sources = data_sources(sources)
         # the model's spec (or the ``model`` config section it is made of)
         self.objective, self.model_spec, self.template = objective, ModelSpec.from_config(model), template
         self.batch_size, self.num_workers, self.max_length, self.seed = (

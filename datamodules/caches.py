@@ -10,18 +10,18 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from datamodules.data_source import DataSource
 from datamodules.nextgpt_layout import read_source
-from datamodules.shard_datamodule import ShardDataModule
-from datamodules.shard_versions import source_shards
+from datamodules.shard_versions import ShardVersions, source_shards
 from datamodules.shard_writer import INDEX_SUFFIX
 from datamodules.shards import ShardStream
 from datamodules.shards.sample import ShardSample
@@ -33,29 +33,29 @@ from nextgpt.model_spec import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def source_contents(source: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+def source_contents(source: DataSource) -> tuple[dict[str, str], list[str]]:
     """Every media item (key -> path) and every caption of one source, over all JSON kinds present."""
     media: dict[str, str] = {}
     captions: list[str] = []
-    foreign = (source.get("format") or "nextgpt") != "nextgpt"  # an original stage-3 file: instruct only
+    foreign = source.format != "nextgpt"  # an original stage-3 file: instruct only
     for objective in ("instruct",) if foreign else ("caption", "generate", "instruct"):
         try:
             # caption and generate read the same <name>.json: its bad entries are named once
             convs, _ = read_source(
-                source["name"],
-                source["modality"],
-                source["root"],
+                source.name,
+                source.modality,
+                source.data_root,
                 objective,
                 warn=objective != "generate",
-                fmt=source.get("format"),
-                file=source.get("file"),
+                fmt=source.format,
+                file=source.file,
             )
         except FileNotFoundError as e:
             log.info("feature cache: %s", e)
             continue
         for c in convs:
             for _, path in c.media_in:
-                media[media_key(source["root"], path)] = path
+                media[media_key(source.data_root, path)] = path
             captions += [cap for _, cap in c.captions_out]
     return media, captions
 
@@ -137,32 +137,53 @@ def compute_shard_media(
     return added
 
 
+@dataclass(frozen=True)
+class ShardPass:
+    """What the shard-side cache pass reads of the config: the ``dataset.sources``, where their shards
+    go (``paths.shards``, ``dataset.shard_size``, ``dataset.source_changed``) and how features are
+    computed (``cache.batch_size``, ``cache.dtype``)."""
+
+    sources: tuple[DataSource, ...]
+    shards_root: str
+    shard_size: int = 1000
+    source_changed: str = "rewrite"
+    batch_size: int = 64
+    dtype: str = "float16"
+
+
 def build_shard_caches(
-    cfg, model: ModelSpec, encoder, conditioners, fallback: Path, rank: int, world: int, device: str = "cpu"
+    data: ShardPass,
+    model: ModelSpec,
+    encoder,
+    conditioners,
+    fallback: Path,
+    rank: int,
+    world: int,
+    device: str = "cpu",
 ) -> dict[str, int]:
     """ImageBind features of every shard source's pair-shard members (stage 1) and the decoder text
     embeddings of its captions (stages 2-3), beside the shards. Shards that do not exist yet are
     written first, as a training run would. Several processes (``torchrun --nproc-per-node N -m
     nextgpt.cache ...``) each take their share."""
     if rank == 0:
-        write_missing_shards(cfg)
+        write_missing_shards(data)
     report: dict[str, int] = {}
-    for source in cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)):
-        paths = wait_for_shards(source, cfg.paths.shards, rank)
+    for source in data.sources:
+        paths = wait_for_shards(source, data.shards_root, rank)
         if not paths:
-            log.warning("feature cache: no pair shards of %r: skipped", source["name"])
+            log.warning("feature cache: no pair shards of %r: skipped", source.name)
             continue
         if encoder is not None:
             store = shard_media_store(
-                shard_folder(source, paths), source["modality"], "pairs", model.encoder, fallback
+                shard_folder(source, paths), source.modality, "pairs", model.encoder, fallback
             )
             added = compute_shard_media(
                 store,
                 paths,
-                source["modality"],
+                source.modality,
                 encoder,
-                batch_size=int(cfg.cache.batch_size),
-                dtype=cfg.cache.dtype,
+                batch_size=data.batch_size,
+                dtype=data.dtype,
                 rank=rank,
                 world_size=world,
             )
@@ -170,18 +191,18 @@ def build_shard_caches(
             report[str(store.directory)] = len(store)
             log.info(
                 "%s: %d ImageBind features (%d new here, %d failed) in %s",
-                source["name"],
+                source.name,
                 len(store),
                 added,
                 len(store.failed),
                 store.directory,
             )
-        conditioner = conditioners.get(source["modality"])
+        conditioner = conditioners.get(source.modality)
         if conditioner is not None:  # this process's share of the captions (no media read: text-to-X pairs)
             stream = ShardStream(
                 paths,
                 objective="generate",
-                modality=source["modality"],
+                modality=source.modality,
                 rank=rank,
                 world_size=world,
                 epochs=1,
@@ -191,15 +212,15 @@ def build_shard_caches(
             captions = [cap for sample in samples for _, cap in sample.conversation.captions_out]
             store = FeatureStore.at(
                 cache_base(shard_folder(source, paths), fallback),
-                f"text_{source['modality']}",
+                f"text_{source.modality}",
                 conditioner.fingerprint(),
             )
-            added = compute_captions(store, captions, conditioner.to(device), dtype=cfg.cache.dtype)
+            added = compute_captions(store, captions, conditioner.to(device), dtype=data.dtype)
             store.refresh()
             report[str(store.directory)] = len(store)
             log.info(
                 "%s: %d caption embeddings (%d new here) in %s",
-                source["name"],
+                source.name,
                 len(store),
                 added,
                 store.directory,
@@ -207,28 +228,20 @@ def build_shard_caches(
     return report
 
 
-def wait_for_shards(
-    source: Mapping[str, Any], shards_root: str, rank: int, timeout: float = 3600.0
-) -> list[Path]:
+def wait_for_shards(source: DataSource, shards_root: str, rank: int, timeout: float = 3600.0) -> list[Path]:
     """The source's pair shards; on ranks > 0, once rank 0 has written them (their index is there)."""
     deadline = time.monotonic() + (timeout if rank else 0)
     while True:
         paths = source_shards(source, "caption", shards_root)
-        ready = source.get("urls") or (
-            paths and (paths[0].parent / f"{source['name']}-pairs{INDEX_SUFFIX}").is_file()
-        )
+        ready = source.urls or (paths and (paths[0].parent / f"{source.name}-pairs{INDEX_SUFFIX}").is_file())
         if ready or time.monotonic() > deadline:
             return paths
         time.sleep(2.0)
 
 
-def write_missing_shards(cfg) -> None:
-    dm = ShardDataModule(
-        sources=cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)),
-        objective="caption",
-        model=ModelSpec.from_config(cfg.model),
-        shards_root=cfg.paths.shards,
-        shard_size=int(cfg.dataset.get("shard_size", 1000)),
-        source_changed=str(cfg.dataset.get("source_changed", "rewrite")),
-    )
-    dm.prepare_data()
+def write_missing_shards(data: ShardPass) -> None:
+    """The pair shards of the sources that have none of their current data yet, as a training run
+    writes them (``ShardDataModule.prepare_data``)."""
+    versions = ShardVersions("caption", data.shards_root, data.shard_size, data.source_changed)
+    for source in data.sources:
+        versions.prepare(source)

@@ -8,7 +8,9 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
+from datamodules.records import Entry, Message
 from nextgpt.modality import Modality
 
 
@@ -58,7 +60,7 @@ def _resolved_root(root: str) -> Path:
     return Path(root).resolve()
 
 
-def _text(entry: dict, field: str) -> str:
+def _text(entry: Entry | Message, field: str) -> str:
     value = entry.get(field)
     if value is None:
         raise Skip(f"missing {field}")
@@ -69,13 +71,22 @@ def _text(entry: dict, field: str) -> str:
     return value.strip()
 
 
+def as_entry(value: object) -> Entry:
+    """A JSON value of a data file's list as an entry: it must be an object (:class:`Skip` if not)."""
+    if not isinstance(value, dict):
+        raise Skip(f"entry is {type(value).__name__}, not an object")
+    return cast(Entry, value)
+
+
 def _media(root: Path | None, mod: Modality, name: str) -> str:
     """The file of a media name, inside the source's media folder; ``root=None``: names of shard
     members (already packed, not files), taken as they are."""
     return name if root is None else str(media_path(root / mod.media_folder, name))
 
 
-def pair_turns(messages: list, answer: Callable[[dict], str] = lambda m: m["value"]) -> list[tuple[str, str]]:
+def pair_turns(
+    messages: list[Message], answer: Callable[[Message], str] = lambda m: m["value"]
+) -> list[tuple[str, str]]:
     """LLaVA-style ``{"from": "human" | "gpt", "value"}`` messages as (human, answer) turns; ``answer``
     gives the text of a gpt message (a reader may append to it)."""
     turns, human = [], None

@@ -28,14 +28,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from datamodules.nextgpt_layout import json_files
+from datamodules.records import MediaListing, SourceIdentity
 from nextgpt import modality as modality_registry
 from nextgpt.cache.store import file_signature
 
 MEDIA_IDENTITIES = ("listing", "none")
-_MEMO: dict[tuple[str, str], dict[str, Any]] = {}
+_MEMO: dict[tuple[str, str], MediaListing] = {}
 
 
 def forget() -> None:
@@ -43,7 +44,7 @@ def forget() -> None:
     _MEMO.clear()
 
 
-def media_listing(folder: Path) -> dict[str, Any]:
+def media_listing(folder: Path) -> MediaListing:
     """``{"files", "bytes", "digest"}`` of every file under ``folder`` (names relative to it)."""
     digest, files, size = hashlib.sha1(), 0, 0
     stack = [folder] if folder.is_dir() else []
@@ -87,7 +88,7 @@ def source_identity(
     shard_set: str,
     media: str = "listing",
     file: str | Path | None = None,
-) -> dict[str, Any]:
+) -> SourceIdentity:
     """The identity of one source's shard set (see the module docstring); ``file``: the JSON file of
     a source in one of the original's stage-3 formats, signed the same way."""
     if media not in MEDIA_IDENTITIES:
@@ -98,7 +99,7 @@ def source_identity(
         if file is not None and Path(file).is_file()
         else source_signature(resolved, name, shard_set)
     )
-    ident: dict[str, Any] = {"root": str(resolved), "json": json_sig}
+    ident: SourceIdentity = {"root": str(resolved), "json": json_sig}
     if media == "listing":
         folder = resolved / modality_registry.get(modality).media_folder
         key = (str(folder), modality)
@@ -118,20 +119,19 @@ def root_folder(shards_root: str | Path, name: str, root: str | Path) -> Path:
     return Path(shards_root) / name / f"{resolved.name or 'root'}-{key_of(str(resolved), 10)}"
 
 
-def version_folder(shards_root: str | Path, name: str, shard_set: str, ident: Mapping[str, Any]) -> Path:
+def version_folder(shards_root: str | Path, name: str, shard_set: str, ident: SourceIdentity) -> Path:
     return root_folder(shards_root, name, ident["root"]) / f"{shard_set}-{key_of(dict(ident))}"
 
 
-def differences(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+def differences(recorded: SourceIdentity | None, now: SourceIdentity) -> list[str]:
     """What differs between a recorded identity and the current one, in words."""
     if not recorded:
         return ["no identity recorded"]
     if "root" not in recorded:  # an index written before identities: JSON signatures only
-        recorded = {
-            "root": now.get("root"),
-            "json": dict(recorded),
-            **({"media": now["media"]} if "media" in now else {}),
-        }
+        upgraded: SourceIdentity = {"root": now["root"], "json": cast(dict[str, str], dict(recorded))}
+        if "media" in now:
+            upgraded["media"] = now["media"]
+        recorded = upgraded
     out = []
     if recorded.get("root") != now.get("root"):
         out.append(f"data root {recorded.get('root')} -> {now.get('root')}")
@@ -142,7 +142,8 @@ def differences(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> l
         if old_json.get(f) != new_json.get(f)
     ]
     if "media" in now and recorded.get("media") != now.get("media"):
-        old, new = recorded.get("media") or {}, now["media"]
+        old: Mapping[str, object] = recorded.get("media") or {}
+        new = now["media"]
         out.append(
             f"media ({old.get('files', '?')} files, {old.get('bytes', '?')} bytes -> {new['files']} files, "
             f"{new['bytes']} bytes)"

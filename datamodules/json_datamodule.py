@@ -10,13 +10,15 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
+from datamodules.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
 from datamodules.nextgpt_layout import read_source, source_files
+from datamodules.records import EpochState
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.encode import media_key, media_store
@@ -38,7 +40,7 @@ class NextGPTDataModule(SourceDataModule):
 
     def __init__(
         self,
-        sources: Sequence[Mapping[str, Any]],
+        sources: Sequence[SourceEntry | DataSource],
         objective: str,
         model: ModelSpec | Mapping[str, Any],
         template: str = "vicuna_v0",
@@ -47,11 +49,11 @@ class NextGPTDataModule(SourceDataModule):
         max_length: int = 512,
         val_fraction: float = 0.0,
         seed: int = 0,
-        synthetic: Mapping[str, Any] | None = None,
+        synthetic: SyntheticSettings | None = None,
         feature_cache: bool = True,
         cache_fallback: str | None = None,
         denoise_targets: Mapping[str, Mapping[str, Any]] | None = None,
-        pairs: Mapping[str, Any] | None = None,
+        pairs: PairSettings | None = None,
         pack: bool = False,
         mix: str = "weighted",
         tokens: Tokens | None = None,
@@ -79,7 +81,7 @@ class NextGPTDataModule(SourceDataModule):
         self.mix = mix
         self.train_sources: list[int] = []  # the source index of each training sample
         self.val_fraction = val_fraction
-        self.synthetic = dict(synthetic) if synthetic else None
+        self.synthetic = SyntheticSettings(**synthetic) if synthetic else None
         self.denoise_targets = dict(denoise_targets or {})
         self.train_set: ConversationDataset | None = None
         self.val_set: ConversationDataset | None = None
@@ -104,19 +106,19 @@ class NextGPTDataModule(SourceDataModule):
         for k, src in enumerate(self.sources):
             # every rank reads the files (and counts their skips alike, once in the report); rank 0 names them
             c, skipped = read_source(
-                src["name"],
-                src["modality"],
-                src["root"],
+                src.name,
+                src.modality,
+                src.data_root,
                 self.objective,
                 warn=trainer_topology(self.trainer)[0] == 0,
-                fmt=src.get("format"),
-                file=src.get("file"),
+                fmt=src.format,
+                file=src.file,
             )
             c = [self.pair_style.apply(conv) for conv in c]
             convs += c
             source_of += [k] * len(c)
             self.conversations_by_source.append((src, c))
-            self.skipped_entries.update({f"{src['name']}: {k}": v for k, v in skipped.items()})
+            self.skipped_entries.update({f"{src.name}: {k}": v for k, v in skipped.items()})
         features = self._media_features() if self.feature_cache else {}
         if not convs:
             files = [str(f) for src in self.sources for f, _ in source_files(src, self.objective)]
@@ -158,7 +160,7 @@ class NextGPTDataModule(SourceDataModule):
         any number of processes at once), so no rank loads a second ImageBind or waits for one."""
         out: dict[str, tuple[Any, str]] = {}
         for src, convs in self.conversations_by_source:
-            items = {media_key(src["root"], p): p for c in convs for _, p in c.media_in}
+            items = {media_key(src.data_root, p): p for c in convs for _, p in c.media_in}
             if not items:
                 continue
             store = media_store(src, self.model_spec.encoder, self.cache_fallback)
@@ -166,7 +168,7 @@ class NextGPTDataModule(SourceDataModule):
                 log.info(
                     "data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "
                     "encoding media on the fly",
-                    src["name"],
+                    src.name,
                 )
                 continue
             missing = set(store.missing(items))
@@ -181,7 +183,7 @@ class NextGPTDataModule(SourceDataModule):
             log.info(
                 "data: using ImageBind feature cache %s for %r (%d items, %d failed)",
                 store.directory,
-                src["name"],
+                src.name,
                 len(store),
                 len(store.failed),
             )
@@ -242,7 +244,7 @@ class NextGPTDataModule(SourceDataModule):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "progress" in state:
-            self.progress.load_state_dict(dict(state["progress"]))
+            self.progress.load_state_dict(cast(EpochState, dict(state["progress"])))
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

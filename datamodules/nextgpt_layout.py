@@ -22,8 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datamodules.entries import OUTSIDE_ROOT, Skip, _media, _text, media_path, pair_turns  # noqa: F401  (re-exported)
+from datamodules.data_source import DataSource
+from datamodules.entries import (  # noqa: F401  (re-exported)
+    OUTSIDE_ROOT,
+    Skip,
+    _media,
+    _text,
+    as_entry,
+    media_path,
+    pair_turns,
+)
 from datamodules.original_formats import READERS as ORIGINAL_READERS
+from datamodules.records import Entry
 from nextgpt import modality as modality_registry
 from nextgpt.modality import Modality
 from nextgpt.prompts import Conversation
@@ -50,14 +60,15 @@ def _pick(options: tuple[str, ...], key: str) -> str:
     return options[zlib.crc32(key.encode()) % len(options)]
 
 
-def _key(entry: dict, mod: Modality, fallback: str) -> str:
+def _key(entry: Entry, mod: Modality, fallback: str) -> str:
     for field in ("id", f"{mod.name}_id"):
-        if entry.get(field) is not None:
-            return str(entry[field])
+        value = entry.get(field)
+        if value is not None:
+            return str(value)
     return fallback
 
 
-def _pairs_caption(entry: dict, mod: Modality, root: Path | None, index: int) -> Conversation:
+def _pairs_caption(entry: Entry, mod: Modality, root: Path | None, index: int) -> Conversation:
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     instruction = _pick(CAPTION_INSTRUCTIONS, key).format(m=mod.name)
@@ -69,7 +80,7 @@ def _pairs_caption(entry: dict, mod: Modality, root: Path | None, index: int) ->
     )
 
 
-def _pairs_generate(entry: dict, mod: Modality, root: Path | None, index: int) -> Conversation:
+def _pairs_generate(entry: Entry, mod: Modality, root: Path | None, index: int) -> Conversation:
     file, caption = _text(entry, mod.name_field), _text(entry, "caption")
     key = _key(entry, mod, Path(file).stem)
     request = _pick(GENERATE_REQUESTS, key).format(a=_article(mod.name), m=mod.name, c=caption)
@@ -82,14 +93,14 @@ def _pairs_generate(entry: dict, mod: Modality, root: Path | None, index: int) -
     )
 
 
-def _turns(entry: dict) -> list[tuple[str, str]]:
+def _turns(entry: Entry) -> list[tuple[str, str]]:
     conv = entry.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise Skip("missing or empty conversations")
     return pair_turns(conv)
 
 
-def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversation:
+def _instruct(entry: Entry, mod: Modality, root: Path, index: int) -> Conversation:
     turns = _turns(entry)
     media_in, captions_out, media_out = [], [], []
     if mod.input_field in entry:
@@ -114,7 +125,7 @@ def _instruct(entry: dict, mod: Modality, root: Path, index: int) -> Conversatio
     )
 
 
-Reader = Callable[[dict, Modality, Path, int], Conversation]
+Reader = Callable[[Entry, Modality, Path, int], Conversation]
 OBJECTIVE_FILES: dict[str, list[tuple[str, Reader]]] = {
     "caption": [("{name}.json", _pairs_caption)],
     "generate": [("{name}.json", _pairs_generate)],
@@ -136,24 +147,24 @@ def read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
 
 
-def source_files(source: dict, objective: str) -> list[tuple[Path, Callable]]:
+def source_files(source: DataSource, objective: str) -> list[tuple[Path, Callable]]:
     """(JSON file, entry reader) of one ``dataset.sources`` entry for ``objective``: the NExT-GPT
     folder layout by default, or the one file of an original stage-3 format (``format``, ``file``)."""
-    fmt = source.get("format") or "nextgpt"
+    fmt = source.format
     if fmt == "nextgpt":
         return list(
             zip(
-                json_files(source["name"], source["root"], objective),
+                json_files(source.name, source.data_root, objective),
                 (r for _, r in OBJECTIVE_FILES[objective]),
                 strict=False,
             )
         )
     if objective != "instruct":
         raise DataError(
-            f"dataset source {source['name']!r} (format {fmt}) is stage-3 instruction data; objective "
+            f"dataset source {source.name!r} (format {fmt}) is stage-3 instruction data; objective "
             f"{objective!r} reads text-X pairs (the NExT-GPT folder layout)"
         )
-    return [(Path(source["file"]), lambda e, mod, root, i: ORIGINAL_READERS[fmt](e, mod.name, root, i))]
+    return [(Path(str(source.file)), lambda e, mod, root, i: ORIGINAL_READERS[fmt](e, mod.name, root, i))]
 
 
 def read_source(
@@ -174,7 +185,7 @@ def read_source(
     root = Path(root)
     convs: list[Conversation] = []
     skipped: Counter = Counter()
-    source = {"name": name, "root": root, "format": fmt, "file": file}
+    source = DataSource(name, modality, root=str(root), format=fmt or "nextgpt", file=file)
     for path, reader in source_files(source, objective):
         if not path.is_file():
             raise FileNotFoundError(f"dataset source {name!r} ({modality}): {path} does not exist")
@@ -188,9 +199,7 @@ def read_source(
             )
         for i, entry in enumerate(entries):
             try:
-                if not isinstance(entry, dict):
-                    raise Skip(f"entry is {type(entry).__name__}, not an object")
-                convs.append(reader(entry, mod, root, i))
+                convs.append(reader(as_entry(entry), mod, root, i))
             except Skip as e:
                 skipped[str(e)] += 1
                 if warn:

@@ -33,22 +33,23 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.entries import Skip, _media, _text, pair_turns
+from datamodules.records import Entry, Message
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
 
 
-def _messages(entry: dict) -> list:
+def _messages(entry: Entry) -> list[Message]:
     conv = entry.get("conversation", entry.get("conversations"))  # the legacy files say "conversation"
     if not isinstance(conv, list) or not conv:
         raise Skip("missing or empty conversation(s)")
     return conv
 
 
-def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
+def _t2x(entry: Entry, modality: str, root: Path, index: int) -> Conversation:
     messages = _messages(entry)
     captions_out = []
 
-    def answer(msg: dict) -> str:
+    def answer(msg: Message) -> str:
         out = msg.get("output_modality", "text")
         if out == "text":
             return msg["value"]
@@ -65,7 +66,7 @@ def _t2x(entry: dict, modality: str, root: Path, index: int) -> Conversation:
     )
 
 
-def _llava(entry: dict, modality: str, root: Path, index: int) -> Conversation:
+def _llava(entry: Entry, modality: str, root: Path, index: int) -> Conversation:
     mod = modality_registry.get("image")
     turns = pair_turns(_messages(entry))
     name = entry.get("image", entry.get("image_name"))
@@ -79,10 +80,10 @@ def _llava(entry: dict, modality: str, root: Path, index: int) -> Conversation:
         )  # the legacy files put the image before the text
     if sum(h.count(mod.placeholder) for h, _ in turns) != 1:
         raise Skip("more than one <image> for one image")
-    return Conversation(f"llava-{entry.get('id', Path(name).stem)}", turns, media_in=media_in)
+    return Conversation(f"llava-{entry.get('id', Path(str(name)).stem)}", turns, media_in=media_in)
 
 
-def _alpaca(entry: dict, modality: str, root: Path, index: int) -> Conversation:
+def _alpaca(entry: Entry, modality: str, root: Path, index: int) -> Conversation:
     if "instruction" in entry:
         instruction = _text(entry, "instruction")
         extra = entry.get("input") or ""
@@ -100,18 +101,18 @@ def _names(value: Any, field: str) -> list[str]:
     return names
 
 
-def _mosit(entry: dict, modality: str, root: Path, index: int) -> Conversation:
+def _mosit(entry: Entry, modality: str, root: Path, index: int) -> Conversation:
     turns = pair_turns(_messages(entry))
     media_in, captions_out = [], []
     # the order of the placeholders in the text is the order of the media and captions
     for mod in map(modality_registry.get, modality_registry.names()):
-        outs = entry.get(mod.captions_field, [])
-        outs = outs if isinstance(outs, list) else [outs]
+        found = entry.get(mod.captions_field, [])
+        outs: list[Any] = found if isinstance(found, list) else [found]
         n_out = sum(a.count(mod.placeholder) for _, a in turns)
         if n_out != len(outs):
             raise Skip(f"{n_out} {mod.placeholder} in the answers but {len(outs)} {mod.captions_field}")
-        captions_out += [(mod.name, _text({"caption": c}, "caption")) for c in outs]
-        ins = _names(entry[mod.input_field], mod.input_field) if mod.input_field in entry else []
+        captions_out += [(mod.name, _text(Entry(caption=c), "caption")) for c in outs]
+        ins = _names(entry.get(mod.input_field), mod.input_field) if mod.input_field in entry else []
         n_in = sum(h.count(mod.placeholder) for h, _ in turns)
         if n_in != len(ins):
             raise Skip(f"{n_in} {mod.placeholder} in the requests but {len(ins)} {mod.input_field}")
@@ -144,7 +145,7 @@ def _text_order(texts: list[str], items: list[tuple[str, str]]) -> list[tuple[st
     return out
 
 
-READERS: dict[str, Callable[[dict, str, Path, int], Conversation]] = {
+READERS: dict[str, Callable[[Entry, str, Path, int], Conversation]] = {
     "t2x": _t2x,
     "llava": _llava,
     "alpaca": _alpaca,

@@ -24,13 +24,14 @@ import logging
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from datamodules.entries import Skip, _text, media_path
+from datamodules.entries import Skip, _text, as_entry, media_path
 from datamodules.identity import source_identity
 from datamodules.nextgpt_layout import _turns, read_source, read_utf8
+from datamodules.records import Entry, SourceIdentity
 from datamodules.shard_writer import Record, conversation_record, pair_record, write_shards
 from nextgpt import modality as modality_registry
 from nextgpt.prompts import Conversation
@@ -89,7 +90,7 @@ def _placeholder_order(texts: Iterable[str]) -> list[str]:
     return [m.group(1) for t in texts for m in pattern.finditer(t)]
 
 
-def _qa_turns(entry: dict) -> list[tuple[str, str]]:
+def _qa_turns(entry: Entry) -> list[tuple[str, str]]:
     """VideoChat's ``{"QA": [{"i": instruction, "q": question, "a": answer}]}``."""
     qa = entry.get("QA")
     if not isinstance(qa, list) or not qa:
@@ -104,7 +105,7 @@ def _qa_turns(entry: dict) -> list[tuple[str, str]]:
 
 
 def _conversation_entry(
-    entry: dict, index: int, media_root: Path
+    entry: Entry, index: int, media_root: Path
 ) -> tuple[Conversation, list[tuple[str, Path]]]:
     """One LLaVA-style entry: ``conversations`` (or VideoChat ``QA``) plus media fields.
 
@@ -152,10 +153,9 @@ def read_conversations(json_file: str | Path, media_root: str | Path) -> tuple[l
     path, media_root = Path(json_file), Path(media_root)
     records: list[Record] = []
     skipped: Counter[str] = Counter()
-    for i, entry in enumerate(_load_entries(path)):
+    for i, value in enumerate(_load_entries(path)):
         try:
-            if not isinstance(entry, dict):
-                raise Skip(f"entry is {type(entry).__name__}, not an object")
+            entry = as_entry(value)
             conv, media_out = _conversation_entry(entry, i, media_root)
             records.append(conversation_record(conv, media_out))
         except Skip as e:
@@ -169,10 +169,9 @@ def read_alpaca(json_file: str | Path) -> tuple[list[Record], Counter]:
     path = Path(json_file)
     records: list[Record] = []
     skipped: Counter[str] = Counter()
-    for i, entry in enumerate(_load_entries(path)):
+    for i, value in enumerate(_load_entries(path)):
         try:
-            if not isinstance(entry, dict):
-                raise Skip(f"entry is {type(entry).__name__}, not an object")
+            entry = as_entry(value)
             human = _text(entry, "instruction")
             extra = entry.get("input")
             if isinstance(extra, str) and extra.strip():
@@ -198,7 +197,7 @@ def prepare_nextgpt(
     shard_size: int = 1000,
     overwrite: bool = False,
     strict: bool = False,
-    identity: Mapping[str, Any] | None = None,
+    identity: SourceIdentity | None = None,
     media: str = "listing",
 ) -> dict[str, list[Path]]:
     """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source.
@@ -209,8 +208,8 @@ def prepare_nextgpt(
     for s in sets:
         if s not in readers:
             raise ValueError(f"unknown shard set {s!r}; known: {list(readers)}")
-        signature = (
-            dict(identity)
+        signature: SourceIdentity = (
+            SourceIdentity(**identity)
             if identity is not None and len(sets) == 1
             else source_identity(root, name, modality, s, media)
         )

@@ -23,15 +23,17 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
+from datamodules.data_source import DataSource, PairSettings, SourceEntry
 from datamodules.identity import root_folder
 from datamodules.nextgpt_layout import read_utf8
+from datamodules.records import EpochState, StreamState
 from datamodules.shard_versions import (
     ShardVersions,
     index_path,
@@ -66,7 +68,7 @@ class ShardDataModule(SourceDataModule):
 
     def __init__(
         self,
-        sources: Sequence[Mapping[str, Any]],
+        sources: Sequence[SourceEntry | DataSource],
         objective: str,
         model: ModelSpec | Mapping[str, Any],
         template: str = "vicuna_v0",
@@ -83,7 +85,7 @@ class ShardDataModule(SourceDataModule):
         source_changed: str = "rewrite",
         feature_cache: bool = True,
         mix: str = "weighted",
-        pairs: Mapping[str, Any] | None = None,
+        pairs: PairSettings | None = None,
         pack: bool = False,
         media_identity: str = "listing",
         tokens: Tokens | None = None,
@@ -112,7 +114,7 @@ class ShardDataModule(SourceDataModule):
         self.shards_root, self.shuffle, self.shard_size = shards_root, shuffle, shard_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.stream: ShardStream | None = None
-        self._pending_state: dict | None = None
+        self._pending_state: StreamState | None = None
         self.progress = EpochProgress()
 
     def prepare_data(self) -> None:
@@ -134,14 +136,14 @@ class ShardDataModule(SourceDataModule):
             found = self._shards(src)
             if not found:
                 raise DataError(
-                    f"dataset source {src['name']!r}: no {shard_set(self.objective)} shards found "
-                    f"({src.get('urls') or src.get('shards') or src.get('root')})"
+                    f"dataset source {src.name!r}: no {shard_set(self.objective)} shards found "
+                    f"({src.urls or src.shards or src.root})"
                 )
-            weight = int(src.get("weight", 1))
+            weight = src.weight
             paths += found * weight
             per_source.append(found)
-            path_modality.update({p: src["modality"] for p in found})
-            log.info("data: source %r: %d shards x weight %d", src["name"], len(found), weight)
+            path_modality.update({p: src.modality for p in found})
+            log.info("data: source %r: %d shards x weight %d", src.name, len(found), weight)
             if self.feature_cache and self.objective == "caption":
                 stores.update(self._feature_store(src, found))
         self.items = ConversationDataset(
@@ -167,7 +169,7 @@ class ShardDataModule(SourceDataModule):
             feature_lookup=StoreLookup(stores) if stores else None,
             mix=self.mix,
             sources=per_source if self.mix == "balanced" else None,
-            source_weights=[int(src.get("weight", 1)) for src in self.sources],
+            source_weights=[src.weight for src in self.sources],
             batch_size=self.batch_size,
         )
         if self._pending_state is not None:
@@ -182,26 +184,26 @@ class ShardDataModule(SourceDataModule):
             raise RuntimeError("the shard stream is built by setup(): call it first")
         return self.stream
 
-    def _shards(self, src: Mapping[str, Any]) -> list[Path]:
+    def _shards(self, src: DataSource) -> list[Path]:
         """The source's shard files, chosen once per run; a version written from a data root is
         held (a shared lock) so that no writer removes it while this run reads it."""
-        if src.get("urls"):
-            return expand_shards(src["urls"])
-        if src["name"] not in self.folders:
+        if src.urls:
+            return expand_shards(src.urls)
+        if src.name not in self.folders:
             folder, ident = self.versions.folder(src)
             if folder is None:
                 return []
             if ident is not None and folder.parent == root_folder(
-                self.shards_root, src["name"], src["root"]
+                self.shards_root, src.name, src.data_root
             ):  # a version
                 self._holds.enter_context(holding(Path(f"{folder}.lock"), shared=True))
-                if recorded_identity(folder, src["name"], self.objective) is None:
+                if recorded_identity(folder, src.name, self.objective) is None:
                     raise DataError(
-                        f"dataset source {src['name']!r}: the shards in {folder} were removed while this "
+                        f"dataset source {src.name!r}: the shards in {folder} were removed while this "
                         "run started; run it again"
                     )
-            self.folders[src["name"]] = folder
-        return set_tars(self.folders[src["name"]], src["name"], self.objective)
+            self.folders[src.name] = folder
+        return set_tars(self.folders[src.name], src.name, self.objective)
 
     def teardown(self, stage: str | None = None) -> None:
         self._holds.close()
@@ -213,15 +215,15 @@ class ShardDataModule(SourceDataModule):
         for src in self.sources:
             found = self._shards(src)
             if found:
-                out.append((src["modality"], cache_base(shard_folder(src, found), self.cache_fallback)))
+                out.append((src.modality, cache_base(shard_folder(src, found), self.cache_fallback)))
         return out
 
-    def _feature_store(self, src: Mapping[str, Any], shards: list[Path]) -> dict[Path, FeatureStore]:
+    def _feature_store(self, src: DataSource, shards: list[Path]) -> dict[Path, FeatureStore]:
         """The ImageBind feature cache of a source's pair shards (``python -m nextgpt.cache``), for
         each of its shards; none when there is no cache for this encoder."""
         store = shard_media_store(
             shard_folder(src, shards),
-            src["modality"],
+            src.modality,
             "pairs",
             self.model_spec.encoder,
             self.cache_fallback,
@@ -230,14 +232,14 @@ class ShardDataModule(SourceDataModule):
             log.info(
                 "data: no ImageBind feature cache for %r (python -m nextgpt.cache dataset=... builds one); "
                 "decoding and encoding its media on the fly",
-                src["name"],
+                src.name,
             )
             return {}
         log.info(
             "data: using ImageBind feature cache %s for %r: %d items cached (%d failed); the media of cached "
             "items are not read",
             store.directory,
-            src["name"],
+            src.name,
             len(store),
             len(store.failed),
         )
@@ -296,16 +298,13 @@ class ShardDataModule(SourceDataModule):
         samples written or dropped)."""
         skipped: Counter = Counter()
         for src in self.sources:
-            if src.get("urls") or src["name"] not in self.folders:
+            if src.urls or src.name not in self.folders:
                 continue
-            index = index_path(self.folders[src["name"]], src["name"], self.objective)
+            index = index_path(self.folders[src.name], src.name, self.objective)
             if index.is_file():
                 dropped = json.loads(read_utf8(index)).get("skipped", {})
                 skipped.update(
-                    {
-                        f"{src['name']}: {k} (writing shards)": int(v) * int(src.get("weight", 1))
-                        for k, v in dropped.items()
-                    }
+                    {f"{src.name}: {k} (writing shards)": int(v) * src.weight for k, v in dropped.items()}
                 )
         return skipped, (self.stream.total if self.stream is not None else 0) + sum(skipped.values())
 
@@ -320,10 +319,10 @@ class ShardDataModule(SourceDataModule):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "progress" in state:
-            self.progress.load_state_dict(dict(state["progress"]))
+            self.progress.load_state_dict(cast(EpochState, dict(state["progress"])))
         if "train_stream" not in state:
             return
         if self.stream is None:
-            self._pending_state = dict(state["train_stream"])
+            self._pending_state = cast(StreamState, dict(state["train_stream"]))
         else:
             self.stream.load_state_dict(state["train_stream"])

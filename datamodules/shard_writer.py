@@ -35,7 +35,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +44,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from datamodules.entries import Skip
+from datamodules.records import SourceIdentity
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class _ShardSink:
         self._open: tuple[IO[bytes], wds.TarWriter] | None = None  # the current shard's .tmp file, its writer
         self._count = 0
 
-    def write(self, sample: dict[str, Any]) -> None:
+    def write(self, sample: dict[str, str | bytes]) -> None:
         if self._open is None:
             final = self.out_dir / shard_name(self.name, len(self.written))
             file = open(final.with_name(final.name + ".tmp"), "wb")
@@ -171,7 +172,7 @@ def write_shards(
     strict: bool = False,
     total: int | None = None,
     skipped: Counter | None = None,
-    source: Mapping[str, str] | None = None,
+    source: SourceIdentity | None = None,
 ) -> list[Path]:
     """Write ``records`` as ``out_dir/{name}-000000.tar`` ... and the index ``{name}.shards.json``.
 
@@ -200,7 +201,7 @@ def write_shards(
     sink = _ShardSink(out, name, shard_size)
     try:
         for rec in tqdm(records, total=total, desc=f"shards {name}", unit="sample"):
-            sample: dict[str, Any] = {}
+            sample: dict[str, str | bytes] = {}  # member extension (and "__key__") -> its bytes (key)
             try:
                 for ext, path in rec.files.items():
                     path = Path(path)

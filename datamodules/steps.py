@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from datamodules.records import EpochState
+
 
 def sum_counts(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
     total: dict[str, float] = {}
@@ -49,10 +51,10 @@ class EpochProgress:
         if epoch != self.epoch:
             self.epoch, self.consumed = int(epoch), 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> EpochState:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: EpochState) -> None:
         self.epoch, self.consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
 
 
@@ -90,10 +92,10 @@ class StepWindows:
 
     # the same progress as the data module's state (see the module docstring); being "stateful"
     # also tells Lightning that this loader resumes mid-epoch
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> EpochState:
         return self.progress.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: EpochState) -> None:
         self.progress.load_state_dict(state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

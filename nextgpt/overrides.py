@@ -14,7 +14,7 @@ import difflib
 import functools
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,12 @@ def known_keys(config_dir: Path) -> frozenset[str]:
     return frozenset(p for p in found if p.split(".")[0] in CHECKED_ROOTS)
 
 
-def _target_keywords(cfg: Any, node: str) -> set[str] | None:
-    """The keyword arguments ``node._target_`` accepts (``None``: any, or it can not be read)."""
-    target = OmegaConf.select(cfg, f"{node}._target_", default=None)
+def _target_keywords(target: str | None) -> set[str] | None:
+    """The keyword arguments the ``_target_`` callable accepts (``None``: any, or it can not be read)."""
+    if target is None:
+        return None
     try:
-        params = inspect.signature(get_object(str(target))).parameters.values()
+        params = inspect.signature(get_object(target)).parameters.values()
     except (ImportError, AttributeError, ValueError, TypeError):
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -96,9 +97,10 @@ def _target_keywords(cfg: Any, node: str) -> set[str] | None:
     return {p.name for p in params}
 
 
-def appended_key_errors(cfg: Any, overrides: Iterable[str], config_dir: Path) -> list[str]:
+def appended_key_errors(targets: Mapping[str, str], overrides: Iterable[str], config_dir: Path) -> list[str]:
     """``+key=value: reason`` for every appended key under ``stage`` / ``model`` / ``dataset`` that
-    nothing reads (``config_dir``: the config tree)."""
+    nothing reads (``targets``: the ``_target_`` of each of :data:`TARGET_NODES` the config sets;
+    ``config_dir``: the config tree)."""
     known = known_keys(config_dir)
     errors = []
     for arg in overrides:
@@ -118,11 +120,11 @@ def appended_key_errors(cfg: Any, overrides: Iterable[str], config_dir: Path) ->
             continue
         parent, _, leaf = key.rpartition(".")
         if parent in TARGET_NODES:
-            accepted = _target_keywords(cfg, parent)
+            accepted = _target_keywords(targets.get(parent))
             if accepted is None or leaf in accepted:
                 continue
             choices = sorted(accepted - {"params"})
-            what = f"{OmegaConf.select(cfg, parent + '._target_')} takes {', '.join(choices)}"
+            what = f"{targets[parent]} takes {', '.join(choices)}"
         else:
             siblings = sorted(
                 {k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == _generalise(parent)}

@@ -22,13 +22,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.records import SourceIdentity
 from nextgpt.atomic import Busy, holding
 from nextgpt.safeload import UnsafeFileError, check_checkpoint_folder, load_checkpoint
 
@@ -48,6 +49,32 @@ TRAINER_NOT_IDENTITY = (
 )
 
 
+class InitFrom(TypedDict):
+    """The bundle a run starts from, as its identity records it (its ``meta.json``'s run and step)."""
+
+    path: str
+    run: str | None
+    global_step: int | None
+    written: str | None
+
+
+class RunIdentity(TypedDict, total=False):
+    """What identifies a run (:func:`run_identity`, recorded in its ``run.json``): the sections of its
+    resolved config that decide what is trained (all but :data:`NOT_IDENTITY`; the usual ones are
+    listed), its ``trainer`` settings but :data:`TRAINER_NOT_IDENTITY`, the bundle it starts from
+    (``init_from``: the config's path or ``null`` as given, :class:`InitFrom` once resolved) and the
+    identities of the data sources it reads from a data root (``data_files``, by source name)."""
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    stage: dict[str, Any]
+    trainer: dict[str, Any]
+    seed: int
+    sharding: dict[str, Any] | None
+    init_from: InitFrom | str | None
+    data_files: dict[str, SourceIdentity]
+
+
 class RunError(RuntimeError):
     """A run that must not start (or did not train): the message says why and what to do.
     ``train.py`` prints it and exits 2, without a traceback."""
@@ -58,13 +85,13 @@ class DataError(RunError, ValueError):
 
 
 def run_identity(
-    cfg: DictConfig, init_from: str | None = None, data: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+    cfg: DictConfig, init_from: str | None = None, data: Mapping[str, SourceIdentity] | None = None
+) -> RunIdentity:
     """The resolved config that decides what a run trains, plus the identity of the bundle it
     starts from (a rewritten earlier stage makes this a new run) and ``data``, signatures of the
     data set's index files (an edited data set makes a new run too)."""
     full = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig's is a dict
-    ident = {k: v for k, v in full.items() if k not in NOT_IDENTITY}
+    ident = cast(RunIdentity, {k: v for k, v in full.items() if k not in NOT_IDENTITY})
     if data:
         ident["data_files"] = dict(data)
     ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k not in TRAINER_NOT_IDENTITY}
@@ -80,7 +107,7 @@ def run_identity(
     return ident
 
 
-def run_key(identity: Mapping[str, Any]) -> str:
+def run_key(identity: RunIdentity) -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -203,7 +230,7 @@ def checkpoint_step(path: str | Path) -> int:
     return int(ckpt.get("global_step", 0))
 
 
-def choose_start(run: RunDir, identity: Mapping[str, Any], resume: Any, *, mutate: bool = True) -> str | None:
+def choose_start(run: RunDir, identity: RunIdentity, resume: Any, *, mutate: bool = True) -> str | None:
     """The checkpoint this run continues from, or ``None`` to start afresh; raises ``RunError`` for
     a finished run (it would train nothing). ``resume``: true (the default: an interrupted run of
     this exact config resumes), false (start afresh; an earlier attempt's folder is kept aside), or
@@ -238,7 +265,7 @@ def choose_start(run: RunDir, identity: Mapping[str, Any], resume: Any, *, mutat
     return None
 
 
-def _explicit_start(path: Path, identity: Mapping[str, Any]) -> str:
+def _explicit_start(path: Path, identity: RunIdentity) -> str:
     run = RunDir(path if path.is_dir() and not (path / ".metadata").is_file() else path.parent)
     candidates = [path] if path.suffix == ".ckpt" else run.checkpoints()
     candidates += [
@@ -271,7 +298,7 @@ def _aside(path: Path) -> Path:
     return target
 
 
-def report_other_runs(base: Path, key: str, identity: Mapping[str, Any]) -> None:
+def report_other_runs(base: Path, key: str, identity: RunIdentity) -> None:
     """Say why an existing run of the same model, data and stage is not resumed."""
     others = [RunDir(p) for p in sorted(base.glob("*/")) if p.name != key and (p / RUN_FILE).is_file()]
     if not others:

@@ -31,7 +31,7 @@ from nextgpt.config import (
     given_overrides,
 )
 from nextgpt.encoders.imagebind_config import ImageBindConfig
-from nextgpt.overrides import appended_key_errors
+from nextgpt.overrides import TARGET_NODES, appended_key_errors
 from nextgpt.prompts import PAIR_STYLES, TEMPLATES
 from nextgpt.tokens import MARKER_STYLES, VOCAB_ROWS
 
@@ -464,7 +464,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("paths.bundles", "paths.checkpoints", "paths.output_dir"):
         c.str_(key)
     _check_plan(c)
-    c.errors += appended_key_errors(cfg, given_overrides(), CONFIG_DIR)
+    targets = {
+        node: str(t)
+        for node in TARGET_NODES
+        if (t := OmegaConf.select(cfg, f"{node}._target_", default=None)) is not None
+    }
+    c.errors += appended_key_errors(targets, given_overrides(), CONFIG_DIR)
     if c.errors:
         raise ConfigError(c.errors)
 

@@ -28,6 +28,7 @@ BOUNDARY = {
     ("nextgpt/schema.py", "validate"),
     ("nextgpt/spec.py", "run_spec"),
     ("nextgpt/spec.py", "batch_plan"),
+    ("nextgpt/evaluation/spec.py", "eval_spec"),
 }
 LOOSE = re.compile(
     r"^(DictConfig|dict|Dict|dict\[str, ?Any\]|Mapping\[str, ?Any\]|MutableMapping\[str, ?Any\])( \| None)?$"

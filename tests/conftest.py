@@ -10,6 +10,15 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist each worker takes its share of the cores, in torch and (through OMP_NUM_THREADS)
+# in the processes it starts: two workers of two threads each on two cores spin against each other
+# (benchmarks/worker_threads.py: a small training loop side by side took 40-160 s instead of 3-4 s).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+    torch.set_num_threads(_SHARE)
+
 
 def sample_data_dir() -> Path:
     """The real NExT-GPT sample folder: $NEXTGPT_SAMPLE_DATA, else ../shared/data/nextgpt_sample."""

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from datamodules.records import StreamState
 from datamodules.shards.files import OpenShards, TarSamples, expand_shards, shard_counts
 from datamodules.shards.mix import BalancedOrder
 from datamodules.shards.order import WeightedOrder
@@ -318,7 +319,7 @@ class ShardStream(IterableDataset):
                 self.skips.absorb(p)
         self.skips.check()
 
-    def state_dict(self, gather: bool = True) -> dict[str, Any]:
+    def state_dict(self, gather: bool = True) -> StreamState:
         """Everything an exact restart needs; under ``torch.distributed`` (and ``gather``) every rank
         must call it, and each returns all ranks' progress."""
         progress, rotation = dict(self.progress.last), dict(self.progress.rotation)
@@ -351,7 +352,7 @@ class ShardStream(IterableDataset):
             "skipped": dict(skipped),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: StreamState) -> None:
         """Continue where ``state`` left off; refuses a state of other shards, seed or shuffling."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"shard stream state version {state.get('version')!r}, expected {STATE_VERSION}")

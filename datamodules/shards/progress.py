@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from datamodules.records import PassState
 from datamodules.shards.order import Order
 from datamodules.shards.sample import StreamPosition
 
@@ -94,7 +95,7 @@ class StreamProgress:
             "topology": self.topology,
         }
 
-    def state(self, last: Progress, rotation: Mapping[int, int]) -> dict[str, Any]:
+    def state(self, last: Progress, rotation: Mapping[int, int]) -> PassState:
         """Plain data (JSON-safe): the pass, the topology and the given (possibly gathered) progress."""
         return {
             "epoch": self.epoch,
@@ -103,7 +104,7 @@ class StreamProgress:
             "rotation": {str(r): v for r, v in rotation.items()},
         }
 
-    def load(self, state: Mapping[str, Any]) -> None:
+    def load(self, state: PassState) -> None:
         self.epoch = int(state["epoch"])
         topology = state["topology"]
         self.topology = (int(topology[0]), int(topology[1])) if topology else None

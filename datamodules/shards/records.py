@@ -8,12 +8,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from datamodules.entries import Skip
 from datamodules.nextgpt_layout import OBJECTIVES, _pairs_caption, _pairs_generate
+from datamodules.records import Entry, ShardRecord
 from datamodules.shards.files import Members, TarSamples
 from datamodules.shards.sample import ShardSample, SkipSample
 from nextgpt import modality as modality_registry
@@ -103,7 +104,7 @@ class RecordReader:
             except (ValueError, UnicodeDecodeError) as e:
                 raise SkipSample("unreadable JSON", str(e)) from None
             if isinstance(obj, dict) and "kind" in obj:
-                return self._record(reader, key, members, obj)
+                return self._record(reader, key, members, cast(ShardRecord, obj))
             if not isinstance(obj, dict):
                 raise SkipSample("wrong JSON type", f"the .json member holds a {type(obj).__name__}")
         # a plain pair, as img2dataset / video2dataset write them: caption in .txt (or the json's "caption")
@@ -123,7 +124,7 @@ class RecordReader:
         media = [ext for ext in members if "." + ext.rsplit(".", 1)[-1] in mod.extensions]
         return self._pair(reader, key, members, caption, mod.name, media[0] if media else None, None, key)
 
-    def _record(self, reader: TarSamples, key: str, members: Members, obj: dict[str, Any]) -> ShardSample:
+    def _record(self, reader: TarSamples, key: str, members: Members, obj: ShardRecord) -> ShardSample:
         kind, source = obj["kind"], obj.get("source") if isinstance(obj.get("source"), str) else None
         conv_key = obj["key"] if isinstance(obj.get("key"), str) and obj["key"] else key
         if kind == "pair":
@@ -202,7 +203,7 @@ class RecordReader:
             )
         mod = modality_registry.get(modality)
         member = f"{key}.{ext}" if ext else f"{key}.?"
-        entry = {"id": conv_key, mod.name_field: member, "caption": caption}
+        entry = cast(Entry, {"id": conv_key, mod.name_field: member, "caption": caption})
         generate = self.pair_objective == "generate"
         try:
             # root None: the name is a tar member, not a file under a data root

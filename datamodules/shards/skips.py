@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
 
+from datamodules.records import SkipState
 from datamodules.shards.sample import StreamPosition
 from nextgpt.runs import RunError
 
@@ -83,7 +82,7 @@ class SkipLedger:
             "Check the shards (python -m datamodules.prepare) or raise max_skip_fraction."
         )
 
-    def load(self, state: Mapping[str, Any]) -> None:
+    def load(self, state: SkipState) -> None:
         self.seen, self.skipped = int(state["seen"]), Counter(state["skipped"])
 
 

@@ -62,8 +62,8 @@ class CaptionTargets:
         if not is_global_zero:
             barrier()
         for src, convs in getattr(datamodule, "conversations_by_source", ()):
-            conditioner = self.conditioners.get(src["modality"])
-            captions = [cap for c in convs for name, cap in c.captions_out if name == src["modality"]]
+            conditioner = self.conditioners.get(src.modality)
+            captions = [cap for c in convs for name, cap in c.captions_out if name == src.modality]
             if conditioner is None or not captions:
                 continue
             store = caption_store(src, conditioner.to(device), datamodule.cache_fallback)
@@ -74,7 +74,7 @@ class CaptionTargets:
                 log.info(
                     "caption cache %s %s: %d embeddings (%d new)", store.directory, state, len(store), added
                 )
-            self.attach(src["modality"], store)
+            self.attach(src.modality, store)
         if is_global_zero:
             barrier()
         self.refresh()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from datamodules.data_source import DataSource
 from nextgpt import modality as modality_registry
 from nextgpt.cache.store import FeatureStore, cache_base, caption_key, file_signature, fingerprint
 from nextgpt.encoders.imagebind_config import ImageBindConfig
@@ -45,20 +45,20 @@ def imagebind_fingerprint(encoder: EncoderSpec, modality: str) -> str:
     )
 
 
-def media_store(source: Mapping[str, Any], encoder: EncoderSpec, fallback: str | Path) -> FeatureStore:
-    base = cache_base(source["root"], fallback)
+def media_store(source: DataSource, encoder: EncoderSpec, fallback: str | Path) -> FeatureStore:
+    base = cache_base(source.data_root, fallback)
     return FeatureStore.at(
-        base, f"imagebind_{source['modality']}", imagebind_fingerprint(encoder, source["modality"])
+        base, f"imagebind_{source.modality}", imagebind_fingerprint(encoder, source.modality)
     )
 
 
-def caption_store(source: Mapping[str, Any], conditioner, fallback: str | Path) -> FeatureStore:
+def caption_store(source: DataSource, conditioner, fallback: str | Path) -> FeatureStore:
     return FeatureStore.at(
-        cache_base(source["root"], fallback), f"text_{source['modality']}", conditioner.fingerprint()
+        cache_base(source.data_root, fallback), f"text_{source.modality}", conditioner.fingerprint()
     )
 
 
-def shard_folder(source: Mapping[str, Any], shard_paths: list[Path]) -> Path:
+def shard_folder(source: DataSource, shard_paths: list[Path]) -> Path:
     """Where a shard source's caches go: beside its shards (the folder of the first)."""
     return Path(shard_paths[0]).parent
 

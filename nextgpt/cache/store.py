@@ -31,6 +31,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from tqdm import tqdm
@@ -79,6 +80,12 @@ def writer_id() -> str:
     without ever writing the same file."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:24] or "host"
     return f"{host}-{os.getpid()}"
+
+
+class _Pickled(TypedDict):
+    """A :class:`FeatureStore` as it travels to a dataloader worker: its folder alone."""
+
+    directory: Path
 
 
 class FeatureStore:
@@ -137,10 +144,10 @@ class FeatureStore:
         for row, key in enumerate(keys):
             self._index[key] = (n, row)
 
-    def __getstate__(self) -> dict:  # dataloader workers re-open the memory maps
+    def __getstate__(self) -> _Pickled:  # dataloader workers re-open the memory maps
         return {"directory": self.directory}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: _Pickled) -> None:
         type(self).__init__(self, state["directory"])
 
     def __len__(self) -> int:

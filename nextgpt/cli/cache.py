@@ -14,14 +14,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import hydra
 from omegaconf import OmegaConf
 
-from datamodules.caches import build_shard_caches, source_contents
+from datamodules.caches import ShardPass, build_shard_caches, source_contents
+from datamodules.data_source import SourceEntry, data_sources
 from datamodules.sources import data_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
+from nextgpt.cli import dataset_files
 from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
 from nextgpt.model import load_conditioners, load_encoder
 from nextgpt.model_spec import ModelSpec
@@ -48,8 +50,12 @@ def build_caches(cfg) -> dict[str, int]:
     conditioners = load_conditioners(model) if "captions" in what else {}
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":
-        return build_shard_caches(cfg, model, encoder, conditioners, fallback, rank, world, device)
-    for source in cast(list[dict[str, Any]], OmegaConf.to_container(cfg.dataset.sources, resolve=True)):
+        return build_shard_caches(
+            shard_pass(cfg), model, encoder, conditioners, fallback, rank, world, device
+        )
+    for source in data_sources(
+        cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True))
+    ):
         media, captions = source_contents(source)
         if encoder is not None:
             store = media_store(source, model.encoder, fallback)
@@ -57,28 +63,42 @@ def build_caches(cfg) -> dict[str, int]:
                 store,
                 media,
                 encoder,
-                source["modality"],
+                source.modality,
                 batch_size=int(cfg.cache.batch_size),
                 dtype=cfg.cache.dtype,
             )
             report[str(store.directory)] = len(store)
             log.info(
                 "%s: %d ImageBind features (%d new, %d failed) in %s",
-                source["name"],
+                source.name,
                 len(store),
                 added,
                 len(store.failed),
                 store.directory,
             )
-        conditioner = conditioners.get(source["modality"])
+        conditioner = conditioners.get(source.modality)
         if conditioner is not None:
             store = caption_store(source, conditioner.to(device), fallback)
             added = compute_captions(store, captions, conditioner, dtype=cfg.cache.dtype)
             report[str(store.directory)] = len(store)
             log.info(
-                "%s: %d caption embeddings (%d new) in %s", source["name"], len(store), added, store.directory
+                "%s: %d caption embeddings (%d new) in %s", source.name, len(store), added, store.directory
             )
     return report
+
+
+def shard_pass(cfg) -> ShardPass:
+    """What the shard-side pass (:func:`datamodules.caches.build_shard_caches`) reads of ``cfg``."""
+    return ShardPass(
+        sources=tuple(
+            data_sources(cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True)))
+        ),
+        shards_root=str(cfg.paths.shards),
+        shard_size=int(cfg.dataset.get("shard_size", 1000)),
+        source_changed=str(cfg.dataset.get("source_changed", "rewrite")),
+        batch_size=int(cfg.cache.batch_size),
+        dtype=str(cfg.cache.dtype),
+    )
 
 
 def main() -> None:
@@ -95,7 +115,7 @@ def main() -> None:
 
             world = Path(str(cfg.paths.world_backbones)) if model.build_world else None
             build.prepare(model, Path(str(cfg.paths.backbones)), world)
-        errors = backbone_path_errors(model) + data_path_errors(cfg, "caption")
+        errors = backbone_path_errors(model) + data_path_errors(dataset_files(cfg), "caption")
         if errors:
             raise ConfigError(errors)
         if cfg.dataset.get("synthetic"):

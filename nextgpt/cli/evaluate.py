@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, cast
 
 import hydra
@@ -20,39 +20,29 @@ from tqdm import tqdm
 
 from datamodules.json_datamodule import NextGPTDataModule
 from nextgpt.bundles import load_bundle_config
-from nextgpt.config import ConfigError
-from nextgpt.evaluation.tasks import KINDS, run_benchmark, stage_bundle
+from nextgpt.evaluation.spec import EvalSpec, HeldoutSpec, eval_spec
+from nextgpt.evaluation.tasks import run_benchmark, stage_bundle
 from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    name = cfg.task.name
-    if name == "heldout_loss":
-        return heldout_loss(cfg)
-    if cfg.task.get("kind") not in KINDS:
-        raise ConfigError([f"task.kind={cfg.task.get('kind')!r}: must be one of {list(KINDS)} (task {name})"])
-    return run_benchmark(cfg)
+def evaluate(cfg: DictConfig) -> Mapping[str, Any]:
+    """Run the task ``cfg`` names: resolved once into its :class:`EvalSpec`, which is all that
+    the evaluation reads."""
+    spec = eval_spec(cfg)
+    if spec.heldout is not None:
+        return heldout_loss(spec, spec.heldout)
+    return run_benchmark(spec)
 
 
 def heldout_datamodule(
-    d: DictConfig, objective: str, model_cfg: dict, template: str, batch_size: int
+    data: HeldoutSpec, objective: str, model_cfg: dict, template: str, batch_size: int
 ) -> NextGPTDataModule:
-    """The dataset's own ``datamodule`` node with the bundle's prompt template; a shard dataset's
-    samples are read from the NExT-GPT layout they are written from (in their JSON order, so
-    ``limit=N`` is the same N samples on every run)."""
-    node = d.datamodule
-    if d.get("loader", "json") != "json":
-        node = {
-            "_target_": "datamodules.json_datamodule.NextGPTDataModule",
-            "sources": d.sources,
-            "max_length": d.max_length,
-            "num_workers": d.num_workers,
-            "feature_cache": d.feature_cache,
-        }
+    """The dataset's own ``datamodule`` node (:class:`HeldoutSpec`: a shard dataset's is read from
+    the NExT-GPT layout) with the bundle's prompt template."""
     return hydra.utils.instantiate(
-        node,
+        dict(data.datamodule),
         objective=objective,
         model=model_cfg,
         template=template,
@@ -62,11 +52,11 @@ def heldout_datamodule(
     )
 
 
-def heldout_loss(cfg: DictConfig) -> dict:
-    bundle = stage_bundle(cfg)
+def heldout_loss(spec: EvalSpec, data: HeldoutSpec) -> dict[str, Any]:
+    bundle = stage_bundle(spec.checkpoint)
     run = load_bundle_config(bundle)
     stage_cls = STAGES[int(run.stage.number)]
-    objective = cfg.objective or run.stage.objective
+    objective = data.objective or run.stage.objective
     model_cfg = cast(dict[str, Any], OmegaConf.to_container(run.model, resolve=True))  # a mapping section
     module = stage_cls(
         model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle)
@@ -75,15 +65,14 @@ def heldout_loss(cfg: DictConfig) -> dict:
         objective != "caption"
     )  # a stage-1 bundle asked about text-to-X is scored on alignment too
     module.configure_model()
-    module.to(cfg.device).eval()
-    d = cfg.dataset
-    dm = heldout_datamodule(d, objective, model_cfg, run.model.llm.template, int(cfg.batch_size))
+    module.to(spec.device).eval()
+    dm = heldout_datamodule(data, objective, model_cfg, run.model.llm.template, spec.batch_size)
     dm.prepare_data()
     dm.setup("validate")
     held_out = dm.train_set
     assert held_out is not None  # setup builds it (or raises: no usable sample)
-    if cfg.limit is not None:
-        held_out.conversations = held_out.conversations[: int(cfg.limit)]
+    if spec.limit is not None:
+        held_out.conversations = held_out.conversations[: spec.limit]
     sums: dict[str, float] = {}
     n_batches = n_samples = skipped = 0
     with torch.no_grad():
@@ -97,19 +86,19 @@ def heldout_loss(cfg: DictConfig) -> dict:
             n_batches += 1
             n_samples += batch["input_ids"].shape[0]
             skipped += int(batch["num_skipped"])
-    result = {
+    result: dict[str, Any] = {
         "checkpoint": str(bundle),
         "stage": int(run.stage.number),
-        "task": cfg.task.name,
+        "task": spec.name,
         "objective": objective,
-        "dataset": d.name,
+        "dataset": data.dataset,
         "samples": n_samples,
         "skipped": skipped,
         **{f"{k}": v / max(n_batches, 1) for k, v in sums.items()},
     }
     if "ce" in result:
         result["perplexity"] = math.exp(min(result["ce"], 50.0))
-    out = Path(cfg.paths.output_dir) / "eval.json"
+    out = spec.output_dir / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     log.info("evaluation: %s (written to %s)", result, out)

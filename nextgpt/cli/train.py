@@ -14,8 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.identity import forget, source_identity
+from datamodules.records import SourceIdentity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
+from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
@@ -26,6 +28,7 @@ from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
     RunDir,
     RunError,
+    RunIdentity,
     checkpoint_step,
     choose_start,
     hold_run,
@@ -118,7 +121,7 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def data_signatures(cfg: DictConfig) -> dict[str, Any]:
+def data_signatures(cfg: DictConfig) -> dict[str, SourceIdentity]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
     media = str(cfg.dataset.get("media_identity", "listing"))
@@ -160,7 +163,7 @@ def check_memory_plan(cfg: DictConfig, spec: RunSpec) -> None:
 
 def prepare_run(
     cfg: DictConfig, spec: RunSpec, held: contextlib.ExitStack
-) -> tuple[RunDir, dict, str | None]:
+) -> tuple[RunDir, RunIdentity, str | None]:
     """Give the run its identity (a key over its training config and what it starts from) and its
     checkpoint folder, and decide where it starts: (run, identity, checkpoint or None). The run's
     folders go into ``cfg.run`` for the callbacks' interpolations (``${run.dir}``, ``${run.bundle}``).
@@ -191,11 +194,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # DeepSpeed's own config checks, before any weight loads
         deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
     prepare_backbones(cfg, spec.model)
-    validate_paths(spec, cfg.get("init_from"), data_path_errors(cfg, spec.stage.objective))
+    validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset_files(cfg), spec.stage.objective))
     check_memory_plan(cfg, spec)  # may refuse (it would not fit): before anything loads
-    if errors := unwritable_errors(
-        spec.paths
-    ):  # the first folders this run creates: found now, not after training
+    # the first folders this run creates: found now, not after training
+    if errors := unwritable_errors(spec.paths):
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
         # may refuse (a finished or running run): before anything loads
@@ -204,7 +206,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def fit(
-    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: dict, ckpt_path: str | None
+    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: RunIdentity, ckpt_path: str | None
 ) -> dict[str, float]:
     """Build the data, the stage and the trainer, train, and mark the run finished."""
     OmegaConf.resolve(cfg)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from nextgpt.evaluation.records import media_file
+from nextgpt.evaluation.readers import Sample
+from nextgpt.evaluation.records import BenchmarkResult, PerSample, Record, media_file
+from nextgpt.evaluation.spec import EvalSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
 
 
-def results_markdown(result: Mapping[str, Any]) -> str:
+def results_markdown(result: BenchmarkResult) -> str:
     """Our numbers beside the paper's (each task config's ``paper:`` entry), on the paper's scale."""
     paper = result.get("paper") or {}
     lines = [
@@ -91,29 +91,25 @@ def results_markdown(result: Mapping[str, Any]) -> str:
 
 
 def log_to_loggers(
-    cfg: DictConfig,
-    result: dict,
-    samples: Sequence,
-    records: Mapping[str, dict],
-    per_sample: Mapping[str, Mapping[str, Any]],
+    spec: EvalSpec,
+    task: TaskSpec,
+    result: BenchmarkResult,
+    samples: Sequence[Sample],
+    records: Mapping[str, Record],
+    per_sample: PerSample,
     out: Path,
 ) -> None:
-    """Metrics to every configured logger; a table of sample outputs to W&B."""
-    logger_cfg = cfg.get("logger")
-    if not logger_cfg:
+    """Metrics to every configured logger (``spec.loggers``: a W&B one is named and tagged by the
+    task); a table of sample outputs to W&B."""
+    if not spec.loggers:
         return
-    task = result["task"]
-    scalars = {f"{task}/{k}": v["value"] for k, v in result["metrics"].items() if v.get("value") is not None}
-    for lc in logger_cfg.values():
-        overrides = (
-            {"name": f"eval-{task}", "tags": ["evaluate", task]}
-            if "Wandb" in str(lc.get("_target_", ""))
-            else {}
-        )
-        logger = instantiate(lc, **overrides)
+    name = result["task"]
+    scalars = {f"{name}/{k}": v["value"] for k, v in result["metrics"].items() if v.get("value") is not None}
+    for node in spec.loggers:
+        logger = instantiate(dict(node))
         logger.log_metrics(scalars, step=0)
         if "Wandb" in type(logger).__name__:
-            _wandb_table(logger, cfg, samples, records, per_sample, out)
+            _wandb_table(logger, spec.wandb_samples, task, samples, records, per_sample, out)
             logger.experiment.finish()
         else:
             logger.finalize("success")
@@ -121,23 +117,25 @@ def log_to_loggers(
 
 def _wandb_table(
     logger,
-    cfg: DictConfig,
-    samples: Sequence,
-    records: Mapping[str, dict],
-    per_sample: Mapping[str, Mapping[str, Any]],
+    rows_wanted: int,
+    task: TaskSpec,
+    samples: Sequence[Sample],
+    records: Mapping[str, Record],
+    per_sample: PerSample,
     out: Path,
 ) -> None:
     import wandb  # deferred: wandb costs ~0.5 s to import and only a W&B logger's table needs it
 
-    task = cfg.task
     kinds = {"image": wandb.Image, "audio": wandb.Audio, "video": wandb.Video}
-    scored = [k for k, v in per_sample.items() if v and not isinstance(next(iter(v.values())), list)]
+    # metric -> sample id -> score; a metric of several numbers per sample (each frame's) is left out
+    tables: dict[str, Mapping[str, object]] = {k: v for k, v in per_sample.items() if isinstance(v, Mapping)}
+    scored = [k for k, v in tables.items() if v and not isinstance(next(iter(v.values())), list)]
     columns: list[str | int] = ["id", "input", "references", "output", "signal_groups", *kinds, *scored]
     rows = []
-    for s in samples[: int(cfg.get("wandb_samples", 16))]:
-        rec = records.get(s.id) or {}
+    for s in samples[:rows_wanted]:
+        rec: Record = records.get(s.id) or {"id": s.id}
         media_in = s.media if task.kind == "caption" else None
-        row = [
+        row: list[object] = [
             s.id,
             rec.get("prompt", ""),
             " | ".join(s.captions),
@@ -153,6 +151,6 @@ def _wandb_table(
             except Exception as e:  # a media type wandb can not read here: keep the path
                 log.warning("W&B table: %s not attached (%s)", path, e)
                 row.append(None)
-        row += [per_sample[k].get(s.id) for k in scored]
+        row += [tables[k].get(s.id) for k in scored]
         rows.append(row)
     logger.experiment.log({f"{task.name}/samples": wandb.Table(columns=columns, data=rows)})

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
 from nextgpt import modality as modality_registry
 from nextgpt.batch import collate_conversations
-from nextgpt.evaluation.records import NO_MODEL, batches, media_file, task_prompt
-from nextgpt.generate import with_placeholders
+from nextgpt.evaluation.readers import Sample
+from nextgpt.evaluation.records import NO_MODEL, PerSample, Record, batches, media_file, task_prompt
+from nextgpt.evaluation.spec import EvalSpec, MetricSettings, TaskSpec
+from nextgpt.generate import Generator, with_placeholders
 from nextgpt.losses import alignment_sum, caption_loss_sum
 from nextgpt.metrics import Unavailable, value
 from nextgpt.metrics.captioning import COCO_NAMES, caption_scores
@@ -33,29 +34,38 @@ from nextgpt.prompts import IGNORE_INDEX, Conversation
 log = logging.getLogger(__name__)
 
 
-def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], generator, out: Path):
+Entry = dict[str, Any]  # a metric's entry of results.json (nextgpt.metrics.value)
+
+
+def score(
+    spec: EvalSpec,
+    task: TaskSpec,
+    samples: Sequence[Sample],
+    records: Mapping[str, Record],
+    generator: Generator | None,
+    out: Path,
+) -> tuple[dict[str, Entry], PerSample]:
     """metric -> entry of results.json; and per-sample scores (metric -> id -> score)."""
-    task = cfg.task
     wanted = list(task.metrics)
     answered = [s for s in samples if s.id in records and not records[s.id].get("error")]
-    metrics: dict[str, dict] = {}
-    per_sample: dict[str, dict[str, float]] = {}
+    metrics: dict[str, Entry] = {}
+    per_sample: PerSample = {}
     if task.kind == "caption":
-        metrics.update(_caption_metrics(cfg, wanted, answered, records))
+        metrics.update(_caption_metrics(spec.metrics, wanted, answered, records))
     else:
-        metrics.update(_generation_metrics(cfg, wanted, samples, answered, records, out, per_sample))
+        metrics.update(_generation_metrics(spec, task, wanted, samples, answered, records, out, per_sample))
     if "world_attributes" in wanted:
         metrics["world_attributes"] = _world_attributes(
-            cfg, samples, answered, records, generator, out, per_sample
+            spec, task, samples, answered, records, generator, out, per_sample
         )
     if "trigger_rate" in wanted:
-        metrics["trigger_rate"] = _trigger(cfg, answered, records)
+        metrics["trigger_rate"] = _trigger(spec, task, answered, records)
     for loss in ("align_loss", "caption_ce"):
         if loss in wanted:
             if generator is None:
                 metrics[loss] = value(unavailable=NO_MODEL.format(what="a held-out loss"))
             else:
-                metrics[loss] = _heldout(cfg, generator, samples, loss)
+                metrics[loss] = _heldout(spec, task, generator, samples, loss)
     unknown = [m for m in wanted if m not in metrics]
     for m in unknown:
         metrics[m] = value(unavailable=f"unknown metric {m!r} for a {task.kind} task")
@@ -63,14 +73,14 @@ def score(cfg: DictConfig, samples: Sequence, records: Mapping[str, dict], gener
 
 
 def _caption_metrics(
-    cfg: DictConfig, wanted: list[str], answered: Sequence, records: Mapping[str, dict]
-) -> dict:
+    settings: MetricSettings, wanted: list[str], answered: Sequence[Sample], records: Mapping[str, Record]
+) -> dict[str, Entry]:
     names = [m for m in wanted if m in COCO_NAMES]
     if not names:
         return {}
     refs = {s.id: s.captions for s in answered}
     preds = {s.id: records[s.id]["caption"] for s in answered}
-    scores = caption_scores(refs, preds, names, spice_corenlp=cfg.metrics.get("spice_corenlp"))
+    scores = caption_scores(refs, preds, names, spice_corenlp=settings.spice_corenlp)
     out = {}
     for m, v in scores.items():
         out[m] = value(unavailable=str(v)) if isinstance(v, Unavailable) else value(v, samples=len(answered))
@@ -78,14 +88,15 @@ def _caption_metrics(
 
 
 def _world_attributes(
-    cfg: DictConfig,
-    samples: Sequence,
-    answered: Sequence,
-    records: Mapping[str, dict],
-    generator,
+    spec: EvalSpec,
+    task: TaskSpec,
+    samples: Sequence[Sample],
+    answered: Sequence[Sample],
+    records: Mapping[str, Record],
+    generator: Generator | None,
     out: Path,
-    per_sample: dict,
-) -> dict:
+    per_sample: PerSample,
+) -> Entry:
     """How often the answer states each attribute of the item (``nextgpt.world``): read from the
     generated caption (X -> text), or from the generated media by the world's analysers (text -> X),
     over every sample (an unanswered one counts as wrong), beside chance and, for generation, the
@@ -93,10 +104,9 @@ def _world_attributes(
     from nextgpt.world.analysers import file_attributes  # deferred: real-weights runs never load the world
     from nextgpt.world.attributes import caption_attributes, chance  # deferred: real weights never load world
 
-    task = cfg.task
-    name = str(task.modality)
+    name = task.modality
 
-    def stated(sample) -> dict:
+    def stated(sample: Sample) -> dict:
         rec = records.get(sample.id)
         if rec is None or rec.get("error"):
             return {}
@@ -127,7 +137,7 @@ def _world_attributes(
             for s in tqdm(samples, desc=f"{task.name}: decoder alone", unit="sample"):
                 path = folder / f"{s.id}{mod.output_suffix}"
                 if not path.is_file():
-                    array = generator.decode_caption(name, s.caption, int(cfg.seed))
+                    array = generator.decode_caption(name, s.caption, spec.seed)
                     mod.write(
                         array, path, generator.pipeline(name), {"caption": s.caption, "decoder_alone": True}
                     )
@@ -136,10 +146,12 @@ def _world_attributes(
     return value(sum(acc.values()) / len(acc), **extra)
 
 
-def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -> dict:
-    if cfg.predictions:
+def _trigger(
+    spec: EvalSpec, task: TaskSpec, answered: Sequence[Sample], records: Mapping[str, Record]
+) -> Entry:
+    if spec.predictions:
         return value(unavailable=NO_MODEL.format(what="the signal-token trigger rate"))
-    expected = None if cfg.task.kind == "caption" else str(cfg.task.modality)
+    expected = None if task.kind == "caption" else task.modality
     rates: dict[str, Any] = dict(
         trigger_rates([records[s.id].get("signal_groups") or [] for s in answered], expected)
     )
@@ -147,31 +159,31 @@ def _trigger(cfg: DictConfig, answered: Sequence, records: Mapping[str, dict]) -
 
 
 def _generation_metrics(
-    cfg: DictConfig,
+    spec: EvalSpec,
+    task: TaskSpec,
     wanted: list[str],
-    samples: Sequence,
-    answered: Sequence,
-    records: Mapping[str, dict],
+    samples: Sequence[Sample],
+    answered: Sequence[Sample],
+    records: Mapping[str, Record],
     out: Path,
-    per_sample: dict,
-) -> dict:
-    task = cfg.task
-    name = str(task.modality)
+    per_sample: PerSample,
+) -> dict[str, Entry]:
+    name = task.modality
     feature_metrics = [m for m in wanted if m in GENERATION_METRICS]
     if not feature_metrics:
         return {}
-    if not cfg.predictions and not bool(task.generation.get("decode", True)):
+    if not spec.predictions and not task.generation.decode:
         return {
             m: value(unavailable="task.generation.decode=false: no media were generated")
             for m in feature_metrics
         }
-    generated = [(s, media_file(records[s.id], name, out)) for s in answered]
-    generated = [(s, p) for s, p in generated if p is not None and p.is_file()]
+    found = [(s, media_file(records[s.id], name, out)) for s in answered]
+    generated = [(s, p) for s, p in found if p is not None and p.is_file()]
     coverage = {"generated": len(generated), "samples": len(samples)}
-    results = {}
+    results: dict[str, Entry] = {}
     for m in feature_metrics:
         try:
-            results[m] = GENERATION_METRICS[m](cfg, samples, generated, per_sample)
+            results[m] = GENERATION_METRICS[m](spec.metrics, spec.device, samples, generated, per_sample)
             results[m].update({k: v for k, v in coverage.items() if k not in results[m]})
         except Unavailable as e:
             results[m] = value(unavailable=str(e), **coverage)
@@ -183,12 +195,21 @@ def _need(items: Sequence, what: str) -> None:
         raise Unavailable(f"needs at least 2 {what}; got {len(items)}")
 
 
-def _fid(cfg, samples, generated, per_sample) -> dict:
-    model = load_fid_inception(cfg.feature_nets.inception, cfg.device)
+Generated = Sequence[tuple[Sample, Path]]  # the answered samples with their generated media file
+
+
+def _fid(
+    settings: MetricSettings,
+    device: str,
+    samples: Sequence[Sample],
+    generated: Generated,
+    per_sample: PerSample,
+) -> Entry:
+    model = load_fid_inception(settings.inception, device)
     reference = [s.media for s in samples if s.media is not None]
     _need([p for _, p in generated], "generated images")
     _need(reference, "reference images")
-    size = int(cfg.metrics.get("fid_image_size", 299))
+    size = settings.fid_image_size
 
     @torch.no_grad()
     def features(paths: Sequence[Path], desc: str) -> np.ndarray:
@@ -196,7 +217,7 @@ def _fid(cfg, samples, generated, per_sample) -> dict:
         for chunk in tqdm(list(batches(list(paths), 16)), desc=desc, leave=False):
             x = to_tensor(
                 [square_crop(read_image(p), size, resample=Image.Resampling.BILINEAR) for p in chunk]
-            ).to(cfg.device)
+            ).to(device)
             out.append(model(x).cpu().numpy())
         return np.concatenate(out)
 
@@ -217,8 +238,13 @@ def _fid(cfg, samples, generated, per_sample) -> dict:
 
 
 def _caption_similarity(
-    metric: str, media_embeddings, embedder, generated, per_sample, backbone: str
-) -> dict:
+    metric: Literal["clip_score", "clap_score"],
+    media_embeddings: np.ndarray,
+    embedder: ClipEmbedder | ClapEmbedder,
+    generated: Generated,
+    per_sample: PerSample,
+    backbone: str,
+) -> Entry:
     """CLIP score / CLAP score: each generated item's embedding against its caption's, by the same
     joint embedder (``media_embeddings`` in ``generated``'s order)."""
     scores = clip_score(media_embeddings, embedder.texts([s.caption for s, _ in generated]))
@@ -226,28 +252,40 @@ def _caption_similarity(
     return value(float(scores.mean()), backbone=backbone)
 
 
-def _clip_score(cfg, samples, generated, per_sample) -> dict:
+def _clip_score(
+    settings: MetricSettings,
+    device: str,
+    samples: Sequence[Sample],
+    generated: Generated,
+    per_sample: PerSample,
+) -> Entry:
     if not generated:
         raise Unavailable("no sample produced an image")
-    clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
+    clip = ClipEmbedder(settings.clip, device)
     return _caption_similarity(
         "clip_score",
         clip.images([read_image(p) for _, p in generated]),
         clip,
         generated,
         per_sample,
-        str(cfg.feature_nets.clip),
+        str(settings.clip),
     )
 
 
-def _clipsim(cfg, samples, generated, per_sample) -> dict:
+def _clipsim(
+    settings: MetricSettings,
+    device: str,
+    samples: Sequence[Sample],
+    generated: Generated,
+    per_sample: PerSample,
+) -> Entry:
     if not generated:
         raise Unavailable("no sample produced a video")
-    clip = ClipEmbedder(cfg.feature_nets.clip, cfg.device)
-    max_frames = cfg.metrics.get("max_video_frames")
-    per_video, per_frame = [], {}
+    clip = ClipEmbedder(settings.clip, device)
+    per_video: list[float] = []
+    per_frame: dict[str, list[float]] = {}
     for s, p in tqdm(generated, desc="CLIPSIM", leave=False):
-        frames = read_video_frames(p, int(max_frames) if max_frames else None)
+        frames = read_video_frames(p, settings.max_video_frames)
         text = clip.texts([s.caption])
         sims = clip_score(clip.images(frames), np.repeat(text, len(frames), axis=0))
         per_frame[s.id] = [round(float(v), 4) for v in sims]
@@ -256,49 +294,65 @@ def _clipsim(cfg, samples, generated, per_sample) -> dict:
     per_sample["clipsim_frames"] = per_frame
     return value(
         float(np.mean(per_video)),
-        backbone=str(cfg.feature_nets.clip),
+        backbone=str(settings.clip),
         frames_per_video=float(np.mean([len(v) for v in per_frame.values()])),
     )
 
 
-def _audio_embedder(cfg):
-    backbone = str(cfg.metrics.get("fad_backbone", "vggish"))
+def _audio_embedder(
+    settings: MetricSettings, device: str
+) -> tuple[str, Callable[[list[tuple[np.ndarray, int]]], np.ndarray]]:
+    backbone = settings.fad_backbone
     if backbone == "vggish":
-        model = load_vggish(cfg.feature_nets.vggish, cfg.device)
+        model = load_vggish(settings.vggish, device)
         return "VGGish (128-d, per 0.96 s frame)", lambda waves: np.concatenate(
             [model.embed(w, r) for w, r in waves]
         )
     if backbone == "clap":
-        clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
-        return f"CLAP audio embedding ({cfg.feature_nets.clap})", clap.audios
+        clap = ClapEmbedder(settings.clap, device)
+        return f"CLAP audio embedding ({settings.clap})", clap.audios
     raise Unavailable(f"metrics.fad_backbone={backbone!r}: must be vggish or clap")
 
 
-def _fad(cfg, samples, generated, per_sample) -> dict:
+def _fad(
+    settings: MetricSettings,
+    device: str,
+    samples: Sequence[Sample],
+    generated: Generated,
+    per_sample: PerSample,
+) -> Entry:
     reference = [s.media for s in samples if s.media is not None]
     _need(generated, "generated clips")
     _need(reference, "reference clips")
-    backbone, embed = _audio_embedder(cfg)
+    backbone, embed = _audio_embedder(settings, device)
     gen = embed([read_wave(p) for _, p in tqdm(generated, desc="FAD: generated", leave=False)])
     ref = embed([read_wave(p) for p in tqdm(reference, desc="FAD: reference", leave=False)])
     return value(frechet_distance_of(gen, ref), reference=len(reference), backbone=backbone)
 
 
-def _clap_score(cfg, samples, generated, per_sample) -> dict:
+def _clap_score(
+    settings: MetricSettings,
+    device: str,
+    samples: Sequence[Sample],
+    generated: Generated,
+    per_sample: PerSample,
+) -> Entry:
     if not generated:
         raise Unavailable("no sample produced an audio clip")
-    clap = ClapEmbedder(cfg.feature_nets.clap, cfg.device)
+    clap = ClapEmbedder(settings.clap, device)
     return _caption_similarity(
         "clap_score",
         clap.audios([read_wave(p) for _, p in generated]),
         clap,
         generated,
         per_sample,
-        str(cfg.feature_nets.clap),
+        str(settings.clap),
     )
 
 
-GENERATION_METRICS = {
+GENERATION_METRICS: dict[
+    str, Callable[[MetricSettings, str, Sequence[Sample], Generated, PerSample], Entry]
+] = {
     "fid": _fid,
     "clip_score": _clip_score,
     "clipsim": _clipsim,
@@ -309,12 +363,14 @@ GENERATION_METRICS = {
 
 # --- held-out losses of the benchmark's own captions (teacher-forced) --------------------------------
 @torch.no_grad()
-def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
+def _heldout(
+    spec: EvalSpec, task: TaskSpec, generator: Generator, samples: Sequence[Sample], loss: str
+) -> Entry:
     """``align_loss``: the model is shown "prompt -> answer with the signal group" for each caption
     and its projected group is compared with the decoder's text embedding of the caption (the
     stage-2/3 alignment loss). ``caption_ce``: cross-entropy of the reference caption given the media."""
-    task, g = cfg.task, generator
-    name = str(task.modality)
+    g = generator
+    name = task.modality
     if loss == "align_loss" and task.kind != "generate":
         return value(unavailable="align_loss applies to text-to-X tasks")
     if loss == "caption_ce" and task.kind != "caption":
@@ -328,10 +384,10 @@ def _heldout(cfg: DictConfig, generator, samples: Sequence, loss: str) -> dict:
                 )
             )
         elif s.media is not None:
-            prompt = with_placeholders(str(task.prompt), [s.media])
+            prompt = with_placeholders(task.prompt, [s.media])
             convs.append(Conversation(s.id, [(prompt, s.caption)], media_in=[(name, str(s.media))]))
     total = count = 0.0
-    for chunk in tqdm(list(batches(convs, int(cfg.batch_size))), desc=f"{task.name}: {loss}", leave=False):
+    for chunk in tqdm(list(batches(convs, spec.batch_size)), desc=f"{task.name}: {loss}", leave=False):
         dev = g.device
         batch = collate_conversations(
             chunk,

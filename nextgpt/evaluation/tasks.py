@@ -18,42 +18,46 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nextgpt import modality as modality_registry
 from nextgpt.bundles import BundleError
 from nextgpt.config import ConfigError
 from nextgpt.evaluation.batched import BatchedGenerator, Request
-from nextgpt.evaluation.readers import BenchmarkError, read_benchmark
-from nextgpt.evaluation.records import batches, file_stem, task_prompt
+from nextgpt.evaluation.readers import BenchmarkError, Sample, read_benchmark
+from nextgpt.evaluation.records import (
+    BenchmarkResult,
+    Record,
+    RunSettings,
+    batches,
+    file_stem,
+    task_prompt,
+)
 from nextgpt.evaluation.report import log_to_loggers, results_markdown
 from nextgpt.evaluation.scoring import score
+from nextgpt.evaluation.spec import EvalSpec, TaskSpec
 from nextgpt.generate import Generator
 
 log = logging.getLogger(__name__)
-
-KINDS = ("caption", "generate")  # caption: X -> text; generate: text -> X
 
 
 # =====================================================================================================
 # benchmark tasks
 # =====================================================================================================
-def stage_bundle(cfg: DictConfig) -> Path:
+def stage_bundle(checkpoint: str) -> Path:
     """The bundle ``checkpoint=`` names, or a ConfigError naming the key."""
-    bundle = Path(cfg.checkpoint)
+    bundle = Path(checkpoint)
     if not (bundle / "trainable.safetensors").is_file():
         raise ConfigError(
-            [f"checkpoint={cfg.checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"]
+            [f"checkpoint={checkpoint!r}: {bundle} is not a stage bundle (train.py writes them)"]
         )
     return bundle
 
 
-def _read_jsonl(path: Path) -> dict[str, dict]:
+def _read_jsonl(path: Path) -> dict[str, Record]:
     """Records by sample id; a line cut short by a crash is ignored (that sample is redone)."""
-    done: dict[str, dict] = {}
+    done: dict[str, Record] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -74,40 +78,32 @@ def _drop_partial_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def _samples(cfg: DictConfig, *, limit: bool = True):
-    """The benchmark's samples, the first ``limit=`` of them unless ``limit=False``."""
-    b = cfg.task.benchmark
+def _samples(task: TaskSpec) -> list[Sample]:
+    """The benchmark's samples, every one of them."""
+    b = task.benchmark
     try:
-        samples = read_benchmark(
-            b.reader,
-            b.root,
-            **cast(dict[str, Any], OmegaConf.to_container(b.get("options") or {}, resolve=True)),
-        )
+        return read_benchmark(b.reader, b.root, **b.options)
     except BenchmarkError as e:
-        raise ConfigError([f"task.benchmark (task {cfg.task.name}): {e}"]) from None
-    if limit and cfg.limit is not None:
-        samples = samples[: int(cfg.limit)]
-    return samples
+        raise ConfigError([f"task.benchmark (task {task.name}): {e}"]) from None
 
 
-def _run_settings(cfg: DictConfig) -> dict:
+def _run_settings(spec: EvalSpec, task: TaskSpec) -> RunSettings:
     """What a run folder's outputs depend on: a resumed run must not mix two settings."""
-    t = cfg.task
     return {
-        "task": t.name,
-        "checkpoint": None if cfg.predictions else str(Path(cfg.checkpoint).resolve()),
-        "prompt": str(t.prompt),
-        "generation": OmegaConf.to_container(t.generation, resolve=True),
-        "seed": int(cfg.seed),
-        "benchmark": OmegaConf.to_container(t.benchmark, resolve=True),
+        "task": task.name,
+        "checkpoint": None if spec.predictions else str(Path(spec.checkpoint).resolve()),
+        "prompt": task.prompt,
+        "generation": dict(task.generation.recorded),
+        "seed": spec.seed,
+        "benchmark": dict(task.benchmark.recorded),
     }
 
 
-def _check_resume(out: Path, settings: dict) -> None:
+def _check_resume(out: Path, settings: RunSettings) -> None:
     path = out / "run.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = sorted(k for k, v in settings.items() if before.get(k) != v)
         if changed:
             raise ConfigError(
                 [
@@ -121,41 +117,41 @@ def _check_resume(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
-def run_benchmark(cfg: DictConfig) -> dict:
-    task = cfg.task
-    out = Path(cfg.paths.output_dir)
+def run_benchmark(spec: EvalSpec) -> BenchmarkResult:
+    task = spec.benchmark_task()
+    out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    every = _samples(cfg, limit=False)
-    samples = every if cfg.limit is None else every[: int(cfg.limit)]
+    every = _samples(task)
+    samples = every if spec.limit is None else every[: spec.limit]
     generator = None
-    if cfg.predictions:
-        records = records_from_predictions(task, samples, Path(cfg.predictions), known=[s.id for s in every])
+    if spec.predictions:
+        records = records_from_predictions(task, samples, Path(spec.predictions), known=[s.id for s in every])
         with (out / "samples.jsonl").open("w") as f:
             for rec in records.values():
                 f.write(json.dumps(rec) + "\n")
     else:
-        bundle = stage_bundle(cfg)
-        _check_resume(out, _run_settings(cfg))
-        generator = _load_generator(bundle, cfg.device)
-        records = generate_all(cfg, samples, generator, out)
-    metrics, per_sample = score(cfg, samples, records, generator, out)
-    result = {
+        bundle = stage_bundle(spec.checkpoint)
+        _check_resume(out, _run_settings(spec, task))
+        generator = _load_generator(bundle, spec.device)
+        records = generate_all(spec, task, samples, generator, out)
+    metrics, per_sample = score(spec, task, samples, records, generator, out)
+    result: BenchmarkResult = {
         "task": task.name,
         "kind": task.kind,
         "modality": task.modality,
-        "benchmark": str(task.benchmark.root),
-        "checkpoint": None if cfg.predictions else str(cfg.checkpoint),
-        "predictions": cfg.predictions,
+        "benchmark": task.benchmark.root,
+        "checkpoint": None if spec.predictions else spec.checkpoint,
+        "predictions": spec.predictions,
         "samples": len(samples),
         "answered": sum(1 for s in samples if s.id in records and not records[s.id].get("error")),
-        "limit": cfg.limit,
+        "limit": spec.limit,
         "metrics": metrics,
-        "paper": OmegaConf.to_container(task.paper, resolve=True) if task.get("paper") else {},
+        "paper": dict(task.paper),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "per_sample.json").write_text(json.dumps(per_sample, indent=2))
     (out / "results.md").write_text(results_markdown(result))
-    log_to_loggers(cfg, result, samples, records, per_sample, out)
+    log_to_loggers(spec, task, result, samples, records, per_sample, out)
     log.info(
         "%s: %s (results in %s)",
         task.name,
@@ -173,9 +169,10 @@ def _load_generator(bundle: Path, device: str) -> Generator:
 
 
 # --- answering ---------------------------------------------------------------------------------------
-def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> dict[str, dict]:
+def generate_all(
+    spec: EvalSpec, task: TaskSpec, samples: Sequence[Sample], generator: Generator, out: Path
+) -> dict[str, Record]:
     """Answer every sample not yet in ``samples.jsonl``; append each answer as it is produced."""
-    task = cfg.task
     gen = task.generation
     jsonl = out / "samples.jsonl"
     _drop_partial_line(jsonl)
@@ -190,15 +187,15 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
             len(samples),
         )
     batched = BatchedGenerator(generator)
-    captioning = task.kind == "caption"
-    decode = bool(gen.get("decode", True)) and not captioning
+    captioning = task.captioning
+    decode = gen.decode and not captioning
 
-    def answer(chunk: Sequence) -> list[dict]:
+    def answer(chunk: Sequence[Sample]) -> list[Record]:
         requests = [
             Request(
-                task_prompt(task, s) if not captioning else str(task.prompt),
-                [s.media] if captioning else [],
-                seed=int(cfg.seed),
+                task_prompt(task, s) if not captioning else task.prompt,
+                [s.media] if captioning and s.media is not None else [],
+                seed=spec.seed,
             )
             for s in chunk
         ]
@@ -209,9 +206,9 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
 
         results = batched.generate(
             requests,
-            max_new_tokens=int(gen.max_new_tokens),
-            temperature=float(gen.temperature),
-            top_p=float(gen.top_p),
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
             decode=decode,
             out_path=out_path,
         )
@@ -221,7 +218,7 @@ def generate_all(cfg: DictConfig, samples: Sequence, generator, out: Path) -> di
         total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name}: answering", unit="sample"
     )
     with jsonl.open("a") as f:
-        for chunk in batches(todo, int(cfg.batch_size)):
+        for chunk in batches(todo, spec.batch_size):
             if captioning:
                 missing = [s for s in chunk if s.media is None]
                 for s in missing:
@@ -255,7 +252,7 @@ def _strip_placeholders(text: str) -> str:
     return " ".join(re.sub(rf"<({names})>", " ", text).split())
 
 
-def _record(sample, res, prompt: str, out: Path) -> dict:
+def _record(sample: Sample, res, prompt: str, out: Path) -> Record:
     return {
         "id": sample.id,
         "prompt": prompt,
@@ -304,13 +301,13 @@ def _caption_file_errors(path: Path, data: list[dict], known: set[str]) -> list[
 
 
 def records_from_predictions(
-    task: DictConfig, samples: Sequence, path: Path, known: Sequence[str] | None = None
-) -> dict[str, dict]:
+    task: TaskSpec, samples: Sequence[Sample], path: Path, known: Sequence[str] | None = None
+) -> dict[str, Record]:
     """Outputs of any system, keyed like ours: captions from a COCO results file, or media files
     named ``<sample id>.<ext>`` in a folder. ``known``: every sample id of the benchmark (``samples``
     may be the first ``limit=`` of them); a caption file naming another id is refused, as is an id
     given twice, a caption that is not a string, and outputs that match none of ``samples``."""
-    records: dict[str, dict] = {}
+    records: dict[str, Record] = {}
     wanted = f"none of the samples scored: {_some([s.id for s in samples])}"
     if task.kind == "caption":
         if not path.is_file():

@@ -200,10 +200,9 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInceptionV3:
+def load_fid_inception(path: str | Path | None, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """The FID network with the weights at ``path`` (pytorch-fid's ``pt_inception-2015-12-05-*.pth``)."""
-    path = Path(path)
-    if not path.is_file():
+    if path is None or not Path(path).is_file():
         raise Unavailable(
             f"FID InceptionV3 weights not found at {path} (pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth; set feature_nets.inception=PATH)"

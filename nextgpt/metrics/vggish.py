@@ -102,9 +102,8 @@ class VGGish(nn.Module):
         return self(x).cpu().numpy()
 
 
-def load_vggish(path: str | Path, device: str | torch.device = "cpu") -> VGGish:
-    path = Path(path)
-    if not path.is_file():
+def load_vggish(path: str | Path | None, device: str | torch.device = "cpu") -> VGGish:
+    if path is None or not Path(path).is_file():
         raise Unavailable(
             f"VGGish weights not found at {path} (the PyTorch port's vggish-10086976.pth; "
             "set feature_nets.vggish=PATH, or metrics.fad_backbone=clap)"

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nextgpt.serve.args import ServeArgs
+
 # key -> (type, default, help)
 OPTIONS: dict[str, tuple[type, Any, str]] = {
     "bundle": (str, None, "a stage bundle folder (bundles/stage3); required"),
@@ -47,8 +49,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    args = {k: d for k, (_, d, _) in OPTIONS.items()}
+def parse_args(argv: Sequence[str]) -> ServeArgs:
+    args: dict[str, Any] = {k: d for k, (_, d, _) in OPTIONS.items()}
     for item in argv:
         key, eq, value = item.partition("=")
         key = key.lstrip("-").replace("-", "_")
@@ -78,7 +80,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         raise UsageError(
             f"default_max_tokens={args['default_max_tokens']} exceeds max_tokens={args['max_tokens']}"
         )
-    return args
+    return ServeArgs(**args)
 
 
 def check_port(host: str, port: int) -> None:
@@ -102,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = parse_args(argv)
-        check_port(args["host"], args["port"])
+        check_port(args.host, args.port)
     except UsageError as e:
         print(f"error: {e}\n(python -m nextgpt.serve --help lists the keys)", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -386,6 +386,14 @@ def build_app(generator: Any, settings: ServeSettings | None = None):
     return app
 
 
+class StreamDelta(TypedDict, total=False):
+    """One streamed chunk's ``delta``: the role first, then text, then the generated media."""
+
+    role: str
+    content: str
+    media: list[dict]
+
+
 async def _stream(
     service: ChatService, req: ChatRequest, rid: str, created: int, base_url: str
 ) -> AsyncIterator[str]:
@@ -400,7 +408,7 @@ async def _stream(
     stop_len = len(service.generator.template.stop)
     sent = [""]
 
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+    def chunk(delta: StreamDelta, finish: str | None = None, **extra: Any) -> str:
         body = {
             "id": rid,
             "object": "chat.completion.chunk",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,9 @@ class ChatRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integer: bool = False) -> Any:
+def _number(
+    body: Mapping[str, object], key: str, default: float, lo: float, hi: float, *, integer: bool = False
+) -> Any:
     value = body.get(key)
     if value is None:
         return default
@@ -205,7 +208,7 @@ def _part(part: Any, where: str, limit: int) -> str | Upload:
     )
 
 
-def _content(message: dict, where: str, limit: int) -> tuple[str, list[Upload]]:
+def _content(message: Mapping[str, object], where: str, limit: int) -> tuple[str, list[Upload]]:
     """A message's text, with each media part's placeholder at its place, and its uploads."""
     content = message.get("content")
     if isinstance(content, str):

@@ -20,6 +20,7 @@ text-to-video; a recipe says, for its pipeline class,
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TypedDict
 
@@ -54,7 +55,7 @@ def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _path(folder: Path, modality: str, entry: dict) -> Path:
+def _path(folder: Path, modality: str, entry: Mapping[str, str]) -> Path:
     name = dataset_name(modality)
     return folder / name / MEDIA_DIRS[modality] / entry[modalities.get(modality).name_field]
 
@@ -70,7 +71,7 @@ class Recipe:
         "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.decoders.CONDITIONINGS)
     )
 
-    def entries(self, folder: Path, limit: int, *, single: bool = False) -> list[dict]:
+    def entries(self, folder: Path, limit: int, *, single: bool = False) -> list[dict[str, str]]:
         """The first ``limit`` items written under ``folder``; ``single``: images of one shape only
         (their caption names all that is drawn; no caption of another modality joins two things)."""
         name = dataset_name(self.modality)
@@ -279,7 +280,7 @@ class AudioRecipe(Recipe):
         pipe.vae_scale_factor = vae_scale(vae)
         with_sample_prediction(pipe)
 
-    def waves(self, folder: Path, entries: list[dict], rate: int, seconds: float) -> torch.Tensor:
+    def waves(self, folder: Path, entries: list[dict[str, str]], rate: int, seconds: float) -> torch.Tensor:
         return torch.stack(
             [
                 load_waveform(_path(folder, "audio", e), sample_rate=rate, seconds=seconds).clamp(-1, 1)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import soundfile as sf
@@ -345,11 +345,20 @@ def _records(modality: str, items: list[Item], seed: int) -> dict[str, list[dict
 # --------------------------------------------------------------------------- folder management
 
 
-def _params(modality: str, num: int, seed: int) -> dict[str, Any]:
+class MarkerParams(TypedDict):
+    """What a folder's marker records: the parameters its data set was written with."""
+
+    modality: str
+    num_per_modality: int
+    seed: int
+    version: int
+
+
+def _params(modality: str, num: int, seed: int) -> MarkerParams:
     return {"modality": modality, "num_per_modality": num, "seed": seed, "version": GENERATOR_VERSION}
 
 
-def _is_complete(folder: Path, params: dict[str, Any]) -> bool:
+def _is_complete(folder: Path, params: MarkerParams) -> bool:
     """True when the folder carries our marker with these exact parameters and all its files."""
     marker = folder / MARKER_NAME
     try:

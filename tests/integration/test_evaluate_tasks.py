@@ -361,7 +361,8 @@ GENERATION_PROMPT = {"t2i_coco": "image", "t2a_audiocaps": "audio", "t2v_msrvtt"
 def test_task_end_to_end(task, bundle, data_root, feature_nets, tiny_cache, tmp_path):
     from nextgpt.config import compose
     from nextgpt.evaluation.readers import read_benchmark as read
-    from nextgpt.evaluation.tasks import task_prompt
+    from nextgpt.evaluation.records import task_prompt
+    from nextgpt.evaluation.spec import eval_spec
 
     cfg = compose(
         [f"task={task}", f"paths.data_root={data_root}"], config_name="evaluate", output_dir=str(tmp_path)
@@ -371,7 +372,7 @@ def test_task_end_to_end(task, bundle, data_root, feature_nets, tiny_cache, tmp_
     checkpoint = bundle
     if task in GENERATION_PROMPT:
         name = GENERATION_PROMPT[task]
-        first_prompt = task_prompt(cfg.task, samples[0])
+        first_prompt = task_prompt(eval_spec(cfg).benchmark_task(), samples[0])
         checkpoint = steered_bundle(bundle, tmp_path / "steered", name, first_prompt)
         extra = [f"task.generation.max_new_tokens={signal_count(name)}"]
         if task == "t2a_audiocaps":

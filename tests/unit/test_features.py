@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from datamodules.data_source import DataSource
 from nextgpt.cache.encode import caption_store, imagebind_fingerprint, media_store
 from nextgpt.cache.store import FeatureStore, cache_base, file_signature
 from nextgpt.cli.cache import build_caches
@@ -69,7 +70,7 @@ def test_build_caches_then_nothing_left_to_do(cache_cfg, tmp_path):
     report = build_caches(cache_cfg)
     n = len(json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text()))
     model = ModelSpec.from_config(cache_cfg.model)
-    source = OmegaConf.to_container(cache_cfg.dataset.sources[0])
+    source = DataSource.of(OmegaConf.to_container(cache_cfg.dataset.sources[0]))
     media = media_store(source, model.encoder, tmp_path / "fb")
     assert media.directory.parent == tmp_path / "synthetic_image" / ".nextgpt_cache"  # next to the data
     assert len(media) == n and media.meta["shape"] == [48]
@@ -172,9 +173,8 @@ def test_caption_store_is_created_by_stage2(cache_cfg, tiny_config, tmp_path):
     model = ModelSpec.from_config(cfg.model)
     from nextgpt.model import load_conditioners
 
-    store = caption_store(
-        OmegaConf.to_container(cfg.dataset.sources[0]), load_conditioners(model)["image"], tmp_path / "fb"
-    )
+    source = DataSource.of(OmegaConf.to_container(cfg.dataset.sources[0]))
+    store = caption_store(source, load_conditioners(model)["image"], tmp_path / "fb")
     captions = {
         e["caption"] for e in json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text())
     }
@@ -192,7 +192,9 @@ def test_damaged_media_are_recorded_not_fatal(cache_cfg, tmp_path):
     (folder / text).write_text("this is not an image")
     build_caches(cache_cfg)
     model = ModelSpec.from_config(cache_cfg.model)
-    store = media_store(OmegaConf.to_container(cache_cfg.dataset.sources[0]), model.encoder, tmp_path / "fb")
+    store = media_store(
+        DataSource.of(OmegaConf.to_container(cache_cfg.dataset.sources[0])), model.encoder, tmp_path / "fb"
+    )
     assert set(store.failed) == {f"images/{truncated}", f"images/{text}"}
     assert truncated in store.failed[f"images/{truncated}"] and text in store.failed[f"images/{text}"]
     assert len(store) == len(entries) - 2
