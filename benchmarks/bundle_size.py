@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.model import NextGPT
+from nextgpt.model_spec import LoraSpec, OutputProjectorSpec
 from nextgpt.stages import STAGES
 from nextgpt.tokens import TokenLayout
 
@@ -59,23 +60,20 @@ def legacy_7b(stage: int) -> NextGPT:
             layout,
             num_media_tokens=1,
             output_shapes=LEGACY_DECODERS,
-            output_projector=dict(
-                d_model=512,
-                nhead=4,
-                num_encoder_layers=4,
-                num_decoder_layers=4,
-                dim_feedforward=2048,
-                dropout=0.1,
+            output_projector=OutputProjectorSpec.of(
+                dict(
+                    d_model=512,
+                    nhead=4,
+                    num_encoder_layers=4,
+                    num_decoder_layers=4,
+                    dim_feedforward=2048,
+                    dropout=0.1,
+                )
             ),
         )
         if STAGES[stage].use_lora:
             model.apply_lora(
-                {
-                    "r": 32,
-                    "alpha": 32,
-                    "dropout": 0.1,
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                }
+                LoraSpec(r=32, alpha=32, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
             )
     model.set_trainable(STAGES[stage].trainable_groups)
     return model

@@ -42,7 +42,7 @@ def states(module, template: str, root: Path, limit: int):
         dataset_name("image"), "image", root / dataset_name("image"), "generate", warn=False
     )
     convs = [c for c in convs if " and a " not in c.captions_out[0][1]][:limit]
-    tokens = int(module.model_cfg["input_projector"]["num_tokens"])
+    tokens = module.model_spec.input_projector.num_tokens
     ds = ConversationDataset(convs, module.tokenizer, module.model.layout, template, tokens, 512)
     batch = Collator(module.tokenizer.pad_token_id, tokens)([ds[i] for i in range(len(ds))])
     out = module.model(**batch)

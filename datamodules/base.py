@@ -13,6 +13,7 @@ import lightning as L
 from datamodules.steps import EpochProgress
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, data_sources
 from nextgpt.model import Tokens, load_tokenizer
+from nextgpt.model_spec import ModelSpec
 from nextgpt.prompts import PairStyle
 
 
@@ -34,7 +35,7 @@ class SourceDataModule(L.LightningDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: Mapping[str, Any],
+        model: ModelSpec | Mapping[str, Any],
         template: str,
         batch_size: int,
         num_workers: int,
@@ -55,7 +56,8 @@ class SourceDataModule(L.LightningDataModule):
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
         self.pair_style = PairStyle(**(pairs or PairSettings()))
         self.sources = data_sources(sources)
-        self.objective, self.model_cfg, self.template = objective, model, template
+        # the model's spec (or the ``model`` config section it is made of)
+        self.objective, self.model_spec, self.template = objective, ModelSpec.from_config(model), template
         self.batch_size, self.num_workers, self.max_length, self.seed = (
             batch_size,
             num_workers,
@@ -71,7 +73,7 @@ class SourceDataModule(L.LightningDataModule):
 
     def tokenizer_and_layout(self) -> Tokens:
         """The tokenizer with NExT-GPT's tokens, and their layout: the model's own when given."""
-        return self.tokens if self.tokens is not None else load_tokenizer(self.model_cfg)
+        return self.tokens if self.tokens is not None else load_tokenizer(self.model_spec)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop at each epoch start (epochs count batches, see EpochProgress)."""

@@ -28,6 +28,7 @@ from nextgpt import modality as modality_registry
 from nextgpt.cache.encode import StoreLookup, compute_captions, media_key, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
 from nextgpt.data_source import DataSource
+from nextgpt.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class ShardPass:
 
 def build_shard_caches(
     data: ShardPass,
-    model_cfg,
+    model: ModelSpec,
     encoder,
     conditioners,
     fallback: Path,
@@ -174,7 +175,7 @@ def build_shard_caches(
             continue
         if encoder is not None:
             store = shard_media_store(
-                shard_folder(source, paths), source.modality, "pairs", model_cfg["encoder"], fallback
+                shard_folder(source, paths), source.modality, "pairs", model.encoder, fallback
             )
             added = compute_shard_media(
                 store,

@@ -23,6 +23,7 @@ from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.encode import media_key, media_store
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
 from nextgpt.model import Tokens
+from nextgpt.model_spec import ModelSpec
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError
 
@@ -41,7 +42,7 @@ class NextGPTDataModule(SourceDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: Mapping[str, Any],
+        model: ModelSpec | Mapping[str, Any],
         template: str = "vicuna_v0",
         batch_size: int = 4,
         num_workers: int = 0,
@@ -136,7 +137,7 @@ class NextGPTDataModule(SourceDataModule):
             self.tokenizer,
             self.layout,
             self.template,
-            int(self.model_cfg["input_projector"]["num_tokens"]),
+            self.model_spec.input_projector.num_tokens,
             self.max_length,
             features,
             self.denoise_targets,
@@ -162,7 +163,7 @@ class NextGPTDataModule(SourceDataModule):
             items = {media_key(src.data_root, p): p for c in convs for _, p in c.media_in}
             if not items:
                 continue
-            store = media_store(src, self.model_cfg["encoder"], self.cache_fallback)
+            store = media_store(src, self.model_spec.encoder, self.cache_fallback)
             if not store.exists:
                 log.info(
                     "data: no ImageBind feature cache for %r (python -m nextgpt.cache builds one); "

@@ -51,6 +51,7 @@ from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry
 from nextgpt.model import Tokens
+from nextgpt.model_spec import ModelSpec
 from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class ShardDataModule(SourceDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: Mapping[str, Any],
+        model: ModelSpec | Mapping[str, Any],
         template: str = "vicuna_v0",
         batch_size: int = 4,
         num_workers: int = 0,
@@ -150,7 +151,7 @@ class ShardDataModule(SourceDataModule):
             self.tokenizer,
             self.layout,
             self.template,
-            int(self.model_cfg["input_projector"]["num_tokens"]),
+            self.model_spec.input_projector.num_tokens,
             self.max_length,
         )
         self.stream = ShardStream(
@@ -224,7 +225,7 @@ class ShardDataModule(SourceDataModule):
             shard_folder(src, shards),
             src.modality,
             "pairs",
-            self.model_cfg["encoder"],
+            self.model_spec.encoder,
             self.cache_fallback,
         )
         if not store.exists:

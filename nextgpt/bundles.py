@@ -15,17 +15,17 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nextgpt import modality as modality_registry
 from nextgpt.atomic import building, install
 from nextgpt.cache.store import file_signature
 from nextgpt.gather import full_tensor
+from nextgpt.model_spec import ModelSpec
 from nextgpt.runs import RunError
 from nextgpt.tokens import TokenLayout
 
@@ -159,13 +159,12 @@ def _json_hash(
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def backbone_identity(spec: ModelSpec) -> dict[str, Any]:
     """Content hashes of the frozen backbones' configs (not their paths, which move): the LLM, the
     encoder architecture and weights file, each decoder's pipeline index and text encoder."""
-    arch = model_cfg["encoder"]["arch"]
-    arch = OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
-    llm = Path(str(model_cfg["llm"]["path"]))
-    encoder = Path(str(model_cfg["encoder"]["checkpoint"]))
+    arch = dict(spec.encoder.arch)
+    llm = Path(spec.llm.path)
+    encoder = Path(spec.encoder.checkpoint)
     out: dict[str, Any] = {
         "model.llm": {
             "config": _json_hash(llm / "config.json"),
@@ -176,8 +175,8 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "weights": file_signature(encoder) if encoder.is_file() else None,
         },
     }
-    for name, m in modality_registry.generated(model_cfg["modalities"]).items():
-        path = Path(str(m["decoder"]["path"]))
+    for name, dec in spec.generated.items():
+        path = Path(dec.path)
         entry = {
             "index": _json_hash(path / "model_index.json"),
             "text_encoder": _json_hash(path / "text_encoder" / "config.json"),
@@ -190,13 +189,31 @@ def backbone_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bundle_identity(model: NextGPT, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(model_cfg)}
+def bundle_identity(model: NextGPT, spec: ModelSpec) -> dict[str, Any]:
+    return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(spec)}
 
 
-def check_identity(
-    directory: Path, meta: Mapping[str, Any], model: nn.Module, model_cfg: Mapping[str, Any] | None
-) -> None:
+class BundleMeta(TypedDict, total=False):
+    """A bundle's ``meta.json``: what wrote it, and the identity of its tokens and backbones."""
+
+    stage: int
+    global_step: int
+    trained_steps: int
+    run: str | None
+    init_from: str | None
+    trainable_groups: list[str]
+    full_model_params: int
+    imported_from: str
+    legacy_import: dict[str, Any]
+    token_layout: dict[str, Any]  # token_layout(): first_new_id, markers, signals
+    backbones: dict[str, dict[str, Any]]  # backbone_identity()
+    tensors: int
+    params: int
+    bytes: int
+    written: str
+
+
+def check_identity(directory: Path, meta: BundleMeta, model: nn.Module, spec: ModelSpec | None) -> None:
     """Refuse a bundle whose tokens or backbones are not this model's, naming what differs."""
     want = meta.get("token_layout")
     layout = getattr(model, "layout", None)
@@ -221,8 +238,8 @@ def check_identity(
             raise BundleError(
                 f"stage bundle {directory} was trained with another token layout: " + "; ".join(faults)
             )
-    if model_cfg is not None and meta.get("backbones"):
-        have = backbone_identity(model_cfg)
+    if spec is not None and meta.get("backbones"):
+        have = backbone_identity(spec)
         diff = [
             f"{key} ({', '.join(k for k in want_v if want_v.get(k) != have.get(key, {}).get(k))})"
             for key, want_v in meta["backbones"].items()
@@ -251,14 +268,11 @@ def load_bundle_config(
     return cfg
 
 
-def backbone_keys(model_cfg) -> list[str]:
+def backbone_keys(spec: ModelSpec) -> list[str]:
     return [
         "model.llm.path",
         "model.encoder.checkpoint",
-        *(
-            f"model.modalities.{m}.decoder.path"
-            for m in modality_registry.generated(model_cfg.get("modalities", {}))
-        ),
+        *(f"model.modalities.{m}.decoder.path" for m in spec.generated),
     ]
 
 
@@ -285,7 +299,7 @@ def relocate_backbones(
             here / ".cache" / "tiny_backbones",
         ],
     }
-    for key in backbone_keys(cfg.model):
+    for key in backbone_keys(ModelSpec.from_config(cfg.model)):
         old = Path(str(OmegaConf.select(cfg, key)))
         if old.exists():
             continue
@@ -308,19 +322,17 @@ def relocate_backbones(
         OmegaConf.update(cfg, key, str(found))
 
 
-def load_bundle_weights(
-    directory: str | Path, model: NextGPT, model_cfg: Mapping[str, Any] | None = None
-) -> list[str]:
-    """Load a bundle's tensors into ``model``: its token layout and (given ``model_cfg``) its
+def load_bundle_weights(directory: str | Path, model: NextGPT, spec: ModelSpec | None = None) -> list[str]:
+    """Load a bundle's tensors into ``model``: its token layout and (given its ``spec``) its
     backbones must be this model's, and every bundle key must exist with the same shape."""
     path = Path(directory) / WEIGHTS
     meta_file = Path(directory) / META
     if meta_file.is_file():
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            meta: BundleMeta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise BundleError(f"stage bundle {meta_file} is damaged: {e}") from e
-        check_identity(Path(directory), meta, model, model_cfg)
+        check_identity(Path(directory), meta, model, spec)
     if not path.is_file():
         raise BundleError(f"stage bundle {directory} has no {WEIGHTS} (missing or not a stage bundle)")
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import transformers
 
 from nextgpt.cache.store import file_signature
 from nextgpt.mel import MelFrontEnd
+from nextgpt.model_spec import DecoderSpec
 
 
 def _last_hidden_state(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tensor:
@@ -130,12 +131,14 @@ def vae_scale_factor(path: str | Path) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def target_spec(path: str | Path, generate: Mapping[str, Any]) -> dict[str, Any]:
-    """What a denoising-loss target loader needs to size media for the decoder at ``path``: its generation
-    settings, and for a pipeline with a vocoder (AudioLDM) the vocoder's ``sampling_rate`` and, when
-    ``generate`` does not set it, the pipeline's default ``audio_length_in_s`` (UNet sample size x VAE
-    scale factor mel frames of ``prod(upsample_rates)`` samples)."""
-    spec = dict(generate)
+def target_spec(decoder: DecoderSpec) -> dict[str, Any]:
+    """What a denoising-loss target loader needs to size media for ``decoder``: its generation
+    settings (``generate``), and for a pipeline with a vocoder (AudioLDM) the vocoder's
+    ``sampling_rate`` and, when ``generate`` does not set it, the pipeline's default
+    ``audio_length_in_s`` (UNet sample size x VAE scale factor mel frames of ``prod(upsample_rates)``
+    samples)."""
+    path = Path(decoder.path)
+    spec = dict(decoder.generate)
     vocoder = Path(path) / "vocoder" / "config.json"
     if vocoder.is_file():
         mel = MelFrontEnd.from_vocoder(vocoder)

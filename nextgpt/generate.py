@@ -18,14 +18,14 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nextgpt import modality as modality_registry
@@ -33,6 +33,7 @@ from nextgpt.batch import collate_conversations
 from nextgpt.bundles import BundleError, load_bundle_config, load_bundle_weights
 from nextgpt.decoders import load_pipeline
 from nextgpt.model import build_nextgpt, torch_dtype
+from nextgpt.model_spec import DecoderSpec, ModelSpec
 from nextgpt.prompts import Conversation, placeholder_pattern, resolve_template
 from nextgpt.stages import STAGES
 
@@ -94,11 +95,12 @@ class Generator:
             raise BundleError(f"{self.bundle} is not a stage bundle (train.py writes bundles/stage<N>/)")
         cfg = load_bundle_config(self.bundle, weights=weights, backbones=backbones)
         self.stage = int(cfg.stage.number)
-        model, tokenizer, conditioners = build_nextgpt(cfg.model)
+        spec = ModelSpec.from_config(cfg.model)
+        model, tokenizer, conditioners = build_nextgpt(spec)
         if STAGES[self.stage].use_lora:
-            model.apply_lora(cfg.model.lora)
-        loaded = load_bundle_weights(self.bundle, model, cfg.model)
-        self._setup(model, tokenizer, conditioners, cfg.model, device)
+            model.apply_lora(spec.need_lora())
+        loaded = load_bundle_weights(self.bundle, model, spec)
+        self._setup(model, tokenizer, conditioners, spec, device)
         self.untrained = sorted(
             {
                 n.split(".")[1]
@@ -120,40 +122,42 @@ class Generator:
         model,
         tokenizer,
         conditioners,
-        model_cfg: Mapping[str, Any],
+        spec: ModelSpec,
         device: str | torch.device = "cpu",
         bundle: str = "<in training>",
     ) -> Generator:
         """Wrap a model that is already built (e.g. the one being trained, for sample logging)."""
         self = cls.__new__(cls)
         self.bundle, self.stage, self.untrained = Path(bundle), -1, []
-        self._setup(model, tokenizer, conditioners, model_cfg, device)
+        self._setup(model, tokenizer, conditioners, spec, device)
         return self
 
     def decoding_defaults(self) -> dict[str, Any]:
         """``model.generation`` of the bundle's config (``experiment=nextgpt_legacy`` samples as the
         original's inference.py does), over greedy decoding of 64 tokens."""
-        section = self.model_cfg.get("generation") or OmegaConf.create({})
-        given = cast(dict[str, Any], OmegaConf.to_container(section, resolve=True))  # a mapping section
+        given = self.spec.generation.as_dict() if self.spec.generation is not None else {}
         return {**DECODING_DEFAULTS, **{k: given[k] for k in DECODING_DEFAULTS if given.get(k) is not None}}
 
-    def _setup(self, model, tokenizer, conditioners, model_cfg, device) -> None:
-        container = (
-            OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
-        )
-        self.model_cfg = cast(DictConfig, OmegaConf.create(container))  # a mapping makes a DictConfig
+    def _setup(self, model, tokenizer, conditioners, spec: ModelSpec, device) -> None:
+        self.spec = spec
+        # the same as a config, for the readers that take its keys by path (nextgpt.evaluation)
+        self.model_cfg = OmegaConf.create(spec.as_dict())
         self.model, self.tokenizer, self.conditioners = model.to(device).eval(), tokenizer, conditioners
         self.device = torch.device(device)
-        self.template = resolve_template(self.model_cfg.llm.template, tokenizer)
-        self.num_media_tokens = int(self.model_cfg.input_projector.num_tokens)
+        self.template = resolve_template(spec.llm.template, tokenizer)
+        self.num_media_tokens = spec.input_projector.num_tokens
         self.max_context = int(
             getattr(self.model.llm.config.get_text_config(), "max_position_embeddings", 2048)
         )
         self.pipelines: dict = {}
 
+    def decoder(self, name: str) -> DecoderSpec:
+        """The decoder of a generated modality (a KeyError for an input-only one)."""
+        return self.spec.generated[name]
+
     def pipeline(self, name: str):
         if name not in self.pipelines:
-            dec = self.model_cfg.modalities[name].decoder
+            dec = self.decoder(name)
             self.pipelines[name] = load_pipeline(dec.path, torch_dtype(dec.dtype), self.device)
         return self.pipelines[name]
 
@@ -304,7 +308,7 @@ class Generator:
                     "answer": result.text,
                     "seed": seed + k,
                     "bundle": str(self.bundle),
-                    **dict(self.model_cfg.modalities[name].decoder.get("save", {})),
+                    **dict(self.decoder(name).save),
                 }
                 path = out / f"{name}_{k}{mod.output_suffix}"
                 result.files.setdefault(name, []).append(mod.write(array, path, self.pipeline(name), meta))
@@ -330,7 +334,7 @@ class Generator:
             **conditioner.pipeline_kwargs(cond, conditioner.negative(), pipe.dtype),
             generator=torch.Generator(device="cpu").manual_seed(seed),
             output_type="np",
-            **dict(self.model_cfg.modalities[name].decoder.generate),
+            **dict(self.decoder(name).generate),
         )
         return np.asarray(getattr(out, modality_registry.get(name).pipeline_output)[0])
 

@@ -15,7 +15,7 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import soundfile as sf
@@ -30,7 +30,20 @@ from nextgpt.encoders.preprocess.audio import load_waveform
 Loader = Callable[[Path], torch.Tensor]
 Writer = Callable[[np.ndarray, Path, Any, dict], Path]
 # target media for the denoising loss, in the decoder's pixel (or waveform) space, sized by its generation settings
-TargetLoader = Callable[[Path, Mapping[str, Any]], torch.Tensor]
+
+
+class TargetSpec(TypedDict, total=False):
+    """How a denoising-loss target is sized for its decoder: the decoder's generation settings
+    (``model.modalities.<m>.decoder.generate``) with what :func:`nextgpt.decoders.target_spec` adds."""
+
+    width: int  # image, video
+    height: int  # image, video
+    num_frames: int  # video
+    sampling_rate: int  # audio: the vocoder's
+    audio_length_in_s: float  # audio
+
+
+TargetLoader = Callable[[Path, TargetSpec], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,8 @@ class Modality:
         """Target media in [-1, 1] at the decoder's size, for the denoising loss."""
         if self.target_loader is None:
             raise NotImplementedError(f"no denoising-loss target loader for modality {self.name!r}")
-        return self.target_loader(Path(path) if isinstance(path, str) else path, spec)
+        # the decoder's generation settings: the keys a loader reads are TargetSpec's
+        return self.target_loader(Path(path) if isinstance(path, str) else path, cast(TargetSpec, spec))
 
 
 _REGISTRY: dict[str, Modality] = {}
@@ -120,13 +134,6 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def generated(modalities_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The configured modalities (``model.modalities``) the model generates: those with a decoder.
-    An input-only modality (``decoder: null``, ``num_signal_tokens: 0``) is read through its
-    ImageBind trunk and never generated: it has markers, no signal tokens, no output projector."""
-    return {name: m for name, m in modalities_cfg.items() if m.get("decoder") is not None}
-
-
 # --- denoising-loss targets: media in the decoder's own pixel space ---------------------------
 def _fit(image, width: int, height: int):
     """Centre-crop to the target aspect ratio, then resize (bicubic)."""
@@ -142,7 +149,7 @@ def _pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def _target_image(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+def _target_image(path: Path, spec: TargetSpec) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             return _pixels(_fit(im.convert("RGB"), int(spec["width"]), int(spec["height"])))
@@ -150,7 +157,7 @@ def _target_image(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
         raise MediaDecodeError(path, f"can not read the target image: {e}") from e
 
 
-def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+def _target_video(path: Path, spec: TargetSpec) -> torch.Tensor:
     """(3, frames, H, W): ``num_frames`` frames spread evenly over the clip."""
     import av  # deferred: PyAV (FFmpeg) costs ~0.06 s and the registry's importers rarely touch video
 
@@ -167,7 +174,7 @@ def _target_video(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
     return torch.stack([_pixels(_fit(Image.Image.convert(f, "RGB"), *size)) for f in picks], dim=1)
 
 
-def _target_audio(path: Path, spec: Mapping[str, Any]) -> torch.Tensor:
+def _target_audio(path: Path, spec: TargetSpec) -> torch.Tensor:
     """(samples,): the first ``audio_length_in_s`` of the clip, mono at the decoder's ``sampling_rate``
     (:func:`nextgpt.decoders.target_spec` adds both); the denoising loss takes its log-mel (nextgpt.mel)."""
     wave = load_waveform(

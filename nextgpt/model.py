@@ -24,6 +24,7 @@ from nextgpt.encoders.imagebind import ImageBindModel, load_imagebind
 from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.gather import full_tensor
 from nextgpt.lora import resolve_targets
+from nextgpt.model_spec import EncoderSpec, LoraSpec, ModelSpec, OutputProjectorSpec
 from nextgpt.projectors import InputProjector, OutputProjector
 from nextgpt.tokens import NewTokenTable, TokenLayout, add_nextgpt_tokens
 
@@ -57,7 +58,7 @@ class NextGPT(nn.Module):
         *,
         num_media_tokens: int,
         output_shapes: Mapping[str, tuple[int, int]],
-        output_projector: Mapping[str, Any],
+        output_projector: OutputProjectorSpec,
     ):
         super().__init__()
         self.llm = llm
@@ -68,7 +69,7 @@ class NextGPT(nn.Module):
         self.input_projector = InputProjector(encoder.embed_dim, hidden, num_media_tokens)
         self.output_projectors = nn.ModuleDict(
             {
-                name: OutputProjector(hidden, width, seq, **output_projector)
+                name: OutputProjector(hidden, width, seq, **output_projector.kwargs())
                 for name, (seq, width) in output_shapes.items()
             }
         )
@@ -287,16 +288,16 @@ class NextGPT(nn.Module):
         return self.new_tokens.logits(hidden, base)
 
     # --- LoRA ------------------------------------------------------------------------------
-    def apply_lora(self, lora: Mapping[str, Any]) -> None:
+    def apply_lora(self, lora: LoraSpec) -> None:
         """Wrap the LLM with peft LoRA adapters as ``model.lora`` says (r, alpha, dropout, target_modules)."""
         from peft import LoraConfig, get_peft_model  # deferred: peft costs ~1.5 s; only LoRA stages need it
 
         # module names, "all-linear" (peft: every Linear but the head) or "attention" (nextgpt/lora.py)
-        targets = resolve_targets(self.llm, lora["target_modules"])
+        targets = resolve_targets(self.llm, lora.target_modules)
         config = LoraConfig(
-            r=int(lora["r"]),
-            lora_alpha=float(lora["alpha"]),  # type: ignore[arg-type]  # peft says int; it scales by alpha / r
-            lora_dropout=float(lora["dropout"]),
+            r=lora.r,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft says int; it scales by alpha / r
+            lora_dropout=lora.dropout,
             target_modules=targets,
             bias="none",
         )
@@ -310,25 +311,21 @@ class NextGPT(nn.Module):
 Tokens = tuple[PreTrainedTokenizerBase, TokenLayout]
 
 
-def load_tokenizer(model_cfg: Mapping[str, Any]) -> Tokens:
+def load_tokenizer(spec: ModelSpec) -> Tokens:
     """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_cfg["llm"]["path"]))
-    counts = {name: int(m["num_signal_tokens"]) for name, m in model_cfg["modalities"].items()}
-    layout = add_nextgpt_tokens(tokenizer, counts, markers=str(model_cfg.get("markers") or "per_modality"))
+    tokenizer = AutoTokenizer.from_pretrained(spec.llm.path)
+    layout = add_nextgpt_tokens(tokenizer, spec.signal_counts, markers=spec.markers)
     return tokenizer, layout
 
 
-def load_conditioners(model_cfg: Mapping[str, Any]) -> dict[str, TextConditioner]:
-    return {
-        name: TextConditioner(m["decoder"]["path"], m["decoder"]["conditioning"])
-        for name, m in modality_registry.generated(model_cfg["modalities"]).items()
-    }
+def load_conditioners(spec: ModelSpec) -> dict[str, TextConditioner]:
+    return {name: TextConditioner(dec.path, dec.conditioning) for name, dec in spec.generated.items()}
 
 
-def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> ImageBindConfig:
+def encoder_arch(encoder: EncoderSpec, modalities: Iterable[str] = ()) -> ImageBindConfig:
     """The ImageBind architecture: the branches its config names plus those ``modalities``
     (registry names) are encoded by (a model configured with depth maps builds the depth trunk)."""
-    arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
+    arch = ImageBindConfig.from_dict(dict(encoder.arch))
     trunks = {modality_registry.get(m).encoder_modality for m in modalities}
     if not trunks <= set(arch.modalities):
         arch = dataclasses.replace(
@@ -337,18 +334,16 @@ def encoder_arch(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ())
     return arch
 
 
-def load_encoder(encoder_cfg: Mapping[str, Any], modalities: Iterable[str] = ()) -> ImageBindModel:
+def load_encoder(spec: EncoderSpec, modalities: Iterable[str] = ()) -> ImageBindModel:
     """The frozen ImageBind of :func:`encoder_arch`, loaded from its checkpoint."""
-    arch = encoder_arch(encoder_cfg, modalities)
-    encoder = load_imagebind(
-        encoder_cfg["checkpoint"], arch, dtype=torch_dtype(encoder_cfg.get("dtype", "float32"))
-    )
-    encoder.renormalize_features = bool(encoder_cfg.get("renormalize", True))
+    arch = encoder_arch(spec, modalities)
+    encoder = load_imagebind(spec.checkpoint, arch, dtype=torch_dtype(spec.torch_dtype_name))
+    encoder.renormalize_features = spec.renormalize
     return encoder
 
 
 def build_nextgpt(
-    model_cfg: Mapping[str, Any],
+    spec: ModelSpec,
     conditioners: Mapping[str, TextConditioner] | None = None,
     tokens: Tokens | None = None,
 ) -> tuple[NextGPT, PreTrainedTokenizerBase, dict[str, TextConditioner]]:
@@ -357,27 +352,23 @@ def build_nextgpt(
 
     Returns (model, tokenizer, conditioners).
     """
-    tokenizer, layout = tokens if tokens is not None else load_tokenizer(model_cfg)
-    llm_cfg = model_cfg["llm"]
-    extra = (
-        {"attn_implementation": llm_cfg["attn_implementation"]} if llm_cfg.get("attn_implementation") else {}
-    )
-    llm = AutoModelForCausalLM.from_pretrained(
-        str(llm_cfg["path"]), dtype=torch_dtype(llm_cfg["dtype"]), **extra
-    )
-    if llm_cfg.get("activation_checkpointing"):
+    tokenizer, layout = tokens if tokens is not None else load_tokenizer(spec)
+    llm_spec = spec.llm
+    extra = {"attn_implementation": llm_spec.attn_implementation} if llm_spec.attn_implementation else {}
+    llm = AutoModelForCausalLM.from_pretrained(llm_spec.path, dtype=torch_dtype(llm_spec.dtype), **extra)
+    if llm_spec.activation_checkpointing:
         checkpoint_decoder_layers(llm)
-    if llm_cfg.get("compile"):
-        compile_decoder_layers(llm, backend=str(llm_cfg.get("compile_backend") or "inductor"))
-    encoder = load_encoder(model_cfg["encoder"], model_cfg["modalities"])
-    conditioners = dict(conditioners) if conditioners is not None else load_conditioners(model_cfg)
+    if llm_spec.compile:
+        compile_decoder_layers(llm, backend=llm_spec.compile_backend)
+    encoder = load_encoder(spec.encoder, spec.modalities)
+    conditioners = dict(conditioners) if conditioners is not None else load_conditioners(spec)
     model = NextGPT(
         llm,
         encoder,
         layout,
-        num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
+        num_media_tokens=spec.input_projector.num_tokens,
         output_shapes={name: c.shape for name, c in conditioners.items()},
-        output_projector=dict(model_cfg["output_projector"]),
+        output_projector=spec.output_projector,
     )
     return model, tokenizer, conditioners
 

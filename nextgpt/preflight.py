@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -19,49 +18,51 @@ from nextgpt import modality as modality_registry
 from nextgpt.config import ConfigError
 from nextgpt.decoders import conditioning_mismatch
 from nextgpt.lora import attention_projections
+from nextgpt.model_spec import ModelSpec
+from nextgpt.spec import PathsSpec, RunSpec
 
 
-def backbone_path_errors(cfg: DictConfig) -> list[str]:
+def backbone_path_errors(model: ModelSpec) -> list[str]:
     """Missing backbone folders and checkpoints, and an LLM folder that holds no causal LM (checked
     after the tiny backbones are built, so a path pointed elsewhere is checked too)."""
-    checks = [
-        ("model.llm.path", cfg.model.llm.path, "config.json"),
-        ("model.encoder.checkpoint", cfg.model.encoder.checkpoint, None),
+    checks: list[tuple[str, str, str | None]] = [
+        ("model.llm.path", model.llm.path, "config.json"),
+        ("model.encoder.checkpoint", model.encoder.checkpoint, None),
     ]
     checks += [
-        (f"model.modalities.{n}.decoder.path", m.decoder.path, "model_index.json")
-        for n, m in modality_registry.generated(cfg.model.modalities).items()
+        (f"model.modalities.{n}.decoder.path", dec.path, "model_index.json")
+        for n, dec in model.generated.items()
     ]
     errors = []
     for key, path, inner in checks:
         target = Path(path) / inner if inner else Path(path)
         if not target.exists():
             errors.append(f"{key}={path!r}: {target} does not exist")
-    errors += decoder_conditioning_errors(cfg)
-    llm_config = Path(cfg.model.llm.path) / "config.json"
+    errors += decoder_conditioning_errors(model)
+    llm_config = Path(model.llm.path) / "config.json"
     if llm_config.is_file():
         found = _causal_lm_errors(llm_config)
-        errors += found or lora_target_errors(cfg.model.llm.path, cfg.model.lora.target_modules)
-        if cfg.model.llm.template == "chat" and not _has_chat_template(Path(cfg.model.llm.path)):
+        errors += found or lora_target_errors(model.llm.path, model.need_lora().target_modules)
+        if model.llm.template == "chat" and not _has_chat_template(Path(model.llm.path)):
             errors.append(
-                f"model.llm.template='chat': the tokenizer in {cfg.model.llm.path} has no chat template "
+                f"model.llm.template='chat': the tokenizer in {model.llm.path} has no chat template "
                 "(tokenizer_config.json chat_template, or chat_template.jinja); name a template instead"
             )
     return errors
 
 
-def decoder_conditioning_errors(cfg: DictConfig) -> list[str]:
+def decoder_conditioning_errors(model: ModelSpec) -> list[str]:
     """A conditioning kind that does not read its pipeline folder the way that pipeline does (SDXL's
     two encoders and pooled embedding configured as ``last_hidden_state``, say), named by key."""
 
     errors = []
-    for n, m in modality_registry.generated(cfg.model.modalities).items():
-        index = Path(m.decoder.path) / "model_index.json"
+    for n, dec in model.generated.items():
+        index = Path(dec.path) / "model_index.json"
         if index.is_file():
-            why = conditioning_mismatch(json.loads(index.read_text()), str(m.decoder.conditioning))
+            why = conditioning_mismatch(json.loads(index.read_text()), dec.conditioning)
             if why:
                 errors.append(
-                    f"model.modalities.{n}.decoder.conditioning={m.decoder.conditioning!r}: {why} ({index})"
+                    f"model.modalities.{n}.decoder.conditioning={dec.conditioning!r}: {why} ({index})"
                 )
     return errors
 
@@ -135,11 +136,11 @@ def _causal_lm_errors(config_file: Path) -> list[str]:
     return []
 
 
-def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
+def bundle_token_errors(model: ModelSpec, bundle: Path, key: str) -> list[str]:
     """The bundle's signal tokens against those the config asks for, before any weight loads: a
-    bundle trained with 4 image and 8 audio tokens must not load into 6 + 6 (equal shapes)."""
+    bundle trained with 4 image and 8 audio tokens must not load into 6 + 6 (equal shapes).
+    ``key``: the config key that names the bundle (``init_from`` or ``paths.bundles``)."""
 
-    key = "init_from" if cfg.init_from else "paths.bundles"
     try:
         layout = json.loads((bundle / "meta.json").read_text(encoding="utf-8")).get("token_layout")
     except (ValueError, UnicodeDecodeError) as e:
@@ -147,8 +148,8 @@ def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
     if not layout:
         return []
     errors = []
-    for name, m in cfg.model.modalities.items():
-        want = modality_registry.get(name).signal_tokens(int(m.num_signal_tokens))
+    for name, m in model.modalities.items():
+        want = modality_registry.get(name).signal_tokens(m.num_signal_tokens)
         have = list(layout["signals"].get(name, {}))
         if want != have:
             errors.append(
@@ -162,13 +163,12 @@ def bundle_token_errors(cfg: DictConfig, bundle: Path) -> list[str]:
 OUTPUT_KEYS = ("paths.bundles", "paths.checkpoints")  # folders a run writes its results into
 
 
-def unwritable_errors(cfg: DictConfig) -> list[str]:
+def unwritable_errors(paths: PathsSpec) -> list[str]:
     """Output folders that can not be created or written (found before anything loads, not after
     training)."""
 
     errors = []
-    for key in OUTPUT_KEYS:
-        folder = Path(OmegaConf.select(cfg, key))
+    for key, folder in zip(OUTPUT_KEYS, (paths.bundles, paths.checkpoints), strict=True):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
@@ -180,17 +180,19 @@ def unwritable_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def validate_paths(cfg: DictConfig, bundle: Path | None, data_errors: Iterable[str] = ()) -> None:
+def validate_paths(spec: RunSpec, init_from: str | None, data_errors: Iterable[str] = ()) -> None:
     """Check that everything the run reads exists, naming the key and the path when not.
-    ``bundle``: the one this stage starts from (``RunSpec.init_from``); ``data_errors``: what the
-    data side found missing (:func:`datamodules.sources.data_path_errors`)."""
-    errors = list(data_errors) + backbone_path_errors(cfg)
+    The bundle this stage starts from is ``spec.init_from``: ``init_from`` (the config's key) when
+    given, else the previous stage's under ``paths.bundles``; ``data_errors``: what the data side
+    found missing (:func:`datamodules.sources.data_path_errors`)."""
+    errors = list(data_errors) + backbone_path_errors(spec.model)
+    bundle = spec.init_from
+    key = "init_from" if init_from else "paths.bundles"
     if bundle is not None and (Path(bundle) / "meta.json").is_file():
-        errors += bundle_token_errors(cfg, Path(bundle))
+        errors += bundle_token_errors(spec.model, Path(bundle), key)
     if bundle is not None and not (Path(bundle) / "trainable.safetensors").is_file():
-        key = "init_from" if cfg.init_from else "paths.bundles"
         errors.append(
-            f"{key}={cfg.init_from or cfg.paths.bundles!r}: stage {cfg.stage.number} starts from the bundle "
+            f"{key}={init_from or str(spec.paths.bundles)!r}: stage {spec.stage.number} starts from the bundle "
             f"{bundle}, which does not exist (run the previous stage first, or set init_from=DIR)"
         )
     if errors:

@@ -11,6 +11,8 @@ the code that needs it. The components take the part they need:
 | :class:`StageSpec` (with :class:`OptimSpec`, :class:`LossSpec`) | the stage LightningModule |
 | :class:`BatchPlan` | the trainer's gradient accumulation, the memory plan, DeepSpeed's batch keys |
 | :class:`PathsSpec` | the run folder, the feature caches, the bundles |
+| :class:`~nextgpt.model_spec.ModelSpec` | the model's building, the data's tokens, the memory plan |
+| :class:`ShardingSpec` | the stage LightningModule under FSDP2 |
 | :class:`RunSpec` | ``nextgpt.cli.train`` |
 
 This module is type-checked strictly (``[tool.mypy]`` in ``pyproject.toml``).
@@ -27,6 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nextgpt.config import OBJECTIVES, STAGES, ConfigError
+from nextgpt.model_spec import ModelSpec
 
 
 # --- the batch ---------------------------------------------------------------------------------
@@ -215,6 +218,39 @@ class StageSpec:
         )
 
 
+# --- sharding ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardingSpec:
+    """``sharding``: FSDP2's units and mixed precision (``strategy=fsdp`` sets it; null: none)."""
+
+    wrap: tuple[str, ...] = ("DecoderLayer",)  # class-name suffixes of the modules that become units
+    reshard_after_forward: bool = True
+    param_dtype: str | None = None  # compute in it (MixedPrecisionPolicy); None: the weights' own
+    reduce_dtype: str | None = None  # reduce gradients in it
+
+    @classmethod
+    def of(cls, node: Any) -> ShardingSpec | None:
+        """The spec of a ``sharding`` node; None for null (or empty: nothing is sharded)."""
+        d = _plain(node)
+        if not d:
+            return None
+        wrap = d.get("wrap", ["DecoderLayer"])
+        return cls(
+            wrap=(wrap,) if isinstance(wrap, str) else tuple(str(w) for w in wrap),
+            reshard_after_forward=bool(d.get("reshard_after_forward", True)),
+            param_dtype=str(d["param_dtype"]) if d.get("param_dtype") else None,
+            reduce_dtype=str(d["reduce_dtype"]) if d.get("reduce_dtype") else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wrap": list(self.wrap),
+            "reshard_after_forward": self.reshard_after_forward,
+            "param_dtype": self.param_dtype,
+            "reduce_dtype": self.reduce_dtype,
+        }
+
+
 # --- paths and the run -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PathsSpec:
@@ -251,6 +287,8 @@ class RunSpec:
     stage: StageSpec
     batch: BatchPlan
     paths: PathsSpec
+    model: ModelSpec
+    sharding: ShardingSpec | None  # FSDP2's settings (None: the strategy shards nothing)
     seed: int
     tag: str  # a sweep job's swept values ("" outside a sweep): its own chain of bundles
     init_from: Path | None  # the bundle this stage starts from (None: stage 1 from the backbones)
@@ -278,6 +316,8 @@ def run_spec(cfg: DictConfig, tag: str = "") -> RunSpec:
         stage=stage,
         batch=batch_plan(cfg),
         paths=paths,
+        model=ModelSpec.from_config(cfg.model),
+        sharding=ShardingSpec.of(cfg.get("sharding")),
         seed=int(cfg.seed),
         tag=tag,
         init_from=previous_bundle(stage.number, cfg.get("init_from"), root),

@@ -17,14 +17,13 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypedDict, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from nextgpt import modality as modality_registry
 from nextgpt.bundles import load_bundle_weights
 from nextgpt.cache.captions import CaptionTargets
 from nextgpt.denoising import DenoisingObjective
@@ -36,10 +35,10 @@ from nextgpt.losses import (
     modality_mean,
 )
 from nextgpt.model import NextGPT, Tokens, build_nextgpt, parameter_counts, torch_dtype
+from nextgpt.model_spec import ModelSpec
 from nextgpt.optim import build_optimizer, build_scheduler
-from nextgpt.spec import LossSpec, OptimSpec
+from nextgpt.spec import LossSpec, OptimSpec, ShardingSpec
 from nextgpt.strategies import WrapByClassName, shard_model
-from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,40 @@ def whole_weights():
             zero.restore_init_context()
 
 
+class StepWindow(TypedDict):
+    """``batch["window"]`` (``datamodules.steps``): the counts summed over the micro-batches of one
+    optimizer step, and this micro-batch's place among them."""
+
+    counts: dict[str, float]
+    index: int
+    size: int
+
+
+class StageBatch(TypedDict, total=False):
+    """What a stage reads of a batch (``nextgpt.batch.Collator``'s output, plus ``window`` where the
+    loader groups the micro-batches of a step); the rest goes to ``NextGPT.forward`` by name."""
+
+    keys: list[str]
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    media_mask: torch.Tensor
+    media: dict[str, torch.Tensor]
+    media_features: dict[str, torch.Tensor]
+    media_sequence: list[tuple[str, int, bool]]
+    output_captions: dict[str, list[str]]  # a modality's captions, one per output group
+    output_media: dict[str, torch.Tensor]  # a modality's target media, for the denoising loss
+    counts: dict[str, float]  # label tokens and output groups of the batch ("tokens", "align/<m>", ...)
+    window: StepWindow
+    num_skipped: int
+    skipped_by_reason: dict[str, int]
+    num_truncated: int
+    media_from_cache: int
+    media_decoded: int
+    padding: float
+
+
 class NextGPTStage(L.LightningModule):
     stage: ClassVar[int]
     # the class's own groups; an instance adds "vocab_rows" under model.vocab_rows=all (trainable_groups_of)
@@ -69,11 +102,11 @@ class NextGPTStage(L.LightningModule):
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        model: ModelSpec | Mapping[str, Any],
         optim: OptimSpec | Mapping[str, Any],
         loss: LossSpec | Mapping[str, Any],
         init_from: str | None = None,
-        sharding: Mapping[str, Any] | None = None,
+        sharding: ShardingSpec | None = None,
         cache_dir: str | None = None,
         run_config: Mapping[str, Any] | None = None,
         tokens: Tokens | None = None,
@@ -82,12 +115,18 @@ class NextGPTStage(L.LightningModule):
         self.optim = optim if isinstance(optim, OptimSpec) else OptimSpec.of(optim)
         self.loss = loss if isinstance(loss, LossSpec) else LossSpec.of(loss)
         # a checkpoint's hyperparameters are plain containers (read back with weights_only=True)
-        self.save_hyperparameters(ignore=["optim", "loss", "tokens"])
+        # (``model``: a ModelSpec, or the ``model`` config section it is made of)
+        self.model_spec = ModelSpec.from_config(model)
+        self.save_hyperparameters(ignore=["model", "optim", "loss", "sharding", "tokens"])
         self.tokens = tokens  # the data's tokenizer and layout, shared (None: configure_model loads them)
-        self.hparams.update(optim=self.optim.as_dict(), loss=self.loss.as_dict())
-        self.model_cfg = dict(model)
-        self.trainable_groups = trainable_groups_of(self.stage, self.model_cfg)
-        self.sharding_cfg = dict(sharding) if sharding else None
+        self.hparams.update(
+            model=self.model_spec.as_dict(),
+            optim=self.optim.as_dict(),
+            loss=self.loss.as_dict(),
+            sharding=None if sharding is None else sharding.as_dict(),
+        )
+        self.trainable_groups = trainable_groups_of(self.stage, self.model_spec)
+        self.sharding = sharding
         self.cache_dir = (
             Path(cache_dir) if cache_dir else Path(".cache") / "features"
         )  # for caches with no data folder
@@ -100,17 +139,22 @@ class NextGPTStage(L.LightningModule):
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
         self.start_step = 0
 
+    @property
+    def model_cfg(self) -> ModelSpec:
+        """The model spec, by the name the callbacks read it (``stage_bundle``, ``generation_samples``)."""
+        return self.model_spec
+
     # --- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
         with whole_weights():
-            model, tokenizer, conditioners = build_nextgpt(self.model_cfg, tokens=self.tokens)
+            model, tokenizer, conditioners = build_nextgpt(self.model_spec, tokens=self.tokens)
         if self.use_lora:
-            model.apply_lora(self.model_cfg["lora"])
+            model.apply_lora(self.model_spec.need_lora())
         loaded: list[str] = []
         if self.init_from:
-            loaded = load_bundle_weights(self.init_from, model, self.model_cfg)
+            loaded = load_bundle_weights(self.init_from, model, self.model_spec)
             rank_zero_info(
                 f"stage {self.stage}: started from bundle {self.init_from} ({len(loaded)} tensors)"
             )
@@ -141,15 +185,15 @@ class NextGPTStage(L.LightningModule):
         if isinstance(strategy, ModelParallelStrategy):
             mesh = self.device_mesh
             assert mesh is not None, "ModelParallelStrategy sets the device mesh before configure_model"
-            cfg = self.sharding_cfg or {}
-            dtype = lambda key: torch_dtype(cfg[key]) if cfg.get(key) else None  # noqa: E731
+            sharding = self.sharding or ShardingSpec()
+            dtype = lambda name: torch_dtype(name) if name else None  # noqa: E731
             units = shard_model(
                 model,
                 mesh["data_parallel"],
-                WrapByClassName(cfg.get("wrap", ["DecoderLayer"])),
-                reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
-                param_dtype=dtype("param_dtype"),
-                reduce_dtype=dtype("reduce_dtype"),
+                WrapByClassName(sharding.wrap),
+                reshard_after_forward=sharding.reshard_after_forward,
+                param_dtype=dtype(sharding.param_dtype),
+                reduce_dtype=dtype(sharding.reduce_dtype),
             )
             rank_zero_info(
                 f"stage {self.stage}: FSDP2 over {mesh['data_parallel'].size()} ranks, "
@@ -176,12 +220,9 @@ class NextGPTStage(L.LightningModule):
         if self.loss.denoise <= 0:
             return {}
         out = {}
-        for name, m in modality_registry.generated(self.model_cfg["modalities"]).items():
-            dec = m["decoder"]
-            if dec.get("denoise"):
-                out[name] = DenoisingObjective(
-                    dec["path"], dec["conditioning"], torch_dtype(dec.get("dtype", "float32"))
-                )
+        for name, dec in self.model_spec.generated.items():
+            if dec.denoise:
+                out[name] = DenoisingObjective(dec.path, dec.conditioning, torch_dtype(dec.dtype))
         rank_zero_info(
             f"stage {self.stage}: denoising loss on for {sorted(out)} (weight {self.loss.denoise})"
         )
@@ -224,7 +265,7 @@ class NextGPTStage(L.LightningModule):
     # Training takes the counts of the step's every micro-batch on every rank (``StepWindows``
     # attaches them; one all-reduce sums the ranks), so 2 ranks x batch b, 1 rank x batch 2b and
     # 1 rank x batch b x 2 accumulated micro-batches give the same gradient.
-    def loss_terms(self, batch: Mapping[str, Any], counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: StageBatch, counts: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """This batch's share of each loss term of the step whose totals are ``counts``."""
         model = self.built()
         chunk = self.loss.logits_chunk  # no full-vocabulary logits: the labelled positions, in chunks
@@ -259,7 +300,7 @@ class NextGPTStage(L.LightningModule):
         terms["loss"] = cast(torch.Tensor, sum(self.loss.weight(k) * v for k, v in terms.items()))
         return terms
 
-    def compute_loss(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: StageBatch) -> dict[str, torch.Tensor]:
         """The loss terms of one batch on its own (evaluation, tests): means over this batch."""
         return self.loss_terms(batch, batch["counts"])
 
@@ -285,8 +326,8 @@ class NextGPTStage(L.LightningModule):
             scale *= accumulate
         return scale
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        window = batch.get("window") or {"counts": batch["counts"], "index": 0, "size": 1}
+    def training_step(self, batch: StageBatch, batch_idx: int):
+        window: StepWindow = batch.get("window") or {"counts": batch["counts"], "index": 0, "size": 1}
         terms = self.loss_terms(batch, self.step_counts(window["counts"]))
         # log the step's loss over its global batch: this micro-batch's shares, summed over the
         # window here and over the ranks by the logger's all-reduce
@@ -303,7 +344,7 @@ class NextGPTStage(L.LightningModule):
             self._step_terms = {}
         return terms["loss"] * self.gradient_scale()
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: StageBatch, batch_idx: int) -> None:
         if not batch["keys"]:  # every sample of the batch was unreadable
             return
         losses = self.compute_loss(batch)
@@ -354,11 +395,11 @@ class Stage3InstructionTuning(NextGPTStage):
     aligns = True
 
 
-def trainable_groups_of(stage: int, model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+def trainable_groups_of(stage: int, spec: ModelSpec) -> tuple[str, ...]:
     """The stage's trainable groups, plus the LLM's embedding and head matrices under
     ``model.vocab_rows=all`` (every stage of the original trained them)."""
     groups = STAGES[stage].trainable_groups
-    return groups + ("vocab_rows",) if trains_all_rows(model_cfg) else groups
+    return groups + ("vocab_rows",) if spec.trains_all_rows else groups
 
 
 STAGES: dict[int, type[NextGPTStage]] = {

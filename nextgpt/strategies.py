@@ -38,6 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from nextgpt.checkpointing import outermost_by_class_suffix
 from nextgpt.config import ConfigError
 from nextgpt.safeload import check_checkpoint_folder, load_checkpoint
+from nextgpt.spec import RunSpec
 
 
 class WrapByClassName:
@@ -148,20 +149,19 @@ class FSDP2Strategy(ModelParallelStrategy):
         return load_checkpoint(path / _METADATA_FILENAME)
 
 
-def deepspeed_preflight(cfg, plan) -> dict[str, Any]:
-    """The DeepSpeed config a run will hand DeepSpeed, checked by DeepSpeed itself (its
+def deepspeed_preflight(strategy: DeepSpeedStrategy, precision: str, spec: RunSpec) -> dict[str, Any]:
+    """The DeepSpeed config a run will hand DeepSpeed (``strategy``: ``trainer.strategy``
+    instantiated; ``precision``: ``trainer.precision``), checked by DeepSpeed itself (its
     ``DeepSpeedConfig``) together with the optimizer ``stage.optim.optimizer`` picks, before any
     weight loads. Raises ``ConfigError`` naming the keys at fault; returns the config."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam  # deferred: deepspeed is optional and ~1 s to import
     from deepspeed.ops.lion import DeepSpeedCPULion  # deferred: deepspeed is optional and ~1 s to import
     from deepspeed.runtime.config import DeepSpeedConfig  # deferred: deepspeed is optional and ~1 s to import
 
-    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
-    config = copy.deepcopy(strategy.config)
+    config: dict[str, Any] = copy.deepcopy(strategy.config or {})  # Lightning always sets it
     # what Lightning adds when the run starts (DeepSpeedStrategy._format_config)
-    config["train_micro_batch_size_per_gpu"] = int(plan.per_device)
-    config["gradient_accumulation_steps"] = int(plan.accumulate)
-    precision = str(cfg.trainer.precision)
+    config["train_micro_batch_size_per_gpu"] = spec.batch.per_device
+    config["gradient_accumulation_steps"] = spec.batch.accumulate
     if precision.startswith("bf16"):
         config["bf16"] = {"enabled": True}
     elif precision.startswith("16"):
@@ -177,7 +177,7 @@ def deepspeed_preflight(cfg, plan) -> dict[str, Any]:
         ds = DeepSpeedConfig(config)
     except Exception as e:  # pydantic / DeepSpeed's own sanity checks
         raise ConfigError([f"trainer.strategy: DeepSpeed refuses the composed config: {e}"]) from e
-    target = str(cfg.stage.optim.optimizer._target_)
+    target = str(spec.stage.optim.optimizer["_target_"])
     optimizer = hydra.utils.get_class(target)
     offload = ds.zero_config.offload_optimizer
     # DeepSpeedEngine._configure_optimizer's rule for a client optimizer under ZeRO-Offload

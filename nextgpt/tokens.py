@@ -50,11 +50,6 @@ MARKER_STYLES = ("per_modality", "shared")
 VOCAB_ROWS = ("new", "all")
 
 
-def trains_all_rows(model_cfg) -> bool:
-    """``model.vocab_rows=all`` (absent: ``new``)."""
-    return (model_cfg.get("vocab_rows") or "new") == "all"
-
-
 def marker_tokens(name: str, style: str = "per_modality") -> tuple[str, str]:
     """The (open, close) markers around modality ``name``'s projected input. ``shared``: the
     original's ``<Img>`` / ``</Img>`` around every modality (its vocabulary has no other)."""

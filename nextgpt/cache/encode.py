@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from nextgpt import modality as modality_registry
 from nextgpt.cache.store import FeatureStore, cache_base, caption_key, file_signature, fingerprint
 from nextgpt.data_source import DataSource
 from nextgpt.encoders.imagebind_config import ImageBindConfig
+from nextgpt.model_spec import EncoderSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,17 @@ log = logging.getLogger(__name__)
 PREPROCESS_VERSION = 1
 
 
-def imagebind_fingerprint(encoder_cfg: Mapping[str, Any], modality: str) -> str:
+def imagebind_fingerprint(encoder: EncoderSpec, modality: str) -> str:
     """ImageBind weights + architecture + output dtype + the modality's preprocessing (+ the
     original's un-renormalised features, ``model.encoder.renormalize=false``)."""
-    arch = ImageBindConfig.from_dict(dict(encoder_cfg["arch"]))
+    arch = ImageBindConfig.from_dict(dict(encoder.arch))
     mod = modality_registry.get(modality)
-    original_norm = (
-        () if encoder_cfg.get("renormalize", True) else ("not renormalised",)
-    )  # the default keeps its caches
+    original_norm = () if encoder.renormalize else ("not renormalised",)  # the default keeps its caches
     return fingerprint(
         "imagebind",
         repr(arch),
-        file_signature(encoder_cfg["checkpoint"]),
-        encoder_cfg.get("dtype"),
+        file_signature(encoder.checkpoint),
+        encoder.dtype,
         mod.name,
         mod.encoder_modality,
         PREPROCESS_VERSION,
@@ -47,10 +45,10 @@ def imagebind_fingerprint(encoder_cfg: Mapping[str, Any], modality: str) -> str:
     )
 
 
-def media_store(source: DataSource, encoder_cfg: Mapping[str, Any], fallback: str | Path) -> FeatureStore:
+def media_store(source: DataSource, encoder: EncoderSpec, fallback: str | Path) -> FeatureStore:
     base = cache_base(source.data_root, fallback)
     return FeatureStore.at(
-        base, f"imagebind_{source.modality}", imagebind_fingerprint(encoder_cfg, source.modality)
+        base, f"imagebind_{source.modality}", imagebind_fingerprint(encoder, source.modality)
     )
 
 
@@ -66,13 +64,13 @@ def shard_folder(source: DataSource, shard_paths: list[Path]) -> Path:
 
 
 def shard_media_store(
-    folder: str | Path, modality: str, shard_set: str, encoder_cfg: Mapping[str, Any], fallback: str | Path
+    folder: str | Path, modality: str, shard_set: str, encoder: EncoderSpec, fallback: str | Path
 ) -> FeatureStore:
     """ImageBind features of a shard set's input media, keyed by tar member (``<key>.<ext>``)."""
     return FeatureStore.at(
         cache_base(folder, fallback),
         f"imagebind_{modality}_{shard_set}",
-        imagebind_fingerprint(encoder_cfg, modality),
+        imagebind_fingerprint(encoder, modality),
     )
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import hydra
 from omegaconf import OmegaConf
@@ -26,6 +26,7 @@ from nextgpt.cli import dataset_files
 from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
 from nextgpt.data_source import SourceEntry, data_sources
 from nextgpt.model import load_conditioners, load_encoder
+from nextgpt.model_spec import ModelSpec
 from nextgpt.preflight import backbone_path_errors
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def build_caches(cfg) -> dict[str, int]:
     """The ``python -m nextgpt.cache`` pass over every source of ``cfg.dataset``."""
-    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
+    model = ModelSpec.from_config(cfg.model)
     fallback = Path(cfg.paths.cache_dir) / "features"
     rank, world = (
         int(os.environ.get("RANK", 0)),
@@ -45,19 +46,19 @@ def build_caches(cfg) -> dict[str, int]:
     what = set(cfg.cache.what)
     # the trunks of the modalities this pass encodes (a depth data set needs ImageBind's depth branch)
     modalities = {str(s.modality) for s in cfg.dataset.sources}
-    encoder = load_encoder(model_cfg["encoder"], modalities).to(device) if "media" in what else None
-    conditioners = load_conditioners(model_cfg) if "captions" in what else {}
+    encoder = load_encoder(model.encoder, modalities).to(device) if "media" in what else None
+    conditioners = load_conditioners(model) if "captions" in what else {}
     report: dict[str, int] = {}
     if cfg.dataset.get("loader", "json") == "shards":
         return build_shard_caches(
-            shard_pass(cfg), model_cfg, encoder, conditioners, fallback, rank, world, device
+            shard_pass(cfg), model, encoder, conditioners, fallback, rank, world, device
         )
     for source in data_sources(
         cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True))
     ):
         media, captions = source_contents(source)
         if encoder is not None:
-            store = media_store(source, model_cfg["encoder"], fallback)
+            store = media_store(source, model.encoder, fallback)
             added = compute_media(
                 store,
                 media,
@@ -108,11 +109,13 @@ def main() -> None:
     @hydra.main(config_path=config_dir, config_name="cache", version_base="1.3")
     @main_guard
     def run(cfg) -> None:
-        if cfg.model.get("build_tiny") or cfg.model.get("build_world"):
+        model = ModelSpec.from_config(cfg.model)
+        if model.builds_backbones:
             from nextgpt.world import build  # deferred: nextgpt.world stays off the real-weights path
 
-            build.prepare(cfg.model, cfg.paths)
-        errors = backbone_path_errors(cfg) + data_path_errors(dataset_files(cfg), "caption")
+            world = Path(str(cfg.paths.world_backbones)) if model.build_world else None
+            build.prepare(model, Path(str(cfg.paths.backbones)), world)
+        errors = backbone_path_errors(model) + data_path_errors(dataset_files(cfg), "caption")
         if errors:
             raise ConfigError(errors)
         if cfg.dataset.get("synthetic"):

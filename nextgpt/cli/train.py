@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import hydra
 import lightning as L
@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.identity import forget, source_identity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import data_path_errors
-from nextgpt import modality as modality_registry
 from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
-from nextgpt.plan import check_fits, device_figures, make_plan
+from nextgpt.model_spec import ModelSpec
+from nextgpt.plan import PlanSettings, check_fits, device_figures, make_plan
 from nextgpt.plan.meta import PlanError
 from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
@@ -45,40 +45,34 @@ from nextgpt.strategies import deepspeed_preflight
 log = logging.getLogger(__name__)
 
 
-def prepare_backbones(cfg: DictConfig) -> None:
+def prepare_backbones(cfg: DictConfig, model: ModelSpec) -> None:
     """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
-    if cfg.model.get("build_tiny") or cfg.model.get("build_world"):
+    if model.builds_backbones:
         from nextgpt.world.build import prepare  # deferred: the real-weights path never imports nextgpt.world
 
-        prepare(cfg.model, cfg.paths)
+        world = Path(str(cfg.paths.world_backbones)) if model.build_world else None
+        prepare(model, Path(str(cfg.paths.backbones)), world)
 
 
-def denoise_targets(cfg: DictConfig) -> dict:
+def denoise_targets(spec: RunSpec) -> dict[str, dict[str, Any]]:
     """modality -> decoder generation settings, for the modalities whose denoising loss is on."""
-    if float(cfg.stage.loss.get("denoise", 0.0)) <= 0:
+    if spec.stage.loss.denoise <= 0:
         return {}
-    return {
-        name: target_spec(
-            m.decoder.path, cast(dict[str, Any], OmegaConf.to_container(m.decoder.generate, resolve=True))
-        )
-        for name, m in modality_registry.generated(cfg.model.modalities).items()
-        if m.decoder.get("denoise")
-    }
+    return {name: target_spec(dec) for name, dec in spec.model.generated.items() if dec.denoise}
 
 
-def build_datamodule(cfg: DictConfig, tokens: Tokens) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> L.LightningDataModule:
     """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model,
-    with the model's tokenizer (objects are handed to the partial, never merged into a config)."""
-    extra = {"denoise_targets": denoise_targets(cfg)} if cfg.dataset.get("loader", "json") == "json" else {}
+    with the model's spec and tokenizer (objects are handed to the partial, never merged into a config)."""
+    extra = {"denoise_targets": denoise_targets(spec)} if cfg.dataset.get("loader", "json") == "json" else {}
     factory = hydra.utils.instantiate(
         cfg.dataset.datamodule,
         objective=cfg.stage.objective,
-        model=OmegaConf.to_container(cfg.model),
         _convert_="all",
         _partial_=True,
         **extra,
     )
-    return factory(tokens=tokens)
+    return factory(model=spec.model, tokens=tokens)
 
 
 def build_module(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> NextGPTStage:
@@ -86,11 +80,11 @@ def build_module(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> NextGPTStage
     and the bundle it starts from."""
     factory = hydra.utils.instantiate(cfg.stage.module)
     return factory(
-        model=OmegaConf.to_container(cfg.model),
+        model=spec.model,
         optim=spec.stage.optim,
         loss=spec.stage.loss,
         init_from=None if spec.init_from is None else str(spec.init_from),
-        sharding=OmegaConf.to_container(cfg.sharding) if cfg.get("sharding") else None,
+        sharding=spec.sharding,
         cache_dir=str(spec.paths.features),
         run_config=OmegaConf.to_container(cfg),
         tokens=tokens,
@@ -145,13 +139,13 @@ def data_signatures(cfg: DictConfig) -> dict[str, SourceIdentity]:
     }
 
 
-def check_memory_plan(cfg: DictConfig) -> None:
+def check_memory_plan(cfg: DictConfig, spec: RunSpec) -> None:
     """Print the memory plan (nextgpt.plan) and refuse a run that would not fit the device."""
-    settings = cfg.get("plan") or {}
-    if not settings.get("check", True):
+    if not (cfg.get("plan") or {}).get("check", True):
         return
     try:
-        plan = make_plan(cfg)
+        settings = PlanSettings.of(cfg)
+        plan = make_plan(spec, settings)
     except PlanError as e:  # a backbone with no readable config: the run itself reports what is missing
         log.warning("no memory plan: %s", e)
         return
@@ -159,8 +153,8 @@ def check_memory_plan(cfg: DictConfig) -> None:
         log.warning("no memory plan (%s: %s); set plan.check=false to skip it", type(e).__name__, e)
         return
     rank_zero_info(plan.table())
-    _, _, memory = device_figures(cfg)
-    refusal = check_fits(plan, memory, bool(settings.get("allow_over_memory", False)))
+    _, _, memory = device_figures(settings)
+    refusal = check_fits(plan, memory, settings.allow_over_memory)
     if refusal:
         raise RunError(refusal)
     if memory is not None and plan.total > memory * 2**30:
@@ -197,11 +191,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg.run.tag = spec.tag  # for the loggers' run names
     cfg.trainer.accumulate_grad_batches = spec.batch.accumulate  # from stage.global_batch_size
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        deepspeed_preflight(cfg, spec.batch)  # DeepSpeed's own config checks, before any weight loads
-    prepare_backbones(cfg)
-    validate_paths(cfg, spec.init_from, data_path_errors(dataset_files(cfg), spec.stage.objective))
-    check_memory_plan(cfg)  # may refuse (it would not fit): before anything loads
-    if errors := unwritable_errors(cfg):  # the first folders this run creates: found now, not after training
+        # DeepSpeed's own config checks, before any weight loads
+        deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
+    prepare_backbones(cfg, spec.model)
+    validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset_files(cfg), spec.stage.objective))
+    check_memory_plan(cfg, spec)  # may refuse (it would not fit): before anything loads
+    # the first folders this run creates: found now, not after training
+    if errors := unwritable_errors(spec.paths):
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
         # may refuse (a finished or running run): before anything loads
@@ -220,8 +216,8 @@ def fit(
     rank_zero_info(f"stage {number} batch: {spec.batch}")
     rank_zero_info(f"stage {number} run {run.path.name}: checkpoints in {run.path}, bundle {spec.bundle}")
     L.seed_everything(spec.seed, workers=True)
-    tokens = load_tokenizer(cast(dict[str, Any], OmegaConf.to_container(cfg.model)))  # once: data and model
-    datamodule = build_datamodule(cfg, tokens)
+    tokens = load_tokenizer(spec.model)  # once: data and model
+    datamodule = build_datamodule(cfg, spec, tokens)
     module = build_module(cfg, spec, tokens)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:

@@ -28,17 +28,24 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from nextgpt.bundles import META, bundle_identity, load_bundle_config, load_bundle_weights, save_bundle
+from nextgpt.bundles import (
+    META,
+    BundleMeta,
+    bundle_identity,
+    load_bundle_config,
+    load_bundle_weights,
+    save_bundle,
+)
 from nextgpt.config import ConfigError, compose, register_resolvers
 from nextgpt.convert.hf import export_hf
 from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key, to_legacy
 from nextgpt.model import NextGPT, build_nextgpt
+from nextgpt.model_spec import ModelSpec
 from nextgpt.preflight import backbone_path_errors
 from nextgpt.runs import RunError
 from nextgpt.schema import validate
 from nextgpt.stages import STAGES
 from nextgpt.tiny import build_all
-from nextgpt.tokens import trains_all_rows
 
 log = logging.getLogger("nextgpt.convert")
 COMMANDS = ("from_legacy", "to_legacy", "to_hf")
@@ -103,18 +110,18 @@ def import_legacy(
     stage = 3 if has_lora else 2
     cfg = compose(["experiment=nextgpt_legacy", f"stage={stage}", *overrides], output_dir=str(out.parent))
     validate(cfg)
-    if cfg.model.get("build_tiny"):
+    spec = ModelSpec.from_config(cfg.model)
+    if spec.build_tiny:
         build_all(Path(cfg.paths.backbones))
     errors = backbone_path_errors(
-        cfg
+        spec
     )  # validate_paths' backbone half (its stage-bundle check is for training)
     if errors:
         raise ConfigError(errors)
-    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))  # a mapping section
-    model, _, _ = build_nextgpt(model_cfg)
+    model, _, _ = build_nextgpt(spec)
     if has_lora:
-        model.apply_lora(model_cfg["lora"])
-    imported = from_legacy(ckpt, model, all_rows=trains_all_rows(model_cfg))
+        model.apply_lora(spec.need_lora())
+    imported = from_legacy(ckpt, model, all_rows=spec.trains_all_rows)
     skipped = imported.report["skipped"]
     if skipped and not allow_unused:
         listed = "; ".join(f"{k}: {why}" for k, why in list(skipped.items())[:6])
@@ -130,7 +137,7 @@ def import_legacy(
         "stage": stage,
         "imported_from": str(checkpoint.resolve()),
         "legacy_import": {"keys": imported.report["keys"], "dtypes": imported.report["dtypes"]},
-        **bundle_identity(model, model_cfg),
+        **bundle_identity(model, spec),
     }
     save_bundle(out, None, config, meta, state=imported.state, base_rows=imported.base_rows)
     report = {k: v for k, v in imported.report.items() if k not in ("keys", "dtypes")}
@@ -150,24 +157,24 @@ def import_legacy(
             f"the checkpoint's old vocabulary rows (embed: {rows['embed_rows_changed']} rows moved from the base "
             f"LLM's, max |change| {rows['embed_max_abs_change']:.3g}; head: {rows['head_rows_changed']} rows, max "
             f"{rows['head_max_abs_change']:.3g}): kept in {out / 'base_rows.safetensors'} (model.vocab_rows="
-            f"{model_cfg.get('vocab_rows', 'new')}), so the bundle computes what the original computed"
+            f"{spec.vocab_rows}), so the bundle computes what the original computed"
         )
     return out
 
 
 def load_bundle_model(
     bundle: str | Path,
-) -> tuple[NextGPT, PreTrainedTokenizerBase, dict[str, Any], dict[str, Any]]:
-    """(model, tokenizer, config, meta) of a stage bundle, built and loaded as generation does."""
+) -> tuple[NextGPT, PreTrainedTokenizerBase, ModelSpec, BundleMeta]:
+    """(model, tokenizer, model spec, meta) of a stage bundle, built and loaded as generation does."""
     bundle = Path(bundle)
     cfg = load_bundle_config(bundle)
-    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))  # a mapping section
-    model, tokenizer, _ = build_nextgpt(model_cfg)
+    spec = ModelSpec.from_config(cfg.model)
+    model, tokenizer, _ = build_nextgpt(spec)
     if STAGES[int(cfg.stage.number)].use_lora:
-        model.apply_lora(model_cfg["lora"])
-    load_bundle_weights(bundle, model, model_cfg)
-    meta = json.loads((bundle / META).read_text()) if (bundle / META).is_file() else {}
-    return model.eval(), tokenizer, model_cfg, meta
+        model.apply_lora(spec.need_lora())
+    load_bundle_weights(bundle, model, spec)
+    meta: BundleMeta = json.loads((bundle / META).read_text()) if (bundle / META).is_file() else {}
+    return model.eval(), tokenizer, spec, meta
 
 
 def export_legacy(bundle: str | Path, out: str | Path) -> Path:
@@ -184,8 +191,8 @@ def export_legacy(bundle: str | Path, out: str | Path) -> Path:
 
 
 def export_to_hf(bundle: str | Path, out: str | Path) -> Path:
-    model, tokenizer, model_cfg, meta = load_bundle_model(bundle)
-    path = export_hf(model, tokenizer, model_cfg, meta, out)
+    model, tokenizer, spec, meta = load_bundle_model(bundle)
+    path = export_hf(model, tokenizer, spec, meta, out)
     print(
         f"wrote {path}: llm/ (LoRA merged, vocabulary {model.layout.vocab_size}), "
         f"nextgpt_projectors.safetensors, README.md"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from safetensors.torch import save_file
+
+from nextgpt.bundles import BundleMeta
+from nextgpt.model_spec import ModelSpec
 
 
 def merged_llm(model):
@@ -45,9 +47,21 @@ def merged_llm(model):
     return llm
 
 
-def export_hf(
-    model, tokenizer, model_cfg: Mapping[str, Any], meta: Mapping[str, Any], out: str | Path
-) -> Path:
+class ExportInfo(TypedDict):
+    """``nextgpt.json`` of an export: the new tokens' ids, the projectors' settings, the template."""
+
+    first_new_id: int
+    markers: list[str]
+    signals: list[str]
+    signal_ids: dict[str, list[int]]
+    marker_ids: dict[str, list[int]]
+    input_projector: dict[str, int]
+    output_projector: dict[str, Any]
+    template: str
+    stage: int | None
+
+
+def export_hf(model, tokenizer, spec: ModelSpec, meta: BundleMeta, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; give a new folder (nothing is overwritten)")
@@ -59,27 +73,27 @@ def export_hf(
     state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n.startswith(keep)}
     save_file(state, str(out / "nextgpt_projectors.safetensors"))
     layout = model.layout
-    info = {
+    info: ExportInfo = {
         "first_new_id": layout.first_new_id,
         "markers": list(layout.markers),
         "signals": list(layout.signals),
         "signal_ids": {m: list(ids) for m, ids in layout.signal_ids.items()},
         "marker_ids": {m: list(ids) for m, ids in layout.marker_ids.items()},
         "input_projector": {"num_tokens": model.input_projector.num_tokens},
-        "output_projector": dict(model_cfg.get("output_projector", {})),
-        "template": model_cfg["llm"]["template"],
+        "output_projector": spec.output_projector.as_dict(),
+        "template": spec.llm.template,
         "stage": meta.get("stage"),
     }
     (out / "nextgpt.json").write_text(json.dumps(info, indent=2, default=str))
-    (out / "README.md").write_text(_card(model_cfg, meta, info, sum(t.numel() for t in state.values())))
+    (out / "README.md").write_text(_card(spec, meta, info, sum(t.numel() for t in state.values())))
     return out
 
 
-def _card(model_cfg: Mapping[str, Any], meta: Mapping[str, Any], info: Mapping[str, Any], n_proj: int) -> str:
-    decoders = {m: v["decoder"]["path"] for m, v in model_cfg["modalities"].items() if v.get("decoder")}
+def _card(spec: ModelSpec, meta: BundleMeta, info: ExportInfo, n_proj: int) -> str:
+    decoders = {m: dec.path for m, dec in spec.generated.items()}
     return "\n".join(
         [
-            f"# NExT-GPT ({model_cfg.get('name', '?')}), stage {meta.get('stage', '?')}",
+            f"# NExT-GPT ({spec.name}), stage {meta.get('stage', '?')}",
             "",
             "Exported by `python -m nextgpt.convert to_hf` (nextgpt-lightning).",
             "",
@@ -90,7 +104,7 @@ def _card(model_cfg: Mapping[str, Any], meta: Mapping[str, Any], info: Mapping[s
             f"rows ({n_proj:,} parameters).",
             f"- `nextgpt.json`: token ids, projector settings, prompt template `{info['template']}`.",
             "",
-            f"Base LLM: `{model_cfg['llm']['path']}`. Encoder: ImageBind `{model_cfg['encoder']['checkpoint']}`.",
+            f"Base LLM: `{spec.llm.path}`. Encoder: ImageBind `{spec.encoder.checkpoint}`.",
             "Decoders (frozen, not included): " + ", ".join(f"{m}: `{p}`" for m, p in decoders.items()) + ".",
             "",
             "Text only needs `llm/`; media in and out need the projectors, ImageBind and the decoders "

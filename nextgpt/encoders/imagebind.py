@@ -201,7 +201,7 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def _absent_modalities(p: Path, cfg: ImageBindConfig, ours: Mapping[str, Any]) -> None:
+def _absent_modalities(p: Path, cfg: ImageBindConfig, ours: Mapping[str, torch.Tensor]) -> None:
     """A branch the config builds but the checkpoint has no key of at all gets its own message: the
     usual cause is a checkpoint saved from a model without it (e.g. a vision+audio tiny build)."""
     absent = [m for m in cfg.modalities if not any(k.startswith(_prefixes((m,))) for k in ours)]

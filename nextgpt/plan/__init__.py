@@ -25,15 +25,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
-from nextgpt import modality as modality_registry
 from nextgpt.checkpointing import decoder_layers
 from nextgpt.model import torch_dtype
 from nextgpt.plan import cards
 from nextgpt.plan.meta import denoiser_params, meta_model
-from nextgpt.spec import batch_plan
+from nextgpt.spec import RunSpec
 
 GIB = 2**30
 # MFU measured with random weights at real shapes on one H100 (bf16, eager PyTorch + SDPA): 7B stage 1
@@ -119,7 +120,7 @@ def _size(n: float) -> str:
 
 
 def activation_bytes(
-    llm_cfg,
+    llm_config: PretrainedConfig,
     tokens: int,
     seq: int,
     *,
@@ -131,14 +132,14 @@ def activation_bytes(
 ) -> tuple[float, float, float]:
     """Bytes for ``tokens`` tokens of length ``seq``: (kept by the decoder layers, kept for the loss,
     the transient peak on top at the start of the backward pass)."""
-    h, layers, heads = llm_cfg.hidden_size, llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
+    h, layers, heads = llm_config.hidden_size, llm_config.num_hidden_layers, llm_config.num_attention_heads
     i = (
-        getattr(llm_cfg, "intermediate_size", None) or getattr(llm_cfg, "n_inner", None) or 4 * h
+        getattr(llm_config, "intermediate_size", None) or getattr(llm_config, "n_inner", None) or 4 * h
     )  # GPT-2: n_inner
     per_layer = 8 * h + 4 * h * act_bytes + 3 * i * act_bytes + 5 * lora_inputs
     if attn == "eager":
         per_layer += (4 + act_bytes) * heads * seq
-    vocab = llm_cfg.vocab_size
+    vocab = llm_config.vocab_size
     # kept: the fp32 log-probabilities, the final norm's fp32 input and the hidden states the
     # new-token head reads; at the loss's backward the log-probabilities' gradient and the logits'
     # are alive beside them (8·V more), and with checkpointing one layer is recomputed at a time
@@ -168,57 +169,80 @@ def _lora_inputs(model) -> int:
     )
 
 
-def strategy_name(cfg) -> str:
-    target = (
-        str(cfg.trainer.strategy.get("_target_", ""))
-        if hasattr(cfg.trainer.strategy, "get")
-        else str(cfg.trainer.strategy)
-    )
+def strategy_name(strategy: Any) -> str:
+    """The plan's name of ``trainer.strategy`` (a name, or a strategy's config with ``_target_``)."""
+    target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else str(strategy)
     if "DeepSpeed" in target:
-        stage = int(cfg.trainer.strategy.get("stage", 2))
+        stage = int(strategy.get("stage", 2))
         return (
             "deepspeed_zero3"
             if stage == 3
-            else (
-                "deepspeed_zero2_offload"
-                if cfg.trainer.strategy.get("offload_optimizer")
-                else "deepspeed_zero2"
-            )
+            else ("deepspeed_zero2_offload" if strategy.get("offload_optimizer") else "deepspeed_zero2")
         )
     if "FSDP" in target or "ModelParallel" in target:
         return "fsdp"
     return "ddp"
 
 
-def device_figures(cfg) -> tuple[str, float, float | None]:
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the plan reads of a run besides its :class:`~nextgpt.spec.RunSpec`: the trainer's
+    strategy and precision, the sequence length, and the ``plan.*`` keys."""
+
+    strategy: str  # strategy_name()
+    precision: str  # trainer.precision
+    seq_len: int  # plan.seq_len, else dataset.max_length
+    mfu: float | None = None  # plan.mfu (None: MEASURED_MFU of the stage)
+    peak_tflops: float | None = None  # plan.peak_tflops (None: the device's card)
+    device_memory_gib: float | None = None  # plan.device_memory_gib (None: the device's)
+    check: bool = True  # plan.check: train.py prints the plan and refuses one that does not fit
+    allow_over_memory: bool = False  # plan.allow_over_memory
+
+    @classmethod
+    def of(cls, node: Any) -> PlanSettings:
+        """The settings of a composed training config."""
+        plan = node.get("plan") or {}
+        return cls(
+            strategy=strategy_name(node.trainer.strategy),
+            precision=str(node.trainer.get("precision", "32-true")),
+            seq_len=int(plan.get("seq_len") or node.dataset.max_length),
+            mfu=float(plan["mfu"]) if plan.get("mfu") else None,
+            peak_tflops=float(plan["peak_tflops"]) if plan.get("peak_tflops") else None,
+            device_memory_gib=float(plan["device_memory_gib"]) if plan.get("device_memory_gib") else None,
+            check=bool(plan.get("check", True)),
+            allow_over_memory=bool(plan.get("allow_over_memory", False)),
+        )
+
+
+def device_figures(settings: PlanSettings) -> tuple[str, float, float | None]:
     """(device name, bf16 TFLOP/s, memory GiB or None) from ``plan.*`` keys, else the CUDA device."""
-    plan_cfg = cfg.get("plan") or {}
     name, tflops, mem = cards.REFERENCE_DEVICE[0] + " (assumed)", cards.REFERENCE_DEVICE[1], None
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         mem = torch.cuda.get_device_properties(0).total_memory / GIB
         tflops = next((v for k, v in cards.PEAK_TFLOPS.items() if k in name), tflops)
-    if plan_cfg.get("peak_tflops"):
-        tflops = float(plan_cfg["peak_tflops"])
-    if plan_cfg.get("device_memory_gib"):
-        mem = float(plan_cfg["device_memory_gib"])
+    if settings.peak_tflops:
+        tflops = settings.peak_tflops
+    if settings.device_memory_gib:
+        mem = settings.device_memory_gib
     return name, tflops, mem
 
 
-def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) -> Plan:
-    """The plan of the run ``cfg`` (a composed training config) on ``world_size`` ranks (default:
-    trainer.devices x trainer.num_nodes). ``built``: :func:`meta_model`'s result for this model and
-    stage, to plan several strategies without building it again."""
-    stage = int(cfg.stage.number)
-    batch = batch_plan(cfg)
+def make_plan(
+    spec: RunSpec, settings: PlanSettings, world_size: int | None = None, built: tuple | None = None
+) -> Plan:
+    """The plan of the run ``spec`` on ``world_size`` ranks (default: trainer.devices x
+    trainer.num_nodes). ``built``: :func:`meta_model`'s result for this model and stage, to plan
+    several strategies without building it again."""
+    stage = spec.stage.number
+    batch = spec.batch
     world = int(world_size or batch.devices * batch.num_nodes)
-    model_cfg = cfg.model
-    model, llm_cfg, source, text_encoders = built or meta_model(model_cfg, stage)
-    plan_cfg = cfg.get("plan") or {}
-    seq = int(plan_cfg.get("seq_len") or cfg.dataset.max_length)
+    model_spec = spec.model
+    model, llm_config, source, text_encoders = built or meta_model(model_spec, stage)
+    seq = settings.seq_len
     b = int(batch.per_device)
-    strategy = strategy_name(cfg)
-    ckpt = bool(model_cfg.llm.get("activation_checkpointing"))
+    strategy = settings.strategy
+    ckpt = model_spec.llm.activation_checkpointing
     nbytes = lambda ps: float(sum(p.numel() * p.element_size() for p in ps))  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_llm = [p for n, p in model.named_parameters() if not p.requires_grad and n.startswith("llm.")]
@@ -229,7 +253,7 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
         if not p.requires_grad and not n.startswith(("llm.", "encoder."))
     ]
     n_train = sum(p.numel() for p in trainable)
-    half = "deepspeed" in strategy and "bf16" in str(cfg.trainer.get("precision", ""))
+    half = "deepspeed" in strategy and "bf16" in settings.precision
 
     w_train = (
         nbytes(trainable) if not half else 2.0 * n_train
@@ -283,22 +307,21 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
         sum(p.numel() for p in enc.parameters()) * 4.0 for encs in text_encoders.values() for enc in encs
     )
     parts["decoder text encoders (fp32)"] = enc_bytes if aligns else 0.0
-    if aligns and float(cfg.stage.loss.get("denoise", 0.0)) > 0:
+    if aligns and spec.stage.loss.denoise > 0:
         parts["denoisers (UNet + VAE)"] = sum(
-            denoiser_params(Path(str(m.decoder.path)))
-            * torch.empty((), dtype=torch_dtype(m.decoder.dtype)).element_size()
-            for m in modality_registry.generated(model_cfg.modalities).values()
-            if m.decoder.get("denoise")
+            denoiser_params(Path(dec.path)) * torch.empty((), dtype=torch_dtype(dec.dtype)).element_size()
+            for dec in model_spec.generated.values()
+            if dec.denoise
         )
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    act_bytes = 2 if ("16" in precision or str(model_cfg.llm.dtype) in ("bfloat16", "float16")) else 4
+    precision = settings.precision
+    act_bytes = 2 if ("16" in precision or model_spec.llm.dtype in ("bfloat16", "float16")) else 4
     attn = str(
-        model_cfg.llm.get("attn_implementation") or getattr(llm_cfg, "_attn_implementation", None) or "sdpa"
+        model_spec.llm.attn_implementation or getattr(llm_config, "_attn_implementation", None) or "sdpa"
     )
     lora_in = _lora_inputs(model) if stage == 3 else 0
-    chunk = cfg.stage.loss.get("logits_chunk")
+    chunk = spec.stage.loss.logits_chunk
     layers, loss, peak = activation_bytes(
-        llm_cfg,
+        llm_config,
         b * seq,
         seq,
         act_bytes=act_bytes,
@@ -308,7 +331,7 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
         logits_chunk=chunk,
     )
     other_layers, _, other_peak = activation_bytes(
-        llm_cfg,
+        llm_config,
         b * seq,
         seq,
         act_bytes=act_bytes,
@@ -326,13 +349,13 @@ def make_plan(cfg, world_size: int | None = None, built: tuple | None = None) ->
         if "embed_tokens" not in n and "wte" not in n and "wpe" not in n and ".lora_" not in n
     )
     lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    h, L = llm_cfg.hidden_size, llm_cfg.num_hidden_layers
+    h, L = llm_config.hidden_size, llm_config.num_hidden_layers
     forward = 2.0 * n_llm + 2.0 * L * seq * h  # weights + causal attention (half of 4·s·h per layer)
     # forward, backward to the activations (as much again), one more forward when checkpointing;
     # LoRA's own matmuls forward and backward (weights and inputs): 6 per parameter
     flops = forward * (3 if ckpt else 2) + 6.0 * lora_params
-    name, tflops, _ = device_figures(cfg)
-    mfu = float(plan_cfg.get("mfu") or MEASURED_MFU[stage])
+    name, tflops, _ = device_figures(settings)
+    mfu = settings.mfu or MEASURED_MFU[stage]
     return Plan(
         stage=stage,
         strategy=strategy,

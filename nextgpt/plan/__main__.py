@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from nextgpt.config import ConfigError, compose
-from nextgpt.plan import make_plan
+from nextgpt.plan import PlanSettings, make_plan
 from nextgpt.plan.meta import PlanError
 from nextgpt.schema import validate
+from nextgpt.spec import run_spec
 
 SWEPT = ("stage", "strategy", "trainer.devices")
 
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             cfg = compose([*overrides, "print_config=false"])
             validate(cfg)
-            plan = make_plan(cfg)
+            plan = make_plan(run_spec(cfg), PlanSettings.of(cfg))
         except (ConfigError, PlanError) as e:
             print(f"error: {' '.join(overrides)}: {e}", file=sys.stderr)
             return 2

@@ -5,18 +5,16 @@ trainable exactly as a run does, so that the plan reads parameter counts and dty
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from nextgpt import modality as modality_registry
 from nextgpt.decoders import COMPONENTS, read_model_index
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.model import NextGPT, encoder_arch, torch_dtype
+from nextgpt.model_spec import ModelSpec
 from nextgpt.plan import cards
 from nextgpt.stages import STAGES, trainable_groups_of
 from nextgpt.tokens import TokenLayout, nextgpt_tokens
@@ -100,15 +98,15 @@ def denoiser_params(folder: Path) -> int:
     return total
 
 
-def meta_model(model_cfg: Mapping[str, Any], stage: int):
+def meta_model(spec: ModelSpec, stage: int):
     """The stage's NextGPT on the meta device, trainable groups set: (model, llm config, sources)."""
-    config, source = llm_config(str(model_cfg["llm"]["path"]))
+    config, source = llm_config(spec.llm.path)
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model_cfg["llm"]["dtype"]))
-        encoder = ImageBindModel(encoder_arch(model_cfg["encoder"], model_cfg["modalities"]))
-        encoder = encoder.to(torch_dtype(model_cfg["encoder"].get("dtype", "float32")))
-    counts = {n: int(m["num_signal_tokens"]) for n, m in model_cfg["modalities"].items()}
-    markers, signals = nextgpt_tokens(counts, str(model_cfg.get("markers") or "per_modality"))
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.llm.dtype))
+        encoder = ImageBindModel(encoder_arch(spec.encoder, spec.modalities))
+        encoder = encoder.to(torch_dtype(spec.encoder.torch_dtype_name))
+    counts = spec.signal_counts
+    markers, signals = nextgpt_tokens(counts, spec.markers)
     first = int(config.get_text_config().vocab_size)
     ids = iter(range(first + len(markers), first + len(markers) + len(signals)))
     layout = TokenLayout(
@@ -119,20 +117,18 @@ def meta_model(model_cfg: Mapping[str, Any], stage: int):
         {n: tuple(next(ids) for _ in range(c)) for n, c in counts.items()},
     )
     shapes, text_encoders = {}, {}
-    for name, m in modality_registry.generated(model_cfg["modalities"]).items():
-        shapes[name], text_encoders[name] = conditioning_shape(
-            Path(str(m["decoder"]["path"])), str(m["decoder"]["conditioning"])
-        )
+    for name, dec in spec.generated.items():
+        shapes[name], text_encoders[name] = conditioning_shape(Path(dec.path), dec.conditioning)
     with torch.device("meta"):
         model = NextGPT(
             llm,
             encoder,
             layout,
-            num_media_tokens=int(model_cfg["input_projector"]["num_tokens"]),
+            num_media_tokens=spec.input_projector.num_tokens,
             output_shapes=shapes,
-            output_projector=dict(model_cfg["output_projector"]),
+            output_projector=spec.output_projector,
         )
         if STAGES[stage].use_lora:
-            model.apply_lora(model_cfg["lora"])
-    model.set_trainable(trainable_groups_of(stage, model_cfg))
+            model.apply_lora(spec.need_lora())
+    model.set_trainable(trainable_groups_of(stage, spec))
     return model, config.get_text_config(), source, text_encoders

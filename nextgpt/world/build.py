@@ -29,6 +29,7 @@ import torch
 
 from nextgpt.atomic import building, exclusive, install
 from nextgpt.encoders.imagebind import ImageBindModel
+from nextgpt.model_spec import ModelSpec
 from nextgpt.tiny import IMAGEBIND_FILE, build_all, imagebind_layout_hash, tiny_imagebind_config
 from nextgpt.world.decoders import WorldDecodersSettings, train_world_decoder
 from nextgpt.world.imagebind import WorldImageBindSettings, train_world_imagebind
@@ -124,16 +125,16 @@ def build_world(
     return out
 
 
-def prepare(model_cfg, paths_cfg) -> None:
-    """Build what a model config asks for (``build_tiny``, ``build_world``), before anything loads."""
-    if model_cfg.get("build_tiny") or model_cfg.get("build_world"):
-        build_all(Path(paths_cfg.backbones))
-    if model_cfg.get("build_world"):
-        build_world(
-            Path(paths_cfg.world_backbones),
-            Path(paths_cfg.backbones),
-            small=model_cfg.get("build_world") == "small",
-        )
+def prepare(model: ModelSpec, backbones: Path, world_backbones: Path | None) -> None:
+    """Build what a model config asks for (``build_tiny``, ``build_world``), before anything loads:
+    the tiny backbones into ``backbones`` (``paths.backbones``), the world-trained ones into
+    ``world_backbones`` (``paths.world_backbones``, needed under ``build_world``)."""
+    if model.builds_backbones:
+        build_all(backbones)
+    if model.build_world:
+        if world_backbones is None:
+            raise ValueError("model.build_world is set: paths.world_backbones is needed")
+        build_world(world_backbones, backbones, small=model.build_world == "small")
 
 
 def main(argv: list[str] | None = None) -> int:

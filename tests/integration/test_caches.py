@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextgpt.model_spec import ModelSpec
 from tests.cli import ENV, free_port, shard_dir, train
 from tests.conftest import REPO_ROOT
 
@@ -144,10 +145,10 @@ def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
     cfg = compose(
         [f"paths.cache_dir={tiny_cache}", "model.output_projector.dropout=0"], output_dir=str(tmp_path)
     )
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    store = shard_media_store(shards, "image", "pairs", model_cfg["encoder"], tmp_path / "fallback")
+    model_cfg = ModelSpec.from_config(cfg.model)
+    store = shard_media_store(shards, "image", "pairs", model_cfg.encoder, tmp_path / "fallback")
     paths = sorted(shards.glob("*.tar"))
-    assert compute_shard_media(store, paths, "image", load_encoder(model_cfg["encoder"]), batch_size=8) == 24
+    assert compute_shard_media(store, paths, "image", load_encoder(model_cfg.encoder), batch_size=8) == 24
     module = STAGES[1](
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from nextgpt.model_spec import ModelSpec
 from tests.cli import bundle_meta, train
 
 pytestmark = pytest.mark.slow
@@ -77,9 +78,8 @@ def test_the_model_encodes_depth_with_the_depth_trunk_and_generates_nothing_for_
         ["stage=1", DEPTH_MODEL, f"paths.cache_dir={tiny_cache}", f"paths.root={tmp_path}"],
         output_dir=str(tmp_path),
     )
-    from omegaconf import OmegaConf
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = ModelSpec.from_config(cfg.model)
     model, tokenizer, conditioners = build_nextgpt(model_cfg)
     assert "depth" in model.encoder.modality_trunks and "depth" not in conditioners
     assert "depth" not in model.output_projectors
@@ -88,7 +88,7 @@ def test_the_model_encodes_depth_with_the_depth_trunk_and_generates_nothing_for_
     projected = model.encode_media({"depth": x}, every_modality=True)
     assert projected["depth"].shape == (
         2,
-        int(model_cfg["input_projector"]["num_tokens"]),
+        model_cfg.input_projector.num_tokens,
         model.llm.config.hidden_size,
     )
     assert set(model.modality_names) == {"image", "audio", "video"}  # zero-row runs: the generated ones

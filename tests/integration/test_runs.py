@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nextgpt.model_spec import ModelSpec
 from tests.cli import bundle_meta, ok, refused, shard_dir, train
 
 pytestmark = pytest.mark.slow
@@ -311,14 +312,13 @@ def test_a_bundle_with_another_token_layout_of_equal_shapes_is_refused(tiny_cach
         "asks for 6",
     )
     # and when loaded by hand, past the config check, the weights loader says the same
-    from omegaconf import OmegaConf
 
     from nextgpt.bundles import BundleError, load_bundle_weights
     from nextgpt.config import compose
     from nextgpt.model import build_nextgpt
 
     cfg = compose([f"paths.cache_dir={tiny_cache}", *six], output_dir=str(tmp_path))
-    model, _, _ = build_nextgpt(OmegaConf.to_container(cfg.model, resolve=True))
+    model, _, _ = build_nextgpt(ModelSpec.from_config(cfg.model))
     with pytest.raises(
         BundleError,
         match=r"another token layout: .*image signal tokens 4 \(\[IMG0\]..\[IMG3\].*vs 6 "

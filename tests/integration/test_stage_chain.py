@@ -67,12 +67,12 @@ def test_missing_previous_bundle_is_named(tiny_config, tmp_path):
     cfg = tiny_config("stage=2")
     validate(cfg)
     with pytest.raises(ConfigError, match="stage 2 starts from the bundle .*stage1, which does not exist"):
-        validate_paths(cfg, run_spec(cfg).init_from)
+        validate_paths(run_spec(cfg), cfg.init_from)
     cfg = tiny_config("stage=3", f"init_from={tmp_path / 'elsewhere'}")
     with pytest.raises(ConfigError, match="init_from="):
-        validate_paths(cfg, run_spec(cfg).init_from)
+        validate_paths(run_spec(cfg), cfg.init_from)
     cfg = tiny_config("stage=1")
-    validate_paths(cfg, run_spec(cfg).init_from)  # stage 1 has nothing to start from: fine
+    validate_paths(run_spec(cfg), cfg.init_from)  # stage 1 has nothing to start from: fine
 
 
 def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):

@@ -22,6 +22,7 @@ from torch import nn
 from nextgpt.convert.__main__ import export_legacy, export_to_hf, import_legacy, load_bundle_model, main
 from nextgpt.convert.legacy import legacy_tokens
 from nextgpt.model import build_nextgpt
+from nextgpt.model_spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -144,7 +145,7 @@ def make_original(tiny_cache, tmp, *, freeze_lm: bool) -> dict:
         ["experiment=nextgpt_legacy", f"stage={2 if freeze_lm else 3}", *overrides], output_dir=str(tmp)
     )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ours, _, _ = build_nextgpt(model_cfg)  # only for the shapes and the base LLM
+    ours, _, _ = build_nextgpt(ModelSpec.from_config(model_cfg))  # only for the shapes and the base LLM
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg["llm"]["path"])
     base_vocab = len(tokenizer)

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
 
 from nextgpt.denoising import DenoisingObjective, denoising_target
+from nextgpt.spec import run_spec
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
@@ -75,7 +76,7 @@ def test_stage2_with_denoising_changes_only_trainable_tensors(tiny_config):
     from nextgpt.batch import Collator, ConversationDataset
     from nextgpt.cli.train import denoise_targets
 
-    targets = denoise_targets(cfg)
+    targets = denoise_targets(run_spec(cfg))
     ds = ConversationDataset(
         [], module.tokenizer, module.model.layout, cfg.dataset.template, 4, 512, denoise_targets=targets
     )

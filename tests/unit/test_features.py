@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from nextgpt.cache.encode import caption_store, imagebind_fingerprint, media_sto
 from nextgpt.cache.store import FeatureStore, cache_base, file_signature
 from nextgpt.cli.cache import build_caches
 from nextgpt.data_source import DataSource
+from nextgpt.model_spec import ModelSpec
 
 
 def test_store_parts_missing_failed_and_reload(tmp_path):
@@ -67,9 +69,9 @@ def cache_cfg(tiny_cache, tmp_path):
 def test_build_caches_then_nothing_left_to_do(cache_cfg, tmp_path):
     report = build_caches(cache_cfg)
     n = len(json.loads((tmp_path / "synthetic_image" / "synthetic_image.json").read_text()))
-    model = OmegaConf.to_container(cache_cfg.model, resolve=True)
+    model = ModelSpec.from_config(cache_cfg.model)
     source = DataSource.of(OmegaConf.to_container(cache_cfg.dataset.sources[0]))
-    media = media_store(source, model["encoder"], tmp_path / "fb")
+    media = media_store(source, model.encoder, tmp_path / "fb")
     assert media.directory.parent == tmp_path / "synthetic_image" / ".nextgpt_cache"  # next to the data
     assert len(media) == n and media.meta["shape"] == [48]
     feats = np.stack([media.get(k) for k in list(media._index)]).astype(np.float32)
@@ -82,18 +84,16 @@ def test_build_caches_then_nothing_left_to_do(cache_cfg, tmp_path):
 def test_fingerprint_follows_the_weights(tiny_cache, tmp_path):
     from nextgpt.config import compose
 
-    model = OmegaConf.to_container(
-        compose([f"paths.cache_dir={tiny_cache}"], output_dir=str(tmp_path)).model, resolve=True
-    )
-    fp = imagebind_fingerprint(model["encoder"], "image")
-    assert fp == imagebind_fingerprint(model["encoder"], "image")
-    assert fp != imagebind_fingerprint(model["encoder"], "video")  # other preprocessing
+    model = ModelSpec.from_config(compose([f"paths.cache_dir={tiny_cache}"], output_dir=str(tmp_path)).model)
+    fp = imagebind_fingerprint(model.encoder, "image")
+    assert fp == imagebind_fingerprint(model.encoder, "image")
+    assert fp != imagebind_fingerprint(model.encoder, "video")  # other preprocessing
     changed = tmp_path / "imagebind.pth"
-    state = torch.load(model["encoder"]["checkpoint"], weights_only=True)
+    state = torch.load(model.encoder.checkpoint, weights_only=True)
     state[next(iter(state))] = state[next(iter(state))] + 1
     torch.save(state, changed)
-    assert file_signature(changed) != file_signature(model["encoder"]["checkpoint"])
-    assert imagebind_fingerprint({**model["encoder"], "checkpoint": str(changed)}, "image") != fp
+    assert file_signature(changed) != file_signature(model.encoder.checkpoint)
+    assert imagebind_fingerprint(dataclasses.replace(model.encoder, checkpoint=str(changed)), "image") != fp
 
 
 def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config, tmp_path, caplog):
@@ -170,7 +170,7 @@ def test_caption_store_is_created_by_stage2(cache_cfg, tiny_config, tmp_path):
         str(tmp_path / "bundles" / "stage1" / "trainable.safetensors"),
     )
     train(cfg)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = ModelSpec.from_config(cfg.model)
     from nextgpt.model import load_conditioners
 
     source = DataSource.of(OmegaConf.to_container(cfg.dataset.sources[0]))
@@ -191,9 +191,9 @@ def test_damaged_media_are_recorded_not_fatal(cache_cfg, tmp_path):
     (folder / truncated).write_bytes(data[: len(data) // 3])
     (folder / text).write_text("this is not an image")
     build_caches(cache_cfg)
-    model = OmegaConf.to_container(cache_cfg.model, resolve=True)
+    model = ModelSpec.from_config(cache_cfg.model)
     store = media_store(
-        DataSource.of(OmegaConf.to_container(cache_cfg.dataset.sources[0])), model["encoder"], tmp_path / "fb"
+        DataSource.of(OmegaConf.to_container(cache_cfg.dataset.sources[0])), model.encoder, tmp_path / "fb"
     )
     assert set(store.failed) == {f"images/{truncated}", f"images/{text}"}
     assert truncated in store.failed[f"images/{truncated}"] and text in store.failed[f"images/{text}"]

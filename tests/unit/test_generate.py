@@ -14,6 +14,7 @@ from PIL import Image
 
 from nextgpt.bundles import save_bundle
 from nextgpt.generate import Generator, main
+from nextgpt.model_spec import ModelSpec
 from nextgpt.stages import Stage3InstructionTuning
 
 
@@ -308,7 +309,9 @@ def test_decoding_defaults_come_from_the_bundles_model_generation(generator, tin
         ],
         output_dir=str(tmp_path),
     )
-    legacy = Generator.from_model(generator.model, generator.tokenizer, generator.conditioners, cfg.model)
+    legacy = Generator.from_model(
+        generator.model, generator.tokenizer, generator.conditioners, ModelSpec.from_config(cfg.model)
+    )
     assert legacy.decoding_defaults() == {"max_new_tokens": 200, "temperature": 0.1, "top_p": 1.0}
     bad = compose(
         [

@@ -13,6 +13,7 @@ from nextgpt.encoders.imagebind import (
     load_imagebind,
 )
 from nextgpt.encoders.imagebind_config import ImageBindConfig
+from nextgpt.model_spec import ModelSpec
 
 AUDIO_LOGIT_SCALE = 20.0  # the audio postprocessor's fixed logit scale in Meta's model
 
@@ -216,7 +217,6 @@ def test_the_original_feeds_its_projector_unrenormalised_features(tiny_cache, tm
     """``experiment=nextgpt_legacy`` sets ``model.encoder.renormalize=false``: the input projector gets
     ImageBind's postprocessed output as the original's ``llama_proj`` did (audio at norm 20, video the
     mean of unit clip vectors); the default gets unit vectors. The feature caches key on it."""
-    from omegaconf import OmegaConf
 
     from nextgpt.cache.encode import imagebind_fingerprint
     from nextgpt.config import compose
@@ -228,8 +228,8 @@ def test_the_original_feeds_its_projector_unrenormalised_features(tiny_cache, tm
             [*overrides, "model=tiny", f"paths.root={tmp_path}", f"paths.cache_dir={tiny_cache}"],
             output_dir=str(tmp_path),
         )
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        assert model_cfg["encoder"]["renormalize"] is renormalize
+        model_cfg = ModelSpec.from_config(cfg.model)
+        assert model_cfg.encoder.renormalize is renormalize
         model, _, _ = build_nextgpt(model_cfg)
         fed = {}
         hook = model.input_projector.register_forward_pre_hook(
@@ -242,5 +242,5 @@ def test_the_original_feeds_its_projector_unrenormalised_features(tiny_cache, tm
         norms = fed["x"].norm(dim=-1)
         want = 1.0 if renormalize else AUDIO_LOGIT_SCALE
         torch.testing.assert_close(norms, torch.full_like(norms, want), atol=1e-4, rtol=0)
-        seen[renormalize] = imagebind_fingerprint(model_cfg["encoder"], "audio")
+        seen[renormalize] = imagebind_fingerprint(model_cfg.encoder, "audio")
     assert seen[True] != seen[False]

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nextgpt.config import compose
+from nextgpt.model_spec import ModelSpec
 from nextgpt.projectors import OutputProjector
 from nextgpt.prompts import (
     IGNORE_INDEX,
@@ -255,8 +256,9 @@ def test_lora_on_every_linear_layer(tiny_config):
     from nextgpt.model import build_nextgpt
 
     cfg = tiny_config("model.lora.target_modules=all-linear")
-    model, _, _ = build_nextgpt(cfg.model)
-    model.apply_lora(cfg.model.lora)
+    spec = ModelSpec.from_config(cfg.model)
+    model, _, _ = build_nextgpt(spec)
+    model.apply_lora(spec.need_lora())
     adapted = {
         n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.llm.named_parameters() if ".lora_A" in n
     }

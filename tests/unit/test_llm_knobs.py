@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nextgpt.checkpointing import checkpoint_decoder_layers, decoder_layers, memory_kept_by
+from nextgpt.model_spec import ModelSpec, OutputProjectorSpec
 from tests.unit.test_stages import build_stage, fixed_batch
 
 
@@ -87,7 +88,7 @@ def test_attention_implementation_reaches_the_llm(tiny_config):
     from nextgpt.schema import validate
 
     cfg = tiny_config("stage=1", "model.llm.attn_implementation=eager")
-    model, _, _ = build_nextgpt(cfg.model)
+    model, _, _ = build_nextgpt(ModelSpec.from_config(cfg.model))
     assert model.llm.config._attn_implementation == "eager"
     with pytest.raises(ConfigError, match=r"model.llm.attn_implementation='flashy': must be one of"):
         validate(tiny_config("stage=1", "model.llm.attn_implementation=flashy"))
@@ -126,7 +127,9 @@ def test_chunked_head_logits_equal_the_llms_own_with_softcapping(tmp_path):
     class NoEncoder(torch.nn.Module):
         embed_dim = 8
 
-    model = NextGPT(llm, NoEncoder(), layout, num_media_tokens=1, output_shapes={}, output_projector={})
+    model = NextGPT(
+        llm, NoEncoder(), layout, num_media_tokens=1, output_shapes={}, output_projector=OutputProjectorSpec()
+    )
     ids = torch.randint(0, first, (2, 9))
     out = model.llm(input_ids=ids, output_hidden_states=True)
     torch.testing.assert_close(model.head_logits(out.hidden_states[-1])[..., :first], out.logits[..., :first])

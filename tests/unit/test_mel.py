@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from nextgpt.mel import SILENCE, MelFrontEnd
+from nextgpt.model_spec import DecoderSpec
 
 AUDIOLDM_VOCODER = {
     "model_in_dim": 64,
@@ -92,7 +93,7 @@ def test_the_latent_grid_is_the_one_the_pipeline_denoises(tiny_cache, seconds):
         audio_length_in_s=seconds,
         guidance_scale=1.0,
     )
-    spec = target_spec(path, {"audio_length_in_s": seconds})
+    spec = target_spec(DecoderSpec(str(path), "text_embeds", generate={"audio_length_in_s": seconds}))
     assert spec["sampling_rate"] == 16000
     obj = DenoisingObjective(path, "text_embeds")
     latents = obj.latents(tone(1000, spec["audio_length_in_s"])[None])
@@ -102,12 +103,18 @@ def test_the_latent_grid_is_the_one_the_pipeline_denoises(tiny_cache, seconds):
 def test_the_pipeline_default_length_is_filled_in(tiny_cache):
     from nextgpt.decoders import target_spec
 
-    spec = target_spec(tiny_cache / "tiny_backbones" / "audioldm", {"num_inference_steps": 4})
+    spec = target_spec(
+        DecoderSpec(
+            str(tiny_cache / "tiny_backbones" / "audioldm"),
+            "text_embeds",
+            generate={"num_inference_steps": 4},
+        )
+    )
     assert spec["audio_length_in_s"] == pytest.approx(
         32 * 2 * 16 / 16000
     )  # unet sample 32 x VAE 2 x hop 16 at 16 kHz
     assert "sampling_rate" not in target_spec(
-        tiny_cache / "tiny_backbones" / "sd", {"height": 32}
+        DecoderSpec(str(tiny_cache / "tiny_backbones" / "sd"), "last_hidden_state", generate={"height": 32})
     )  # no vocoder
 
 

@@ -7,9 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextgpt.plan import GIB, STRATEGIES, activation_bytes, check_fits, make_plan
+from nextgpt.model_spec import ModelSpec
+from nextgpt.plan import GIB, STRATEGIES, PlanSettings, activation_bytes, check_fits, make_plan
 from nextgpt.plan.meta import meta_model
+from nextgpt.spec import run_spec
 from tests.unit.test_stages import build_stage, fixed_batch
+
+
+def plan_of(cfg):
+    """The plan of a composed training config."""
+    return make_plan(run_spec(cfg), PlanSettings.of(cfg))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -17,7 +24,7 @@ def test_plan_counts_equal_the_built_model(stage, tiny_config):
     from nextgpt.model import parameter_counts
 
     cfg = tiny_config(f"stage={stage}")
-    plan = make_plan(cfg)
+    plan = make_plan(run_spec(cfg), PlanSettings.of(cfg))
     module = build_stage(cfg)
     trainable, frozen = parameter_counts(module.model)
     assert (plan.params["trainable"], plan.params["frozen"]) == (trainable, frozen)
@@ -100,8 +107,8 @@ def test_the_7b_plans_hold_for_every_stage_strategy_and_world_size():
                         f"trainer.devices={world}",
                     ]
                 )
-                built = built or meta_model(cfg.model, stage)
-                plans[stage, strategy, world] = make_plan(cfg, built=built)
+                built = built or meta_model(ModelSpec.from_config(cfg.model), stage)
+                plans[stage, strategy, world] = make_plan(run_spec(cfg), PlanSettings.of(cfg), built=built)
     # stage 1 trains the input projector Linear(1024 -> 4096) and the shared <Img> </Img> rows (embed + head)
     assert plans[1, "ddp", 1].params["trainable"] == 1024 * 4096 + 4096 + 2 * 2 * 4096
     assert (
@@ -143,14 +150,14 @@ def test_the_7b_stage1_plan_against_its_h100_measurement():
     cfg = compose(
         ["stage=1", "model=nextgpt_7b_legacy", "trainer=gpu", "stage.batch_size=18", "dataset.max_length=512"]
     )
-    plan = make_plan(cfg)
+    plan = make_plan(run_spec(cfg), PlanSettings.of(cfg))
     assert abs(plan.total / GIB - 53.0) / 53.0 < 0.15, plan.table()
     assert abs(plan.total_with(True) / GIB - 18.9) / 18.9 < 0.15, plan.table()
     assert abs(plan.tokens_per_s - 14.8e3) / 14.8e3 < 0.15, plan.table()
 
 
 def test_a_plan_over_the_device_memory_is_refused_with_its_numbers(tiny_config):
-    plan = make_plan(tiny_config("stage=1"))
+    plan = plan_of(tiny_config("stage=1"))
     assert check_fits(plan, memory_gib=1000.0, allow=False) is None
     assert check_fits(plan, memory_gib=None, allow=False) is None  # no figure (a CPU): nothing to check
     refusal = check_fits(plan, memory_gib=1e-4, allow=False)
@@ -179,7 +186,7 @@ def test_every_llm_family_is_planned(family, tmp_path, tiny_config):
     from nextgpt.tiny.families import build_tiny_family
 
     path = build_tiny_family(family, tmp_path / family)
-    plan = make_plan(tiny_config("stage=3", f"model.llm.path={path}", "model.lora.target_modules=attention"))
+    plan = plan_of(tiny_config("stage=3", f"model.llm.path={path}", "model.lora.target_modules=attention"))
     base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
     lora = plan.params["llm"] - base
     assert 0 < lora < base and plan.parts["activations"] > 0 and plan.tokens_per_s > 0

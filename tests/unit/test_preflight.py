@@ -6,6 +6,7 @@ import time
 
 from transformers import GPT2Config
 
+from nextgpt.model_spec import ModelSpec
 from nextgpt.preflight import lora_target_errors
 from tests.cli import train
 
@@ -45,5 +46,5 @@ def test_chat_template_needs_one_in_the_tokenizer(tiny_config):
     from nextgpt.tiny import build_all
 
     build_all(Path(cfg.paths.backbones))
-    errors = backbone_path_errors(cfg)
+    errors = backbone_path_errors(ModelSpec.from_config(cfg.model))
     assert any(e.startswith("model.llm.template='chat'") and "no chat template" in e for e in errors), errors

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from nextgpt import tiny
 from nextgpt.decoders import TextConditioner, join_pooled, load_pipeline
 from nextgpt.denoising import DenoisingObjective, denoising_target
+from nextgpt.model_spec import ModelSpec
 from tests.unit.test_denoising import same_draws
 
 CAPTIONS = ["a red circle at the top left", "a blue square"]
@@ -100,7 +101,7 @@ def test_a_conditioning_that_does_not_fit_the_folder_is_named(tiny_config, backb
     from nextgpt.preflight import backbone_path_errors
 
     cfg = tiny_config("stage=2", f"model.modalities.image.decoder.path={backbones / 'sdxl'}")
-    errors = backbone_path_errors(cfg)
+    errors = backbone_path_errors(ModelSpec.from_config(cfg.model))
     key = "model.modalities.image.decoder.conditioning"
     assert any(
         e.startswith(f"{key}='last_hidden_state': a StableDiffusionXLPipeline")
@@ -110,14 +111,14 @@ def test_a_conditioning_that_does_not_fit_the_folder_is_named(tiny_config, backb
     cfg = tiny_config("stage=2", "model.modalities.image.decoder.conditioning=sdxl")  # on the SD 1.5 folder
     assert any(
         e.startswith(f"{key}='sdxl': the StableDiffusionPipeline folder has no text_encoder_2 / tokenizer_2")
-        for e in backbone_path_errors(cfg)
+        for e in backbone_path_errors(ModelSpec.from_config(cfg.model))
     )
     cfg = tiny_config(
         "stage=2",
         f"model.modalities.image.decoder.path={backbones / 'sdxl'}",
         "model.modalities.image.decoder.conditioning=sdxl",
     )
-    assert not [e for e in backbone_path_errors(cfg) if "conditioning" in e]
+    assert not [e for e in backbone_path_errors(ModelSpec.from_config(cfg.model)) if "conditioning" in e]
     with pytest.raises(
         ValueError, match="conditioning 'last_hidden_state' does not fit: a StableDiffusionXLPipeline"
     ):

@@ -11,8 +11,9 @@ from lightning.pytorch import strategies
 from omegaconf import OmegaConf
 
 from nextgpt.config import ConfigError, compose
+from nextgpt.model_spec import ModelSpec
 from nextgpt.schema import validate
-from nextgpt.spec import batch_plan
+from nextgpt.spec import batch_plan, run_spec
 from nextgpt.strategies import FSDP2Strategy, WrapByClassName
 
 EXPECTED = {
@@ -52,7 +53,7 @@ def test_fsdp_policy_makes_each_llm_block_a_unit(tiny_config):
     from nextgpt.model import build_nextgpt
 
     cfg = tiny_config("strategy=fsdp")
-    model, _, _ = build_nextgpt(OmegaConf.to_container(cfg.model, resolve=True))
+    model, _, _ = build_nextgpt(ModelSpec.from_config(cfg.model))
     units = WrapByClassName(cfg.sharding.wrap).units(model)
     layers = {n for n, m in model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"}
     assert layers and layers <= set(units)
@@ -83,7 +84,9 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
     OmegaConf.resolve(cfg)
     plan = batch_plan(cfg)
     assert (plan.world_size, plan.per_device, plan.accumulate, plan.global_batch) == (8, 18, 1, 144)
-    config = deepspeed_preflight(cfg, plan)
+    config = deepspeed_preflight(
+        hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), run_spec(cfg)
+    )
     assert config["bf16"] == {"enabled": True} and config["train_micro_batch_size_per_gpu"] == 18
     picked = hydra.utils.get_class(cfg.stage.optim.optimizer._target_)
     assert issubclass(picked, DeepSpeedCPUAdam) == name.endswith("offload")
@@ -101,4 +104,6 @@ def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_pat
     OmegaConf.resolve(cfg)
     # and DeepSpeed's own rule says the same, should the schema ever miss it
     with pytest.raises(ConfigError, match="DeepSpeed refuses it"):
-        deepspeed_preflight(cfg, batch_plan(cfg))
+        deepspeed_preflight(
+            hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), run_spec(cfg)
+        )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nextgpt.model_spec import DecoderSpec
 from nextgpt.world.recipes import RECIPES, WORLD_VOCODER, vae_scale
 
 CAPTIONS = ["a loud high pitched beeping tone", "a quiet low pitched steady tone"]
@@ -74,7 +75,7 @@ def test_rebuilt_pipelines_save_load_and_generate_at_the_world_sizes(tiny_cache,
         modality == "audio"
     ):  # AudioLDM's own hop; the denoising loss's target is the pipeline's default length
         assert np.prod(back.vocoder.config.upsample_rates) == np.prod(WORLD_VOCODER["upsample_rates"]) == 160
-        spec = target_spec(tmp_path / folder, {})
+        spec = target_spec(DecoderSpec(str(tmp_path / folder), "text_embeds"))
         assert (
             spec["audio_length_in_s"] == pytest.approx(recipe.seconds(back))
             and spec["sampling_rate"] == 16000
