@@ -38,6 +38,7 @@ def main() -> None:
     from datamodules.shard_datamodule import ShardDataModule
     from datamodules.shard_writer import pair_record, write_shards
     from nextgpt.config import compose
+    from nextgpt.model_spec import ModelSpec
     from nextgpt.stages import STAGES
     from nextgpt.tiny import build_all
 
@@ -54,7 +55,7 @@ def main() -> None:
     )
     write_shards(records, tmp / "shards", name="captions-pairs", shard_size=5000)
     cfg = compose([f"paths.cache_dir={cache}", "stage=2"], output_dir=str(tmp))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = ModelSpec.from_config(cfg.model)
     module = STAGES[2](
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.stage.optim, resolve=True),

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.encoders.imagebind_config import ImageBindConfig
 from nextgpt.modality import get as modality
+from nextgpt.model_spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +107,7 @@ def main() -> None:
             (2, Stage2DecodingAlignment, "generate"),
         ):
             cfg = compose([*overrides, f"stage={stage}"], output_dir=tmp)
-            model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+            model_cfg = ModelSpec.from_config(cfg.model)
             sources = OmegaConf.to_container(cfg.dataset.sources, resolve=True)
             module = cls(model=model_cfg, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss))
             module.configure_model()

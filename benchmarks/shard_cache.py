@@ -60,8 +60,8 @@ def main() -> None:
     syn = tmp / "synthetic"
     write_synthetic(syn, num_per_modality=args.per_modality, seed=1)
     cfg = compose([f"paths.cache_dir={cache}"], output_dir=str(tmp))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    encoder = load_encoder(ModelSpec.from_config(model_cfg).encoder)
+    model_cfg = ModelSpec.from_config(cfg.model)
+    encoder = load_encoder(model_cfg.encoder)
     print(
         f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, {args.per_modality} items a modality"
     )
@@ -74,7 +74,7 @@ def main() -> None:
         src = syn / f"synthetic_{name}"
         shards = tmp / "shards" / name
         prepare_nextgpt(src, src.name, name, shards, sets=["pairs"])
-        store = shard_media_store(shards, name, "pairs", ModelSpec.from_config(model_cfg).encoder, tmp / "fb")
+        store = shard_media_store(shards, name, "pairs", model_cfg.encoder, tmp / "fb")
         compute_shard_media(store, sorted(shards.glob("*.tar")), name, encoder, batch_size=16)
         for cached in (False, True):
             dm = ShardDataModule(

@@ -8,7 +8,7 @@ from typing import cast
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from nextgpt.bundles import bundle_identity, bundle_state_dict, save_bundle
+from nextgpt.bundles import BundleMeta, bundle_identity, bundle_state_dict, save_bundle
 from nextgpt.stages import NextGPTStage
 
 
@@ -45,7 +45,7 @@ class StageBundle(L.Callback):
         )
         if trainer.is_global_zero:
             config = stage.hparams.get("run_config") or {}
-            meta = {
+            meta: BundleMeta = {
                 "stage": stage.stage,
                 "global_step": trainer.global_step,
                 "trained_steps": trained,

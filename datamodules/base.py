@@ -4,9 +4,8 @@ so a resumed run continues with exactly the next batches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 
@@ -35,7 +34,7 @@ class SourceDataModule(L.LightningDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: ModelSpec | Mapping[str, Any],
+        model: ModelSpec,
         template: str,
         batch_size: int,
         num_workers: int,
@@ -56,8 +55,8 @@ class SourceDataModule(L.LightningDataModule):
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)
         self.pair_style = PairStyle(**(pairs or PairSettings()))
         self.sources = data_sources(sources)
-        # the model's spec (or the ``model`` config section it is made of)
-        self.objective, self.model_spec, self.template = objective, ModelSpec.from_config(model), template
+        # the model's spec
+        self.objective, self.model_spec, self.template = objective, model, template
         self.batch_size, self.num_workers, self.max_length, self.seed = (
             batch_size,
             num_workers,

@@ -42,7 +42,7 @@ class NextGPTDataModule(SourceDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: ModelSpec | Mapping[str, Any],
+        model: ModelSpec,
         template: str = "vicuna_v0",
         batch_size: int = 4,
         num_workers: int = 0,

@@ -70,7 +70,7 @@ class ShardDataModule(SourceDataModule):
         self,
         sources: Sequence[SourceEntry | DataSource],
         objective: str,
-        model: ModelSpec | Mapping[str, Any],
+        model: ModelSpec,
         template: str = "vicuna_v0",
         batch_size: int = 4,
         num_workers: int = 0,

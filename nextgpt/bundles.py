@@ -65,7 +65,7 @@ def save_bundle(
     directory: str | Path,
     model: NextGPT | None,
     config: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    meta: BundleMeta,
     names: Iterable[str] | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     base_rows: Mapping[str, torch.Tensor] | None = None,
@@ -104,7 +104,7 @@ def _write_bundle(
     tmp: Path,
     state: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    meta: BundleMeta,
     base_rows: Mapping[str, torch.Tensor] | None,
 ) -> None:
     save_file(dict(state), str(tmp / WEIGHTS))
@@ -189,7 +189,7 @@ def backbone_identity(spec: ModelSpec) -> dict[str, Any]:
     return out
 
 
-def bundle_identity(model: NextGPT, spec: ModelSpec) -> dict[str, Any]:
+def bundle_identity(model: NextGPT, spec: ModelSpec) -> BundleMeta:
     return {"token_layout": token_layout(model.layout), "backbones": backbone_identity(spec)}
 
 

@@ -303,13 +303,9 @@ class Generator:
                 mod = modality_registry.get(name)
                 out = Path(out_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                meta = {
-                    "prompt": prompt,
-                    "answer": result.text,
-                    "seed": seed + k,
-                    "bundle": str(self.bundle),
-                    **dict(self.decoder(name).save),
-                }
+                meta = modality_registry.media_meta(
+                    prompt, result.text, seed + k, str(self.bundle), self.decoder(name).save
+                )
                 path = out / f"{name}_{k}{mod.output_suffix}"
                 result.files.setdefault(name, []).append(mod.write(array, path, self.pipeline(name), meta))
 

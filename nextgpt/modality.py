@@ -28,7 +28,28 @@ from nextgpt.encoders.preprocess import MediaDecodeError, load_audio, load_image
 from nextgpt.encoders.preprocess.audio import load_waveform
 
 Loader = Callable[[Path], torch.Tensor]
-Writer = Callable[[np.ndarray, Path, Any, dict], Path]
+
+
+class MediaMeta(TypedDict, total=False):
+    """What a generated file records beside it (``<file>.json``) and in its own metadata: the request,
+    and the decoder's ``save`` settings (``model.modalities.<m>.decoder.save``: ``fps`` for video)."""
+
+    prompt: str
+    answer: str
+    seed: int
+    bundle: str
+    fps: int  # video: frames per second of the written file
+    sample_rate: int  # audio: the vocoder's (added by the writer)
+    caption: str  # the decoder alone (evaluation's ceiling): the caption it decoded
+    decoder_alone: bool
+
+
+def media_meta(prompt: str, answer: str, seed: int, bundle: str, save: Mapping[str, object]) -> MediaMeta:
+    """The metadata of one generated file; ``save``'s keys are recorded too."""
+    return cast(MediaMeta, {"prompt": prompt, "answer": answer, "seed": seed, "bundle": bundle, **save})
+
+
+Writer = Callable[[np.ndarray, Path, Any, MediaMeta], Path]
 # target media for the denoising loss, in the decoder's pixel (or waveform) space, sized by its generation settings
 
 
@@ -102,7 +123,7 @@ class Modality:
         """ImageBind input from a path, bytes or a binary file object (shard members)."""
         return self.loader(Path(source) if isinstance(source, str) else source)
 
-    def write(self, array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+    def write(self, array: np.ndarray, path: Path, pipeline: Any, meta: MediaMeta) -> Path:
         return self.writer(array, path, pipeline, meta)
 
     def load_target(self, path: str | Path, spec: Mapping[str, Any]) -> torch.Tensor:
@@ -184,7 +205,7 @@ def _target_audio(path: Path, spec: TargetSpec) -> torch.Tensor:
 
 
 # --- writers: generated arrays -> files, with the generation metadata -----------------------
-def _sidecar(path: Path, meta: dict) -> None:
+def _sidecar(path: Path, meta: MediaMeta) -> None:
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -192,7 +213,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: MediaMeta) -> Path:
     info = PngInfo()
     for key, value in meta.items():
         info.add_text(str(key), str(value))
@@ -201,7 +222,7 @@ def _write_png(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
     return path
 
 
-def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: MediaMeta) -> Path:
 
     rate = int(pipeline.vocoder.config.sampling_rate)
     wave = np.asarray(array, dtype=np.float32).reshape(-1)
@@ -212,7 +233,7 @@ def _write_wav(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path
     return path
 
 
-def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: dict) -> Path:
+def _write_mp4(array: np.ndarray, path: Path, pipeline: Any, meta: MediaMeta) -> Path:
     import av  # deferred: PyAV (FFmpeg) costs ~0.06 s and the registry's importers rarely touch video
 
     frames = _to_uint8(array)  # (F, H, W, 3)

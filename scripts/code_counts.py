@@ -6,10 +6,12 @@
 - in-function imports: ``import`` statements inside a function body (a deferred import must say
   why on its line: ``# deferred: <reason>``; those are counted apart)
 - loose parameters: function parameters annotated as a loose dict (``dict``, ``dict[str, Any]``,
-  ``Mapping[str, Any]``, ``MutableMapping``) or an OmegaConf ``DictConfig``, and config-named
-  parameters (``cfg``, ``config``, ``*_cfg``) left unannotated or typed ``Any``. Counted apart, as
-  the boundary: the entry layer ``nextgpt/cli/`` (where Hydra's composed config is handled) and the
-  functions that turn the composed config into the typed specs (:data:`BOUNDARY`)
+  ``Mapping[str, Any]``, ``MutableMapping``) or an OmegaConf ``DictConfig``, alone or in a union
+  (``ModelSpec | Mapping[str, Any]`` counts), and config-named parameters (``cfg``, ``config``,
+  ``*_cfg``) left unannotated or typed ``Any``. Counted apart, as the boundary: the entry layer
+  ``nextgpt/cli/`` (where Hydra's composed config is handled), the functions that turn the composed
+  config into the typed specs (:data:`BOUNDARY`), and the spec modules (:data:`SPEC_MODULES`), whose
+  parsers take config nodes typed ``Any`` (every such parameter there is counted)
 - files over 500 lines
 """
 
@@ -29,9 +31,12 @@ BOUNDARY = {
     ("nextgpt/spec.py", "run_spec"),
     ("nextgpt/spec.py", "batch_plan"),
     ("nextgpt/evaluation/spec.py", "eval_spec"),
+    ("nextgpt/plan/__init__.py", "of"),  # PlanSettings.of: the ``plan`` node
 }
+# the modules that turn config nodes into frozen specs: their parsers take the nodes as ``Any``
+SPEC_MODULES = {"nextgpt/spec.py", "nextgpt/model_spec.py", "nextgpt/evaluation/spec.py"}
 LOOSE = re.compile(
-    r"^(DictConfig|dict|Dict|dict\[str, ?Any\]|Mapping\[str, ?Any\]|MutableMapping\[str, ?Any\])( \| None)?$"
+    r"^(DictConfig|dict|Dict|dict\[str, ?Any\]|Mapping\[str, ?Any\]|MutableMapping\[str, ?Any\])$"
 )
 
 
@@ -39,14 +44,18 @@ def files() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
 
-def is_loose(arg: ast.arg) -> bool:
-    if arg.annotation is None or ast.unparse(arg.annotation) == "Any":
-        return bool(CONFIG_NAME.match(arg.arg))
-    return bool(LOOSE.match(ast.unparse(arg.annotation)))
+def is_loose(arg: ast.arg, in_spec_module: bool) -> bool:
+    if arg.annotation is None or ast.unparse(arg.annotation) in ("Any", "Any | None"):
+        return in_spec_module and arg.annotation is not None or bool(CONFIG_NAME.match(arg.arg))
+    return any(LOOSE.match(part.strip()) for part in ast.unparse(arg.annotation).split("|"))
 
 
 def at_boundary(rel: Path, fn: str) -> bool:
-    return rel.parts[:2] == ("nextgpt", "cli") or (rel.as_posix(), fn) in BOUNDARY
+    return (
+        rel.parts[:2] == ("nextgpt", "cli")
+        or (rel.as_posix(), fn) in BOUNDARY
+        or rel.as_posix() in SPEC_MODULES
+    )
 
 
 def scan(path: Path) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -64,7 +73,7 @@ def scan(path: Path) -> tuple[list[str], list[str], list[str], list[str]]:
                 (deferred if "# deferred:" in lines[node.lineno - 1] else inner).append(where)
         args = fn.args
         for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
-            if is_loose(a):
+            if is_loose(a, rel.as_posix() in SPEC_MODULES):
                 note = ast.unparse(a.annotation) if a.annotation is not None else "unannotated"
                 where = boundary if at_boundary(rel, fn.name) else loose
                 where.append(f"{rel}:{a.lineno} {fn.name}({a.arg}: {note})")

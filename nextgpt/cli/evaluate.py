@@ -22,6 +22,7 @@ from datamodules.json_datamodule import NextGPTDataModule
 from nextgpt.bundles import load_bundle_config
 from nextgpt.evaluation.spec import EvalSpec, HeldoutSpec, eval_spec
 from nextgpt.evaluation.tasks import run_benchmark, stage_bundle
+from nextgpt.model_spec import ModelSpec
 from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,20 @@ def evaluate(cfg: DictConfig) -> Mapping[str, Any]:
 
 
 def heldout_datamodule(
-    data: HeldoutSpec, objective: str, model_cfg: dict, template: str, batch_size: int
+    data: HeldoutSpec, objective: str, model: ModelSpec, template: str, batch_size: int
 ) -> NextGPTDataModule:
     """The dataset's own ``datamodule`` node (:class:`HeldoutSpec`: a shard dataset's is read from
     the NExT-GPT layout) with the bundle's prompt template."""
-    return hydra.utils.instantiate(
+    factory = hydra.utils.instantiate(
         dict(data.datamodule),
         objective=objective,
-        model=model_cfg,
         template=template,
         batch_size=batch_size,
         seed=0,
         _convert_="all",
+        _partial_=True,
     )
+    return factory(model=model)  # an object: handed to the partial, never merged into a config
 
 
 def heldout_loss(spec: EvalSpec, data: HeldoutSpec) -> dict[str, Any]:
@@ -66,7 +68,9 @@ def heldout_loss(spec: EvalSpec, data: HeldoutSpec) -> dict[str, Any]:
     )  # a stage-1 bundle asked about text-to-X is scored on alignment too
     module.configure_model()
     module.to(spec.device).eval()
-    dm = heldout_datamodule(data, objective, model_cfg, run.model.llm.template, spec.batch_size)
+    dm = heldout_datamodule(
+        data, objective, ModelSpec.from_config(model_cfg), run.model.llm.template, spec.batch_size
+    )
     dm.prepare_data()
     dm.setup("validate")
     held_out = dm.train_set

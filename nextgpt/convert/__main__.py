@@ -133,7 +133,7 @@ def import_legacy(
         )
     model.load_state_dict(imported.state, strict=False)
     config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    meta = {
+    meta: BundleMeta = {
         "stage": stage,
         "imported_from": str(checkpoint.resolve()),
         "legacy_import": {"keys": imported.report["keys"], "dtypes": imported.report["dtypes"]},

@@ -239,11 +239,11 @@ class BatchedGenerator:
                 if out_path is not None:
                     path = Path(out_path(i, name, len(res.files.get(name, []))))
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    meta = {
-                        "prompt": prompts[i],
-                        "answer": res.text,
-                        "seed": requests[i].seed + k,
-                        "bundle": str(g.bundle),
-                        **dict(g.model_cfg.modalities[name].decoder.get("save", {})),
-                    }
+                    meta = modality_registry.media_meta(
+                        prompts[i],
+                        res.text,
+                        requests[i].seed + k,
+                        str(g.bundle),
+                        g.model_cfg.modalities[name].decoder.get("save", {}),
+                    )
                     res.files.setdefault(name, []).append(mod.write(arrays[j], path, pipe, meta))

@@ -113,7 +113,7 @@ def test_stage1_uses_a_partial_cache_and_decodes_the_rest(cache_cfg, tiny_config
     json_path.write_text(json.dumps(entries + [extra]))  # the data set grew: the cache is now partial
 
     cfg = tiny_config("stage=1")
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = ModelSpec.from_config(cfg.model)
     dm = NextGPTDataModule(
         sources=OmegaConf.to_container(cache_cfg.dataset.sources),
         objective="caption",
