@@ -71,7 +71,7 @@ def main() -> None:
         cache_fallback=str(tmp / "fb"),
     )
     dm.setup("fit")
-    module.targets.open_for(dm, device="cpu")  # as the stage does at the start of a fit
+    dm.open_caption_stores(module.targets, device="cpu")  # as the stage does at the start of a fit
     opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
     shape = module.conditioners["image"].shape
     steps = -(-args.captions // args.batch)

@@ -123,7 +123,7 @@ def main() -> None:
                 )
                 dm.setup("fit")
                 if stage == 2 and use_cache:
-                    module.targets.open_for(dm, device=module.device)
+                    dm.open_caption_stores(module.targets, device=module.device)
                 loader = dm._loader(dm.train_set, shuffle=False)
                 times[use_cache] = epoch_time(module, loader, no_caption_cache=(stage == 2 and not use_cache))
             results[stage] = times

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,7 +20,8 @@ from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.records import EpochState
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
-from nextgpt.cache.encode import media_key, media_store
+from nextgpt.cache.captions import CaptionTargets
+from nextgpt.cache.encode import caption_store, compute_captions, media_key, media_store
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
 from nextgpt.model import Tokens
 from nextgpt.model_spec import ModelSpec
@@ -152,6 +153,37 @@ class NextGPTDataModule(SourceDataModule):
             self.objective,
             dict(self.skipped_entries) or "none",
         )
+
+    def open_caption_stores(
+        self,
+        targets: CaptionTargets,
+        *,
+        device: torch.device | str,
+        is_global_zero: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Attach each source's caption cache (next to its data) to the stage's alignment targets,
+        created on first use and completed with the captions it lacks: rank 0 writes, the other
+        ranks wait at ``barrier``, then read."""
+        if not is_global_zero:
+            barrier()
+        for src, convs in self.conversations_by_source:
+            conditioner = targets.conditioners.get(src.modality)
+            captions = [cap for c in convs for name, cap in c.captions_out if name == src.modality]
+            if conditioner is None or not captions:
+                continue
+            store = caption_store(src, conditioner.to(device), self.cache_fallback)
+            if is_global_zero:
+                before = len(store)
+                added = compute_captions(store, captions, conditioner)
+                state = "created" if not before else ("completed" if added else "complete")
+                log.info(
+                    "caption cache %s %s: %d embeddings (%d new)", store.directory, state, len(store), added
+                )
+            targets.attach(src.modality, store)
+        if is_global_zero:
+            barrier()
+        targets.refresh()
 
     def _media_features(self) -> dict[str, tuple[Any, str]]:
         """Cached ImageBind features of the sources' media, where a cache exists for this encoder:

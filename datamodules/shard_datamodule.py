@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.atomic import holding
 from nextgpt.batch import Collator, ConversationDataset, Item
+from nextgpt.cache.captions import CaptionTargets
 from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry
@@ -208,15 +209,24 @@ class ShardDataModule(SourceDataModule):
     def teardown(self, stage: str | None = None) -> None:
         self._holds.close()
 
-    def caption_cache_bases(self) -> list[tuple[str, Path]]:
-        """(modality, folder) where each source's caption embeddings are cached: beside its shards.
-        Streamed captions are embedded as they come and added there (see nextgpt.cache.captions)."""
-        out = []
+    def open_caption_stores(
+        self,
+        targets: CaptionTargets,
+        *,
+        device: torch.device | str,
+        is_global_zero: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Attach each source's caption cache (beside its shards) to the stage's alignment targets:
+        streamed captions are embedded as they come and added there (``nextgpt.cache.captions``)."""
         for src in self.sources:
             found = self._shards(src)
-            if found:
-                out.append((src.modality, cache_base(shard_folder(src, found), self.cache_fallback)))
-        return out
+            conditioner = targets.conditioners.get(src.modality)
+            if found and conditioner is not None:
+                base = cache_base(shard_folder(src, found), self.cache_fallback)
+                targets.attach(
+                    src.modality, FeatureStore.at(base, f"text_{src.modality}", conditioner.fingerprint())
+                )
 
     def _feature_store(self, src: DataSource, shards: list[Path]) -> dict[Path, FeatureStore]:
         """The ImageBind feature cache of a source's pair shards (``python -m nextgpt.cache``), for

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrateg
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextgpt.bundles import load_bundle_weights
-from nextgpt.cache.captions import CaptionTargets
+from nextgpt.cache.captions import CaptionSources, CaptionTargets
 from nextgpt.denoising import DenoisingObjective
 from nextgpt.losses import (
     alignment_sum,
@@ -241,10 +241,10 @@ class NextGPTStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.aligns and dm is not None:
+        if self.aligns and isinstance(dm, CaptionSources):
             assert self.targets is not None, "configure_model builds the caption targets"
-            self.targets.open_for(
-                dm,
+            dm.open_caption_stores(
+                self.targets,
                 device=self.device,
                 is_global_zero=self.trainer.is_global_zero,
                 barrier=self.trainer.strategy.barrier,

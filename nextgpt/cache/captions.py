@@ -9,18 +9,30 @@ before they become a part of the store (this process's own part: ranks never wri
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from nextgpt.cache.encode import caption_store, compute_captions
 from nextgpt.cache.store import FeatureStore, caption_key
 from nextgpt.decoders import TextConditioner
 
-log = logging.getLogger(__name__)
+
+@runtime_checkable
+class CaptionSources(Protocol):
+    """A data module whose sources have caption caches: it attaches them to the stage's targets at
+    the start of a fit (``datamodules/``: beside the JSON files, or beside the shards)."""
+
+    def open_caption_stores(
+        self,
+        targets: CaptionTargets,
+        *,
+        device: torch.device | str,
+        is_global_zero: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None: ...
 
 
 class CaptionTargets:
@@ -44,40 +56,6 @@ class CaptionTargets:
     def attach(self, modality: str, store: FeatureStore) -> None:
         """Read ``store`` too; the first store attached for a modality receives its new embeddings."""
         self.stores.setdefault(modality, []).append(store)
-
-    def open_for(self, datamodule, *, device, is_global_zero: bool = True, barrier=lambda: None) -> None:
-        """Attach the caption caches of a data module's sources. Sources read up front
-        (``conversations_by_source``): each one's store next to its data, created on first use and
-        completed when captions were added (rank 0 writes; the other ranks wait at ``barrier``, then
-        read). Streamed sources (``caption_cache_bases``): the stores beside their shards, which
-        the stream's new captions are added to as they come."""
-        if hasattr(datamodule, "caption_cache_bases"):
-            for modality, base in datamodule.caption_cache_bases():
-                if modality in self.conditioners:
-                    self.attach(
-                        modality,
-                        FeatureStore.at(base, f"text_{modality}", self.conditioners[modality].fingerprint()),
-                    )
-            return
-        if not is_global_zero:
-            barrier()
-        for src, convs in getattr(datamodule, "conversations_by_source", ()):
-            conditioner = self.conditioners.get(src.modality)
-            captions = [cap for c in convs for name, cap in c.captions_out if name == src.modality]
-            if conditioner is None or not captions:
-                continue
-            store = caption_store(src, conditioner.to(device), datamodule.cache_fallback)
-            if is_global_zero:
-                before = len(store)
-                added = compute_captions(store, captions, conditioner)
-                state = "created" if not before else ("completed" if added else "complete")
-                log.info(
-                    "caption cache %s %s: %d embeddings (%d new)", store.directory, state, len(store), added
-                )
-            self.attach(src.modality, store)
-        if is_global_zero:
-            barrier()
-        self.refresh()
 
     def _writer(self, modality: str) -> FeatureStore:
         if not self.stores.get(modality):

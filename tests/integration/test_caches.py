@@ -127,6 +127,41 @@ def test_stage1_from_shards_reads_cached_features_and_never_the_media(tiny_cache
     ]
 
 
+def test_stage2_targets_are_read_from_the_caption_cache_beside_the_shards(tiny_cache, tmp_path):
+    """The shard data module attaches the caption cache that `python -m nextgpt.cache` wrote beside
+    its shards to the stage's alignment targets: a batch's captions are read from it, none encoded
+    again and nothing spilled elsewhere."""
+    from datamodules.shard_datamodule import ShardDataModule
+    from nextgpt.cache.captions import CaptionSources, CaptionTargets
+    from nextgpt.config import compose
+    from nextgpt.model import load_conditioners
+
+    src, shards_args = shard_source(tmp_path, tiny_cache)
+    res = cache_cli(tmp_path, tiny_cache, *shards_args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = ModelSpec.from_config(compose([f"paths.cache_dir={tiny_cache}"], output_dir=str(tmp_path)).model)
+    dm = ShardDataModule(
+        [
+            {
+                "name": "synthetic_image",
+                "modality": "image",
+                "shards": str(shard_dir(tmp_path, "synthetic_image")),
+            }
+        ],
+        "generate",
+        model,
+        batch_size=4,
+        cache_fallback=str(tmp_path / "fallback"),
+    )
+    assert isinstance(dm, CaptionSources)
+    targets = CaptionTargets(load_conditioners(model), tmp_path / "spill")
+    dm.open_caption_stores(targets, device="cpu")
+    captions = sorted({e["caption"] for e in json.loads((src / "synthetic_image.json").read_text())})
+    got = targets.get({"image": captions}, "cpu")
+    assert got["image"].shape[0] == len(captions) and targets.computed == 0
+    assert not (tmp_path / "spill").exists()
+
+
 def test_cached_and_decoded_features_give_the_same_loss(tiny_cache, tmp_path):
     """On a fixed batch (the stream unshuffled), within the fp16 rounding of the cache."""
     from omegaconf import OmegaConf
