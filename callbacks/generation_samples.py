@@ -58,12 +58,12 @@ class GenerationSamples(L.Callback):
 
     def _get_generator(self, pl_module):
         if self._generator is None:
-            conditioners = pl_module.conditioners or load_conditioners(pl_module.model_cfg)
+            conditioners = pl_module.conditioners or load_conditioners(pl_module.model_spec)
             self._generator = Generator.from_model(
                 pl_module.model,
                 pl_module.tokenizer,
                 conditioners,
-                pl_module.model_cfg,
+                pl_module.model_spec,
                 pl_module.device,
                 bundle=f"stage{pl_module.stage} (training)",
             )

@@ -53,7 +53,7 @@ class StageBundle(L.Callback):
                 "init_from": stage.init_from,
                 "trainable_groups": list(stage.trainable_groups),
                 "full_model_params": sum(p.numel() for p in model.parameters()),
-                **bundle_identity(model, stage.model_cfg),
+                **bundle_identity(model, stage.model_spec),
             }
             save_bundle(self.directory, None, config, meta, state=state, base_rows=base_rows)
             rank_zero_info(f"stage {stage.stage}: bundle written to {self.directory}")

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nextgpt import modality as modality_registry
@@ -140,8 +139,6 @@ class Generator:
 
     def _setup(self, model, tokenizer, conditioners, spec: ModelSpec, device) -> None:
         self.spec = spec
-        # the same as a config, for the readers that take its keys by path (nextgpt.evaluation)
-        self.model_cfg = OmegaConf.create(spec.as_dict())
         self.model, self.tokenizer, self.conditioners = model.to(device).eval(), tokenizer, conditioners
         self.device = torch.device(device)
         self.template = resolve_template(spec.llm.template, tokenizer)

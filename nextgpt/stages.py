@@ -139,11 +139,6 @@ class NextGPTStage(L.LightningModule):
         self._step_terms: dict[str, torch.Tensor] = {}  # loss shares of the current optimizer step
         self.start_step = 0
 
-    @property
-    def model_cfg(self) -> ModelSpec:
-        """The model spec, by the name the callbacks read it (``stage_bundle``, ``generation_samples``)."""
-        return self.model_spec
-
     # --- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:

@@ -11,11 +11,11 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from datamodules.json_datamodule import NextGPTDataModule
@@ -23,6 +23,7 @@ from nextgpt.bundles import load_bundle_config
 from nextgpt.evaluation.spec import EvalSpec, HeldoutSpec, eval_spec
 from nextgpt.evaluation.tasks import run_benchmark, stage_bundle
 from nextgpt.model_spec import ModelSpec
+from nextgpt.spec import LossSpec, OptimSpec
 from nextgpt.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,19 @@ def heldout_loss(spec: EvalSpec, data: HeldoutSpec) -> dict[str, Any]:
     run = load_bundle_config(bundle)
     stage_cls = STAGES[int(run.stage.number)]
     objective = data.objective or run.stage.objective
-    model_cfg = cast(dict[str, Any], OmegaConf.to_container(run.model, resolve=True))  # a mapping section
+    model = ModelSpec.from_config(run.model)  # the bundle's own model
     module = stage_cls(
-        model=model_cfg, optim=dict(run.stage.optim), loss=dict(run.stage.loss), init_from=str(bundle)
+        model=model,
+        optim=OptimSpec.of(run.stage.optim),
+        loss=LossSpec.of(run.stage.loss),
+        init_from=str(bundle),
     )
     module.aligns = (
         objective != "caption"
     )  # a stage-1 bundle asked about text-to-X is scored on alignment too
     module.configure_model()
     module.to(spec.device).eval()
-    dm = heldout_datamodule(
-        data, objective, ModelSpec.from_config(model_cfg), run.model.llm.template, spec.batch_size
-    )
+    dm = heldout_datamodule(data, objective, model, model.llm.template, spec.batch_size)
     dm.prepare_data()
     dm.setup("validate")
     held_out = dm.train_set

@@ -228,7 +228,7 @@ class BatchedGenerator:
                     torch.Generator(device="cpu").manual_seed(requests[i].seed + k) for i, k, _, _ in items
                 ],
                 output_type="np",
-                **dict(g.model_cfg.modalities[name].decoder.generate),
+                **dict(g.decoder(name).generate),
             )
             arrays = getattr(out, mod.pipeline_output)
             seconds = (time.perf_counter() - t0) / len(items)
@@ -244,6 +244,6 @@ class BatchedGenerator:
                         res.text,
                         requests[i].seed + k,
                         str(g.bundle),
-                        g.model_cfg.modalities[name].decoder.get("save", {}),
+                        g.decoder(name).save,
                     )
                     res.files.setdefault(name, []).append(mod.write(arrays[j], path, pipe, meta))

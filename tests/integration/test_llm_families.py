@@ -86,6 +86,6 @@ def test_family_trains_every_stage_and_answers(family, families, tiny_cache, tmp
     )[0]
     res = gen.chat(request["conversations"][0]["value"], max_new_tokens=8)
     assert "image" in res.signal_groups, res.text
-    size = dict(gen.model_cfg.modalities.image.decoder.generate)
+    size = dict(gen.decoder("image").generate)
     image = res.arrays["image"][0]
     assert image.shape == (size["height"], size["width"], 3) and np.isfinite(image).all()

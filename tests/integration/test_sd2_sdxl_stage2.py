@@ -66,7 +66,7 @@ def test_stage2_trains_and_decodes_with_sd2_and_sdxl(tiny_cache, tmp_path):
 
         bundle = tmp_path / "bundles" / f"+image_decoder={name}" / "stage2"
         gen = Generator(bundle)
-        decoder = gen.model_cfg.modalities.image.decoder
+        decoder = gen.decoder("image")
         assert decoder.path.endswith(f"tiny_backbones/{name}")
         assert decoder.conditioning == DECODERS[name]["conditioning"]
         feed = list(gen.model.layout.signal_ids["image"])
@@ -75,5 +75,6 @@ def test_stage2_trains_and_decodes_with_sd2_and_sdxl(tiny_cache, tmp_path):
         with torch.no_grad():
             image = gen.decode_group("image", hidden, feed, seed=1)
         assert (
-            image.shape == (decoder.generate.height, decoder.generate.width, 3) and np.isfinite(image).all()
+            image.shape == (decoder.generate["height"], decoder.generate["width"], 3)
+            and np.isfinite(image).all()
         )

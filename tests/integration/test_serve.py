@@ -105,7 +105,7 @@ def test_an_image_generated_on_request_by_url_and_as_base64(client, generator):
     assert expected.signal_groups == ["image"], expected.text
     assert message.content == expected.text and "<image>" in message.content
     assert [(m["type"], m["mime_type"]) for m in message.media] == [("image", "image/png")]
-    size = dict(generator.model_cfg.modalities.image.decoder.generate)
+    size = dict(generator.decoder("image").generate)
     fetched = httpx.get(message.media[0]["url"], timeout=30)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     pixels = np.asarray(Image.open(io.BytesIO(fetched.content)).convert("RGB"))

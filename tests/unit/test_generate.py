@@ -76,19 +76,19 @@ def test_signal_group_generates_a_file(generator, name, tmp_path):
     path = res.files[name][0]
     meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
     assert meta["prompt"] == prompt and meta["seed"] == 3 and meta["bundle"].endswith("stage3")
-    gen = generator.model_cfg.modalities[name].decoder.generate
+    gen = generator.decoder(name).generate
     if name == "image":
         img = Image.open(path)
-        assert img.size == (gen.width, gen.height) and img.text["prompt"] == prompt
+        assert img.size == (gen["width"], gen["height"]) and img.text["prompt"] == prompt
     elif name == "audio":
         wave, rate = sf.read(path)
         pipe = generator.pipeline(name)
         assert rate == pipe.vocoder.config.sampling_rate
-        assert abs(len(wave) - gen.audio_length_in_s * rate) <= 0.01 * rate and np.isfinite(wave).all()
+        assert abs(len(wave) - gen["audio_length_in_s"] * rate) <= 0.01 * rate and np.isfinite(wave).all()
     else:
         with av.open(str(path)) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        assert len(frames) == gen.num_frames and frames[0].shape == (gen.height, gen.width, 3)
+        assert len(frames) == gen["num_frames"] and frames[0].shape == (gen["height"], gen["width"], 3)
 
 
 def test_a_group_started_midway_is_repaired(generator, tmp_path):
