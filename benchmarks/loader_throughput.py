@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +28,7 @@ def main() -> None:
     from datamodules.prepare import prepare_nextgpt
     from datamodules.shard_datamodule import ShardDataModule
     from nextgpt.config import compose
+    from nextgpt.model_spec import ModelSpec
     from nextgpt.stages import Stage1EncodingAlignment
     from nextgpt.tiny import build_all
     from nextgpt.world.synthetic import write_synthetic
@@ -38,7 +38,7 @@ def main() -> None:
     data = write_synthetic(cache / "synthetic", num_per_modality=24, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([f"paths.root={tmp}", f"paths.cache_dir={cache}", "stage=1"], output_dir=tmp)
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg = ModelSpec.from_config(cfg.model)
         module = Stage1EncodingAlignment(
             model=model_cfg, optim=dict(cfg.stage.optim), loss=dict(cfg.stage.loss)
         )
