@@ -76,9 +76,9 @@ def old_load_video(path: Path, num_clips: int = 5, clip_duration: float = 2.0, f
     import av
     import torch
 
-    from nextgpt.encoders import preprocess as pre
+    from nextgpt.encoders.preprocess import video as pre
 
-    p = pre._existing(path)
+    p = pre.existing_source(path)
     with av.open(str(path)) as container:  # the old probe: a count and a rate, no timestamps kept
         stream = container.streams.video[0]
         count = sum(1 for pkt in container.demux(stream) if pkt.size > 0)
@@ -89,7 +89,7 @@ def old_load_video(path: Path, num_clips: int = 5, clip_duration: float = 2.0, f
     for idxs in per_clip:
         clip = torch.from_numpy(np.stack([frames[i] for i in idxs])).permute(3, 0, 1, 2).float()
         clip = pre._short_side_scale(clip / 255.0, pre.IMAGE_SIZE)
-        clip = pre._normalize_channels(clip, pre.CLIP_MEAN, pre.CLIP_STD, dim=0)
+        clip = pre.normalize_channels(clip, pre.CLIP_MEAN, pre.CLIP_STD, dim=0)
         out.extend(pre._uniform_crop(clip, pre.IMAGE_SIZE, k) for k in (0, 1, 2))
     return torch.stack(out, dim=0).contiguous()
 
@@ -235,9 +235,9 @@ def main() -> None:
     )
     for kind, impl, wall, rss_up, rss, traced, diff in rows:
         print(f"{kind:6} {impl:4} {wall:8.2f} {rss_up:9.0f} {rss:9.0f} {traced:11.2f} {diff:14.3g}")
-    from nextgpt.encoders import preprocess as pre
+    from nextgpt.encoders.preprocess import video as pre
 
-    src = pre._existing(mp4)
+    src = pre.existing_source(mp4)
     t0 = time.perf_counter()
     index = pre._probe_video(src)
     probe = time.perf_counter() - t0

@@ -31,6 +31,8 @@ from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cli.train import build_module
 from nextgpt.config import compose
 from nextgpt.decoders import TextConditioner
+from nextgpt.model import load_tokenizer
+from nextgpt.spec import run_spec
 from nextgpt.world.attributes import caption_attributes
 from nextgpt.world.synthetic import dataset_name, write_synthetic
 
@@ -75,9 +77,12 @@ def main() -> None:
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    cfg = compose([f"stage={args.stage}", *args.overrides], output_dir=tempfile.mkdtemp())
+    cfg = compose(
+        [f"stage={args.stage}", f"init_from={args.bundle}", *args.overrides], output_dir=tempfile.mkdtemp()
+    )
     OmegaConf.resolve(cfg)
-    module = build_module(cfg, args.bundle)
+    spec = run_spec(cfg)
+    module = build_module(cfg, spec, load_tokenizer(spec.model))  # as train.py builds it
     module.configure_model()
     module.eval()
     dec = cfg.model.modalities.image.decoder
