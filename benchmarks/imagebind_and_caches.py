@@ -76,9 +76,9 @@ def main() -> None:
     configs = [("tiny", ImageBindConfig.tiny(), 8)]
     if not args.skip_huge:
         configs.append(("huge", ImageBindConfig.huge(), args.huge_items))
-    for label, cfg, n in configs:
+    for label, arch, n in configs:
         torch.manual_seed(0)
-        model = ImageBindModel(cfg).eval()
+        model = ImageBindModel(arch).eval()
         for name in ("image", "audio", "video"):
             dec, enc = throughput(model, name, synthetic_items(cache, name, n))
             print(f"{label:6} {name:8} {n:>5} {dec:>15.2f} {enc:>15.2f}")

@@ -28,6 +28,7 @@ def main() -> None:
     from datamodules.prepare import prepare_nextgpt
     from datamodules.shard_datamodule import ShardDataModule
     from nextgpt.config import compose
+    from nextgpt.data_source import SourceEntry
     from nextgpt.model_spec import ModelSpec
     from nextgpt.stages import Stage1EncodingAlignment
     from nextgpt.tiny import build_all
@@ -46,7 +47,7 @@ def main() -> None:
         opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
         print(f"{'modality':8} {'loader samples/s':>17} {'train step samples/s':>21} {'loader / step':>14}")
         for name, root in data.items():
-            src = {"name": root.name, "modality": name, "root": str(root), "weight": 1}
+            src: SourceEntry = {"name": root.name, "modality": name, "root": str(root), "weight": 1}
             prepare_nextgpt(
                 root, root.name, name, Path(tmp) / "shards" / root.name, sets=["pairs"], shard_size=6
             )
