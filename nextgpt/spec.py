@@ -23,13 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from nextgpt.config import OBJECTIVES, STAGES, ConfigError
-from nextgpt.model_spec import ModelSpec
+from nextgpt.model_spec import ModelSpec, plain
 
 
 # --- the batch ---------------------------------------------------------------------------------
@@ -111,15 +111,6 @@ def batch_plan(cfg: DictConfig) -> BatchPlan:
 
 
 # --- the stage ---------------------------------------------------------------------------------
-def _plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain, resolved dict ({} for null)."""
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
-    return dict(node)
-
-
 @dataclass(frozen=True)
 class LossSpec:
     """The weights of a stage's loss terms (``stage.loss``)."""
@@ -132,7 +123,7 @@ class LossSpec:
 
     @classmethod
     def of(cls, node: Any) -> LossSpec:
-        d = _plain(node)
+        d = plain(node)
         chunk = d.get("logits_chunk")
         return cls(
             ce=float(d.get("ce", 1.0)),
@@ -170,7 +161,7 @@ class OptimSpec:
 
     @classmethod
     def of(cls, node: Any) -> OptimSpec:
-        d = _plain(node)
+        d = plain(node)
         betas = d.get("betas") or (0.9, 0.999)
         return cls(
             lr=float(d["lr"]),
@@ -231,7 +222,7 @@ class ShardingSpec:
     @classmethod
     def of(cls, node: Any) -> ShardingSpec | None:
         """The spec of a ``sharding`` node; None for null (or empty: nothing is sharded)."""
-        d = _plain(node)
+        d = plain(node)
         if not d:
             return None
         wrap = d.get("wrap", ["DecoderLayer"])

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.identity import forget, source_identity
 from datamodules.shard_versions import shard_set
-from datamodules.sources import data_path_errors
+from datamodules.sources import DatasetFiles, data_path_errors
 from nextgpt.cli import dataset_files
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.data_source import SourceIdentity
@@ -121,21 +121,20 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def data_signatures(cfg: DictConfig) -> dict[str, SourceIdentity]:
+def data_signatures(dataset: DatasetFiles, objective: str) -> dict[str, SourceIdentity]:
     """The identity of every data source the run reads from a data root (``datamodules.identity``:
     resolved root, JSON files, media): another root or edited data is another run."""
-    media = str(cfg.dataset.get("media_identity", "listing"))
     return {
         src.name: source_identity(
             src.root,
             src.name,
             src.modality,
-            shard_set(cfg.stage.objective),
-            media,
-            file=src.get("file") if src.get("format", "nextgpt") != "nextgpt" else None,
+            shard_set(objective),
+            dataset.media_identity,
+            file=src.file if src.format != "nextgpt" else None,
         )
-        for src in cfg.dataset.sources
-        if src.get("root") and not src.get("urls") and Path(src.root).is_dir()
+        for src in dataset.sources
+        if src.root and not src.urls and Path(src.root).is_dir()
     }
 
 
@@ -162,7 +161,7 @@ def check_memory_plan(cfg: DictConfig, spec: RunSpec) -> None:
 
 
 def prepare_run(
-    cfg: DictConfig, spec: RunSpec, held: contextlib.ExitStack
+    cfg: DictConfig, spec: RunSpec, dataset: DatasetFiles, held: contextlib.ExitStack
 ) -> tuple[RunDir, RunIdentity, str | None]:
     """Give the run its identity (a key over its training config and what it starts from) and its
     checkpoint folder, and decide where it starts: (run, identity, checkpoint or None). The run's
@@ -170,7 +169,7 @@ def prepare_run(
     Only global rank 0 changes files here, holding the run's lock (in ``held``) so that the same run
     started twice at once is refused; the other ranks reach the same decision."""
     init_from = None if spec.init_from is None else str(spec.init_from)
-    identity = run_identity(cfg, init_from, data=data_signatures(cfg))
+    identity = run_identity(cfg, init_from, data=data_signatures(dataset, spec.stage.objective))
     key = run_key(identity)
     run = RunDir(spec.paths.checkpoints / key)
     cfg.run.key, cfg.run.dir, cfg.run.bundle = key, str(run.path), str(spec.bundle)
@@ -194,14 +193,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # DeepSpeed's own config checks, before any weight loads
         deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
     prepare_backbones(cfg, spec.model)
-    validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset_files(cfg), spec.stage.objective))
+    dataset = dataset_files(cfg)  # the dataset's sources, once: their path checks and identities
+    validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset, spec.stage.objective))
     check_memory_plan(cfg, spec)  # may refuse (it would not fit): before anything loads
     # the first folders this run creates: found now, not after training
     if errors := unwritable_errors(spec.paths):
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
         # may refuse (a finished or running run): before anything loads
-        run, identity, ckpt_path = prepare_run(cfg, spec, held)
+        run, identity, ckpt_path = prepare_run(cfg, spec, dataset, held)
         return fit(cfg, spec, run, identity, ckpt_path)
 
 

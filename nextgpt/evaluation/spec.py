@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nextgpt.config import ConfigError
+from nextgpt.model_spec import plain
 
 KINDS = ("caption", "generate")  # caption: X -> text; generate: text -> X
 HELDOUT = "heldout_loss"
@@ -39,15 +40,6 @@ WANDB_ARGS = ("name", "tags")
 
 
 # --- reading the config ------------------------------------------------------------------------
-def _plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain, resolved dict ({} for null)."""
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
-    return dict(node)
-
-
 def _value(node: Any, key: str) -> Any:
     """An entry of a config node, resolved (a node as a plain dict or list)."""
     v = node[key]
@@ -100,8 +92,8 @@ class BenchmarkSpec:
         return cls(
             reader=str(node.reader),
             root=str(node.root),
-            options=_plain(node.get("options")),
-            recorded=_plain(node),
+            options=plain(node.get("options")),
+            recorded=plain(node),
         )
 
 
@@ -122,7 +114,7 @@ class GenerationSpec:
             temperature=_float(node.temperature, "task.generation.temperature"),
             top_p=_float(node.top_p, "task.generation.top_p"),
             decode=bool(node.get("decode", True)),
-            recorded=_plain(node),
+            recorded=plain(node),
         )
 
 
@@ -151,7 +143,7 @@ class TaskSpec:
             generation=GenerationSpec.of(node.generation),
             metrics=tuple(str(m) for m in node.metrics),
             answer=_optional_str(node.get("answer")),
-            paper=_plain(node.paper) if node.get("paper") else {},
+            paper=plain(node.paper) if node.get("paper") else {},
         )
 
     @property
