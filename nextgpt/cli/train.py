@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.memory_plan import MemoryPlan, PlanRefused
 from datamodules.identity import forget, source_identity
 from datamodules.shard_versions import shard_set
 from datamodules.sources import DatasetFiles, data_path_errors
@@ -22,8 +23,7 @@ from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.model_spec import ModelSpec
-from nextgpt.plan import PlanSettings, check_fits, device_figures, make_plan
-from nextgpt.plan.meta import PlanError
+from nextgpt.plan import PlanSettings
 from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
     RunDir,
@@ -95,10 +95,14 @@ def instantiate_all(node: Any) -> list:
     return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, spec: RunSpec) -> L.Trainer:
+    """``trainer`` with the configured callbacks and loggers, and the memory plan (``plan.check``):
+    made when the trainer sets up, before the model loads, and refusing a run that would not fit."""
+    settings = PlanSettings.of(cfg)
+    plan = [MemoryPlan(spec, settings)] if settings.check else []
     return hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=instantiate_all(cfg.get("callbacks")),
+        callbacks=[*instantiate_all(cfg.get("callbacks")), *plan],
         logger=instantiate_all(cfg.get("logger")) or False,
     )
 
@@ -138,28 +142,6 @@ def data_signatures(dataset: DatasetFiles, objective: str) -> dict[str, SourceId
     }
 
 
-def check_memory_plan(cfg: DictConfig, spec: RunSpec) -> None:
-    """Print the memory plan (nextgpt.plan) and refuse a run that would not fit the device."""
-    if not (cfg.get("plan") or {}).get("check", True):
-        return
-    try:
-        settings = PlanSettings.of(cfg)
-        plan = make_plan(spec, settings)
-    except PlanError as e:  # a backbone with no readable config: the run itself reports what is missing
-        log.warning("no memory plan: %s", e)
-        return
-    except Exception as e:  # a model the estimate does not know how to read must not stop a run
-        log.warning("no memory plan (%s: %s); set plan.check=false to skip it", type(e).__name__, e)
-        return
-    rank_zero_info(plan.table())
-    _, _, memory = device_figures(settings)
-    refusal = check_fits(plan, memory, settings.allow_over_memory)
-    if refusal:
-        raise RunError(refusal)
-    if memory is not None and plan.total > memory * 2**30:
-        log.warning("the plan exceeds the device memory; starting anyway (plan.allow_over_memory=true)")
-
-
 def prepare_run(
     cfg: DictConfig, spec: RunSpec, dataset: DatasetFiles, held: contextlib.ExitStack
 ) -> tuple[RunDir, RunIdentity, str | None]:
@@ -195,7 +177,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepare_backbones(cfg, spec.model)
     dataset = dataset_files(cfg)  # the dataset's sources, once: their path checks and identities
     validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset, spec.stage.objective))
-    check_memory_plan(cfg, spec)  # may refuse (it would not fit): before anything loads
     # the first folders this run creates: found now, not after training
     if errors := unwritable_errors(spec.paths):
         raise ConfigError(errors)
@@ -219,7 +200,7 @@ def fit(
     tokens = load_tokenizer(spec.model)  # once: data and model
     datamodule = build_datamodule(cfg, spec, tokens)
     module = build_module(cfg, spec, tokens)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, spec)
     if trainer.is_global_zero:
         run.write(
             key=run.path.name,
@@ -234,6 +215,10 @@ def fit(
         log.info("resuming stage %s from %s (step %d)", number, ckpt_path, module.start_step)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except PlanRefused:  # before the model loaded: the run folder says so (no checkpoint to resume)
+        if trainer.is_global_zero:
+            run.write(status="refused", global_step=module.start_step)
+        raise
     finally:
         _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -116,9 +116,11 @@ def test_a_run_over_the_device_memory_is_refused_by_its_plan(tiny_cache, tmp_pat
     assert res.returncode == 2, out[-3000:]
     assert "the memory plan needs" in out and "more than the device's 0.0 GiB" in out and "activations" in out
     assert "plan.allow_over_memory=true" in out
-    assert (
-        "Loading weights" not in out and not (tmp_path / "checkpoints").exists()
-    )  # refused before any weight loads
+    # refused as the trainer set up: no weight loaded, the model never built (configure_model logs its counts)
+    assert "Loading weights" not in out and "Stage1EncodingAlignment): trainable" not in out
+    (record,) = (tmp_path / "checkpoints").rglob("run.json")
+    assert json.loads(record.read_text())["status"] == "refused"
+    assert not list(record.parent.glob("*.ckpt"))  # nothing to resume: nothing was trained
 
 
 def test_packed_batches_train_stages_1_and_2(tiny_cache, tmp_path):
