@@ -9,8 +9,11 @@ from pathlib import Path
 
 import lightning as L
 
+from datamodules.identity import source_identity
+from datamodules.shard_versions import shard_set
+from datamodules.sources import DatasetFiles, data_path_errors
 from datamodules.steps import EpochProgress
-from nextgpt.data_source import DataSource, PairSettings, SourceEntry, data_sources
+from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SourceIdentity, data_sources
 from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.model_spec import ModelSpec
 from nextgpt.prompts import PairStyle
@@ -45,8 +48,12 @@ class SourceDataModule(L.LightningDataModule):
         pairs: PairSettings | None = None,
         pack: bool = False,
         tokens: Tokens | None = None,
+        name: str = "",
+        media_identity: str = "listing",
     ):
         super().__init__()
+        self.dataset_name = name  # dataset.name, for messages
+        self.media_identity = media_identity  # dataset.media_identity: how media enter the identity
         # the tokenizer and token layout the model uses too (train.py loads them once for both);
         # None: setup loads them from model.llm.path
         self.tokens = tokens
@@ -69,6 +76,35 @@ class SourceDataModule(L.LightningDataModule):
         )  # where unwritable data caches go
         self.conversations_by_source: list = []
         self.progress = EpochProgress()
+
+    # --- what train.py asks before anything is read --------------------------------------------
+    def dataset_files(self) -> DatasetFiles:
+        """What :func:`path_errors` checks: each data module says how it reads its sources."""
+        raise NotImplementedError
+
+    def path_errors(self) -> list[str]:
+        """What the sources lack for this objective, each naming its ``dataset.sources[i]`` key."""
+        return data_path_errors(self.dataset_files(), self.objective)
+
+    def identity(self) -> dict[str, SourceIdentity]:
+        """The identity of every source read from a data root (:mod:`datamodules.identity`: the
+        resolved root, JSON files, media): another root or edited data is another run."""
+        return {
+            src.name: source_identity(
+                src.root,
+                src.name,
+                src.modality,
+                shard_set(self.objective),
+                self.media_identity,
+                file=src.file if src.format != "nextgpt" else None,
+            )
+            for src in self.sources
+            if src.root and not src.urls and Path(src.root).is_dir()
+        }
+
+    def share_tokens(self, tokens: Tokens) -> None:
+        """Read with the model's tokenizer and token layout (train.py loads them once for both)."""
+        self.tokens = tokens
 
     def tokenizer_and_layout(self) -> Tokens:
         """The tokenizer with NExT-GPT's tokens, and their layout: the model's own when given."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.records import EpochState
+from datamodules.sources import DatasetFiles
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.captions import CaptionTargets
@@ -58,6 +59,8 @@ class NextGPTDataModule(SourceDataModule):
         pack: bool = False,
         mix: str = "weighted",
         tokens: Tokens | None = None,
+        name: str = "",
+        media_identity: str = "listing",
     ):
         super().__init__(
             sources,
@@ -73,6 +76,8 @@ class NextGPTDataModule(SourceDataModule):
             pairs,
             pack,
             tokens,
+            name,
+            media_identity,
         )
         if mix not in ("weighted", "balanced"):
             raise ValueError(
@@ -87,6 +92,16 @@ class NextGPTDataModule(SourceDataModule):
         self.train_set: ConversationDataset | None = None
         self.val_set: ConversationDataset | None = None
         self.skipped_entries: Counter = Counter()
+
+    def dataset_files(self) -> DatasetFiles:
+        return DatasetFiles(
+            self.dataset_name,
+            tuple(self.sources),
+            "",
+            "json",
+            self.synthetic is not None,
+            media_identity=self.media_identity,
+        )
 
     def prepare_data(self) -> None:
         if self.synthetic:

@@ -43,6 +43,7 @@ from datamodules.shard_versions import (
 from datamodules.shards import ShardStream, TrackingCollate
 from datamodules.shards.files import expand_shards
 from datamodules.shards.sample import ShardSample
+from datamodules.sources import DatasetFiles
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.atomic import holding
@@ -90,6 +91,7 @@ class ShardDataModule(SourceDataModule):
         pack: bool = False,
         media_identity: str = "listing",
         tokens: Tokens | None = None,
+        name: str = "",
     ):
         super().__init__(
             sources,
@@ -105,8 +107,9 @@ class ShardDataModule(SourceDataModule):
             pairs,
             pack,
             tokens,
+            name,
+            media_identity,
         )
-        self.media_identity = media_identity
         self.folders: dict[str, Path] = {}  # source name -> the shard folder setup chose
         self._holds = contextlib.ExitStack()  # shared locks on the shard versions this run reads
         self.versions = ShardVersions(objective, shards_root, shard_size, source_changed, media_identity)
@@ -117,6 +120,16 @@ class ShardDataModule(SourceDataModule):
         self.stream: ShardStream | None = None
         self._pending_state: StreamState | None = None
         self.progress = EpochProgress()
+
+    def dataset_files(self) -> DatasetFiles:
+        return DatasetFiles(
+            self.dataset_name,
+            tuple(self.sources),
+            self.shards_root,
+            "shards",
+            source_changed=self.source_changed,
+            media_identity=self.media_identity,
+        )
 
     def prepare_data(self) -> None:
         """Write the shards of sources that have the NExT-GPT layout and no shards of their current

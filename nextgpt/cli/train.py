@@ -14,10 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory_plan import MemoryPlan, PlanRefused
-from datamodules.identity import forget, source_identity
-from datamodules.shard_versions import shard_set
-from datamodules.sources import DatasetFiles, data_path_errors
-from nextgpt.cli import dataset_files
+from datamodules.base import SourceDataModule
+from datamodules.identity import forget
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
@@ -61,9 +59,10 @@ def denoise_targets(spec: RunSpec) -> dict[str, dict[str, Any]]:
     return {name: target_spec(dec) for name, dec in spec.model.generated.items() if dec.denoise}
 
 
-def build_datamodule(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> L.LightningDataModule:
-    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model,
-    with the model's spec and tokenizer (objects are handed to the partial, never merged into a config)."""
+def build_datamodule(cfg: DictConfig, spec: RunSpec) -> SourceDataModule:
+    """``dataset.datamodule`` (its ``_target_`` and settings), for this stage's objective and model
+    (the spec is handed to the partial, never merged into a config). Nothing is read yet: train()
+    asks it for its path checks and its data's identity, then shares the model's tokenizer with it."""
     extra = {"denoise_targets": denoise_targets(spec)} if cfg.dataset.get("loader", "json") == "json" else {}
     factory = hydra.utils.instantiate(
         cfg.dataset.datamodule,
@@ -72,7 +71,7 @@ def build_datamodule(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> L.Lightn
         _partial_=True,
         **extra,
     )
-    return factory(model=spec.model, tokens=tokens)
+    return factory(model=spec.model)
 
 
 def build_module(cfg: DictConfig, spec: RunSpec, tokens: Tokens) -> NextGPTStage:
@@ -125,33 +124,17 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def data_signatures(dataset: DatasetFiles, objective: str) -> dict[str, SourceIdentity]:
-    """The identity of every data source the run reads from a data root (``datamodules.identity``:
-    resolved root, JSON files, media): another root or edited data is another run."""
-    return {
-        src.name: source_identity(
-            src.root,
-            src.name,
-            src.modality,
-            shard_set(objective),
-            dataset.media_identity,
-            file=src.file if src.format != "nextgpt" else None,
-        )
-        for src in dataset.sources
-        if src.root and not src.urls and Path(src.root).is_dir()
-    }
-
-
 def prepare_run(
-    cfg: DictConfig, spec: RunSpec, dataset: DatasetFiles, held: contextlib.ExitStack
+    cfg: DictConfig, spec: RunSpec, data: dict[str, SourceIdentity], held: contextlib.ExitStack
 ) -> tuple[RunDir, RunIdentity, str | None]:
-    """Give the run its identity (a key over its training config and what it starts from) and its
-    checkpoint folder, and decide where it starts: (run, identity, checkpoint or None). The run's
-    folders go into ``cfg.run`` for the callbacks' interpolations (``${run.dir}``, ``${run.bundle}``).
-    Only global rank 0 changes files here, holding the run's lock (in ``held``) so that the same run
-    started twice at once is refused; the other ranks reach the same decision."""
+    """Give the run its identity (a key over its training config, what it starts from and ``data``,
+    the identity of each data source) and its checkpoint folder, and decide where it starts: (run,
+    identity, checkpoint or None). The run's folders go into ``cfg.run`` for the callbacks'
+    interpolations (``${run.dir}``, ``${run.bundle}``). Only global rank 0 changes files here,
+    holding the run's lock (in ``held``) so that the same run started twice at once is refused; the
+    other ranks reach the same decision."""
     init_from = None if spec.init_from is None else str(spec.init_from)
-    identity = run_identity(cfg, init_from, data=data_signatures(dataset, spec.stage.objective))
+    identity = run_identity(cfg, init_from, data=data)
     key = run_key(identity)
     run = RunDir(spec.paths.checkpoints / key)
     cfg.run.key, cfg.run.dir, cfg.run.bundle = key, str(run.path), str(spec.bundle)
@@ -175,21 +158,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # DeepSpeed's own config checks, before any weight loads
         deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
     prepare_backbones(cfg, spec.model)
-    dataset = dataset_files(cfg)  # the dataset's sources, once: their path checks and identities
-    validate_paths(spec, cfg.get("init_from"), data_path_errors(dataset, spec.stage.objective))
+    datamodule = build_datamodule(cfg, spec)  # its sources, parsed once: path checks and identities
+    validate_paths(spec, cfg.get("init_from"), datamodule.path_errors())
     # the first folders this run creates: found now, not after training
     if errors := unwritable_errors(spec.paths):
         raise ConfigError(errors)
     with contextlib.ExitStack() as held:
         # may refuse (a finished or running run): before anything loads
-        run, identity, ckpt_path = prepare_run(cfg, spec, dataset, held)
-        return fit(cfg, spec, run, identity, ckpt_path)
+        run, identity, ckpt_path = prepare_run(cfg, spec, datamodule.identity(), held)
+        return fit(cfg, spec, datamodule, run, identity, ckpt_path)
 
 
 def fit(
-    cfg: DictConfig, spec: RunSpec, run: RunDir, identity: RunIdentity, ckpt_path: str | None
+    cfg: DictConfig,
+    spec: RunSpec,
+    datamodule: SourceDataModule,
+    run: RunDir,
+    identity: RunIdentity,
+    ckpt_path: str | None,
 ) -> dict[str, float]:
-    """Build the data, the stage and the trainer, train, and mark the run finished."""
+    """Build the stage and the trainer, train on ``datamodule``, and mark the run finished."""
     OmegaConf.resolve(cfg)
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
@@ -198,7 +186,7 @@ def fit(
     rank_zero_info(f"stage {number} run {run.path.name}: checkpoints in {run.path}, bundle {spec.bundle}")
     L.seed_everything(spec.seed, workers=True)
     tokens = load_tokenizer(spec.model)  # once: data and model
-    datamodule = build_datamodule(cfg, spec, tokens)
+    datamodule.share_tokens(tokens)
     module = build_module(cfg, spec, tokens)
     trainer = build_trainer(cfg, spec)
     if trainer.is_global_zero:
