@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -199,3 +200,10 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapped
+
+
+def prepare_backbones(cfg: DictConfig) -> None:
+    """Run ``model.backbones``, what the model config names to make its backbones before anything
+    reads them (the tiny and world models build theirs; a model of real weights has none)."""
+    if cfg.model.get("backbones") is not None:
+        hydra.utils.instantiate(cfg.model.backbones)

@@ -345,8 +345,6 @@ class ModelSpec:
     lora: LoraSpec | None = None  # None: no adapters configured (stage 3 needs them)
     markers: str = "per_modality"  # or "shared": <Img> </Img> around every modality
     vocab_rows: str = "new"  # or "all": every row of the embedding and head trains
-    build_tiny: bool = False  # build the tiny backbones when they are missing
-    build_world: bool | str = False  # build the toy world's backbones ("small": the tests' version)
     generation: GenerationSpec | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys of ``model`` not named above
 
@@ -360,9 +358,8 @@ class ModelSpec:
         "lora",
         "markers",
         "vocab_rows",
-        "build_tiny",
-        "build_world",
         "generation",
+        "backbones",  # how the backbones are made (nextgpt.config.prepare_backbones), not the model
     )
 
     @classmethod
@@ -375,7 +372,6 @@ class ModelSpec:
         mods = _section(d, "modalities", "model")
         lora = d.get("lora")
         generation = d.get("generation")
-        build_world = d.get("build_world") or False
         return cls(
             name=str(d.get("name") or "?"),
             llm=LLMSpec.of(_section(d, "llm", "model")),
@@ -390,8 +386,6 @@ class ModelSpec:
             lora=None if lora is None else LoraSpec.of(_section(d, "lora", "model")),
             markers=str(d.get("markers") or "per_modality"),
             vocab_rows=str(d.get("vocab_rows") or "new"),
-            build_tiny=bool(d.get("build_tiny")),
-            build_world=build_world if isinstance(build_world, bool) else str(build_world),
             generation=None if generation is None else GenerationSpec.of(_section(d, "generation", "model")),
             extra=_extra(d, cls.KEYS),
         )
@@ -412,11 +406,6 @@ class ModelSpec:
         """``model.vocab_rows=all``: every row of the LLM's embedding and head trains."""
         return self.vocab_rows == "all"
 
-    @property
-    def builds_backbones(self) -> bool:
-        """Are the backbones built here (tiny ones, or the toy world's) when missing?"""
-        return self.build_tiny or bool(self.build_world)
-
     def need_lora(self) -> LoraSpec:
         """``model.lora``, which a LoRA stage needs."""
         if self.lora is None:
@@ -435,8 +424,6 @@ class ModelSpec:
             "lora": None if self.lora is None else self.lora.as_dict(),
             "markers": self.markers,
             "vocab_rows": self.vocab_rows,
-            "build_tiny": self.build_tiny,
-            "build_world": self.build_world,
         }
         if self.generation is not None:
             out["generation"] = self.generation.as_dict()

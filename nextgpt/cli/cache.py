@@ -23,7 +23,14 @@ from datamodules.caches import ShardPass, build_shard_caches, source_contents
 from datamodules.sources import data_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
 from nextgpt.cli import dataset_files
-from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
+from nextgpt.config import (
+    CONFIG_DIR,
+    ConfigError,
+    main_guard,
+    normalize_overrides,
+    prepare_backbones,
+    register_resolvers,
+)
 from nextgpt.data_source import SourceEntry, data_sources
 from nextgpt.model import load_conditioners, load_encoder
 from nextgpt.model_spec import ModelSpec
@@ -110,11 +117,7 @@ def main() -> None:
     @main_guard
     def run(cfg) -> None:
         model = ModelSpec.from_config(cfg.model)
-        if model.builds_backbones:
-            from nextgpt.world import build  # deferred: nextgpt.world stays off the real-weights path
-
-            world = Path(str(cfg.paths.world_backbones)) if model.build_world else None
-            build.prepare(model, Path(str(cfg.paths.backbones)), world)
+        prepare_backbones(cfg)
         errors = backbone_path_errors(model) + data_path_errors(dataset_files(cfg), "caption")
         if errors:
             raise ConfigError(errors)

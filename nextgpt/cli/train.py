@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,11 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.memory_plan import MemoryPlan, PlanRefused
 from datamodules.base import SourceDataModule
 from datamodules.identity import forget
-from nextgpt.config import ConfigError, launch_rank
+from nextgpt.config import ConfigError, launch_rank, prepare_backbones
 from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
 from nextgpt.model import Tokens, load_tokenizer
-from nextgpt.model_spec import ModelSpec
 from nextgpt.plan import PlanSettings
 from nextgpt.preflight import unwritable_errors, validate_paths
 from nextgpt.runs import (
@@ -41,15 +39,6 @@ from nextgpt.stages import NextGPTStage
 from nextgpt.strategies import deepspeed_preflight
 
 log = logging.getLogger(__name__)
-
-
-def prepare_backbones(cfg: DictConfig, model: ModelSpec) -> None:
-    """Build the tiny backbones (and the world-trained ones) once, when the model config asks for them."""
-    if model.builds_backbones:
-        from nextgpt.world.build import prepare  # deferred: the real-weights path never imports nextgpt.world
-
-        world = Path(str(cfg.paths.world_backbones)) if model.build_world else None
-        prepare(model, Path(str(cfg.paths.backbones)), world)
 
 
 def denoise_targets(spec: RunSpec) -> dict[str, dict[str, Any]]:
@@ -157,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         # DeepSpeed's own config checks, before any weight loads
         deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
-    prepare_backbones(cfg, spec.model)
+    prepare_backbones(cfg)  # model.backbones: the tiny and world models build theirs
     datamodule = build_datamodule(cfg, spec)  # its sources, parsed once: path checks and identities
     validate_paths(spec, cfg.get("init_from"), datamodule.path_errors())
     # the first folders this run creates: found now, not after training

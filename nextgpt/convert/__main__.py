@@ -36,7 +36,7 @@ from nextgpt.bundles import (
     load_bundle_weights,
     save_bundle,
 )
-from nextgpt.config import ConfigError, compose, register_resolvers
+from nextgpt.config import ConfigError, compose, prepare_backbones, register_resolvers
 from nextgpt.convert.hf import export_hf
 from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key, to_legacy
 from nextgpt.model import NextGPT, build_nextgpt
@@ -45,7 +45,6 @@ from nextgpt.preflight import backbone_path_errors
 from nextgpt.runs import RunError
 from nextgpt.schema import validate
 from nextgpt.stages import STAGES
-from nextgpt.tiny import build_all
 
 log = logging.getLogger("nextgpt.convert")
 COMMANDS = ("from_legacy", "to_legacy", "to_hf")
@@ -111,8 +110,7 @@ def import_legacy(
     cfg = compose(["experiment=nextgpt_legacy", f"stage={stage}", *overrides], output_dir=str(out.parent))
     validate(cfg)
     spec = ModelSpec.from_config(cfg.model)
-    if spec.build_tiny:
-        build_all(Path(cfg.paths.backbones))
+    prepare_backbones(cfg)
     errors = backbone_path_errors(
         spec
     )  # validate_paths' backbone half (its stage-bundle check is for training)

@@ -29,7 +29,6 @@ import torch
 
 from nextgpt.atomic import building, exclusive, install
 from nextgpt.encoders.imagebind import ImageBindModel
-from nextgpt.model_spec import ModelSpec
 from nextgpt.tiny import IMAGEBIND_FILE, build_all, imagebind_layout_hash, tiny_imagebind_config
 from nextgpt.world.decoders import WorldDecodersSettings, train_world_decoder
 from nextgpt.world.imagebind import WorldImageBindSettings, train_world_imagebind
@@ -125,16 +124,14 @@ def build_world(
     return out
 
 
-def prepare(model: ModelSpec, backbones: Path, world_backbones: Path | None) -> None:
-    """Build what a model config asks for (``build_tiny``, ``build_world``), before anything loads:
-    the tiny backbones into ``backbones`` (``paths.backbones``), the world-trained ones into
-    ``world_backbones`` (``paths.world_backbones``, needed under ``build_world``)."""
-    if model.builds_backbones:
-        build_all(backbones)
-    if model.build_world:
-        if world_backbones is None:
-            raise ValueError("model.build_world is set: paths.world_backbones is needed")
-        build_world(world_backbones, backbones, small=model.build_world == "small")
+def prepare(tiny: str | Path, world: str | Path | None = None, small: bool = False) -> None:
+    """``model.backbones`` of the tiny and world models: build, when missing, the tiny backbones into
+    ``tiny`` (``paths.backbones``) and, given ``world`` (``paths.world_backbones``), the ones trained
+    on the toy world from them (``small``: the short build the tests use). Several processes may
+    call it at once: one builds, the others wait for it (:mod:`nextgpt.atomic`)."""
+    build_all(Path(tiny))
+    if world is not None:
+        build_world(Path(world), Path(tiny), small=small)
 
 
 def main(argv: list[str] | None = None) -> int:

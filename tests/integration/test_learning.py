@@ -3,7 +3,7 @@ the golden losses were stored (as Megatron-LM's functional tests). A change that
 alignment loss, the data, the trainable set, the optimizer) moves the losses off the golden track;
 one that breaks function fails the scorecard checks.
 
-The run: the small world build (``model.build_world=small``, shared with the build test), 64 world
+The run: the small world build (``model.backbones.small=true``, shared with the build test), 64 world
 items per modality, stage 1 (240 steps) then stage 2 (160 steps), seed 0, one process; then
 ``evaluate.py -m`` on each bundle with held-out items, asked in words no training text holds:
 stage 1 names the colour of images and videos above chance, stage 2 answers with the asked
@@ -52,7 +52,7 @@ REQUEST_WORDING = "Send me the ${task.modality} of {caption}, would you?"
 def settings(work: Path, world: Path) -> list[str]:
     return [
         "model=world",
-        "model.build_world=small",
+        "model.backbones.small=true",
         f"paths.world_backbones={world}",
         "dataset=world",
         "dataset.synthetic.num_per_modality=64",

@@ -341,7 +341,7 @@ def test_a_moved_backbone_folder_is_found_again(tiny_cache, tmp_path):
             "trainer.max_steps=1",
             *QUIET,
             f"paths.backbones={moved / 'tiny_backbones'}",
-            "model.build_tiny=false",
+            "model.backbones=null",
         )
     )
     shutil.rmtree(moved)

@@ -203,7 +203,7 @@ def test_missing_data_path_is_named(tmp_path):
         f"paths.data_root={missing}",
         "trainer.max_steps=2",
         f"paths.root={tmp_path}",
-        "model.build_tiny=false",
+        "model.backbones=null",
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert str(missing / "cc3m" / "cc3m.json") in res.stderr

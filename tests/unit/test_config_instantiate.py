@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nextgpt.config import CONFIG_DIR, ConfigError, compose
 from nextgpt.evaluation.readers import READERS
+from nextgpt.model_spec import ModelSpec
 from nextgpt.schema import validate
 
 # groups of train.yaml; evaluate.yaml's own group is task/ (below); base/ holds shared dataset keys
@@ -137,12 +138,12 @@ def test_every_option_builds_what_it_names(group, option, tmp_path, monkeypatch)
     module = hydra.utils.instantiate(cfg.stage.module)
     assert isinstance(module, functools.partial) and module.func.stage == cfg.stage.number
 
-    datamodule = hydra.utils.instantiate(
-        cfg.dataset.datamodule,
-        objective=cfg.stage.objective,
-        model=OmegaConf.to_container(cfg.model),
-        _convert_="all",
+    factory = hydra.utils.instantiate(
+        cfg.dataset.datamodule, objective=cfg.stage.objective, _convert_="all", _partial_=True
     )
+    # as train.py does: the model's spec handed to the partial, never merged into a config (the model
+    # config names what builds its backbones, which instantiate would run)
+    datamodule = factory(model=ModelSpec.from_config(cfg.model))
     assert datamodule.batch_size == cfg.dataset.batch_size
 
     strategy = cfg.trainer.get("strategy")
