@@ -11,7 +11,6 @@ import lightning as L
 
 from datamodules.identity import source_identity
 from datamodules.shard_versions import shard_set
-from datamodules.sources import DatasetFiles, data_path_errors
 from datamodules.steps import EpochProgress
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SourceIdentity, data_sources
 from nextgpt.model import Tokens, load_tokenizer
@@ -78,13 +77,10 @@ class SourceDataModule(L.LightningDataModule):
         self.progress = EpochProgress()
 
     # --- what train.py asks before anything is read --------------------------------------------
-    def dataset_files(self) -> DatasetFiles:
-        """What :func:`path_errors` checks: each data module says how it reads its sources."""
-        raise NotImplementedError
-
     def path_errors(self) -> list[str]:
-        """What the sources lack for this objective, each naming its ``dataset.sources[i]`` key."""
-        return data_path_errors(self.dataset_files(), self.objective)
+        """What the sources lack for this objective, each naming its ``dataset.sources[i]`` key:
+        each data module checks its sources as it reads them."""
+        raise NotImplementedError
 
     def identity(self) -> dict[str, SourceIdentity]:
         """The identity of every source read from a data root (:mod:`datamodules.identity`: the

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import SourceDataModule, trainer_topology
 from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.records import EpochState
-from datamodules.sources import DatasetFiles
+from datamodules.sources import json_path_errors
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.captions import CaptionTargets
@@ -93,15 +93,9 @@ class NextGPTDataModule(SourceDataModule):
         self.val_set: ConversationDataset | None = None
         self.skipped_entries: Counter = Counter()
 
-    def dataset_files(self) -> DatasetFiles:
-        return DatasetFiles(
-            self.dataset_name,
-            tuple(self.sources),
-            "",
-            "json",
-            self.synthetic is not None,
-            media_identity=self.media_identity,
-        )
+    def path_errors(self) -> list[str]:
+        """Missing JSON files of the sources (none for generated data: prepare_data writes it)."""
+        return [] if self.synthetic else json_path_errors(self.dataset_name, self.sources, self.objective)
 
     def prepare_data(self) -> None:
         if self.synthetic:

@@ -43,7 +43,7 @@ from datamodules.shard_versions import (
 from datamodules.shards import ShardStream, TrackingCollate
 from datamodules.shards.files import expand_shards
 from datamodules.shards.sample import ShardSample
-from datamodules.sources import DatasetFiles
+from datamodules.sources import shard_path_errors
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.atomic import holding
@@ -121,14 +121,10 @@ class ShardDataModule(SourceDataModule):
         self._pending_state: StreamState | None = None
         self.progress = EpochProgress()
 
-    def dataset_files(self) -> DatasetFiles:
-        return DatasetFiles(
-            self.dataset_name,
-            tuple(self.sources),
-            self.shards_root,
-            "shards",
-            source_changed=self.source_changed,
-            media_identity=self.media_identity,
+    def path_errors(self) -> list[str]:
+        """Sources with neither shards nor the layout they are written from."""
+        return shard_path_errors(
+            self.dataset_name, self.sources, self.objective, self.shards_root, self.source_changed
         )
 
     def prepare_data(self) -> None:

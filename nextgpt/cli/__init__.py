@@ -24,5 +24,4 @@ def dataset_files(cfg: DictConfig) -> DatasetFiles:
         loader=str(cfg.dataset.get("loader", "json")),
         synthetic=bool(cfg.dataset.get("synthetic")),
         source_changed=str(cfg.dataset.get("source_changed", "rewrite")),
-        media_identity=str(cfg.dataset.get("media_identity", "listing")),
     )
