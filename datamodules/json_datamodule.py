@@ -16,9 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.nextgpt_layout import read_source, source_files
+from datamodules.nextgpt_layout import json_files, read_source, source_files
 from datamodules.records import EpochState
-from datamodules.sources import json_path_errors
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.captions import CaptionTargets
@@ -30,6 +29,24 @@ from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
+
+
+def json_path_errors(name: str, sources: Sequence[DataSource], objective: str) -> list[str]:
+    """Missing JSON files of sources read straight from the NExT-GPT layout (or one of the
+    original's stage-3 files) for ``objective``."""
+    errors = []
+    for i, src in enumerate(sources):
+        if src.format != "nextgpt":  # one of the original's stage-3 files
+            if not Path(str(src.file)).is_file():
+                errors.append(f"dataset.sources[{i}].file={src.file!r}: no such file (format {src.format})")
+            continue
+        errors += [
+            f"dataset.sources[{i}].root={src.root!r}: {path} does not exist (dataset {name!r}; set "
+            "paths.data_root=DIR)"
+            for path in json_files(src.name, src.data_root, objective)
+            if not path.is_file()
+        ]
+    return errors
 
 
 class NextGPTDataModule(SourceDataModule):

@@ -39,11 +39,11 @@ from datamodules.shard_versions import (
     recorded_identity,
     set_tars,
     shard_set,
+    source_shards,
 )
 from datamodules.shards import ShardStream, TrackingCollate
 from datamodules.shards.files import expand_shards
 from datamodules.shards.sample import ShardSample
-from datamodules.sources import shard_path_errors
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.atomic import holding
@@ -57,6 +57,37 @@ from nextgpt.model_spec import ModelSpec
 from nextgpt.runs import DataError
 
 log = logging.getLogger(__name__)
+
+
+def shard_path_errors(
+    name: str, sources: Sequence[DataSource], objective: str, shards_root: str, source_changed: str
+) -> list[str]:
+    """Sharded sources with neither shards nor the layout they are written from (``name``:
+    ``dataset.name``; ``shards_root``: ``paths.shards``; ``source_changed``: keep also reads the
+    shards of a data root that is gone)."""
+    errors = []
+    keep = source_changed == "keep"
+    for i, src in enumerate(sources):
+        has_json = bool(src.root) and (Path(src.data_root) / f"{src.name}.json").is_file()
+        if src.urls:
+            if not source_shards(src, objective, shards_root):
+                errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
+        elif src.shards:
+            if not source_shards(src, objective, shards_root) and not has_json:
+                errors.append(
+                    f"dataset.sources[{i}].shards={src.shards!r}: no shards there and no "
+                    f"{src.root}/{src.name}.json to write them from"
+                )
+        elif not has_json and not (
+            keep and src.root and source_shards(src, objective, shards_root, "keep", "none")
+        ):
+            what = f"{Path(src.root) / (src.name + '.json')} does not exist" if src.root else "no data root"
+            errors.append(
+                f"dataset.sources[{i}].root={src.root!r}: {what} (dataset {name!r}; set "
+                "paths.data_root=DIR; shards are only read for the data root they were written from: "
+                "dataset.sources[i].shards=DIR names a folder of shards alone)"
+            )
+    return errors
 
 
 class ShardDataModule(SourceDataModule):

@@ -184,7 +184,7 @@ def validate_paths(spec: RunSpec, init_from: str | None, data_errors: Iterable[s
     """Check that everything the run reads exists, naming the key and the path when not.
     The bundle this stage starts from is ``spec.init_from``: ``init_from`` (the config's key) when
     given, else the previous stage's under ``paths.bundles``; ``data_errors``: what the data side
-    found missing (:func:`datamodules.sources.data_path_errors`)."""
+    found missing (the data module's ``path_errors()``)."""
     errors = list(data_errors) + backbone_path_errors(spec.model)
     bundle = spec.init_from
     key = "init_from" if init_from else "paths.bundles"

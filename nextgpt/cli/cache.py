@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import cast
 
 import hydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.caches import ShardPass, build_shard_caches, source_contents
-from datamodules.sources import data_path_errors
+from datamodules.json_datamodule import json_path_errors
+from datamodules.shard_datamodule import shard_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
-from nextgpt.cli import dataset_files
 from nextgpt.config import (
     CONFIG_DIR,
     ConfigError,
@@ -37,6 +37,19 @@ from nextgpt.model_spec import ModelSpec
 from nextgpt.preflight import backbone_path_errors
 
 log = logging.getLogger(__name__)
+
+
+def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
+    """What ``cfg.dataset``'s sources lack for ``objective``, checked as its reader checks them
+    (``dataset.loader``: json or shards; none for generated data)."""
+    if cfg.dataset.get("synthetic"):
+        return []
+    name = str(cfg.dataset.name)
+    sources = data_sources(cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True)))
+    if cfg.dataset.get("loader", "json") == "shards":
+        changed = str(cfg.dataset.get("source_changed", "rewrite"))
+        return shard_path_errors(name, sources, objective, str(cfg.paths.shards), changed)
+    return json_path_errors(name, sources, objective)
 
 
 def build_caches(cfg) -> dict[str, int]:
@@ -118,7 +131,7 @@ def main() -> None:
     def run(cfg) -> None:
         model = ModelSpec.from_config(cfg.model)
         prepare_backbones(cfg)
-        errors = backbone_path_errors(model) + data_path_errors(dataset_files(cfg), "caption")
+        errors = backbone_path_errors(model) + data_path_errors(cfg, "caption")
         if errors:
             raise ConfigError(errors)
         if cfg.dataset.get("synthetic"):
