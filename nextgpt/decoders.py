@@ -83,9 +83,11 @@ def encode_captions(
             max_length=tok.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).to(device)
+        )
         for tok in tokenizers
     ]
+    if device is not None:  # (BatchEncoding.to(None) logs a warning on every call)
+        tokens = [t.to(device) for t in tokens]
     return CONDITIONINGS[conditioning](encoders, tokens)
 
 
