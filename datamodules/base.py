@@ -46,16 +46,15 @@ class SourceDataModule(L.LightningDataModule):
         cache_fallback: str | None,
         pairs: PairSettings | None = None,
         pack: bool = False,
-        tokens: Tokens | None = None,
         name: str = "",
         media_identity: str = "listing",
     ):
         super().__init__()
         self.dataset_name = name  # dataset.name, for messages
         self.media_identity = media_identity  # dataset.media_identity: how media enter the identity
-        # the tokenizer and token layout the model uses too (train.py loads them once for both);
-        # None: setup loads them from model.llm.path
-        self.tokens = tokens
+        # the tokenizer and token layout the model uses too (train.py loads them once for both and
+        # shares them: share_tokens); None: setup loads them from model.llm.path
+        self.tokens: Tokens | None = None
         # dataset.pack: several samples per row of max_length tokens (nextgpt.batch.Collator)
         self.pack_length = int(max_length) if pack else None
         # how text-X pairs read for stages 1-2 read in training (dataset.pairs: ours / legacy)

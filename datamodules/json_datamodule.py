@@ -23,7 +23,6 @@ from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.captions import CaptionTargets
 from nextgpt.cache.encode import caption_store, compute_captions, media_key, media_store
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SyntheticSettings
-from nextgpt.model import Tokens
 from nextgpt.model_spec import ModelSpec
 from nextgpt.prompts import Conversation
 from nextgpt.runs import DataError
@@ -75,7 +74,6 @@ class NextGPTDataModule(SourceDataModule):
         pairs: PairSettings | None = None,
         pack: bool = False,
         mix: str = "weighted",
-        tokens: Tokens | None = None,
         name: str = "",
         media_identity: str = "listing",
     ):
@@ -92,7 +90,6 @@ class NextGPTDataModule(SourceDataModule):
             cache_fallback,
             pairs,
             pack,
-            tokens,
             name,
             media_identity,
         )

@@ -52,7 +52,6 @@ from nextgpt.cache.captions import CaptionTargets
 from nextgpt.cache.encode import StoreLookup, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry
-from nextgpt.model import Tokens
 from nextgpt.model_spec import ModelSpec
 from nextgpt.runs import DataError
 
@@ -121,7 +120,6 @@ class ShardDataModule(SourceDataModule):
         pairs: PairSettings | None = None,
         pack: bool = False,
         media_identity: str = "listing",
-        tokens: Tokens | None = None,
         name: str = "",
     ):
         super().__init__(
@@ -137,7 +135,6 @@ class ShardDataModule(SourceDataModule):
             cache_fallback,
             pairs,
             pack,
-            tokens,
             name,
             media_identity,
         )
