@@ -31,8 +31,8 @@ from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cli.train import build_module
 from nextgpt.config import compose
 from nextgpt.decoders import TextConditioner
-from nextgpt.model import load_tokenizer
 from nextgpt.spec import run_spec
+from nextgpt.tokens import load_tokenizer
 from nextgpt.world.attributes import caption_attributes
 from nextgpt.world.synthetic import dataset_name, write_synthetic
 

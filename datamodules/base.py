@@ -13,9 +13,9 @@ from datamodules.identity import source_identity
 from datamodules.shard_versions import shard_set
 from datamodules.steps import EpochProgress
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SourceIdentity, data_sources
-from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.model_spec import ModelSpec
 from nextgpt.prompts import PairStyle
+from nextgpt.tokens import Tokens, load_tokenizer
 
 
 def trainer_topology(trainer) -> tuple[int, int, int]:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -30,7 +29,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = (1, 2, 3)
 OBJECTIVES = ("caption", "generate", "instruct")
 DTYPES = ("float32", "float16", "bfloat16")
-CONDITIONINGS = ("last_hidden_state", "text_embeds", "sdxl")  # nextgpt.decoders.CONDITIONINGS
 LOSS_TERMS = ("ce", "align", "denoise")
 LOADERS = ("json", "shards")
 # dataset.sources[i].format: the NExT-GPT folder layout, or one of the original's stage-3 files
@@ -200,10 +198,3 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapped
-
-
-def prepare_backbones(cfg: DictConfig) -> None:
-    """Run ``model.backbones``, what the model config names to make its backbones before anything
-    reads them (the tiny and world models build theirs; a model of real weights has none)."""
-    if cfg.model.get("backbones") is not None:
-        hydra.utils.instantiate(cfg.model.backbones)

@@ -31,7 +31,7 @@ import transformers
 
 from nextgpt.cache.store import file_signature
 from nextgpt.mel import MelFrontEnd
-from nextgpt.model_spec import DecoderSpec
+from nextgpt.model_spec import COMPONENTS, DecoderSpec, conditioning_mismatch
 
 
 def _last_hidden_state(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tensor:
@@ -54,16 +54,11 @@ def _sdxl(encoders: Sequence[Any], tokens: Sequence[dict]) -> torch.Tensor:
     return join_pooled(seq, states[-1].text_embeds)
 
 
-# conditioning kind -> (the pipeline components it reads, how it reads them)
+# conditioning kind -> how it reads the pipeline components it names (model_spec.COMPONENTS)
 CONDITIONINGS: dict[str, Callable[[Sequence[Any], Sequence[dict]], torch.Tensor]] = {
     "last_hidden_state": _last_hidden_state,
     "text_embeds": _text_embeds,
     "sdxl": _sdxl,
-}
-COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "last_hidden_state": (("text_encoder", "tokenizer"),),
-    "text_embeds": (("text_encoder", "tokenizer"),),
-    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
 }
 
 
@@ -151,25 +146,6 @@ def target_spec(decoder: DecoderSpec) -> dict[str, Any]:
                 int(unet["sample_size"]) * vae_scale_factor(path) * mel.hop / mel.sampling_rate
             )
     return spec
-
-
-def conditioning_mismatch(index: dict, conditioning: str) -> str | None:
-    """Why ``conditioning`` can not read the pipeline of ``index`` (a model_index.json), or None."""
-    cls = str(index.get("_class_name"))
-    xl = cls.startswith("StableDiffusionXL")
-    needs = [c for pair in COMPONENTS.get(conditioning, ()) for c in pair]
-    missing = [c for c in needs if not (index.get(c) or [None, None])[1]]
-    if missing:
-        return f"the {cls} folder has no {' / '.join(missing)}, which {conditioning!r} reads"
-    if conditioning == "sdxl" and not xl:
-        return f"'sdxl' reads Stable Diffusion XL pipelines, not a {cls}"
-    if conditioning != "sdxl" and (index.get("text_encoder_2") or [None, None])[1]:
-        return f"a {cls} is conditioned by two text encoders" + (
-            " and a pooled embedding: use conditioning: sdxl"
-            if xl
-            else ", which no conditioning kind reads yet"
-        )
-    return None
 
 
 class TextConditioner:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from nextgpt import modality as modality_registry
 from nextgpt.checkpointing import checkpoint_decoder_layers, compile_decoder_layers
@@ -26,7 +26,7 @@ from nextgpt.gather import full_tensor
 from nextgpt.lora import resolve_targets
 from nextgpt.model_spec import EncoderSpec, LoraSpec, ModelSpec, OutputProjectorSpec
 from nextgpt.projectors import InputProjector, OutputProjector
-from nextgpt.tokens import NewTokenTable, TokenLayout, add_nextgpt_tokens
+from nextgpt.tokens import NewTokenTable, TokenLayout, Tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -306,18 +306,6 @@ class NextGPT(nn.Module):
 
 
 # --- building from config ----------------------------------------------------------------------
-# the LLM's tokenizer with NExT-GPT's tokens, and where those tokens sit: one pair per run, shared
-# by the data and the model
-Tokens = tuple[PreTrainedTokenizerBase, TokenLayout]
-
-
-def load_tokenizer(spec: ModelSpec) -> Tokens:
-    """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
-    tokenizer = AutoTokenizer.from_pretrained(spec.llm.path)
-    layout = add_nextgpt_tokens(tokenizer, spec.signal_counts, markers=spec.markers)
-    return tokenizer, layout
-
-
 def load_conditioners(spec: ModelSpec) -> dict[str, TextConditioner]:
     return {name: TextConditioner(dec.path, dec.conditioning) for name, dec in spec.generated.items()}
 

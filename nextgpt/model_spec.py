@@ -250,6 +250,33 @@ class LoraSpec:
         }
 
 
+# conditioning kind -> the pipeline components it reads: (text encoder, its tokenizer) pairs
+COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "last_hidden_state": (("text_encoder", "tokenizer"),),
+    "text_embeds": (("text_encoder", "tokenizer"),),
+    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+}
+
+
+def conditioning_mismatch(index: dict, conditioning: str) -> str | None:
+    """Why ``conditioning`` can not read the pipeline of ``index`` (a model_index.json), or None."""
+    cls = str(index.get("_class_name"))
+    xl = cls.startswith("StableDiffusionXL")
+    needs = [c for pair in COMPONENTS.get(conditioning, ()) for c in pair]
+    missing = [c for c in needs if not (index.get(c) or [None, None])[1]]
+    if missing:
+        return f"the {cls} folder has no {' / '.join(missing)}, which {conditioning!r} reads"
+    if conditioning == "sdxl" and not xl:
+        return f"'sdxl' reads Stable Diffusion XL pipelines, not a {cls}"
+    if conditioning != "sdxl" and (index.get("text_encoder_2") or [None, None])[1]:
+        return f"a {cls} is conditioned by two text encoders" + (
+            " and a pooled embedding: use conditioning: sdxl"
+            if xl
+            else ", which no conditioning kind reads yet"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """``model.modalities.<m>.decoder``: a diffusers pipeline, its conditioning and its settings."""
@@ -359,7 +386,7 @@ class ModelSpec:
         "markers",
         "vocab_rows",
         "generation",
-        "backbones",  # how the backbones are made (nextgpt.config.prepare_backbones), not the model
+        "backbones",  # how the backbones are made (the entry points instantiate model.backbones), not the model
     )
 
     @classmethod

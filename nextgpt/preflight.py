@@ -1,24 +1,27 @@
 """What a run reads and writes, checked before any weight loads: backbone folders, decoder
-conditionings, LoRA targets, the previous stage's bundle and its tokens, the output folders.
-``validate_paths`` raises one ``ConfigError`` listing every fault."""
+conditionings, LoRA targets, the previous stage's bundle and its tokens, the output folders
+(``validate_paths`` raises one ``ConfigError`` listing every fault); and, under DeepSpeed, the
+config DeepSpeed will be handed, checked by DeepSpeed itself (``deepspeed_preflight``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from nextgpt import modality as modality_registry
 from nextgpt.config import ConfigError
-from nextgpt.decoders import conditioning_mismatch
 from nextgpt.lora import attention_projections
-from nextgpt.model_spec import ModelSpec
+from nextgpt.model_spec import ModelSpec, conditioning_mismatch
 from nextgpt.spec import PathsSpec, RunSpec
 
 
@@ -197,3 +200,50 @@ def validate_paths(spec: RunSpec, init_from: str | None, data_errors: Iterable[s
         )
     if errors:
         raise ConfigError(errors)
+
+
+def deepspeed_preflight(strategy: DeepSpeedStrategy, precision: str, spec: RunSpec) -> dict[str, Any]:
+    """The DeepSpeed config a run will hand DeepSpeed (``strategy``: ``trainer.strategy``
+    instantiated; ``precision``: ``trainer.precision``), checked by DeepSpeed itself (its
+    ``DeepSpeedConfig``) together with the optimizer ``stage.optim.optimizer`` picks, before any
+    weight loads. Raises ``ConfigError`` naming the keys at fault; returns the config."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # deferred: deepspeed is optional and ~1 s to import
+    from deepspeed.ops.lion import DeepSpeedCPULion  # deferred: deepspeed is optional and ~1 s to import
+    from deepspeed.runtime.config import DeepSpeedConfig  # deferred: deepspeed is optional and ~1 s to import
+
+    config: dict[str, Any] = copy.deepcopy(strategy.config or {})  # Lightning always sets it
+    # what Lightning adds when the run starts (DeepSpeedStrategy._format_config)
+    config["train_micro_batch_size_per_gpu"] = spec.batch.per_device
+    config["gradient_accumulation_steps"] = spec.batch.accumulate
+    if precision.startswith("bf16"):
+        config["bf16"] = {"enabled": True}
+    elif precision.startswith("16"):
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": strategy.loss_scale,
+            "initial_scale_power": strategy.initial_scale_power,
+            "loss_scale_window": strategy.loss_scale_window,
+            "hysteresis": strategy.hysteresis,
+            "min_loss_scale": strategy.min_loss_scale,
+        }
+    try:
+        ds = DeepSpeedConfig(config)
+    except Exception as e:  # pydantic / DeepSpeed's own sanity checks
+        raise ConfigError([f"trainer.strategy: DeepSpeed refuses the composed config: {e}"]) from e
+    target = str(spec.stage.optim.optimizer["_target_"])
+    optimizer = hydra.utils.get_class(target)
+    offload = ds.zero_config.offload_optimizer
+    # DeepSpeedEngine._configure_optimizer's rule for a client optimizer under ZeRO-Offload
+    if (
+        offload is not None
+        and str(getattr(offload.device, "value", offload.device)) in ("cpu", "nvme")
+        and ds.zero_force_ds_cpu_optimizer
+        and not issubclass(optimizer, (DeepSpeedCPUAdam, DeepSpeedCPULion))
+    ):
+        raise ConfigError(
+            [
+                f"stage.optim.optimizer._target_={target!r}: DeepSpeed refuses it with the optimizer state "
+                "offloaded (trainer.strategy.offload_optimizer=true); use optimizer=deepspeed_cpu_adam"
+            ]
+        )
+    return config

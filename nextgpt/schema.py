@@ -16,7 +16,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from nextgpt import modality as modality_registry
 from nextgpt.config import (
     ATTN_IMPLEMENTATIONS,
-    CONDITIONINGS,
     CONFIG_DIR,
     DEEPSPEED_CPU_OPTIMIZERS,
     DTYPES,
@@ -31,6 +30,7 @@ from nextgpt.config import (
     given_overrides,
 )
 from nextgpt.encoders.imagebind_config import ImageBindConfig
+from nextgpt.model_spec import COMPONENTS
 from nextgpt.overrides import TARGET_NODES, appended_key_errors
 from nextgpt.prompts import PAIR_STYLES, TEMPLATES
 from nextgpt.tokens import MARKER_STYLES, VOCAB_ROWS
@@ -287,7 +287,7 @@ def _check_model(c: _Checker) -> list[str]:
             continue
         c.int_(f"{key}.num_signal_tokens", 1)
         c.str_(f"{key}.decoder.path")
-        c.str_(f"{key}.decoder.conditioning", CONDITIONINGS)
+        c.str_(f"{key}.decoder.conditioning", tuple(COMPONENTS))
         c.str_(f"{key}.decoder.dtype", DTYPES)
         c.mapping(f"{key}.decoder.generate")
         c.mapping(f"{key}.decoder.save")

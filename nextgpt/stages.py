@@ -34,11 +34,12 @@ from nextgpt.losses import (
     count_keys,
     modality_mean,
 )
-from nextgpt.model import NextGPT, Tokens, build_nextgpt, parameter_counts, torch_dtype
+from nextgpt.model import NextGPT, build_nextgpt, parameter_counts, torch_dtype
 from nextgpt.model_spec import ModelSpec
 from nextgpt.optim import build_optimizer, build_scheduler
 from nextgpt.spec import LossSpec, OptimSpec, ShardingSpec
 from nextgpt.strategies import WrapByClassName, shard_model
+from nextgpt.tokens import Tokens
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nextgpt import modality as modality_registry
+from nextgpt.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,18 @@ def add_nextgpt_tokens(
         marker_ids[name] = tuple(tokenizer.convert_tokens_to_ids(list(marker_tokens(name, markers))))
         signal_ids[name] = tuple(tokenizer.convert_tokens_to_ids(mod.signal_tokens(count)))
     return TokenLayout(first_new_id, tuple(marker_list), tuple(signals), marker_ids, signal_ids)
+
+
+# the LLM's tokenizer with NExT-GPT's tokens, and where those tokens sit: one pair per run, shared
+# by the data and the model
+Tokens = tuple[PreTrainedTokenizerBase, TokenLayout]
+
+
+def load_tokenizer(spec: ModelSpec) -> Tokens:
+    """The LLM's tokenizer with NExT-GPT's tokens added: the same for the model and the data."""
+    tokenizer = AutoTokenizer.from_pretrained(spec.llm.path)
+    layout = add_nextgpt_tokens(tokenizer, spec.signal_counts, markers=spec.markers)
+    return tokenizer, layout
 
 
 class TokenRows(nn.Module):

@@ -28,7 +28,6 @@ from nextgpt.config import (
     ConfigError,
     main_guard,
     normalize_overrides,
-    prepare_backbones,
     register_resolvers,
 )
 from nextgpt.data_source import SourceEntry, data_sources
@@ -130,7 +129,7 @@ def main() -> None:
     @main_guard
     def run(cfg) -> None:
         model = ModelSpec.from_config(cfg.model)
-        prepare_backbones(cfg)
+        hydra.utils.instantiate(cfg.model.get("backbones"))  # model.backbones: tiny/world models build theirs
         errors = backbone_path_errors(model) + data_path_errors(cfg, "caption")
         if errors:
             raise ConfigError(errors)

@@ -15,12 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.memory_plan import MemoryPlan, PlanRefused
 from datamodules.base import SourceDataModule
 from datamodules.identity import forget
-from nextgpt.config import ConfigError, launch_rank, prepare_backbones
+from nextgpt.config import ConfigError, launch_rank
 from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec
-from nextgpt.model import Tokens, load_tokenizer
 from nextgpt.plan import PlanSettings
-from nextgpt.preflight import unwritable_errors, validate_paths
+from nextgpt.preflight import deepspeed_preflight, unwritable_errors, validate_paths
 from nextgpt.runs import (
     RunDir,
     RunError,
@@ -36,7 +35,7 @@ from nextgpt.runs import (
 from nextgpt.schema import validate
 from nextgpt.spec import RunSpec, run_spec
 from nextgpt.stages import NextGPTStage
-from nextgpt.strategies import deepspeed_preflight
+from nextgpt.tokens import Tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "DeepSpeedStrategy" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         # DeepSpeed's own config checks, before any weight loads
         deepspeed_preflight(hydra.utils.instantiate(cfg.trainer.strategy), str(cfg.trainer.precision), spec)
-    prepare_backbones(cfg)  # model.backbones: the tiny and world models build theirs
+    hydra.utils.instantiate(cfg.model.get("backbones"))  # model.backbones: tiny/world models build theirs
     datamodule = build_datamodule(cfg, spec)  # its sources, parsed once: path checks and identities
     validate_paths(spec, cfg.get("init_from"), datamodule.path_errors())
     # the first folders this run creates: found now, not after training

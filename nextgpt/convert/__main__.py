@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import hydra
 import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
@@ -36,7 +37,7 @@ from nextgpt.bundles import (
     load_bundle_weights,
     save_bundle,
 )
-from nextgpt.config import ConfigError, compose, prepare_backbones, register_resolvers
+from nextgpt.config import ConfigError, compose, register_resolvers
 from nextgpt.convert.hf import export_hf
 from nextgpt.convert.legacy import ConvertError, from_legacy, is_legacy_key, to_legacy
 from nextgpt.model import NextGPT, build_nextgpt
@@ -110,7 +111,7 @@ def import_legacy(
     cfg = compose(["experiment=nextgpt_legacy", f"stage={stage}", *overrides], output_dir=str(out.parent))
     validate(cfg)
     spec = ModelSpec.from_config(cfg.model)
-    prepare_backbones(cfg)
+    hydra.utils.instantiate(cfg.model.get("backbones"))  # model.backbones: tiny/world models build theirs
     errors = backbone_path_errors(
         spec
     )  # validate_paths' backbone half (its stage-bundle check is for training)

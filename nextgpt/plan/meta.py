@@ -11,10 +11,10 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from nextgpt.decoders import COMPONENTS, read_model_index
+from nextgpt.decoders import read_model_index
 from nextgpt.encoders.imagebind import ImageBindModel
 from nextgpt.model import NextGPT, encoder_arch, torch_dtype
-from nextgpt.model_spec import ModelSpec
+from nextgpt.model_spec import COMPONENTS, ModelSpec
 from nextgpt.plan import cards
 from nextgpt.stages import STAGES, trainable_groups_of
 from nextgpt.tokens import TokenLayout, nextgpt_tokens
@@ -65,7 +65,7 @@ def _text_encoder(folder: Path, sub: str, tok_sub: str):
 
 def conditioning_shape(folder: Path, conditioning: str) -> tuple[tuple[int, int], list[torch.nn.Module]]:
     """(seq, width) of a decoder's conditioning and its text encoders (on meta): the components the
-    conditioning kind reads (:data:`nextgpt.decoders.COMPONENTS`), measured as it reads them."""
+    conditioning kind reads (:data:`nextgpt.model_spec.COMPONENTS`), measured as it reads them."""
     built = [_text_encoder(folder, enc, tok) for enc, tok in COMPONENTS[conditioning]]
     encoders, max_len = [enc for enc, _ in built], built[0][1]
     if conditioning == "text_embeds":

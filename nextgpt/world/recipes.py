@@ -68,7 +68,7 @@ class Recipe:
 
     modality: str
     conditioning: str = (
-        "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.decoders.CONDITIONINGS)
+        "last_hidden_state"  # the pipeline's conditioning kind (nextgpt.model_spec.COMPONENTS)
     )
 
     def entries(self, folder: Path, limit: int, *, single: bool = False) -> list[dict[str, str]]:

@@ -30,7 +30,7 @@ def test_every_key_of_the_model_config_is_kept(model, tmp_path):
     cfg = compose([f"model={model}"], output_dir=str(tmp_path))
     spec = ModelSpec.from_config(cfg.model)
     raw = OmegaConf.to_container(cfg.model, resolve=True)
-    raw.pop("backbones", None)  # how the backbones are made (config.prepare_backbones), not the model
+    raw.pop("backbones", None)  # how the backbones are made (the entry points instantiate it), not the model
     assert "backbones" not in spec.as_dict()
     assert _missing(raw, spec.as_dict()) == []
     assert ModelSpec.from_config(spec.as_dict()) == spec  # a plain dict (a checkpoint's) gives it back

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from nextgpt import tiny
-from nextgpt.decoders import TextConditioner, join_pooled, load_pipeline
+from nextgpt.decoders import CONDITIONINGS, TextConditioner, join_pooled, load_pipeline
 from nextgpt.denoising import DenoisingObjective, denoising_target
-from nextgpt.model_spec import ModelSpec
+from nextgpt.model_spec import COMPONENTS, ModelSpec
 from tests.unit.test_denoising import same_draws
 
 CAPTIONS = ["a red circle at the top left", "a blue square"]
@@ -90,6 +90,13 @@ def test_sdxl_fingerprint_covers_both_encoders(backbones, tmp_path):
     special = copy / "tokenizer_2" / "tokenizer_config.json"
     special.write_text(json.dumps({**json.loads(special.read_text()), "pad_token": "<|endoftext|>"}))
     assert TextConditioner(copy, "sdxl").fingerprint() != after
+
+
+def test_every_conditioning_kind_the_config_accepts_has_a_reader():
+    """The config check, the plan and the path check take the kinds from ``model_spec.COMPONENTS``;
+    the encoder reads them with ``decoders.CONDITIONINGS``: one kind with no reader would pass the
+    checks and fail at the first batch."""
+    assert set(COMPONENTS) == set(CONDITIONINGS)
 
 
 def test_a_pooled_row_wider_than_the_tokens_is_refused():

@@ -68,7 +68,7 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
     pytest.importorskip("deepspeed", reason="scripts/install.sh installs deepspeed")
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from nextgpt.strategies import deepspeed_preflight
+    from nextgpt.preflight import deepspeed_preflight
 
     cfg = compose(
         [
@@ -94,7 +94,7 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(name, model, tmp_path)
 
 def test_offload_with_a_torch_optimizer_is_refused_before_anything_loads(tmp_path):
     pytest.importorskip("deepspeed", reason="scripts/install.sh installs deepspeed")
-    from nextgpt.strategies import deepspeed_preflight
+    from nextgpt.preflight import deepspeed_preflight
 
     cfg = compose(["strategy=deepspeed_zero2_offload", "optimizer=adamw"], output_dir=str(tmp_path))
     with pytest.raises(
