@@ -9,8 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from datamodules.identity import source_identity
-from datamodules.shard_versions import shard_set
+from datamodules.source_files import shard_set, source_identity
 from datamodules.steps import EpochProgress
 from nextgpt.data_source import DataSource, PairSettings, SourceEntry, SourceIdentity, data_sources
 from nextgpt.model_spec import ModelSpec
@@ -82,7 +81,7 @@ class SourceDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def identity(self) -> dict[str, SourceIdentity]:
-        """The identity of every source read from a data root (:mod:`datamodules.identity`: the
+        """The identity of every source read from a data root (:mod:`datamodules.source_files`: the
         resolved root, JSON files, media): another root or edited data is another run."""
         return {
             src.name: source_identity(

@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from datamodules.nextgpt_layout import read_source
-from datamodules.shard_versions import ShardVersions, source_shards
-from datamodules.shard_writer import INDEX_SUFFIX
+from datamodules.shard_versions import ShardVersions
 from datamodules.shards import ShardStream
 from datamodules.shards.sample import ShardSample
+from datamodules.source_files import INDEX_SUFFIX, source_shards
 from nextgpt import modality as modality_registry
 from nextgpt.cache.encode import StoreLookup, compute_captions, media_key, shard_folder, shard_media_store
 from nextgpt.cache.store import FeatureStore, cache_base

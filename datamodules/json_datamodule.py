@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.nextgpt_layout import json_files, read_source, source_files
+from datamodules.nextgpt_layout import read_source, source_files
 from datamodules.records import EpochState
+from datamodules.source_files import json_files
 from datamodules.steps import BalancedStepSampler, StepSampler, StepWindows
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.cache.captions import CaptionTargets

@@ -33,6 +33,7 @@ from datamodules.entries import (  # noqa: F401  (re-exported)
 )
 from datamodules.original_formats import READERS as ORIGINAL_READERS
 from datamodules.records import Entry
+from datamodules.source_files import json_files, read_utf8
 from nextgpt import modality as modality_registry
 from nextgpt.data_source import DataSource
 from nextgpt.modality import Modality
@@ -126,25 +127,12 @@ def _instruct(entry: Entry, mod: Modality, root: Path, index: int) -> Conversati
 
 
 Reader = Callable[[Entry, Modality, Path, int], Conversation]
-OBJECTIVE_FILES: dict[str, list[tuple[str, Reader]]] = {
-    "caption": [("{name}.json", _pairs_caption)],
-    "generate": [("{name}.json", _pairs_generate)],
-    "instruct": [("{name}_comprehension.json", _instruct), ("{name}_generation.json", _instruct)],
+# objective -> the reader of each of its JSON files (source_files.JSON_FILES, in the same order)
+OBJECTIVE_READERS: dict[str, tuple[Reader, ...]] = {
+    "caption": (_pairs_caption,),
+    "generate": (_pairs_generate,),
+    "instruct": (_instruct, _instruct),
 }
-
-
-def json_files(name: str, root: str | Path, objective: str) -> list[Path]:
-    if objective not in OBJECTIVE_FILES:
-        raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVE_FILES)}")
-    return [Path(root) / pattern.format(name=name) for pattern, _ in OBJECTIVE_FILES[objective]]
-
-
-def read_utf8(path: Path) -> str:
-    """A text file's contents; an error that names the file when it is not UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
 
 
 def source_files(source: DataSource, objective: str) -> list[tuple[Path, Callable]]:
@@ -155,8 +143,8 @@ def source_files(source: DataSource, objective: str) -> list[tuple[Path, Callabl
         return list(
             zip(
                 json_files(source.name, source.data_root, objective),
-                (r for _, r in OBJECTIVE_FILES[objective]),
-                strict=False,
+                OBJECTIVE_READERS[objective],
+                strict=True,
             )
         )
     if objective != "instruct":

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.entries import Skip, _text, as_entry, media_path
-from datamodules.identity import source_identity
-from datamodules.nextgpt_layout import _turns, read_source, read_utf8
+from datamodules.nextgpt_layout import _turns, read_source
 from datamodules.records import Entry
 from datamodules.shard_writer import Record, conversation_record, pair_record, write_shards
+from datamodules.source_files import read_utf8, source_identity
 from nextgpt import modality as modality_registry
 from nextgpt.data_source import SourceIdentity
 from nextgpt.prompts import Conversation
@@ -202,7 +202,7 @@ def prepare_nextgpt(
     media: str = "listing",
 ) -> dict[str, list[Path]]:
     """Shard sets ``{name}-pairs`` (stages 1 and 2) and ``{name}-instruct`` (stage 3) of one source.
-    Each index records the source's identity (``datamodules.identity``: its resolved root, JSON files
+    Each index records the source's identity (``datamodules.source_files``: its resolved root, JSON files
     and media), taken before reading (``identity``: already taken, for a one-set call)."""
     readers = {"pairs": read_nextgpt_pairs, "instruct": read_nextgpt_instruct}
     written = {}

@@ -30,20 +30,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.base import SourceDataModule, trainer_topology
-from datamodules.identity import root_folder
-from datamodules.nextgpt_layout import read_utf8
 from datamodules.records import EpochState, StreamState
-from datamodules.shard_versions import (
-    ShardVersions,
+from datamodules.shard_versions import ShardVersions
+from datamodules.shards import ShardStream, TrackingCollate
+from datamodules.shards.sample import ShardSample
+from datamodules.source_files import (
+    expand_shards,
     index_path,
+    read_utf8,
     recorded_identity,
+    root_folder,
     set_tars,
     shard_set,
     source_shards,
 )
-from datamodules.shards import ShardStream, TrackingCollate
-from datamodules.shards.files import expand_shards
-from datamodules.shards.sample import ShardSample
 from datamodules.steps import EpochProgress, StepWindows
 from nextgpt import modality as modality_registry
 from nextgpt.atomic import holding
@@ -157,7 +157,7 @@ class ShardDataModule(SourceDataModule):
 
     def prepare_data(self) -> None:
         """Write the shards of sources that have the NExT-GPT layout and no shards of their current
-        data yet (``datamodules.identity``); ``source_changed``: what to do when only shards of an
+        data yet (``datamodules.source_files``); ``source_changed``: what to do when only shards of an
         earlier state of the source exist (rewrite: write the current; error: stop; keep: train on them)."""
         for src in self.sources:
             self.versions.prepare(src)

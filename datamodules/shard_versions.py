@@ -1,5 +1,5 @@
 """Where a source's shards are and which version is current: shard sets written from a data root
-are versions of their own (``datamodules.identity``), written beside older ones and removed once no
+are versions of their own (``datamodules.source_files``), written beside older ones and removed once no
 run reads them; shards named by the config (``dataset.sources[i].shards``) are written in place."""
 
 from __future__ import annotations
@@ -9,11 +9,20 @@ import logging
 import shutil
 from pathlib import Path
 
-from datamodules.identity import SET_OBJECTIVE, differences, root_folder, source_identity, version_folder
-from datamodules.nextgpt_layout import json_files, read_utf8
 from datamodules.prepare import prepare_nextgpt
-from datamodules.shard_writer import INDEX_SUFFIX
-from datamodules.shards.files import expand_shards
+from datamodules.source_files import (
+    SET_OBJECTIVE,
+    differences,
+    index_path,
+    json_files,
+    locate_shards,
+    read_utf8,
+    recorded_identity,
+    root_versions,
+    shard_set,
+    source_identity,
+    version_folder,
+)
 from nextgpt.atomic import Busy, building, holding, install
 from nextgpt.data_source import DataSource, SourceIdentity
 from nextgpt.runs import DataError, RunError
@@ -21,83 +30,6 @@ from nextgpt.runs import DataError, RunError
 log = logging.getLogger(__name__)
 
 SOURCE_CHANGED = ("rewrite", "error", "keep")  # what a run does when a source's JSON changed after its shards
-
-
-def shard_set(objective: str) -> str:
-    return "instruct" if objective == "instruct" else "pairs"
-
-
-def index_path(folder: Path, name: str, objective: str) -> Path:
-    return folder / f"{name}-{shard_set(objective)}{INDEX_SUFFIX}"
-
-
-def set_tars(folder: Path, name: str, objective: str) -> list[Path]:
-    return sorted(folder.glob(f"{name}-{shard_set(objective)}-*.tar"))
-
-
-def recorded_identity(folder: Path, name: str, objective: str) -> SourceIdentity | None:
-    """The source identity a complete shard folder's index recorded (``{}``: none recorded; ``None``:
-    the folder holds no complete shard set)."""
-    index = index_path(folder, name, objective)
-    if not index.is_file():
-        return None
-    return json.loads(read_utf8(index)).get("source") or SourceIdentity()
-
-
-def root_versions(src: DataSource, objective: str, shards_root: str | Path) -> list[Path]:
-    """Complete shard folders written from this source's root, newest first: the versions under
-    its root folder, and the plain ``${paths.shards}/<name>/`` (``python -m datamodules.prepare``)
-    where its index records this root."""
-    name, folder = src.name, root_folder(shards_root, src.name, src.data_root)
-    found = [
-        p
-        for p in folder.glob(f"{shard_set(objective)}-*")
-        if p.is_dir() and recorded_identity(p, name, objective) is not None
-    ]
-    plain = Path(shards_root) / name
-    recorded = recorded_identity(plain, name, objective)
-    if recorded and recorded.get("root") == str(Path(src.data_root).resolve()):
-        found.append(plain)
-    return sorted(found, key=lambda p: index_path(p, name, objective).stat().st_mtime_ns, reverse=True)
-
-
-def locate_shards(
-    src: DataSource,
-    objective: str,
-    shards_root: str | Path,
-    source_changed: str = "rewrite",
-    media: str = "listing",
-) -> tuple[Path | None, SourceIdentity | None]:
-    """(the folder of the shards a source contributes to ``objective``, or ``None`` while there are
-    none for its current data; the source's identity, ``None`` without a root). Given ``shards``: that
-    folder. With a ``root``: the version written from exactly its current data (``datamodules.identity``),
-    or under ``source_changed=keep`` the newest written from that root. Without: ``${paths.shards}/<name>``."""
-    if src.shards:
-        return Path(src.shards), None
-    if not src.root:
-        return Path(shards_root) / src.name, None
-    ident = source_identity(src.root, src.name, src.modality, shard_set(objective), media)
-    versions = root_versions(src, objective, shards_root)
-    for folder in versions:
-        if recorded_identity(folder, src.name, objective) == ident:
-            return folder, ident
-    if source_changed == "keep" and versions:
-        return versions[0], ident
-    return None, ident
-
-
-def source_shards(
-    src: DataSource,
-    objective: str,
-    shards_root: str | Path,
-    source_changed: str = "rewrite",
-    media: str = "listing",
-) -> list[Path]:
-    """The shard files a source contributes to ``objective`` (empty when none are written yet)."""
-    if src.urls:
-        return expand_shards(src.urls)
-    folder, _ = locate_shards(src, objective, shards_root, source_changed, media)
-    return set_tars(folder, src.name, objective) if folder and folder.is_dir() else []
 
 
 class ShardVersions:
@@ -119,7 +51,7 @@ class ShardVersions:
 
     def prepare(self, src: DataSource) -> None:
         """Write the source's shards where it has the NExT-GPT layout and no shards of its current data
-        yet (``datamodules.identity``); ``source_changed``: what to do when only shards of an earlier
+        yet (``datamodules.source_files``); ``source_changed``: what to do when only shards of an earlier
         state of the source exist (rewrite: write the current; error: stop; keep: train on them)."""
         if src.urls:
             return

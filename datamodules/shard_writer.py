@@ -44,12 +44,12 @@ import webdataset as wds
 from tqdm import tqdm
 
 from datamodules.entries import Skip
+from datamodules.source_files import INDEX_SUFFIX
 from nextgpt.data_source import SourceIdentity
 from nextgpt.prompts import Conversation
 
 log = logging.getLogger(__name__)
 
-INDEX_SUFFIX = ".shards.json"
 INDEX_FORMAT = "nextgpt-shards/1"
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -179,7 +179,7 @@ def write_shards(
     A record whose media file is missing or empty is skipped with a warning naming key and file
     (``strict=True`` raises instead): one lost file should not stop a conversion of millions.
     ``skipped`` (entries the readers already dropped) is added to the index's skip counts.
-    ``source``: signatures of the files the records came from (``datamodules.identity.source_identity``), kept in the
+    ``source``: signatures of the files the records came from (``source_files.source_identity``), kept in the
     index so a reader can tell when the source has changed since.
     """
     if shard_size < 1:

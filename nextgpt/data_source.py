@@ -95,7 +95,7 @@ def data_sources(entries: Iterable[SourceEntry | DataSource]) -> list[DataSource
     return [DataSource.of(e) for e in entries]
 
 
-# --- what a source is, recorded with a run (datamodules/identity.py computes it) ----------------
+# --- what a source is, recorded with a run (datamodules/source_files.py computes it) ----------------
 class MediaListing(TypedDict):
     """The files under a source's media folder: count, total size and a digest of their listing."""
 
@@ -105,7 +105,7 @@ class MediaListing(TypedDict):
 
 
 class SourceIdentity(TypedDict, total=False):
-    """What a data source is (:mod:`datamodules.identity`): its resolved ``root``, the signatures of
+    """What a data source is (:mod:`datamodules.source_files`): its resolved ``root``, the signatures of
     its ``json`` files (file name -> signature) and, unless left out, its ``media`` listing. An index
     written before identities records the JSON signatures alone (file name -> signature)."""
 

@@ -215,7 +215,7 @@ def served_process(
 
 def shard_dir(root: Path, name: str, shard_set: str = "pairs") -> Path:
     """The folder of a source's shards written by a run under ``root`` (a version named by the
-    source's identity, ``datamodules.identity``); the newest when there are several."""
+    source's identity, ``datamodules.source_files``); the newest when there are several."""
     found = sorted(
         (root / "data" / "shards" / name).rglob(f"{name}-{shard_set}.shards.json"),
         key=lambda p: p.stat().st_mtime_ns,

@@ -68,13 +68,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.records import StreamState
-from datamodules.shards.files import OpenShards, TarSamples, expand_shards, shard_counts
+from datamodules.shards.files import OpenShards, TarSamples, shard_counts
 from datamodules.shards.mix import BalancedOrder
 from datamodules.shards.order import WeightedOrder
 from datamodules.shards.progress import StreamProgress
 from datamodules.shards.records import FeatureLookup, RecordReader
 from datamodules.shards.sample import ShardSample, SkipSample, StreamPosition
 from datamodules.shards.skips import PassWatch, SkipLedger
+from datamodules.source_files import expand_shards
 from nextgpt.encoders.preprocess import MediaDecodeError
 
 log = logging.getLogger(__name__)

@@ -1,56 +1,22 @@
-"""Shard files: listing them, counting their samples, and random access to one shard's samples."""
+"""Shard files: counting their samples, and random access to one shard's samples (which files a source
+reads: ``datamodules.source_files``)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import tarfile
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from datamodules.shard_writer import INDEX_SUFFIX
 from datamodules.shards.sample import SkipSample
+from datamodules.source_files import INDEX_SUFFIX
 
 log = logging.getLogger(__name__)
 
 Members = dict[str, tarfile.TarInfo]  # one sample's members by (lower-case) extension
-
-
-def expand_shards(spec: str | Path | Iterable[str | Path], *, allow_repeats: bool = False) -> list[Path]:
-    """Shard files from a folder (its ``*.tar``, sorted), a brace pattern, a glob, a file, or a list of these.
-
-    A shard listed twice is an error (its samples would be read twice per pass) unless
-    ``allow_repeats``: weighted mixtures repeat a source's shards on purpose."""
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    out: list[Path] = []
-    for item in items:
-        for text in braceexpand.braceexpand(str(item)):
-            p = Path(text)
-            if p.is_dir():
-                found = sorted(p.glob("*.tar"))
-                if not found:
-                    raise FileNotFoundError(f"shard folder {p} holds no .tar files")
-                out += found
-            elif any(ch in text for ch in "*?["):
-                found = sorted(Path(f) for f in glob.glob(text))
-                if not found:
-                    raise FileNotFoundError(f"no shards match {text!r}")
-                out += found
-            elif p.is_file():
-                out.append(p)
-            else:
-                raise FileNotFoundError(f"shard {p} does not exist (from {str(item)!r})")
-    if not out:
-        raise ValueError(f"no shards in {spec!r}")
-    dupes = [p for p, n in Counter(p.resolve() for p in out).items() if n > 1]
-    if dupes and not allow_repeats:
-        raise ValueError(f"shard {dupes[0]} is listed twice: its samples would be read twice per pass")
-    return out
 
 
 def _scan(tar: tarfile.TarFile) -> list[tuple[str, Members]]:

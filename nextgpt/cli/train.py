@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory_plan import MemoryPlan, PlanRefused
 from datamodules.base import SourceDataModule
-from datamodules.identity import forget
+from datamodules.source_files import forget
 from nextgpt.config import ConfigError, launch_rank
 from nextgpt.data_source import SourceIdentity
 from nextgpt.decoders import target_spec

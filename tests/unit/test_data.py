@@ -8,7 +8,8 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from datamodules.nextgpt_layout import json_files, read_source
+from datamodules.nextgpt_layout import read_source
+from datamodules.source_files import json_files
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.tokens import add_nextgpt_tokens
 
