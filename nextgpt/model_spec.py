@@ -258,7 +258,7 @@ COMPONENTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def conditioning_mismatch(index: dict, conditioning: str) -> str | None:
+def conditioning_mismatch(index: Mapping[str, Any], conditioning: str) -> str | None:
     """Why ``conditioning`` can not read the pipeline of ``index`` (a model_index.json), or None."""
     cls = str(index.get("_class_name"))
     xl = cls.startswith("StableDiffusionXL")

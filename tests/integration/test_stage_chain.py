@@ -106,13 +106,13 @@ def test_bundle_that_does_not_fit_is_refused(tiny_config, tmp_path):
 def test_a_run_loads_its_tokenizer_once_for_the_data_and_the_model(tiny_config, monkeypatch):
     """The entry point loads the LLM's tokenizer once and hands it to the datamodule and the stage
     (each loaded its own before); both then use the very same object."""
-    import nextgpt.model
+    import nextgpt.tokens
     from nextgpt.stages import NextGPTStage
 
     calls: list[str] = []
-    real = nextgpt.model.AutoTokenizer.from_pretrained
+    real = nextgpt.tokens.AutoTokenizer.from_pretrained
     monkeypatch.setattr(
-        nextgpt.model.AutoTokenizer,
+        nextgpt.tokens.AutoTokenizer,
         "from_pretrained",
         lambda path, *a, **k: calls.append(str(path)) or real(path, *a, **k),
     )
