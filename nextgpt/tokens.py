@@ -4,6 +4,9 @@ The reference trained the whole input-embedding and LM-head matrices to learn a 
 new tokens (tens of millions of needless trainable weights, and a silently changed "frozen"
 LLM). Here the LLM's matrices stay untouched: ids at or above ``TokenLayout.first_new_id``
 are looked up in ``NewTokenTable`` and their logits come from its own head rows.
+
+``load_tokenizer`` is where a run gets the LLM's tokenizer with these tokens added: once, shared by
+the data module and the stage.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from datamodules.nextgpt_layout import read_source
-from datamodules.source_files import json_files
+from datamodules.nextgpt_layout import OBJECTIVE_READERS, read_source
+from datamodules.source_files import JSON_FILES, json_files
 from nextgpt.batch import Collator, ConversationDataset
 from nextgpt.tokens import add_nextgpt_tokens
 
@@ -30,6 +30,15 @@ def test_every_task_reads_the_synthetic_layout(image_source):
     convs, _ = read_source("synthetic_image", "image", image_source, "instruct")
     assert any(c.media_in for c in convs) and any(c.captions_out for c in convs)
     assert len({c.key for c in convs}) == len(convs)
+
+
+def test_each_json_file_of_an_objective_has_its_reader():
+    """The layout's file names (``source_files.JSON_FILES``, which the identity and the path checks
+    read) and their readers (``nextgpt_layout.OBJECTIVE_READERS``) are two tables: one file with no
+    reader would be signed into the run key and never read."""
+    assert set(JSON_FILES) == set(OBJECTIVE_READERS)
+    for objective, files in JSON_FILES.items():
+        assert len(files) == len(OBJECTIVE_READERS[objective]), objective
 
 
 def test_bad_entries_are_skipped_and_counted(image_source):
