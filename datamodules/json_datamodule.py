@@ -109,8 +109,12 @@ class NextGPTDataModule(SourceDataModule):
         self.skipped_entries: Counter = Counter()
 
     def path_errors(self) -> list[str]:
-        """Missing JSON files of the sources (none for generated data: prepare_data writes it)."""
-        return [] if self.synthetic else json_path_errors(self.dataset_name, self.sources, self.objective)
+        """Missing JSON files of the sources. Generated data is written first (``prepare_data``:
+        idempotent, and locked against a concurrent writer), so that it is checked, and signed into
+        the run's key (``identity()``), like any other from the run's first start: a first run killed
+        before its data existed would otherwise get another key on its rerun, and not resume."""
+        self.prepare_data()
+        return json_path_errors(self.dataset_name, self.sources, self.objective)
 
     def prepare_data(self) -> None:
         if self.synthetic:

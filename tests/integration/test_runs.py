@@ -128,6 +128,23 @@ def test_reruns_never_end_finished_having_trained_nothing(tiny_cache, tmp_path):
     assert (meta["global_step"], meta["trained_steps"]) == (6, 4)
 
 
+def test_generated_data_is_in_the_key_of_the_run_that_wrote_it(tiny_cache, tmp_path):
+    """The default data set is written by the run that first needs it. It is written before the run
+    takes its key, so that key covers its files from the first start: a rerun (of a run killed while
+    its data was new, or finished) is the same run, not a fresh one under another key."""
+    fresh = [f"paths.synthetic_root={tmp_path / 'generated'}", "dataset.synthetic.num_per_modality=4"]
+    ok(train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET, *fresh))
+    (run,) = runs_of(tmp_path)
+    files = json.loads((run / "run.json").read_text())["identity"]["data_files"]
+    assert set(files) == {"synthetic_image", "synthetic_audio", "synthetic_video"}
+    assert all(f["json"] and f["media"]["files"] > 0 for f in files.values()), files
+    refused(
+        train(tmp_path, tiny_cache, "stage=1", "trainer.max_steps=1", *QUIET, *fresh),
+        "this run already finished",
+    )
+    assert runs_of(tmp_path) == [run]
+
+
 def test_a_killed_run_loses_at_most_the_time_checkpoint_interval(tiny_cache, tmp_path):
     """No step checkpoint before step 50, but the time-based one (every 0 s here) saved last.ckpt."""
     args = [
