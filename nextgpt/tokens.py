@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -161,7 +162,10 @@ class NewTokenTable(nn.Module):
         is_new = input_ids >= self.first_new_id
         base = base_embedding(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
         rows = torch.cat([self.markers.embed, self.signals.embed]).to(base.dtype)
-        new = rows[(input_ids - self.first_new_id).clamp_min(0)]
+        # F.embedding, not rows[ids]: its CPU backward sums each row's gradients in one fixed order,
+        # where indexing's (index_put_ with accumulate) adds from several threads at once, and two
+        # runs of one seed drifted apart by the last bits of these rows' gradients
+        new = F.embedding((input_ids - self.first_new_id).clamp_min(0), rows)
         return torch.where(is_new.unsqueeze(-1), new, base)
 
     def logits(self, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
