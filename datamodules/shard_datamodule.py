@@ -37,6 +37,7 @@ from datamodules.shards.sample import ShardSample
 from datamodules.source_files import (
     expand_shards,
     index_path,
+    json_files,
     read_utf8,
     recorded_identity,
     root_folder,
@@ -67,7 +68,11 @@ def shard_path_errors(
     errors = []
     keep = source_changed == "keep"
     for i, src in enumerate(sources):
-        has_json = bool(src.root) and (Path(src.data_root) / f"{src.name}.json").is_file()
+        # the layout's JSON files this objective's shard set is written from (stage 3: both
+        # instruction files, not <name>.json)
+        layout = json_files(src.name, src.data_root, objective) if src.root else []
+        missing = ", ".join(str(f) for f in layout if not f.is_file())
+        has_json = bool(layout) and not missing
         if src.urls:
             if not source_shards(src, objective, shards_root):
                 errors.append(f"dataset.sources[{i}].urls={src.urls!r}: no .tar shards there")
@@ -75,12 +80,12 @@ def shard_path_errors(
             if not source_shards(src, objective, shards_root) and not has_json:
                 errors.append(
                     f"dataset.sources[{i}].shards={src.shards!r}: no shards there and no "
-                    f"{src.root}/{src.name}.json to write them from"
+                    f"{missing or 'data root'} to write them from"
                 )
         elif not has_json and not (
             keep and src.root and source_shards(src, objective, shards_root, "keep", "none")
         ):
-            what = f"{Path(src.root) / (src.name + '.json')} does not exist" if src.root else "no data root"
+            what = f"{missing} does not exist" if src.root else "no data root"
             errors.append(
                 f"dataset.sources[{i}].root={src.root!r}: {what} (dataset {name!r}; set "
                 "paths.data_root=DIR; shards are only read for the data root they were written from: "

@@ -728,3 +728,30 @@ def test_balanced_mix_resumes_exactly_mid_pass(tiny_jpg: Path, tmp_path: Path) -
     assert head + [b["keys"] for b in islice(loader(resumed), 4)] == full
     with pytest.raises(ValueError, match="needs sources"):
         ShardStream(tmp_path, mix="balanced", batch_size=2)
+
+
+def test_a_sharded_source_is_checked_against_the_json_files_of_its_objective(tmp_path):
+    """Stage 3's shard set is written from the two instruction files, stages 1 and 2's from
+    ``<name>.json``: the path check asks for those, naming each one missing."""
+    from datamodules.shard_datamodule import shard_path_errors
+    from nextgpt.data_source import DataSource
+
+    root = tmp_path / "src"
+    root.mkdir()
+    src = DataSource(name="s", modality="image", root=str(root))
+
+    def errors(objective: str) -> list[str]:
+        return shard_path_errors("d", [src], objective, str(tmp_path / "shards"), "rewrite")
+
+    (root / "s.json").write_text("[]")
+    assert errors("caption") == []
+    (only,) = errors("instruct")
+    assert (
+        "s_comprehension.json" in only and "s_generation.json" in only and "dataset.sources[0].root" in only
+    )
+    for name in ("s_comprehension.json", "s_generation.json"):
+        (root / name).write_text("[]")
+    (root / "s.json").unlink()
+    assert errors("instruct") == []
+    (only,) = errors("generate")
+    assert f"{root / 's.json'} does not exist" in only
