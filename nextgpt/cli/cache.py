@@ -23,13 +23,7 @@ from datamodules.caches import ShardPass, build_shard_caches, source_contents
 from datamodules.json_datamodule import json_path_errors
 from datamodules.shard_datamodule import shard_path_errors
 from nextgpt.cache.encode import caption_store, compute_captions, compute_media, media_store
-from nextgpt.config import (
-    CONFIG_DIR,
-    ConfigError,
-    main_guard,
-    normalize_overrides,
-    register_resolvers,
-)
+from nextgpt.config import CONFIG_DIR, ConfigError, main_guard, normalize_overrides, register_resolvers
 from nextgpt.data_source import SourceEntry, data_sources
 from nextgpt.model import load_conditioners, load_encoder
 from nextgpt.model_spec import ModelSpec
