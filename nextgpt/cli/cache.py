@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 
 def data_path_errors(cfg: DictConfig, objective: str) -> list[str]:
     """What ``cfg.dataset``'s sources lack for ``objective``, checked as its reader checks them
-    (``dataset.loader``: json or shards; none for generated data)."""
-    if cfg.dataset.get("synthetic"):
-        return []
+    (``dataset.loader``: json or shards)."""
     name = str(cfg.dataset.name)
     sources = data_sources(cast(list[SourceEntry], OmegaConf.to_container(cfg.dataset.sources, resolve=True)))
     if cfg.dataset.get("loader", "json") == "shards":
@@ -124,10 +122,7 @@ def main() -> None:
     def run(cfg) -> None:
         model = ModelSpec.from_config(cfg.model)
         hydra.utils.instantiate(cfg.model.get("backbones"))  # model.backbones: tiny/world models build theirs
-        errors = backbone_path_errors(model) + data_path_errors(cfg, "caption")
-        if errors:
-            raise ConfigError(errors)
-        if cfg.dataset.get("synthetic"):
+        if cfg.dataset.get("synthetic"):  # generated data: written first, then checked like any other
             from nextgpt.world import synthetic  # deferred: nextgpt.world stays off the real-weights path
 
             synthetic.write_synthetic(
@@ -135,6 +130,9 @@ def main() -> None:
                 num_per_modality=int(cfg.dataset.synthetic.num_per_modality),
                 seed=int(cfg.dataset.synthetic.seed),
             )
+        errors = backbone_path_errors(model) + data_path_errors(cfg, "caption")
+        if errors:
+            raise ConfigError(errors)
         for directory, n in build_caches(cfg).items():
             print(f"{n:8d}  {directory}")
 
